@@ -1,0 +1,1 @@
+"""Bluesky callbacks: live reconstruction, tip monitor."""

@@ -1,0 +1,236 @@
+"""The ``stm-live`` command.
+
+Thin on purpose: each command imports its implementation lazily (torch, bluesky and tiled
+take seconds to import) and calls one function. The implementations live beside the code
+they drive, so each is testable without the CLI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+sim_app = typer.Typer(no_args_is_help=True, help="The simulated Nanonis controller.")
+runs_app = typer.Typer(no_args_is_help=True, help="Runs stored in the journal and tiled.")
+app.add_typer(sim_app, name="sim")
+app.add_typer(runs_app, name="runs")
+
+
+def _fail(exc: Exception) -> None:
+    """Print a user error without a traceback and exit non-zero."""
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo_output"), help="Report folder."),
+    data_dir: Path = typer.Option(Path("stm_live_data"), help="Journal and tiled data."),
+    frames: int = typer.Option(3, min=1, help="Live frames to acquire."),
+    seed: int = typer.Option(0),
+    view: bool = typer.Option(False, "--view", help="Serve the live viewer while it runs."),
+    quick: bool = typer.Option(False, "--quick", help="Small frames, for smoke tests."),
+):
+    """Simulated controller, live frames, live reconstruction, tip monitor, report."""
+    from stm_live.demo import run_demo
+
+    try:
+        run_demo(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@sim_app.command("serve")
+def sim_serve(
+    host: str = typer.Option("127.0.0.1"),
+    port: int = typer.Option(6501),
+    scenario: Optional[Path] = typer.Option(None, help="Scenario YAML (default: shipped)."),
+    replay: Optional[Path] = typer.Option(None, help="Serve this recorded .sxm instead."),
+    time_scale: float = typer.Option(1.0, help="Scan clock speed-up factor."),
+    seed: int = typer.Option(0),
+):
+    """Run the simulated controller until Ctrl-C."""
+    from stm_live.simulators.server import serve_forever
+
+    try:
+        serve_forever(host=host, port=port, scenario=scenario, replay=replay,
+                      time_scale=time_scale, seed=seed)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def scan(
+    profile: str = typer.Option("sim", help="Profile name or YAML path."),
+    host: Optional[str] = typer.Option(None, help="Override the profile's host."),
+    port: Optional[int] = typer.Option(None, help="Override the profile's first port."),
+    width_nm: float = typer.Option(5.0),
+    pixels: int = typer.Option(128),
+    lines: int = typer.Option(128),
+    direction: str = typer.Option("down"),
+    frames: int = typer.Option(1, min=1),
+    data_dir: Path = typer.Option(Path("stm_live_data")),
+    tiled_uri: Optional[str] = typer.Option(None, help="Existing tiled server."),
+    tip_policy: str = typer.Option("prompt", help="off | prompt | auto"),
+    worker: Optional[str] = typer.Option(None, help="0MQ address of a remote worker."),
+    view: bool = typer.Option(False, "--view"),
+):
+    """Acquire live frames from a controller (real or simulated)."""
+    from stm_live.session import run_scan
+
+    try:
+        run_scan(profile=profile, host=host, port=port, width_nm=width_nm, pixels=pixels,
+                 lines=lines, direction=direction, frames=frames, data_dir=data_dir,
+                 tiled_uri=tiled_uri, tip_policy=tip_policy, worker=worker, view=view)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def replay(
+    files: List[Path] = typer.Argument(..., help=".sxm files or folders of them."),
+    time_scale: float = typer.Option(50.0),
+    worker: Optional[str] = typer.Option(None, help="0MQ address of a remote worker."),
+    data_dir: Path = typer.Option(Path("stm_live_data")),
+    out: Path = typer.Option(Path("replay_output")),
+    view: bool = typer.Option(False, "--view"),
+):
+    """Replay recorded scans through the whole acquisition pipeline."""
+    from stm_live.replay_cli import run_replay
+
+    try:
+        run_replay(files=files, time_scale=time_scale, worker=worker, data_dir=data_dir,
+                   out=out, view=view)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def reconstruct(
+    input: Path = typer.Argument(..., help=".npy or .sxm image."),
+    pixel_size: Optional[float] = typer.Option(None, help="nm per pixel (read from .sxm)."),
+    channel: Optional[str] = typer.Option(None, help=".sxm channel (default: Current, else Z)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output .npy, .png or .sxm."),
+    device: str = typer.Option("auto"),
+):
+    """Reconstruct the pristine orbital |psi|^2 from a CO-tip image."""
+    from stm_live.models.stmnet import reconstruct_file
+
+    try:
+        reconstruct_file(input, output, pixel_size_nm=pixel_size, channel=channel, device=device)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def train(
+    model: str = typer.Option("stmnet", help="stmnet | tipstate"),
+    steps: int = typer.Option(4000),
+    out: Optional[Path] = typer.Option(None, help="Checkpoint path (default: shipped weights)."),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    resume: bool = typer.Option(False, "--resume"),
+):
+    """Train a network on the physics simulator; writes checkpoint and model card."""
+    if model == "stmnet":
+        from stm_live.models.training import train_main
+    elif model == "tipstate":
+        from stm_live.models.tipstate import train_main
+    else:
+        _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
+    train_main(steps=steps, out=out, device=device, seed=seed, resume=resume)
+
+
+@app.command()
+def evaluate(
+    model: str = typer.Option("stmnet", help="stmnet | tipstate"),
+    device: str = typer.Option("auto"),
+    samples: int = typer.Option(8, help="Samples per molecule/orbital/tip cell."),
+    seed: int = typer.Option(1234),
+):
+    """Evaluate a shipped network on held-out simulated data; prints a table."""
+    if model == "stmnet":
+        from stm_live.models.metrics import evaluate_main
+    elif model == "tipstate":
+        from stm_live.models.tipstate import evaluate_main
+    else:
+        _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
+    evaluate_main(device=device, samples=samples, seed=seed)
+
+
+@app.command()
+def bench(only: Optional[str] = typer.Option(None, help="Run benchmarks whose name contains this.")):
+    """Run the benchmarks in benchmarks/ and print their tables."""
+    from benchmarks.__main__ import run_all
+
+    run_all(only=only)
+
+
+@runs_app.command("list")
+def runs_list(data_dir: Path = typer.Option(Path("stm_live_data"))):
+    """List the runs in the journal."""
+    from stm_live.store import runs_list as _list
+
+    _list(data_dir=data_dir)
+
+
+@runs_app.command("show")
+def runs_show(run: str, data_dir: Path = typer.Option(Path("stm_live_data"))):
+    """Show one run's metadata and lines."""
+    from stm_live.store import runs_show as _show
+
+    try:
+        _show(run, data_dir=data_dir)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@runs_app.command("export")
+def runs_export(
+    run: str,
+    sxm: Path = typer.Option(..., "--sxm", help="Output .sxm file."),
+    data_dir: Path = typer.Option(Path("stm_live_data")),
+):
+    """Export a run as a Nanonis .sxm file."""
+    from stm_live.store import runs_export as _export
+
+    try:
+        _export(run, sxm=sxm, data_dir=data_dir)
+    except ValueError as exc:
+        _fail(exc)
+
+
+@app.command()
+def worker(
+    connect: str = typer.Option("tcp://127.0.0.1:5578", help="Proxy's outbound address."),
+    results: str = typer.Option("tcp://127.0.0.1:5580", help="Where to send results."),
+    device: str = typer.Option("auto"),
+    curve_keys: Optional[Path] = typer.Option(None, help="Folder with CURVE keys."),
+):
+    """Run live reconstruction and the tip monitor on documents from a 0MQ proxy."""
+    from stm_live.streaming import run_worker
+
+    run_worker(connect=connect, results=results, device=device, curve_keys=curve_keys)
+
+
+@app.command()
+def view(
+    port: int = typer.Option(8765),
+    connect: Optional[str] = typer.Option(None, help="0MQ address to follow (default: journal)."),
+    data_dir: Path = typer.Option(Path("stm_live_data")),
+):
+    """Serve the live viewer on 127.0.0.1."""
+    from stm_live.viewer import run_viewer
+
+    run_viewer(port=port, connect=connect, data_dir=data_dir)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""File formats: Nanonis .sxm scans and Gaussian .cube orbitals."""

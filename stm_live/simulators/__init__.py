@@ -1,0 +1,1 @@
+"""Physics forward model and the simulated Nanonis controller."""
