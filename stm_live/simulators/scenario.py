@@ -1,0 +1,367 @@
+"""Scenario files for the simulated controller: YAML -> validated, typed ``Scenario``.
+
+A scenario says what is on the surface (molecules, substrate), which tip the microscope
+starts with and how that tip evolves (scheduled changes, per-line hazards, how likely each
+reconditioning action is to work), which artifacts the images carry, and the controller's
+initial settings (frame, bias, setpoint, Z). Every problem raises ``ScenarioError`` naming
+the file and the key path, e.g. ``default.yaml: molecules[2].x_nm: expected a number``.
+
+Frame and line numbers in ``tip.events`` count from 0 (frame 0 = the first frame scanned
+after the server starts; line = row in acquisition order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ARTIFACT_NAMES",
+    "RECONDITION_ACTIONS",
+    "RECONDITION_OUTCOMES",
+    "TIP_HAZARDS",
+    "ArtifactSpec",
+    "FrameSpec",
+    "MoleculeSpec",
+    "Scenario",
+    "ScenarioError",
+    "TipEvent",
+    "TipEvolution",
+    "load_scenario",
+    "parse_scenario",
+    "scenario_names",
+]
+
+# Per-line hazards and what each turns the tip into ("instability" starts an episode of
+# line jumps/noise instead of changing the tip shape).
+TIP_HAZARDS = {"co_loss": "s", "double": "double", "blunt": "blunt", "instability": None}
+# Reconditioning actions: a bias pulse, a gentle TipShaper run, and a poke (TipShaper whose
+# |tip lift| reaches ``poke_threshold_m``: the apex is dipped into the surface).
+RECONDITION_ACTIONS = ("pulse", "shaper", "poke")
+# "repair" restores the last good tip (only when the tip is bad); the others set a preset.
+RECONDITION_OUTCOMES = ("repair", "co", "s", "mixed", "blunt", "double")
+ARTIFACT_NAMES = ("white_noise", "pink_noise", "line_offsets", "drift", "creep", "spikes")
+
+
+class ScenarioError(ValueError):
+    """A scenario file or mapping is invalid; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class MoleculeSpec:
+    molecule: str
+    x_nm: float = 0.0
+    y_nm: float = 0.0
+    rotation_deg: float = 0.0
+    orbital: str | None = None  # None: HOMO below 0 V bias, LUMO above
+
+
+# The scene of the shipped default.yaml; used when a scenario gives no ``molecules``.
+DEFAULT_MOLECULES = (
+    MoleculeSpec("pentacene", -1.6, 1.7, 15.0),
+    MoleculeSpec("h2pc", 1.6, 1.3, 0.0),
+    MoleculeSpec("coronene", -1.5, -1.6, 0.0),
+    MoleculeSpec("naphthalene", 1.9, -1.9, 60.0),
+)
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    center_x_nm: float = 0.0
+    center_y_nm: float = 0.0
+    width_nm: float = 7.0
+    height_nm: float = 7.0
+    angle_deg: float = 0.0
+    pixels: int = 128
+    lines: int = 128
+    direction: str = "down"
+
+
+@dataclass(frozen=True)
+class TipEvent:
+    frame: int
+    line: int
+    to: str
+
+
+@dataclass(frozen=True)
+class TipEvolution:
+    events: tuple[TipEvent, ...] = ()
+    hazards: dict[str, float] = field(default_factory=dict)  # per scanned line
+    instability_lines: int = 12
+    instability_jump: float = 0.3  # relative height of line jumps during an episode
+    recondition: dict[str, dict[str, float]] = field(default_factory=dict)
+    poke_threshold_m: float = 1.0e-9
+
+
+@dataclass(frozen=True)
+class ArtifactSpec:
+    """Artifact levels, relative to the image's own spread (std) unless noted."""
+
+    white_noise: float = 0.0
+    pink_noise: float = 0.0
+    line_offsets: float = 0.0
+    drift: float = 0.0  # nm per frame
+    creep: float = 0.0  # nm at the first line, decaying
+    spikes: float = 0.0  # probability per pixel
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str = "default"
+    description: str = ""
+    molecules: tuple[MoleculeSpec, ...] = ()
+    substrate: dict[str, float] = field(default_factory=dict)
+    tip: str = "co"
+    evolution: TipEvolution = field(default_factory=TipEvolution)
+    artifacts: ArtifactSpec = field(default_factory=ArtifactSpec)
+    frame: FrameSpec = field(default_factory=FrameSpec)
+    bias_V: float = -0.5
+    setpoint_A: float = 5.0e-12
+    z_nm: float = 0.65  # constant-height tip height above the molecular plane; also "home"
+    z_controller: bool = True
+    time_per_line_s: float = 0.1  # forward line; backward uses the same unless speed says
+    channels: tuple[int, ...] = (0, 30)
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+class _Ctx:
+    def __init__(self, source: str):
+        self.source = source
+
+    def fail(self, key: str, message: str):
+        raise ScenarioError(f"{self.source}: {key}: {message}")
+
+    def mapping(self, value, key: str, allowed: tuple[str, ...]) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.fail(key, f"expected a mapping, got {type(value).__name__} {value!r}")
+        for k in value:
+            if k not in allowed:
+                self.fail(f"{key}.{k}" if key != "<top>" else str(k),
+                          f"unknown key (allowed: {', '.join(allowed)})")
+        return value
+
+    def number(self, value, key: str, *, lo=None, hi=None, lo_open=False) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.fail(key, f"expected a number, got {value!r}")
+        v = float(value)
+        if v != v or v in (float("inf"), float("-inf")):
+            self.fail(key, f"must be finite, got {value!r}")
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            self.fail(key, f"must be {'>' if lo_open else '>='} {lo}, got {value!r}")
+        if hi is not None and v > hi:
+            self.fail(key, f"must be <= {hi}, got {value!r}")
+        return v
+
+    def integer(self, value, key: str, *, lo=None, hi=None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.fail(key, f"expected an integer, got {value!r}")
+        if lo is not None and value < lo:
+            self.fail(key, f"must be >= {lo}, got {value!r}")
+        if hi is not None and value > hi:
+            self.fail(key, f"must be <= {hi}, got {value!r}")
+        return int(value)
+
+    def string(self, value, key: str, choices=None) -> str:
+        if not isinstance(value, str):
+            self.fail(key, f"expected a string, got {value!r}")
+        if choices is not None and value not in choices:
+            self.fail(key, f"unknown value {value!r} (choose from: {', '.join(sorted(choices))})")
+        return value
+
+    def boolean(self, value, key: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(key, f"expected true or false, got {value!r}")
+        return value
+
+
+def _molecule_names() -> tuple[str, ...]:
+    from stm_live.simulators.orbitals import MOLECULE_NAMES
+
+    return tuple(MOLECULE_NAMES)
+
+
+def _tip_names() -> tuple[str, ...]:
+    from stm_live.simulators.tip import TIP_PRESETS
+
+    return tuple(TIP_PRESETS)
+
+
+def _probabilities(c: _Ctx, value, key: str, allowed: tuple[str, ...]) -> dict[str, float]:
+    m = c.mapping(value, key, allowed)
+    out = {k: c.number(v, f"{key}.{k}", lo=0.0, hi=1.0) for k, v in m.items()}
+    if sum(out.values()) > 1.0 + 1e-9:
+        c.fail(key, f"probabilities sum to {sum(out.values()):.3g} > 1")
+    return out
+
+
+def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
+    """Validate a mapping (as loaded from YAML) into a ``Scenario``."""
+    c = _Ctx(source)
+    top_keys = ("name", "description", "molecules", "substrate", "tip", "artifacts",
+                "frame", "bias_V", "setpoint_A", "z_nm", "z_controller", "time_per_line_s",
+                "channels")
+    d = c.mapping(data, "<top>", top_keys)
+    defaults = Scenario()
+
+    molecules = []
+    raw_mols = d.get("molecules", [])
+    if not isinstance(raw_mols, list):
+        c.fail("molecules", f"expected a list, got {raw_mols!r}")
+    names = _molecule_names()
+    for i, m in enumerate(raw_mols):
+        key = f"molecules[{i}]"
+        m = c.mapping(m, key, ("molecule", "x_nm", "y_nm", "rotation_deg", "orbital"))
+        if "molecule" not in m:
+            c.fail(f"{key}.molecule", "missing")
+        name = c.string(m["molecule"], f"{key}.molecule", names)
+        orbital = m.get("orbital")
+        if orbital is not None:
+            orbital = c.string(orbital, f"{key}.orbital")
+            base = orbital.split("+")[0].split("-")[0]
+            if base not in ("HOMO", "LUMO"):
+                c.fail(f"{key}.orbital", f"expected HOMO, LUMO, HOMO-n or LUMO+n, got {orbital!r}")
+            from stm_live.simulators.orbitals import orbital_level
+
+            try:
+                orbital_level(name, orbital)
+            except ValueError as exc:
+                c.fail(f"{key}.orbital", str(exc))
+        molecules.append(MoleculeSpec(
+            molecule=name,
+            x_nm=c.number(m.get("x_nm", 0.0), f"{key}.x_nm", lo=-1e4, hi=1e4),
+            y_nm=c.number(m.get("y_nm", 0.0), f"{key}.y_nm", lo=-1e4, hi=1e4),
+            rotation_deg=c.number(m.get("rotation_deg", 0.0), f"{key}.rotation_deg"),
+            orbital=orbital,
+        ))
+
+    if "molecules" not in d:
+        molecules = list(DEFAULT_MOLECULES)
+    elif not molecules:
+        c.fail("molecules", "at least one molecule is needed (the model images molecules)")
+
+    sub = c.mapping(d.get("substrate"), "substrate", ("corrugation", "lattice_nm", "angle_deg"))
+    substrate = {}
+    if "corrugation" in sub:
+        substrate["corrugation"] = c.number(sub["corrugation"], "substrate.corrugation", lo=0.0, hi=1.0)
+    if "lattice_nm" in sub:
+        substrate["lattice_nm"] = c.number(sub["lattice_nm"], "substrate.lattice_nm", lo=0.0, lo_open=True, hi=10.0)
+    if "angle_deg" in sub:
+        substrate["angle_deg"] = c.number(sub["angle_deg"], "substrate.angle_deg")
+
+    tip_names = _tip_names()
+    tip_raw = d.get("tip", {})
+    if isinstance(tip_raw, str):  # shorthand: just a preset name
+        tip_raw = {"preset": tip_raw}
+    t = c.mapping(tip_raw, "tip", ("preset", "events", "hazards", "instability_lines",
+                                   "instability_jump", "recondition", "poke_threshold_m"))
+    tip = c.string(t.get("preset", defaults.tip), "tip.preset", tip_names)
+    events = []
+    raw_events = t.get("events", [])
+    if not isinstance(raw_events, list):
+        c.fail("tip.events", f"expected a list, got {raw_events!r}")
+    for i, e in enumerate(raw_events):
+        key = f"tip.events[{i}]"
+        e = c.mapping(e, key, ("frame", "line", "to"))
+        for req in ("frame", "line", "to"):
+            if req not in e:
+                c.fail(f"{key}.{req}", "missing")
+        to = c.string(e["to"], f"{key}.to", tip_names + ("unstable",))
+        events.append(TipEvent(c.integer(e["frame"], f"{key}.frame", lo=0),
+                               c.integer(e["line"], f"{key}.line", lo=0), to))
+    hazards = _probabilities(c, t.get("hazards"), "tip.hazards", tuple(TIP_HAZARDS))
+    recondition = {}
+    rec = c.mapping(t.get("recondition"), "tip.recondition", RECONDITION_ACTIONS)
+    for action, probs in rec.items():
+        recondition[action] = _probabilities(c, probs, f"tip.recondition.{action}", RECONDITION_OUTCOMES)
+    evolution = TipEvolution(
+        events=tuple(sorted(events, key=lambda e: (e.frame, e.line))),
+        hazards=hazards,
+        instability_lines=c.integer(t.get("instability_lines", 12), "tip.instability_lines", lo=1, hi=100000),
+        instability_jump=c.number(t.get("instability_jump", 0.3), "tip.instability_jump", lo=0.0, hi=100.0),
+        recondition=recondition,
+        poke_threshold_m=c.number(t.get("poke_threshold_m", 1e-9), "tip.poke_threshold_m", lo=0.0, hi=1e-6),
+    )
+
+    a = c.mapping(d.get("artifacts"), "artifacts", ARTIFACT_NAMES)
+    artifacts = ArtifactSpec(**{k: c.number(v, f"artifacts.{k}", lo=0.0, hi=100.0) for k, v in a.items()})
+    if artifacts.spikes > 1.0:
+        c.fail("artifacts.spikes", f"is a probability per pixel, must be <= 1, got {artifacts.spikes}")
+
+    f = c.mapping(d.get("frame"), "frame", tuple(FrameSpec.__dataclass_fields__))
+    fd = FrameSpec()
+    frame = FrameSpec(
+        center_x_nm=c.number(f.get("center_x_nm", fd.center_x_nm), "frame.center_x_nm", lo=-1e4, hi=1e4),
+        center_y_nm=c.number(f.get("center_y_nm", fd.center_y_nm), "frame.center_y_nm", lo=-1e4, hi=1e4),
+        width_nm=c.number(f.get("width_nm", fd.width_nm), "frame.width_nm", lo=0.0, lo_open=True, hi=1e4),
+        height_nm=c.number(f.get("height_nm", fd.height_nm), "frame.height_nm", lo=0.0, lo_open=True, hi=1e4),
+        angle_deg=c.number(f.get("angle_deg", fd.angle_deg), "frame.angle_deg", lo=-360.0, hi=360.0),
+        pixels=c.integer(f.get("pixels", fd.pixels), "frame.pixels", lo=16, hi=2048),
+        lines=c.integer(f.get("lines", fd.lines), "frame.lines", lo=1, hi=2048),
+        direction=c.string(f.get("direction", fd.direction), "frame.direction", ("up", "down")),
+    )
+    if frame.pixels % 16:
+        c.fail("frame.pixels", f"must be a multiple of 16 (Nanonis scans in 16-pixel packets), got {frame.pixels}")
+
+    channels = d.get("channels", list(defaults.channels))
+    if not isinstance(channels, list) or not channels:
+        c.fail("channels", f"expected a non-empty list of signal indexes, got {channels!r}")
+    channels = tuple(c.integer(v, f"channels[{i}]", lo=0, hi=127) for i, v in enumerate(channels))
+
+    return Scenario(
+        name=c.string(d.get("name", Path(source).stem if source != "<scenario>" else "custom"), "name"),
+        description=c.string(d.get("description", ""), "description"),
+        molecules=tuple(molecules),
+        substrate=substrate,
+        tip=tip,
+        evolution=evolution,
+        artifacts=artifacts,
+        frame=frame,
+        bias_V=c.number(d.get("bias_V", defaults.bias_V), "bias_V", lo=-10.0, hi=10.0),
+        setpoint_A=c.number(d.get("setpoint_A", defaults.setpoint_A), "setpoint_A", lo=0.0, lo_open=True, hi=1e-6),
+        z_nm=c.number(d.get("z_nm", defaults.z_nm), "z_nm", lo=0.1, hi=100.0),
+        z_controller=c.boolean(d.get("z_controller", defaults.z_controller), "z_controller"),
+        time_per_line_s=c.number(d.get("time_per_line_s", defaults.time_per_line_s), "time_per_line_s",
+                                 lo=1e-4, hi=1e3),
+        channels=channels,
+    )
+
+
+def scenario_names() -> tuple[str, ...]:
+    """Names of the scenarios shipped in ``stm_live/simulators/scenarios``."""
+    folder = resources.files("stm_live.simulators") / "scenarios"
+    return tuple(sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml")))
+
+
+def load_scenario(path_or_name: str | Path | None = None) -> Scenario:
+    """Load a scenario by shipped name ("default", "degrading") or YAML path."""
+    if path_or_name is None:
+        path_or_name = "default"
+    if isinstance(path_or_name, Scenario):
+        return path_or_name
+    text_path = Path(path_or_name)
+    if text_path.suffix not in (".yaml", ".yml") and not text_path.exists():
+        shipped = resources.files("stm_live.simulators") / "scenarios" / f"{path_or_name}.yaml"
+        if not shipped.is_file():
+            raise ScenarioError(f"unknown scenario {str(path_or_name)!r}: not a file and not one of "
+                                f"the shipped scenarios ({', '.join(scenario_names())})")
+        text, source = shipped.read_text(encoding="utf-8"), f"{path_or_name}.yaml"
+    else:
+        try:
+            text = text_path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ScenarioError(f"{text_path}: cannot read scenario file ({exc.strerror})") from None
+        source = str(text_path)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ScenarioError(f"{source}: not valid YAML: {exc}") from None
+    return parse_scenario(data, source=source)

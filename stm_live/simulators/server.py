@@ -1,0 +1,510 @@
+"""asyncio TCP server speaking the Nanonis protocol in front of a ``SimulatedController``.
+
+* Binds 127.0.0.1 by default; accepts up to 4 connections at once (as the real controller);
+  a fifth is closed at once.
+* Each connection is served serially in its own task; every controller call runs on one
+  worker thread (``run_in_executor``), so rendering and blocking waits never stall the
+  event loop or the other connections.
+* Replies are header + body in one write, with every documented return field and the
+  error section (``devices/protocol.py`` builds them from its command table).
+* Scan.WaitEndOfLine / WaitEndOfScan return on the NEXT event after the request arrived,
+  or with ``timed out = 1`` at their timeout (the line fields then repeat the last
+  completed line). A stopped or paused scan raises no event: a pending wait times out.
+  A timeout of -1 waits until an event, the client hanging up, or the server stopping.
+  Signals.ValGet/ValsGet answer at once (no Tap delay).
+* Bad input: a header that does not parse (random bytes, bad name, negative size, a body
+  size over ``REQUEST_BODY_LIMIT``) closes that connection; a message left unfinished for
+  ``read_timeout_s`` closes it; an unknown command or a short body gets an error reply
+  and the connection stays up. Other connections are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextvars
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stm_live.devices import protocol as P
+from stm_live.simulators.controller import ControllerError, SimulatedController
+
+__all__ = ["MAX_CONNECTIONS", "RunningServer", "SimServer", "serve_forever", "start_server_thread"]
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 4
+# No request of the table needs more than a few kB (PropsSet strings); 1 MiB bounds memory.
+REQUEST_BODY_LIMIT = min(P.MAX_BODY_BYTES, 1 << 20)
+PROPS_LAYOUTS = ("r13742", "extended")
+_MAX_BLOCK_S = 60.0  # cap on simulated blocking moves (real seconds)
+_READER: contextvars.ContextVar[asyncio.StreamReader] = contextvars.ContextVar("sim_reader")
+
+
+class SimServer:
+    """The protocol front end; ``start`` binds, ``close`` stops (both on the server's loop)."""
+
+    def __init__(self, controller: SimulatedController, *, props_layout: str = "r13742",
+                 max_connections: int = MAX_CONNECTIONS, read_timeout_s: float = 10.0):
+        if props_layout not in PROPS_LAYOUTS:
+            raise ValueError(f"props_layout must be one of {PROPS_LAYOUTS}, got {props_layout!r}")
+        self.controller = controller
+        self.props_layout = props_layout
+        self.max_connections = max_connections
+        self.read_timeout_s = read_timeout_s
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sim-controller")
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._ticker: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flag: asyncio.Event | None = None  # replaced and set on every controller event
+        self._kick: asyncio.Event | None = None
+        self.connections = 0
+        self.refused = 0
+        self.host = ""
+        self.port = 0
+        self._handlers = {name: getattr(self, "_h_" + name.replace(".", "_")) for name in P.COMMANDS}
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._flag = asyncio.Event()
+        self._kick = asyncio.Event()
+        self.controller.on_event = lambda: self._loop.call_soon_threadsafe(self._wake)
+        self._server = await asyncio.start_server(self._accept, host, port)
+        self.host, self.port = self._server.sockets[0].getsockname()[:2]
+        self._ticker = asyncio.create_task(self._tick_loop())
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in list(self._tasks) + [self._ticker] if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            try:
+                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+            except asyncio.TimeoutError:
+                pass
+        self.controller.on_event = None
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _wake(self) -> None:
+        old, self._flag = self._flag, asyncio.Event()
+        old.set()
+
+    async def _call(self, fn, *args, **kwargs):
+        """Run a controller method on the controller thread."""
+        return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _tick_loop(self) -> None:
+        """Scan clock: process due end-of-line events, render ahead, sleep until the next."""
+        c = self.controller
+        while True:
+            try:
+                await self._call(c.advance)
+                await self._call(c.prefetch)
+                delay = await self._call(c.next_event_delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a model error must not stop the clock for every client
+                log.exception("simulated scan clock failed; stopping the scan")
+                await self._call(c.scan_action, "stop")
+                delay = None
+            sleep = 0.05 if delay is None else min(max(delay, 0.0005), 0.05)
+            self._kick.clear()
+            try:
+                await asyncio.wait_for(self._kick.wait(), sleep)
+            except asyncio.TimeoutError:
+                pass
+
+    # ------------------------------------------------------------------ connections
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            self.refused += 1
+            log.warning("refusing connection from %s: %d connections open (the limit)",
+                        writer.get_extra_info("peername"), self.connections)
+            writer.close()
+            return
+        self.connections += 1
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("connection %s failed", writer.get_extra_info("peername"))
+        finally:
+            self.connections -= 1
+            self._tasks.discard(task)
+            writer.close()
+
+    async def _read(self, reader, n: int) -> bytes:
+        return await asyncio.wait_for(reader.readexactly(n), self.read_timeout_s)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        _READER.set(reader)  # this connection's task only (contextvars are per task)
+        while True:
+            first = await reader.read(P.HEADER_SIZE)  # idle between requests: no timeout
+            if not first:
+                return
+            try:
+                header = first + (await self._read(reader, P.HEADER_SIZE - len(first))
+                                  if len(first) < P.HEADER_SIZE else b"")
+                name, size, want_reply = P.parse_request_header(header)
+                if size > REQUEST_BODY_LIMIT:
+                    raise P.ProtocolError(f"{name}: request body of {size} bytes exceeds the "
+                                          f"{REQUEST_BODY_LIMIT}-byte limit")
+                body = await self._read(reader, size) if size else b""
+            except P.ProtocolError as exc:
+                log.warning("closing connection %s: %s", peer, exc)
+                return
+            except asyncio.TimeoutError:
+                log.warning("closing connection %s: message unfinished after %.1f s", peer, self.read_timeout_s)
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                return
+            reply = await self._dispatch(name, body)
+            if want_reply:
+                try:
+                    writer.write(reply)  # header + body: one write
+                    await writer.drain()
+                except ConnectionError:  # the client left while we worked
+                    return
+
+    async def _dispatch(self, name: str, body: bytes) -> bytes:
+        command = None
+        try:
+            args = P.decode_request_body(name, body)
+        except P.UnknownCommandError:
+            return P.pack_response(name, None, error=f"Unknown command: {name}")
+        except P.ProtocolError as exc:
+            return P.pack_response(name, None, error=str(exc))
+        if name == "Scan.PropsGet" and self.props_layout == "extended":
+            command = P.PROPS_GET_EXTENDED
+        try:
+            values = await self._handlers[name](**args)
+            return P.pack_response(name, values, command=command)
+        except (ControllerError, ValueError) as exc:
+            return P.pack_response(name, None, error=str(exc), command=command)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("%s failed", name)
+            return P.pack_response(name, None, error=f"internal error: {type(exc).__name__}: {exc}",
+                                   command=command)
+
+    async def _sleep_sim(self, sim_s: float, timeout_ms: int = -1) -> bool:
+        """Sleep a simulated duration; True if ``timeout_ms`` (>= 0) cut it short."""
+        real = max(0.0, sim_s) / self.controller.time_scale
+        cap = _MAX_BLOCK_S if timeout_ms < 0 else min(_MAX_BLOCK_S, timeout_ms / 1000.0)
+        await asyncio.sleep(min(real, cap))
+        return real > cap
+
+    async def _wait_event(self, timeout_ms: int, counter) -> bool:
+        """Wait for ``counter()`` to change; False on timeout.
+
+        Checks twice a second whether the client hung up, so an abandoned long (or -1)
+        wait does not hold one of the 4 connection slots forever.
+        """
+        start = counter()
+        deadline = None if timeout_ms < 0 else time.monotonic() + timeout_ms / 1000.0
+        reader = _READER.get(None)
+        while counter() == start:
+            if reader is not None and reader.at_eof():
+                return False
+            flag = self._flag
+            remaining = 0.5 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(flag.wait(), min(remaining, 0.5))
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    # ------------------------------------------------------------------ handlers
+    # One per command of protocol.COMMANDS; arguments are the table's request fields,
+    # the return value maps response field names to values.
+
+    async def _h_Bias_Set(self, bias):
+        await self._call(self.controller.bias_set, bias)
+
+    async def _h_Bias_Get(self):
+        return {"bias": self.controller.bias_get()}
+
+    async def _h_Bias_Pulse(self, wait, width, bias, z_hold, abs_rel):
+        duration = await self._call(self.controller.bias_pulse, width, bias, z_hold, abs_rel)
+        if wait:
+            await self._sleep_sim(duration)
+
+    async def _h_Current_Get(self):
+        return {"current": await self._call(self.controller.current_get)}
+
+    async def _h_ZCtrl_OnOffSet(self, status):
+        await self._call(self.controller.z_ctrl_on_off_set, bool(status))
+
+    async def _h_ZCtrl_OnOffGet(self):
+        return {"status": int(self.controller.z_ctrl_on)}
+
+    async def _h_ZCtrl_SetpntSet(self, setpoint):
+        await self._call(self.controller.z_ctrl_setpoint_set, setpoint)
+
+    async def _h_ZCtrl_SetpntGet(self):
+        return {"setpoint": self.controller.setpoint_A}
+
+    async def _h_ZCtrl_ZPosSet(self, z):
+        await self._call(self.controller.z_pos_set, z)
+
+    async def _h_ZCtrl_ZPosGet(self):
+        return {"z": await self._call(self.controller.z_pos_get)}
+
+    async def _h_ZCtrl_Withdraw(self, wait, timeout_ms):
+        duration = await self._call(self.controller.withdraw)
+        if wait:
+            await self._sleep_sim(duration, timeout_ms)
+
+    async def _h_ZCtrl_Home(self):
+        await self._call(self.controller.home)
+
+    async def _h_Scan_Action(self, action, direction):
+        if not 0 <= action < len(P.SCAN_ACTIONS):
+            raise ControllerError(f"scan action {action} outside 0..6")
+        if direction not in (0, 1):
+            raise ControllerError(f"scan direction {direction} must be 0 (down) or 1 (up)")
+        await self._call(self.controller.scan_action, P.SCAN_ACTIONS[action], "up" if direction else "down")
+        self._kick.set()
+
+    async def _h_Scan_StatusGet(self):
+        return {"status": int(self.controller.scanning)}
+
+    async def _h_Scan_WaitEndOfScan(self, timeout_ms):
+        c = self.controller
+        ok = await self._wait_event(timeout_ms, lambda: c.scan_end_count)
+        return {"timed_out": 0 if ok else 1, "path": c.last_scan_path if ok else ""}
+
+    async def _h_Scan_WaitEndOfLine(self, timeout_ms):
+        c = self.controller
+        ok = await self._wait_event(timeout_ms, lambda: c.last_event.seq)
+        e = c.last_event
+        return {"timed_out": 0 if ok else 1, "line": e.line, "movement": e.movement, "pass_number": e.pass_number}
+
+    async def _h_Scan_FrameSet(self, center_x, center_y, width, height, angle):
+        await self._call(self.controller.frame_set, center_x, center_y, width, height, angle)
+
+    async def _h_Scan_FrameGet(self):
+        cx, cy, w, h, a = self.controller.frame
+        return {"center_x": cx, "center_y": cy, "width": w, "height": h, "angle": a}
+
+    async def _h_Scan_BufferSet(self, channel_indexes, pixels, lines):
+        await self._call(self.controller.buffer_set, list(channel_indexes), pixels, lines)
+
+    async def _h_Scan_BufferGet(self):
+        c = self.controller
+        return {"channel_indexes": np.asarray(c.channel_indexes, np.int32), "pixels": c.pixels, "lines": c.lines}
+
+    async def _h_Scan_PropsSet(self, continuous, bouncy, autosave, series_name, comment, modules, autopaste=0):
+        for n, v, hi in (("continuous", continuous, 2), ("bouncy", bouncy, 2), ("autosave", autosave, 3),
+                         ("autopaste", autopaste, 3)):
+            if not 0 <= v <= hi:
+                raise ControllerError(f"{n} value {v} outside 0..{hi}")
+        await self._call(self.controller.props_set, continuous, bouncy, autosave, series_name, comment,
+                         modules, autopaste)
+
+    async def _h_Scan_PropsGet(self):
+        p = self.controller.props
+        values = {k: p[k] for k in ("continuous", "bouncy", "autosave", "series_name", "comment")}
+        if self.props_layout == "extended":
+            values.update(modules=list(p["modules"]), autopaste=p["autopaste"])
+        return values
+
+    async def _h_Scan_SpeedSet(self, fwd_speed, bwd_speed, fwd_time, bwd_time, keep_constant, speed_ratio):
+        await self._call(self.controller.speed_set, fwd_speed, bwd_speed, fwd_time, bwd_time,
+                         keep_constant, speed_ratio)
+
+    async def _h_Scan_SpeedGet(self):
+        return self.controller.speed_get()
+
+    async def _h_Scan_FrameDataGrab(self, channel_index, data_direction):
+        name, data, direction = await self._call(self.controller.frame_data, channel_index, data_direction == 1)
+        return {"channel_name": name, "data": data, "scan_direction": 1 if direction == "up" else 0}
+
+    async def _h_Scan_Save(self, wait, timeout_ms):
+        await self._call(self.controller.save)
+        return {"timed_out": 0}
+
+    async def _h_FolMe_XYPosSet(self, x, y, wait):
+        duration = await self._call(self.controller.folme_xy_set, x, y)
+        if wait:
+            await self._sleep_sim(duration)
+
+    async def _h_FolMe_XYPosGet(self, wait_newest):
+        x, y = await self._call(self.controller.tip_position)
+        return {"x": x, "y": y}
+
+    async def _h_FolMe_SpeedSet(self, speed, custom):
+        await self._call(self.controller.folme_speed_set, speed, custom)
+
+    async def _h_FolMe_SpeedGet(self):
+        speed, custom = self.controller.folme_speed
+        return {"speed": speed, "custom": custom}
+
+    async def _h_TipShaper_Start(self, wait, timeout_ms):
+        duration = await self._call(self.controller.tip_shaper_start)
+        if wait:
+            await self._sleep_sim(duration, timeout_ms)
+
+    async def _h_TipShaper_PropsSet(self, **props):
+        await self._call(self.controller.tip_shaper_props_set, **props)
+
+    async def _h_TipShaper_PropsGet(self):
+        return dict(self.controller.tip_shaper_props)
+
+    async def _h_Signals_NamesGet(self):
+        return {"names": list(self.controller.signal_names)}
+
+    async def _h_Signals_ValGet(self, index, wait_newest):
+        return {"value": await self._call(self.controller.signal_value, index)}
+
+    async def _h_Signals_ValsGet(self, indexes, wait_newest):
+        if len(indexes) > 128:
+            raise ControllerError(f"{len(indexes)} signal indexes requested; at most 128")
+
+        def read():
+            return np.array([self.controller.signal_value(int(i)) for i in indexes], np.float32)
+
+        return {"values": await self._call(read)}
+
+    async def _h_Motor_StartMove(self, direction, steps, group, wait):
+        duration = await self._call(self.controller.motor_move, direction, steps)
+        if wait:
+            await self._sleep_sim(duration)
+
+    async def _h_Motor_PosGet(self, group, timeout_ms):
+        x, y, z = self.controller.motor_position
+        return {"x": x, "y": y, "z": z}
+
+    async def _h_Util_VersionGet(self):
+        return {"product": "Nanonis SPM Control Software", "version": "Generic 5 (stm-live simulator)",
+                "host_release": 13742, "rt_release": 13742}
+
+
+# ---------------------------------------------------------------------- running it
+
+
+@dataclass
+class RunningServer:
+    """A simulated controller served from a daemon thread (see ``start_server_thread``)."""
+
+    host: str
+    port: int
+    controller: SimulatedController
+    server: SimServer
+    _loop: asyncio.AbstractEventLoop
+    _thread: threading.Thread
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close every connection and the listener; join the thread (bounded)."""
+        if not self._thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self.server.close(), self._loop)
+        try:
+            fut.result(timeout)
+        except Exception:
+            log.exception("simulated server did not close cleanly")
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "RunningServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def _make_controller(scenario, replay, seed, time_scale) -> SimulatedController:
+    return SimulatedController(scenario, replay=replay, seed=seed, time_scale=time_scale)
+
+
+def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale: float = 1.0,
+                        host: str = "127.0.0.1", port: int = 0, props_layout: str = "r13742",
+                        read_timeout_s: float = 10.0, controller: SimulatedController | None = None,
+                        save_dir=None, startup_timeout_s: float = 30.0) -> RunningServer:
+    """Start the simulated controller on ``host:port`` (0 = ephemeral) in a daemon thread.
+
+    ``save_dir``: folder for Scan.Save and autosave (.sxm); without it Scan.Save is an error.
+    """
+    ctrl = controller or _make_controller(scenario, replay, seed, time_scale)
+    if save_dir is not None:
+        ctrl.save_dir = save_dir
+    server = SimServer(ctrl, props_layout=props_layout, read_timeout_s=read_timeout_s)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(server.start(host, port))
+        except BaseException as exc:  # report bind errors to the caller
+            failure.append(exc)
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=run, name=f"stm-live-sim-{port}", daemon=True)
+    thread.start()
+    if not ready.wait(startup_timeout_s):
+        raise RuntimeError(f"simulated controller did not start within {startup_timeout_s} s")
+    if failure:
+        raise OSError(f"cannot serve the simulated controller on {host}:{port}: {failure[0]}") from failure[0]
+    return RunningServer(server.host, server.port, ctrl, server, loop, thread)
+
+
+def serve_forever(host: str = "127.0.0.1", port: int = 6501, scenario=None, replay=None,
+                  time_scale: float = 1.0, seed: int = 0, props_layout: str = "r13742") -> None:
+    """Serve until Ctrl-C (``stm-live sim serve``); prints the address."""
+    ctrl = _make_controller(scenario, replay, seed, time_scale)
+
+    async def main() -> None:
+        server = SimServer(ctrl, props_layout=props_layout)
+        try:
+            await server.start(host, port)
+        except OSError as exc:  # port taken, bad address: a message, not a traceback
+            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        source = f"replaying {ctrl.replay.name}" if ctrl.replay is not None else f"scenario {ctrl.scenario.name!r}"
+        print(f"simulated Nanonis controller on {server.host}:{server.port} ({source}, "
+              f"time scale {time_scale:g}, seed {seed}); Ctrl-C stops", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill`: close cleanly
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows
+                pass
+        try:
+            await stop.wait()
+        finally:
+            await server.close()
+        print("stopped", flush=True)
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
