@@ -1,0 +1,314 @@
+"""An acquisition session: RunEngine + durable journal + callbacks + tiled + progress.
+
+Only the journal (an fsync per document, well under a millisecond to a few ms) and the
+progress bar (a counter) run on the RunEngine's loop. Everything else — the callbacks
+other parts plug in (live reconstruction, tip monitor) and tiled ingestion — runs on
+worker threads, so a slow consumer never stalls acquisition.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from bluesky.run_engine import RunEngine
+
+from stm_live.store import JournalWriter, TiledIngestor, journals_to_ingest, open_tiled
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AcquisitionSession", "ThreadedCallback", "LineProgress", "run_scan"]
+
+Callback = Callable[[str, dict], Any]
+
+
+class ThreadedCallback:
+    """Deliver documents to ``callback`` on its own thread, in order.
+
+    The RunEngine only pays for a queue put. ``join(timeout)`` waits until every
+    document queued so far has been handled; errors are logged and kept in ``errors``
+    (a failing consumer must not abort acquisition).
+    """
+
+    def __init__(self, callback: Callback, *, name: str | None = None):
+        self.callback = callback
+        self.errors: list[Exception] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(
+            target=self._work, name=name or f"cb-{getattr(callback, '__name__', 'callback')}",
+            daemon=True)
+        self._thread.start()
+
+    def __call__(self, name: str, doc: dict) -> None:
+        self._queue.put((name, doc))
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self.callback(*item)
+            except Exception as exc:
+                logger.exception("callback %r failed on %s", self.callback, item[0])
+                self.errors.append(exc)
+            finally:
+                self._queue.task_done()
+
+    def join(self, timeout: float = 30.0) -> bool:
+        done = threading.Event()
+        threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+
+class LineProgress:
+    """A rich progress bar: one task per frame, advanced per line (cheap on the loop)."""
+
+    def __init__(self, console=None):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False)
+        self._tasks: dict[str, int] = {}
+        self._started = False
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if name == "start":
+            meta = doc.get("stm_live")
+            if meta:
+                if not self._started:
+                    self.progress.start()
+                    self._started = True
+                self._tasks[doc["uid"]] = self.progress.add_task(
+                    f"frame {doc['uid'][:8]}", total=meta["lines"])
+            self._current = doc["uid"]
+        elif name == "event" and getattr(self, "_current", None) in self._tasks:
+            self.progress.advance(self._tasks[self._current])
+        elif name == "stop" and doc["run_start"] in self._tasks:
+            task = self._tasks.pop(doc["run_start"])
+            self.progress.update(task, description=f"frame {doc['run_start'][:8]} "
+                                                   f"{doc['exit_status']}")
+
+    def close(self) -> None:
+        if self._started:
+            self.progress.stop()
+            self._started = False
+
+
+class AcquisitionSession:
+    """RunEngine wired for durable live acquisition.
+
+    Parameters
+    ----------
+    data_dir : path
+        Journal in ``data_dir/journal``; embedded tiled in ``data_dir/tiled``.
+    callbacks : iterable of callables ``(name, doc)``
+        Extra consumers (live reconstruction, tip monitor, ...). Each runs on its own
+        thread (:class:`ThreadedCallback`), in document order.
+    inline_callbacks : iterable of callables
+        Consumers that must see documents on the RunEngine loop (fast ones only).
+    tiled : bool
+        Ingest each finished run into tiled (background thread).
+    tiled_uri : str, optional
+        An existing tiled server; default is an embedded one in ``data_dir/tiled``.
+    progress : bool
+        Show a rich progress bar per frame.
+    RE : RunEngine, optional
+        Use this RunEngine instead of making one.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, *, callbacks: Iterable[Callback] = (),
+                 inline_callbacks: Iterable[Callback] = (), tiled: bool = False,
+                 tiled_uri: str | None = None, progress: bool = False,
+                 RE: RunEngine | None = None, fsync: bool = True):
+        self.data_dir = Path(data_dir)
+        self.RE = RE if RE is not None else RunEngine({})
+        self.journal = JournalWriter(self.data_dir, fsync=fsync, on_stop=[self._run_finished])
+        # subscribed first: every consumer sees a document only once it is on disk
+        self._tokens = [self.RE.subscribe(self.journal)]
+        self.threaded = [ThreadedCallback(cb) for cb in callbacks]
+        for cb in list(inline_callbacks) + self.threaded:
+            self._tokens.append(self.RE.subscribe(cb))
+        self.progress = LineProgress() if progress else None
+        if self.progress:
+            self._tokens.append(self.RE.subscribe(self.progress))
+        self.ingestor: TiledIngestor | None = None
+        self.tiled_server = None
+        self._tiled_ready = threading.Event()
+        self._tiled_error: Exception | None = None
+        self._waiting: list[Path] = []
+        self.recovered: list[str] = []  # uids re-ingested from earlier sessions' journals
+        self._lock = threading.Lock()
+        if tiled or tiled_uri:
+            # Starting tiled takes seconds: do it beside the first frame, not before it.
+            threading.Thread(target=self._start_tiled, args=(tiled_uri,), name="tiled-start",
+                             daemon=True).start()
+        else:
+            self._tiled_ready.set()  # nothing to wait for
+
+    def _start_tiled(self, tiled_uri):
+        try:
+            client, self.tiled_server = open_tiled(self.data_dir, tiled_uri)
+            ingestor = TiledIngestor(client)
+        except Exception as exc:
+            logger.error("tiled unavailable (%s); runs stay in the journal", exc)
+            self._tiled_error = exc
+            self._tiled_ready.set()
+            return
+        with self._lock:
+            self.ingestor = ingestor
+            # crash recovery: journals of earlier sessions that never reached tiled
+            try:
+                recover = journals_to_ingest(client, self.data_dir,
+                                             skip=list(self.journal._runs) +
+                                             [p.stem for p in self._waiting])
+            except Exception as exc:
+                logger.error("cannot list journals to recover: %s", exc)
+                recover = []
+            self.recovered = [p.stem for p in recover]
+            for path in recover + self._waiting:
+                ingestor.submit(path)
+            self._waiting.clear()
+        self._tiled_ready.set()
+
+    def _run_finished(self, path: Path) -> None:
+        with self._lock:
+            if self.ingestor is not None:
+                self.ingestor.submit(path)
+            else:
+                self._waiting.append(path)
+
+    @property
+    def tiled_error(self) -> Exception | None:
+        """Why tiled could not be used (runs then stay in the journal only)."""
+        return self._tiled_error
+
+    @property
+    def tiled_client(self):
+        return self.ingestor.client if self.ingestor else None
+
+    def __call__(self, plan, *args, **kwargs):
+        """Run a plan; returns the RunEngine's result (the run uids)."""
+        return self.RE(plan, *args, **kwargs)
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Wait for threaded callbacks and tiled ingestion to catch up."""
+        ok = all(cb.join(timeout) for cb in self.threaded)
+        if self._tiled_ready.wait(timeout) and self.ingestor is not None:
+            ok = self.ingestor.join(timeout) and ok
+        return ok
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.wait(timeout)
+        for token in self._tokens:
+            self.RE.unsubscribe(token)
+        for cb in self.threaded:
+            cb.close(timeout)
+        if self.progress:
+            self.progress.close()
+        self.journal.close()
+        if self.ingestor is not None:
+            self.ingestor.close(timeout)
+        if self.tiled_server is not None:
+            self.tiled_server.close()
+
+    def __enter__(self) -> "AcquisitionSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None = None,
+             width_nm: float = 5.0, pixels: int = 128, lines: int = 128,
+             direction: str = "down", frames: int = 1,
+             data_dir: str | os.PathLike = "stm_live_data", tiled_uri: str | None = None,
+             tip_policy: str = "prompt", worker: str | None = None, view: bool = False,
+             callbacks: Iterable[Callback] = ()) -> list[str]:
+    """``stm-live scan``: acquire ``frames`` live frames centred where the controller's
+    frame is, journaled and ingested into tiled. Returns the run uids.
+
+    ``tip_policy`` other than "off" runs the tip monitor (shipped classifier) and the
+    reconditioning policy (:mod:`stm_live.reconditioning`); ``worker`` publishes the
+    documents to a 0MQ proxy (:mod:`stm_live.streaming`); ``view`` serves the live viewer.
+    """
+    from stm_live.config import load_profile
+    from stm_live.devices.stm import NanonisSTM
+    from stm_live.plans import live_frame
+
+    if tip_policy not in ("off", "prompt", "auto"):
+        raise ValueError(f"tip_policy must be off, prompt or auto, not {tip_policy!r}")
+    if direction not in ("down", "up"):
+        raise ValueError(f"direction must be 'down' or 'up', not {direction!r}")
+    prof = load_profile(profile)
+    host = host or prof.host
+    port = int(port or prof.port)
+    width_m = float(width_nm) * 1e-9
+    prof.check_pixels(pixels, lines)
+    stm = NanonisSTM(host, port, name="stm", profile=prof, timeout=prof.timeout_s)
+    inline: list[Callback] = []
+    threaded: list[Callback] = list(callbacks)
+    closers: list[Callable[[], Any]] = []
+    policy = None
+    uids: list[str] = []
+    try:
+        if worker:
+            from stm_live.streaming import make_publisher
+
+            publisher = make_publisher(worker)  # non-blocking send, never raises into RE
+            inline.append(publisher)
+            closers.append(publisher.close)
+        if view:
+            from stm_live.viewer import Viewer, ViewerState
+
+            state = ViewerState()
+            viewer = Viewer(state)
+            print(f"viewer: {viewer.url}", flush=True)
+            threaded.append(state)
+            closers.append(viewer.close)
+        if tip_policy != "off":
+            from stm_live.callbacks.tipmonitor import TipMonitor
+            from stm_live.reconditioning import TipReconditioner
+
+            policy = TipReconditioner(stm, policy=tip_policy)
+            tip = TipMonitor(on_verdict=policy.on_verdict)
+            policy.monitor = tip
+            inline.append(tip)  # TipMonitor hands classification to its own thread
+            closers.append(tip.close)
+        centre = stm.client.scan_frame_get()
+        with AcquisitionSession(data_dir, callbacks=threaded, inline_callbacks=inline,
+                                tiled=True, tiled_uri=tiled_uri, progress=True) as session:
+            if policy is not None:
+                policy.install(session.RE)
+                closers.insert(0, policy.remove)
+            for _ in range(frames):
+                uids += session(live_frame(
+                    stm, frame=(centre.center_x, centre.center_y, width_m, width_m,
+                                centre.angle_deg),
+                    pixels=pixels, lines=lines, channels=list(prof.channel_indexes)[:2],
+                    direction=direction, md={"tip_policy": tip_policy}))
+            session.wait()
+            if session.tiled_error is not None:
+                print(f"tiled unavailable ({session.tiled_error}); runs are in the journal",
+                      flush=True)
+    finally:
+        for close in closers:
+            try:
+                close()
+            except Exception:  # cleanup of one part must not hide the others
+                logger.exception("closing %r failed", close)
+        stm.close()
+    for uid in uids:
+        print(f"run {uid}: journal {Path(data_dir) / 'journal' / (uid + '.journal')}")
+    return uids
