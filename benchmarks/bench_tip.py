@@ -1,0 +1,182 @@
+"""Tip-state benchmarks (issue 7).
+
+1. Classifier on a held-out simulated set: good-vs-bad accuracy (target >= 99 %), macro-F1
+   (target >= 0.95), confusion table.
+2. Line-level change detector on simulator-like 128 x 128 frames: delay from the tip change
+   to the alarm (target <= 3 lines) for visible changes, false alarms on clean frames
+   (target <= 1 per 100 frames).
+3. Closed loop: 20 simulated frames against the simulated controller with random tip
+   degradation, TipMonitor + auto policy; share of frames finished with a good tip and no
+   operator input (target >= 90 %).
+
+``python -m benchmarks bench_tip`` / ``stm-live bench --only tip``. Knobs through env vars
+STM_BENCH_TIP_SAMPLES (per class, default 40), STM_BENCH_TIP_FRAMES (change-detection frames,
+default 100), STM_BENCH_TIP_LOOP (closed-loop frames, default 20).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+CHANGE_PAIRS = (("co", "s"), ("co", "double"), ("co", "blunt"), ("co", "tilted_co"), ("co", "asymmetric"),
+                ("s", "double"), ("s", "blunt"), ("co", "mixed"))
+
+
+def _visible_rows(before: np.ndarray, after: np.ndarray, noise_sd: float) -> np.ndarray:
+    """Rows where the tip change is visible: RMS(after - before) > 4 noise sd."""
+    d = np.sqrt(((after.astype(np.float64) - before) ** 2).mean(axis=1))
+    return d > 4 * noise_sd
+
+
+def change_detection(frames: int = 100, seed: int = 17, size: int = 128, **watch_kwargs) -> dict:
+    """Delay (lines) and false alarms of ``TipWatch`` on simulated frames.
+
+    Clean frames: ``frames`` frames with a stable random preset tip. Change frames: the same
+    number, with a tip change at a line where the change is visible (a change over bare
+    substrate cannot be seen until a molecule is reached, so the clock starts at the first
+    visible line).
+    """
+    from stm_live.models.tipstate import simulate_scan
+    from stm_live.tipwatch import detect_changes
+
+    rng = np.random.default_rng(seed)
+    false_alarms, delays, missed = 0, [], 0
+    tips = ("co", "s", "mixed", "tilted_co", "double", "blunt")
+    for _ in range(frames):
+        img = simulate_scan(rng, tips[rng.integers(len(tips))], pixels=size, lines=size)
+        false_alarms += len(detect_changes(img, **watch_kwargs))
+    for i in range(frames):
+        a, b = CHANGE_PAIRS[i % len(CHANGE_PAIRS)]
+        s = int(rng.integers(1 << 30))
+        before = simulate_scan(np.random.default_rng(s), a, pixels=size, lines=size, noise=0.0)
+        after = simulate_scan(np.random.default_rng(s), b, pixels=size, lines=size, noise=0.0)
+        noise_sd = 0.03 * float(np.std(before))
+        vis = np.flatnonzero(_visible_rows(before, after, noise_sd)[size // 8: size - 8]) + size // 8
+        if vis.size == 0:
+            continue
+        c = int(vis[rng.integers(vis.size)])
+        img = simulate_scan(np.random.default_rng(s), a, tip_after=b, change_line=c, pixels=size, lines=size)
+        alarms = [x for x in detect_changes(img, **watch_kwargs) if x.flagged_at >= c]
+        if not alarms or alarms[0].flagged_at - c > 10:
+            missed += 1
+            continue
+        delays.append(alarms[0].flagged_at - c)
+        false_alarms += len([x for x in detect_changes(img, **watch_kwargs) if x.flagged_at < c])
+    d = np.array(delays) if delays else np.array([np.nan])
+    n_change = len(delays) + missed
+    return {"clean_frames": frames, "change_frames": n_change, "false_alarms_per_100": 100 * false_alarms / (2 * frames),
+            "detected": len(delays) / max(n_change, 1), "median_delay": float(np.nanmedian(d)),
+            "p90_delay": float(np.nanpercentile(d, 90)), "within_3": float(np.mean(d <= 3)) if delays else 0.0}
+
+
+def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int = 64) -> dict:
+    """20 frames against the simulated controller, tip degrading at random, auto policy."""
+    import asyncio
+
+    from bluesky.run_engine import RunEngine
+
+    from stm_live.callbacks.tipmonitor import TipMonitor
+    from stm_live.config import load_profile
+    from stm_live.devices.stm import NanonisSTM
+    from stm_live.models import load_tip_classifier
+    from stm_live.plans import live_frame
+    from stm_live.reconditioning import TipReconditioner
+    from stm_live.simulators.scenario import load_scenario
+    from stm_live.simulators.server import start_server_thread
+
+    rng = np.random.default_rng(seed)
+    clf = load_tip_classifier("cpu")
+    good_tips = ("co_sharp", "metal_s", "mixed")
+    ok, operator, suspended, details = 0, 0, 0, []
+    with start_server_thread(scenario=load_scenario("default"), seed=seed, time_scale=200.0) as srv:
+        ctrl = srv.controller
+        stm = NanonisSTM(srv.host, srv.port, name="stm", profile=load_profile("sim"))
+        stm.lines.line_timeout = 20.0
+        loop = asyncio.new_event_loop()
+        RE = RunEngine({}, loop=loop)
+        rec = TipReconditioner(stm, policy="auto", classifier=clf, verify_lines=32)
+        mon = TipMonitor(clf, every_n_lines=8, on_verdict=rec.on_verdict)
+        rec.monitor = mon
+        RE.subscribe(mon)
+        rec.install(RE)
+        frame = {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 7e-9, "height_m": 7e-9, "angle_deg": 0.0}
+        try:
+            for i in range(frames):
+                bad = ("double", "blunt", "tilted_co")[rng.integers(3)] if rng.random() < 0.6 else None
+                line = int(rng.integers(8, lines - 16))
+                stop = _degrade_at(ctrl, bad, line) if bad else None
+                n_before = len(rec.events)
+                try:
+                    RE(live_frame(stm, frame=frame, pixels=pixels, lines=lines, z_controller="constant_height"))
+                    finished = True
+                except Exception:
+                    finished = False
+                    operator += 1
+                    if RE.state == "paused":
+                        RE.abort()
+                if stop is not None:
+                    stop.set()
+                mon.flush(30)
+                suspended += any(e["what"] == "suspend" for e in rec.events[n_before:])
+                if finished and ctrl.tip_label in good_tips:
+                    ok += 1
+                details.append({"degraded_to": bad, "at_line": line if bad else None, "finished": finished,
+                                "final_tip": ctrl.tip_label,
+                                "policy": [e["what"] + (f":{e.get('verdict', '')}" if "verdict" in e else "")
+                                           for e in rec.events[n_before:]]})
+        finally:
+            stm.stop_scan()
+            stm.close()
+            mon.close()
+            loop.call_soon_threadsafe(loop.stop)
+    return {"frames": frames, "good_and_unattended": ok / frames, "suspensions": suspended,
+            "operator_needed": operator, "details": details}
+
+
+def _degrade_at(ctrl, tip: str, line: int):
+    """Background thread: set the controller's tip to ``tip`` once the scan reaches ``line``."""
+    import threading
+
+    stop = threading.Event()
+
+    def run():
+        while not stop.is_set():
+            if ctrl.scanning and (ctrl._current_line() or 0) >= line:
+                ctrl.set_tip(tip, cause="benchmark degradation")
+                return
+            time.sleep(0.002)
+
+    threading.Thread(target=run, daemon=True).start()
+    return stop
+
+
+def main() -> None:
+    import torch
+
+    from stm_live.models.tipstate import _format_metrics, evaluate, load_tip_classifier
+
+    torch.set_num_threads(1)
+    samples = int(os.environ.get("STM_BENCH_TIP_SAMPLES", "40"))
+    t = time.perf_counter()
+    m = evaluate(load_tip_classifier("cpu"), samples=samples, seed=4321)
+    print(_format_metrics(m))
+    print(f"classifier: good-vs-bad {m['good_vs_bad']:.3f} (target >= 0.99), macro-F1 {m['macro_f1']:.3f} "
+          f"(target >= 0.95)  [{time.perf_counter() - t:.0f} s]")
+    t = time.perf_counter()
+    c = change_detection(frames=int(os.environ.get("STM_BENCH_TIP_FRAMES", "100")))
+    print(f"change detector: {c['change_frames']} visible changes, detected {c['detected']:.2f}, median delay "
+          f"{c['median_delay']:.1f} lines, p90 {c['p90_delay']:.1f}, within 3 lines {c['within_3']:.2f} "
+          f"(target <= 3); false alarms {c['false_alarms_per_100']:.2f} per 100 frames (target <= 1)  "
+          f"[{time.perf_counter() - t:.0f} s]")
+    t = time.perf_counter()
+    r = closed_loop(frames=int(os.environ.get("STM_BENCH_TIP_LOOP", "20")))
+    print(f"closed loop: {r['frames']} frames, {r['suspensions']} suspensions, good tip and no operator input "
+          f"{r['good_and_unattended']:.2f} (target >= 0.90), operator needed {r['operator_needed']}  "
+          f"[{time.perf_counter() - t:.0f} s]")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,268 @@
+"""TipMonitor: watch the tip while a frame is scanned.
+
+A Bluesky callback that consumes live-frame documents (docs/interfaces.md), and on a worker
+thread (never on the RunEngine's loop) runs the line-level change detector
+(:mod:`stm_live.tipwatch`) on every line and the tip classifier every ``every_n_lines``
+lines, right after a detected change, and at the end of the frame. The classifier sees the
+lines scanned since the last detected change (once there are ``min_rows`` of them), so a
+verdict describes the *current* tip.
+
+Verdicts go out three ways:
+
+- as Bluesky documents of their own run, linked to the frame's run by ``parent_uid``
+  (start key ``purpose="tip_verdicts"``), stream ``tip_verdict``: ``label``,
+  ``probabilities`` (in ``TIP_CLASSES`` order), ``s_fraction``, ``good``, ``line`` (last
+  line seen), ``change_line`` (line where a change was detected, -1 if none), ``reason``;
+  subscribe with :meth:`TipMonitor.subscribe`;
+- to ``on_verdict(record)`` (called on the worker thread; a dict like a timeline entry);
+- appended to ``.timeline`` (list of dicts) for the demo and the viewer.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from stm_live.callbacks.frames import FrameAssembler
+from stm_live.tipwatch import TipWatch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TipMonitor", "VERDICT_STREAM"]
+
+VERDICT_STREAM = "tip_verdict"
+_STOP = object()
+
+
+class TipMonitor:
+    """Bluesky callback: tip verdicts for live frames.
+
+    Parameters
+    ----------
+    classifier:
+        object with ``classify(image, pixel_size_nm) -> TipVerdict``; ``None`` loads the
+        shipped one (``stm_live.models.load_tip_classifier``) on the worker thread.
+    every_n_lines:
+        classify every this many lines (plus after a change and at the end of the frame).
+    min_rows:
+        fewest lines the classifier is given.
+    on_verdict:
+        ``callable(record: dict)``, called on the worker thread for every verdict.
+    watch_factory:
+        makes the per-frame change detector (default ``TipWatch``).
+    """
+
+    def __init__(self, classifier=None, *, every_n_lines: int = 16, min_rows: int = 16,
+                 on_verdict: Callable[[dict], Any] | None = None, stream: str = "primary",
+                 watch_factory: Callable[[], TipWatch] = TipWatch, device: str = "auto"):
+        if every_n_lines < 1:
+            raise ValueError(f"TipMonitor: every_n_lines must be >= 1, got {every_n_lines}")
+        self._classifier = classifier
+        self._device = device
+        self.every_n_lines = int(every_n_lines)
+        self.min_rows = int(min_rows)
+        self.on_verdict = on_verdict
+        self.stream = stream
+        self._watch_factory = watch_factory
+        self.timeline: list[dict] = []
+        self.errors: list[str] = []
+        self._subs: list[Callable[[str, dict], Any]] = []
+        self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._work, name="TipMonitor", daemon=True)
+        self._thread.start()
+        # per-run state (worker thread only)
+        self._asm: FrameAssembler | None = None
+        self._watch: TipWatch | None = None
+        self._compose = None
+        self._segment_start = 0
+        self._last_classified = -1
+        self._last_change = -1
+
+    # ------------------------------------------------------------ RunEngine side (cheap)
+    def __call__(self, name: str, doc: dict) -> None:
+        """Queue the document; never blocks the RunEngine."""
+        self._q.put((name, doc))
+
+    def subscribe(self, callback: Callable[[str, dict], Any]) -> None:
+        """Receive the verdict run's documents ``(name, doc)`` (called on the worker thread)."""
+        self._subs.append(callback)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued document is processed; True if done in time."""
+        done = threading.Event()
+        self._q.put((None, done))
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        self._q.put((_STOP, None))
+        self._thread.join(timeout=5)
+
+    @property
+    def classifier(self):
+        if self._classifier is None:
+            from stm_live.models import load_tip_classifier
+
+            self._classifier = load_tip_classifier(device=self._device)
+        return self._classifier
+
+    # ------------------------------------------------------------ worker thread
+    def _work(self) -> None:
+        while True:
+            name, doc = self._q.get()
+            if name is _STOP:
+                return
+            if name is None:
+                doc.set()
+                continue
+            try:
+                getattr(self, f"_on_{name}", lambda d: None)(doc)
+            except Exception as exc:  # a bad document must not kill the monitor
+                msg = f"{name}: {type(exc).__name__}: {exc}"
+                log.warning("TipMonitor: %s", msg)
+                self.errors.append(msg)
+
+    def _emit(self, name: str, doc: dict) -> None:
+        for cb in list(self._subs):
+            try:
+                cb(name, doc)
+            except Exception as exc:
+                log.warning("TipMonitor subscriber failed on %s: %s", name, exc)
+
+    def _on_start(self, doc: dict) -> None:
+        if "stm_live" not in doc:
+            self._asm = None
+            return
+        from event_model import compose_run
+
+        from stm_live.models.tipstate import TIP_CLASSES
+
+        asm = FrameAssembler(self.stream)
+        asm.start(doc)
+        self._asm = asm
+        self._watch = self._watch_factory()
+        self._segment_start, self._last_classified, self._last_change = 0, -1, -1
+        self._floor_request, self._pending_change = None, None
+        run = compose_run(metadata={"purpose": "tip_verdicts", "parent_uid": doc["uid"],
+                                    "tip_classes": list(TIP_CLASSES)})
+        self._compose = run
+        self._emit("start", run.start_doc)
+        desc = run.compose_descriptor(name=VERDICT_STREAM, data_keys={
+            "label": {"source": "TipMonitor", "dtype": "string", "shape": []},
+            "probabilities": {"source": "TipMonitor", "dtype": "array", "shape": [len(TIP_CLASSES)]},
+            "s_fraction": {"source": "TipMonitor", "dtype": "number", "shape": []},
+            "good": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
+            "line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
+            "change_line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
+            "reason": {"source": "TipMonitor", "dtype": "string", "shape": []},
+        })
+        self._desc = desc
+        self._emit("descriptor", desc.descriptor_doc)
+
+    def _on_descriptor(self, doc: dict) -> None:
+        if self._asm is not None:
+            self._asm.descriptor(doc)
+
+    def _on_event_page(self, doc: dict) -> None:
+        from event_model import unpack_event_page
+
+        for ev in unpack_event_page(doc):
+            self._on_event(ev)
+
+    def _on_event(self, doc: dict) -> None:
+        if self._asm is None:
+            return
+        row = self._asm.event(doc)
+        if row is None:
+            return
+        image = self._image()
+        if row <= self._last_classified:  # rewind: lines re-sent from a checkpoint
+            self._last_classified = row - 1
+        if row < self._segment_start:
+            self._segment_start = 0
+        floor = getattr(self, "_floor_request", None)
+        if floor is not None and row >= floor and self._segment_start < floor:
+            self._segment_start = floor
+            self._last_classified = max(self._last_classified, floor - 1)
+        change = self._watch.update(image[row], row) if np.isfinite(image[row]).sum() >= 4 else None
+        if change is not None:
+            self._last_change = change.line
+            self._segment_start = change.line
+            self._pending_change = change.line
+        seg = row + 1 - self._segment_start
+        due = row - self._last_classified >= self.every_n_lines
+        if getattr(self, "_pending_change", None) is not None and seg >= self.min_rows:
+            self._classify(row, reason=f"tip change detected at line {self._pending_change}")
+            self._pending_change = None
+        elif due and row + 1 >= self.min_rows:
+            self._classify(row, reason="periodic")
+
+    def _on_stop(self, doc: dict) -> None:
+        if self._asm is None or self._compose is None:
+            return
+        acquired = self._asm.acquired
+        if acquired.size >= 3:
+            self._classify(int(acquired.max()), reason="end of frame")
+        self._emit("stop", self._compose.compose_stop(exit_status="success"))
+        self._asm, self._compose = None, None
+
+    def _image(self) -> np.ndarray:
+        """Classifier input: the current map, or Z converted to a current-like map."""
+        name, direction = self._asm.source
+        frame = self._asm.frame(name, direction)
+        if self._asm.z_controller == "constant_current":
+            from stm_live.models.tipstate import current_like_from_z
+
+            return current_like_from_z(frame)
+        return frame
+
+    def set_segment_floor(self, line: int) -> None:
+        """Judge only lines >= ``line`` from now on (the tip was reconditioned there)."""
+        self._floor_request = int(line)
+
+    def _classify(self, row: int, *, reason: str) -> None:
+        image = self._image()
+        start = self._segment_start if row + 1 - self._segment_start >= self.min_rows else max(0, row + 1 - self.min_rows)
+        crop = image[start:row + 1]
+        if np.isfinite(crop).all(axis=1).sum() < 3:
+            return
+        block = self._asm.block
+        try:
+            line_nm = float(block["frame"]["height_m"]) / int(block["lines"]) * 1e9
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            line_nm = None
+        if not line_nm or not np.isfinite(line_nm) or line_nm <= 0:
+            line_nm = None
+        try:
+            verdict = self.classifier.classify(crop, self._asm.pixel_size_nm, line_spacing_nm=line_nm)
+        except TypeError:  # a classifier without the keyword
+            verdict = self.classifier.classify(crop, self._asm.pixel_size_nm)
+        self._last_classified = row
+        from stm_live.models.tipstate import TIP_CLASSES
+
+        record = {
+            "run_uid": self._asm.run_uid, "time": time.time(), "line": int(row),
+            "first_line": int(start), "change_line": int(self._last_change),
+            "label": verdict.label, "probabilities": dict(verdict.probabilities),
+            "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good), "reason": reason,
+        }
+        with self._lock:
+            self.timeline.append(record)
+        self._emit("event", self._desc.compose_event(
+            data={"label": verdict.label,
+                  "probabilities": [float(verdict.probabilities[c]) for c in TIP_CLASSES],
+                  "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good),
+                  "line": int(row), "change_line": int(self._last_change), "reason": reason},
+            timestamps={k: record["time"] for k in ("label", "probabilities", "s_fraction", "good",
+                                                    "line", "change_line", "reason")}))
+        if self.on_verdict is not None:
+            try:
+                self.on_verdict(record)
+            except Exception as exc:
+                log.warning("TipMonitor on_verdict failed: %s", exc)
+                self.errors.append(f"on_verdict: {exc}")

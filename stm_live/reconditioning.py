@@ -1,0 +1,489 @@
+"""Tip policy: what happens when the tip monitor says the tip went bad (issue 7).
+
+Policies (``Profile.tip_policy``):
+
+``off``
+    verdicts are only recorded.
+``prompt``
+    the operator is asked through ``ask(message) -> bool`` (the message names the verdict
+    and the proposed action); no answer within ``ask_timeout_s`` means *don't act*. A yes
+    runs the same reconditioning as ``auto``.
+``auto``
+    a Bluesky suspender (:class:`TipSuspender`, a :class:`bluesky.suspenders.SuspenderBase`
+    driven by the monitor's verdict signal) suspends the frame at its last checkpoint. Its
+    ``pre_plan`` (:meth:`TipReconditioner.recondition_plan`) stops the paused scan, runs
+    :func:`stm_live.plans.recondition_tip` at the profile's clean site (never inside the
+    imaged frame; bias and poke depth checked against the profile's limits) with the
+    escalating action list, then verifies: the interrupted frame is restarted and its first
+    ``verify_lines`` lines are classified. A good verdict releases the suspender and the
+    frame resumes from its checkpoint (the restarted scan delivers the remaining lines);
+    otherwise the next action is tried, up to ``max_attempts``. Then it gives up: the
+    RunEngine is paused with ``RE.pause_msg`` saying why; resuming (after fixing the tip by
+    hand) restarts the scan and finishes the frame.
+
+Every step is recorded in the frame's run, stream ``tip_recondition`` (attempt, action,
+parameters, verdict, outcome); each action's controller commands are also a
+``recondition_tip`` run of their own (``run_key="recondition"``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+from bluesky import plan_stubs as bps
+from bluesky import preprocessors as bpp
+from bluesky.suspenders import SuspenderBase
+from ophyd import Component as Cpt
+from ophyd import Device, Signal
+from ophyd.status import Status
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TipSuspender", "TipReconditioner", "RECORD_STREAM", "POLICIES", "Attempt"]
+
+POLICIES = ("off", "prompt", "auto")
+RECORD_STREAM = "tip_recondition"
+# Default escalation when no profile is given: gentle pulses first, then deeper pokes.
+DEFAULT_ACTIONS = (
+    ("bias_pulse", {"bias_V": 2.0, "width_s": 0.05}),
+    ("bias_pulse", {"bias_V": 3.0, "width_s": 0.1}),
+    ("poke", {"depth_m": 3.0e-10, "bias_V": 0.05, "lift_time_s": 0.1}),
+    ("poke", {"depth_m": 1.2e-9, "bias_V": 0.05, "lift_time_s": 0.1}),
+)
+
+
+class TipSuspender(SuspenderBase):
+    """Suspends while the watched signal reads ``"bad"``; resumes when it reads anything else.
+
+    The signal is :attr:`TipReconditioner.state` (``"good"`` / ``"bad"``), put by the tip
+    policy from the monitor's verdicts; ``pre_plan`` does the reconditioning.
+    """
+
+    def __init__(self, signal, **kwargs):
+        super().__init__(signal, **kwargs)
+        self.justification = ""
+
+    def _should_suspend(self, value):
+        return value == "bad"
+
+    def _should_resume(self, value):
+        return value != "bad"
+
+    def _get_justification(self):
+        return self.justification or "tip monitor: tip went bad"
+
+
+class _Record(Device):
+    """What the frame's ``tip_recondition`` stream records for each step."""
+
+    step = Cpt(Signal, value="", kind="hinted")
+    attempt = Cpt(Signal, value=0)
+    action = Cpt(Signal, value="")
+    params = Cpt(Signal, value="{}")
+    site_x = Cpt(Signal, value=0.0)
+    site_y = Cpt(Signal, value=0.0)
+    verdict = Cpt(Signal, value="")
+    probabilities = Cpt(Signal, value="{}")
+    good = Cpt(Signal, value=False)
+    message = Cpt(Signal, value="")
+
+
+class _Job:
+    """Run a blocking function off the RunEngine loop; ``trigger()`` returns its Status."""
+
+    def __init__(self, name: str, fn: Callable[[], Any]):
+        self.name, self.parent, self._fn = name, None, fn
+        self.result: Any = None
+
+    def trigger(self) -> Status:
+        status = Status(obj=self)
+
+        def run():
+            try:
+                self.result = self._fn()
+            except Exception as exc:
+                status.set_exception(exc)
+            else:
+                status.set_finished()
+
+        threading.Thread(target=run, name=f"job-{self.name}", daemon=True).start()
+        return status
+
+
+@dataclass
+class Attempt:
+    attempt: int
+    action: str
+    params: dict
+    verdict: str
+    good: bool
+    probabilities: dict = field(default_factory=dict)
+
+
+class TipReconditioner:
+    """Tip policy + suspender + automatic reconditioning loop.
+
+    Parameters
+    ----------
+    stm : NanonisSTM
+        The microscope (its ``profile`` gives limits, clean site, actions, attempts).
+    policy : {"off", "prompt", "auto"}, optional
+        Default: ``stm.profile.tip_policy`` (or ``"prompt"``).
+    classifier : object with ``classify(image, pixel_size_nm)``, optional
+        For the verification frame (default: the shipped tip classifier).
+    ask : callable(str) -> bool, optional
+        The operator prompt (``prompt`` policy); called on a helper thread.
+    ask_timeout_s : float
+        No answer by then means "don't act".
+    site, actions, max_attempts : optional
+        Override the profile's ``recondition`` block (site in m, actions as
+        ``(kind, params)``).
+    verify_lines : int
+        Lines of the restarted frame the classifier judges after each action (the frame's
+        first lines: the same molecules the frame started with).
+    consecutive : int
+        Bad verdicts in a row needed to act.
+    min_bad_probability : float
+        A verdict counts as bad only if the bad classes together have at least this
+        probability (an unsure classifier does not stop a frame).
+    monitor : TipMonitor, optional
+        Told where the new tip starts, so stale lines do not re-trip the policy.
+    """
+
+    def __init__(self, stm, *, policy: str | None = None, classifier=None,
+                 ask: Callable[[str], bool] | None = None, ask_timeout_s: float = 30.0,
+                 site: tuple[float, float] | None = None, actions=None, max_attempts: int | None = None,
+                 verify_lines: int = 32, verify_timeout_s: float = 60.0, consecutive: int = 1,
+                 min_bad_probability: float = 0.6, monitor=None):
+        profile = getattr(stm, "profile", None)
+        policy = policy or (profile.tip_policy if profile is not None else "prompt")
+        if policy not in POLICIES:
+            raise ValueError(f"tip policy must be one of {POLICIES}, got {policy!r}")
+        rec = profile.recondition if profile is not None else None
+        if site is None:
+            if rec is None:
+                raise ValueError("TipReconditioner needs a clean site: pass site=(x_m, y_m) or a profile")
+            site = rec.clean_site_m
+        if actions is None:
+            actions = [(a.kind, dict(a.params)) for a in rec.actions] if rec is not None else list(DEFAULT_ACTIONS)
+        actions = [(str(k), dict(p)) for k, p in actions]
+        if not actions:
+            raise ValueError("TipReconditioner: the action list is empty")
+        for kind, params in actions:
+            if kind not in ("bias_pulse", "poke"):
+                raise ValueError(f"recondition action kind must be bias_pulse or poke, got {kind!r}")
+            if profile is not None and "bias_V" in params:
+                profile.check_bias(params["bias_V"])  # refuse a bad profile before any scan
+        self.stm = stm
+        self.policy = policy
+        self.site = (float(site[0]), float(site[1]))
+        self.actions = actions
+        self.max_attempts = int(max_attempts if max_attempts is not None else
+                                (rec.max_attempts if rec is not None else len(actions)))
+        self._classifier = classifier
+        self.ask = ask
+        self.ask_timeout_s = float(ask_timeout_s)
+        self.verify_lines = int(verify_lines)
+        self.verify_timeout_s = float(verify_timeout_s)
+        self.consecutive = max(1, int(consecutive))
+        self.min_bad_probability = float(min_bad_probability)
+        self.monitor = monitor
+        self.state = Signal(name="tip_state", value="good")
+        self.suspender = TipSuspender(self.state, pre_plan=self.recondition_plan)
+        self.record = _Record(name="tip_recondition")
+        self.attempts: list[Attempt] = []
+        self.events: list[dict] = []  # everything the policy did, in order
+        self.give_up_reason: str | None = None
+        self.RE = None
+        self._lock = threading.Lock()
+        self._busy = False
+        self._bad_in_row = 0
+        self._trigger_verdict: dict | None = None
+        self._floor: tuple[str | None, int] = (None, -1)  # (run uid, first line of the new tip)
+        self._open_run: str | None = None
+        self._token = None
+
+    # ------------------------------------------------------------------ wiring
+    @property
+    def classifier(self):
+        if self._classifier is None:
+            from stm_live.models import load_tip_classifier
+
+            self._classifier = load_tip_classifier()
+        return self._classifier
+
+    def install(self, RE) -> None:
+        """Install the suspender on ``RE`` (policies ``prompt`` and ``auto``)."""
+        self.RE = RE
+        self._token = RE.subscribe(self._track_runs)
+        if self.policy != "off":
+            RE.install_suspender(self.suspender)
+
+    def _track_runs(self, name: str, doc: dict) -> None:
+        """Remember the open live-frame run: verdicts about any other run are stale."""
+        if name == "start" and "stm_live" in doc:
+            self._open_run = doc["uid"]
+        elif name == "stop" and doc.get("run_start") == self._open_run:
+            self._open_run = None
+
+    def remove(self) -> None:
+        if self.RE is not None:
+            self.RE.unsubscribe(self._token)
+            if self.policy != "off":
+                self.RE.remove_suspender(self.suspender)
+
+    def _note(self, what: str, **info) -> None:
+        entry = {"time": time.time(), "what": what, **info}
+        self.events.append(entry)
+        log.info("tip policy: %s %s", what, info)
+
+    # ------------------------------------------------------------------ verdicts in
+    def on_verdict(self, record: dict) -> None:
+        """Feed a TipMonitor verdict (``TipMonitor(on_verdict=rec.on_verdict)``)."""
+        with self._lock:
+            uid, first = self._floor
+            if uid is not None and record.get("run_uid") == uid and record.get("first_line", 0) < first:
+                return  # judged lines taken before the tip was reconditioned
+            from stm_live.models.tipstate import GOOD_CLASSES
+
+            p_bad = 1.0 - sum(record.get("probabilities", {}).get(c, 0.0) for c in GOOD_CLASSES)
+            if record.get("good", False) or p_bad < self.min_bad_probability:
+                self._bad_in_row = 0
+                return
+            if self._busy or (self.RE is not None and record.get("run_uid") != self._open_run):
+                return  # already handling it, or the verdict's frame is over
+            self._bad_in_row += 1
+            if self._bad_in_row < self.consecutive:
+                return
+            if self.policy == "off":
+                self._note("bad tip (policy off: no action)", verdict=record["label"], line=record.get("line"))
+                self._bad_in_row = 0
+                return
+            self._busy = True
+        kind, params = self.actions[0]
+        msg = (f"Tip looks {record['label']!r} (p = {record['probabilities'][record['label']]:.2f}, "
+               f"s share {record['s_fraction']:.2f}) at line {record.get('line')}. Proposed: suspend the "
+               f"frame and recondition at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, "
+               f"starting with {kind} {params}. Recondition now?")
+        if self.policy == "auto":
+            self._trip(record, "auto")
+        else:
+            threading.Thread(target=self._prompt, args=(record, msg), name="tip-prompt", daemon=True).start()
+
+    def _prompt(self, record: dict, msg: str) -> None:
+        answer: list = []
+        done = threading.Event()
+
+        def ask():
+            try:
+                answer.append(bool(self.ask(msg)) if self.ask is not None else False)
+            except Exception as exc:
+                log.warning("operator prompt failed: %s", exc)
+                answer.append(False)
+            done.set()
+
+        threading.Thread(target=ask, name="tip-ask", daemon=True).start()
+        answered = done.wait(self.ask_timeout_s)
+        yes = answered and answer and answer[0]
+        self._note("prompt", message=msg, answer=("yes" if yes else "no" if answered else "timeout (no action)"))
+        if yes:
+            self._trip(record, "operator")
+        else:
+            with self._lock:
+                self._busy = False
+                self._bad_in_row = 0
+
+    def _trip(self, record: dict, by: str) -> None:
+        self._trigger_verdict = record
+        self.suspender.justification = (
+            f"tip monitor: tip {record['label']!r} at line {record.get('line')} "
+            f"(change at line {record.get('change_line')}); reconditioning ({by})")
+        self._note("suspend", verdict=record["label"], line=record.get("line"), by=by)
+        self.state.put("bad")
+
+    # ------------------------------------------------------------------ the plan
+    def _write(self, **values) -> None:
+        for k, v in values.items():
+            getattr(self.record, k).put(v)
+
+    def _rec(self, step: str, **values):
+        defaults = {"attempt": 0, "action": "", "params": "{}", "verdict": "", "probabilities": "{}",
+                    "good": False, "message": "", "site_x": self.site[0], "site_y": self.site[1]}
+        defaults.update(values)
+        self._write(step=step, **defaults)
+        if self._open_run is None and self.RE is not None:  # the frame's run already closed
+            return (yield from bps.null())
+        yield from bps.trigger_and_read([self.record], name=RECORD_STREAM)
+
+    def _geometry(self) -> dict:
+        """Frame, buffer and scan direction of the interrupted scan (blocking; job thread)."""
+        stm = self.stm
+        with self._client() as c:
+            f = c.scan_frame_get()
+            b = c.scan_buffer_get()
+            z_on = bool(c.z_ctrl_on_off_get())
+            z_m = float(c.z_ctrl_z_pos_get())
+            bias = float(c.bias_get())
+        return {"z_on": z_on, "z_m": z_m, "bias_V": bias,"frame": (f.center_x, f.center_y, f.width, f.height, f.angle_deg),
+                "channels": list(b.channel_indexes), "pixels": int(b.pixels), "lines": int(b.lines),
+                "direction": stm.scan_direction.get(),
+                "rows_before": int(stm.lines.lines_received)}
+
+    @contextlib.contextmanager
+    def _client(self):
+        """The device's command connection (the controller takes 4 connections at most, and
+        the line follower holds three), serialised with the device's own calls."""
+        with getattr(self.stm, "_lock", contextlib.nullcontext()):
+            yield self.stm.client
+
+    @staticmethod
+    def _restore(c, geo: dict) -> None:
+        """Put back the frame's bias and Z mode (and height, at constant height):
+        reconditioning leaves the Z controller on."""
+        c.bias_set(geo["bias_V"])
+        if not geo["z_on"]:
+            c.z_ctrl_on_off_set(False)
+            c.z_ctrl_z_pos_set(geo["z_m"])
+        else:
+            c.z_ctrl_on_off_set(True)
+
+    def _verify(self, geo: dict):
+        """Restart the interrupted frame; classify its first ``verify_lines`` lines (job thread)."""
+        from stm_live.models.tipstate import current_like_from_z
+
+        stm = self.stm
+        channel = 30 if geo["z_on"] else 0
+        if channel not in geo["channels"]:
+            channel = geo["channels"][0]
+        n = min(self.verify_lines, geo["lines"])
+        deadline = time.monotonic() + self.verify_timeout_s
+        with self._client() as c:
+            self._restore(c, geo)
+            c.scan_action("start", direction=geo["direction"])
+        while True:
+            with self._client() as c:
+                data = c.scan_frame_data_grab(channel, forward=True).data
+            done = np.isfinite(data).all(axis=1)
+            if done[:n].all():
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"tip verification: fewer than {n} lines within {self.verify_timeout_s} s")
+            time.sleep(0.02)
+        image = data[:n].astype(np.float64)
+        if channel == 30:
+            image = current_like_from_z(image)
+        pixel_nm = geo["frame"][2] / geo["pixels"] * 1e9
+        line_nm = geo["frame"][3] / geo["lines"] * 1e9
+        self.last_verify_image = image  # for the record / viewer
+        return self.classifier.classify(image, pixel_nm, line_spacing_nm=line_nm)
+
+    def _restart(self, geo: dict) -> None:
+        with self._client() as c:
+            self._restore(c, geo)
+            c.scan_action("start", direction=geo["direction"])
+
+    def _stop_scan(self):
+        yield from bps.mv(self.stm.scan_action, "stop")
+
+    def recondition_plan(self):
+        """The suspender's pre-plan: recondition, verify, retry, resume or give up.
+
+        Whatever ends it (success, give-up then resume, or an abort while paused), the
+        suspender is released and the policy re-armed.
+        """
+        return (yield from bpp.finalize_wrapper(self._recondition(), self._rearm()))
+
+    def _rearm(self):
+        from bluesky.run_engine import PAUSE_MSG
+
+        if self.RE is not None and self.give_up_reason and self.RE.pause_msg == self.give_up_reason:
+            self.RE.pause_msg = PAUSE_MSG
+        with self._lock:
+            self._busy = False
+            self._bad_in_row = 0
+        self.state.put("good")
+        yield from bps.null()
+
+    def _recondition(self):
+        from stm_live.plans import recondition_tip
+
+        verdict = self._trigger_verdict or {}
+        job = _Job("geometry", self._geometry)
+        yield from bps.trigger(job, wait=True)
+        geo = job.result
+        cx, cy, w, h, ang = geo["frame"]
+        yield from self._rec("suspended", verdict=str(verdict.get("label", "")),
+                             probabilities=json.dumps(verdict.get("probabilities", {})),
+                             message=self.suspender.justification)
+        yield from self._stop_scan()
+        success = False
+        for attempt in range(1, self.max_attempts + 1):
+            kind, params = self.actions[min(attempt - 1, len(self.actions) - 1)]
+            self._note("action", attempt=attempt, kind=kind, params=params)
+            err = ""
+            try:
+                yield from bpp.set_run_key_wrapper(
+                    recondition_tip(self.stm, site=self.site, method=kind, frame_to_avoid=(cx, cy, w, h, ang),
+                                    md={"purpose": "tip reconditioning", "attempt": attempt}, **params),
+                    "recondition")
+            except ValueError as exc:  # a limit refused the action: record, try the next
+                err = f"refused: {exc}"
+            if err:
+                self.attempts.append(Attempt(attempt, kind, params, "", False))
+                yield from self._rec("refused", attempt=attempt, action=kind, params=json.dumps(params),
+                                     message=err)
+                continue
+            job = _Job("verify", lambda: self._verify(geo))
+            yield from bps.trigger(job, wait=True)
+            v = job.result
+            self.attempts.append(Attempt(attempt, kind, params, v.label, v.good, dict(v.probabilities)))
+            yield from self._rec("verified", attempt=attempt, action=kind, params=json.dumps(params),
+                                 verdict=v.label, probabilities=json.dumps(v.probabilities), good=v.good,
+                                 message=f"{kind} then verify: {v.label} ({v.probabilities[v.label]:.2f})")
+            self._note("verify", attempt=attempt, verdict=v.label, good=v.good)
+            if v.good:
+                success = True
+                break
+            yield from self._stop_scan()
+        if not success:
+            tried = ", ".join(f"{a.action}->{a.verdict or 'refused'}" for a in self.attempts[-self.max_attempts:])
+            reason = (f"Tip reconditioning gave up after {self.max_attempts} attempts ({tried}); the tip is "
+                      f"still bad. Fix the tip by hand, then RE.resume() to finish the frame "
+                      f"(or RE.abort()).")
+            self.give_up_reason = reason
+            self._note("give up", reason=reason)
+            yield from self._rec("gave up", message=reason)
+            if self.RE is not None:
+                self.RE.pause_msg = reason
+            yield from bps.pause()
+            # the operator resumed: restart the frame so the remaining lines arrive
+            job = _Job("restart", lambda: self._restart(geo))
+            yield from bps.trigger(job, wait=True)
+            yield from self._rec("operator resumed", message="resumed after manual tip repair")
+        # The scan was restarted while suspended, so lines may have arrived meanwhile:
+        # re-assert the device's pause (scan paused, cursor back on the last triggered
+        # line) so the RunEngine's replay re-delivers exactly the interrupted line.
+        lines = getattr(self.stm, "lines", None)
+        if lines is not None and hasattr(lines, "pause"):
+            lines.pause()
+        uid = self._run_uid()
+        with self._lock:
+            self._floor = (uid, geo["rows_before"])
+            self._bad_in_row = 0
+            self._busy = False
+        if self.monitor is not None:
+            self.monitor.set_segment_floor(geo["rows_before"])
+        yield from self._rec("resumed", message=f"frame resumes; new tip from line {geo['rows_before']}")
+        self._note("resume", from_line=geo["rows_before"], success=success)
+        self.state.put("good")  # releases the suspender: the frame rewinds to its checkpoint
+
+    def _run_uid(self) -> str | None:
+        v = self._trigger_verdict or {}
+        return v.get("run_uid")

@@ -1,0 +1,76 @@
+"""TipMonitor: verdict documents from live-frame documents, off the RunEngine thread."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from event_model import compose_run
+
+from stm_live.callbacks.tipmonitor import VERDICT_STREAM, TipMonitor
+from stm_live.models import load_tip_classifier
+from stm_live.models.tipstate import TIP_CLASSES, simulate_scan
+
+N = 96
+
+
+def _frame_docs(image, pixel_size_nm):
+    run = compose_run(metadata={"stm_live": {
+        "frame": {"center_x_m": 0, "center_y_m": 0, "width_m": 7e-9, "height_m": 7e-9, "angle_deg": 0},
+        "pixels": image.shape[1], "lines": image.shape[0], "pixel_size_nm": pixel_size_nm,
+        "scan_direction": "down", "bias_V": -0.5, "setpoint_A": 5e-12, "z_controller": "constant_height",
+        "line_key": "stm_line_index",
+        "channels": [{"name": "Current", "index": 0, "units": "A",
+                      "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}}]}})
+    yield "start", run.start_doc
+    desc = run.compose_descriptor(name="primary", data_keys={
+        "stm_line_index": {"source": "sim", "dtype": "integer", "shape": []},
+        "stm_current_fwd": {"source": "sim", "dtype": "array", "shape": [image.shape[1]]},
+        "stm_current_bwd": {"source": "sim", "dtype": "array", "shape": [image.shape[1]]}})
+    yield "descriptor", desc.descriptor_doc
+    for i, row in enumerate(image):
+        yield "event", desc.compose_event(
+            data={"stm_line_index": i, "stm_current_fwd": row, "stm_current_bwd": row},
+            timestamps={k: 0.0 for k in ("stm_line_index", "stm_current_fwd", "stm_current_bwd")})
+    yield "stop", run.compose_stop()
+
+
+def test_monitor_emits_verdict_run_and_timeline():
+    clf = load_tip_classifier("cpu")
+    seed, change = 1, None
+    before = simulate_scan(np.random.default_rng(seed), "co", pixels=N, lines=N, noise=0.0)
+    after = simulate_scan(np.random.default_rng(seed), "double", pixels=N, lines=N, noise=0.0)
+    rows = np.sqrt(((after.astype(float) - before) ** 2).mean(1)) > 0.3 * before.std()
+    change = int(np.flatnonzero(rows[24:])[0]) + 24
+    image = simulate_scan(np.random.default_rng(seed), "co", tip_after="double", change_line=change,
+                          pixels=N, lines=N)
+    out, threads, verdicts = [], set(), []
+
+    def on_verdict(rec):
+        verdicts.append(rec)
+        threads.add(threading.current_thread().name)
+
+    mon = TipMonitor(clf, every_n_lines=16, on_verdict=on_verdict)
+    mon.subscribe(lambda n, d: out.append((n, d)))
+    frame_uid = None
+    for name, doc in _frame_docs(image, 7.0 / N):
+        frame_uid = frame_uid or doc["uid"]
+        mon(name, doc)
+    assert mon.flush(60)
+    mon.close()
+    names = [n for n, _ in out]
+    assert names[0] == "start" and names[1] == "descriptor" and names[-1] == "stop"
+    start = out[0][1]
+    assert start["parent_uid"] == frame_uid and start["purpose"] == "tip_verdicts"
+    assert out[1][1]["name"] == VERDICT_STREAM
+    events = [d for n, d in out if n == "event"]
+    assert len(events) == len(mon.timeline) == len(verdicts) >= N // 16
+    for e in events:
+        assert e["data"]["label"] in TIP_CLASSES and len(e["data"]["probabilities"]) == len(TIP_CLASSES)
+    # the change was located within 3 lines and a verdict followed it
+    changed = [e for e in events if e["data"]["change_line"] >= 0]
+    assert changed and abs(changed[0]["data"]["change_line"] - change) <= 3
+    assert any(v["reason"].startswith("tip change detected") for v in verdicts)
+    assert verdicts[-1]["reason"] == "end of frame" and verdicts[-1]["first_line"] >= change - 3
+    assert threads == {"TipMonitor"}  # never on the caller's (RunEngine's) thread
+    assert not mon.errors
