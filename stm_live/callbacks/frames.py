@@ -1,0 +1,218 @@
+"""Frame assembly from Bluesky documents.
+
+A live frame arrives as one Event per finished scan line (see docs/interfaces.md, "Bluesky
+documents"). ``FrameAssembler`` turns the start document's ``stm_live`` block and those
+events back into ``(lines, pixels)`` float32 images, NaN where no line has arrived yet, and
+knows which channel feeds STM-Net: constant height -> Current forward; constant current
+-> Z forward converted to a current-like map (I ∝ exp(-2κz)).
+
+Not thread-safe on its own; ``LiveReconstruction`` guards it with a lock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DIRECTIONS = ("forward", "backward")
+
+
+class FrameError(ValueError):
+    """A start document or event that does not describe a live frame as documented."""
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    name: str
+    index: int
+    units: str
+    keys: dict[str, str]  # direction -> event data key
+
+
+def _require(block: dict, key: str, where: str = "start['stm_live']") -> Any:
+    if key not in block:
+        raise FrameError(f"{where} has no {key!r}; see docs/interfaces.md")
+    return block[key]
+
+
+class FrameAssembler:
+    """Per-channel, per-direction frames of one run, rebuilt line by line.
+
+    Parameters
+    ----------
+    stream : str
+        Event stream that carries the scan lines.
+
+    Notes
+    -----
+    A suspender rewind re-acquires lines: the stream may then hold two events with the
+    same ``seq_num`` or line index. The later one wins, as the design asks.
+    """
+
+    def __init__(self, stream: str = "primary") -> None:
+        self.stream = stream
+        self.run_uid: str | None = None
+        self.block: dict[str, Any] = {}
+        self.channels: list[ChannelSpec] = []
+        self.frames: dict[tuple[str, str], np.ndarray] = {}
+        self._descriptors: set[str] = set()
+        self._acquired: np.ndarray = np.zeros(0, dtype=bool)
+        self.events_seen = 0
+        self.resent_lines = 0  # events whose line was already in the frame (rewinds)
+        self.last_seq_num: dict[int, int] = {}  # line -> seq_num of the event kept
+
+    # ----------------------------------------------------------------- documents
+    def start(self, doc: dict) -> None:
+        block = doc.get("stm_live")
+        if not isinstance(block, dict):
+            raise FrameError("start document has no 'stm_live' block; not a live frame run")
+        lines = int(_require(block, "lines"))
+        pixels = int(_require(block, "pixels"))
+        if lines <= 0 or pixels <= 0:
+            raise FrameError(f"start['stm_live'] has lines={lines}, pixels={pixels}; both must be > 0")
+        pixel_size = float(_require(block, "pixel_size_nm"))
+        if not np.isfinite(pixel_size) or pixel_size <= 0:
+            raise FrameError(f"start['stm_live']['pixel_size_nm'] = {pixel_size!r} must be > 0")
+        mode = _require(block, "z_controller")
+        if mode not in ("constant_current", "constant_height"):
+            raise FrameError(
+                f"start['stm_live']['z_controller'] = {mode!r}; expected "
+                "'constant_current' or 'constant_height'"
+            )
+        channels = []
+        for i, ch in enumerate(_require(block, "channels")):
+            where = f"start['stm_live']['channels'][{i}]"
+            keys = dict(_require(ch, "keys", where))
+            channels.append(ChannelSpec(str(_require(ch, "name", where)), int(ch.get("index", -1)),
+                                        str(ch.get("units", "")), keys))
+        if not channels:
+            raise FrameError("start['stm_live']['channels'] is empty")
+        self.run_uid = doc.get("uid")
+        self.block = block
+        self.channels = channels
+        self.frames = {
+            (ch.name, d): np.full((lines, pixels), np.nan, dtype=np.float32)
+            for ch in channels for d in DIRECTIONS if d in ch.keys
+        }
+        self._acquired = np.zeros(lines, dtype=bool)
+        self._descriptors.clear()
+        self.events_seen = 0
+        self.resent_lines = 0
+        self.last_seq_num = {}
+        self.source  # validate now, so a bad run fails at start, not at the first line
+
+    def descriptor(self, doc: dict) -> None:
+        if doc.get("name") == self.stream and doc.get("run_start") == self.run_uid:
+            self._descriptors.add(doc["uid"])
+
+    def event(self, doc: dict) -> int | None:
+        """Copy one line into the frames; return its row, or None if not a scan line."""
+        if doc.get("descriptor") not in self._descriptors:
+            return None
+        data = doc["data"]
+        line_key = self.block.get("line_key", "stm_line_index")
+        if line_key not in data:
+            raise FrameError(f"event {doc.get('seq_num')} has no line index key {line_key!r}")
+        row = int(data[line_key])
+        if not 0 <= row < self.lines:
+            raise FrameError(f"event {doc.get('seq_num')}: line index {row} outside 0..{self.lines - 1}")
+        for (name, direction), frame in self.frames.items():
+            key = self._key(name, direction)
+            if key not in data:
+                continue
+            values = np.asarray(data[key], dtype=np.float32).reshape(-1)
+            if values.size != self.pixels:
+                raise FrameError(
+                    f"event {doc.get('seq_num')}: {key!r} has {values.size} values, "
+                    f"the frame has {self.pixels} pixels"
+                )
+            frame[row] = values
+        self.events_seen += 1
+        if self._acquired[row]:
+            self.resent_lines += 1
+        self._acquired[row] = True
+        self.last_seq_num[row] = int(doc.get("seq_num", -1))
+        return row
+
+    def event_page(self, doc: dict) -> list[int]:
+        from event_model import unpack_event_page
+
+        rows = [self.event(ev) for ev in unpack_event_page(doc)]
+        return [r for r in rows if r is not None]
+
+    # ----------------------------------------------------------------- geometry
+    @property
+    def lines(self) -> int:
+        return int(self.block["lines"])
+
+    @property
+    def pixels(self) -> int:
+        return int(self.block["pixels"])
+
+    @property
+    def pixel_size_nm(self) -> float:
+        return float(self.block["pixel_size_nm"])
+
+    @property
+    def z_controller(self) -> str:
+        return str(self.block["z_controller"])
+
+    @property
+    def acquired(self) -> np.ndarray:
+        """Rows received so far (sorted int array)."""
+        return np.flatnonzero(self._acquired)
+
+    @property
+    def acquired_mask(self) -> np.ndarray:
+        """Copy of the per-row "has arrived" flags."""
+        return self._acquired.copy()
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._acquired.all())
+
+    # ----------------------------------------------------------------- channels
+    def _key(self, name: str, direction: str) -> str:
+        for ch in self.channels:
+            if ch.name == name:
+                return ch.keys[direction]
+        raise KeyError(name)
+
+    def _find(self, *names: str) -> ChannelSpec | None:
+        for want in names:
+            for ch in self.channels:
+                if ch.name.lower() == want.lower() and "forward" in ch.keys:
+                    return ch
+        return None
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """(channel name, direction) that feeds the reconstruction."""
+        if self.z_controller == "constant_height":
+            ch = self._find("Current")
+            wanted = "a 'Current' channel (constant height)"
+        else:
+            ch = self._find("Z")
+            wanted = "a 'Z' channel (constant current)"
+        if ch is None:
+            names = [c.name for c in self.channels]
+            raise FrameError(f"live reconstruction needs {wanted} with a forward key; channels are {names}")
+        return ch.name, "forward"
+
+    def frame(self, name: str, direction: str = "forward") -> np.ndarray:
+        try:
+            return self.frames[(name, direction)]
+        except KeyError:
+            raise FrameError(f"no frame for channel {name!r} {direction}; have {sorted(self.frames)}") from None
+
+    def source_image(self) -> np.ndarray:
+        """A copy of the reconstruction input: current map, or Z converted to current-like."""
+        name, direction = self.source
+        image = self.frame(name, direction).copy()
+        if self.z_controller == "constant_current":
+            from stm_live.models.stmnet import current_from_z
+
+            image = np.asarray(current_from_z(image), dtype=np.float32)
+        return image
