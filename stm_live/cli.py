@@ -209,23 +209,24 @@ def worker(
     results: str = typer.Option("tcp://127.0.0.1:5580", help="Where to send results."),
     device: str = typer.Option("auto"),
     curve_keys: Optional[Path] = typer.Option(None, help="Folder with CURVE keys."),
+    journal: Optional[Path] = typer.Option(None, help="Data folder to catch up from after a late join."),
 ):
     """Run live reconstruction and the tip monitor on documents from a 0MQ proxy."""
     from stm_live.streaming import run_worker
 
-    run_worker(connect=connect, results=results, device=device, curve_keys=curve_keys)
+    run_worker(connect=connect, results=results, device=device, curve_keys=curve_keys,
+               journal=journal)
 
 
 @app.command()
 def view(
     port: int = typer.Option(8765),
-    connect: Optional[str] = typer.Option(None, help="0MQ address to follow (default: journal)."),
-    data_dir: Path = typer.Option(Path("stm_live_data")),
+    data_dir: Path = typer.Option(Path("stm_live_data"), help="Data folder whose journals to follow."),
 ):
-    """Serve the live viewer on 127.0.0.1."""
+    """Serve the live viewer on 127.0.0.1, following the runs journaled in DATA_DIR."""
     from stm_live.viewer import run_viewer
 
-    run_viewer(port=port, connect=connect, data_dir=data_dir)
+    run_viewer(port=port, data_dir=data_dir)
 
 
 def main() -> None:

@@ -64,6 +64,7 @@ class ViewerState:
         self.actions: list[str] = []
         self._derived: dict[str, str] = {}  # derived run uid -> kind ("reconstruction" | "tip")
         self._derived_descriptors: dict[str, str] = {}
+        self._tip_classes: list[str] = []
         self._png_cache: dict[str, tuple[int, bytes]] = {}
 
     # ------------------------------------------------------------------ documents
@@ -87,14 +88,20 @@ class ViewerState:
             self.recon_updates = 0
             self.recon_version += 1
             return
-        kind = doc.get("stm_live_derived")
-        if kind and doc.get("parent_uid"):
-            self._derived[doc["uid"]] = kind
+        if not doc.get("parent_uid"):
+            return
+        if doc.get("stm_live_derived") == "reconstruction":
+            self._derived[doc["uid"]] = "reconstruction"
+        elif doc.get("purpose") == "tip_verdicts":
+            self._derived[doc["uid"]] = "tip"
+            self._tip_classes = list(doc.get("tip_classes", []))
 
     def _on_descriptor(self, doc: dict) -> None:
         self._frames.descriptor(doc)
         if doc.get("run_start") in self._derived:
             self._derived_descriptors[doc["uid"]] = self._derived[doc["run_start"]]
+        elif doc.get("name") == "tip_recondition":  # reconditioning steps, in the frame's run
+            self._derived_descriptors[doc["uid"]] = "action"
 
     def _on_event(self, doc: dict) -> None:
         kind = self._derived_descriptors.get(doc.get("descriptor"))
@@ -102,6 +109,8 @@ class ViewerState:
             self._on_reconstruction_event(doc["data"])
         elif kind == "tip":
             self._on_tip_event(doc["data"])
+        elif kind == "action":
+            self._on_action_event(doc["data"])
         elif self._frames.event(doc) is not None:
             self.raw_version += 1
 
@@ -127,17 +136,23 @@ class ViewerState:
         self.recon_updates += 1
         self.recon_version += 1
 
+    def _on_action_event(self, data: dict) -> None:
+        # Keys are the recording device's: tip_recondition_step, ..._action, ..._message.
+        def field(name):
+            return str(data.get(f"tip_recondition_{name}", "") or "")
+
+        text = " ".join(part for part in (field("step"), field("action"), field("message")) if part)
+        self.actions = [*self.actions, text][-12:]
+
     def _on_tip_event(self, data: dict) -> None:
-        if "action" in data:
-            self.actions.append(str(data["action"]))
-            self.actions = self.actions[-12:]
-            return
         label = data.get("label")
         if label is None:
             return
-        probabilities = data.get("probabilities") or {}
+        probabilities = data.get("probabilities")
         if isinstance(probabilities, str):
             probabilities = json.loads(probabilities)
+        if not isinstance(probabilities, dict):  # an array in the order of the start's tip_classes
+            probabilities = dict(zip(self._tip_classes, np.asarray(probabilities, float).tolist()))
         self.verdict = {
             "label": str(label),
             "probabilities": {str(k): float(v) for k, v in dict(probabilities).items()},
@@ -281,16 +296,11 @@ class Viewer:
         self.close()
 
 
-def run_viewer(*, port: int = 8765, connect: str | None = None, data_dir: str | Path = "stm_live_data") -> None:
-    """``stm-live view``: serve the page and follow the journals (or a 0MQ proxy)."""
+def run_viewer(*, port: int = 8765, data_dir: str | Path = "stm_live_data") -> None:
+    """``stm-live view``: serve the page and follow the journals in ``data_dir``."""
     state = ViewerState()
-    if connect:
-        from stm_live.streaming import follow_documents
-
-        follower = follow_documents(connect, state)
-    else:
-        follower = JournalFollower(data_dir, state)
-        follower.start()
+    follower = JournalFollower(data_dir, state)
+    follower.start()
     viewer = Viewer(state, port=port)
     print(f"stm-live viewer at {viewer.url} (Ctrl-C to stop)", flush=True)
     try:

@@ -44,7 +44,9 @@ class FakeFrame:
         self.recon_desc = self.recon.compose_descriptor(name="reconstruction", data_keys={
             "reconstruction": {"source": "stmnet", "dtype": "array", "shape": [LINES, PIXELS]},
             "lines_done": {"source": "stmnet", "dtype": "integer", "shape": []}})
-        self.tip = compose_run(metadata={"parent_uid": parent, "stm_live_derived": "tip"})
+        # The tip monitor's layout: probabilities in the order of the start's tip_classes.
+        self.tip = compose_run(metadata={"parent_uid": parent, "purpose": "tip_verdicts",
+                                         "tip_classes": ["co_sharp", "double"]})
         self.tip_desc = self.tip.compose_descriptor(name="tip", data_keys={
             k: {"source": "tipmonitor", "dtype": "string", "shape": []}
             for k in ("label", "probabilities", "s_fraction", "line")})
@@ -70,7 +72,7 @@ class FakeFrame:
         recon[:lines_done] = self.image[:lines_done] ** 2
         data = {"reconstruction": recon, "lines_done": lines_done}
         yield "event", self.recon_desc.compose_event(data=data, timestamps={k: 0.0 for k in data})
-        verdict = {"label": "double", "probabilities": {"co_sharp": 0.1, "double": 0.9},
+        verdict = {"label": "double", "probabilities": np.array([0.1, 0.9]),
                    "s_fraction": 0.2, "line": lines_done}
         yield "event", self.tip_desc.compose_event(data=verdict, timestamps={k: 0.0 for k in verdict})
 
