@@ -1,0 +1,174 @@
+"""STM-Net: the network, the Reconstructor, the shipped checkpoint, reconstruct_file."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from stm_live.models import stmnet
+from stm_live.models.metrics import psnr, ssim
+from stm_live.models.stmnet import STMNet, STMNetConfig, current_from_z, load_stmnet
+from stm_live.models.training import TRAIN_PIXEL_SIZE_NM, make_eval_pairs, render_pair, TipSpec
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def rec():
+    return load_stmnet(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def perylene_pair():
+    """A held-out molecule (perylene HOMO, CO tip, z = 0.4 nm), 96 x 96 at the training pixel size."""
+    rng = np.random.default_rng(5)
+    return render_pair(rng, [("perylene", "HOMO", 0.1, -0.05, 20.0, 1.0)], 96, TRAIN_PIXEL_SIZE_NM, 0.4, TipSpec())
+
+
+def test_network_is_small_and_fully_convolutional():
+    net = STMNet(STMNetConfig()).eval()
+    assert sum(p.numel() for p in net.parameters()) < 2_000_000
+    with torch.inference_mode():
+        for shape in ((1, 1, 64, 64), (2, 1, 40, 72)):
+            y = net(torch.rand(*shape))
+            assert y.shape == shape and (y >= 0).all()
+
+
+def test_reconstruct_shape_dtype_and_nonnegative(rec):
+    img = np.random.default_rng(0).random((37, 53)) * 1e-10  # odd sizes, amperes
+    out = rec.reconstruct(img, 0.07)
+    assert out.shape == (37, 53) and out.dtype == np.float32
+    assert np.isfinite(out).all() and (out >= 0).all()
+
+
+def test_nan_rows_of_a_frame_in_progress_stay_nan(rec, perylene_pair):
+    x, _ = perylene_pair
+    partial = x.copy()
+    partial[60:] = np.nan  # rows not scanned yet
+    partial[10, 5] = np.nan  # a single dropped pixel
+    out = rec.reconstruct(partial, TRAIN_PIXEL_SIZE_NM)
+    assert np.isnan(out[60:]).all() and np.isnan(out[10, 5])
+    assert np.isfinite(out[:60]).sum() == 60 * 96 - 1
+    full = rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
+    assert ssim(out[11:50], full[11:50]) > 0.8  # scanned part largely unaffected
+
+
+def test_same_physical_frame_at_two_pixel_sizes_gives_consistent_output(rec):
+    tip = TipSpec()
+    place = [("triphenylene", "LUMO", 0.0, 0.0, 30.0, 1.0)]
+    fine, _ = render_pair(np.random.default_rng(1), place, 96, 0.05, 0.4, tip)  # 4.8 nm frame
+    coarse, _ = render_pair(np.random.default_rng(1), place, 48, 0.10, 0.4, tip)  # same frame, 2x pixels
+    out_f = rec.reconstruct(fine, 0.05)
+    out_c = rec.reconstruct(coarse, 0.10)
+    down = torch.nn.functional.avg_pool2d(torch.from_numpy(out_f)[None, None], 2)[0, 0].numpy()
+    assert ssim(out_c, down) > 0.95
+    # ... and telling the Reconstructor the wrong pixel size gives a worse match
+    wrong = rec.reconstruct(coarse, 0.05)
+    assert ssim(wrong, down) < ssim(out_c, down)
+
+
+def test_tiling_matches_single_pass(rec, perylene_pair):
+    x, _ = perylene_pair
+    whole = rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
+    tiled_rec = stmnet.Reconstructor(rec.net, rec.pixel_size_nm, device="cpu", tile=64, overlap=16)
+    tiled = tiled_rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
+    assert psnr(tiled, whole) > 35
+
+
+def test_shipped_checkpoint_beats_identity_on_held_out_frames(rec):
+    """Fixed held-out set: 2 molecules x HOMO/LUMO, CO tip, 3 frames each; margin >= 5 dB PSNR."""
+    gains, ssims = [], []
+    for mol in ("perylene", "triphenylene"):
+        for orb in ("HOMO", "LUMO"):
+            cell = {"molecule": mol, "orbital": orb, "tip": "co", "mode": "height"}
+            inputs, targets = make_eval_pairs(cell, 3, seed=7, size=64)
+            preds = np.stack([rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM) for x in inputs])
+            gains.append(np.mean(psnr(preds, targets) - psnr(inputs, targets)))
+            ssims.append(np.mean(ssim(preds, targets)))
+    assert np.mean(gains) >= 5.0, gains
+    assert np.mean(ssims) > 0.95, ssims
+
+
+@pytest.mark.parametrize(
+    "image, px, match",
+    [
+        (np.zeros((4, 8, 8)), 0.05, "2-D"),
+        (np.zeros(64), 0.05, "2-D"),
+        (np.ones((16, 16)), 0.0, "pixel_size_nm"),
+        (np.ones((16, 16)), -0.1, "pixel_size_nm"),
+        (np.ones((16, 16)), float("nan"), "pixel_size_nm"),
+        (np.full((16, 16), np.nan), 0.05, "all NaN"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(rec, image, px, match):
+    with pytest.raises(ValueError, match=match):
+        rec.reconstruct(image, px)
+
+
+def test_missing_and_corrupt_checkpoints_say_how_to_retrain(tmp_path):
+    with pytest.raises(FileNotFoundError, match="stm-live train"):
+        load_stmnet(device="cpu", path=tmp_path / "nope.pt")
+    ckpt = tmp_path / "stmnet.pt"
+    shutil.copy(stmnet.DEFAULT_CHECKPOINT, ckpt)
+    shutil.copy(stmnet.hash_path(stmnet.DEFAULT_CHECKPOINT), stmnet.hash_path(ckpt))
+    assert load_stmnet(device="cpu", path=ckpt).pixel_size_nm == pytest.approx(TRAIN_PIXEL_SIZE_NM)
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    ckpt.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="corrupt.*stm-live train"):
+        load_stmnet(device="cpu", path=ckpt)
+    stmnet.hash_path(ckpt).unlink()
+    with pytest.raises(ValueError, match="hash file missing"):
+        load_stmnet(device="cpu", path=ckpt)
+
+
+def test_current_from_z_units_and_direction():
+    z_nm = np.array([[0.0, 0.05, 0.1]])
+    a = current_from_z(z_nm * 1e-9)  # metres, as Nanonis stores Z
+    b = current_from_z(z_nm, unit="nm")
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    assert a.dtype == np.float32 and a.max() == pytest.approx(1.0)
+    # tip retracted by 0.1 nm <-> current-like value larger by exp(2 kappa 0.1 nm)
+    assert a[0, 2] / a[0, 0] == pytest.approx(np.exp(2 * stmnet.KAPPA_PER_NM * 0.1), rel=1e-4)
+    with pytest.raises(ValueError, match="unit"):
+        current_from_z(z_nm, unit="pm")
+
+
+def test_reconstruct_file_npy_and_png(tmp_path, perylene_pair):
+    x, _ = perylene_pair
+    src = tmp_path / "frame.npy"
+    np.save(src, x)
+    out = stmnet.reconstruct_file(src, tmp_path / "rec.npy", pixel_size_nm=TRAIN_PIXEL_SIZE_NM, device="cpu")
+    arr = np.load(out)
+    assert arr.shape == x.shape and arr.dtype == np.float32
+    png = stmnet.reconstruct_file(src, tmp_path / "rec.png", pixel_size_nm=TRAIN_PIXEL_SIZE_NM, device="cpu")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="--pixel-size"):
+        stmnet.reconstruct_file(src, tmp_path / "x.npy", pixel_size_nm=None, device="cpu")
+    with pytest.raises(ValueError, match=r"\.npy, \.png or \.sxm"):
+        stmnet.reconstruct_file(src, tmp_path / "x.tif", pixel_size_nm=0.05, device="cpu")
+
+
+def test_reconstruct_file_sxm_roundtrip_reads_pixel_size_and_z_channel(tmp_path, perylene_pair):
+    from stm_live.io.sxm import read_sxm, scan_from_frames, write_sxm
+
+    x, _ = perylene_pair  # 96 px over 4.8 nm -> 0.05 nm/px read from the header
+    z_m = (np.log(np.clip(x, 1e-3, None)) / (2 * stmnet.KAPPA_PER_NM) * 1e-9).astype(np.float32)
+    scan = scan_from_frames({"Current": {"forward": x * 1e-10, "backward": x * 1e-10},
+                             "Z": {"forward": z_m, "backward": z_m}},
+                            units={"Current": "A", "Z": "m"}, center_x_m=0.0, center_y_m=0.0,
+                            width_m=4.8e-9, height_m=4.8e-9, bias_V=-1.0)
+    src = write_sxm(tmp_path / "in.sxm", scan)
+    out = stmnet.reconstruct_file(src, tmp_path / "out.sxm", pixel_size_nm=None, channel=None, device="cpu")
+    back = read_sxm(out)
+    assert "STM-Net" in back.channels and "Current" in back.channels
+    rec_sxm = back.channels["STM-Net"]["forward"]
+    direct = load_stmnet(device="cpu").reconstruct(x, 0.05)
+    assert psnr(rec_sxm, direct) > 40
+    via_z = stmnet.reconstruct_file(src, tmp_path / "z.npy", pixel_size_nm=None, channel="Z", device="cpu")
+    assert ssim(np.load(via_z), direct) > 0.8  # Z map -> current_from_z -> same orbital
+    with pytest.raises(ValueError, match="not in the .sxm"):
+        stmnet.reconstruct_file(src, tmp_path / "q.npy", channel="Bias", device="cpu")
