@@ -42,7 +42,6 @@ from bluesky import preprocessors as bpp
 from bluesky.suspenders import SuspenderBase
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
-from ophyd.status import Status
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +101,10 @@ class _Job:
         self.name, self.parent, self._fn = name, None, fn
         self.result: Any = None
 
-    def trigger(self) -> Status:
-        status = Status(obj=self)
+    def trigger(self):
+        from stm_live.devices.stm import run_in_thread
 
-        def run():
-            try:
-                self.result = self._fn()
-            except Exception as exc:
-                status.set_exception(exc)
-            else:
-                status.set_finished()
-
-        threading.Thread(target=run, name=f"job-{self.name}", daemon=True).start()
-        return status
+        return run_in_thread(self, lambda: setattr(self, "result", self._fn()))
 
 
 @dataclass
@@ -356,9 +346,8 @@ class TipReconditioner:
 
     def _verify(self, geo: dict):
         """Restart the interrupted frame; classify its first ``verify_lines`` lines (job thread)."""
-        from stm_live.models.tipstate import current_like_from_z
+        from stm_live.models.stmnet import current_from_z
 
-        stm = self.stm
         channel = 30 if geo["z_on"] else 0
         if channel not in geo["channels"]:
             channel = geo["channels"][0]
@@ -378,7 +367,7 @@ class TipReconditioner:
             time.sleep(0.02)
         image = data[:n].astype(np.float64)
         if channel == 30:
-            image = current_like_from_z(image)
+            image = current_from_z(image)
         pixel_nm = geo["frame"][2] / geo["pixels"] * 1e9
         line_nm = geo["frame"][3] / geo["lines"] * 1e9
         self.last_verify_image = image  # for the record / viewer

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import msgpack
 import numpy as np
+
+from stm_live.packing import PackingError, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 _HEADER = struct.Struct(">II")
-_EXT_NDARRAY = 1
 # A record larger than this is certainly a corrupt length field, not a document.
 _MAX_RECORD = 1 << 30
 
@@ -48,33 +48,9 @@ class JournalError(ValueError):
     """A journal file or run that cannot be read or found."""
 
 
-# --------------------------------------------------------------------------- codec
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        arr = np.ascontiguousarray(obj)
-        if arr.dtype.hasobject:
-            raise TypeError("object arrays cannot be journaled (no pickle)")
-        return msgpack.ExtType(
-            _EXT_NDARRAY, msgpack.packb([arr.dtype.str, list(arr.shape), arr.tobytes()])
-        )
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (tuple, set, frozenset)):
-        return list(obj)
-    raise TypeError(f"cannot journal object of type {type(obj).__name__}")
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code != _EXT_NDARRAY:
-        raise JournalError(f"unknown msgpack ext type {code} in journal")
-    dtype, shape, raw = msgpack.unpackb(data, raw=False)
-    # copy: frombuffer is read-only and tied to the record bytes
-    return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape).copy()
-
-
 def encode_record(name: str, doc: dict) -> bytes:
     """One journal record (header + payload) for document ``(name, doc)``."""
-    payload = msgpack.packb([name, doc], default=_default, use_bin_type=True)
+    payload = pack([name, doc])
     return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -215,8 +191,10 @@ def read_journal(path: str | os.PathLike) -> list[tuple[str, dict]]:
             logger.warning("%s: %s at byte %d; keeping %d intact documents",
                            path, bad, pos, len(docs))
             break
-        name, doc = msgpack.unpackb(payload, raw=False, ext_hook=_ext_hook,
-                                    strict_map_key=False)
+        try:
+            name, doc = unpack(payload)
+        except PackingError as exc:
+            raise JournalError(f"{path}: record {len(docs)} at byte {pos}: {exc}") from exc
         docs.append((name, doc))
         pos = end
     return docs

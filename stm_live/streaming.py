@@ -40,9 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import msgpack
 import numpy as np
 import zmq
+
+from stm_live.packing import PackingError, pack, unpack
 
 logger = logging.getLogger(__name__)
 
@@ -56,64 +57,22 @@ LOOPBACK = "tcp://127.0.0.1"
 DOC_HWM = 100_000  # messages; one line event of 4 x 512 float32 is ~8 kB
 RESULT_HWM = 10_000
 SEND_TIMEOUT_MS = 10_000
-_EXT_NDARRAY = 1
-_ARRAY_KINDS = "biufc"  # plain numeric/bool arrays only: nothing that needs pickle
 
 
-class SerializationError(ValueError):
-    """A payload that is not a msgpack-encoded document, or an object we cannot encode."""
-
-
-# --------------------------------------------------------------------------- codec
-def _default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in _ARRAY_KINDS:
-            raise SerializationError(f"cannot serialize numpy array of dtype {obj.dtype} (only {_ARRAY_KINDS})")
-        arr = np.ascontiguousarray(obj)
-        return msgpack.ExtType(_EXT_NDARRAY, msgpack.packb([arr.dtype.str, list(arr.shape), arr.tobytes()]))
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, (tuple, set, frozenset)):
-        return list(obj)
-    raise SerializationError(f"cannot serialize object of type {type(obj).__name__}")
-
-
-def _ext_hook(code: int, data: bytes) -> Any:
-    if code != _EXT_NDARRAY:
-        raise SerializationError(f"unknown msgpack ext type {code}")
-    try:
-        dtype, shape, raw = msgpack.unpackb(data, raw=False)
-        dt = np.dtype(dtype)
-        if dt.kind not in _ARRAY_KINDS:
-            raise SerializationError(f"refusing array of dtype {dtype!r}")
-        return np.frombuffer(raw, dtype=dt).reshape(shape).copy()  # writable, owns its memory
-    except SerializationError:
-        raise
-    except Exception as exc:
-        raise SerializationError(f"malformed ndarray payload: {exc}") from exc
+# One binary form for documents on disk and on the wire (see ``packing.py``).
+SerializationError = PackingError
 
 
 def serializer(doc: dict) -> bytes:
     """msgpack bytes of a document (numpy arrays included)."""
-    try:
-        return msgpack.packb(doc, default=_default, use_bin_type=True)
-    except SerializationError:
-        raise
-    except Exception as exc:
-        raise SerializationError(f"cannot serialize document: {exc}") from exc
+    return pack(doc)
 
 
 def deserializer(payload: bytes) -> dict:
     """The document in ``payload``; ``SerializationError`` for anything else (e.g. pickle)."""
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise SerializationError(f"payload must be bytes, got {type(payload).__name__}")
-    try:
-        doc = msgpack.unpackb(payload, raw=False, ext_hook=_ext_hook, strict_map_key=True)
-    except SerializationError:
-        raise
-    except Exception as exc:
-        head = bytes(payload[:16])
-        raise SerializationError(f"not a msgpack document ({type(exc).__name__}: {exc}); starts {head!r}") from exc
+    doc = unpack(payload, strict_map_key=True)
     if not isinstance(doc, dict):
         raise SerializationError(f"payload is msgpack {type(doc).__name__}, not a document (map)")
     return doc

@@ -39,7 +39,7 @@ def test_serializer_round_trip_with_arrays():
 
 
 def test_serializer_refuses_pickle_and_other_payloads():
-    with pytest.raises(SerializationError, match="not a msgpack document"):
+    with pytest.raises(SerializationError, match="not msgpack"):
         deserializer(pickle.dumps({"uid": "x"}))
     with pytest.raises(SerializationError, match="not a document"):
         deserializer(msgpack.packb([1, 2]))

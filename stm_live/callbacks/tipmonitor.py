@@ -216,9 +216,9 @@ class TipMonitor:
         name, direction = self._asm.source
         frame = self._asm.frame(name, direction)
         if self._asm.z_controller == "constant_current":
-            from stm_live.models.tipstate import current_like_from_z
+            from stm_live.models.stmnet import current_from_z
 
-            return current_like_from_z(frame)
+            return current_from_z(frame)
         return frame
 
     def set_segment_floor(self, line: int) -> None:

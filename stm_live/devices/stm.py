@@ -52,7 +52,7 @@ def channel_key(device_name: str, channel: str, direction: str) -> str:
     return f"{device_name}_{slug}_{DIRECTION_SUFFIX[direction]}"
 
 
-def _in_thread(obj, fn: Callable[[], Any]) -> DeviceStatus:
+def run_in_thread(obj, fn: Callable[[], Any]) -> DeviceStatus:
     """Run a blocking controller call off the RunEngine loop; its Status reports the end."""
     status = DeviceStatus(obj)
 
@@ -124,7 +124,7 @@ class NanonisSignal(Signal):
     def set(self, value, **kwargs):
         # Refuse synchronously (the plan sees LimitError at once), then write in a thread.
         self.check_value(value)
-        return _in_thread(self, lambda: self.put(value))
+        return run_in_thread(self, lambda: self.put(value))
 
     def describe(self):
         desc = super().describe()
@@ -195,7 +195,7 @@ class ScanFrame(Device):
         stm = self.root
         if stm.profile is not None:
             stm.profile.check_frame(cx, cy, w, h)  # before anything is sent
-        return _in_thread(self, lambda: stm.client.scan_frame_set(cx, cy, w, h, angle))
+        return run_in_thread(self, lambda: stm.client.scan_frame_set(cx, cy, w, h, angle))
 
 
 class ScanBuffer(Device):
@@ -213,7 +213,7 @@ class ScanBuffer(Device):
         stm = self.root
         if stm.profile is not None:
             stm.profile.check_pixels(int(pixels), int(lines))
-        return _in_thread(self, lambda: stm.client.scan_buffer_set(channels, int(pixels),
+        return run_in_thread(self, lambda: stm.client.scan_buffer_set(channels, int(pixels),
                                                                    int(lines)))
 
 
@@ -255,7 +255,7 @@ class TipPosition(Device):
         stm = self.root
         if stm.profile is not None:
             stm.profile.check_site(x, y)
-        return _in_thread(self, lambda: stm.client.folme_xy_pos_set(x, y, wait=True))
+        return run_in_thread(self, lambda: stm.client.folme_xy_pos_set(x, y, wait=True))
 
 
 class ScanActionSignal(NanonisSignal):

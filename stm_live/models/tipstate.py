@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -300,19 +299,6 @@ def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfi
         ys[i] = k
         sf[i] = tip.s_fraction
     return xs, ys, sf
-
-
-def current_like_from_z(z_m: np.ndarray) -> np.ndarray:
-    """Constant-current Z map (m) -> current-like map ``exp(2κ (z - max z))``.
-
-    Pure exponential decay (Tersoff–Hamann, I ∝ exp(-2κ d)) makes the isocurrent height
-    z(x, y) = z0 + ln(I(x, y; z0) / I_set) / 2κ, so exp(2κ z) ∝ the constant-height current.
-    """
-    from stm_live.simulators.orbitals import KAPPA_PER_NM
-
-    z_nm = np.asarray(z_m, dtype=np.float64) * 1e9
-    top = np.nanmax(z_nm) if np.isfinite(z_nm).any() else 0.0
-    return np.exp(np.clip(2 * KAPPA_PER_NM * (z_nm - top), -60, 0)).astype(np.float32)
 
 
 # --------------------------------------------------------------------------- inference
