@@ -429,8 +429,9 @@ def train_main(steps: int = 1500, out=None, device: str = "auto", seed: int = 0,
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KiB) after {wall:.0f} s")
     metrics = evaluate(load_tip_classifier("cpu", out), samples=40, seed=1234)
     print(_format_metrics(metrics))
-    if out.resolve() == DEFAULT_WEIGHTS.resolve():
-        _write_card(steps, seed, batch, wall, metrics, start)
+    # The card goes beside whichever checkpoint was written, shipped or not.
+    card = MODEL_CARD if out.resolve() == DEFAULT_WEIGHTS.resolve() else out.with_name(out.stem + "_MODEL_CARD.md")
+    _write_card(card, steps, seed, batch, wall, metrics, start)
     return out
 
 
@@ -477,10 +478,10 @@ def evaluate_main(device: str = "auto", samples: int = 8, seed: int = 1234) -> d
     return m
 
 
-def _write_card(steps, seed, batch, wall, m, start) -> None:
+def _write_card(card: Path, steps, seed, batch, wall, m, start) -> None:
     import platform
 
-    MODEL_CARD.write_text(f"""# Tip-state classifier (`tipstate.pt`)
+    card.write_text(f"""# Tip-state classifier (`tipstate.pt`)
 
 Small CNN (3 conv blocks, masked mean+max pooling, class + s-share heads),
 {sum(p.numel() for p in TipNet().parameters()):,} parameters; classes {", ".join(TIP_CLASSES)};
