@@ -70,3 +70,22 @@ def test_classical_baseline_is_identity_for_an_s_tip_and_sharpens_otherwise():
     assert ssim(sharp, a) < 0.999  # the p-channel model does change the image
     with pytest.raises(ValueError, match="pixel_size_nm"):
         chen_tikhonov(a, 0.0)
+
+
+def test_evaluation_cells_are_fixed_imaging_renders_of_the_right_molecules():
+    from stm_live.models.training import eval_cells, make_eval_pairs
+    from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES
+
+    held, seen = eval_cells("held-out"), eval_cells("in-distribution")
+    assert {c["molecule"] for c in held} == set(HELD_OUT_MOLECULES)
+    assert {c["molecule"] for c in seen} <= set(TRAIN_MOLECULES)
+    assert {c["mode"] for c in held} == {"height", "current"}
+    current = next(c for c in held if c["mode"] == "current")
+    a, b = make_eval_pairs(current, 2, size=48), make_eval_pairs(current, 2, size=48)
+    np.testing.assert_array_equal(a[0], b[0])  # fixed seeds
+    assert a[0].shape == a[1].shape == (2, 48, 48) and np.isfinite(a[0]).all()
+    np.testing.assert_allclose(a[1].max(axis=(1, 2)), 1.0, rtol=1e-6)
+    clean, noisy = make_eval_pairs(held[0], 2, size=48), make_eval_pairs(held[0], 2, size=48, noise=0.1)
+    assert np.mean(ssim(noisy[0], noisy[1])) < np.mean(ssim(clean[0], clean[1]))
+    with pytest.raises(ValueError, match="split"):
+        eval_cells("training")

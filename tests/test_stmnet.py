@@ -11,7 +11,9 @@ import torch
 from stm_live.models import stmnet
 from stm_live.models.metrics import psnr, ssim
 from stm_live.models.stmnet import STMNet, STMNetConfig, current_from_z, load_stmnet
-from stm_live.models.training import TRAIN_PIXEL_SIZE_NM, make_eval_pairs, render_pair, TipSpec
+from stm_live.models.training import TRAIN_PIXEL_SIZE_NM, make_eval_pairs
+from stm_live.simulators.imaging import Placement, ScanFrame, constant_height_image, s_wave_image
+from stm_live.simulators.tip import tip_preset
 
 torch.set_num_threads(2)
 
@@ -21,11 +23,18 @@ def rec():
     return load_stmnet(device="cpu")
 
 
+def _co_frame(placements, pixels, pixel_size_nm, z_nm=0.4, bias_V=-1.0):
+    """(normalised CO-tip constant-height image, |psi|^2 target) from ``simulators.imaging``."""
+    frame = ScanFrame(0.0, 0.0, pixels * pixel_size_nm, pixels * pixel_size_nm, pixels=pixels, lines=pixels)
+    image = constant_height_image(placements, frame, tip_preset("co"), z_nm=z_nm, bias_V=bias_V)
+    target = s_wave_image(placements, frame, z_nm=z_nm, bias_V=bias_V)
+    return stmnet.normalise(image), target / target.max()
+
+
 @pytest.fixture(scope="module")
 def perylene_pair():
     """A held-out molecule (perylene HOMO, CO tip, z = 0.4 nm), 96 x 96 at the training pixel size."""
-    rng = np.random.default_rng(5)
-    return render_pair(rng, [("perylene", "HOMO", 0.1, -0.05, 20.0, 1.0)], 96, TRAIN_PIXEL_SIZE_NM, 0.4, TipSpec())
+    return _co_frame([Placement("perylene", 0.1, -0.05, 20.0, "HOMO")], 96, TRAIN_PIXEL_SIZE_NM)
 
 
 def test_network_is_small_and_fully_convolutional():
@@ -57,10 +66,9 @@ def test_nan_rows_of_a_frame_in_progress_stay_nan(rec, perylene_pair):
 
 
 def test_same_physical_frame_at_two_pixel_sizes_gives_consistent_output(rec):
-    tip = TipSpec()
-    place = [("triphenylene", "LUMO", 0.0, 0.0, 30.0, 1.0)]
-    fine, _ = render_pair(np.random.default_rng(1), place, 96, 0.05, 0.4, tip)  # 4.8 nm frame
-    coarse, _ = render_pair(np.random.default_rng(1), place, 48, 0.10, 0.4, tip)  # same frame, 2x pixels
+    place = [Placement("triphenylene", 0.0, 0.0, 30.0, "LUMO")]
+    fine, _ = _co_frame(place, 96, 0.05, bias_V=1.0)  # 4.8 nm frame
+    coarse, _ = _co_frame(place, 48, 0.10, bias_V=1.0)  # same frame, 2x pixels
     out_f = rec.reconstruct(fine, 0.05)
     out_c = rec.reconstruct(coarse, 0.10)
     down = torch.nn.functional.avg_pool2d(torch.from_numpy(out_f)[None, None], 2)[0, 0].numpy()
@@ -172,3 +180,33 @@ def test_reconstruct_file_sxm_roundtrip_reads_pixel_size_and_z_channel(tmp_path,
     assert ssim(np.load(via_z), direct) > 0.8  # Z map -> current_from_z -> same orbital
     with pytest.raises(ValueError, match="not in the .sxm"):
         stmnet.reconstruct_file(src, tmp_path / "q.npy", channel="Bias", device="cpu")
+
+
+def test_training_batches_come_from_the_pair_sampler_without_held_out_molecules():
+    from stm_live.models import training
+    from stm_live.simulators.pairs import HELD_OUT_MOLECULES, PairSampler
+
+    sampler = training.make_sampler(size=32, seed=3)
+    assert isinstance(sampler, PairSampler) and sampler.pixel_size_nm == (TRAIN_PIXEL_SIZE_NM,) * 2
+    used = {name for sign in (-1, 1) for name, _ in sampler.choices[sign]}
+    assert used and not used & set(HELD_OUT_MOLECULES)
+    x, t = training.sample_batch(sampler, [0, 5], 6)
+    assert x.shape == t.shape == (6, 32, 32) and x.dtype == t.dtype == np.float32
+    assert np.isfinite(x).all() and x.min() >= -1 and x.max() <= 3  # stmnet.normalise range
+    np.testing.assert_allclose(t.max(axis=(1, 2)), 1.0, rtol=1e-6)
+    x2, t2 = training.sample_batch(training.make_sampler(size=32, seed=99), [0, 5], 6)
+    np.testing.assert_array_equal(x, x2)  # a batch depends on (seed, step) only: --resume is exact
+    np.testing.assert_array_equal(t, t2)
+
+
+def test_constant_current_pairs_are_converted_with_current_from_z():
+    from stm_live.models import training
+    from stm_live.simulators.pairs import PairSampler
+
+    sampler = PairSampler("naphthalene", size=32, pixel_size_nm=TRAIN_PIXEL_SIZE_NM, seed=1, modes="current",
+                          noise=0.0)
+    batch = sampler.sample(2)
+    z_nm = batch.inputs  # tip height maps in nm
+    x = training.network_inputs(batch)
+    for zi, xi in zip(z_nm, x):
+        np.testing.assert_allclose(xi, stmnet.normalise(current_from_z(zi, unit="nm")), atol=1e-6)

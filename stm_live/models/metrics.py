@@ -20,6 +20,10 @@ Baselines:
   preset (w_s = 0.13, w_p = 0.87), estimate k0^2 from the image's own power spectrum
   (k0^2 = <q^2>_I / 4, since rho's spectrum is twice as wide as psi's), and invert with
   Tikhonov regularisation rho^ = H I^ / (H^2 + lambda max H^2), clipped at 0.
+
+Evaluation frames come from ``training.eval_cells`` / ``training.make_eval_pairs``: exact
+``stm_live.simulators.imaging`` renders (``tip.TIP_PRESETS`` tips) with fixed seeds, the
+held-out set from ``pairs.HELD_OUT_MOLECULES``.
 """
 
 from __future__ import annotations

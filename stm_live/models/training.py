@@ -1,31 +1,32 @@
 """STM-Net training: on-the-fly simulated pairs (CO-tip image -> |psi|^2) and the loop.
 
-Data recipe (one sample = one frame, ``crop`` x ``crop`` pixels at ``TRAIN_PIXEL_SIZE_NM``):
+All physics comes from ``stm_live.simulators`` (one forward model for the whole project):
 
-- 1-3 molecules from ``TRAIN_MOLECULES`` (never ``HELD_OUT_MOLECULES``), each at a random
-  position, rotation and lateral scale (0.93-1.07), each showing one level drawn from
-  HOMO-2..LUMO+2 (all partners of a degenerate group, summed incoherently);
-  fields psi, d_x psi, d_y psi, d_z psi from ``stm_live.simulators.orbitals.orbital_fields``.
-- tip height z = 0.25-0.6 nm above the molecular plane.
-- tip: s share 0-0.6 (70 %) or the CO preset 0.13; p_x/p_y imbalance up to +-15 %;
-  variants: incoherent (Chen: I = w_s|psi|^2 + w_x|d_x psi/k|^2 + w_y|d_y psi/k|^2),
-  coherent s-p_z mixing (|sqrt(w_s) psi +- sqrt(w_z) d_z psi/k|^2 + p terms), tilted CO
-  (p axes tilted 5-25 deg towards z at a random azimuth).
-- mode: constant height (70 %) or constant current (30 %): the contour z(x, y) follows
-  from the currents at z and z + 0.05 nm with the local decay rate, gets height noise, and is
-  turned back into a current-like image with ``stmnet.current_from_z`` (what users do).
-- noise (constant height): clean (40 %) or white noise sigma = 0.5-15 % of the image's
-  99.5th percentile (log-uniform), plus row offsets (20 %) and smooth 1/f-like noise (15 %).
-- target: s-wave image sum |psi|^2 at the same height, normalised to max 1.
+- training batches: ``pairs.PairSampler(TRAIN_MOLECULES, size=crop,
+  pixel_size_nm=TRAIN_PIXEL_SIZE_NM, ...)`` with the recipe in ``TRAIN_RECIPE``: 1-3
+  molecules per frame (never ``HELD_OUT_MOLECULES``) at random positions and rotations, one
+  level each from HOMO-2..LUMO+2 (degenerate partners summed), tip height 0.25-0.6 nm,
+  random CO-like tips (s share 0-0.6, p_x/p_y imbalance, a little p_z; 20 % coherent,
+  20 % tilted 5-25 deg), half the frames with a NaCl-like substrate pattern; constant height
+  (2/3, current in A) or constant current (1/3, tip height z in nm, turned into a current-like
+  image with ``stmnet.current_from_z(z, unit="nm")`` as users do with a Z channel);
+  ``CLEAN_SHARE`` of the frames clean, the rest with white + 1/f + row-offset noise at a
+  level drawn from ``TRAIN_NOISE`` (fraction of the input's peak-to-peak).
+  Inputs are normalised with ``stmnet.normalise`` (what the ``Reconstructor`` does);
+  targets are the sampler's s-wave Σ|ψ|² at the same height, max 1.
+- validation during training: 32 frames of ``HELD_OUT_MOLECULES`` from the same sampler
+  recipe with a fixed seed (monitoring only: nothing is selected on it).
+- evaluation cells (``eval_cells``/``make_eval_pairs``, used by ``stm-live evaluate``, the
+  benchmark and the tests): exact ``imaging.constant_height_image`` /
+  ``constant_current_image`` / ``s_wave_image`` renders with ``tip.TIP_PRESETS`` tips and
+  fixed seeds.
 
-``stm_live.simulators.pairs`` (the physics engineer's sampler) was not available when the
-shipped checkpoint was trained, so the pairs are assembled here from ``orbitals.py``
-fields with the same Chen-rule forward model (and the variants above).
+Each training step's batch depends only on ``(seed, step)`` (the sampler is reseeded per
+step), so ``--resume`` continues the same data stream.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import queue
@@ -33,183 +34,81 @@ import shlex
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from stm_live.models.stmnet import (
-    DEFAULT_CHECKPOINT, KAPPA_PER_NM, STMNet, STMNetConfig, current_from_z, hash_path, normalise,
-    resolve_device, sha256_of,
+    DEFAULT_CHECKPOINT, STMNet, STMNetConfig, current_from_z, hash_path, normalise, resolve_device, sha256_of,
 )
+from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES, PairBatch, PairSampler
 
 TRAIN_PIXEL_SIZE_NM = 0.05
-# The project's one held-out list (stm_live.simulators.pairs): never used in training.
-HELD_OUT_MOLECULES: tuple[str, ...] = ("perylene", "triphenylene", "h2nc")
 ORBITAL_LABELS = ("HOMO-2", "HOMO-1", "HOMO", "LUMO", "LUMO+1", "LUMO+2")
+TRAIN_NOISE = (0.0, 0.15)  # noise level range of the noisy frames (fraction of the input's peak-to-peak)
+CLEAN_SHARE = 0.3  # share of frames without noise
+TRAIN_RECIPE = dict(
+    heights=(0.25, 0.6), s_share=(0.0, 0.6), coherent_prob=0.2, tilt_prob=0.2,
+    modes=("height", "height", "current"),  # drawn uniformly from this tuple: 2/3 constant height
+    max_molecules=3, orbitals=ORBITAL_LABELS, substrate_prob=0.5,
+)
+VAL_SEED = 10**9
 
 
-def _train_molecules() -> tuple[str, ...]:
-    from stm_live.simulators.orbitals import MOLECULE_NAMES
-
-    return tuple(n for n in MOLECULE_NAMES if n not in HELD_OUT_MOLECULES)
-
-
-TRAIN_MOLECULES: tuple[str, ...] = _train_molecules()
+# --------------------------------------------------------------------------- training pairs
+def make_sampler(molecules=TRAIN_MOLECULES, *, size: int = 64, seed: int = 0) -> PairSampler:
+    """The training-recipe ``PairSampler`` at the training pixel size."""
+    return PairSampler(molecules, size=size, pixel_size_nm=TRAIN_PIXEL_SIZE_NM, seed=seed, noise=TRAIN_NOISE,
+                       **TRAIN_RECIPE)
 
 
-# --------------------------------------------------------------------------- physics of one frame
-@dataclass(frozen=True)
-class TipSpec:
-    s: float = 0.13  # s share; the rest is p_x + p_y (+ p_z)
-    px_py_imbalance: float = 0.0  # w_x = (1-s-pz)(0.5 + a), w_y = (1-s-pz)(0.5 - a)
-    pz: float = 0.0
-    coherent: bool = False  # s and p_z add as amplitudes
-    tilt_deg: float = 0.0
-    tilt_azimuth_deg: float = 0.0
+def network_inputs(batch: PairBatch) -> np.ndarray:
+    """Sampler inputs (A, or tip z in nm for constant current) -> normalised network inputs."""
+    out = []
+    for image, meta in zip(batch.inputs, batch.meta):
+        if meta["mode"] == "current":
+            image = current_from_z(image, unit="nm")
+        out.append(normalise(np.asarray(image, dtype=np.float32)))
+    return np.stack(out)
 
 
-EVAL_TIPS = {
-    "co": TipSpec(),
-    "co_s40": TipSpec(s=0.4),
-    "co_coherent": TipSpec(s=0.2, pz=0.1, coherent=True),
-    "co_tilted": TipSpec(tilt_deg=15.0, tilt_azimuth_deg=30.0),
-}
-
-
-def _level(name: str, label: str):
-    from stm_live.simulators.orbitals import orbital_level
-
+def sample_batch(sampler: PairSampler, seed_seq, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(n, size, size) network inputs and targets, deterministic in ``seed_seq``."""
+    sampler.rng = np.random.default_rng(seed_seq)
+    noisy = sampler.rng.random(n) >= CLEAN_SHARE
+    inputs, targets = [], []
     try:
-        return orbital_level(name, label)
-    except ValueError:  # e.g. benzene has no HOMO-2 of its own: fall back to the frontier level
-        return orbital_level(name, "HOMO" if label.startswith("HOMO") else "LUMO")
-
-
-def _molecule_fields(name, label, x, y, z, x0, y0, rot_deg, scale):
-    """(k, 4, H, W) fields in the frame's axes: psi, d_x psi, d_y psi, d_z psi."""
-    from stm_live.simulators.orbitals import orbital_fields
-
-    c, s = math.cos(math.radians(rot_deg)), math.sin(math.radians(rot_deg))
-    xl = (c * (x - x0) + s * (y - y0)) / scale
-    yl = (-s * (x - x0) + c * (y - y0)) / scale
-    f = orbital_fields(_level(name, label), xl, yl, z)
-    gx = (f[:, 1] * c - f[:, 2] * s) / scale
-    gy = (f[:, 1] * s + f[:, 2] * c) / scale
-    return np.stack([f[:, 0], gx, gy, f[:, 3]], axis=1)
-
-
-def co_image(fields: np.ndarray, tip: TipSpec) -> np.ndarray:
-    """Chen derivative rule (Chen 1990; Gross et al. PRL 2011): tip orbital p_i sees d_i psi."""
-    k = KAPPA_PER_NM
-    psi, dx, dy, dz = fields[:, 0], fields[:, 1] / k, fields[:, 2] / k, fields[:, 3] / k
-    p_tot = max(0.0, 1.0 - tip.s - tip.pz)
-    wx, wy = p_tot * (0.5 + tip.px_py_imbalance), p_tot * (0.5 - tip.px_py_imbalance)
-    if tip.tilt_deg:
-        t, a = math.radians(tip.tilt_deg), math.radians(tip.tilt_azimuth_deg)
-        d1 = math.cos(t) * (math.cos(a) * dx + math.sin(a) * dy) + math.sin(t) * dz
-        d2 = -math.sin(a) * dx + math.cos(a) * dy
-        dx, dy = d1, d2
-    if tip.coherent:
-        image = (math.sqrt(tip.s) * psi + math.sqrt(tip.pz) * dz) ** 2
-    else:
-        image = tip.s * psi**2 + tip.pz * dz**2
-    image = image + wx * dx**2 + wy * dy**2
-    return image.sum(axis=0)
-
-
-def _grid(size: int, px: float):
-    c = (np.arange(size) - (size - 1) / 2) * px
-    y, x = np.meshgrid(-c, c, indexing="ij")  # row 0 = top (+y), columns left -> right
-    return x, y
-
-
-def render_pair(rng: np.random.Generator, placements, size: int, px: float, z: float, tip: TipSpec,
-                mode: str = "height", noise: float = 0.0, extras: bool = False):
-    """Input (normalised like the Reconstructor does) and target (max 1) for one frame.
-
-    placements: list of (molecule, label, x0, y0, rotation_deg, scale).
-    """
-    x, y = _grid(size, px)
-    fields = [_molecule_fields(m, lab, x, y, z, x0, y0, r, s) for (m, lab, x0, y0, r, s) in placements]
-    target = sum((f[:, 0] ** 2).sum(axis=0) for f in fields)
-    image = sum(co_image(f, tip) for f in fields)
-    if mode == "current":
-        dz = 0.05
-        fields2 = [_molecule_fields(m, lab, x, y, z + dz, x0, y0, r, s) for (m, lab, x0, y0, r, s) in placements]
-        image2 = sum(co_image(f, tip) for f in fields2)
-        floor = rng.uniform(0.01, 0.1) * image.max()  # substrate current, same vacuum decay
-        i1, i2 = image + floor, image2 + floor * math.exp(-2 * KAPPA_PER_NM * dz)
-        kappa2 = np.clip(np.log(i1 / i2) / dz, 0.5 * KAPPA_PER_NM, 4 * KAPPA_PER_NM)  # local 2*kappa
-        setpoint = np.percentile(i1, rng.uniform(20, 60))
-        z_map = z + np.log(i1 / setpoint) / kappa2  # contour where I(z_map) = setpoint
-        if noise or extras:
-            z_map = z_map + rng.normal(0, noise * 0.02 if noise else rng.uniform(0, 0.003), z_map.shape)
-        image = current_from_z(z_map, unit="nm").astype(np.float64)
-    else:
-        if extras:  # substrate background current
-            image = image + rng.uniform(0, 0.02) * image.max()
-        scale = np.percentile(image, 99.5)
-        if noise:
-            image = image + rng.normal(0, noise * scale, image.shape)
-        if extras:
-            if rng.random() < 0.2:
-                image = image + rng.normal(0, rng.uniform(0, 0.05) * scale, (size, 1))
-            if rng.random() < 0.15:
-                from scipy.ndimage import gaussian_filter
-
-                smooth = gaussian_filter(rng.normal(0, 1, image.shape), rng.uniform(2, 6))
-                image = image + smooth / (smooth.std() + 1e-12) * rng.uniform(0, 0.05) * scale
-    target = target / max(float(target.max()), 1e-30)
-    return normalise(image.astype(np.float32)), target.astype(np.float32)
-
-
-def random_tip(rng: np.random.Generator) -> TipSpec:
-    s = rng.uniform(0.0, 0.6) if rng.random() < 0.7 else 0.13
-    imb = rng.uniform(-0.15, 0.15) if rng.random() < 0.5 else 0.0
-    variant = rng.random()
-    if variant < 0.2:
-        return TipSpec(s=s, px_py_imbalance=imb, pz=rng.uniform(0.02, 0.15), coherent=True)
-    if variant < 0.4:
-        return TipSpec(s=s, px_py_imbalance=imb, tilt_deg=rng.uniform(5, 25),
-                       tilt_azimuth_deg=rng.uniform(0, 360))
-    return TipSpec(s=s, px_py_imbalance=imb, pz=rng.uniform(0, 0.05) if rng.random() < 0.3 else 0.0)
-
-
-def random_pair(rng: np.random.Generator, molecules, size: int, px: float):
-    fov = size * px
-    n = int(rng.choice([1, 1, 1, 2, 2, 3]))
-    placements = []
-    for i in range(n):
-        spread = 0.25 if i == 0 else 0.5
-        placements.append((
-            str(rng.choice(molecules)), str(rng.choice(ORBITAL_LABELS)),
-            rng.uniform(-spread, spread) * fov, rng.uniform(-spread, spread) * fov,
-            rng.uniform(0, 360), rng.uniform(0.93, 1.07)))
-    z = rng.uniform(0.25, 0.6)
-    mode = "current" if rng.random() < 0.3 else "height"
-    noise = 0.0 if rng.random() < 0.4 else float(np.exp(rng.uniform(np.log(0.005), np.log(0.15))))
-    if mode == "current":
-        noise = 0.0
-    return render_pair(rng, placements, size, px, z, random_tip(rng), mode=mode, noise=noise, extras=True)
-
-
-def sample_batch(seed_seq, n: int, molecules=None, size: int = 72, px: float = TRAIN_PIXEL_SIZE_NM):
-    """(n, size, size) inputs and targets, deterministic in ``seed_seq``."""
-    rng = np.random.default_rng(seed_seq)
-    molecules = tuple(molecules or TRAIN_MOLECULES)
-    pairs = [random_pair(rng, molecules, size, px) for _ in range(n)]
-    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        for is_noisy in noisy:
+            sampler.noise = TRAIN_NOISE if is_noisy else (0.0, 0.0)
+            b = sampler.sample(1)
+            inputs.append(network_inputs(b)[0])
+            targets.append(b.targets[0])
+    finally:
+        sampler.noise = TRAIN_NOISE
+    return np.stack(inputs), np.stack(targets)
 
 
 # --------------------------------------------------------------------------- evaluation cells
+EVAL_TIPS = ("co", "co_s40", "coherent_co", "tilted_co")
+
+
+def eval_tip(name: str):
+    """A ``tip.TIP_PRESETS`` tip, or ``co_s40`` (the CO preset with a 40 % s share)."""
+    from stm_live.simulators.tip import TipState, tip_preset
+
+    if name == "co_s40":
+        return TipState(0.4, 0.3, 0.3, 0.0, name="co_s40")
+    return tip_preset(name)
+
+
 def eval_cells(split: str) -> list[dict]:
     """Fixed (molecule, orbital, tip, mode) cells for ``stm-live evaluate`` and the benchmark."""
     if split == "held-out":
-        mols, tips = HELD_OUT_MOLECULES, ("co", "co_s40", "co_coherent", "co_tilted")
+        mols, tips = HELD_OUT_MOLECULES, EVAL_TIPS
     elif split == "in-distribution":
-        mols, tips = ("naphthalene", "pyrene", "h2pc", "ptcda"), ("co", "co_tilted")
+        mols, tips = ("naphthalene", "pyrene", "h2pc", "ptcda"), ("co", "tilted_co")
     else:
         raise ValueError(f"split must be 'in-distribution' or 'held-out', got {split!r}")
     cells = [{"molecule": m, "orbital": o, "tip": t, "mode": "height"}
@@ -220,19 +119,41 @@ def eval_cells(split: str) -> list[dict]:
 
 def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
                     pixel_size_nm: float = TRAIN_PIXEL_SIZE_NM, noise: float = 0.0):
-    """``n`` frames of one cell: one molecule near the centre, random rotation, z 0.3-0.5 nm."""
+    """``n`` frames of one cell rendered with ``simulators.imaging``: one molecule near the
+    centre, random rotation, z 0.3-0.5 nm. Returns normalised inputs and max-1 targets.
+
+    ``noise``: constant height: white noise sigma = noise x the image's 99.5th percentile;
+    constant current: height noise sigma = noise x 0.02 nm on the Z map (then ``current_from_z``).
+    """
+    from stm_live.simulators.imaging import (
+        Placement, ScanFrame, Substrate, constant_current_image, constant_height_image, s_wave_image,
+    )
+
     key = sum(ord(ch) for ch in "|".join(str(v) for v in cell.values()))
     rng = np.random.default_rng([seed, key, int(noise * 1000)])
-    tip = EVAL_TIPS[cell["tip"]]
-    ins, tgs = [], []
+    tip = eval_tip(cell["tip"])
+    bias = -1.0 if cell["orbital"].startswith("HOMO") else 1.0
     fov = size * pixel_size_nm
+    frame = ScanFrame(0.0, 0.0, fov, fov, pixels=size, lines=size)
+    ins, tgs = [], []
     for _ in range(n):
-        placement = (cell["molecule"], cell["orbital"], rng.uniform(-0.05, 0.05) * fov,
-                     rng.uniform(-0.05, 0.05) * fov, rng.uniform(0, 360), 1.0)
-        x, t = render_pair(rng, [placement], size, pixel_size_nm, rng.uniform(0.3, 0.5), tip,
-                           mode=cell["mode"], noise=noise)
-        ins.append(x)
-        tgs.append(t)
+        place = [Placement(cell["molecule"], float(rng.uniform(-0.05, 0.05) * fov),
+                           float(rng.uniform(-0.05, 0.05) * fov), float(rng.uniform(0, 360)), cell["orbital"])]
+        z = float(rng.uniform(0.3, 0.5))
+        target = s_wave_image(place, frame, z_nm=z, bias_V=bias).astype(np.float64)
+        if cell["mode"] == "current":
+            peak = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias, substrate=Substrate()).max()
+            z_map = constant_current_image(place, frame, tip, setpoint_A=float(peak) * rng.uniform(0.3, 0.9),
+                                           bias_V=bias).astype(np.float64)
+            if noise:
+                z_map = z_map + rng.normal(0, noise * 0.02, z_map.shape)
+            image = current_from_z(z_map, unit="nm")
+        else:
+            image = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias).astype(np.float64)
+            if noise:
+                image = image + rng.normal(0, noise * np.percentile(image, 99.5), image.shape)
+        ins.append(normalise(np.asarray(image, dtype=np.float32)))
+        tgs.append((target / max(float(target.max()), 1e-30)).astype(np.float32))
     return np.stack(ins), np.stack(tgs)
 
 
@@ -250,12 +171,13 @@ class _Prefetcher:
     def __init__(self, seed: int, start: int, steps: int, batch: int, crop: int, depth: int = 6):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        sampler = make_sampler(size=crop, seed=seed)  # owned by the worker thread (its field cache too)
 
         def work():
             for step in range(start, steps):
                 if self._stop.is_set():
                     return
-                item = sample_batch([seed, step], batch, size=crop)
+                item = sample_batch(sampler, [seed, step], batch)
                 while not self._stop.is_set():
                     try:
                         self.q.put(item, timeout=0.5)
@@ -291,7 +213,7 @@ def _validate_net(net: STMNet, device, val) -> tuple[float, float]:
 
 def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0, resume: bool = False, *,
                batch: int = 12, crop: int = 64, lr: float = 2e-3, threads: int = 2,
-               config: STMNetConfig | None = None, val_every: int = 200, ckpt_every: int = 200,
+               config: STMNetConfig | None = None, val_every: int = 500, ckpt_every: int = 500,
                final_eval_samples: int = 4, quiet: bool = False) -> dict:
     """Train STM-Net and write ``out`` (checkpoint), ``out.sha256`` and the model card."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -320,7 +242,7 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
         sched.load_state_dict(st["sched"])
         start, elapsed_before = int(st["step"]), float(st["elapsed_s"])
         history = [tuple(h) for h in st["history"].tolist()]
-    val = sample_batch([seed, 10**9], 32, size=96)
+    val = sample_batch(make_sampler(HELD_OUT_MOLECULES, size=96, seed=VAL_SEED), [seed, VAL_SEED], 32)
     prefetch = _Prefetcher(seed, start, steps, batch, crop)
     t0 = time.perf_counter()
     wait_s, loss_ema = 0.0, None
@@ -379,6 +301,9 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
 
     rec = load_stmnet(device=dev.type, path=out)
     summary["quality"] = quality_tables(rec, samples=final_eval_samples, seed=1234, noise_levels=(0.0, 0.05, 0.1))
+    from stm_live.models.metrics import latency_ms
+
+    summary["latency_ms"] = {size: latency_ms(rec, size) for size in (128, 256, 512)}
     _write_card(out, summary, batch=batch, crop=crop, lr=lr, seed=seed, threads=threads)
     if state_path.exists():
         state_path.unlink()
@@ -389,6 +314,9 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
     argv = sys.argv[:]
     if argv and argv[0].endswith("stm-live"):
         argv[0] = "stm-live"
+    if "--out" in argv[:-1]:  # a candidate path is machine-specific: the card names the default location
+        i = argv.index("--out")
+        del argv[i: i + 2]
     command = " ".join(shlex.quote(a) for a in ([os.path.basename(argv[0])] + argv[1:])) if argv else "?"
     q = s["quality"]
     lines = [
@@ -407,17 +335,22 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         "",
         "## Data recipe",
         "",
-        "Simulated on the fly (`stm_live/models/training.py` docstring has the details): molecules "
-        f"{', '.join(TRAIN_MOLECULES)}; orbitals HOMO-2..LUMO+2 (degenerate partners summed); "
-        "tip heights 0.25-0.6 nm; CO tips with s share 0-0.6, p_x/p_y imbalance, coherent s-p_z and "
-        "tilted variants; 1-3 molecules per frame at random position/rotation/scale (0.93-1.07); "
-        "constant height (70 %) and constant current converted with `current_from_z` (30 %); "
-        "clean to noisy (white noise up to 15 % of p99.5, row offsets, smooth noise). Fields come from "
-        "`stm_live.simulators.orbitals` (Hückel + l=1 vacuum orbitals).",
+        "Simulated on the fly by `stm_live.simulators.pairs.PairSampler` (the project's one forward "
+        "model; `stm_live/models/training.py` docstring and `TRAIN_RECIPE` have the details): molecules "
+        f"{', '.join(TRAIN_MOLECULES)}; {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px; orbitals "
+        "HOMO-2..LUMO+2 (degenerate partners summed); tip heights 0.25-0.6 nm; random CO-like tips "
+        "(s share 0-0.6, p_x/p_y imbalance, a little p_z; 20 % coherent s-p, 20 % tilted 5-25 deg); "
+        "1-3 molecules per frame at random position/rotation; NaCl-like substrate pattern on half the "
+        "frames; constant height (2/3) and constant current (1/3, Z map in nm converted with "
+        "`current_from_z(z, unit=\"nm\")`); 30 % clean, the rest white + 1/f + row-offset noise at "
+        f"{TRAIN_NOISE[0]:g}-{TRAIN_NOISE[1]:g} of the input's peak-to-peak. Inputs normalised with "
+        "`stmnet.normalise`; targets: s-wave sum |psi|^2 at the same height, max 1.",
         "",
         f"**Held-out molecules (never used in training): {', '.join(HELD_OUT_MOLECULES)}.**",
         "",
-        "## Validation during training (32 fixed training-distribution frames, 96x96, mixed noise)",
+        "## Validation during training",
+        "",
+        "32 fixed held-out-molecule frames from the same sampler recipe, 96x96, mixed noise (monitoring only).",
         "",
         "| step | loss (EMA) | PSNR dB | SSIM |",
         "|---|---|---|---|",
@@ -430,11 +363,19 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         lines.append(f"| {split} | {r['stmnet'][2]} | {r['stmnet'][0]:.2f} | {r['stmnet'][1]:.4f} | "
                      f"{r['identity'][0]:.2f} | {r['identity'][1]:.4f} | {r['classical'][0]:.2f} | "
                      f"{r['classical'][1]:.4f} |")
-    lines += ["", "Noise degradation (held-out; white noise sigma as a fraction of p99.5):", "",
+    lines += ["", "Noise degradation (held-out; constant height: white noise sigma as a fraction of p99.5; "
+              "constant current: Z noise sigma = level x 0.02 nm):", "",
               "| noise | STM-Net PSNR / SSIM | identity PSNR / SSIM | classical PSNR / SSIM |", "|---|---|---|---|"]
     for level, r in q["noise_curve"]:
         lines.append(f"| {level:.2f} | " + " | ".join(f"{r[k][0]:.2f} / {r[k][1]:.4f}"
                                                       for k in ("stmnet", "identity", "classical")) + " |")
+    lines += ["", "Evaluation frames: `training.make_eval_pairs` (exact `simulators.imaging` renders, "
+              "`tip.TIP_PRESETS` tips co / coherent_co / tilted_co plus co with s = 0.4, one molecule, "
+              "z 0.3-0.5 nm, 96x96 px, fixed seeds).", ""]
+    if s.get("latency_ms"):
+        lines += [f"Inference latency (`Reconstructor.reconstruct`, {s['device']}, {threads} torch threads, "
+                  "median of 5):", "", "| frame | ms |", "|---|---|"]
+        lines += [f"| {k}x{k} | {v:.1f} |" for k, v in s["latency_ms"].items()]
     lines += ["", "Classical baseline: linearised Chen-rule Tikhonov inversion (`metrics.chen_tikhonov`). "
               "Reproduce the tables with `stm-live evaluate --model stmnet`; LPIPS is not reported "
               "(it needs ImageNet weights fetched at run time).", ""]
