@@ -1,0 +1,509 @@
+"""``stm-live demo`` (``make demo``): the product's main job, end to end, on the simulator.
+
+The simulated controller serves the shipped ``degrading`` scenario (molecules on NaCl
+under a CO tip that picks up a double tip mid-session and may degrade further) on an
+ephemeral 127.0.0.1 port. Live frames are acquired through ``NanonisSTM`` over TCP and
+the RunEngine (``plans.live_frame``, Current + Z), journaled line by line and ingested
+into the embedded tiled store off the RunEngine loop. Frames are constant current (STM-Net
+reads Z through ``current_from_z``): reconditioning approaches the tip with the Z
+controller on and verifies in that mode, so a constant-height frame would resume and
+verify with the wrong channel (see the report of issue 8). STM-Net
+reconstructs each frame live (worker thread); the tip monitor judges the tip; the tip
+policy is ``auto``: a bad verdict suspends the frame, the tip is reconditioned at the
+profile's clean site, verified, and the frame resumes from its checkpoint.
+
+The report folder gets, per frame, a raw | reconstruction PNG, mid-scan snapshots of the
+live reconstruction and an .sxm file, plus a tip-state timeline PNG and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stm_live.replay_cli import DerivedCollector, _fan_out
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_demo", "DEMO_SCENARIO"]
+
+DEMO_SCENARIO = "degrading"
+SCHEDULED_LINE_128 = 40  # the scenario's tip change, for 128-line frames
+SNAPSHOT_FRACTIONS = (0.25, 0.5, 0.75)
+FINAL_TIMEOUT_S = 120.0
+# Verdict colours for the timeline (RGB), by tip class.
+_CLASS_COLOURS = {
+    "co_sharp": (46, 160, 67), "metal_s": (88, 166, 255), "mixed": (163, 113, 247),
+    "asymmetric": (210, 153, 34), "double": (248, 81, 73), "blunt": (139, 87, 42),
+    "unstable": (110, 118, 129),
+}
+
+
+def _demo_scenario(lines: int):
+    """The shipped degrading scenario with its scheduled tip change scaled to the frame
+    height, so a small (quick) frame still sees the change mid-frame."""
+    from stm_live.simulators.scenario import load_scenario
+
+    sc = load_scenario(DEMO_SCENARIO)
+    events = tuple(dataclasses.replace(e, line=max(4, round(e.line * lines / 128)))
+                   for e in sc.evolution.events)
+    return dataclasses.replace(sc, evolution=dataclasses.replace(sc.evolution, events=events))
+
+
+class _FrameRuns:
+    """Inline (RunEngine loop) record of the live-frame runs: uid and start document."""
+
+    def __init__(self) -> None:
+        self.starts: dict[str, dict] = {}
+        self.stops: dict[str, dict] = {}
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if name == "start" and "stm_live" in doc:
+            self.starts[doc["uid"]] = doc
+        elif name == "stop" and doc.get("run_start") in self.starts:
+            self.stops[doc["run_start"]] = doc
+
+
+class _FrameDocsOnly:
+    """Pass only the live-frame runs' documents to ``callback``.
+
+    TipMonitor keeps one run's state and drops it on *any* start document, so the
+    ``recondition_tip`` runs that the suspender opens inside a frame would make it forget
+    the frame being scanned; it is shown only the frames.
+    """
+
+    def __init__(self, callback) -> None:
+        self.callback = callback
+        self._runs: set[str] = set()
+        self._descriptors: set[str] = set()
+
+    def __call__(self, name: str, doc: dict) -> None:
+        if name == "start":
+            if "stm_live" not in doc:
+                return
+            self._runs.add(doc["uid"])
+        elif name in ("descriptor", "stop"):
+            if doc.get("run_start") not in self._runs:
+                return
+            if name == "descriptor":
+                self._descriptors.add(doc["uid"])
+        elif name in ("event", "event_page"):
+            if doc.get("descriptor") not in self._descriptors:
+                return
+        self.callback(name, doc)
+
+
+class _VerdictPrinter:
+    """Prints a verdict message when the tip's label changes or the tip is bad."""
+
+    def __init__(self, console) -> None:
+        self.console = console
+        self._last: tuple[str | None, str | None] = (None, None)
+
+    def __call__(self, record: dict) -> None:
+        key = (record.get("run_uid"), record["label"])
+        if key == self._last and record.get("good", True):
+            return
+        self._last = key
+        colour = "green" if record.get("good") else "red"
+        p = record["probabilities"].get(record["label"], float("nan"))
+        self.console.print(
+            f"  tip verdict at line {record['line']}: [{colour}]{record['label']}[/] "
+            f"(p = {p:.2f}, s share {record['s_fraction']:.2f}; {record['reason']})")
+
+
+def _sxm_for_run(path: Path, run, index_of: dict[str, int]) -> Path:
+    """Write one journaled frame run as .sxm (what `stm-live runs export` writes, plus
+    setpoint, Z-controller mode and signal indexes)."""
+    from stm_live.io.sxm import scan_from_frames, write_sxm
+
+    meta = run.start["stm_live"]
+    channels, units = {}, {}
+    for ch in meta["channels"]:
+        channels[ch["name"]] = {d: run.images[k] for d, k in ch["keys"].items()}
+        units[ch["name"]] = ch.get("units", "")
+    scan = scan_from_frames(
+        channels, units=units, **meta["frame"], direction=meta["scan_direction"],
+        bias_V=meta["bias_V"], setpoint_A=meta["setpoint_A"], z_controller=meta["z_controller"],
+        comment=f"stm-live demo run {run.uid}",
+        signal_indexes={n: index_of[n] for n in channels if n in index_of})
+    return write_sxm(path, scan)
+
+
+def _timeline_png(path: Path, frames: list[dict], events: list[dict]) -> Path:
+    """Tip-state timeline: one row per frame, each verdict a coloured span of the lines it
+    judged, reconditioning actions marked; legend of the classes."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    left, right, row_h, top = 110, 20, 26, 28
+    width = 760
+    legend_h = 22 * ((len(_CLASS_COLOURS) + 3) // 4) + 10
+    height = top + row_h * max(1, len(frames)) + 30 + legend_h
+    img = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    draw.text((8, 6), "tip state per frame (verdict over the lines it judged); "
+                      "| = reconditioning", fill=(0, 0, 0), font=font)
+    span = width - left - right
+    for k, frame in enumerate(frames):
+        y = top + k * row_h
+        lines = max(1, frame["lines_total"])
+        draw.text((8, y + 6), f"frame {k} ({frame['uid'][:8]})", fill=(0, 0, 0), font=font)
+        draw.rectangle([left, y + 3, left + span, y + row_h - 5], outline=(180, 180, 180),
+                       fill=(240, 240, 240))
+        previous = -1
+        for v in frame["verdicts"]:
+            # each verdict colours the lines it judged that no earlier verdict covered
+            first = max(v.get("first_line", v["line"]), previous + 1)
+            previous = max(previous, v["line"])
+            x0 = left + span * first / lines
+            x1 = left + span * (v["line"] + 1) / lines
+            draw.rectangle([x0, y + 4, max(x0 + 1, x1), y + row_h - 6],
+                           fill=_CLASS_COLOURS.get(v["label"], (0, 0, 0)))
+        for e in frame["actions"]:
+            if e.get("what") != "suspend" or e.get("line") is None:
+                continue  # mark where the frame was suspended for reconditioning
+            x = left + span * min(lines, max(0, int(e["line"]) + 1)) / lines
+            draw.line([x, y, x, y + row_h - 2], fill=(0, 0, 0), width=2)
+    y = top + row_h * max(1, len(frames)) + 10
+    draw.text((left, y), "0", fill=(0, 0, 0), font=font)
+    draw.text((left + span - 30, y), "last line", fill=(0, 0, 0), font=font)
+    y += 20
+    for i, (label, colour) in enumerate(_CLASS_COLOURS.items()):
+        x = 10 + (i % 4) * 185
+        yy = y + 22 * (i // 4)
+        draw.rectangle([x, yy, x + 14, yy + 14], fill=colour)
+        draw.text((x + 20, yy + 2), label, fill=(0, 0, 0), font=font)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG")
+    return path
+
+
+def _pick_snapshots(snapshots: list[tuple[int, np.ndarray]],
+                    lines: int) -> list[tuple[int, np.ndarray]]:
+    """The first live update past each fraction of the frame."""
+    picked, used = [], set()
+    for fraction in SNAPSHOT_FRACTIONS:
+        for n, image in snapshots:
+            if n >= fraction * lines and n < lines and n not in used:
+                picked.append((n, image))
+                used.add(n)
+                break
+    return picked
+
+
+def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str = "stm_live_data",
+             frames: int = 3, seed: int = 0, view: bool = False, quick: bool = False, *,
+             device: str = "auto", time_scale: float | None = None, console=None) -> dict[str, Any]:
+    """Run the demo session; write the report folder; return the summary (also
+    ``out/summary.json``).
+
+    Parameters
+    ----------
+    out : path
+        Report folder.
+    data_dir : path
+        Journal (``data_dir/journal``) and embedded tiled store (``data_dir/tiled``).
+    frames : int
+        Live frames to acquire (``quick`` caps it at 2).
+    seed : int
+        Seeds the simulator (noise, tip hazards, reconditioning outcomes).
+    view : bool
+        Serve the live viewer on 127.0.0.1 while it runs (prints its URL).
+    quick : bool
+        48 x 48 frames, at most 2: a smoke test that runs in well under a minute.
+    device : str
+        Torch device for STM-Net and the tip classifier.
+    time_scale : float, optional
+        Scan-clock speed-up (default: 10 for 128-line frames, 8 quick).
+    """
+    from rich.console import Console
+
+    from bluesky.utils import RunEngineInterrupted
+
+    from stm_live.callbacks.live import LiveReconstruction
+    from stm_live.callbacks.tipmonitor import TipMonitor
+    from stm_live.config import load_profile
+    from stm_live.devices.stm import NanonisSTM
+    from stm_live.plans import live_frame
+    from stm_live.reconditioning import TipReconditioner
+    from stm_live.replay_cli import _load_models
+    from stm_live.session import AcquisitionSession, LineProgress
+    from stm_live.simulators.server import start_server_thread
+    from stm_live.store import JournalWriter
+
+    t_start = time.perf_counter()
+    console = console or Console()
+    frames = int(frames)
+    if frames < 1:
+        raise ValueError(f"frames must be >= 1, got {frames}")
+    size = 48 if quick else 128
+    frames = min(frames, 2) if quick else frames
+    # Simulated line = 0.1 s forward + 0.1 s backward; this keeps a frame to seconds
+    # while leaving the 2-core CPU time for the physics, STM-Net and the classifier.
+    time_scale = float(time_scale or (8.0 if quick else 10.0))
+    out, data_dir = Path(out), Path(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    profile = load_profile("sim")
+    reconstructor, classifier = _load_models(device, tip=True)
+    scenario = _demo_scenario(size)
+    server = start_server_thread(scenario=scenario, seed=seed, time_scale=time_scale)
+    console.print(f"simulated controller on {server.host}:{server.port}: scenario "
+                  f"{scenario.name!r} ({scenario.description}), time scale {time_scale:g}")
+    viewer = state = None
+    if view:
+        from stm_live.viewer import Viewer, ViewerState
+
+        state = ViewerState()
+        viewer = Viewer(state)
+        console.print(f"viewer: [bold]{viewer.url}[/]")
+
+    collector = DerivedCollector()
+    runs = _FrameRuns()
+    stm = NanonisSTM(server.host, server.port, name="stm", profile=profile,
+                     timeout=profile.timeout_s)
+    stm.lines.line_timeout = 60.0  # a verification scan or a busy CPU is not a stall
+    live = LiveReconstruction(reconstructor, emit=_fan_out(JournalWriter(data_dir), collector,
+                                                           state))
+    printer = _VerdictPrinter(console)
+    verify_lines = min(24, size // 2)
+    policy = TipReconditioner(stm, policy="auto", classifier=classifier,
+                              verify_lines=verify_lines)
+    def on_verdict(record: dict) -> None:
+        printer(record)
+        # A verdict on a frame that already ended (the end-of-frame verdict) must not
+        # trip the suspender between runs: its pre-plan records into the frame's run.
+        if record.get("run_uid") not in runs.stops and record.get("reason") != "end of frame":
+            policy.on_verdict(record)
+
+    tip = TipMonitor(classifier, every_n_lines=8 if quick else 16, on_verdict=on_verdict)
+    if callable(getattr(tip, "set_segment_floor", None)):
+        policy.monitor = tip  # the policy tells it where the new tip starts
+    tip.subscribe(_fan_out(JournalWriter(data_dir), collector, state))
+    # LineProgress and TipMonitor follow "the latest start document"; the reconditioning
+    # runs opened inside a frame would steal it, so both see only the frames' documents.
+    progress = LineProgress(console=console)
+    inline = [runs, live, _FrameDocsOnly(tip), _FrameDocsOnly(progress)] + (
+        [state] if state is not None else [])
+    frame = (scenario.frame.center_x_nm * 1e-9, scenario.frame.center_y_nm * 1e-9,
+             scenario.frame.width_nm * 1e-9, scenario.frame.height_nm * 1e-9, 0.0)
+    errors: list[str] = []
+    operator: list[dict] = []
+    session = AcquisitionSession(data_dir, inline_callbacks=inline, tiled=True)
+    try:
+        policy.install(session.RE)
+        for k in range(frames):
+            if policy.state.get() == "bad":
+                # A reconditioning that failed outside a run leaves the suspender tripped;
+                # the next frame would wait on it forever. Say so and release it.
+                msg = "tip policy left the suspender tripped after a failed reconditioning"
+                errors.append(f"before frame {k}: {msg}; released")
+                console.print(f"[yellow]{msg}; releasing it[/]")
+                policy.state.put("good")
+            console.print(f"[bold]frame {k + 1}/{frames}[/]: {size} x {size}, constant current, "
+                          f"Current + Z")
+            try:
+                try:
+                    session(live_frame(stm, frame=frame, pixels=size, lines=size,
+                                       channels=["Current", "Z"], direction="down",
+                                       z_controller="constant_current",
+                                       md={"purpose": "stm-live demo", "demo_frame": k,
+                                           "tip_policy": "auto", "scenario": scenario.name}))
+                except RunEngineInterrupted:
+                    _operator_resumes(session.RE, server, policy, console, operator)
+            except Exception as exc:  # keep what was acquired; report, go on
+                logger.exception("frame %d failed", k)
+                errors.append(f"frame {k}: {type(exc).__name__}: {exc}")
+                console.print(f"[red]frame {k} failed: {exc}[/]")
+                if session.RE.state != "idle":
+                    session.RE.abort(reason=f"demo: frame {k} failed")
+        policy.remove()
+        live.flush(FINAL_TIMEOUT_S)
+        tip.flush(FINAL_TIMEOUT_S)
+        session.wait(FINAL_TIMEOUT_S)
+        ingested = list(session.ingestor.ingested) if session.ingestor else []
+        tiled_error = session._tiled_error
+    finally:
+        session.close()
+        progress.close()
+        for closer in (live.close, tip.close, stm.stop_scan, stm.close, server.stop):
+            try:
+                closer()
+            except Exception as exc:
+                logger.error("demo cleanup %r failed: %s", closer, exc)
+        if viewer is not None:
+            viewer.close()
+
+    summary = _report(out=out, data_dir=data_dir, runs=runs, operator=operator,
+                      collector=collector, live=live,
+                      tip=tip, policy=policy, index_of=dict(profile.channel_indexes),
+                      ingested=ingested, tiled_error=tiled_error, errors=errors,
+                      server=server, scenario=scenario, size=size, seed=seed,
+                      time_scale=time_scale, t_start=t_start)
+    _print_where(console, summary, out)
+    return summary
+
+
+MAX_OPERATOR_RESUMES = 3
+
+
+def _operator_resumes(RE, server, policy, console, operator: list[dict]) -> None:
+    """The tip policy gave up and paused the RunEngine for the operator. The demo has
+    no operator at the keyboard, so it plays one: the simulated tip is replaced by a
+    fresh CO tip (what a person would do by hand) and the RunEngine resumes; the frame
+    then finishes. Recorded in summary.json under ``tip.operator``."""
+    from bluesky.utils import RunEngineInterrupted
+
+    for _ in range(MAX_OPERATOR_RESUMES):
+        if RE.state != "paused":
+            return
+        reason = policy.give_up_reason or RE.pause_msg or "paused"
+        console.print(f"[yellow]{reason}[/]\n[yellow]demo operator: replacing the simulated "
+                      f"tip by hand (fresh CO tip) and resuming[/]")
+        server.controller.set_tip("co", cause="demo operator: tip replaced by hand")
+        operator.append({"time": time.time(), "what": "operator replaced the tip and resumed",
+                         "after": reason})
+        try:
+            RE.resume()
+        except RunEngineInterrupted:
+            continue
+    if RE.state == "paused":
+        RE.abort(reason="demo: tip still bad after the operator's repairs")
+        raise RuntimeError("tip still bad after the demo operator's repairs; frame aborted")
+
+
+def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict],
+            collector: DerivedCollector, live,
+            tip, policy, index_of, ingested, tiled_error, errors, server, scenario, size, seed,
+            time_scale, t_start) -> dict[str, Any]:
+    from PIL import Image
+
+    from stm_live.report import montage, save_png
+    from stm_live.store import read_journal, run_data
+
+    frames_out = []
+    journal_dir = data_dir / "journal"
+    timeline = list(tip.timeline)
+    for k, (uid, start) in enumerate(runs.starts.items()):
+        journal = journal_dir / f"{uid}.journal"
+        run = run_data(read_journal(journal))
+        meta = start["stm_live"]
+        lines = int(meta["lines"])
+        name = f"frame{k}"
+        entry: dict[str, Any] = {
+            "uid": uid, "journal": str(journal), "exit_status": run.exit_status,
+            "lines_total": lines, "lines": len(set(run.lines_read)), "events": run.events,
+            "lines_resent": run.events - len(set(run.lines_read)),
+        }
+        entry["sxm"] = str(_sxm_for_run(out / f"{name}.sxm", run, index_of))
+        source = "stm_current_fwd" if meta["z_controller"] == "constant_height" else "stm_z_fwd"
+        raw = run.images[source]
+        collector.wait_stopped("reconstruction", uid,
+                               FINAL_TIMEOUT_S if uid in runs.stops else 5.0)
+        final = collector.finals.get(uid)
+        panels = [(f"{name} raw ({source})", raw)]
+        if final is not None:
+            np.save(out / f"{name}_reconstruction.npy", final)
+            entry["reconstruction_npy"] = str(out / f"{name}_reconstruction.npy")
+            panels.append((f"{name} STM-Net", final))
+        else:
+            entry["reconstruction_npy"] = None
+            errors.append(f"{name}: no final reconstruction")
+        png = out / f"{name}.png"
+        Image.fromarray(montage(panels, ncols=2, tile=256)).save(png, format="PNG")
+        entry["png"] = str(png)
+        entry["snapshots"] = []
+        for n, image in _pick_snapshots(collector.snapshots.get(uid, []), lines):
+            path = save_png(out / f"{name}_live_{n:03d}lines.png", image)
+            entry["snapshots"].append(str(path))
+        entry["verdicts"] = [
+            {key: v[key] for key in ("line", "first_line", "change_line", "label", "s_fraction",
+                                     "good", "reason")} | {"p": v["probabilities"][v["label"]]}
+            for v in timeline if v["run_uid"] == uid]
+        stop_time = runs.stops.get(uid, {}).get("time", float("inf"))
+        entry["actions"] = [_jsonable(e) for e in policy.events
+                            if start["time"] <= e["time"] <= stop_time]
+        frames_out.append(entry)
+    _timeline_png(out / "tip_timeline.png", frames_out, policy.events)
+    stats = live.stats()
+    truth = [dict(h) for h in server.controller.tip_history]
+    summary = {
+        "scenario": scenario.name, "seed": seed, "frame_size": [size, size],
+        "time_scale": time_scale, "frames": frames_out, "frames_acquired": len(frames_out),
+        "lines": int(sum(f["lines"] for f in frames_out)),
+        "reconstruction_latency_ms": {"p50": stats["p50_ms"], "p99": stats["p99_ms"],
+                                      "updates": stats["updates"]},
+        "tip": {
+            "verdicts": len(timeline),
+            "not_sharp": int(sum(v["label"] != "co_sharp" for v in timeline)),
+            "labels": sorted({v["label"] for v in timeline}),
+            "actions": [_jsonable(e) for e in policy.events],
+            "attempts": [dataclasses.asdict(a) for a in policy.attempts],
+            "reconditioned": any(e["what"] == "action" for e in policy.events),
+            "gave_up": policy.give_up_reason,
+            "operator": [_jsonable(o) for o in operator],
+            "simulator_truth": truth,
+            "simulator_recondition_log": [dict(r) for r in server.controller.recondition_log],
+        },
+        "storage": {"journal": str(journal_dir), "tiled": str(data_dir / "tiled"),
+                    "tiled_runs": ingested,
+                    "tiled_error": None if tiled_error is None else str(tiled_error)},
+        "report": {"folder": str(out), "timeline_png": str(out / "tip_timeline.png")},
+        "errors": errors + list(live.errors) + list(tip.errors),
+        "wall_time_s": round(time.perf_counter() - t_start, 2),
+    }
+    (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1))
+    return summary
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.generic,)):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def _print_where(console, summary: dict, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"stm-live demo: {summary['frames_acquired']} frames, "
+                        f"{summary['lines']} lines in {summary['wall_time_s']:.0f} s")
+    for column in ("frame", "lines", "status", "tip verdicts", "picture", "sxm"):
+        table.add_column(column)
+    for k, f in enumerate(summary["frames"]):
+        labels = [v["label"] for v in f["verdicts"]]
+        bad = sum(label != "co_sharp" for label in labels)
+        tips = f"{labels[-1] if labels else '-'} ({bad}/{len(labels)} not sharp)"
+        table.add_row(str(k), f"{f['lines']}/{f['lines_total']}", f["exit_status"], tips,
+                      Path(f["png"]).name, Path(f["sxm"]).name)
+    console.print(table)
+    lat = summary["reconstruction_latency_ms"]
+    tip = summary["tip"]
+    console.print(f"reconstruction latency per line: p50 {lat['p50']:.0f} ms, "
+                  f"p99 {lat['p99']:.0f} ms")
+    console.print(f"tip: {tip['verdicts']} verdicts, {tip['not_sharp']} not sharp; "
+                  f"{sum(e['what'] == 'action' for e in tip['actions'])} reconditioning action(s)"
+                  + (f"; policy gave up {len(tip['operator'])}x, the demo operator replaced "
+                     f"the tip by hand" if tip["operator"] else ""))
+    console.print(f"report:   {out}/ (frame*.png, frame*_live_*.png, frame*.sxm, "
+                  f"tip_timeline.png, summary.json)")
+    console.print(f"journal:  {summary['storage']['journal']}")
+    console.print(f"tiled:    {summary['storage']['tiled']} "
+                  f"({len(summary['storage']['tiled_runs'])} runs ingested)")
+    for err in summary["errors"]:
+        console.print(f"[yellow]note: {err}[/]")

@@ -1,0 +1,583 @@
+"""``stm-live replay``: recorded scans through the whole acquisition path.
+
+For each .sxm file the simulated controller is started in-process on an ephemeral
+127.0.0.1 port with ``replay=`` that file, and the real path runs on it: ``NanonisSTM``
+over TCP, ``plans.live_frame`` with the file's geometry, channels and direction, the
+journal, live STM-Net reconstruction and the tip monitor (verdicts only: replay never
+acts on a tip). Afterwards each replay is checked: the journaled frame must equal the
+recording bit for bit (both are in the internal orientation of docs/interfaces.md), and
+the final live reconstruction must equal the offline one (``stm-live reconstruct``: the
+same channel at the file's pixel size). A folder replays as one batch with one summary
+table; a bad file is reported and the batch goes on; any failure makes the command exit
+non-zero at the end (:class:`ReplayFailed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ReplayResult", "ReplayFailed", "run_replay", "collect_files", "DerivedCollector"]
+
+# Offline and live reconstruction run the same network on the same input; the only
+# difference is the pixel size, which passes through the float32 wire (frame width).
+RECON_RTOL, RECON_ATOL_FRACTION = 1e-4, 1e-5
+FINAL_TIMEOUT_S = 120.0  # bounded wait for the last reconstruction / verdict of a file
+
+
+class ReplayFailed(ValueError):
+    """One or more recordings could not be replayed; ``results`` has every file's row."""
+
+    def __init__(self, message: str, results: list["ReplayResult"]):
+        super().__init__(message)
+        self.results = results
+
+
+@dataclass
+class ReplayResult:
+    """What happened to one recording."""
+
+    file: Path
+    status: str = "failed"  # "ok" | "partial" (recording stopped mid-scan) | "failed"
+    message: str = ""
+    lines: int = 0  # distinct lines acquired
+    total_lines: int = 0  # lines of the frame (header)
+    recorded_lines: int = 0  # lines the recording holds
+    run_uid: str = ""
+    journal: Path | None = None
+    tip_last: str = ""
+    tip_verdicts: int = 0
+    tip_not_sharp: int = 0
+    reconstruction_png: Path | None = None
+    reconstruction_npy: Path | None = None
+    frame_identical: bool | None = None
+    reconstruction_matches: bool | None = None
+    reconstruction_max_error: float | None = None
+    seconds: float = 0.0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+
+def collect_files(paths: Iterable[os.PathLike | str]) -> tuple[list[Path], list[ReplayResult]]:
+    """Expand folders into their .sxm files (sorted); missing paths become failed rows."""
+    files: list[Path] = []
+    bad: list[ReplayResult] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".sxm")
+            if not found:
+                bad.append(ReplayResult(path, message=f"{path}: folder holds no .sxm files"))
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            bad.append(ReplayResult(path, message=f"{path}: no such file or folder"))
+    return files, bad
+
+
+class DerivedCollector:
+    """Reads derived documents (live reconstruction, tip verdicts) by parent scan uid.
+
+    Works on the documents alone, so the in-process callbacks and a remote worker's
+    results (``streaming.ResultReceiver``) are summarised the same way. Accepts the
+    derived start documents of docs/interfaces.md and the variants the callbacks emit
+    today (``stm_live_derived`` as a dict with ``kind``; ``purpose="tip_verdicts"``).
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._cond = threading.Condition()
+        self._kind: dict[str, tuple[str, str]] = {}  # derived start uid -> (kind, parent)
+        self._desc: dict[str, tuple[str, str]] = {}  # descriptor uid -> (kind, parent)
+        self.finals: dict[str, np.ndarray] = {}  # scan uid -> final reconstruction
+        self.latencies: dict[str, list[float]] = {}
+        self.verdicts: dict[str, list[dict]] = {}  # scan uid -> verdict data, in order
+        self.actions: dict[str, list[str]] = {}
+        self.stopped: set[str] = set()  # (kind:parent) of derived runs that stopped
+        self.snapshots: dict[str, list[tuple[int, np.ndarray]]] = {}
+
+    @staticmethod
+    def kind_of(doc: dict) -> str | None:
+        kind = doc.get("stm_live_derived")
+        if isinstance(kind, dict):
+            kind = kind.get("kind")
+        if kind is None and doc.get("purpose") == "tip_verdicts":
+            kind = "tip"
+        return kind if kind in ("reconstruction", "tip") else None
+
+    def __call__(self, name: str, doc: dict) -> None:
+        with self._cond:
+            if name == "start" and doc.get("parent_uid"):
+                kind = self.kind_of(doc)
+                if kind:
+                    self._kind[doc["uid"]] = (kind, doc["parent_uid"])
+            elif name == "descriptor" and doc.get("run_start") in self._kind:
+                self._desc[doc["uid"]] = self._kind[doc["run_start"]]
+            elif name == "event" and doc.get("descriptor") in self._desc:
+                kind, parent = self._desc[doc["descriptor"]]
+                data = doc["data"]
+                if kind == "reconstruction" and "reconstruction" in data:
+                    image = np.asarray(data["reconstruction"], dtype=np.float32)
+                    if "latency_s" in data:
+                        self.latencies.setdefault(parent, []).append(float(data["latency_s"]))
+                    if data.get("final"):
+                        self.finals[parent] = image
+                    else:
+                        n = int(data.get("n_lines", data.get("lines_done", 0)))
+                        self.snapshots.setdefault(parent, []).append((n, image))
+                elif kind == "tip":
+                    if "action" in data:
+                        self.actions.setdefault(parent, []).append(str(data["action"]))
+                    elif "label" in data:
+                        self.verdicts.setdefault(parent, []).append(dict(data))
+            elif name == "stop" and doc.get("run_start") in self._kind:
+                kind, parent = self._kind[doc["run_start"]]
+                self.stopped.add(f"{kind}:{parent}")
+            self._cond.notify_all()
+
+    def wait_stopped(self, kind: str, parent: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while f"{kind}:{parent}" not in self.stopped:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.2))
+            return True
+
+
+def _fan_out(*callbacks: Callable[[str, dict], Any]) -> Callable[[str, dict], None]:
+    """One emitter calling several consumers; one failing consumer does not stop the rest."""
+    targets = [cb for cb in callbacks if cb is not None]
+
+    def emit(name: str, doc: dict) -> None:
+        for cb in targets:
+            try:
+                cb(name, doc)
+            except Exception as exc:
+                logger.error("derived-document consumer %r failed on %s: %s", cb, name, exc)
+
+    return emit
+
+
+def _parse_worker(address: str) -> tuple[str, str]:
+    """``--worker ADDR``: the proxy's outbound address the worker connects to, optionally
+    ``,RESULTS`` (where the worker pushes results); default results port is ADDR's + 2
+    (the ``stm-live worker`` defaults are 5578 and 5580)."""
+    out, _, results = address.partition(",")
+    out = out.strip()
+    if "://" not in out:
+        out = "tcp://" + out
+    if not results:
+        host, _, port = out.rpartition(":")
+        if not port.isdigit():
+            raise ValueError(f"--worker {address!r}: expected "
+                             "tcp://127.0.0.1:PORT[,tcp://127.0.0.1:PORT]")
+        results = f"{host}:{int(port) + 2}"
+    elif "://" not in results:
+        results = "tcp://" + results.strip()
+    return out, results.strip()
+
+
+class _Pipeline:
+    """Consumers of one batch: in-process (LiveReconstruction + TipMonitor on their own
+    threads) or a remote worker over 0MQ. Derived documents are journaled and collected."""
+
+    def __init__(self, data_dir: Path, *, worker: str | None, reconstructor, classifier,
+                 viewer_state=None, worker_wait_s: float = 60.0):
+        from stm_live.store import JournalWriter
+
+        self.collector = DerivedCollector()
+        self.inline: list[Callable] = []
+        self._closers: list[Callable[[], Any]] = []
+        self.remote = worker is not None
+        if viewer_state is not None:
+            self.inline.append(viewer_state)
+        if worker is None:
+            from stm_live.callbacks.live import LiveReconstruction
+            from stm_live.callbacks.tipmonitor import TipMonitor
+
+            # Each emitter calls from its own thread, so each gets its own journal writer.
+            self.live = LiveReconstruction(reconstructor, emit=_fan_out(
+                JournalWriter(data_dir), self.collector, viewer_state))
+            self.tip = TipMonitor(classifier)
+            self.tip.subscribe(_fan_out(JournalWriter(data_dir), self.collector, viewer_state))
+            # Both only copy/queue on the RunEngine loop; the work is on their threads.
+            self.inline += [self.live, self.tip]
+            self._closers += [self.live.close, self.tip.close]
+        else:
+            from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
+
+            out, results = _parse_worker(worker)
+            self.proxy = DocumentProxy(out_address=out)
+            self._closers.append(self.proxy.stop)
+            self.receiver = ResultReceiver(results)
+            self._closers.insert(0, self.receiver.close)
+            # The receiver calls subscribers on one thread: one journal writer suffices.
+            self.receiver.subscribe(_fan_out(JournalWriter(data_dir), self.collector,
+                                             viewer_state))
+            print(f"waiting up to {worker_wait_s:.0f} s for a worker: stm-live worker "
+                  f"--connect {self.proxy.out_address} --results {self.receiver.address}",
+                  flush=True)
+            if not self.receiver.wait_ready(1, timeout=worker_wait_s):
+                self.close()
+                raise ValueError(
+                    f"--worker {worker}: no worker said hello on {self.receiver.address} within "
+                    f"{worker_wait_s:.0f} s; start one with: stm-live worker --connect "
+                    f"{self.proxy.out_address} --results {self.receiver.address}")
+            self.publisher = make_publisher(self.proxy.in_address)
+            self._closers.insert(0, self.publisher.close)
+            self.inline.append(self.publisher)
+
+    def close(self) -> None:
+        for close in self._closers:
+            try:
+                close()
+            except Exception as exc:
+                logger.error("closing %r failed: %s", close, exc)
+        self._closers.clear()
+
+
+def _signal_indexes(server, scan) -> dict[str, int]:
+    """Channel name -> signal index the replaying controller serves it under."""
+    source = server.controller.replay
+    return {name: int(source.index_of[name]) for name in scan.channels}
+
+
+def _directions(scan) -> tuple[str, ...]:
+    """Directions present in every channel (a single-direction recording has one)."""
+    dirs = [d for d in ("forward", "backward") if all(d in c for c in scan.channels.values())]
+    return tuple(dirs)
+
+
+def _z_controller(scan) -> str:
+    names = {n.lower() for n in scan.channels}
+    if scan.feedback_on is True and "z" in names:
+        return "constant_current"
+    if scan.feedback_on is False and "current" in names:
+        return "constant_height"
+    return "constant_current" if "z" in names else "constant_height"
+
+
+def _source_channel(scan, z_controller: str) -> str | None:
+    want = "current" if z_controller == "constant_height" else "z"
+    return next((n for n in scan.channels if n.lower() == want), None)
+
+
+def _replay_plan(stm, scan, *, channels: dict[str, int], z_controller: str, md: dict):
+    """``plans.live_frame`` with the recording's geometry.
+
+    The replaying controller refuses Scan.FrameSet/Scan.BufferSet ("frame and buffer
+    come from the recording", simulators/controller.py) and already holds exactly this
+    frame and buffer, so those two settings are dropped from the plan; everything else
+    (configuration, run, one event per line) is live_frame unchanged.
+    """
+    import bluesky.preprocessors as bpp
+
+    from stm_live.plans import live_frame
+
+    frame = {"center_x_m": scan.offset_m[0], "center_y_m": scan.offset_m[1],
+             "width_m": scan.range_m[0], "height_m": scan.range_m[1],
+             "angle_deg": scan.angle_deg}
+    fixed = (stm.frame, stm.buffer)
+
+    def drop_fixed(msg):
+        return None if msg.command == "set" and msg.obj in fixed else msg
+
+    return bpp.msg_mutator(
+        live_frame(stm, frame=frame, pixels=scan.pixels, lines=scan.lines, channels=channels,
+                   direction=scan.direction, z_controller=z_controller, md=md),
+        drop_fixed)
+
+
+def _compare_frames(run, scan) -> list[str]:
+    """Mismatches between the journaled frame and the recording ([] when bit-identical)."""
+    problems = []
+    for ch in run.start["stm_live"]["channels"]:
+        for direction, key in ch["keys"].items():
+            got = run.images[key]
+            want = scan.image(ch["name"], direction)
+            if np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+                continue  # bit for bit, NaN payloads included
+            if np.array_equal(got, want, equal_nan=True):
+                continue  # same values; only NaN payload bits differ
+            hint = ""
+            if np.array_equal(got, want[:, ::-1], equal_nan=True):
+                hint = " (it equals the recording mirrored in x: orientation bug)"
+            elif np.array_equal(got, want[::-1], equal_nan=True):
+                hint = " (it equals the recording upside down: row-order bug)"
+            rows = np.flatnonzero(~np.all((got == want) | (np.isnan(got) & np.isnan(want)), axis=1))
+            problems.append(f"{ch['name']} {direction} differs from the recording in "
+                            f"{rows.size} rows (first {rows[:5].tolist()}){hint}")
+    return problems
+
+
+def _caused_by(exc: BaseException | None, kind: type) -> bool:
+    while exc is not None:
+        if isinstance(exc, kind):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _describe(exc: BaseException) -> str:
+    """The innermost cause's text (FailedStatus only says which status failed)."""
+    inner = exc
+    while inner.__cause__ is not None or inner.__context__ is not None:
+        inner = inner.__cause__ or inner.__context__
+    return f"{type(inner).__name__}: {inner}"
+
+
+def _save_reconstruction(out: Path, stem: str, image: np.ndarray) -> tuple[Path, Path]:
+    from stm_live.report import save_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    npy = out / f"{stem}_reconstruction.npy"
+    np.save(npy, image)
+    png = save_png(out / f"{stem}_reconstruction.png", image)
+    return Path(png), npy
+
+
+def _replay_one(path: Path, *, session, pipeline: _Pipeline, reconstructor, time_scale: float,
+                out: Path, stem: str) -> ReplayResult:
+    from stm_live.devices.stm import ControllerLost, NanonisSTM
+    from stm_live.io.sxm import SxmError, read_sxm
+    from stm_live.models.stmnet import _sxm_image
+    from stm_live.simulators.server import start_server_thread
+    from stm_live.store import read_journal, run_data
+
+    result = ReplayResult(path)
+    t0 = time.perf_counter()
+    try:
+        scan = read_sxm(path)
+    except SxmError as exc:
+        result.message = str(exc)
+        return result
+    result.total_lines = scan.lines
+    result.recorded_lines = scan.lines_scanned
+    directions = _directions(scan)
+    if not directions:
+        result.message = (f"{path}: no direction is recorded for every channel "
+                          f"({ {n: sorted(d) for n, d in scan.channels.items()} })")
+        return result
+    z_mode = _z_controller(scan)
+    source = _source_channel(scan, z_mode)
+    try:
+        server = start_server_thread(replay=path, time_scale=time_scale, seed=0)
+    except ValueError as exc:  # ReplayError names the file
+        result.message = str(exc)
+        return result
+    stm = None
+    try:
+        channels = _signal_indexes(server, scan)
+        # A slow replay (recorded line time / time_scale) must not read as a stall.
+        line_s = sum(server.controller.line_times_s) / time_scale
+        stm = NanonisSTM(server.host, server.port, name="stm", timeout=10.0)
+        stm.lines.line_timeout = max(30.0, 5 * line_s)
+        # live_frame keeps the directions configured here (it sets channels/pixels/lines).
+        stm.lines.configure({"channels": channels, "pixels": scan.pixels, "lines": scan.lines,
+                             "directions": directions})
+        before = session.journal.last_path
+        plan_error: Exception | None = None
+        try:
+            session(_replay_plan(stm, scan, channels=channels, z_controller=z_mode,
+                                 md={"replay_of": str(path), "tip_policy": "off"}))
+        except Exception as exc:  # judged below, once we know what was acquired
+            plan_error = exc
+        journal = session.journal.last_path
+        if journal is None or journal == before or not journal.is_file():
+            raise plan_error or RuntimeError("no run was journaled")
+        run = run_data(read_journal(journal))
+        result.run_uid, result.journal = run.uid, journal
+        result.lines = len(set(run.lines_read))
+        if plan_error is not None:
+            # A recording stopped mid-scan ends the replayed scan after its last line
+            # (ControllerLost, wrapped by the RunEngine): expected when every recorded
+            # line arrived; anything else is a real failure.
+            if not (result.recorded_lines < scan.lines and result.lines >= result.recorded_lines
+                    and _caused_by(plan_error, ControllerLost)):
+                result.problems.append(f"acquisition stopped after {result.lines} of "
+                                       f"{result.recorded_lines} recorded lines: "
+                                       f"{_describe(plan_error)}")
+        result.problems += _compare_frames(run, scan)
+        result.frame_identical = not result.problems
+
+        # Derived results: wait (bounded) for the final reconstruction and the verdicts.
+        done_recon = pipeline.collector.wait_stopped("reconstruction", run.uid, FINAL_TIMEOUT_S)
+        done_tip = pipeline.collector.wait_stopped("tip", run.uid, FINAL_TIMEOUT_S)
+        verdicts = pipeline.collector.verdicts.get(run.uid, [])
+        result.tip_verdicts = len(verdicts)
+        result.tip_last = verdicts[-1]["label"] if verdicts else ""
+        result.tip_not_sharp = sum(v["label"] != "co_sharp" for v in verdicts)
+        if not done_tip:
+            result.problems.append(f"tip verdicts incomplete after {FINAL_TIMEOUT_S:.0f} s")
+        final = pipeline.collector.finals.get(run.uid)
+        if final is None:
+            why = "no reconstructable channel" if source is None else (
+                "timed out" if not done_recon else "the reconstruction failed (see log)")
+            result.problems.append(f"no final reconstruction: {why}")
+        else:
+            result.reconstruction_png, result.reconstruction_npy = _save_reconstruction(
+                out, stem, final)
+            offline_in, _ = _sxm_image(scan, source)
+            offline = reconstructor.reconstruct(offline_in, scan.pixel_size_nm)
+            scale = float(np.nanmax(np.abs(offline))) if np.isfinite(offline).any() else 1.0
+            same_nan = np.array_equal(np.isnan(final), np.isnan(offline))
+            err = float(np.nanmax(np.abs(final - offline))) if same_nan else float("inf")
+            result.reconstruction_max_error = err
+            result.reconstruction_matches = same_nan and np.allclose(
+                final, offline, rtol=RECON_RTOL, atol=RECON_ATOL_FRACTION * scale, equal_nan=True)
+            if not result.reconstruction_matches:
+                result.problems.append(f"final reconstruction differs from the offline one "
+                                       f"(max |diff| {err:.3g}, scale {scale:.3g})")
+        if result.problems:
+            result.status = "failed"
+            result.message = f"{path}: " + "; ".join(result.problems)
+        elif result.lines < scan.lines:
+            result.status = "partial"
+            result.message = (f"{path}: recording stopped mid-scan; replayed its "
+                              f"{result.lines} of {scan.lines} lines")
+        else:
+            result.status = "ok"
+    except Exception as exc:  # one bad file must not stop the batch
+        logger.debug("replay of %s failed", path, exc_info=True)
+        result.status = "failed"
+        result.message = f"{path}: {_describe(exc)}"
+    finally:
+        if stm is not None:
+            stm.stop_scan()
+            stm.close()
+        server.stop()
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _load_models(device: str, *, tip: bool):
+    """STM-Net (the offline check, shared with live reconstruction) and, in-process, the
+    tip classifier; a missing checkpoint is a user error with the fix in its message."""
+    from stm_live.models import load_stmnet, load_tip_classifier
+
+    try:
+        return (load_stmnet(device=device),
+                load_tip_classifier(device=device) if tip else None)
+    except FileNotFoundError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _summary_table(results: Sequence[ReplayResult], out: Path):
+    from rich.table import Table
+
+    table = Table(title=f"replay summary: {len(results)} file(s); reconstructions in {out}")
+    for column in ("file", "status", "lines", "frame", "tip: last (not sharp/n)",
+                   "reconstruction"):
+        table.add_column(column, overflow="fold")
+    colour = {"ok": "green", "partial": "yellow", "failed": "red"}
+    for r in results:
+        frame = {True: "exact", False: "DIFFERS", None: "-"}[r.frame_identical]
+        recon = "-"
+        if r.reconstruction_png is not None:
+            recon = r.reconstruction_png.stem + ".png/.npy"
+            if r.reconstruction_matches is False:
+                recon += " (!= offline)"
+        tip = f"{r.tip_last or '-'} ({r.tip_not_sharp}/{r.tip_verdicts})"
+        table.add_row(r.file.name, f"[{colour[r.status]}]{r.status}[/]",
+                      f"{r.lines}/{r.total_lines}" if r.total_lines else "-", frame, tip, recon)
+    return table
+
+
+def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
+               worker: str | None = None, data_dir: os.PathLike | str = "stm_live_data",
+               out: os.PathLike | str = "replay_output", view: bool = False, *,
+               device: str = "auto", worker_wait_s: float = 60.0, console=None,
+               ) -> list[ReplayResult]:
+    """Replay recorded scans through the acquisition pipeline; print one summary table.
+
+    Parameters
+    ----------
+    files : .sxm files or folders of them
+    time_scale : float
+        Scan clock speed-up over the recorded line time.
+    worker : str, optional
+        0MQ address for a remote worker (``stm-live worker``): the proxy's outbound
+        address, optionally ``,RESULTS``; reconstruction and verdicts then come from it.
+    data_dir : path
+        Journal (raw runs and derived runs) in ``data_dir/journal``.
+    out : path
+        ``<stem>_reconstruction.png`` / ``.npy`` per file.
+    view : bool
+        Serve the live viewer during the replay (prints its URL).
+
+    Returns
+    -------
+    list of ReplayResult, one per file (and per missing path)
+
+    Raises
+    ------
+    ReplayFailed
+        After the table, when any file failed (the CLI exits non-zero).
+    """
+    from rich.console import Console
+
+    from stm_live.session import AcquisitionSession
+
+    if not time_scale or time_scale <= 0:
+        raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
+    console = console or Console()
+    out, data_dir = Path(out), Path(data_dir)
+    paths, results = collect_files(files)
+    viewer = state = None
+    if view:
+        from stm_live.viewer import Viewer, ViewerState
+
+        state = ViewerState()
+        viewer = Viewer(state)
+        console.print(f"viewer: {viewer.url}")
+    pipeline = None
+    try:
+        if paths:
+            reconstructor, classifier = _load_models(device, tip=worker is None)
+            pipeline = _Pipeline(data_dir, worker=worker, reconstructor=reconstructor,
+                                 classifier=classifier, viewer_state=state,
+                                 worker_wait_s=worker_wait_s)
+            stems: set[str] = set()
+            with AcquisitionSession(data_dir, inline_callbacks=pipeline.inline,
+                                    progress=True) as session:
+                for path in paths:
+                    stem, n = path.stem, 1
+                    while stem in stems:  # same name in two folders: keep both outputs
+                        n += 1
+                        stem = f"{path.stem}_{n}"
+                    stems.add(stem)
+                    console.print(f"replaying {path}")
+                    result = _replay_one(path, session=session, pipeline=pipeline,
+                                         reconstructor=reconstructor, time_scale=time_scale,
+                                         out=out, stem=stem)
+                    results.append(result)
+    finally:
+        if pipeline is not None:
+            pipeline.close()
+        if viewer is not None:
+            viewer.close()
+    console.print(_summary_table(results, out))
+    for r in results:
+        if r.status != "ok":
+            console.print(f"[{'red' if r.failed else 'yellow'}]{r.message}[/]")
+    failed = [r for r in results if r.failed]
+    if failed:
+        raise ReplayFailed(f"{len(failed)} of {len(results)} replays failed: "
+                           + " | ".join(r.message for r in failed), results)
+    return results
