@@ -143,3 +143,27 @@ def test_pause_resume_redelivers_the_last_triggered_line(stm, sim_server):
         assert lines.read()["stm_line_index"]["value"] == 3
     finally:
         lines.unstage()
+
+
+def test_a_trigger_pending_at_a_suspend_does_not_skip_its_line(stm, sim_server):
+    """A suspend while the RunEngine waits for line k: the stale trigger completes when k
+    arrives, and the replayed trigger must still deliver k, not k + 1 (a lost line)."""
+    lines = stm.lines
+    lines.configure({"channels": ["Current"], "pixels": 16, "lines": 6})
+    stm.frame.set((0.0, 0.0, 3e-9, 3e-9, 0.0)).wait(5)
+    stm.buffer.set(([0], 16, 6)).wait(5)
+    lines.stage()
+    try:
+        stm.scan_action.put("start")
+        lines.trigger().wait(10)
+        assert lines.read()["stm_line_index"]["value"] == 0
+        stale = lines.trigger()  # waiting for line 1 ...
+        lines.pause()            # ... when the suspender trips
+        lines.resume()
+        stale.wait(10)           # line 1 arrives and completes the stale trigger
+        lines.trigger().wait(10)  # the RunEngine replays from its checkpoint
+        assert lines.read()["stm_line_index"]["value"] == 1
+        lines.trigger().wait(10)
+        assert lines.read()["stm_line_index"]["value"] == 2
+    finally:
+        lines.unstage()

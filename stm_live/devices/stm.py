@@ -320,7 +320,8 @@ class ScanLines(Device):
         self._cursor = 0
         self._last_triggered = 0
         self._delivered: int | None = None
-        self._pending: list[tuple[DeviceStatus, int]] = []
+        self._pending: list[tuple[DeviceStatus, int, int]] = []  # (status, row, rewind epoch)
+        self._epoch = 0  # bumped by every pause(): triggers from before it are stale
         self._error: BaseException | None = None
         self._paused = False
         self._finished = False
@@ -412,7 +413,7 @@ class ScanLines(Device):
             self._thread = None
         with self._cond:
             pending, self._pending = self._pending, []
-        for status, _ in pending:
+        for status, _, _ in pending:
             status.set_exception(RuntimeError(f"{self.name} unstaged before the line came"))
         return super().unstage()
 
@@ -499,20 +500,24 @@ class ScanLines(Device):
         with self._cond:
             self._error = exc
             pending, self._pending = self._pending, []
-        for status, _ in pending:
+        for status, _, _ in pending:
             status.set_exception(exc)
 
     def _serve_pending(self):
         # caller holds self._cond. Every status waiting for an arrived row completes —
-        # also one from before a rewind, which the RunEngine may still be waiting on.
+        # also one from before a rewind, which the RunEngine may still be waiting on. Only
+        # a current trigger moves the cursor: a stale one advancing it would make the
+        # replayed trigger skip its row (a lost line); at worst a line is delivered twice,
+        # and consumers keep the last copy.
         waiting = []
-        for status, row in self._pending:
+        for status, row, epoch in self._pending:
             if row in self._lines:
                 self._delivered = row
-                self._cursor = max(self._cursor, row + 1)
+                if epoch == self._epoch:
+                    self._cursor = max(self._cursor, row + 1)
                 status.set_finished()
             else:
-                waiting.append((status, row))
+                waiting.append((status, row, epoch))
         self._pending = waiting
 
     # -- bluesky interface --------------------------------------------------------
@@ -530,7 +535,7 @@ class ScanLines(Device):
                 status.set_exception(self._error)
                 return status
             self._last_triggered = self._cursor
-            self._pending.append((status, self._cursor))
+            self._pending.append((status, self._cursor, self._epoch))
             self._serve_pending()
         return status
 
@@ -549,6 +554,7 @@ class ScanLines(Device):
             self._paused = True
             # the RunEngine replays the trigger after the last checkpoint: same line again
             self._cursor = self._last_triggered
+            self._epoch += 1
         if self._thread is not None and not self._finished:
             self._scan_call(self.root.scan_pause, "pause")
 
