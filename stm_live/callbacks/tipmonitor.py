@@ -135,8 +135,9 @@ class TipMonitor:
                 log.warning("TipMonitor subscriber failed on %s: %s", name, exc)
 
     def _on_start(self, doc: dict) -> None:
+        # Other runs (a recondition_tip run opened during a suspension, derived runs) can
+        # start while the frame is still open: they must not drop the frame being watched.
         if "stm_live" not in doc:
-            self._asm = None
             return
         from event_model import compose_run
 
@@ -203,7 +204,7 @@ class TipMonitor:
             self._classify(row, reason="periodic")
 
     def _on_stop(self, doc: dict) -> None:
-        if self._asm is None or self._compose is None:
+        if self._asm is None or self._compose is None or doc.get("run_start") != self._asm.run_uid:
             return
         acquired = self._asm.acquired
         if acquired.size >= 3:
