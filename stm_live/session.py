@@ -80,21 +80,32 @@ class LineProgress:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeRemainingColumn(),
                                  console=console, transient=False)
-        self._tasks: dict[str, int] = {}
+        self._tasks: dict[str, int] = {}          # frame run uid -> progress task
+        self._line_keys: dict[str, str] = {}      # frame run uid -> line index key
+        self._lines: dict[str, set[int]] = {}     # frame run uid -> distinct lines seen
+        self._streams: dict[str, str] = {}        # primary descriptor uid -> frame run uid
         self._started = False
 
     def __call__(self, name: str, doc: dict) -> None:
-        if name == "start":
-            meta = doc.get("stm_live")
-            if meta:
-                if not self._started:
-                    self.progress.start()
-                    self._started = True
-                self._tasks[doc["uid"]] = self.progress.add_task(
-                    f"frame {doc['uid'][:8]}", total=meta["lines"])
-            self._current = doc["uid"]
-        elif name == "event" and getattr(self, "_current", None) in self._tasks:
-            self.progress.advance(self._tasks[self._current])
+        # Follows every frame run by its own documents: other runs (reconditioning) may open
+        # meanwhile, and a rewind re-sends a line, which counts once.
+        if name == "start" and doc.get("stm_live"):
+            meta = doc["stm_live"]
+            if not self._started:
+                self.progress.start()
+                self._started = True
+            self._tasks[doc["uid"]] = self.progress.add_task(
+                f"frame {doc['uid'][:8]}", total=meta["lines"])
+            self._line_keys[doc["uid"]] = meta.get("line_key", "stm_line_index")
+            self._lines[doc["uid"]] = set()
+        elif name == "descriptor" and doc.get("run_start") in self._tasks and doc.get("name") == "primary":
+            self._streams[doc["uid"]] = doc["run_start"]
+        elif name == "event" and doc.get("descriptor") in self._streams:
+            run = self._streams[doc["descriptor"]]
+            line = doc["data"].get(self._line_keys[run])
+            if line is not None and line not in self._lines[run]:
+                self._lines[run].add(line)
+                self.progress.update(self._tasks[run], completed=len(self._lines[run]))
         elif name == "stop" and doc["run_start"] in self._tasks:
             task = self._tasks.pop(doc["run_start"])
             self.progress.update(task, description=f"frame {doc['run_start'][:8]} "

@@ -88,7 +88,8 @@ class SimServer:
         tasks = [t for t in list(self._tasks) + [self._ticker] if t is not None]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:  # bounded: a connection stuck in a blocking controller call must not hang stop()
+            await asyncio.wait(tasks, timeout=1.0)
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -466,6 +467,12 @@ def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale
         try:
             loop.run_forever()
         finally:
+            # Drain what close() left (bounded), so no task is destroyed while pending.
+            leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in leftover:
+                t.cancel()
+            if leftover:
+                loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
             loop.close()
 
     thread = threading.Thread(target=run, name=f"stm-live-sim-{port}", daemon=True)
