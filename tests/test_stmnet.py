@@ -87,7 +87,11 @@ def test_tiling_matches_single_pass(rec, perylene_pair):
 
 
 def test_shipped_checkpoint_beats_identity_on_held_out_frames(rec):
-    """Fixed held-out set: 2 molecules x HOMO/LUMO, CO tip, 3 frames each; margin >= 5 dB PSNR."""
+    """Fixed held-out set: 2 molecules x HOMO/LUMO, CO tip, 3 frames each.
+
+    The shipped checkpoint measures +13.6 dB mean PSNR gain and SSIM 0.986 (model card); the
+    thresholds (>= 10 dB, > 0.98) leave headroom but fail the previous, shorter-trained weights
+    (+9.5 dB, 0.977)."""
     gains, ssims = [], []
     for mol in ("perylene", "triphenylene"):
         for orb in ("HOMO", "LUMO"):
@@ -96,8 +100,8 @@ def test_shipped_checkpoint_beats_identity_on_held_out_frames(rec):
             preds = np.stack([rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM) for x in inputs])
             gains.append(np.mean(psnr(preds, targets) - psnr(inputs, targets)))
             ssims.append(np.mean(ssim(preds, targets)))
-    assert np.mean(gains) >= 5.0, gains
-    assert np.mean(ssims) > 0.95, ssims
+    assert np.mean(gains) >= 10.0, gains
+    assert np.mean(ssims) > 0.98, ssims
 
 
 @pytest.mark.parametrize(
