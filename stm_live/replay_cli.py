@@ -193,12 +193,16 @@ def _parse_worker(address: str) -> tuple[str, str]:
     return out, results.strip()
 
 
-class _Pipeline:
-    """Consumers of one batch: in-process (LiveReconstruction + TipMonitor on their own
-    threads) or a remote worker over 0MQ. Derived documents are journaled and collected."""
+class Consumers:
+    """The live consumers of acquired documents: in-process (LiveReconstruction +
+    TipMonitor on their own threads) or a remote worker over 0MQ. Derived documents are
+    journaled and collected. Used by ``stm-live replay`` and ``stm-live scan``.
+
+    ``tip_monitor=False`` leaves the tip to a caller that runs its own monitor (the scan's
+    reconditioning policy)."""
 
     def __init__(self, data_dir: Path, *, worker: str | None, reconstructor, classifier,
-                 viewer_state=None, worker_wait_s: float = 60.0):
+                 viewer_state=None, worker_wait_s: float = 60.0, tip_monitor: bool = True):
         from stm_live.store import JournalWriter
 
         self.collector = DerivedCollector()
@@ -214,11 +218,14 @@ class _Pipeline:
             # Each emitter calls from its own thread, so each gets its own journal writer.
             self.live = LiveReconstruction(reconstructor, emit=_fan_out(
                 JournalWriter(data_dir), self.collector, viewer_state))
-            self.tip = TipMonitor(classifier)
-            self.tip.subscribe(_fan_out(JournalWriter(data_dir), self.collector, viewer_state))
             # Both only copy/queue on the RunEngine loop; the work is on their threads.
-            self.inline += [self.live, self.tip]
-            self._closers += [self.live.close, self.tip.close]
+            self.inline.append(self.live)
+            self._closers.append(self.live.close)
+            if tip_monitor:
+                self.tip = TipMonitor(classifier)
+                self.tip.subscribe(_fan_out(JournalWriter(data_dir), self.collector, viewer_state))
+                self.inline.append(self.tip)
+                self._closers.append(self.tip.close)
         else:
             from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
 
@@ -352,7 +359,7 @@ def _save_reconstruction(out: Path, stem: str, image: np.ndarray) -> tuple[Path,
     return Path(png), npy
 
 
-def _replay_one(path: Path, *, session, pipeline: _Pipeline, reconstructor, time_scale: float,
+def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, time_scale: float,
                 out: Path, stem: str) -> ReplayResult:
     from stm_live.devices.stm import ControllerLost, NanonisSTM
     from stm_live.io.sxm import SxmError, read_sxm
@@ -550,7 +557,7 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
     try:
         if paths:
             reconstructor, classifier = _load_models(device, tip=worker is None)
-            pipeline = _Pipeline(data_dir, worker=worker, reconstructor=reconstructor,
+            pipeline = Consumers(data_dir, worker=worker, reconstructor=reconstructor,
                                  classifier=classifier, viewer_state=state,
                                  worker_wait_s=worker_wait_s)
             stems: set[str] = set()

@@ -274,20 +274,25 @@ def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None 
     policy = None
     uids: list[str] = []
     try:
-        if worker:
-            from stm_live.streaming import make_publisher
-
-            publisher = make_publisher(worker)  # non-blocking send, never raises into RE
-            inline.append(publisher)
-            closers.append(publisher.close)
         if view:
             from stm_live.viewer import Viewer, ViewerState
 
             state = ViewerState()
             viewer = Viewer(state)
             print(f"viewer: {viewer.url}", flush=True)
-            threaded.append(state)
-            closers.append(viewer.close)
+            closers.append(viewer.close)  # the consumers below feed the viewer's state
+        else:
+            state = None
+        # Live reconstruction: in-process on its own thread, or on a remote worker over
+        # 0MQ (whose results are journaled here); the same consumers as `stm-live replay`.
+        from stm_live.models import load_stmnet
+        from stm_live.replay_cli import Consumers
+
+        consumers = Consumers(Path(data_dir), worker=worker,
+                              reconstructor=None if worker else load_stmnet(),
+                              classifier=None, viewer_state=state, tip_monitor=False)
+        inline.extend(consumers.inline)
+        closers.append(consumers.close)
         if tip_policy != "off":
             from stm_live.callbacks.tipmonitor import TipMonitor
             from stm_live.reconditioning import TipReconditioner

@@ -371,9 +371,22 @@ def _journal_dir(data_dir) -> Path:
     return Path(data_dir) / "journal"
 
 
+def _is_frame_journal(path: Path) -> bool:
+    """Whether a journal's run is an acquired frame (its start has the stm_live block)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEADER.size)
+            length, _ = _HEADER.unpack(head)
+            name, doc = unpack(f.read(length))
+    except (OSError, struct.error, PackingError, ValueError):
+        return False
+    return name == "start" and "stm_live" in doc
+
+
 def find_journal(run: str, data_dir: str | os.PathLike) -> Path:
     """The journal of ``run``: a start uid or unique uid prefix, ``latest``, or -1/-2...
-    (most recent first)."""
+    (most recent first; ``latest`` and -N count acquired frames only, not the derived
+    reconstruction/verdict runs journaled beside them)."""
     directory = _journal_dir(data_dir)
     paths = sorted(directory.glob("*.journal"), key=lambda p: p.stat().st_mtime)
     if not paths:
@@ -382,6 +395,7 @@ def find_journal(run: str, data_dir: str | os.PathLike) -> Path:
         run = "-1"
     if run.lstrip("-").isdigit() and run.startswith("-"):
         index = int(run)
+        paths = [p for p in paths if _is_frame_journal(p)]
         if -index > len(paths):
             raise JournalError(f"run {run}: only {len(paths)} runs in {directory}")
         return paths[index]

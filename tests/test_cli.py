@@ -145,3 +145,39 @@ def test_train_writes_a_checkpoint_and_card_that_load(tmp_path, model):
 
     loader = models.load_stmnet if model == "stmnet" else models.load_tip_classifier
     assert loader(device="cpu", path=out) is not None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_scan_with_a_worker_process_gets_the_reconstruction_back(tmp_path, sim_server):
+    """The README's worker pair: `stm-live worker` in its own process reconstructs, and
+    the scan journals the results it sends back."""
+    from stm_live.store import read_journal
+
+    out, results = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    data = tmp_path / "data"
+    worker = subprocess.Popen([sys.executable, "-m", "stm_live.cli", "worker", "--connect", out,
+                               "--results", results, "--device", "cpu", "--journal", str(data)],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        result = _invoke("scan", "--host", sim_server.host, "--port", str(sim_server.port),
+                         "--pixels", "32", "--lines", "16", "--width-nm", "4", "--tip-policy", "off",
+                         "--data-dir", str(data), "--worker", f"{out},{results}")
+        assert result.exit_code == 0, result.output
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    derived = [docs for docs in map(read_journal, (data / "journal").glob("*.journal"))
+               if docs and docs[0][1].get("stm_live_derived") == "reconstruction"]
+    assert derived, "no reconstruction came back from the worker"
+    events = [doc for name, doc in derived[0] if name == "event"]
+    assert events and events[-1]["data"]["reconstruction"].shape == (16, 32)
