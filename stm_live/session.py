@@ -315,6 +315,11 @@ def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None 
                     pixels=pixels, lines=lines, channels=list(prof.channel_indexes)[:2],
                     direction=direction, md={"tip_policy": tip_policy}))
             session.wait()
+            if worker:  # bounded: the worker's final reconstructions, before closing the link
+                for uid in uids:
+                    if consumers.receiver.wait_final(uid, timeout=60.0) is None:
+                        print(f"run {uid}: no final reconstruction from the worker within 60 s; "
+                              "the raw lines are in the journal", flush=True)
             if session.tiled_error is not None:
                 print(f"tiled unavailable ({session.tiled_error}); runs are in the journal",
                       flush=True)
