@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from stm_live.validation import finite
 
 __all__ = ["Profile", "Limits", "ChannelSpec", "Recondition", "ReconditionAction",
            "ProfileError", "LimitError", "load_profile", "profile_path", "PROFILE_DIR",
@@ -147,13 +148,7 @@ class Profile:
 
 
 def _finite(label: str, value: Any) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise LimitError(f"{label} {value!r} is not a number") from None
-    if not math.isfinite(v):
-        raise LimitError(f"{label} {v} is not finite")
-    return v
+    return finite(label, value, LimitError)
 
 
 # ------------------------------------------------------------------------------ loading

@@ -203,7 +203,7 @@ def test_bad_arguments_name_the_problem(peer_factory):
     with NanonisClient("127.0.0.1", peer.port, timeout=1) as c:
         with pytest.raises(ValueError, match="scan action"):
             c.scan_action("jump")
-        with pytest.raises(ValueError, match="bias must be finite"):
+        with pytest.raises(ValueError, match="bias: must be finite"):
             c.bias_set(float("nan"))
         with pytest.raises(ValueError, match="channel index"):
             c.scan_frame_data_grab(200)

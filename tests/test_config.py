@@ -25,7 +25,7 @@ def test_limits_refuse_unsafe_requests_and_name_the_limit():
     assert p.check_bias(-1.5) == -1.5
     with pytest.raises(LimitError, match=r"bias 10 V exceeds limits.max_abs_bias_V = 5 V"):
         p.check_bias(10.0)
-    with pytest.raises(LimitError, match="not a number"):
+    with pytest.raises(LimitError, match="expected a number"):
         p.check_bias("lots")
     with pytest.raises(LimitError, match="limits.max_setpoint_A"):
         p.check_setpoint(5e-9)

@@ -12,7 +12,6 @@ Wire encoding comes from the single command table in :mod:`stm_live.devices.prot
 
 from __future__ import annotations
 
-import math
 import socket
 import threading
 import time
@@ -24,6 +23,7 @@ import numpy as np
 
 from stm_live.devices import protocol as P
 from stm_live.devices.protocol import NanonisError, ProtocolError
+from stm_live.validation import finite
 
 __all__ = [
     "NanonisClient", "LineFollower", "ScanLine", "LineEvent", "FrameSI", "BufferConfig", "ScanProps",
@@ -119,14 +119,7 @@ _AUTOSAVE = ("all", "next", "off")  # Get values 0..2; Set values 1..3 (0 = no c
 _KEEP = ("speed", "time")
 
 
-def _finite(what: str, value) -> float:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be finite, got {value}")
-    return value
+_finite = finite  # ValueError naming the argument
 
 
 def _set_flag(what: str, value: bool | None) -> int:

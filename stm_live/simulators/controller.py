@@ -43,6 +43,7 @@ from stm_live.simulators.scenario import (
     Scenario,
     load_scenario,
 )
+from stm_live.validation import finite
 
 __all__ = [
     "BIAS_INDEX",
@@ -1011,10 +1012,4 @@ def _split_name(signal: str) -> tuple[str, str]:
 
 
 def _finite(value, what: str) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ControllerError(f"{what}: expected a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise ControllerError(f"{what}: must be finite, got {value!r}")
-    return v
+    return finite(what, value, ControllerError)
