@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 import pytest
@@ -127,3 +128,54 @@ def test_journal_follower_feeds_the_page_from_another_process_files(tmp_path):
     assert snap["lines_done"] == 12
     assert snap["recon_line"] == 12 and snap["verdict"]["label"] == "double"
     writer.close()
+
+
+def test_viewer_follows_a_real_live_scan(chromium, tmp_path):
+    """The real path: simulated controller over TCP -> NanonisSTM -> RunEngine ->
+    live reconstruction (shipped STM-Net) -> viewer, read by the browser mid-scan and
+    after the frame."""
+    import threading
+
+    from stm_live.devices.stm import NanonisSTM
+    from stm_live.models import load_stmnet
+    from stm_live.plans import live_frame
+    from stm_live.replay_cli import Consumers
+    from stm_live.session import AcquisitionSession
+    from stm_live.simulators.server import start_server_thread
+
+    state = ViewerState()
+    with start_server_thread(seed=0, time_scale=2.0) as server, Viewer(state) as viewer:
+        stm = NanonisSTM(server.host, server.port, name="stm")
+        consumers = Consumers(tmp_path, worker=None, reconstructor=load_stmnet(device="cpu"),
+                              classifier=None, viewer_state=state, tip_monitor=False)
+        try:
+            mid: list[str] = []
+
+            def read_page_mid_scan():  # the RunEngine owns the main thread (SIGINT handler)
+                for _ in range(400):  # bounded: until a few lines are in
+                    if state.snapshot()["lines_done"] >= 8:
+                        break
+                    time.sleep(0.025)
+                mid.append(dump_dom(chromium, viewer.url))
+
+            reader = threading.Thread(target=read_page_mid_scan, daemon=True)
+            reader.start()
+            with AcquisitionSession(tmp_path, inline_callbacks=consumers.inline) as session:
+                session(live_frame(stm, frame=(0.0, 0.0, 6e-9, 6e-9, 0.0), pixels=48, lines=48,
+                                   channels=["Current", "Z"]))
+                session.wait()
+            reader.join(timeout=60)
+        finally:
+            consumers.close()
+            stm.close()
+        for _ in range(100):  # the final reconstruction is computed off the RunEngine loop
+            if state.snapshot()["recon_line"] == 48:
+                break
+            time.sleep(0.05)
+        done = dump_dom(chromium, viewer.url)
+    lines_mid = int(re.search(r'id="lines">(\d+)<', mid[0]).group(1))
+    assert 8 <= lines_mid < 48, f"mid-scan page showed {lines_mid} lines"
+    assert re.search(r'id="lines">48<', done) and re.search(r'id="total">48<', done)
+    assert re.search(r'id="recon-line">48<', done), "final reconstruction not shown"
+    assert re.search(r'id="raw"[^>]*data-size="48x48"', done)
+    assert re.search(r'id="recon"[^>]*data-size="48x48"', done)
