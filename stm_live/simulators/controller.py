@@ -826,11 +826,10 @@ class _PhysicsModel:
     """Scenario -> images through the physics engineer's forward model."""
 
     def __init__(self, scenario: Scenario):
-        from stm_live.simulators.imaging import Placement, Substrate
+        from stm_live.simulators.imaging import Substrate
 
         self.scenario = scenario
-        self.placements = [Placement(m.molecule, x_nm=m.x_nm, y_nm=m.y_nm, rotation_deg=m.rotation_deg,
-                                     orbital=m.orbital) for m in scenario.molecules]
+        self.placements = list(scenario.molecules)
         self.substrate = Substrate(**scenario.substrate) if scenario.substrate else None
         self._point_cache: dict = {}
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from stm_live.simulators.imaging import Placement
+
 __all__ = [
     "ARTIFACT_NAMES",
     "RECONDITION_ACTIONS",
@@ -26,7 +28,6 @@ __all__ = [
     "TIP_HAZARDS",
     "ArtifactSpec",
     "FrameSpec",
-    "MoleculeSpec",
     "Scenario",
     "ScenarioError",
     "TipEvent",
@@ -51,21 +52,12 @@ class ScenarioError(ValueError):
     """A scenario file or mapping is invalid; the message names the file and the key."""
 
 
-@dataclass(frozen=True)
-class MoleculeSpec:
-    molecule: str
-    x_nm: float = 0.0
-    y_nm: float = 0.0
-    rotation_deg: float = 0.0
-    orbital: str | None = None  # None: HOMO below 0 V bias, LUMO above
-
-
 # The scene of the shipped default.yaml; used when a scenario gives no ``molecules``.
 DEFAULT_MOLECULES = (
-    MoleculeSpec("pentacene", -1.6, 1.7, 15.0),
-    MoleculeSpec("h2pc", 1.6, 1.3, 0.0),
-    MoleculeSpec("coronene", -1.5, -1.6, 0.0),
-    MoleculeSpec("naphthalene", 1.9, -1.9, 60.0),
+    Placement("pentacene", -1.6, 1.7, 15.0),
+    Placement("h2pc", 1.6, 1.3, 0.0),
+    Placement("coronene", -1.5, -1.6, 0.0),
+    Placement("naphthalene", 1.9, -1.9, 60.0),
 )
 
 
@@ -114,7 +106,7 @@ class ArtifactSpec:
 class Scenario:
     name: str = "default"
     description: str = ""
-    molecules: tuple[MoleculeSpec, ...] = ()
+    molecules: tuple[Placement, ...] = ()
     substrate: dict[str, float] = field(default_factory=dict)
     tip: str = "co"
     evolution: TipEvolution = field(default_factory=TipEvolution)
@@ -235,7 +227,7 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
                 orbital_level(name, orbital)
             except ValueError as exc:
                 c.fail(f"{key}.orbital", str(exc))
-        molecules.append(MoleculeSpec(
+        molecules.append(Placement(
             molecule=name,
             x_nm=c.number(m.get("x_nm", 0.0), f"{key}.x_nm", lo=-1e4, hi=1e4),
             y_nm=c.number(m.get("y_nm", 0.0), f"{key}.y_nm", lo=-1e4, hi=1e4),
