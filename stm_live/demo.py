@@ -71,35 +71,6 @@ class _FrameRuns:
             self.stops[doc["run_start"]] = doc
 
 
-class _FrameDocsOnly:
-    """Pass only the live-frame runs' documents to ``callback``.
-
-    TipMonitor keeps one run's state and drops it on *any* start document, so the
-    ``recondition_tip`` runs that the suspender opens inside a frame would make it forget
-    the frame being scanned; it is shown only the frames.
-    """
-
-    def __init__(self, callback) -> None:
-        self.callback = callback
-        self._runs: set[str] = set()
-        self._descriptors: set[str] = set()
-
-    def __call__(self, name: str, doc: dict) -> None:
-        if name == "start":
-            if "stm_live" not in doc:
-                return
-            self._runs.add(doc["uid"])
-        elif name in ("descriptor", "stop"):
-            if doc.get("run_start") not in self._runs:
-                return
-            if name == "descriptor":
-                self._descriptors.add(doc["uid"])
-        elif name in ("event", "event_page"):
-            if doc.get("descriptor") not in self._descriptors:
-                return
-        self.callback(name, doc)
-
-
 class _VerdictPrinter:
     """Prints a verdict message when the tip's label changes or the tip is bad."""
 
@@ -279,19 +250,14 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
                               verify_lines=verify_lines)
     def on_verdict(record: dict) -> None:
         printer(record)
-        # A verdict on a frame that already ended (the end-of-frame verdict) must not
-        # trip the suspender between runs: its pre-plan records into the frame's run.
-        if record.get("run_uid") not in runs.stops and record.get("reason") != "end of frame":
-            policy.on_verdict(record)
+        policy.on_verdict(record)
 
     tip = TipMonitor(classifier, every_n_lines=8 if quick else 16, on_verdict=on_verdict)
     if callable(getattr(tip, "set_segment_floor", None)):
         policy.monitor = tip  # the policy tells it where the new tip starts
     tip.subscribe(_fan_out(JournalWriter(data_dir), collector, state))
-    # LineProgress and TipMonitor follow "the latest start document"; the reconditioning
-    # runs opened inside a frame would steal it, so both see only the frames' documents.
     progress = LineProgress(console=console)
-    inline = [runs, live, _FrameDocsOnly(tip), _FrameDocsOnly(progress)] + (
+    inline = [runs, live, tip, progress] + (
         [state] if state is not None else [])
     frame = (scenario.frame.center_x_nm * 1e-9, scenario.frame.center_y_nm * 1e-9,
              scenario.frame.width_nm * 1e-9, scenario.frame.height_nm * 1e-9, 0.0)

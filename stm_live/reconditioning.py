@@ -247,8 +247,11 @@ class TipReconditioner:
             if record.get("good", False) or p_bad < self.min_bad_probability:
                 self._bad_in_row = 0
                 return
-            if self._busy or (self.RE is not None and record.get("run_uid") != self._open_run):
-                return  # already handling it, or the verdict's frame is over
+            if (self._busy or record.get("reason") == "end of frame"
+                    or (self.RE is not None and record.get("run_uid") != self._open_run)):
+                # Already handling it, or the verdict's frame is over: a suspend between
+                # runs would record into a closed run.
+                return
             self._bad_in_row += 1
             if self._bad_in_row < self.consecutive:
                 return
