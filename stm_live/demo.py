@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from stm_live.replay_cli import DerivedCollector, _fan_out
+from stm_live.session import DerivedCollector, fan_out
 
 logger = logging.getLogger(__name__)
 
@@ -242,7 +242,7 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
     stm = NanonisSTM(server.host, server.port, name="stm", profile=profile,
                      timeout=profile.timeout_s)
     stm.lines.line_timeout = 60.0  # a verification scan or a busy CPU is not a stall
-    live = LiveReconstruction(reconstructor, emit=_fan_out(JournalWriter(data_dir), collector,
+    live = LiveReconstruction(reconstructor, emit=fan_out(JournalWriter(data_dir), collector,
                                                            state))
     printer = _VerdictPrinter(console)
     verify_lines = min(24, size // 2)
@@ -255,7 +255,7 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
     tip = TipMonitor(classifier, every_n_lines=8 if quick else 16, on_verdict=on_verdict)
     if callable(getattr(tip, "set_segment_floor", None)):
         policy.monitor = tip  # the policy tells it where the new tip starts
-    tip.subscribe(_fan_out(JournalWriter(data_dir), collector, state))
+    tip.subscribe(fan_out(JournalWriter(data_dir), collector, state))
     progress = LineProgress(console=console)
     inline = [runs, live, tip, progress] + (
         [state] if state is not None else [])

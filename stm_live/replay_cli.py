@@ -20,13 +20,14 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 
+from stm_live.session import Consumers
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReplayResult", "ReplayFailed", "run_replay", "collect_files", "DerivedCollector"]
+__all__ = ["ReplayResult", "ReplayFailed", "run_replay", "collect_files"]
 
 # Offline and live reconstruction run the same network on the same input; the only
 # difference is the pixel size, which passes through the float32 wire (frame width).
@@ -86,177 +87,6 @@ def collect_files(paths: Iterable[os.PathLike | str]) -> tuple[list[Path], list[
         else:
             bad.append(ReplayResult(path, message=f"{path}: no such file or folder"))
     return files, bad
-
-
-class DerivedCollector:
-    """Reads derived documents (live reconstruction, tip verdicts) by parent scan uid.
-
-    Works on the documents alone, so the in-process callbacks and a remote worker's
-    results (``streaming.ResultReceiver``) are summarised the same way. Accepts the
-    derived start documents of docs/interfaces.md and the variants the callbacks emit
-    today (``stm_live_derived`` as a dict with ``kind``; ``purpose="tip_verdicts"``).
-    """
-
-    def __init__(self) -> None:
-        import threading
-
-        self._cond = threading.Condition()
-        self._kind: dict[str, tuple[str, str]] = {}  # derived start uid -> (kind, parent)
-        self._desc: dict[str, tuple[str, str]] = {}  # descriptor uid -> (kind, parent)
-        self.finals: dict[str, np.ndarray] = {}  # scan uid -> final reconstruction
-        self.latencies: dict[str, list[float]] = {}
-        self.verdicts: dict[str, list[dict]] = {}  # scan uid -> verdict data, in order
-        self.actions: dict[str, list[str]] = {}
-        self.stopped: set[str] = set()  # (kind:parent) of derived runs that stopped
-        self.snapshots: dict[str, list[tuple[int, np.ndarray]]] = {}
-
-    @staticmethod
-    def kind_of(doc: dict) -> str | None:
-        kind = doc.get("stm_live_derived")
-        if isinstance(kind, dict):
-            kind = kind.get("kind")
-        if kind is None and doc.get("purpose") == "tip_verdicts":
-            kind = "tip"
-        return kind if kind in ("reconstruction", "tip") else None
-
-    def __call__(self, name: str, doc: dict) -> None:
-        with self._cond:
-            if name == "start" and doc.get("parent_uid"):
-                kind = self.kind_of(doc)
-                if kind:
-                    self._kind[doc["uid"]] = (kind, doc["parent_uid"])
-            elif name == "descriptor" and doc.get("run_start") in self._kind:
-                self._desc[doc["uid"]] = self._kind[doc["run_start"]]
-            elif name == "event" and doc.get("descriptor") in self._desc:
-                kind, parent = self._desc[doc["descriptor"]]
-                data = doc["data"]
-                if kind == "reconstruction" and "reconstruction" in data:
-                    image = np.asarray(data["reconstruction"], dtype=np.float32)
-                    if "latency_s" in data:
-                        self.latencies.setdefault(parent, []).append(float(data["latency_s"]))
-                    if data.get("final"):
-                        self.finals[parent] = image
-                    else:
-                        n = int(data.get("n_lines", data.get("lines_done", 0)))
-                        self.snapshots.setdefault(parent, []).append((n, image))
-                elif kind == "tip":
-                    if "action" in data:
-                        self.actions.setdefault(parent, []).append(str(data["action"]))
-                    elif "label" in data:
-                        self.verdicts.setdefault(parent, []).append(dict(data))
-            elif name == "stop" and doc.get("run_start") in self._kind:
-                kind, parent = self._kind[doc["run_start"]]
-                self.stopped.add(f"{kind}:{parent}")
-            self._cond.notify_all()
-
-    def wait_stopped(self, kind: str, parent: str, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while f"{kind}:{parent}" not in self.stopped:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(min(left, 0.2))
-            return True
-
-
-def _fan_out(*callbacks: Callable[[str, dict], Any]) -> Callable[[str, dict], None]:
-    """One emitter calling several consumers; one failing consumer does not stop the rest."""
-    targets = [cb for cb in callbacks if cb is not None]
-
-    def emit(name: str, doc: dict) -> None:
-        for cb in targets:
-            try:
-                cb(name, doc)
-            except Exception as exc:
-                logger.error("derived-document consumer %r failed on %s: %s", cb, name, exc)
-
-    return emit
-
-
-def _parse_worker(address: str) -> tuple[str, str]:
-    """``--worker ADDR``: the proxy's outbound address the worker connects to, optionally
-    ``,RESULTS`` (where the worker pushes results); default results port is ADDR's + 2
-    (the ``stm-live worker`` defaults are 5578 and 5580)."""
-    out, _, results = address.partition(",")
-    out = out.strip()
-    if "://" not in out:
-        out = "tcp://" + out
-    if not results:
-        host, _, port = out.rpartition(":")
-        if not port.isdigit():
-            raise ValueError(f"--worker {address!r}: expected "
-                             "tcp://127.0.0.1:PORT[,tcp://127.0.0.1:PORT]")
-        results = f"{host}:{int(port) + 2}"
-    elif "://" not in results:
-        results = "tcp://" + results.strip()
-    return out, results.strip()
-
-
-class Consumers:
-    """The live consumers of acquired documents: in-process (LiveReconstruction +
-    TipMonitor on their own threads) or a remote worker over 0MQ. Derived documents are
-    journaled and collected. Used by ``stm-live replay`` and ``stm-live scan``.
-
-    ``tip_monitor=False`` leaves the tip to a caller that runs its own monitor (the scan's
-    reconditioning policy)."""
-
-    def __init__(self, data_dir: Path, *, worker: str | None, reconstructor, classifier,
-                 viewer_state=None, worker_wait_s: float = 60.0, tip_monitor: bool = True):
-        from stm_live.store import JournalWriter
-
-        self.collector = DerivedCollector()
-        self.inline: list[Callable] = []
-        self._closers: list[Callable[[], Any]] = []
-        self.remote = worker is not None
-        if viewer_state is not None:
-            self.inline.append(viewer_state)
-        if worker is None:
-            from stm_live.callbacks.live import LiveReconstruction
-            from stm_live.callbacks.tipmonitor import TipMonitor
-
-            # Each emitter calls from its own thread, so each gets its own journal writer.
-            self.live = LiveReconstruction(reconstructor, emit=_fan_out(
-                JournalWriter(data_dir), self.collector, viewer_state))
-            # Both only copy/queue on the RunEngine loop; the work is on their threads.
-            self.inline.append(self.live)
-            self._closers.append(self.live.close)
-            if tip_monitor:
-                self.tip = TipMonitor(classifier)
-                self.tip.subscribe(_fan_out(JournalWriter(data_dir), self.collector, viewer_state))
-                self.inline.append(self.tip)
-                self._closers.append(self.tip.close)
-        else:
-            from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
-
-            out, results = _parse_worker(worker)
-            self.proxy = DocumentProxy(out_address=out)
-            self._closers.append(self.proxy.stop)
-            self.receiver = ResultReceiver(results)
-            self._closers.insert(0, self.receiver.close)
-            # The receiver calls subscribers on one thread: one journal writer suffices.
-            self.receiver.subscribe(_fan_out(JournalWriter(data_dir), self.collector,
-                                             viewer_state))
-            print(f"waiting up to {worker_wait_s:.0f} s for a worker: stm-live worker "
-                  f"--connect {self.proxy.out_address} --results {self.receiver.address}",
-                  flush=True)
-            if not self.receiver.wait_ready(1, timeout=worker_wait_s):
-                self.close()
-                raise ValueError(
-                    f"--worker {worker}: no worker said hello on {self.receiver.address} within "
-                    f"{worker_wait_s:.0f} s; start one with: stm-live worker --connect "
-                    f"{self.proxy.out_address} --results {self.receiver.address}")
-            self.publisher = make_publisher(self.proxy.in_address)
-            self._closers.insert(0, self.publisher.close)
-            self.inline.append(self.publisher)
-
-    def close(self) -> None:
-        for close in self._closers:
-            try:
-                close()
-            except Exception as exc:
-                logger.error("closing %r failed: %s", close, exc)
-        self._closers.clear()
 
 
 def _signal_indexes(server, scan) -> dict[str, int]:

@@ -139,7 +139,7 @@ def test_viewer_follows_a_real_live_scan(chromium, tmp_path):
     from stm_live.devices.stm import NanonisSTM
     from stm_live.models import load_stmnet
     from stm_live.plans import live_frame
-    from stm_live.replay_cli import Consumers
+    from stm_live.session import Consumers
     from stm_live.session import AcquisitionSession
     from stm_live.simulators.server import start_server_thread
 

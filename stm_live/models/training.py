@@ -328,7 +328,7 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         f"- trained with: `{command}`",
         f"- steps: {s['steps']}, batch {batch}, crops {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px, "
         f"AdamW lr {lr} one-cycle, weight decay 1e-4, seed {seed}",
-        f"- loss: L1 + 0.5 (1 - SSIM) on max-normalised |psi|^2 targets",
+        "- loss: L1 + 0.5 (1 - SSIM) on max-normalised |psi|^2 targets",
         f"- wall time: {s['wall_s'] / 60:.1f} min (of which waiting for data {s['data_wait_s']:.0f} s)",
         f"- hardware: {s['device']}, {platform.machine()} {platform.processor() or ''}, "
         f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, {threads} torch threads",
