@@ -350,8 +350,6 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
             collector: DerivedCollector, live,
             tip, policy, index_of, ingested, tiled_error, errors, server, scenario, size, seed,
             time_scale, t_start) -> dict[str, Any]:
-    from PIL import Image
-
     from stm_live.report import montage, save_png
     from stm_live.store import read_journal, run_data
 
@@ -384,7 +382,7 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
             entry["reconstruction_npy"] = None
             errors.append(f"{name}: no final reconstruction")
         png = out / f"{name}.png"
-        Image.fromarray(montage(panels, ncols=2, tile=256)).save(png, format="PNG")
+        save_png(png, montage(panels, ncols=2, tile=256))
         entry["png"] = str(png)
         entry["snapshots"] = []
         for n, image in _pick_snapshots(collector.snapshots.get(uid, []), lines):

@@ -6,6 +6,8 @@ plotting library is needed.
 
 from __future__ import annotations
 
+import io
+
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +53,20 @@ def image_to_rgb(image, cmap: str = "afmhot") -> np.ndarray:
     return out
 
 
-def save_png(path, image, *, cmap: str = "afmhot") -> Path:
-    """Write ``image`` as a PNG: a 2-D array is colour-mapped, an (H, W, 3) uint8 array as is."""
-    path = Path(path)
+def png_bytes(image, *, cmap: str = "afmhot") -> bytes:
+    """``image`` encoded as PNG: a 2-D array is colour-mapped, an (H, W, 3) uint8 array as is."""
     a = np.asarray(image)
     rgb = a if (a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8) else image_to_rgb(a, cmap)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_png(path, image, *, cmap: str = "afmhot") -> Path:
+    """Write ``image`` as a PNG file (see :func:`png_bytes`)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rgb, mode="RGB").save(path, format="PNG")
+    path.write_bytes(png_bytes(image, cmap=cmap))
     return path
 
 

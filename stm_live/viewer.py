@@ -13,7 +13,6 @@ change; nothing but the standard library's HTTP server is needed.
 
 from __future__ import annotations
 
-import io
 import json
 import threading
 import time
@@ -30,15 +29,11 @@ MAX_TIMELINE = 400  # cells kept on the page
 
 
 def _png_bytes(image: np.ndarray | None, cmap: str) -> bytes:
-    from PIL import Image
+    from stm_live.report import png_bytes
 
-    from stm_live.report import image_to_rgb
-
-    if image is None:
+    if image is None:  # nothing yet: a small grey (NaN) placeholder tile
         image = np.full((8, 8), np.nan, dtype=np.float32)
-    buffer = io.BytesIO()
-    Image.fromarray(image_to_rgb(image, cmap=cmap)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(image, cmap=cmap)
 
 
 class ViewerState:
