@@ -7,6 +7,7 @@ they drive, so each is testable without the CLI.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,6 +26,19 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+@contextmanager
+def _user_errors():
+    """The CLI's one error boundary: what a user can fix (bad input, a missing file, a
+    controller that cannot be reached or refuses a command) is one line, not a traceback.
+    Acquired data is already in the journal when these surface."""
+    from stm_live.devices.protocol import NanonisError
+
+    try:
+        yield
+    except (ValueError, OSError, NanonisError) as exc:
+        _fail(exc)
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_output"), help="Report folder."),
@@ -37,10 +51,8 @@ def demo(
     """Simulated controller, live frames, live reconstruction, tip monitor, report."""
     from stm_live.demo import run_demo
 
-    try:
+    with _user_errors():
         run_demo(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @sim_app.command("serve")
@@ -55,11 +67,9 @@ def sim_serve(
     """Run the simulated controller until Ctrl-C."""
     from stm_live.simulators.server import serve_forever
 
-    try:
+    with _user_errors():
         serve_forever(host=host, port=port, scenario=scenario, replay=replay,
                       time_scale=time_scale, seed=seed)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -81,12 +91,10 @@ def scan(
     """Acquire live frames from a controller (real or simulated)."""
     from stm_live.session import run_scan
 
-    try:
+    with _user_errors():
         run_scan(profile=profile, host=host, port=port, width_nm=width_nm, pixels=pixels,
                  lines=lines, direction=direction, frames=frames, data_dir=data_dir,
                  tiled_uri=tiled_uri, tip_policy=tip_policy, worker=worker, view=view)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -101,11 +109,9 @@ def replay(
     """Replay recorded scans through the whole acquisition pipeline."""
     from stm_live.replay_cli import run_replay
 
-    try:
+    with _user_errors():
         run_replay(files=files, time_scale=time_scale, worker=worker, data_dir=data_dir,
                    out=out, view=view)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -119,10 +125,8 @@ def reconstruct(
     """Reconstruct the pristine orbital |psi|^2 from a CO-tip image."""
     from stm_live.models.stmnet import reconstruct_file
 
-    try:
+    with _user_errors():
         reconstruct_file(input, output, pixel_size_nm=pixel_size, channel=channel, device=device)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()
@@ -133,22 +137,30 @@ def train(
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     resume: bool = typer.Option(False, "--resume"),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the model's own)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: the model's own)."),
+    init: Optional[Path] = typer.Option(None, help="STM-Net only: warm start from this checkpoint."),
 ):
     """Train a network on the physics simulator; writes checkpoint and model card."""
     if model == "stmnet":
         from stm_live.models.training import train_main
     elif model == "tipstate":
         from stm_live.models.tipstate import train_main
+        if init is not None:
+            _fail(ValueError("--init is for --model stmnet"))
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
-    train_main(steps=steps, out=out, device=device, seed=seed, resume=resume)
+    extra = {k: v for k, v in {"lr": lr, "threads": threads, "init": init}.items() if v is not None}
+    with _user_errors():
+        train_main(steps=steps, out=out, device=device, seed=seed, resume=resume, **extra)
 
 
 @app.command()
 def evaluate(
     model: str = typer.Option("stmnet", help="stmnet | tipstate"),
     device: str = typer.Option("auto"),
-    samples: int = typer.Option(8, help="Samples per molecule/orbital/tip cell."),
+    samples: Optional[int] = typer.Option(
+        None, help="Samples per molecule/orbital/tip cell (stmnet, default 8) or per class (tipstate, default 40)."),
     seed: int = typer.Option(1234),
 ):
     """Evaluate a shipped network on held-out simulated data; prints a table."""
@@ -158,7 +170,8 @@ def evaluate(
         from stm_live.models.tipstate import evaluate_main
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
-    evaluate_main(device=device, samples=samples, seed=seed)
+    with _user_errors():
+        evaluate_main(device=device, seed=seed, **({} if samples is None else {"samples": samples}))
 
 
 @app.command()
@@ -182,10 +195,8 @@ def runs_show(run: str, data_dir: Path = typer.Option(Path("stm_live_data"))):
     """Show one run's metadata and lines."""
     from stm_live.store import runs_show as _show
 
-    try:
+    with _user_errors():
         _show(run, data_dir=data_dir)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @runs_app.command("export")
@@ -197,10 +208,8 @@ def runs_export(
     """Export a run as a Nanonis .sxm file."""
     from stm_live.store import runs_export as _export
 
-    try:
+    with _user_errors():
         _export(run, sxm=sxm, data_dir=data_dir)
-    except ValueError as exc:
-        _fail(exc)
 
 
 @app.command()

@@ -305,14 +305,10 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
 
 def _load_models(device: str, *, tip: bool):
     """STM-Net (the offline check, shared with live reconstruction) and, in-process, the
-    tip classifier; a missing checkpoint is a user error with the fix in its message."""
+    tip classifier; a missing checkpoint raises FileNotFoundError naming the fix."""
     from stm_live.models import load_stmnet, load_tip_classifier
 
-    try:
-        return (load_stmnet(device=device),
-                load_tip_classifier(device=device) if tip else None)
-    except FileNotFoundError as exc:
-        raise ValueError(str(exc)) from None
+    return load_stmnet(device=device), load_tip_classifier(device=device) if tip else None
 
 
 def _summary_table(results: Sequence[ReplayResult], out: Path):

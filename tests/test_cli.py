@@ -114,6 +114,24 @@ def test_scan_runs_list_export_and_reconstruct(tmp_path, sim_server):
     assert psi.shape == (24, 32) and np.isfinite(psi).all()
 
 
+def test_scan_without_a_controller_is_one_line_not_a_traceback(tmp_path):
+    port = _free_port()  # nothing listens there
+    result = _invoke("scan", "--host", "127.0.0.1", "--port", str(port), "--pixels", "8", "--lines", "4",
+                     "--tip-policy", "off", "--data-dir", str(tmp_path / "data"))
+    assert result.exit_code == 2
+    assert f"cannot connect to 127.0.0.1:{port}" in result.output and "stm-live sim serve" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_evaluate_names_a_missing_checkpoint(tmp_path, monkeypatch):
+    from stm_live.models import tipstate
+
+    monkeypatch.setattr(tipstate, "DEFAULT_WEIGHTS", tmp_path / "tipstate.pt")
+    result = _invoke("evaluate", "--model", "tipstate", "--samples", "1")
+    assert result.exit_code == 2
+    assert "stm-live train --model tipstate" in result.output and "Traceback" not in result.output
+
+
 def test_reconstruct_npy_without_pixel_size_names_the_problem(tmp_path):
     image = tmp_path / "img.npy"
     np.save(image, np.random.default_rng(0).random((32, 32)).astype(np.float32))

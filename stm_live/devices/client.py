@@ -184,7 +184,8 @@ class NanonisClient:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
         except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc}") from exc
+            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc} (is the controller's TCP "
+                                 "interface, or `stm-live sim serve`, listening there?)") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
 
