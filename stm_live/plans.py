@@ -188,6 +188,46 @@ def live_frame(
     return (yield from bpp.finalize_wrapper(acquire(), _stop_scan(stm)))
 
 
+def check_recondition(stm: NanonisSTM, *, site: Sequence[float], method: str = "bias_pulse",
+                      frame_to_avoid: Mapping[str, float] | Sequence[float] | None = None, **params: float) -> None:
+    """Raise ValueError if :func:`recondition_tip` with these arguments would be refused
+    (site inside the imaged frame or outside the scan area, bias beyond the profile's limits,
+    unknown method or parameters). Plain function: callers decide before yielding a plan."""
+    _recondition_action(stm, site, method, frame_to_avoid, params)
+
+
+def _recondition_action(stm, site, method, frame_to_avoid, params):
+    """Checked site (m), the frame to avoid (cx, cy, w, h) and the action's plan."""
+    x, y = (float(v) for v in site)
+    avoid = None
+    if frame_to_avoid is not None:
+        cx, cy, w, h, _ = frame_tuple(frame_to_avoid)
+        avoid = (cx, cy, w, h)
+    if stm.profile is not None:
+        stm.profile.check_site(x, y, away_from=avoid)
+    elif avoid is not None and abs(x - avoid[0]) <= avoid[2] / 2 and abs(
+            y - avoid[1]) <= avoid[3] / 2:
+        raise ValueError(f"site ({x:g}, {y:g}) m lies inside the imaged frame {avoid}")
+    if method in ("bias_pulse", "pulse"):
+        unknown = set(params) - {"bias_V", "width_s"}
+        if unknown or {"bias_V", "width_s"} - set(params):
+            raise ValueError(f"bias_pulse takes bias_V and width_s, got {sorted(params)}")
+        if stm.profile is not None:
+            stm.profile.check_bias(params["bias_V"])
+        action_plan = _pulse(stm, params["width_s"], params["bias_V"])
+    elif method in ("poke", "tip_shaper"):
+        shaper = _shaper_settings(stm, params)
+        if stm.profile is not None:
+            for key in ("bias", "bias_lift"):
+                if key in shaper:
+                    stm.profile.check_bias(shaper[key])
+        action_plan = _poke(stm, shaper)
+    else:
+        raise ValueError(f"method must be 'bias_pulse' or 'poke', not {method!r}")
+
+    return x, y, avoid, action_plan
+
+
 def recondition_tip(
     stm: NanonisSTM,
     *,
@@ -230,33 +270,7 @@ def recondition_tip(
     --------
     live_frame
     """
-    x, y = (float(v) for v in site)
-    avoid = None
-    if frame_to_avoid is not None:
-        cx, cy, w, h, _ = frame_tuple(frame_to_avoid)
-        avoid = (cx, cy, w, h)
-    if stm.profile is not None:
-        stm.profile.check_site(x, y, away_from=avoid)
-    elif avoid is not None and abs(x - avoid[0]) <= avoid[2] / 2 and abs(
-            y - avoid[1]) <= avoid[3] / 2:
-        raise ValueError(f"site ({x:g}, {y:g}) m lies inside the imaged frame {avoid}")
-    if method in ("bias_pulse", "pulse"):
-        unknown = set(params) - {"bias_V", "width_s"}
-        if unknown or {"bias_V", "width_s"} - set(params):
-            raise ValueError(f"bias_pulse takes bias_V and width_s, got {sorted(params)}")
-        if stm.profile is not None:
-            stm.profile.check_bias(params["bias_V"])
-        action_plan = _pulse(stm, params["width_s"], params["bias_V"])
-    elif method in ("poke", "tip_shaper"):
-        shaper = _shaper_settings(stm, params)
-        if stm.profile is not None:
-            for key in ("bias", "bias_lift"):
-                if key in shaper:
-                    stm.profile.check_bias(shaper[key])
-        action_plan = _poke(stm, shaper)
-    else:
-        raise ValueError(f"method must be 'bias_pulse' or 'poke', not {method!r}")
-
+    x, y, avoid, action_plan = _recondition_action(stm, site, method, frame_to_avoid, params)
     _md = {"plan_name": "recondition_tip", "detectors": [stm.name],
            "plan_args": {"site": [x, y], "method": method, "params": dict(params),
                          "frame_to_avoid": list(avoid) if avoid else None},

@@ -404,7 +404,7 @@ class TipReconditioner:
         yield from bps.null()
 
     def _recondition(self):
-        from stm_live.plans import recondition_tip
+        from stm_live.plans import check_recondition, recondition_tip
 
         verdict = self._trigger_verdict or {}
         job = _Job("geometry", self._geometry)
@@ -419,19 +419,17 @@ class TipReconditioner:
         for attempt in range(1, self.max_attempts + 1):
             kind, params = self.actions[min(attempt - 1, len(self.actions) - 1)]
             self._note("action", attempt=attempt, kind=kind, params=params)
-            err = ""
+            action = dict(site=self.site, method=kind, frame_to_avoid=(cx, cy, w, h, ang), **params)
             try:
-                yield from bpp.set_run_key_wrapper(
-                    recondition_tip(self.stm, site=self.site, method=kind, frame_to_avoid=(cx, cy, w, h, ang),
-                                    md={"purpose": "tip reconditioning", "attempt": attempt}, **params),
-                    "recondition")
-            except ValueError as exc:  # a limit refused the action: record, try the next
-                err = f"refused: {exc}"
-            if err:
+                check_recondition(self.stm, **action)
+            except ValueError as exc:  # a limit refuses the action: record it, try the next
                 self.attempts.append(Attempt(attempt, kind, params, "", False))
                 yield from self._rec("refused", attempt=attempt, action=kind, params=json.dumps(params),
-                                     message=err)
+                                     message=f"refused: {exc}")
                 continue
+            yield from bpp.set_run_key_wrapper(
+                recondition_tip(self.stm, md={"purpose": "tip reconditioning", "attempt": attempt}, **action),
+                "recondition")
             job = _Job("verify", lambda: self._verify(geo))
             yield from bps.trigger(job, wait=True)
             v = job.result

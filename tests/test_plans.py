@@ -14,7 +14,7 @@ from ophyd import Signal
 
 from stm_live.devices.client import NanonisClient
 from stm_live.devices.stm import NanonisSTM
-from stm_live.plans import live_frame, recondition_tip, survey
+from stm_live.plans import check_recondition, live_frame, recondition_tip, survey
 from stm_live.store import JournalWriter, read_journal, run_data
 
 PIXELS, LINES = 32, 12
@@ -184,6 +184,18 @@ def test_controller_dropped_mid_scan_fails_run_and_keeps_lines(RE, tmp_path):
     assert len(read) >= 3
     got = run_data(read_journal(journal.path_for(docs[0][1]["uid"])))
     assert got.lines_read == read and got.exit_status == "fail"
+
+
+def test_check_recondition_refuses_what_the_plan_refuses_before_any_plan_runs(stm, sim_server):
+    before = len(sim_server.controller.recondition_log)
+    with pytest.raises(ValueError, match="inside the imaged frame"):
+        check_recondition(stm, site=(1e-9, 0.0), frame_to_avoid=FRAME, bias_V=1.5, width_s=0.01)
+    with pytest.raises(ValueError, match="takes bias_V and width_s"):
+        check_recondition(stm, site=(20e-9, 20e-9), frame_to_avoid=FRAME, bias_V=1.5)
+    with pytest.raises(ValueError, match="method must be"):
+        check_recondition(stm, site=(20e-9, 20e-9), method="zap")
+    check_recondition(stm, site=(20e-9, 20e-9), frame_to_avoid=FRAME, bias_V=1.5, width_s=0.01)
+    assert len(sim_server.controller.recondition_log) == before  # checking acts on nothing
 
 
 def test_recondition_refuses_site_in_frame_and_records_actions(RE, stm, sim_server, tmp_path):
