@@ -214,3 +214,21 @@ def test_constant_current_pairs_are_converted_with_current_from_z():
     x = training.network_inputs(batch)
     for zi, xi in zip(z_nm, x):
         np.testing.assert_allclose(xi, stmnet.normalise(current_from_z(zi, unit="nm")), atol=1e-6)
+
+
+def test_warm_start_keeps_the_architecture_and_records_the_lineage(tmp_path):
+    from stm_live.models.stmnet import DEFAULT_CHECKPOINT, STMNetConfig, load_stmnet, sha256_of
+    from stm_live.models.training import train_main
+
+    parent = load_stmnet(device="cpu")
+    out = tmp_path / "child.pt"
+    train_main(steps=2, out=out, device="cpu", seed=3, init=DEFAULT_CHECKPOINT, threads=1,
+               val_every=2, final_eval_samples=1, quiet=True)
+    child = load_stmnet(device="cpu", path=out)
+    assert child.net.config == parent.net.config
+    assert child.info["init_sha256"] == sha256_of(DEFAULT_CHECKPOINT)
+    assert child.info["total_steps"] == int(parent.info.get("total_steps", parent.info["steps"])) + 2
+    assert "warm start" in out.with_suffix(".md").read_text()
+    with pytest.raises(ValueError, match="architecture"):
+        train_main(steps=1, out=tmp_path / "other.pt", device="cpu", init=DEFAULT_CHECKPOINT,
+                   config=STMNetConfig(channels=8), quiet=True)

@@ -6,8 +6,8 @@ All physics comes from ``stm_live.simulators`` (one forward model for the whole 
   pixel_size_nm=TRAIN_PIXEL_SIZE_NM, ...)`` with the recipe in ``TRAIN_RECIPE``: 1-3
   molecules per frame (never ``HELD_OUT_MOLECULES``) at random positions and rotations, one
   level each from HOMO-2..LUMO+2 (degenerate partners summed), tip height 0.25-0.6 nm,
-  random CO-like tips (s share 0-0.6, p_x/p_y imbalance, a little p_z; 20 % coherent,
-  20 % tilted 5-25 deg), half the frames with a NaCl-like substrate pattern; constant height
+  random CO-like tips (s share 0-0.6, p_x/p_y imbalance, a little p_z; 30 % coherent,
+  30 % tilted 5-25 deg), half the frames with a NaCl-like substrate pattern; constant height
   (2/3, current in A) or constant current (1/3, tip height z in nm, turned into a current-like
   image with ``stmnet.current_from_z(z, unit="nm")`` as users do with a Z channel);
   ``CLEAN_SHARE`` of the frames clean, the rest with white + 1/f + row-offset noise at a
@@ -50,7 +50,7 @@ ORBITAL_LABELS = ("HOMO-2", "HOMO-1", "HOMO", "LUMO", "LUMO+1", "LUMO+2")
 TRAIN_NOISE = (0.0, 0.15)  # noise level range of the noisy frames (fraction of the input's peak-to-peak)
 CLEAN_SHARE = 0.3  # share of frames without noise
 TRAIN_RECIPE = dict(
-    heights=(0.25, 0.6), s_share=(0.0, 0.6), coherent_prob=0.2, tilt_prob=0.2,
+    heights=(0.25, 0.6), s_share=(0.0, 0.6), coherent_prob=0.3, tilt_prob=0.3,
     modes=("height", "height", "current"),  # drawn uniformly from this tuple: 2/3 constant height
     max_molecules=3, orbitals=ORBITAL_LABELS, substrate_prob=0.5,
 )
@@ -214,8 +214,13 @@ def _validate_net(net: STMNet, device, val) -> tuple[float, float]:
 def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0, resume: bool = False, *,
                batch: int = 12, crop: int = 64, lr: float = 2e-3, threads: int = 2,
                config: STMNetConfig | None = None, val_every: int = 500, ckpt_every: int = 500,
-               final_eval_samples: int = 4, quiet: bool = False) -> dict:
-    """Train STM-Net and write ``out`` (checkpoint), ``out.sha256`` and the model card."""
+               final_eval_samples: int = 4, quiet: bool = False, init: Path | None = None) -> dict:
+    """Train STM-Net and write ``out`` (checkpoint), ``out.sha256`` and the model card.
+
+    ``init``: warm start from a (hash-verified) STM-Net checkpoint, whose architecture is kept;
+    the new run has its own learning-rate cycle and data stream (``seed``), and the card and
+    checkpoint record the lineage (``init_sha256``, ``total_steps``).
+    """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     if steps < 1:
@@ -227,7 +232,19 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    net = STMNet(config or STMNetConfig()).to(dev)
+    lineage = {"total_steps": steps}
+    if init is not None:
+        from stm_live.models.stmnet import load_stmnet
+
+        parent = load_stmnet(device="cpu", path=init)
+        if config is not None and config != parent.net.config:
+            raise ValueError(f"--init: {init} has architecture {asdict(parent.net.config)}, not {asdict(config)}")
+        net = parent.net.train().to(dev)
+        parent_steps = int(parent.info.get("total_steps", parent.info.get("steps", 0)))
+        lineage = {"init_sha256": sha256_of(Path(init)), "init_steps": parent_steps,
+                   "total_steps": parent_steps + steps}
+    else:
+        net = STMNet(config or STMNetConfig()).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     start, history, elapsed_before = 0, [], 0.0
@@ -290,10 +307,10 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
         prefetch.close()
     wall = elapsed_before + time.perf_counter() - t0
     net.eval()
-    torch.save(net.cpu().checkpoint(pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=steps, seed=seed), out)
+    torch.save(net.cpu().checkpoint(pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=steps, seed=seed, **lineage), out)
     digest = sha256_of(out)
     hash_path(out).write_text(f"{digest}  {out.name}\n")
-    summary = {"steps": steps, "wall_s": wall, "data_wait_s": wait_s, "history": history, "sha256": digest,
+    summary = {"steps": steps, **lineage, "wall_s": wall, "data_wait_s": wait_s, "history": history, "sha256": digest,
                "device": str(dev), "params": sum(p.numel() for p in net.parameters())}
     # final metrics with the Reconstructor exactly as users run it
     from stm_live.models.metrics import quality_tables
@@ -328,6 +345,8 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         f"- trained with: `{command}`",
         f"- steps: {s['steps']}, batch {batch}, crops {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px, "
         f"AdamW lr {lr} one-cycle, weight decay 1e-4, seed {seed}",
+        *([f"- warm start: from the checkpoint with sha256 `{s['init_sha256']}` ({s['init_steps']} steps; its card "
+           f"is in the project history), {s['total_steps']} steps in all"] if "init_sha256" in s else []),
         "- loss: L1 + 0.5 (1 - SSIM) on max-normalised |psi|^2 targets",
         f"- wall time: {s['wall_s'] / 60:.1f} min (of which waiting for data {s['data_wait_s']:.0f} s)",
         f"- hardware: {s['device']}, {platform.machine()} {platform.processor() or ''}, "
@@ -339,7 +358,8 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         "model; `stm_live/models/training.py` docstring and `TRAIN_RECIPE` have the details): molecules "
         f"{', '.join(TRAIN_MOLECULES)}; {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px; orbitals "
         "HOMO-2..LUMO+2 (degenerate partners summed); tip heights 0.25-0.6 nm; random CO-like tips "
-        "(s share 0-0.6, p_x/p_y imbalance, a little p_z; 20 % coherent s-p, 20 % tilted 5-25 deg); "
+        f"(s share 0-0.6, p_x/p_y imbalance, a little p_z; {TRAIN_RECIPE['coherent_prob']:.0%} coherent s-p, "
+        f"{TRAIN_RECIPE['tilt_prob']:.0%} tilted 5-25 deg); "
         "1-3 molecules per frame at random position/rotation; NaCl-like substrate pattern on half the "
         "frames; constant height (2/3) and constant current (1/3, Z map in nm converted with "
         "`current_from_z(z, unit=\"nm\")`); 30 % clean, the rest white + 1/f + row-offset noise at "
