@@ -164,38 +164,41 @@ def latency_ms(reconstructor, size: int, repeats: int = 5) -> float:
     return 1e3 * float(np.median(times))
 
 
+def _means(results: list[dict]) -> dict:
+    """{method: (mean PSNR, mean SSIM, n)} over the frames of several ``evaluate_batch`` results."""
+    return {k: (float(np.mean(np.concatenate([r[k][0] for r in results]))),
+                float(np.mean(np.concatenate([r[k][1] for r in results]))),
+                sum(len(r[k][0]) for r in results))
+            for k in results[0]}
+
+
 def quality_tables(reconstructor, *, samples: int = 8, seed: int = 1234, size: int = 96,
                    noise_levels=(0.0, 0.02, 0.05, 0.1, 0.2)) -> dict:
-    """Rows per (set, molecule, orbital, tip) and summaries, plus a noise-degradation curve."""
+    """Rows per (set, molecule, orbital, tip), summaries per set and per (set, tip), plus a
+    noise-degradation curve; each entry is {method: (mean PSNR, mean SSIM, n)}."""
     from stm_live.models.training import eval_cells, make_eval_pairs
 
     px = reconstructor.pixel_size_nm
     rows, summary, by_tip = [], {}, {}
     for split in ("in-distribution", "held-out"):
-        agg = {k: ([], []) for k in ("stmnet", "identity", "classical")}
+        results = []
         for cell in eval_cells(split):
             inputs, targets = make_eval_pairs(cell, samples, seed=seed, size=size, pixel_size_nm=px)
             res = evaluate_batch(reconstructor, inputs, targets, px)
-            rows.append((split, cell, {k: (float(np.mean(p)), float(np.mean(s))) for k, (p, s) in res.items()}))
-            tip_agg = by_tip.setdefault((split, cell["tip"]), {k: ([], []) for k in res})
-            for k, (p, s) in res.items():
-                for store in (agg, tip_agg):
-                    store[k][0].extend(p.tolist())
-                    store[k][1].extend(s.tolist())
-        summary[split] = {k: (float(np.mean(p)), float(np.mean(s)), len(p)) for k, (p, s) in agg.items()}
-    # where the gap is: tilted and coherent tips also move and reshape the image, not only blur it
-    by_tip = {key: {k: (float(np.mean(p)), float(np.mean(s)), len(p)) for k, (p, s) in agg.items()}
-              for key, agg in by_tip.items()}
+            results.append(res)
+            rows.append((split, cell, _means([res])))
+            # where the gap is: tilted and coherent tips also move and reshape the image
+            by_tip.setdefault((split, cell["tip"]), []).append(res)
+        summary[split] = _means(results)
+    by_tip = {key: _means(results) for key, results in by_tip.items()}
     curve = []
     for level in noise_levels:
-        agg = {k: ([], []) for k in ("stmnet", "identity", "classical")}
+        results = []
         for cell in eval_cells("held-out"):
             inputs, targets = make_eval_pairs(cell, max(2, samples // 2), seed=seed + 1, size=size,
                                               pixel_size_nm=px, noise=level)
-            for k, (p, s) in evaluate_batch(reconstructor, inputs, targets, px).items():
-                agg[k][0].extend(p.tolist())
-                agg[k][1].extend(s.tolist())
-        curve.append((level, {k: (float(np.mean(p)), float(np.mean(s))) for k, (p, s) in agg.items()}))
+            results.append(evaluate_batch(reconstructor, inputs, targets, px))
+        curve.append((level, _means(results)))
     return {"rows": rows, "summary": summary, "by_tip": by_tip, "noise_curve": curve}
 
 
