@@ -26,6 +26,11 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _given(**options) -> dict:
+    """The options the user set: the rest keep the called function's own defaults."""
+    return {k: v for k, v in options.items() if v is not None}
+
+
 @contextmanager
 def _user_errors():
     """The CLI's one error boundary: what a user can fix (bad input, a missing file, a
@@ -150,9 +155,9 @@ def train(
             _fail(ValueError("--init is for --model stmnet"))
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
-    extra = {k: v for k, v in {"lr": lr, "threads": threads, "init": init}.items() if v is not None}
     with _user_errors():
-        train_main(steps=steps, out=out, device=device, seed=seed, resume=resume, **extra)
+        train_main(steps=steps, out=out, device=device, seed=seed, resume=resume,
+                   **_given(lr=lr, threads=threads, init=init))
 
 
 @app.command()
@@ -171,7 +176,7 @@ def evaluate(
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
     with _user_errors():
-        evaluate_main(device=device, seed=seed, **({} if samples is None else {"samples": samples}))
+        evaluate_main(device=device, seed=seed, **_given(samples=samples))
 
 
 @app.command()
