@@ -126,12 +126,13 @@ def reconstruct(
     channel: Optional[str] = typer.Option(None, help=".sxm channel (default: Current, else Z)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .npy, .png or .sxm."),
     device: str = typer.Option("auto"),
+    views: int = typer.Option(4, help="Symmetry views averaged: 4 (best), 2 or 1 (fastest)."),
 ):
     """Reconstruct the pristine orbital |psi|^2 from a CO-tip image."""
     from stm_live.models.stmnet import reconstruct_file
 
     with _user_errors():
-        reconstruct_file(input, output, pixel_size_nm=pixel_size, channel=channel, device=device)
+        reconstruct_file(input, output, pixel_size_nm=pixel_size, channel=channel, device=device, views=views)
 
 
 @app.command()

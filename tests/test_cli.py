@@ -138,6 +138,12 @@ def test_reconstruct_npy_without_pixel_size_names_the_problem(tmp_path):
     result = runner.invoke(app, ["reconstruct", str(image), "-o", str(tmp_path / "o.npy")])
     assert result.exit_code != 0
     assert "pixel" in result.output.lower()
+    result = runner.invoke(app, ["reconstruct", str(image), "--pixel-size", "0.05", "--views", "3",
+                                 "-o", str(tmp_path / "o.npy")])
+    assert result.exit_code == 2 and "symmetry views must be one of [1, 2, 4], got 3" in result.output
+    result = runner.invoke(app, ["reconstruct", str(image), "--pixel-size", "0.05", "--views", "1",
+                                 "-o", str(tmp_path / "o.npy")])
+    assert result.exit_code == 0 and np.load(tmp_path / "o.npy").shape == (32, 32)
 
 
 def test_view_serves_the_page_following_a_data_dir(tmp_path):

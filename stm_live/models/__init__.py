@@ -4,11 +4,11 @@ Loaders are imported lazily so ``import stm_live.models`` does not pull torch.
 """
 
 
-def load_stmnet(device: str | None = "auto", path=None):
+def load_stmnet(device: str | None = "auto", path=None, *, symmetries: int = 4):
     """The shipped STM-Net checkpoint as a ``Reconstructor`` (see ``stmnet.py``)."""
     from stm_live.models.stmnet import load_stmnet as _load
 
-    return _load(device=device, path=path)
+    return _load(device=device, path=path, symmetries=symmetries)
 
 
 def load_tip_classifier(device: str | None = "auto", path=None):

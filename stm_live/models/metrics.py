@@ -240,15 +240,22 @@ def print_quality(result: dict, *, show_rows: bool = True) -> None:
     console.print(t)
 
 
-def print_latency(reconstructor, sizes=(128, 256, 512)) -> dict:
+def print_latency(reconstructor, sizes=(128, 256, 512), views=(1, 2, 4)) -> dict:
+    """Median ms per frame size for each number of symmetry views (one network pass each)."""
     from rich.table import Table
 
-    res = {s: latency_ms(reconstructor, s) for s in sizes}
-    t = Table(title=f"Inference latency ({reconstructor.device.type}, torch threads={torch.get_num_threads()})")
+    from stm_live.models.stmnet import Reconstructor
+
+    res = {k: {s: latency_ms(Reconstructor(reconstructor.net, reconstructor.pixel_size_nm,
+                                           device=reconstructor.device, symmetries=k), s) for s in sizes}
+           for k in views}
+    t = Table(title=f"Inference latency, median ms ({reconstructor.device.type}, torch threads="
+                    f"{torch.get_num_threads()}; default {reconstructor.symmetries} views)")
     t.add_column("frame")
-    t.add_column("median ms")
-    for s, ms in res.items():
-        t.add_row(f"{s}x{s}", f"{ms:.1f}")
+    for k in views:
+        t.add_column(f"{k} view{'s' if k > 1 else ''}")
+    for s in sizes:
+        t.add_row(f"{s}x{s}", *(f"{res[k][s]:.1f}" for k in views))
     _console().print(t)
     return res
 

@@ -134,22 +134,34 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 # --------------------------------------------------------------------------- inference
+# Views the output is averaged over, as (transpose, rotate by 180 deg): the identity, the
+# 180-degree rotation and the two diagonal mirrors. A coherent s-p CO tip shifts the image
+# along the (1, 1) diagonal (|psi + a.grad psi|^2 ~ |psi(r + a)|^2); these views keep that axis,
+# mirrors about x or y would not (on a validation seed they cost coherent-tip frames 4 dB).
+SYMMETRY_VIEWS = {1: ((False, False),), 2: ((False, False), (False, True)),
+                  4: ((False, False), (False, True), (True, False), (True, True))}
+
+
 class Reconstructor:
     """Pixel-size-aware STM-Net inference on one image.
 
     ``reconstruct(image, pixel_size_nm)``: validates, fills NaN (unscanned) pixels, normalises
     (percentiles), resamples to the training pixel size, reflect-pads to a multiple of
-    ``2**depth``, runs the network (tiled with overlap for large frames), resamples back,
-    clips at 0 and puts NaN back where the input was NaN. Output: float32, same shape,
-    |psi|^2 estimate on an arbitrary scale (about 0..1).
+    ``2**depth``, runs the network (tiled with overlap for large frames; averaged over
+    ``symmetries`` views, see :data:`SYMMETRY_VIEWS`), resamples back, clips at 0 and puts
+    NaN back where the input was NaN. Output: float32, same shape, |psi|^2 estimate on an
+    arbitrary scale (about 0..1).
     """
 
     def __init__(self, net: STMNet, pixel_size_nm: float, *, device="cpu", tile: int = 512, overlap: int = 32,
-                 info: dict | None = None):
+                 info: dict | None = None, symmetries: int = 4):
+        if symmetries not in SYMMETRY_VIEWS:
+            raise ValueError(f"symmetry views must be one of {sorted(SYMMETRY_VIEWS)}, got {symmetries!r}")
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.pixel_size_nm = float(pixel_size_nm)
         self.tile, self.overlap = tile, overlap
+        self.symmetries = symmetries
         self.info = info or {}
 
     # -- checks
@@ -195,6 +207,16 @@ class Reconstructor:
         return out / weight
 
     def _run_padded(self, x: torch.Tensor) -> torch.Tensor:
+        """The network's output averaged over the symmetry views of ``x`` (each mapped back)."""
+        out = 0.0
+        for transpose, rotate in SYMMETRY_VIEWS[self.symmetries]:
+            v = x.transpose(-2, -1) if transpose else x
+            y = self._net_padded(v.flip(-2, -1) if rotate else v)
+            y = y.flip(-2, -1) if rotate else y
+            out = out + (y.transpose(-2, -1) if transpose else y)
+        return out / len(SYMMETRY_VIEWS[self.symmetries])
+
+    def _net_padded(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         m = self.net.multiple
         ph, pw = (-h) % m, (-w) % m
@@ -248,8 +270,10 @@ def hash_path(checkpoint: Path) -> Path:
     return Path(checkpoint).with_suffix(".sha256")
 
 
-def load_stmnet(device: str | None = "auto", path: str | Path | None = None) -> Reconstructor:
-    """The STM-Net checkpoint (default: the shipped one) as a ``Reconstructor``.
+def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
+                symmetries: int = 4) -> Reconstructor:
+    """The STM-Net checkpoint (default: the shipped one) as a ``Reconstructor`` averaging over
+    ``symmetries`` views (1, 2 or 4; each costs one network pass).
 
     The file's SHA-256 must match the hash stored beside it (``<name>.sha256``); it is
     loaded with ``torch.load(weights_only=True)``.
@@ -272,7 +296,7 @@ def load_stmnet(device: str | None = "auto", path: str | Path | None = None) -> 
     except Exception as exc:  # unreadable despite a matching hash: say so, with the fix
         raise ValueError(f"STM-Net checkpoint {path} could not be loaded ({exc}); {RETRAIN_HINT}") from exc
     info = {k: v for k, v in state.items() if k not in ("state_dict",)}
-    return Reconstructor(net, float(state["pixel_size_nm"]), device=device, info=info)
+    return Reconstructor(net, float(state["pixel_size_nm"]), device=device, info=info, symmetries=symmetries)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -296,8 +320,9 @@ def _sxm_image(scan, channel: str | None) -> tuple[np.ndarray, str]:
 
 
 def reconstruct_file(input, output, *, pixel_size_nm: float | None = None, channel: str | None = None,
-                     device: str = "auto") -> Path:
-    """``stm-live reconstruct``: .npy/.sxm in, .npy/.png/.sxm out (chosen by the suffix)."""
+                     device: str = "auto", views: int = 4) -> Path:
+    """``stm-live reconstruct``: .npy/.sxm in, .npy/.png/.sxm out (chosen by the suffix), the
+    output averaged over ``views`` symmetry views."""
     src, dst = Path(input), Path(output)
     if not src.is_file():
         raise ValueError(f"input file not found: {src}")
@@ -317,7 +342,7 @@ def reconstruct_file(input, output, *, pixel_size_nm: float | None = None, chann
             pixel_size_nm = float(scan.range_m[0]) / int(scan.pixels) * 1e9
     else:
         raise ValueError(f"input must be .npy or .sxm, got {src.name!r}")
-    recon = load_stmnet(device=device).reconstruct(image, pixel_size_nm)
+    recon = load_stmnet(device=device, symmetries=views).reconstruct(image, pixel_size_nm)
     dst.parent.mkdir(parents=True, exist_ok=True)
     suffix = dst.suffix.lower()
     if suffix == ".npy":

@@ -323,6 +323,7 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
     from stm_live.models.metrics import latency_ms
 
     summary["latency_ms"] = {size: latency_ms(rec, size) for size in (128, 256, 512)}
+    summary["symmetry_views"] = rec.symmetries
     _write_card(out, summary, batch=batch, crop=crop, lr=lr, seed=seed, threads=threads)
     if state_path.exists():
         state_path.unlink()
@@ -378,7 +379,9 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         "|---|---|---|---|",
     ]
     lines += [f"| {int(h[0])} | {h[1]:.4f} | {h[2]:.2f} | {h[3]:.4f} |" for h in s["history"]]
-    lines += ["", "## Final metrics (clean inputs, min-max normalised, SSIM Gaussian 11/1.5)", "",
+    rec_views = s["symmetry_views"]
+    lines += ["", f"## Final metrics (clean inputs, min-max normalised, SSIM Gaussian 11/1.5; output averaged over "
+              f"{rec_views} symmetry views, `stmnet.SYMMETRY_VIEWS`)", "",
               "| set | n | STM-Net PSNR | STM-Net SSIM | identity PSNR | identity SSIM | classical PSNR | classical SSIM |",
               "|---|---|---|---|---|---|---|---|"]
     for split, r in q["summary"].items():
@@ -395,8 +398,8 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
               "`tip.TIP_PRESETS` tips co / coherent_co / tilted_co plus co with s = 0.4, one molecule, "
               "z 0.3-0.5 nm, 96x96 px, fixed seeds).", ""]
     if s.get("latency_ms"):
-        lines += [f"Inference latency (`Reconstructor.reconstruct`, {s['device']}, {threads} torch threads, "
-                  "median of 5):", "", "| frame | ms |", "|---|---|"]
+        lines += [f"Inference latency (`Reconstructor.reconstruct` averaging {rec_views} symmetry views, "
+                  f"{s['device']}, {threads} torch threads, median of 5):", "", "| frame | ms |", "|---|---|"]
         lines += [f"| {k}x{k} | {v:.1f} |" for k, v in s["latency_ms"].items()]
     lines += ["", "Classical baseline: linearised Chen-rule Tikhonov inversion (`metrics.chen_tikhonov`). "
               "Reproduce the tables with `stm-live evaluate --model stmnet`; LPIPS is not reported "
