@@ -1,6 +1,6 @@
-"""STM-Net quality (PSNR/SSIM vs identity and the classical baseline, noise curve) with the
-default symmetry averaging and with a single pass, and inference latency at 128^2, 256^2,
-512^2 for 1, 2 and 4 views (CPU; CUDA too when present).
+"""STM-Net quality (PSNR/SSIM vs identity and the classical baseline, noise curve) and
+inference latency at 128^2, 256^2, 512^2, each for 1, 2 (the default) and 4 symmetry views
+(CPU; CUDA too when present).
 
 Run: ``python -m benchmarks stmnet`` or ``stm-live bench --only stmnet``.
 Set ``STM_LIVE_BENCH_SAMPLES`` (frames per cell, default 4) for a longer run.
@@ -16,7 +16,7 @@ import torch
 
 def main() -> None:
     from stm_live.models.metrics import print_latency, print_quality, quality_tables
-    from stm_live.models.stmnet import Reconstructor, load_stmnet
+    from stm_live.models.stmnet import SYMMETRY_VIEWS, Reconstructor, load_stmnet
 
     threads = int(os.environ.get("STM_LIVE_BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
@@ -24,10 +24,10 @@ def main() -> None:
     rec = load_stmnet(device="cpu")
     print(f"checkpoint: {rec.info.get('steps')} steps, training pixel size {rec.pixel_size_nm} nm; "
           f"{samples} frames per cell, 96x96 px; torch threads {threads}")
-    for views in (rec.symmetries, 1):  # the default, then a single pass for comparison
+    for views in sorted(SYMMETRY_VIEWS):
         t = time.perf_counter()
         r = Reconstructor(rec.net, rec.pixel_size_nm, device="cpu", symmetries=views)
-        print(f"\n== output averaged over {views} symmetry view(s) ==")
+        print(f"\n== output averaged over {views} symmetry view(s){' (default)' if views == rec.symmetries else ''} ==")
         print_quality(quality_tables(r, samples=samples, seed=1234), show_rows=False)
         print(f"(quality: {time.perf_counter() - t:.1f} s)")
     print_latency(rec)

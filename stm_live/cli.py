@@ -126,7 +126,7 @@ def reconstruct(
     channel: Optional[str] = typer.Option(None, help=".sxm channel (default: Current, else Z)."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .npy, .png or .sxm."),
     device: str = typer.Option("auto"),
-    views: int = typer.Option(4, help="Symmetry views averaged: 4 (best), 2 or 1 (fastest)."),
+    views: int = typer.Option(2, help="Symmetry views averaged: 2 (default), 4 (best, 2x slower) or 1 (fastest)."),
 ):
     """Reconstruct the pristine orbital |psi|^2 from a CO-tip image."""
     from stm_live.models.stmnet import reconstruct_file

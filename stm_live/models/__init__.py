@@ -4,11 +4,11 @@ Loaders are imported lazily so ``import stm_live.models`` does not pull torch.
 """
 
 
-def load_stmnet(device: str | None = "auto", path=None, *, symmetries: int = 4):
+def load_stmnet(device: str | None = "auto", path=None, **options):
     """The shipped STM-Net checkpoint as a ``Reconstructor`` (see ``stmnet.py``)."""
     from stm_live.models.stmnet import load_stmnet as _load
 
-    return _load(device=device, path=path, symmetries=symmetries)
+    return _load(device=device, path=path, **options)
 
 
 def load_tip_classifier(device: str | None = "auto", path=None):
