@@ -16,7 +16,7 @@ import torch
 
 def main() -> None:
     from stm_live.models.metrics import print_latency, print_quality, quality_tables
-    from stm_live.models.stmnet import SYMMETRY_VIEWS, Reconstructor, load_stmnet
+    from stm_live.models.stmnet import SYMMETRY_VIEWS, load_stmnet
 
     threads = int(os.environ.get("STM_LIVE_BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
@@ -26,9 +26,8 @@ def main() -> None:
           f"{samples} frames per cell, 96x96 px; torch threads {threads}")
     for views in sorted(SYMMETRY_VIEWS):
         t = time.perf_counter()
-        r = Reconstructor(rec.net, rec.pixel_size_nm, device="cpu", symmetries=views)
-        print(f"\n== output averaged over {views} symmetry view(s){' (default)' if views == rec.symmetries else ''} ==")
-        print_quality(quality_tables(r, samples=samples, seed=1234), show_rows=False)
+        print(f"\n== output averaged over {views} symmetry view(s){' (default)' if views == rec.views else ''} ==")
+        print_quality(quality_tables(rec.with_views(views), samples=samples, seed=1234), show_rows=False)
         print(f"(quality: {time.perf_counter() - t:.1f} s)")
     print_latency(rec)
     if torch.cuda.is_available():

@@ -91,17 +91,17 @@ def test_symmetry_averaging_makes_the_output_equivariant(rec, perylene_pair):
     or transposing the input then does the same to the output (up to float error); with one
     view it need not."""
     x, _ = perylene_pair  # 96 x 96: a multiple of the network's stride, so padding is symmetric
-    four = stmnet.Reconstructor(rec.net, rec.pixel_size_nm, device="cpu", symmetries=4)
+    four = rec.with_views(4)
     for r, views in ((rec, [lambda a: a[::-1, ::-1]]), (four, [lambda a: a[::-1, ::-1], lambda a: a.T])):
         y = r.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
         for view in views:
             np.testing.assert_allclose(view(r.reconstruct(np.ascontiguousarray(view(x)), TRAIN_PIXEL_SIZE_NM)), y,
                                        atol=1e-5)
-    single = stmnet.Reconstructor(rec.net, rec.pixel_size_nm, device="cpu", symmetries=1)
+    single = rec.with_views(1)
     assert np.abs(single.reconstruct(x[::-1, ::-1].copy(), TRAIN_PIXEL_SIZE_NM)[::-1, ::-1]
                   - single.reconstruct(x, TRAIN_PIXEL_SIZE_NM)).max() > 1e-3
     with pytest.raises(ValueError, match="symmetry views must be one of"):
-        stmnet.Reconstructor(rec.net, rec.pixel_size_nm, symmetries=3)
+        rec.with_views(3)
 
 
 def test_shipped_checkpoint_beats_identity_on_held_out_frames(rec):

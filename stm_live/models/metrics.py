@@ -244,13 +244,12 @@ def print_latency(reconstructor, sizes=(128, 256, 512), views=(1, 2, 4)) -> dict
     """Median ms per frame size for each number of symmetry views (one network pass each)."""
     from rich.table import Table
 
-    from stm_live.models.stmnet import Reconstructor
-
-    res = {k: {s: latency_ms(Reconstructor(reconstructor.net, reconstructor.pixel_size_nm,
-                                           device=reconstructor.device, symmetries=k), s) for s in sizes}
-           for k in views}
+    res = {}
+    for k in views:
+        with_k = reconstructor.with_views(k)
+        res[k] = {s: latency_ms(with_k, s) for s in sizes}
     t = Table(title=f"Inference latency, median ms ({reconstructor.device.type}, torch threads="
-                    f"{torch.get_num_threads()}; default {reconstructor.symmetries} views)")
+                    f"{torch.get_num_threads()}; default {reconstructor.views} views)")
     t.add_column("frame")
     for k in views:
         t.add_column(f"{k} view{'s' if k > 1 else ''}")

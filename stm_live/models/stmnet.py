@@ -151,21 +151,26 @@ class Reconstructor:
     ``reconstruct(image, pixel_size_nm)``: validates, fills NaN (unscanned) pixels, normalises
     (percentiles), resamples to the training pixel size, reflect-pads to a multiple of
     ``2**depth``, runs the network (tiled with overlap for large frames; averaged over
-    ``symmetries`` views, see :data:`SYMMETRY_VIEWS`), resamples back, clips at 0 and puts
+    ``views`` symmetry views, see :data:`SYMMETRY_VIEWS`), resamples back, clips at 0 and puts
     NaN back where the input was NaN. Output: float32, same shape, |psi|^2 estimate on an
     arbitrary scale (about 0..1).
     """
 
     def __init__(self, net: STMNet, pixel_size_nm: float, *, device="cpu", tile: int = 512, overlap: int = 32,
-                 info: dict | None = None, symmetries: int = DEFAULT_VIEWS):
-        if symmetries not in SYMMETRY_VIEWS:
-            raise ValueError(f"symmetry views must be one of {sorted(SYMMETRY_VIEWS)}, got {symmetries!r}")
+                 info: dict | None = None, views: int = DEFAULT_VIEWS):
+        if views not in SYMMETRY_VIEWS:
+            raise ValueError(f"symmetry views must be one of {sorted(SYMMETRY_VIEWS)}, got {views!r}")
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.pixel_size_nm = float(pixel_size_nm)
         self.tile, self.overlap = tile, overlap
-        self.symmetries = symmetries
+        self.views = views
         self.info = info or {}
+
+    def with_views(self, views: int) -> "Reconstructor":
+        """The same network and settings, averaging over ``views`` symmetry views."""
+        return Reconstructor(self.net, self.pixel_size_nm, device=self.device, tile=self.tile,
+                             overlap=self.overlap, info=self.info, views=views)
 
     # -- checks
     @staticmethod
@@ -212,12 +217,12 @@ class Reconstructor:
     def _run_padded(self, x: torch.Tensor) -> torch.Tensor:
         """The network's output averaged over the symmetry views of ``x`` (each mapped back)."""
         out = 0.0
-        for transpose, rotate in SYMMETRY_VIEWS[self.symmetries]:
+        for transpose, rotate in SYMMETRY_VIEWS[self.views]:
             v = x.transpose(-2, -1) if transpose else x
             y = self._net_padded(v.flip(-2, -1) if rotate else v)
             y = y.flip(-2, -1) if rotate else y
             out = out + (y.transpose(-2, -1) if transpose else y)
-        return out / len(SYMMETRY_VIEWS[self.symmetries])
+        return out / len(SYMMETRY_VIEWS[self.views])
 
     def _net_padded(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -274,9 +279,9 @@ def hash_path(checkpoint: Path) -> Path:
 
 
 def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
-                symmetries: int = DEFAULT_VIEWS) -> Reconstructor:
+                views: int = DEFAULT_VIEWS) -> Reconstructor:
     """The STM-Net checkpoint (default: the shipped one) as a ``Reconstructor`` averaging over
-    ``symmetries`` views (1, 2 or 4; each costs one network pass).
+    ``views`` symmetry views (1, 2 or 4; each costs one network pass).
 
     The file's SHA-256 must match the hash stored beside it (``<name>.sha256``); it is
     loaded with ``torch.load(weights_only=True)``.
@@ -299,7 +304,7 @@ def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
     except Exception as exc:  # unreadable despite a matching hash: say so, with the fix
         raise ValueError(f"STM-Net checkpoint {path} could not be loaded ({exc}); {RETRAIN_HINT}") from exc
     info = {k: v for k, v in state.items() if k not in ("state_dict",)}
-    return Reconstructor(net, float(state["pixel_size_nm"]), device=device, info=info, symmetries=symmetries)
+    return Reconstructor(net, float(state["pixel_size_nm"]), device=device, info=info, views=views)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -345,7 +350,7 @@ def reconstruct_file(input, output, *, pixel_size_nm: float | None = None, chann
             pixel_size_nm = float(scan.range_m[0]) / int(scan.pixels) * 1e9
     else:
         raise ValueError(f"input must be .npy or .sxm, got {src.name!r}")
-    recon = load_stmnet(device=device, symmetries=views).reconstruct(image, pixel_size_nm)
+    recon = load_stmnet(device=device, views=views).reconstruct(image, pixel_size_nm)
     dst.parent.mkdir(parents=True, exist_ok=True)
     suffix = dst.suffix.lower()
     if suffix == ".npy":

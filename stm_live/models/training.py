@@ -323,7 +323,7 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
     from stm_live.models.metrics import latency_ms
 
     summary["latency_ms"] = {size: latency_ms(rec, size) for size in (128, 256, 512)}
-    summary["symmetry_views"] = rec.symmetries
+    summary["symmetry_views"] = rec.views
     _write_card(out, summary, batch=batch, crop=crop, lr=lr, seed=seed, threads=threads)
     if state_path.exists():
         state_path.unlink()
