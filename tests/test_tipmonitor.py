@@ -9,7 +9,7 @@ from event_model import compose_run
 
 from stm_live.callbacks.tipmonitor import VERDICT_STREAM, TipMonitor
 from stm_live.models import load_tip_classifier
-from stm_live.models.tipstate import TIP_CLASSES, simulate_scan
+from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, TIP_CLASSES, simulate_scan
 
 N = 96
 
@@ -64,7 +64,9 @@ def test_monitor_emits_verdict_run_and_timeline():
     assert start["parent_uid"] == frame_uid and start["purpose"] == "tip_verdicts"
     assert out[1][1]["name"] == VERDICT_STREAM
     events = [d for n, d in out if n == "event"]
-    assert len(events) == len(mon.timeline) == len(verdicts) >= N // 16
+    assert len(events) == len(mon.timeline) == len(verdicts) >= 4
+    # the first verdict waits for MIN_VERDICT_HEIGHT_NM of frame (7 nm over N lines)
+    assert verdicts[0]["line"] + 1 == int(np.ceil(MIN_VERDICT_HEIGHT_NM / (7.0 / N)))
     for e in events:
         assert e["data"]["label"] in TIP_CLASSES and len(e["data"]["probabilities"]) == len(TIP_CLASSES)
     # the change was located within 3 lines and a verdict followed it

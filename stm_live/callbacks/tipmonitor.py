@@ -51,6 +51,10 @@ class TipMonitor:
         classify every this many lines (plus after a change and at the end of the frame).
     min_rows:
         fewest lines the classifier is given.
+    min_height_nm:
+        ...and the fewest nanometres of frame height (default
+        ``tipstate.MIN_VERDICT_HEIGHT_NM``, where it says why). Frames shorter than this
+        are judged at their end.
     on_verdict:
         ``callable(record: dict)``, called on the worker thread for every verdict.
     watch_factory:
@@ -58,6 +62,7 @@ class TipMonitor:
     """
 
     def __init__(self, classifier=None, *, every_n_lines: int = 16, min_rows: int = 16,
+                 min_height_nm: float | None = None,
                  on_verdict: Callable[[dict], Any] | None = None, stream: str = "primary",
                  watch_factory: Callable[[], TipWatch] = TipWatch, device: str = "auto"):
         if every_n_lines < 1:
@@ -66,6 +71,9 @@ class TipMonitor:
         self._device = device
         self.every_n_lines = int(every_n_lines)
         self.min_rows = int(min_rows)
+        from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM
+
+        self.min_height_nm = float(MIN_VERDICT_HEIGHT_NM if min_height_nm is None else min_height_nm)
         self.on_verdict = on_verdict
         self.stream = stream
         self._watch_factory = watch_factory
@@ -197,11 +205,26 @@ class TipMonitor:
             self._pending_change = change.line
         seg = row + 1 - self._segment_start
         due = row - self._last_classified >= self.every_n_lines
-        if getattr(self, "_pending_change", None) is not None and seg >= self.min_rows:
+        need = self._rows_needed()
+        if getattr(self, "_pending_change", None) is not None and seg >= need:
             self._classify(row, reason=f"tip change detected at line {self._pending_change}")
             self._pending_change = None
-        elif due and row + 1 >= self.min_rows:
+        elif due and row + 1 >= need:
             self._classify(row, reason="periodic")
+
+    def _line_spacing_nm(self) -> float | None:
+        try:
+            line_nm = float(self._asm.block["frame"]["height_m"]) / int(self._asm.block["lines"]) * 1e9
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+        return line_nm if np.isfinite(line_nm) and line_nm > 0 else None
+
+    def _rows_needed(self) -> int:
+        """Lines the classifier is given: min_rows, and at least min_height_nm of frame."""
+        line_nm = self._line_spacing_nm()
+        if line_nm is None:
+            return self.min_rows
+        return max(self.min_rows, int(np.ceil(self.min_height_nm / line_nm)))
 
     def _on_stop(self, doc: dict) -> None:
         if self._asm is None or self._compose is None or doc.get("run_start") != self._asm.run_uid:
@@ -228,17 +251,12 @@ class TipMonitor:
 
     def _classify(self, row: int, *, reason: str) -> None:
         image = self._image()
-        start = self._segment_start if row + 1 - self._segment_start >= self.min_rows else max(0, row + 1 - self.min_rows)
+        need = self._rows_needed()
+        start = self._segment_start if row + 1 - self._segment_start >= need else max(0, row + 1 - need)
         crop = image[start:row + 1]
         if np.isfinite(crop).all(axis=1).sum() < 3:
             return
-        block = self._asm.block
-        try:
-            line_nm = float(block["frame"]["height_m"]) / int(block["lines"]) * 1e9
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            line_nm = None
-        if not line_nm or not np.isfinite(line_nm) or line_nm <= 0:
-            line_nm = None
+        line_nm = self._line_spacing_nm()
         try:
             verdict = self.classifier.classify(crop, self._asm.pixel_size_nm, line_spacing_nm=line_nm)
         except TypeError:  # a classifier without the keyword
