@@ -119,6 +119,19 @@ class TipMonitor:
             self._classifier = load_tip_classifier(device=self._device)
         return self._classifier
 
+    def _warm_up(self, asm) -> None:
+        """One throw-away verdict on a frame of this run's shape while its first lines are
+        scanned: the first inference costs several times a later one (allocations)."""
+        if getattr(self, "_warm", False):
+            return
+        self._warm = True
+        try:
+            rows = np.random.default_rng(0).random((asm.lines, asm.pixels))
+            rows[self._rows_needed():] = np.nan
+            self.classifier.classify(rows, asm.pixel_size_nm, line_spacing_nm=self._line_spacing_nm())
+        except Exception as exc:  # the real verdicts report problems
+            log.debug("TipMonitor warm-up: %s", exc)
+
     # ------------------------------------------------------------ worker thread
     def _work(self) -> None:
         while True:
@@ -155,6 +168,7 @@ class TipMonitor:
         asm.start(doc)
         self._asm = asm
         self._watch = self._watch_factory()
+        self._warm_up(asm)
         self._segment_start, self._last_classified, self._last_change = 0, -1, -1
         self._floor_request, self._pending_change = None, None
         run = compose_run(metadata={"purpose": "tip_verdicts", "parent_uid": doc["uid"],
