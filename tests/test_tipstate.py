@@ -125,3 +125,18 @@ def test_tipwatch_rejects_bad_lines_and_handles_rewind():
         w.update(rng.normal(size=32), i)
     w.update(rng.normal(size=32), 5)  # re-sent after a rewind: history from 5 on is dropped
     assert max(w._lines) == 5
+
+
+def test_predict_pads_views_without_changing_the_verdict(clf):
+    """Frames of different sizes batched together (so padded further) get the verdicts they
+    get alone: padding is outside the scanned area, which the pooling ignores; only the
+    network's border cells see how much of it there is."""
+    rng = np.random.default_rng(5)
+    images = [simulate_scan(rng, tip, pixels=p, lines=l)[:rows]
+              for tip, p, l, rows in (("co", 64, 64, 64), ("double", 80, 48, 30), ("blunt", 100, 100, 70))]
+    together = clf.classify_many(images, 0.1)
+    for image, verdict in zip(images, together):
+        alone = clf.classify(image, 0.1)
+        assert alone.label == verdict.label
+        for c in TIP_CLASSES:
+            assert abs(alone.probabilities[c] - verdict.probabilities[c]) < 0.05

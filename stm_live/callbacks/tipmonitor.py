@@ -259,6 +259,16 @@ class TipMonitor:
             return current_from_z(frame)
         return frame
 
+    def _verdicts(self, crops: list) -> list:
+        pixel_nm, line_nm = self._asm.pixel_size_nm, self._line_spacing_nm()
+        clf = self.classifier
+        if hasattr(clf, "classify_many"):
+            return clf.classify_many(crops, pixel_nm, line_spacing_nm=line_nm)
+        try:
+            return [clf.classify(c, pixel_nm, line_spacing_nm=line_nm) for c in crops]
+        except TypeError:  # a classifier without the keyword
+            return [clf.classify(c, pixel_nm) for c in crops]
+
     def set_segment_floor(self, line: int) -> None:
         """Judge only lines >= ``line`` from now on (the tip was reconditioned there)."""
         self._floor_request = int(line)
@@ -267,14 +277,19 @@ class TipMonitor:
         image = self._image()
         need = self._rows_needed()
         start = self._segment_start if row + 1 - self._segment_start >= need else max(0, row + 1 - need)
-        crop = image[start:row + 1]
-        if np.isfinite(crop).all(axis=1).sum() < 3:
+        crops = [(start, image[start:row + 1])]
+        if row + 1 - start >= need + self.every_n_lines:
+            # The line detector misses changes that alter the image without a jump in line
+            # statistics (a second apex, a tilt): the latest lines alone show the tip now.
+            crops.append((row + 1 - need, image[row + 1 - need:row + 1]))
+        crops = [(first, c) for first, c in crops if np.isfinite(c).all(axis=1).sum() >= 3]
+        if not crops:
             return
-        line_nm = self._line_spacing_nm()
-        try:
-            verdict = self.classifier.classify(crop, self._asm.pixel_size_nm, line_spacing_nm=line_nm)
-        except TypeError:  # a classifier without the keyword
-            verdict = self.classifier.classify(crop, self._asm.pixel_size_nm)
+        verdicts = self._verdicts([c for _, c in crops])
+        start, verdict = crops[0][0], verdicts[0]
+        if len(crops) == 2 and verdict.good and not verdicts[1].good:
+            start, verdict = crops[1][0], verdicts[1]
+            reason = f"{reason}; the latest {row + 1 - start} lines"
         self._last_classified = row
         from stm_live.models.tipstate import TIP_CLASSES
 

@@ -282,15 +282,20 @@ def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), 
 # spacing drawn independently up to this many nm): live frames come at whatever resolution the
 # operator chose, and a verification frame is often short and non-square.
 COARSE_SHARE, COARSEST_NM = 0.5, 0.15
+# 60 % of training frames are partial (>= a quarter of the rows); half of those are windows
+# starting mid-frame, as the monitor judges the lines since a tip change or the latest lines.
+PARTIAL_SHARE, WINDOW_SHARE = 0.6, 0.5
 
 
 def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, partial: bool = True,
-           rows: int | None = None, flip: bool = False, coarse: bool | None = None) -> np.ndarray:
+           rows: int | None = None, middle: bool = False, flip: bool = False, coarse: bool | None = None
+           ) -> np.ndarray:
     """Render -> (2, S, S) network input: optional random flips (labels are flip-invariant;
     flips keep rows as scan lines), a coarser scan (``coarse``; None = :data:`COARSE_SHARE` of
-    frames), fresh noise and artifacts (:func:`_degrade`) at the scan's own pixels, then a
-    partial frame (``rows`` of S scanned, or with ``partial`` 60 % of frames cut at >= S/4
-    rows), resampled back to the training pixel size as at inference (:func:`_prepare`)."""
+    frames), a partial frame (``rows`` of S scanned, from the top or the ``middle`` of the
+    frame; or with ``partial`` :data:`PARTIAL_SHARE` of frames cut to >= S/4 rows, some of them
+    windows from mid-frame), fresh noise and artifacts (:func:`_degrade`) at the scan's own
+    pixels, resampled back to the training pixel size as at inference (:func:`_prepare`)."""
     from scipy import ndimage
 
     img, other = r.image, r.other
@@ -305,12 +310,19 @@ def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig
         zoom = (cfg.pixel_size_nm / line_nm, cfg.pixel_size_nm / pixel_nm)
         img = ndimage.zoom(img, zoom, order=1)  # the tip samples points: linear interpolation
         other = None if other is None else ndimage.zoom(other, zoom, order=1)
-    img = _degrade(img, rng, TIP_CLASSES[r.label] == "unstable", other)
-    n = img.shape[0]
+    n, first = img.shape[0], 0
     if rows is not None:
         rows = max(3, round(rows * n / cfg.size))
-    elif partial and rng.random() < 0.6:
+        first = (n - rows) // 2 if middle else 0
+    elif partial and rng.random() < PARTIAL_SHARE:
         rows = int(rng.integers(max(3, n // 4), n + 1))
+        if rng.random() < WINDOW_SHARE:
+            first = int(rng.integers(0, n - rows + 1))
+    if first:  # a window from mid-frame: its first line cuts through the scene
+        img = img[first:first + rows]
+        other = None if other is None else other[first:first + rows]
+    img = _degrade(img, rng, TIP_CLASSES[r.label] == "unstable", other)
+    n = img.shape[0]
     if rows is not None and rows < n:
         img = img.copy()
         img[rows:] = np.nan
@@ -364,8 +376,8 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
 
 
 def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *,
-               partial: bool = True, rows: int | None = None, mode: str | None = None, coarse: bool | None = None
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               partial: bool = True, rows: int | None = None, middle: bool = False, mode: str | None = None,
+               coarse: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fresh simulated batch: inputs (n, 2, S, S), labels (n,), s-fraction targets (n,).
 
     Each sample is :func:`render_sample` then :func:`finish` (see those for the recipe).
@@ -375,11 +387,16 @@ def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfi
     sf = np.zeros(n, np.float32)
     for i in range(n):
         r = render_sample(rng, cfg, mode=mode)
-        xs[i], ys[i], sf[i] = finish(r, rng, cfg, partial=partial, rows=rows, coarse=coarse), r.label, r.s_fraction
+        xs[i], ys[i], sf[i] = finish(r, rng, cfg, partial=partial, rows=rows, middle=middle, coarse=coarse), r.label, r.s_fraction
     return xs, ys, sf
 
 
 # --------------------------------------------------------------------------- inference
+def _bucket(n: int, size: int) -> int:
+    """Padded input size for ``n`` pixels: at least the training size, then multiples of 32."""
+    return max(size, -(-n // 32) * 32)
+
+
 def _pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -399,30 +416,54 @@ class TipClassifier:
         return self.cfg.pixel_size_nm
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 2, h, w) prepared inputs -> class probabilities (n, 7) and s shares (n,), averaged
-        over flips of the frame (classes do not change under a flip; averaging is about a point
-        more accurate). Partial frames are flipped left-right only: training always has the
-        scanned rows at the top."""
-        x = x.to(self.device)
-        complete = (x[:, 1].flatten(1).amin(1) > 0.5).float()  # every row scanned
-        probs, s_share, weight = 0.0, 0.0, 0.0
-        for dims in ((), (3,), (2,), (2, 3)):
-            w = complete if 2 in dims else torch.ones_like(complete)
-            if not w.any():
-                continue
-            logits, s = self.net(torch.flip(x, dims) if dims else x)
-            probs = probs + torch.softmax(logits, dim=1) * w[:, None]
-            s_share, weight = s_share + s * w, weight + w
-        return probs / weight[:, None], s_share / weight
+    def predict(self, x: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared inputs ((n, 2, h, w), or a list of (2, h, w) of any sizes; scanned rows at
+        the top, zero padding at the bottom and right) -> class probabilities (n, 7) and s
+        shares (n,), averaged over flips of each frame's scanned area (classes do not change
+        under a flip; about a point more accurate). Partial frames are flipped left-right only:
+        training always has the scanned rows at the top. All views go through the network as
+        one batch padded to a few fixed sizes (:func:`_bucket`): a new input shape costs
+        several times a repeated one on CPU."""
+        views, owner = [], []
+        for i, xi in enumerate(x):
+            xi = torch.as_tensor(xi)
+            rows, cols = xi[1].gt(0.5).any(dim=1), xi[1].gt(0.5).any(dim=0)
+            h = int(rows.nonzero().max()) + 1 if rows.any() else xi.shape[1]
+            w = int(cols.nonzero().max()) + 1 if cols.any() else xi.shape[2]
+            area = xi[:, :h, :w]
+            flips = ((), (2,), (1,), (1, 2)) if bool(area[1].gt(0.5).all()) else ((), (2,))
+            views += [torch.flip(area, d) if d else area for d in flips]
+            owner += [i] * len(flips)
+        height = _bucket(max(v.shape[1] for v in views), self.cfg.size)
+        width = _bucket(max(v.shape[2] for v in views), self.cfg.size)
+        batch = torch.zeros((len(views), 2, height, width))
+        for k, v in enumerate(views):
+            batch[k, :, :v.shape[1], :v.shape[2]] = v
+        outs = [self.net(chunk.to(self.device)) for chunk in batch.split(256)]  # bounded memory
+        logits, s = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        owner = torch.tensor(owner, device=self.device)
+        n = int(owner.max()) + 1
+        count = torch.zeros(n, device=self.device).index_add_(0, owner, torch.ones_like(s))
+        probs = torch.zeros(n, logits.shape[1], device=self.device).index_add_(0, owner, torch.softmax(logits, 1))
+        s_share = torch.zeros(n, device=self.device).index_add_(0, owner, s)
+        return probs / count[:, None], s_share / count
 
     def classify(self, image: np.ndarray, pixel_size_nm: float, *,
                  line_spacing_nm: float | None = None) -> TipVerdict:
         """Verdict on ``image`` (lines, pixels; NaN rows = not scanned yet)."""
-        probs, s = self.predict(torch.from_numpy(_prepare(image, pixel_size_nm, self.cfg, line_spacing_nm))[None])
-        p = probs[0].cpu().numpy()
-        return TipVerdict(label=TIP_CLASSES[int(p.argmax())], s_fraction=float(s[0]),
-                          probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)})
+        return self.classify_many([image], pixel_size_nm, line_spacing_nm=line_spacing_nm)[0]
+
+    def classify_many(self, images: list, pixel_size_nm: float, *,
+                      line_spacing_nm: float | None = None) -> list[TipVerdict]:
+        """Verdicts on several images of one scan (e.g. the lines since a change and the
+        latest few), in one pass through the network."""
+        x = [_prepare(im, pixel_size_nm, self.cfg, line_spacing_nm) for im in images]
+        probs, s = self.predict(x)
+        verdicts = []
+        for p, si in zip(probs.cpu().numpy(), s.cpu().numpy()):
+            verdicts.append(TipVerdict(label=TIP_CLASSES[int(p.argmax())], s_fraction=float(si),
+                                       probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)}))
+        return verdicts
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device) -> "TipClassifier":
@@ -564,14 +605,15 @@ def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0,
 
 # --------------------------------------------------------------------------- evaluation
 def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, *, partial: bool = False,
-             rows: int | None = None, mode: str | None = None, coarse: bool = False) -> dict:
+             rows: int | None = None, middle: bool = False, mode: str | None = None, coarse: bool = False) -> dict:
     """Fresh held-out simulated set (own seed, never a training stream): ``samples`` x 7
     frames, classes drawn uniformly, at the training pixel size unless ``coarse`` (every frame
     a coarser scan, :func:`finish`). Full frames unless ``partial`` (the training mix of
-    partial frames) or ``rows`` (every frame cut to that many of S rows)."""
+    partial frames) or ``rows`` (every frame cut to that many of S rows, from the top or the
+    ``middle`` of the frame)."""
     rng = np.random.default_rng([seed, 10_000_019, rows or 0, len(mode or "")])
     n = samples * len(TIP_CLASSES)
-    x, y, s = make_batch(n, rng, clf.cfg, partial=partial, rows=rows, mode=mode, coarse=coarse)
+    x, y, s = make_batch(n, rng, clf.cfg, partial=partial, rows=rows, middle=middle, mode=mode, coarse=coarse)
     probs, s_hat = clf.predict(torch.from_numpy(x))
     pred = probs.argmax(1).cpu().numpy()
     k = len(TIP_CLASSES)
@@ -592,7 +634,8 @@ def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, *, partial
 def evaluate_report(clf: TipClassifier, samples: int = 40, seed: int = 1234) -> dict:
     """The evaluation the card and benchmark print: full frames (headline; the recipe's mix of
     constant height and current), each imaging mode alone, the same frames scanned coarser,
-    and frames cut to fewer rows."""
+    frames cut to fewer rows, and half frames from the middle (a window that starts mid-scene,
+    as the monitor judges the lines since a tip change)."""
     size = clf.cfg.size
     report = {"full frames": evaluate(clf, samples, seed)}
     for mode in ("height", "current"):
@@ -600,6 +643,7 @@ def evaluate_report(clf: TipClassifier, samples: int = 40, seed: int = 1234) -> 
     report[f"coarser scans ({clf.cfg.pixel_size_nm}-{COARSEST_NM} nm)"] = evaluate(clf, samples, seed, coarse=True)
     for rows in (size // 4, size // 2, 3 * size // 4):
         report[f"first {rows}/{size} rows"] = evaluate(clf, samples, seed, rows=rows)
+    report[f"middle {size // 2}/{size} rows"] = evaluate(clf, samples, seed, rows=size // 2, middle=True)
     return report
 
 
