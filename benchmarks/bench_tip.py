@@ -76,11 +76,11 @@ def change_detection(frames: int = 100, seed: int = 17, size: int = 128, **watch
 
 
 def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int = 64,
-                time_scale: float = 20.0) -> dict:
+                time_scale: float = 10.0) -> dict:
     """20 frames against the simulated controller, tip degrading at random, auto policy.
-    ``time_scale`` 20: a line every 5 ms instead of the scenario's 0.1 s, still room for the
-    monitor's verdict (about 20 ms on one core) every 8 lines; much faster and verdicts
-    arrive after their frame has ended."""
+    ``time_scale`` 10: a line every 10 ms instead of the scenario's 0.1 s, twice the time the
+    monitor's verdict takes on one core (about 40 ms every 8 lines); much faster and verdicts
+    trail the scan until they arrive after their frame has ended."""
     import asyncio
 
     from bluesky.run_engine import RunEngine

@@ -39,6 +39,12 @@ VERDICT_STREAM = "tip_verdict"
 _STOP = object()
 
 
+def _p_bad(verdict) -> float:
+    from stm_live.models.tipstate import GOOD_CLASSES
+
+    return 1.0 - sum(verdict.probabilities.get(c, 0.0) for c in GOOD_CLASSES)
+
+
 class TipMonitor:
     """Bluesky callback: tip verdicts for live frames.
 
@@ -287,7 +293,7 @@ class TipMonitor:
             return
         verdicts = self._verdicts([c for _, c in crops])
         start, verdict = crops[0][0], verdicts[0]
-        if len(crops) == 2 and verdict.good and not verdicts[1].good:
+        if len(crops) == 2 and not verdicts[1].good and _p_bad(verdicts[1]) > _p_bad(verdict):
             start, verdict = crops[1][0], verdicts[1]
             reason = f"{reason}; the latest {row + 1 - start} lines"
         self._last_classified = row

@@ -709,7 +709,8 @@ def _write_card(card: Path, *, steps, seed, batch, lr, bank_size, wall, threads,
         "width x0.8-1.6). Every step draws random flips, a coarser scan of the same area for "
         f"{COARSE_SHARE:.0%} of frames (pixel and line spacing each {cfg.pixel_size_nm}-{COARSEST_NM} nm, "
         "resampled back as at inference), fresh white + per-line noise, 'unstable' artifacts (mid-frame "
-        "tip change, line jumps, streaks) and partial frames (60 %, >= a quarter of the rows).",
+        f"tip change, line jumps, streaks) and partial frames ({PARTIAL_SHARE:.0%}, >= a quarter of the rows; "
+        f"{WINDOW_SHARE:.0%} of them windows that start mid-frame).",
         f"- Steps: {steps}, batch {batch}, AdamW lr {lr} one-cycle, seed {seed}",
         f"- Wall time: {wall / 60:.1f} min (rendering the bank included) on {device}, "
         f"{platform.machine()} {platform.processor() or ''}, {threads} torch thread(s), torch {torch.__version__}",
