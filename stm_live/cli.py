@@ -145,15 +145,13 @@ def train(
     resume: bool = typer.Option(False, "--resume"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the model's own)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: the model's own)."),
-    init: Optional[Path] = typer.Option(None, help="STM-Net only: warm start from this checkpoint."),
+    init: Optional[Path] = typer.Option(None, help="Warm start from this checkpoint (same architecture)."),
 ):
     """Train a network on the physics simulator; writes checkpoint and model card."""
     if model == "stmnet":
         from stm_live.models.training import train_main
     elif model == "tipstate":
         from stm_live.models.tipstate import train_main
-        if init is not None:
-            _fail(ValueError("--init is for --model stmnet"))
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
     with _user_errors():

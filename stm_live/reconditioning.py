@@ -348,13 +348,16 @@ class TipReconditioner:
             c.z_ctrl_on_off_set(True)
 
     def _verify(self, geo: dict):
-        """Restart the interrupted frame; classify its first ``verify_lines`` lines (job thread)."""
+        """Restart the interrupted frame; classify its first ``verify_lines`` lines, and at
+        least ``tipstate.MIN_VERDICT_HEIGHT_NM`` of it (job thread)."""
         from stm_live.models.stmnet import current_from_z
+        from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM
 
         channel = 30 if geo["z_on"] else 0
         if channel not in geo["channels"]:
             channel = geo["channels"][0]
-        n = min(self.verify_lines, geo["lines"])
+        line_nm = geo["frame"][3] / geo["lines"] * 1e9
+        n = min(max(self.verify_lines, int(np.ceil(MIN_VERDICT_HEIGHT_NM / line_nm))), geo["lines"])
         deadline = time.monotonic() + self.verify_timeout_s
         with self._client() as c:
             self._restore(c, geo)
@@ -368,12 +371,14 @@ class TipReconditioner:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"tip verification: fewer than {n} lines within {self.verify_timeout_s} s")
             time.sleep(0.02)
-        image = data[:n].astype(np.float64)
+        # Rows past the n-th count as not scanned, as in the live frames the monitor judges: a crop
+        # ending at its last row would show a molecule cut there as a jump between lines.
+        image = data.astype(np.float64)
+        image[n:] = np.nan
         if channel == 30:
             image = current_from_z(image)
         pixel_nm = geo["frame"][2] / geo["pixels"] * 1e9
-        line_nm = geo["frame"][3] / geo["lines"] * 1e9
-        self.last_verify_image = image  # for the record / viewer
+        self.last_verify_image = image[:n]  # for the record / viewer
         return self.classifier.classify(image, pixel_nm, line_spacing_nm=line_nm)
 
     def _restart(self, geo: dict) -> None:

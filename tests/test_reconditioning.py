@@ -170,5 +170,9 @@ def test_gives_up_and_pauses_with_reason(RE, rig):
     assert not any(a.good for a in rec.attempts)
     steps = [d["data"].get("tip_recondition_step") for n, d in docs if n == "event"]
     assert "gave up" in steps
-    RE.abort("test done")
+    RE.abort("operator: the tip needs hands-on work")
     mon.close()
+    frame_start = next(d for n, d in docs if n == "start" and "stm_live" in d)
+    (stop,) = [d for n, d in docs if n == "stop" and d["run_start"] == frame_start["uid"]]
+    assert stop["exit_status"] == "abort", stop
+

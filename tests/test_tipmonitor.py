@@ -9,7 +9,7 @@ from event_model import compose_run
 
 from stm_live.callbacks.tipmonitor import VERDICT_STREAM, TipMonitor
 from stm_live.models import load_tip_classifier
-from stm_live.models.tipstate import TIP_CLASSES, simulate_scan
+from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, TIP_CLASSES, simulate_scan
 
 N = 96
 
@@ -64,7 +64,9 @@ def test_monitor_emits_verdict_run_and_timeline():
     assert start["parent_uid"] == frame_uid and start["purpose"] == "tip_verdicts"
     assert out[1][1]["name"] == VERDICT_STREAM
     events = [d for n, d in out if n == "event"]
-    assert len(events) == len(mon.timeline) == len(verdicts) >= N // 16
+    assert len(events) == len(mon.timeline) == len(verdicts) >= 4
+    # the first verdict waits for MIN_VERDICT_HEIGHT_NM of frame (7 nm over N lines)
+    assert verdicts[0]["line"] + 1 == int(np.ceil(MIN_VERDICT_HEIGHT_NM / (7.0 / N)))
     for e in events:
         assert e["data"]["label"] in TIP_CLASSES and len(e["data"]["probabilities"]) == len(TIP_CLASSES)
     # the change was located within 3 lines and a verdict followed it
@@ -73,4 +75,42 @@ def test_monitor_emits_verdict_run_and_timeline():
     assert any(v["reason"].startswith("tip change detected") for v in verdicts)
     assert verdicts[-1]["reason"] == "end of frame" and verdicts[-1]["first_line"] >= change - 3
     assert threads == {"TipMonitor"}  # never on the caller's (RunEngine's) thread
+    assert not mon.errors
+
+
+class _NeverAlarms:
+    """A change detector that misses every change (as TipWatch misses a new second apex)."""
+
+    def update(self, line, index):
+        return None
+
+
+class _MarkerClassifier:
+    """'double' when most of the lines it is shown carry the marker value, else 'co_sharp'."""
+
+    def classify(self, image, pixel_size_nm, *, line_spacing_nm=None):
+        from stm_live.models.tipstate import TipVerdict
+
+        bad = float(np.mean(image[np.isfinite(image).all(axis=1), 0] > 5.0)) > 0.5
+        label = "double" if bad else "co_sharp"
+        return TipVerdict(label, {c: float(c == label) for c in TIP_CLASSES}, 0.1)
+
+
+def test_latest_lines_reveal_a_change_the_detector_missed():
+    image = np.random.default_rng(0).random((N, N))
+    change = 40
+    image[change:] += 10.0  # the marker: the tip is bad from this line on
+    mon = TipMonitor(_MarkerClassifier(), every_n_lines=8, watch_factory=_NeverAlarms)
+    for name, doc in _frame_docs(image, 7.0 / N):
+        mon(name, doc)
+    assert mon.flush(30)
+    mon.close()
+    need = int(np.ceil(MIN_VERDICT_HEIGHT_NM / (7.0 / N)))
+    first_bad = next(v for v in mon.timeline if not v["good"])
+    # the lines since the frame's start are still mostly good: the latest lines carried it
+    assert first_bad["first_line"] == first_bad["line"] + 1 - need > 0
+    assert "latest" in first_bad["reason"]
+    assert first_bad["line"] < change + need  # not left to the end of the frame
+    before = [v for v in mon.timeline if v["line"] < change]
+    assert before and all(v["good"] for v in before)
     assert not mon.errors

@@ -21,13 +21,20 @@ def test_good_vs_bad_on_fixed_simulated_set(clf):
     import torch
 
     x, y, _ = make_batch(70, np.random.default_rng(2024), clf.cfg, partial=False)
-    with torch.no_grad():
-        logits, s = clf.net(torch.from_numpy(x))
-    pred = logits.argmax(1).numpy()
+    probs, s = clf.predict(torch.from_numpy(x))
+    pred = probs.argmax(1).numpy()
     good = [TIP_CLASSES.index(c) for c in GOOD_CLASSES]
     acc = np.mean(np.isin(pred, good) == np.isin(y, good))
     assert acc >= 0.85, f"good-vs-bad accuracy {acc:.2f} on the fixed set"
     assert ((s >= 0) & (s <= 1)).all()
+
+
+def test_constant_current_frames_are_judged_like_constant_height(clf):
+    """The monitor feeds Z maps through current_from_z; the classifier must read them as well."""
+    from stm_live.models.tipstate import evaluate
+
+    m = evaluate(clf, samples=6, seed=77, mode="current")  # the shipped checkpoint: 0.93 / 0.93
+    assert m["accuracy"] >= 0.85 and m["good_vs_bad"] >= 0.85, m
 
 
 def test_classify_partial_frame_and_other_pixel_size(clf):
@@ -42,6 +49,35 @@ def test_classify_partial_frame_and_other_pixel_size(clf):
         clf.classify(img, 0.0)
     with pytest.raises(ValueError, match="fewer than 3 scanned lines"):
         clf.classify(np.full((10, 10), np.nan), 0.1)
+
+
+@pytest.mark.parametrize("tip, want_good", [("co", True), ("double", False)])
+def test_short_non_square_verification_frame(clf, tip, want_good):
+    """What reconditioning verifies on: the first 32 of 48 lines of a restarted 7 x 7 nm frame
+    (0.109 nm pixels, 0.146 nm lines), the rest not scanned yet."""
+    right = 0
+    for seed in range(8):
+        img = simulate_scan(np.random.default_rng(seed), tip, pixels=64, lines=48, height_nm=7.0)
+        img[32:] = np.nan
+        right += clf.classify(img, 7.0 / 64, line_spacing_nm=7.0 / 48).good == want_good
+    assert right >= 7, f"{tip}: {right}/8 verdicts right"
+
+
+def test_warm_start_records_the_lineage(tmp_path):
+    import torch
+
+    from stm_live.models.tipstate import _sha256, train_main
+
+    parent = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
+    out = tmp_path / "child.pt"
+    train_main(steps=2, out=out, device="cpu", seed=3, batch=4, bank_size=8, init=DEFAULT_WEIGHTS)
+    child = torch.load(out, map_location="cpu", weights_only=True)
+    assert child["init_sha256"] == _sha256(DEFAULT_WEIGHTS)
+    assert child["total_steps"] == int(parent.get("total_steps", parent["steps"])) + 2
+    assert "Warm start: from the checkpoint with sha256" in (tmp_path / "child_MODEL_CARD.md").read_text()
+    assert load_tip_classifier("cpu", out).cfg == load_tip_classifier("cpu").cfg
+    with pytest.raises(FileNotFoundError, match="stm-live train --model tipstate"):
+        train_main(steps=1, out=tmp_path / "x.pt", device="cpu", init=tmp_path / "none.pt")
 
 
 def test_missing_and_corrupt_weights_have_clear_errors(tmp_path):
@@ -89,3 +125,18 @@ def test_tipwatch_rejects_bad_lines_and_handles_rewind():
         w.update(rng.normal(size=32), i)
     w.update(rng.normal(size=32), 5)  # re-sent after a rewind: history from 5 on is dropped
     assert max(w._lines) == 5
+
+
+def test_predict_pads_views_without_changing_the_verdict(clf):
+    """Frames of different sizes batched together (so padded further) get the verdicts they
+    get alone: padding is outside the scanned area, which the pooling ignores; only the
+    network's border cells see how much of it there is."""
+    rng = np.random.default_rng(5)
+    images = [simulate_scan(rng, tip, pixels=p, lines=l)[:rows]
+              for tip, p, l, rows in (("co", 64, 64, 64), ("double", 80, 48, 30), ("blunt", 100, 100, 70))]
+    together = clf.classify_many(images, 0.1)
+    for image, verdict in zip(images, together):
+        alone = clf.classify(image, 0.1)
+        assert alone.label == verdict.label
+        for c in TIP_CLASSES:
+            assert abs(alone.probabilities[c] - verdict.probabilities[c]) < 0.05

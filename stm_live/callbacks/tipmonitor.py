@@ -39,6 +39,12 @@ VERDICT_STREAM = "tip_verdict"
 _STOP = object()
 
 
+def _p_bad(verdict) -> float:
+    from stm_live.models.tipstate import GOOD_CLASSES
+
+    return 1.0 - sum(verdict.probabilities.get(c, 0.0) for c in GOOD_CLASSES)
+
+
 class TipMonitor:
     """Bluesky callback: tip verdicts for live frames.
 
@@ -51,6 +57,10 @@ class TipMonitor:
         classify every this many lines (plus after a change and at the end of the frame).
     min_rows:
         fewest lines the classifier is given.
+    min_height_nm:
+        ...and the fewest nanometres of frame height (default
+        ``tipstate.MIN_VERDICT_HEIGHT_NM``, where it says why). Frames shorter than this
+        are judged at their end.
     on_verdict:
         ``callable(record: dict)``, called on the worker thread for every verdict.
     watch_factory:
@@ -58,6 +68,7 @@ class TipMonitor:
     """
 
     def __init__(self, classifier=None, *, every_n_lines: int = 16, min_rows: int = 16,
+                 min_height_nm: float | None = None,
                  on_verdict: Callable[[dict], Any] | None = None, stream: str = "primary",
                  watch_factory: Callable[[], TipWatch] = TipWatch, device: str = "auto"):
         if every_n_lines < 1:
@@ -66,6 +77,9 @@ class TipMonitor:
         self._device = device
         self.every_n_lines = int(every_n_lines)
         self.min_rows = int(min_rows)
+        from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM
+
+        self.min_height_nm = float(MIN_VERDICT_HEIGHT_NM if min_height_nm is None else min_height_nm)
         self.on_verdict = on_verdict
         self.stream = stream
         self._watch_factory = watch_factory
@@ -111,6 +125,19 @@ class TipMonitor:
             self._classifier = load_tip_classifier(device=self._device)
         return self._classifier
 
+    def _warm_up(self, asm) -> None:
+        """One throw-away verdict on a frame of this run's shape while its first lines are
+        scanned: the first inference costs several times a later one (allocations)."""
+        if getattr(self, "_warm", False):
+            return
+        self._warm = True
+        try:
+            rows = np.random.default_rng(0).random((asm.lines, asm.pixels))
+            rows[self._rows_needed():] = np.nan
+            self.classifier.classify(rows, asm.pixel_size_nm, line_spacing_nm=self._line_spacing_nm())
+        except Exception as exc:  # the real verdicts report problems
+            log.debug("TipMonitor warm-up: %s", exc)
+
     # ------------------------------------------------------------ worker thread
     def _work(self) -> None:
         while True:
@@ -147,6 +174,7 @@ class TipMonitor:
         asm.start(doc)
         self._asm = asm
         self._watch = self._watch_factory()
+        self._warm_up(asm)
         self._segment_start, self._last_classified, self._last_change = 0, -1, -1
         self._floor_request, self._pending_change = None, None
         run = compose_run(metadata={"purpose": "tip_verdicts", "parent_uid": doc["uid"],
@@ -197,11 +225,26 @@ class TipMonitor:
             self._pending_change = change.line
         seg = row + 1 - self._segment_start
         due = row - self._last_classified >= self.every_n_lines
-        if getattr(self, "_pending_change", None) is not None and seg >= self.min_rows:
+        need = self._rows_needed()
+        if getattr(self, "_pending_change", None) is not None and seg >= need:
             self._classify(row, reason=f"tip change detected at line {self._pending_change}")
             self._pending_change = None
-        elif due and row + 1 >= self.min_rows:
+        elif due and row + 1 >= need:
             self._classify(row, reason="periodic")
+
+    def _line_spacing_nm(self) -> float | None:
+        try:
+            line_nm = float(self._asm.block["frame"]["height_m"]) / int(self._asm.block["lines"]) * 1e9
+        except (KeyError, TypeError, ValueError, ZeroDivisionError):
+            return None
+        return line_nm if np.isfinite(line_nm) and line_nm > 0 else None
+
+    def _rows_needed(self) -> int:
+        """Lines the classifier is given: min_rows, and at least min_height_nm of frame."""
+        line_nm = self._line_spacing_nm()
+        if line_nm is None:
+            return self.min_rows
+        return max(self.min_rows, int(np.ceil(self.min_height_nm / line_nm)))
 
     def _on_stop(self, doc: dict) -> None:
         if self._asm is None or self._compose is None or doc.get("run_start") != self._asm.run_uid:
@@ -222,27 +265,37 @@ class TipMonitor:
             return current_from_z(frame)
         return frame
 
+    def _verdicts(self, crops: list) -> list:
+        pixel_nm, line_nm = self._asm.pixel_size_nm, self._line_spacing_nm()
+        clf = self.classifier
+        if hasattr(clf, "classify_many"):
+            return clf.classify_many(crops, pixel_nm, line_spacing_nm=line_nm)
+        try:
+            return [clf.classify(c, pixel_nm, line_spacing_nm=line_nm) for c in crops]
+        except TypeError:  # a classifier without the keyword
+            return [clf.classify(c, pixel_nm) for c in crops]
+
     def set_segment_floor(self, line: int) -> None:
         """Judge only lines >= ``line`` from now on (the tip was reconditioned there)."""
         self._floor_request = int(line)
 
     def _classify(self, row: int, *, reason: str) -> None:
         image = self._image()
-        start = self._segment_start if row + 1 - self._segment_start >= self.min_rows else max(0, row + 1 - self.min_rows)
-        crop = image[start:row + 1]
-        if np.isfinite(crop).all(axis=1).sum() < 3:
+        need = self._rows_needed()
+        start = self._segment_start if row + 1 - self._segment_start >= need else max(0, row + 1 - need)
+        crops = [(start, image[start:row + 1])]
+        if row + 1 - start >= need + self.every_n_lines:
+            # The line detector misses changes that alter the image without a jump in line
+            # statistics (a second apex, a tilt): the latest lines alone show the tip now.
+            crops.append((row + 1 - need, image[row + 1 - need:row + 1]))
+        crops = [(first, c) for first, c in crops if np.isfinite(c).all(axis=1).sum() >= 3]
+        if not crops:
             return
-        block = self._asm.block
-        try:
-            line_nm = float(block["frame"]["height_m"]) / int(block["lines"]) * 1e9
-        except (KeyError, TypeError, ValueError, ZeroDivisionError):
-            line_nm = None
-        if not line_nm or not np.isfinite(line_nm) or line_nm <= 0:
-            line_nm = None
-        try:
-            verdict = self.classifier.classify(crop, self._asm.pixel_size_nm, line_spacing_nm=line_nm)
-        except TypeError:  # a classifier without the keyword
-            verdict = self.classifier.classify(crop, self._asm.pixel_size_nm)
+        verdicts = self._verdicts([c for _, c in crops])
+        start, verdict = crops[0][0], verdicts[0]
+        if len(crops) == 2 and not verdicts[1].good and _p_bad(verdicts[1]) > _p_bad(verdict):
+            start, verdict = crops[1][0], verdicts[1]
+            reason = f"{reason}; the latest {row + 1 - start} lines"
         self._last_classified = row
         from stm_live.models.tipstate import TIP_CLASSES
 

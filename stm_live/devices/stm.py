@@ -413,8 +413,12 @@ class ScanLines(Device):
             self._thread = None
         with self._cond:
             pending, self._pending = self._pending, []
-        for status, _, _ in pending:
-            status.set_exception(RuntimeError(f"{self.name} unstaged before the line came"))
+            epoch = self._epoch
+        for status, _, status_epoch in pending:
+            # A trigger from before a pause was abandoned by the RunEngine's rewind; when the
+            # plan is then aborted, failing it would turn the abort into a FailedStatus.
+            if status_epoch == epoch:
+                status.set_exception(RuntimeError(f"{self.name} unstaged before the line came"))
         return super().unstage()
 
     def _follow(self):

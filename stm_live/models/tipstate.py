@@ -40,6 +40,10 @@ TIP_CLASSES = ("co_sharp", "metal_s", "mixed", "asymmetric", "double", "blunt", 
 # Tips fit for imaging (as the simulated controller's good tips): sharp CO, sharp metal, CO with
 # a larger s share (STM-Net separates s and p); the rest call for reconditioning.
 GOOD_CLASSES = ("co_sharp", "metal_s", "mixed")
+# Fewest nanometres of frame height a live verdict should rest on: on the held-out set a
+# verdict from 1.3 nm of frame is right 2 times in 3, from 2.6 nm 6 times in 7
+# (evaluate_report's row curve), and a false "bad" costs a needless reconditioning.
+MIN_VERDICT_HEIGHT_NM = 2.5
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "tipstate.pt"
 MODEL_CARD = WEIGHTS_DIR / "TIPSTATE_MODEL_CARD.md"
@@ -69,9 +73,9 @@ class TipVerdict:
 # --------------------------------------------------------------------------- network
 @dataclass(frozen=True)
 class TipNetConfig:
-    size: int = 40  # training image side (pixels)
+    size: int = 64  # training image side (pixels): 5.1 nm, room for a second apex's ghost
     pixel_size_nm: float = 0.08  # training pixel size
-    width: int = 16  # channels of the first block
+    widths: tuple = (16, 48, 96, 128)  # channels per stage; each stage after the first halves the map
     n_classes: int = len(TIP_CLASSES)
 
 
@@ -83,25 +87,24 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class TipNet(nn.Module):
-    """Conv blocks (x1, x2, x4 width) with pooling -> masked mean+max pool -> heads."""
+    """Conv stages with max pooling between them -> masked mean+max pool over the scanned
+    rows -> class logits and the tip's s share."""
 
     def __init__(self, cfg: TipNetConfig = TipNetConfig()):
         super().__init__()
         self.cfg = cfg
-        w = cfg.width
-        self.b1, self.b2, self.b3 = _block(2, w), _block(w, 2 * w), _block(2 * w, 4 * w)
-        self.head = nn.Sequential(nn.Linear(8 * w, 64), nn.ReLU(inplace=True), nn.Linear(64, cfg.n_classes + 1))
+        chans = (2, *cfg.widths)  # input: normalised image + scanned-rows mask
+        self.stages = nn.ModuleList(_block(a, b) for a, b in zip(chans[:-1], chans[1:]))
+        self.head = nn.Sequential(nn.Linear(2 * chans[-1], 64), nn.ReLU(inplace=True), nn.Linear(64, cfg.n_classes + 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = x[:, 1:2]
-        h = self.b1(x)
-        h = self.b2(F.max_pool2d(h, 2))
-        h = self.b3(F.max_pool2d(h, 2))
-        m = F.adaptive_max_pool2d(mask, h.shape[-2:]) if mask.shape[-1] >= h.shape[-1] else mask
+        h = x
+        for i, stage in enumerate(self.stages):
+            h = stage(F.max_pool2d(h, 2) if i else h)
         m = F.interpolate(mask, size=h.shape[-2:], mode="area").gt(0.5).float()
-        denom = m.sum(dim=(2, 3)).clamp_min(1.0)
-        mean = (h * m).sum(dim=(2, 3)) / denom
-        mx = (h + (m - 1.0) * 1e4).amax(dim=(2, 3))
+        mean = (h * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1.0)
+        mx = (h + (m - 1.0) * 1e4).amax(dim=(2, 3))  # unscanned cells never win the max
         out = self.head(torch.cat([mean, mx], dim=1))
         return out[:, :-1], torch.sigmoid(out[:, -1])
 
@@ -148,6 +151,9 @@ def _class_tip(label: str, rng: np.random.Generator):
 
     def co(s_lo=0.05, s_hi=0.22):
         sf = float(rng.uniform(s_lo, s_hi))
+        if rng.random() < 0.3:  # coherent s-p CO (the simulator's coherent_co preset is a good tip)
+            pz = float(rng.uniform(0.0, 0.1))
+            return tip_preset("coherent_co").with_(s=sf, px=(1 - sf - pz) / 2, py=(1 - sf - pz) / 2, pz=pz)
         return tip_preset("co").with_(s=sf, px=(1 - sf) / 2, py=(1 - sf) / 2, pz=0.0)
 
     if label == "co_sharp":
@@ -179,8 +185,9 @@ def _class_tip(label: str, rng: np.random.Generator):
 
 
 def _scene(rng: np.random.Generator, cfg: TipNetConfig):
-    """Random scene: 1-2 library molecules (random orbital side, position, rotation) on an
-    optional NaCl-like substrate, in a frame of cfg.size pixels at cfg.pixel_size_nm."""
+    """Random scene: 1-3 library molecules (one orbital side for the frame, random position
+    and rotation, the first near the centre) on an optional NaCl-like substrate, in a frame
+    of cfg.size pixels at cfg.pixel_size_nm."""
     from stm_live.simulators.imaging import Placement, ScanFrame, Substrate
     from stm_live.simulators.orbitals import MOLECULE_NAMES
 
@@ -189,10 +196,11 @@ def _scene(rng: np.random.Generator, cfg: TipNetConfig):
                       pixels=cfg.size, lines=cfg.size)
     orbital = "HOMO" if rng.random() < 0.5 else "LUMO"
     place = []
-    for _ in range(1 if rng.random() < 0.6 else 2):
+    for i in range(int(rng.integers(1, 4))):
+        reach = 0.15 if i == 0 else 0.35
         name = MOLECULE_NAMES[rng.integers(len(MOLECULE_NAMES))]
-        place.append(Placement(name, x_nm=float(rng.uniform(-0.3, 0.3) * span),
-                               y_nm=float(rng.uniform(-0.3, 0.3) * span),
+        place.append(Placement(name, x_nm=float(rng.uniform(-reach, reach) * span),
+                               y_nm=float(rng.uniform(-reach, reach) * span),
                                rotation_deg=float(rng.uniform(0, 360)), orbital=orbital))
     substrate = None
     if rng.random() < 0.7:
@@ -227,14 +235,117 @@ def _degrade(img: np.ndarray, rng: np.random.Generator, unstable: bool, other=No
     return a
 
 
+@dataclass
+class Render:
+    """One simulated frame before noise: what :func:`finish` turns into a network input."""
+
+    image: np.ndarray  # current (A) at constant height, or current_from_z of a constant-current Z map
+    other: np.ndarray | None  # class 'unstable': the same scene after a mid-frame tip change
+    label: int
+    s_fraction: float
+    mode: str  # "height" | "current"
+
+
+CURRENT_SHARE = 1 / 3  # share of constant-current frames in the recipe
+
+
+def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, mode: str | None = None) -> Render:
+    """A random class (uniform), its tip (:func:`_class_tip`) and scene (:func:`_scene`), imaged
+    at constant height (z 0.45-0.8 nm) or at constant current (setpoint 0.3-0.9 of the
+    constant-height peak at that z); Z maps become current-like with ``current_from_z``, as the
+    TipMonitor does. 'unstable' uses a random stable tip and a second render after a tip change."""
+    from stm_live.models.stmnet import current_from_z
+    from stm_live.simulators.imaging import constant_current_image, constant_height_image
+
+    k = int(rng.integers(len(TIP_CLASSES)))
+    unstable = TIP_CLASSES[k] == "unstable"
+    tip = _class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))] if unstable else TIP_CLASSES[k], rng)
+    after = _class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))], rng) if unstable else None
+    place, frame, bias, sub = _scene(rng, cfg)
+    z = float(rng.uniform(0.45, 0.8))
+    if mode is None:
+        mode = "current" if rng.random() < CURRENT_SHARE else "height"
+
+    def image(t):
+        ch = constant_height_image(place, frame, t, z_nm=z, bias_V=bias, substrate=sub)
+        if mode == "height":
+            return ch
+        setpoint = float(ch.max()) * float(rng.uniform(0.3, 0.9))
+        return current_from_z(constant_current_image(place, frame, t, setpoint_A=setpoint, bias_V=bias,
+                                                     substrate=sub), unit="nm")
+
+    return Render(np.asarray(image(tip), np.float32), None if after is None else np.asarray(image(after), np.float32),
+                  k, float(tip.s_fraction), mode)
+
+
+# Half the training frames are re-sampled as coarser scans of the same area (pixel and line
+# spacing drawn independently up to this many nm): live frames come at whatever resolution the
+# operator chose, and a verification frame is often short and non-square.
+COARSE_SHARE, COARSEST_NM = 0.5, 0.15
+# 60 % of training frames are partial (>= a quarter of the rows); half of those are windows
+# starting mid-frame, as the monitor judges the lines since a tip change or the latest lines.
+PARTIAL_SHARE, WINDOW_SHARE = 0.6, 0.5
+
+
+def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, partial: bool = True,
+           rows: int | None = None, middle: bool = False, flip: bool = False, coarse: bool | None = None
+           ) -> np.ndarray:
+    """Render -> (2, S, S) network input: optional random flips (labels are flip-invariant;
+    flips keep rows as scan lines), a coarser scan (``coarse``; None = :data:`COARSE_SHARE` of
+    frames), a partial frame (``rows`` of S scanned, from the top or the ``middle`` of the
+    frame; or with ``partial`` :data:`PARTIAL_SHARE` of frames cut to >= S/4 rows, some of them
+    windows from mid-frame), fresh noise and artifacts (:func:`_degrade`) at the scan's own
+    pixels, resampled back to the training pixel size as at inference (:func:`_prepare`)."""
+    from scipy import ndimage
+
+    img, other = r.image, r.other
+    if flip:
+        axes = tuple(a for a in (0, 1) if rng.random() < 0.5)
+        if axes:
+            img = np.flip(img, axes)
+            other = None if other is None else np.flip(other, axes)
+    line_nm = pixel_nm = cfg.pixel_size_nm
+    if coarse or (coarse is None and rng.random() < COARSE_SHARE):
+        line_nm, pixel_nm = rng.uniform(cfg.pixel_size_nm, COARSEST_NM, size=2)
+        zoom = (cfg.pixel_size_nm / line_nm, cfg.pixel_size_nm / pixel_nm)
+        img = ndimage.zoom(img, zoom, order=1)  # the tip samples points: linear interpolation
+        other = None if other is None else ndimage.zoom(other, zoom, order=1)
+    n, first = img.shape[0], 0
+    if rows is not None:
+        rows = max(3, round(rows * n / cfg.size))
+        first = (n - rows) // 2 if middle else 0
+    elif partial and rng.random() < PARTIAL_SHARE:
+        rows = int(rng.integers(max(3, n // 4), n + 1))
+        if rng.random() < WINDOW_SHARE:
+            first = int(rng.integers(0, n - rows + 1))
+    if first:  # a window from mid-frame: its first line cuts through the scene
+        img = img[first:first + rows]
+        other = None if other is None else other[first:first + rows]
+    img = _degrade(img, rng, TIP_CLASSES[r.label] == "unstable", other)
+    n = img.shape[0]
+    if rows is not None and rows < n:
+        img = img.copy()
+        img[rows:] = np.nan
+    return _fit(_prepare(img, pixel_nm, cfg, line_nm), cfg.size)
+
+
+def _fit(x: np.ndarray, size: int) -> np.ndarray:
+    """Crop or zero-pad (mask 0 = not scanned) a prepared (2, h, w) input to (2, size, size)."""
+    out = np.zeros((2, size, size), np.float32)
+    h, w = min(size, x.shape[1]), min(size, x.shape[2])
+    out[:, :h, :w] = x[:, :h, :w]
+    return out
+
+
 def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line: int | None = None,
-                  pixels: int = 64, lines: int = 64, width_nm: float = 7.0, z_nm: float = 0.5,
-                  molecules: int = 3, noise: float = 1.0, bias_V: float = -0.5) -> np.ndarray:
+                  pixels: int = 64, lines: int = 64, width_nm: float = 7.0, height_nm: float | None = None,
+                  z_nm: float = 0.5, molecules: int = 3, noise: float = 1.0, bias_V: float = -0.5) -> np.ndarray:
     """A simulator-like constant-height frame (current, A), as the simulated controller
     renders its default scene: ``molecules`` random library molecules on NaCl-like substrate
     (corrugation 0.05), white/pink noise and line offsets (0.03/0.02/0.01 of the image std,
-    times ``noise``). With ``tip_after`` the tip changes at ``change_line``
-    (``artifacts.tip_change``). Tips are TipStates or preset names.
+    times ``noise``). Lines are square with pixels unless ``height_nm`` is given. With
+    ``tip_after`` the tip changes at ``change_line`` (``artifacts.tip_change``). Tips are
+    TipStates or preset names.
     """
     from stm_live.simulators import artifacts as art
     from stm_live.simulators.imaging import Placement, ScanFrame, Substrate, constant_height_image
@@ -244,11 +355,12 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
     def as_tip(t):
         return tip_preset(t) if isinstance(t, str) else t
 
-    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=width_nm, height_nm=width_nm * lines / pixels,
+    if height_nm is None:
+        height_nm = width_nm * lines / pixels
+    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=width_nm, height_nm=height_nm,
                       pixels=pixels, lines=lines)
-    half = 0.32 * width_nm
     place = [Placement(MOLECULE_NAMES[rng.integers(len(MOLECULE_NAMES))],
-                       x_nm=float(rng.uniform(-half, half)), y_nm=float(rng.uniform(-half, half) * lines / pixels),
+                       x_nm=float(rng.uniform(-0.32, 0.32) * width_nm), y_nm=float(rng.uniform(-0.32, 0.32) * height_nm),
                        rotation_deg=float(rng.uniform(0, 360))) for _ in range(molecules)]
     sub = Substrate(corrugation=0.05)
     img = constant_height_image(place, frame, as_tip(tip), z_nm=z_nm, bias_V=bias_V, substrate=sub)
@@ -264,44 +376,27 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
 
 
 def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *,
-               partial: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Simulated batch: inputs (n, 2, S, S), labels (n,), s-fraction targets (n,).
+               partial: bool = True, rows: int | None = None, middle: bool = False, mode: str | None = None,
+               coarse: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fresh simulated batch: inputs (n, 2, S, S), labels (n,), s-fraction targets (n,).
 
-    Recipe: a random library molecule (HOMO or LUMO, random position/rotation) imaged at
-    constant height (z 0.5-0.8 nm) by a class's tip preset with jitter; white and per-line
-    noise for every class; 'unstable' adds a mid-frame tip change, line jumps and streaks
-    on top of a random stable tip. With ``partial`` a random number of rows (>= 14) is kept.
+    Each sample is :func:`render_sample` then :func:`finish` (see those for the recipe).
     """
-    from stm_live.simulators.imaging import constant_height_image
-
     xs = np.zeros((n, 2, cfg.size, cfg.size), np.float32)
     ys = np.zeros(n, np.int64)
     sf = np.zeros(n, np.float32)
     for i in range(n):
-        k = int(rng.integers(len(TIP_CLASSES)))
-        label = TIP_CLASSES[k]
-        unstable = label == "unstable"
-        base = TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))] if unstable else label
-        tip = _class_tip(base, rng)
-        place, frame, bias, sub = _scene(rng, cfg)
-        z = float(rng.uniform(0.45, 0.8))
-        img = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias, substrate=sub)
-        other = None
-        if unstable:
-            other = constant_height_image(place, frame, _class_tip(TIP_CLASSES[int(rng.integers(6))], rng),
-                                          z_nm=z, bias_V=bias, substrate=sub)
-        img = _degrade(img, rng, unstable, other)
-        if partial and rng.random() < 0.6:
-            rows = int(rng.integers(14, cfg.size + 1))
-            img = img.copy()
-            img[rows:] = np.nan
-        xs[i] = _prepare(img, cfg.pixel_size_nm, cfg)
-        ys[i] = k
-        sf[i] = tip.s_fraction
+        r = render_sample(rng, cfg, mode=mode)
+        xs[i], ys[i], sf[i] = finish(r, rng, cfg, partial=partial, rows=rows, middle=middle, coarse=coarse), r.label, r.s_fraction
     return xs, ys, sf
 
 
 # --------------------------------------------------------------------------- inference
+def _bucket(n: int, size: int) -> int:
+    """Padded input size for ``n`` pixels: at least the training size, then multiples of 32."""
+    return max(size, -(-n // 32) * 32)
+
+
 def _pick_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -321,19 +416,60 @@ class TipClassifier:
         return self.cfg.pixel_size_nm
 
     @torch.no_grad()
+    def predict(self, x: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepared inputs ((n, 2, h, w), or a list of (2, h, w) of any sizes; scanned rows at
+        the top, zero padding at the bottom and right) -> class probabilities (n, 7) and s
+        shares (n,), averaged over flips of each frame's scanned area (classes do not change
+        under a flip; about a point more accurate). Partial frames are flipped left-right only:
+        training always has the scanned rows at the top. All views go through the network as
+        one batch padded to a few fixed sizes (:func:`_bucket`): a new input shape costs
+        several times a repeated one on CPU."""
+        views, owner = [], []
+        for i, xi in enumerate(x):
+            xi = torch.as_tensor(xi)
+            rows, cols = xi[1].gt(0.5).any(dim=1), xi[1].gt(0.5).any(dim=0)
+            h = int(rows.nonzero().max()) + 1 if rows.any() else xi.shape[1]
+            w = int(cols.nonzero().max()) + 1 if cols.any() else xi.shape[2]
+            area = xi[:, :h, :w]
+            flips = ((), (2,), (1,), (1, 2)) if bool(area[1].gt(0.5).all()) else ((), (2,))
+            views += [torch.flip(area, d) if d else area for d in flips]
+            owner += [i] * len(flips)
+        height = _bucket(max(v.shape[1] for v in views), self.cfg.size)
+        width = _bucket(max(v.shape[2] for v in views), self.cfg.size)
+        batch = torch.zeros((len(views), 2, height, width))
+        for k, v in enumerate(views):
+            batch[k, :, :v.shape[1], :v.shape[2]] = v
+        outs = [self.net(chunk.to(self.device)) for chunk in batch.split(256)]  # bounded memory
+        logits, s = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        owner = torch.tensor(owner, device=self.device)
+        n = int(owner.max()) + 1
+        count = torch.zeros(n, device=self.device).index_add_(0, owner, torch.ones_like(s))
+        probs = torch.zeros(n, logits.shape[1], device=self.device).index_add_(0, owner, torch.softmax(logits, 1))
+        s_share = torch.zeros(n, device=self.device).index_add_(0, owner, s)
+        return probs / count[:, None], s_share / count
+
     def classify(self, image: np.ndarray, pixel_size_nm: float, *,
                  line_spacing_nm: float | None = None) -> TipVerdict:
         """Verdict on ``image`` (lines, pixels; NaN rows = not scanned yet)."""
-        x = torch.from_numpy(_prepare(image, pixel_size_nm, self.cfg, line_spacing_nm))[None].to(self.device)
-        logits, s = self.net(x)
-        p = torch.softmax(logits, dim=1)[0].cpu().numpy()
-        probs = {c: float(v) for c, v in zip(TIP_CLASSES, p)}
-        return TipVerdict(label=TIP_CLASSES[int(p.argmax())], probabilities=probs, s_fraction=float(s[0]))
+        return self.classify_many([image], pixel_size_nm, line_spacing_nm=line_spacing_nm)[0]
+
+    def classify_many(self, images: list, pixel_size_nm: float, *,
+                      line_spacing_nm: float | None = None) -> list[TipVerdict]:
+        """Verdicts on several images of one scan (e.g. the lines since a change and the
+        latest few), in one pass through the network."""
+        x = [_prepare(im, pixel_size_nm, self.cfg, line_spacing_nm) for im in images]
+        probs, s = self.predict(x)
+        verdicts = []
+        for p, si in zip(probs.cpu().numpy(), s.cpu().numpy()):
+            verdicts.append(TipVerdict(label=TIP_CLASSES[int(p.argmax())], s_fraction=float(si),
+                                       probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)}))
+        return verdicts
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device) -> "TipClassifier":
         state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = TipNetConfig(**json.loads(state["config"]))
+        cfg = json.loads(state["config"])
+        cfg = TipNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
         net = TipNet(cfg)
         net.load_state_dict(state["model"])
         return cls(net, device)
@@ -379,34 +515,66 @@ def _save(path: Path, net: TipNet, extra: dict) -> None:
     path.with_suffix(path.suffix + ".sha256").write_text(f"{_sha256(path)}  {path.name}\n")
 
 
-def train_main(steps: int = 1500, out=None, device: str = "auto", seed: int = 0, resume: bool = False,
-               batch: int = 32, lr: float = 2e-3, threads: int = 1) -> Path:
-    """Train on on-the-fly simulated batches; checkpoints every 100 steps; writes model card."""
+def build_bank(n: int, seed: int, cfg: TipNetConfig = TipNetConfig(), *, quiet: bool = False) -> list[Render]:
+    """``n`` renders from the training recipe, deterministic in ``seed``. Rendering is the
+    costly part (constant current solves per pixel), so training renders once and draws fresh
+    noise, artifacts, flips and partial cuts from this bank at every step."""
+    rng = np.random.default_rng([seed, 10**9])
+    t0, bank = time.perf_counter(), []
+    for i in range(n):
+        bank.append(render_sample(rng, cfg))
+        if not quiet and ((i + 1) % 2000 == 0 or i + 1 == n):
+            print(f"rendered {i + 1}/{n} training frames ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return bank
+
+
+def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0, resume: bool = False,
+               batch: int = 32, lr: float = 2e-3, threads: int = 1, bank_size: int = 12000,
+               init: Path | None = None) -> Path:
+    """Train on a bank of simulated renders (:func:`build_bank`) with fresh noise, artifacts,
+    flips and partial cuts per step; checkpoints every 100 steps; writes the model card.
+    ``init``: warm start from a (hash-verified) classifier checkpoint of the same architecture;
+    the new checkpoint and card record the lineage (``init_sha256``, ``total_steps``)."""
     torch.set_num_threads(threads)  # shared machines: 1 thread by default
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     out = Path(out) if out is not None else DEFAULT_WEIGHTS
     dev = _pick_device(device)
     cfg = TipNetConfig()
     net = TipNet(cfg).to(dev)
+    lineage = {"total_steps": steps}
+    if init is not None:
+        parent = load_tip_classifier("cpu", init)
+        if parent.cfg != cfg:
+            raise ValueError(f"--init: {init} has architecture {asdict(parent.cfg)}, not {asdict(cfg)}")
+        net.load_state_dict(parent.net.state_dict())
+        st = torch.load(init, map_location="cpu", weights_only=True)
+        parent_steps = int(st.get("total_steps", st.get("steps", 0)))
+        lineage = {"init_sha256": _sha256(Path(init)), "init_steps": parent_steps, "total_steps": parent_steps + steps}
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    start = 0
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    start, wall_before = 0, 0.0
     ckpt = out.with_suffix(".ckpt")
-    if resume and ckpt.is_file():
+    if resume:
+        if not ckpt.is_file():
+            raise ValueError(f"--resume: no training state at {ckpt}; start without --resume")
         st = torch.load(ckpt, map_location="cpu", weights_only=True)
+        if int(st["steps"]) != steps:
+            raise ValueError(f"--resume: saved run was for --steps {int(st['steps'])}, not {steps}")
         net.load_state_dict(st["model"])
         opt.load_state_dict(st["optim"])
-        start = int(st["step"])
-        rng = np.random.default_rng([seed, start])
+        sched.load_state_dict(st["sched"])
+        start, wall_before = int(st["step"]), float(st["wall_s"])
         print(f"resumed from step {start}")
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, start + 1), pct_start=0.1)
-    for _ in range(start):
-        sched.step()
     t0 = time.perf_counter()
+    bank = build_bank(min(bank_size, steps * batch), seed, cfg)  # a short run draws fewer frames
     run_acc, run_loss = 0.0, 0.0
     for step in range(start, steps):
         net.train()
-        x, y, s = make_batch(batch, rng, cfg)
+        rng = np.random.default_rng([seed, step])  # each step's batch depends on (seed, step) only
+        picks = rng.integers(len(bank), size=batch)
+        x = np.stack([finish(bank[i], rng, cfg, flip=True) for i in picks])
+        y = np.array([bank[i].label for i in picks], np.int64)
+        s = np.array([bank[i].s_fraction for i in picks], np.float32)
         x, y, s = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(s).to(dev)
         logits, s_hat = net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=0.02) + 2.0 * F.mse_loss(s_hat, s)
@@ -417,33 +585,37 @@ def train_main(steps: int = 1500, out=None, device: str = "auto", seed: int = 0,
         run_loss = 0.95 * run_loss + 0.05 * loss.item() if step > start else loss.item()
         acc = float((logits.argmax(1) == y).float().mean())
         run_acc = 0.95 * run_acc + 0.05 * acc if step > start else acc
-        if (step + 1) % 20 == 0 or step + 1 == steps:
-            el = time.perf_counter() - t0
-            print(f"step {step + 1}/{steps} loss {run_loss:.3f} acc {run_acc:.3f} ({el:.0f} s)", flush=True)
         if (step + 1) % 100 == 0 or step + 1 == steps:
-            st = {"model": net.state_dict(), "optim": opt.state_dict(), "step": step + 1}
-            torch.save(st, ckpt)
-    wall = time.perf_counter() - t0
-    _save(out, net.cpu(), {"steps": steps, "seed": seed})
+            el = wall_before + time.perf_counter() - t0
+            print(f"step {step + 1}/{steps} loss {run_loss:.3f} acc {run_acc:.3f} ({el:.0f} s)", flush=True)
+            torch.save({"model": net.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step + 1, "steps": steps, "wall_s": el}, ckpt)
+    wall = wall_before + time.perf_counter() - t0
+    _save(out, net.cpu(), {"steps": steps, "seed": seed, **lineage})
     ckpt.unlink(missing_ok=True)  # the resume state is not shipped
     print(f"saved {out} ({out.stat().st_size / 1024:.0f} KiB) after {wall:.0f} s")
-    metrics = evaluate(load_tip_classifier("cpu", out), samples=40, seed=1234)
-    print(_format_metrics(metrics))
+    report = evaluate_report(load_tip_classifier("cpu", out), samples=min(40, max(2, steps // 100)))
+    print(format_report(report))
     # The card goes beside whichever checkpoint was written, shipped or not.
     card = MODEL_CARD if out.resolve() == DEFAULT_WEIGHTS.resolve() else out.with_name(out.stem + "_MODEL_CARD.md")
-    _write_card(card, steps, seed, batch, wall, metrics, start)
+    _write_card(card, steps=steps, seed=seed, batch=batch, lr=lr, bank_size=len(bank), wall=wall,
+                threads=threads, device=str(dev), report=report, lineage=lineage)
     return out
 
 
 # --------------------------------------------------------------------------- evaluation
-def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, partial: bool = True) -> dict:
-    """Held-out simulated set (own seed): ``samples`` x 7 images, classes drawn uniformly."""
-    rng = np.random.default_rng(seed + 10_000_019)  # disjoint from training streams
+def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, *, partial: bool = False,
+             rows: int | None = None, middle: bool = False, mode: str | None = None, coarse: bool = False) -> dict:
+    """Fresh held-out simulated set (own seed, never a training stream): ``samples`` x 7
+    frames, classes drawn uniformly, at the training pixel size unless ``coarse`` (every frame
+    a coarser scan, :func:`finish`). Full frames unless ``partial`` (the training mix of
+    partial frames) or ``rows`` (every frame cut to that many of S rows, from the top or the
+    ``middle`` of the frame)."""
+    rng = np.random.default_rng([seed, 10_000_019, rows or 0, len(mode or "")])
     n = samples * len(TIP_CLASSES)
-    x, y, s = make_batch(n, rng, clf.cfg, partial=partial)
-    with torch.no_grad():
-        logits, s_hat = clf.net(torch.from_numpy(x).to(clf.device))
-    pred = logits.argmax(1).cpu().numpy()
+    x, y, s = make_batch(n, rng, clf.cfg, partial=partial, rows=rows, middle=middle, mode=mode, coarse=coarse)
+    probs, s_hat = clf.predict(torch.from_numpy(x))
+    pred = probs.argmax(1).cpu().numpy()
     k = len(TIP_CLASSES)
     conf = np.zeros((k, k), np.int64)
     for t, p in zip(y, pred):
@@ -459,8 +631,24 @@ def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, partial: b
             "s_fraction_mae": float(np.abs(s_hat.cpu().numpy() - s).mean()), "confusion": conf.tolist()}
 
 
+def evaluate_report(clf: TipClassifier, samples: int = 40, seed: int = 1234) -> dict:
+    """The evaluation the card and benchmark print: full frames (headline; the recipe's mix of
+    constant height and current), each imaging mode alone, the same frames scanned coarser,
+    frames cut to fewer rows, and half frames from the middle (a window that starts mid-scene,
+    as the monitor judges the lines since a tip change)."""
+    size = clf.cfg.size
+    report = {"full frames": evaluate(clf, samples, seed)}
+    for mode in ("height", "current"):
+        report[f"{mode} only"] = evaluate(clf, samples, seed, mode=mode)
+    report[f"coarser scans ({clf.cfg.pixel_size_nm}-{COARSEST_NM} nm)"] = evaluate(clf, samples, seed, coarse=True)
+    for rows in (size // 4, size // 2, 3 * size // 4):
+        report[f"first {rows}/{size} rows"] = evaluate(clf, samples, seed, rows=rows)
+    report[f"middle {size // 2}/{size} rows"] = evaluate(clf, samples, seed, rows=size // 2, middle=True)
+    return report
+
+
 def _format_metrics(m: dict) -> str:
-    lines = [f"held-out simulated set: n={m['n']}  accuracy {m['accuracy']:.3f}  good-vs-bad "
+    lines = [f"n={m['n']}  accuracy {m['accuracy']:.3f}  good-vs-bad "
              f"{m['good_vs_bad']:.3f}  macro-F1 {m['macro_f1']:.3f}  s-share MAE {m['s_fraction_mae']:.3f}",
              "confusion (rows true, cols predicted):",
              " " * 12 + " ".join(f"{c[:7]:>7}" for c in TIP_CLASSES)]
@@ -469,38 +657,75 @@ def _format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-def evaluate_main(device: str = "auto", samples: int = 8, seed: int = 1234) -> dict:
-    """`stm-live evaluate --model tipstate`: print metrics on a held-out simulated set."""
+def report_table(report: dict) -> list[str]:
+    """Markdown rows: one per evaluation set of :func:`evaluate_report`."""
+    rows = ["| set | n | good-vs-bad | macro-F1 | accuracy | s-share MAE |", "|---|---|---|---|---|---|"]
+    rows += [f"| {name} | {m['n']} | {m['good_vs_bad']:.3f} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | "
+             f"{m['s_fraction_mae']:.3f} |" for name, m in report.items()]
+    return rows
+
+
+def format_report(report: dict) -> str:
+    full = report["full frames"]
+    return "\n".join(["held-out simulated set, full frames: " + _format_metrics(full), "", *report_table(report)])
+
+
+def evaluate_main(device: str = "auto", samples: int = 40, seed: int = 1234) -> dict:
+    """`stm-live evaluate --model tipstate`: print metrics on held-out simulated sets."""
     clf = load_tip_classifier(device)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    m = evaluate(clf, samples=samples, seed=seed)
-    print(_format_metrics(m))
-    return m
+    report = evaluate_report(clf, samples=samples, seed=seed)
+    print(format_report(report))
+    return report
 
 
-def _write_card(card: Path, steps, seed, batch, wall, m, start) -> None:
+def _write_card(card: Path, *, steps, seed, batch, lr, bank_size, wall, threads, device, report,
+                lineage: dict) -> None:
     import platform
 
-    card.write_text(f"""# Tip-state classifier (`tipstate.pt`)
+    from stm_live.models.training import card_command
 
-Small CNN (3 conv blocks, masked mean+max pooling, class + s-share heads),
-{sum(p.numel() for p in TipNet().parameters()):,} parameters; classes {", ".join(TIP_CLASSES)};
-good = {", ".join(GOOD_CLASSES)}.
-
-- Command: `.venv/bin/stm-live train --model tipstate --steps {steps} --seed {seed}`
-  (resumed from step {start})
-- Data recipe: `stm_live.models.tipstate.make_batch` — on-the-fly simulated images,
-  {TipNetConfig().size}x{TipNetConfig().size} px at {TipNetConfig().pixel_size_nm} nm/px: 1-2 random library
-  molecules (HOMO/LUMO, random position and rotation) on optional NaCl-like substrate
-  (corrugation 0-0.1), constant height z 0.45-0.8 nm, tip preset
-  per class with jitter (CO s-share 5-22 %, tilt 15-35 deg, double offset 0.3-0.9 nm, blunt
-  width x0.8-1.6); white + per-line noise on all; 'unstable' = mid-frame tip change, line
-  jumps, streaks; 60 % partial frames (>= 14 rows, rest masked).
-- Steps: {steps}, batch {batch}, AdamW + one-cycle LR, seed {seed}
-- Wall time: {wall / 60:.1f} min on {platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads
-- Held-out metrics (`stm-live evaluate --model tipstate --samples 40`, seed 1234, n={m['n']}):
-  accuracy {m['accuracy']:.3f}, good-vs-bad {m['good_vs_bad']:.3f}, macro-F1 {m['macro_f1']:.3f},
-  s-share MAE {m['s_fraction_mae']:.3f}
-- Per-class F1: {", ".join(f"{k} {v:.2f}" for k, v in m['per_class_f1'].items())}
-- Limits: trained on simulation only; single molecule per crop; real-tip validation pending.
-""")
+    cfg = TipNetConfig()
+    full = report["full frames"]
+    card.write_text("\n".join([
+        "# Tip-state classifier (`tipstate.pt`)",
+        "",
+        f"CNN ({len(cfg.widths)} conv stages of widths {', '.join(map(str, cfg.widths))}, masked mean+max "
+        "pooling, class + s-share heads), "
+        f"{sum(p.numel() for p in TipNet().parameters()):,} parameters; classes {', '.join(TIP_CLASSES)}; "
+        f"good = {', '.join(GOOD_CLASSES)}.",
+        "",
+        f"- Command: `{card_command()}`",
+        *([f"- Warm start: from the checkpoint with sha256 `{lineage['init_sha256']}` ({lineage['init_steps']} "
+           f"steps; its card is in the project history), {lineage['total_steps']} steps in all"]
+          if "init_sha256" in lineage else []),
+        f"- Data recipe (`stm_live.models.tipstate.render_sample` + `finish`): {bank_size} simulated frames "
+        f"rendered once (`build_bank`), {cfg.size}x{cfg.size} px at {cfg.pixel_size_nm} nm/px: 1-3 random "
+        "library molecules (HOMO or LUMO side, the first near the centre, random rotation) on an optional "
+        "NaCl-like substrate (corrugation 0-0.1); constant height z 0.45-0.8 nm (2/3) or constant current "
+        "(1/3, setpoint 0.3-0.9 of the constant-height peak, Z map through `current_from_z`); per class a "
+        "tip preset with jitter (CO s share 5-22 %, 30 % of CO tips coherent; mixed s 32-60 %; tilt "
+        "15-35 deg or p imbalance 0.68-0.85; second apex 0.35-0.9 nm away at strength 0.4-1; blunt "
+        "width x0.8-1.6). Every step draws random flips, a coarser scan of the same area for "
+        f"{COARSE_SHARE:.0%} of frames (pixel and line spacing each {cfg.pixel_size_nm}-{COARSEST_NM} nm, "
+        "resampled back as at inference), fresh white + per-line noise, 'unstable' artifacts (mid-frame "
+        f"tip change, line jumps, streaks) and partial frames ({PARTIAL_SHARE:.0%}, >= a quarter of the rows; "
+        f"{WINDOW_SHARE:.0%} of them windows that start mid-frame).",
+        f"- Steps: {steps}, batch {batch}, AdamW lr {lr} one-cycle, seed {seed}",
+        f"- Wall time: {wall / 60:.1f} min (rendering the bank included) on {device}, "
+        f"{platform.machine()} {platform.processor() or ''}, {threads} torch thread(s), torch {torch.__version__}",
+        "",
+        "## Held-out metrics",
+        "",
+        "Fresh frames from the same recipe with their own seed (`stm-live evaluate --model tipstate`, "
+        f"{full['n'] // len(TIP_CLASSES)} per class, seed 1234). "
+        "Targets: good-vs-bad >= 0.99, macro-F1 >= 0.95 on full frames.",
+        "",
+        *report_table(report),
+        "",
+        "Per-class F1 (full frames): " + ", ".join(f"{k} {v:.2f}" for k, v in full["per_class_f1"].items()),
+        "",
+        "Limits: trained and scored on simulation only; a partial frame whose rows hold no molecule "
+        "carries little tip information, which the rows curve shows. Real-tip validation pending.",
+        "",
+    ]))

@@ -330,14 +330,22 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
     return summary
 
 
-def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
+def card_command() -> str:
+    """The training command as a model card records it: this process's command line, without
+    ``--out`` (a candidate path is machine-specific: the card names the default location)."""
     argv = sys.argv[:]
-    if argv and argv[0].endswith("stm-live"):
+    if not argv:
+        return "?"
+    if argv[0].endswith("stm-live") or argv[0].endswith("cli.py"):
         argv[0] = "stm-live"
-    if "--out" in argv[:-1]:  # a candidate path is machine-specific: the card names the default location
+    if "--out" in argv[:-1]:
         i = argv.index("--out")
         del argv[i: i + 2]
-    command = " ".join(shlex.quote(a) for a in ([os.path.basename(argv[0])] + argv[1:])) if argv else "?"
+    return " ".join(shlex.quote(a) for a in ([os.path.basename(argv[0])] + argv[1:]))
+
+
+def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
+    command = card_command()
     q = s["quality"]
     lines = [
         "# STM-Net model card",
