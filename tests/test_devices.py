@@ -167,3 +167,20 @@ def test_a_trigger_pending_at_a_suspend_does_not_skip_its_line(stm, sim_server):
         assert lines.read()["stm_line_index"]["value"] == 2
     finally:
         lines.unstage()
+
+
+def test_unstage_fails_a_current_trigger_but_leaves_one_a_pause_abandoned(stm, sim_server):
+    """An abort after a pause unstages with the pre-pause trigger still pending: the
+    RunEngine's rewind abandoned it, and failing it would turn the abort into FailedStatus.
+    A trigger issued since the pause is still waited on, and must fail with the reason."""
+    lines = stm.lines
+    lines.configure({"channels": ["Current"], "pixels": 16, "lines": 6})
+    stm.buffer.set(([0], 16, 6)).wait(5)
+    lines.stage()  # the scan is never started: no line comes, nothing races the triggers
+    stale = lines.trigger()
+    lines.pause()
+    current = lines.trigger()
+    lines.unstage()
+    assert current.done and not current.success
+    assert "unstaged before the line came" in str(current.exception())
+    assert not stale.done
