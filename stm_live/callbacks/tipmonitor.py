@@ -97,6 +97,9 @@ class TipMonitor:
         self._segment_start = 0
         self._last_classified = -1
         self._last_change = -1
+        self._floor_request: int | None = None  # set_segment_floor's line, taken up by the worker
+        self._pending_change: int | None = None  # a detected change still waiting for its verdict
+        self._warm = False
 
     # ------------------------------------------------------------ RunEngine side (cheap)
     def __call__(self, name: str, doc: dict) -> None:
@@ -128,7 +131,7 @@ class TipMonitor:
     def _warm_up(self, asm) -> None:
         """One throw-away verdict on a frame of this run's shape while its first lines are
         scanned: the first inference costs several times a later one (allocations)."""
-        if getattr(self, "_warm", False):
+        if self._warm:
             return
         self._warm = True
         try:
@@ -214,7 +217,7 @@ class TipMonitor:
             self._last_classified = row - 1
         if row < self._segment_start:
             self._segment_start = 0
-        floor = getattr(self, "_floor_request", None)
+        floor = self._floor_request
         if floor is not None and row >= floor and self._segment_start < floor:
             self._segment_start = floor
             self._last_classified = max(self._last_classified, floor - 1)
@@ -226,7 +229,7 @@ class TipMonitor:
         seg = row + 1 - self._segment_start
         due = row - self._last_classified >= self.every_n_lines
         need = self._rows_needed()
-        if getattr(self, "_pending_change", None) is not None and seg >= need:
+        if self._pending_change is not None and seg >= need:
             self._classify(row, reason=f"tip change detected at line {self._pending_change}")
             self._pending_change = None
         elif due and row + 1 >= need:
