@@ -241,9 +241,9 @@ class TipReconditioner:
             uid, first = self._floor
             if uid is not None and record.get("run_uid") == uid and record.get("first_line", 0) < first:
                 return  # judged lines taken before the tip was reconditioned
-            from stm_live.models.tipstate import GOOD_CLASSES
+            from stm_live.models.tipstate import bad_probability
 
-            p_bad = 1.0 - sum(record.get("probabilities", {}).get(c, 0.0) for c in GOOD_CLASSES)
+            p_bad = bad_probability(record.get("probabilities", {}))
             if record.get("good", False) or p_bad < self.min_bad_probability:
                 self._bad_in_row = 0
                 return

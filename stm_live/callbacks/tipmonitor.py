@@ -39,12 +39,6 @@ VERDICT_STREAM = "tip_verdict"
 _STOP = object()
 
 
-def _p_bad(verdict) -> float:
-    from stm_live.models.tipstate import GOOD_CLASSES
-
-    return 1.0 - sum(verdict.probabilities.get(c, 0.0) for c in GOOD_CLASSES)
-
-
 class TipMonitor:
     """Bluesky callback: tip verdicts for live frames.
 
@@ -129,8 +123,8 @@ class TipMonitor:
         return self._classifier
 
     def _warm_up(self, asm) -> None:
-        """One throw-away verdict on a frame of this run's shape while its first lines are
-        scanned: the first inference costs several times a later one (allocations)."""
+        """One throw-away verdict, on a frame of the first run's shape, while its first lines
+        are scanned: the first inference costs about twice a later one (allocations)."""
         if self._warm:
             return
         self._warm = True
@@ -294,13 +288,15 @@ class TipMonitor:
         crops = [(first, c) for first, c in crops if np.isfinite(c).all(axis=1).sum() >= 3]
         if not crops:
             return
+        from stm_live.models.tipstate import TIP_CLASSES, bad_probability
+
         verdicts = self._verdicts([c for _, c in crops])
         start, verdict = crops[0][0], verdicts[0]
-        if len(crops) == 2 and not verdicts[1].good and _p_bad(verdicts[1]) > _p_bad(verdict):
+        if len(crops) == 2 and not verdicts[1].good and (
+                bad_probability(verdicts[1].probabilities) > bad_probability(verdict.probabilities)):
             start, verdict = crops[1][0], verdicts[1]
             reason = f"{reason}; the latest {row + 1 - start} lines"
         self._last_classified = row
-        from stm_live.models.tipstate import TIP_CLASSES
 
         record = {
             "run_uid": self._asm.run_uid, "time": time.time(), "line": int(row),

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 __all__ = [
     "TIP_CLASSES",
     "GOOD_CLASSES",
+    "bad_probability",
     "TipVerdict",
     "TipNetConfig",
     "TipNet",
@@ -44,6 +45,11 @@ GOOD_CLASSES = ("co_sharp", "metal_s", "mixed")
 # verdict from 1.3 nm of frame is right 2 times in 3, from 2.6 nm 6 times in 7
 # (evaluate_report's row curve), and a false "bad" costs a needless reconditioning.
 MIN_VERDICT_HEIGHT_NM = 2.5
+
+
+def bad_probability(probabilities: dict) -> float:
+    """The classifier's probability that the tip needs reconditioning (not a good class)."""
+    return 1.0 - sum(probabilities.get(c, 0.0) for c in GOOD_CLASSES)
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "tipstate.pt"
 MODEL_CARD = WEIGHTS_DIR / "TIPSTATE_MODEL_CARD.md"
@@ -422,8 +428,8 @@ class TipClassifier:
         shares (n,), averaged over flips of each frame's scanned area (classes do not change
         under a flip; about a point more accurate). Partial frames are flipped left-right only:
         training always has the scanned rows at the top. All views go through the network as
-        one batch padded to a few fixed sizes (:func:`_bucket`): a new input shape costs
-        several times a repeated one on CPU."""
+        one batch, which needs one size: views are zero-padded to a few fixed sizes
+        (:func:`_bucket`), so repeated calls repeat input shapes."""
         views, owner = [], []
         for i, xi in enumerate(x):
             xi = torch.as_tensor(xi)
