@@ -146,17 +146,21 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the model's own)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: the model's own)."),
     init: Optional[Path] = typer.Option(None, help="Warm start from this checkpoint (same architecture)."),
+    bank_size: Optional[int] = typer.Option(
+        None, help="tipstate: simulated frames rendered once and reused with fresh noise (default 12000)."),
 ):
     """Train a network on the physics simulator; writes checkpoint and model card."""
     if model == "stmnet":
         from stm_live.models.training import train_main
+        if bank_size is not None:  # STM-Net draws every pair fresh: there is no bank
+            _fail(ValueError("--bank-size applies to --model tipstate only"))
     elif model == "tipstate":
         from stm_live.models.tipstate import train_main
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
     with _user_errors():
         train_main(steps=steps, out=out, device=device, seed=seed, resume=resume,
-                   **_given(lr=lr, threads=threads, init=init))
+                   **_given(lr=lr, threads=threads, init=init, bank_size=bank_size))
 
 
 @app.command()

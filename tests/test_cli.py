@@ -171,6 +171,18 @@ def test_train_writes_a_checkpoint_and_card_that_load(tmp_path, model):
     assert loader(device="cpu", path=out) is not None
 
 
+def test_train_bank_size_sets_the_tip_classifier_bank_and_is_refused_for_stmnet(tmp_path):
+    out = tmp_path / "tipstate.pt"
+    result = _invoke("train", "--model", "tipstate", "--steps", "1", "--bank-size", "3", "--out", str(out),
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "3 simulated frames rendered once" in (tmp_path / "tipstate_MODEL_CARD.md").read_text()
+    refused = _invoke("train", "--model", "stmnet", "--steps", "1", "--bank-size", "3", "--out", str(out))
+    assert refused.exit_code == 2 and "--bank-size applies to --model tipstate only" in refused.output
+    refused = _invoke("train", "--model", "tipstate", "--steps", "1", "--bank-size", "0", "--out", str(out))
+    assert refused.exit_code == 2 and "bank_size must be at least 1" in refused.output
+
+
 def _free_port() -> int:
     import socket
 

@@ -541,6 +541,8 @@ def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0,
     flips and partial cuts per step; checkpoints every 100 steps; writes the model card.
     ``init``: warm start from a (hash-verified) classifier checkpoint of the same architecture;
     the new checkpoint and card record the lineage (``init_sha256``, ``total_steps``)."""
+    if bank_size < 1:
+        raise ValueError(f"bank_size must be at least 1 rendered frame, got {bank_size}")
     torch.set_num_threads(threads)  # shared machines: 1 thread by default
     torch.manual_seed(seed)
     out = Path(out) if out is not None else DEFAULT_WEIGHTS
