@@ -192,22 +192,17 @@ def _class_tip(label: str, rng: np.random.Generator):
 
 def _scene(rng: np.random.Generator, cfg: TipNetConfig):
     """Random scene: 1-3 library molecules (one orbital side for the frame, random position
-    and rotation, the first near the centre) on an optional NaCl-like substrate, in a frame
-    of cfg.size pixels at cfg.pixel_size_nm."""
-    from stm_live.simulators.imaging import Placement, ScanFrame, Substrate
+    and rotation, the first near the centre, none overlapping another) on an optional
+    NaCl-like substrate, in a frame of cfg.size pixels at cfg.pixel_size_nm."""
+    from stm_live.simulators.imaging import ScanFrame, Substrate, scatter_molecules
     from stm_live.simulators.orbitals import MOLECULE_NAMES
 
     span = cfg.size * cfg.pixel_size_nm
     frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=span, height_nm=span,
                       pixels=cfg.size, lines=cfg.size)
     orbital = "HOMO" if rng.random() < 0.5 else "LUMO"
-    place = []
-    for i in range(int(rng.integers(1, 4))):
-        reach = 0.15 if i == 0 else 0.35
-        name = MOLECULE_NAMES[rng.integers(len(MOLECULE_NAMES))]
-        place.append(Placement(name, x_nm=float(rng.uniform(-reach, reach) * span),
-                               y_nm=float(rng.uniform(-reach, reach) * span),
-                               rotation_deg=float(rng.uniform(0, 360)), orbital=orbital))
+    names = [MOLECULE_NAMES[k] for k in rng.integers(len(MOLECULE_NAMES), size=int(rng.integers(1, 4)))]
+    place = scatter_molecules(rng, names, lambda i: (span * (0.15 if i == 0 else 0.35),) * 2, orbital=orbital)
     substrate = None
     if rng.random() < 0.7:
         substrate = Substrate(corrugation=float(rng.uniform(0.0, 0.1)), angle_deg=float(rng.uniform(0, 90)))
@@ -354,7 +349,7 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
     TipStates or preset names.
     """
     from stm_live.simulators import artifacts as art
-    from stm_live.simulators.imaging import Placement, ScanFrame, Substrate, constant_height_image
+    from stm_live.simulators.imaging import ScanFrame, Substrate, constant_height_image, scatter_molecules
     from stm_live.simulators.orbitals import MOLECULE_NAMES
     from stm_live.simulators.tip import tip_preset
 
@@ -365,9 +360,8 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
         height_nm = width_nm * lines / pixels
     frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=width_nm, height_nm=height_nm,
                       pixels=pixels, lines=lines)
-    place = [Placement(MOLECULE_NAMES[rng.integers(len(MOLECULE_NAMES))],
-                       x_nm=float(rng.uniform(-0.32, 0.32) * width_nm), y_nm=float(rng.uniform(-0.32, 0.32) * height_nm),
-                       rotation_deg=float(rng.uniform(0, 360))) for _ in range(molecules)]
+    names = [MOLECULE_NAMES[k] for k in rng.integers(len(MOLECULE_NAMES), size=molecules)]
+    place = scatter_molecules(rng, names, lambda i: (0.32 * width_nm, 0.32 * height_nm))
     sub = Substrate(corrugation=0.05)
     img = constant_height_image(place, frame, as_tip(tip), z_nm=z_nm, bias_V=bias_V, substrate=sub)
     if tip_after is not None:

@@ -108,6 +108,36 @@ class Placement:
         return orbital_level(self.molecule, self.orbital or orbital_for_bias(bias_V))
 
 
+# Clearance between the atoms' bounding discs of two molecules in a random scene: adsorbed
+# molecules do not overlap, and the gap leaves room for the orbitals' tails.
+MOLECULE_GAP_NM = 0.35
+
+
+def clear_of_others(name: str, x_nm: float, y_nm: float, others) -> bool:
+    """Whether molecule ``name`` centred at (x, y) keeps :data:`MOLECULE_GAP_NM` from each
+    ``(name, x_nm, y_nm)`` in ``others`` (random scenes place molecules with this test)."""
+    r = molecule(name).radius_nm
+    return all(math.hypot(x_nm - x, y_nm - y) > r + molecule(other).radius_nm + MOLECULE_GAP_NM
+               for other, x, y in others)
+
+
+def scatter_molecules(rng: np.random.Generator, names, half_extent_nm, *, orbital: str | None = None,
+                      tries: int = 12) -> list:
+    """Placements of ``names`` at random rotations, the i-th uniform within ±``half_extent_nm(i)``
+    (x and y half widths, nm), each clear of those before it (:func:`clear_of_others`); a
+    molecule that finds no room in ``tries`` draws is left out."""
+    placed: list[Placement] = []
+    for i, name in enumerate(names):
+        rotation = float(rng.uniform(0, 360))
+        hx, hy = half_extent_nm(i)
+        for _ in range(tries):
+            x, y = float(rng.uniform(-hx, hx)), float(rng.uniform(-hy, hy))
+            if clear_of_others(name, x, y, [(p.molecule, p.x_nm, p.y_nm) for p in placed]):
+                placed.append(Placement(name, x, y, rotation, orbital))
+                break
+    return placed
+
+
 @dataclass(frozen=True)
 class Substrate:
     """Weak NaCl(100)-like background: square Cl lattice of period ``lattice_nm``."""

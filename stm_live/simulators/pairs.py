@@ -34,7 +34,7 @@ import numpy as np
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from stm_live.simulators import artifacts
-from stm_live.simulators.imaging import CURRENT_SCALE_A_PER_V, SUBSTRATE_SIGNAL, Z_MIN_NM
+from stm_live.simulators.imaging import CURRENT_SCALE_A_PER_V, SUBSTRATE_SIGNAL, Z_MIN_NM, clear_of_others
 from stm_live.simulators.orbitals import KAPPA_PER_NM, MOLECULE_NAMES, levels_fields, molecule, orbital_level
 from stm_live.simulators.tip import TipState
 
@@ -235,7 +235,7 @@ class PairSampler:
             for _attempt in range(12):
                 span = max(width_nm / 2 - r - 0.2, 0.0) if placed else width_nm * 0.15
                 x, y = rng.uniform(-span, span, 2)
-                if all(math.hypot(x - px, y - py) > r + molecule(pn).radius_nm + 0.35 for pn, _, px, py, _ in placed):
+                if clear_of_others(name, x, y, [(pn, px, py) for pn, _, px, py, _ in placed]):
                     placed.append((name, label, float(x), float(y), float(rng.uniform(0, 360))))
                     break
         return sign, placed
