@@ -703,7 +703,8 @@ def _write_card(card: Path, *, steps, seed, batch, lr, bank_size, wall, threads,
           if "init_sha256" in lineage else []),
         f"- Data recipe (`stm_live.models.tipstate.render_sample` + `finish`): {bank_size} simulated frames "
         f"rendered once (`build_bank`), {cfg.size}x{cfg.size} px at {cfg.pixel_size_nm} nm/px: 1-3 random "
-        "library molecules (HOMO or LUMO side, the first near the centre, random rotation) on an optional "
+        "library molecules (HOMO or LUMO side, the first near the centre, random rotation, none overlapping "
+        "another: `scatter_molecules`) on an optional "
         "NaCl-like substrate (corrugation 0-0.1); constant height z 0.45-0.8 nm (2/3) or constant current "
         "(1/3, setpoint 0.3-0.9 of the constant-height peak, Z map through `current_from_z`); per class a "
         "tip preset with jitter (CO s share 5-22 %, 30 % of CO tips coherent; mixed s 32-60 %; tilt "
