@@ -5,6 +5,7 @@ import pytest
 
 from stm_live.simulators.imaging import (
     CURRENT_SCALE_A_PER_V,
+    MOLECULE_GAP_NM,
     Placement,
     ScanFrame,
     Substrate,
@@ -14,6 +15,7 @@ from stm_live.simulators.imaging import (
     height_from_current,
     placement_fields,
     s_wave_image,
+    scatter_molecules,
 )
 from stm_live.simulators.orbitals import KAPPA_PER_NM
 from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES, PairSampler
@@ -246,3 +248,22 @@ def test_tilted_tip_breaks_the_mirror_symmetry_and_shifts_the_apex():
     assert np.max(np.abs(img - img[:, ::-1])) > 0.05 * img.max()
     np.testing.assert_allclose(img, img[::-1, :], rtol=1e-4, atol=1e-6 * img.max())  # tilt along x keeps y-mirror
     assert tilted.apex_offset_nm()[0] == pytest.approx(0.3 * np.sin(np.radians(20.0)))
+
+
+def test_scattered_molecules_never_overlap_and_one_without_room_is_left_out():
+    from stm_live.simulators.orbitals import molecule
+
+    names = ["pentacene", "h2pc", "coronene", "ptcda"]
+    for seed in range(20):
+        placed = scatter_molecules(np.random.default_rng(seed), names, lambda i: (2.0, 2.0), orbital="HOMO")
+        kept = {p.molecule for p in placed}
+        assert [p.molecule for p in placed] == [n for n in names if n in kept]  # in order; some may be left out
+        for i, a in enumerate(placed):
+            assert abs(a.x_nm) <= 2.0 and abs(a.y_nm) <= 2.0 and a.orbital == "HOMO"
+            for b in placed[:i]:
+                gap = np.hypot(a.x_nm - b.x_nm, a.y_nm - b.y_nm) - molecule(a.molecule).radius_nm - molecule(b.molecule).radius_nm
+                assert gap > MOLECULE_GAP_NM
+    again = scatter_molecules(np.random.default_rng(3), names, lambda i: (2.0, 2.0))
+    assert again == scatter_molecules(np.random.default_rng(3), names, lambda i: (2.0, 2.0))
+    # a box the size of one molecule holds only the first
+    assert [p.molecule for p in scatter_molecules(np.random.default_rng(0), names, lambda i: (0.1, 0.1))] == ["pentacene"]
