@@ -122,7 +122,7 @@ def clear_of_others(name: str, x_nm: float, y_nm: float, others) -> bool:
 
 
 def scatter_molecules(rng: np.random.Generator, names, half_extent_nm, *, orbital: str | None = None,
-                      tries: int = 12) -> list:
+                      tries: int = 12) -> list[Placement]:
     """Placements of ``names`` at random rotations, the i-th uniform within ±``half_extent_nm(i)``
     (x and y half widths, nm), each clear of those before it (:func:`clear_of_others`); a
     molecule that finds no room in ``tries`` draws is left out."""
