@@ -1,11 +1,14 @@
-"""Gaussian cube reading and CubeOrbital sampling against an analytic p_z orbital."""
+"""Gaussian cube reading, CubeOrbital sampling against analytic orbitals, the continuation
+into vacuum, and cube orbitals imaged like library molecules."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from stm_live.io.cube import BOHR_NM, Cube, CubeOrbital, read_cube, write_cube
+from stm_live.io.cube import BOHR_NM, Cube, CubeOrbital, extend_into_vacuum, read_cube, write_cube
+from stm_live.simulators.imaging import CubePlacement, Placement, ScanFrame, constant_height_image
+from stm_live.simulators.orbitals import KAPPA_PER_NM, molecule, orbital_fields, orbital_level
 
 A_NM = 0.3            # Gaussian width of the test orbital
 PLANE_NM = 0.25       # molecular plane height in the cube frame
@@ -97,3 +100,86 @@ def test_malformed_cube_names_the_line(tmp_path, edit, message):
     with pytest.raises(ValueError, match=message) as info:
         read_cube(path)
     assert "ok.cube" in str(info.value)
+
+
+# ----------------------------------------------------------------- continuation into vacuum
+SOURCES = np.array([[0.15, 0.0, -0.12], [-0.15, 0.0, -0.12]])  # below the plane z = 0
+SIGNS = (1.0, -1.0)
+
+
+def _vacuum_solution(x, y, z):
+    """An exact solution of (nabla^2 - kappa^2) psi = 0 above the sources, sum of
+    +-exp(-kappa r)/r, with its gradient: what a continuation must reproduce."""
+    out = np.zeros((4, *np.shape(x)))
+    for (a, b, c), sign in zip(SOURCES, SIGNS):
+        dx, dy, dz = x - a, y - b, z - c
+        r = np.sqrt(dx * dx + dy * dy + dz * dz)
+        f = np.exp(-KAPPA_PER_NM * r) / r
+        g = -f * (KAPPA_PER_NM + 1 / r) / r
+        out += sign * np.stack([f, g * dx, g * dy, g * dz])
+    return out
+
+
+def _grid_cube(values_at, atoms_xy, *, margin_nm=1.1, top_nm=0.6, step_nm=0.02, cut_short_above=None):
+    """A cube around ``atoms_xy`` (plane z = 0) holding ``values_at(x, y, z)``; with
+    ``cut_short_above`` the values decay an extra exp(-2 kappa dz) above that height, as a
+    localised basis set's tail does."""
+    lo = np.array([atoms_xy[:, 0].min() - margin_nm, atoms_xy[:, 1].min() - margin_nm, 0.04])
+    n = np.round((np.array([*np.ptp(atoms_xy, axis=0) + 2 * margin_nm, top_nm - 0.04])) / step_nm).astype(int) + 1
+    x, y, z = lo[:, None, None, None] + np.indices(n) * step_nm
+    psi = values_at(x, y, z)
+    if cut_short_above is not None:
+        psi = psi * np.exp(-2 * KAPPA_PER_NM * np.clip(z - cut_short_above, 0, None))
+    atoms = np.c_[atoms_xy, np.zeros(len(atoms_xy))]
+    return Cube(("grid", "test"), np.full(len(atoms), 6), atoms, lo, np.eye(3) * step_nm, psi[None])
+
+
+def test_continuation_into_vacuum_restores_a_tail_the_basis_cut_short():
+    cube = _grid_cube(lambda x, y, z: _vacuum_solution(x, y, z)[0], SOURCES[:, :2], cut_short_above=0.2)
+    continued, as_is = CubeOrbital(cube, vacuum_from_nm=0.2), CubeOrbital(cube)
+    x, y = np.meshgrid(np.linspace(-0.8, 0.8, 33), np.linspace(-0.6, 0.6, 25))
+    for height in (0.3, 0.6, 1.0):
+        z = np.full_like(x, height)
+        exact = _vacuum_solution(x, y, z)
+        scale = np.abs(exact).max(axis=(1, 2))
+        assert np.all(np.abs(continued.fields(x, y, z)[0] - exact).max(axis=(1, 2)) < 2e-3 * scale)
+        if height <= 0.6:  # the cube as it is holds the cut-short tail: far too weak
+            assert np.abs(as_is.fields(x, y, z)[0, 0]).max() < 0.5 * scale[0]
+    extended = extend_into_vacuum(cube, from_nm=0.2, top_nm=1.2)
+    assert extended.data.shape[0] == 1 and extended.axes_nm[2, 2] == pytest.approx(0.02)
+    assert extended.origin_nm[2] == pytest.approx(0.0) and extended.shape[2] == 61
+
+
+def test_continuation_refuses_what_it_cannot_do():
+    cube = _grid_cube(lambda x, y, z: _vacuum_solution(x, y, z)[0], SOURCES[:, :2], top_nm=0.3, step_nm=0.05)
+    with pytest.raises(ValueError, match=r"must hold the plane 0.5 nm above the molecule"):
+        extend_into_vacuum(cube, from_nm=0.5)
+    sheared = Cube(cube.comment, cube.atomic_numbers, cube.atoms_nm, cube.origin_nm,
+                   cube.axes_nm + np.array([[0, 0.01, 0], [0, 0, 0], [0, 0, 0]]), cube.data)
+    with pytest.raises(ValueError, match="axes run along"):
+        extend_into_vacuum(sheared)
+    with pytest.raises(ValueError, match="from_nm < top_nm"):
+        extend_into_vacuum(cube, from_nm=0.2, top_nm=0.1)
+    with pytest.raises(ValueError, match="mo index 1 out of range"):
+        CubeOrbital(cube, mo=1, vacuum_from_nm=0.2)
+
+
+def _library_cube(name="naphthalene", label="HOMO", **kw):
+    level = orbital_level(name, label)
+    m = molecule(name)
+    atoms_xy = m.xyz_nm[list(m.pi_atoms)][:, :2]
+    return _grid_cube(lambda x, y, z: orbital_fields(level, x, y, z)[0, 0], atoms_xy, **kw)
+
+
+def test_a_cube_orbital_images_like_the_library_molecule_it_holds():
+    orbital = CubeOrbital(_library_cube(top_nm=0.5, step_nm=0.025))  # sampled as it is
+    frame = ScanFrame(0.1, -0.05, 2.4, 2.0, angle_deg=10.0, pixels=48, lines=40)
+    kw = dict(tip="co", z_nm=0.4, bias_V=-1.0)
+    library = constant_height_image([Placement("naphthalene", 0.2, -0.1, 30.0, "HOMO")], frame, **kw)
+    from_cube = constant_height_image([CubePlacement(orbital, 0.2, -0.1, 30.0)], frame, **kw)
+    assert np.abs(from_cube - library).max() < 5e-3 * library.max()
+    moved = constant_height_image([CubePlacement(orbital, 0.2, -0.1, 75.0)], frame, **kw)
+    assert np.abs(moved - library).max() > 0.2 * library.max()  # the rotation is applied
+    with pytest.raises(ValueError, match="CubePlacement.orbital must be a CubeOrbital"):
+        CubePlacement("naphthalene.cube")
+

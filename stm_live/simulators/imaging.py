@@ -107,6 +107,28 @@ class Placement:
     def level(self, bias_V: float) -> OrbitalLevel:
         return orbital_level(self.molecule, self.orbital or orbital_for_bias(bias_V))
 
+    def local_fields(self, x_nm, y_nm, z_nm, bias_V: float) -> np.ndarray:
+        """(k, 4, ...) ψ and gradient per partner in the molecule's own frame."""
+        return orbital_fields(self.level(bias_V), x_nm, y_nm, z_nm)
+
+
+@dataclass(frozen=True)
+class CubePlacement:
+    """An orbital from a cube file (``io.cube.CubeOrbital``, e.g. from DFT) at (x, y) nm,
+    rotated counter-clockwise; it is imaged whatever the bias sign, as the one orbital given."""
+
+    orbital: object  # anything with CubeOrbital's .fields(x_nm, y_nm, z_nm) -> (1, 4, ...)
+    x_nm: float = 0.0
+    y_nm: float = 0.0
+    rotation_deg: float = 0.0
+
+    def __post_init__(self):
+        if not callable(getattr(self.orbital, "fields", None)):
+            raise ValueError(f"CubePlacement.orbital must be a CubeOrbital, got {type(self.orbital).__name__}")
+
+    def local_fields(self, x_nm, y_nm, z_nm, bias_V: float) -> np.ndarray:
+        return self.orbital.fields(x_nm, y_nm, z_nm)
+
 
 # Clearance between the atoms' bounding discs of two molecules in a random scene: adsorbed
 # molecules do not overlap, and the gap leaves room for the orbitals' tails.
@@ -170,14 +192,14 @@ def orbital_for_bias(bias_V: float) -> str:
 
 
 def _check_placements(placements) -> list[Placement]:
-    if isinstance(placements, Placement):
+    if isinstance(placements, (Placement, CubePlacement)):
         return [placements]
     items = list(placements)
     if not items:
         raise ValueError("placements is empty: give at least one Placement")
     for p in items:
-        if not isinstance(p, Placement):
-            raise ValueError(f"placements must be Placement objects, got {type(p).__name__}")
+        if not isinstance(p, (Placement, CubePlacement)):
+            raise ValueError(f"placements must be Placement or CubePlacement objects, got {type(p).__name__}")
     return items
 
 
@@ -195,12 +217,12 @@ def _check_height(z_nm) -> None:
         raise ValueError(f"z_nm must be a positive height in nm, got {z_nm}")
 
 
-def placement_fields(placement: Placement, x_nm, y_nm, z_nm, bias_V: float) -> np.ndarray:
+def placement_fields(placement: Placement | CubePlacement, x_nm, y_nm, z_nm, bias_V: float) -> np.ndarray:
     """Lab-frame (ψ, ∂x, ∂y, ∂z) per partner of a placed molecule, shape (k, 4, *x.shape)."""
     theta = math.radians(placement.rotation_deg)
     c, s = math.cos(theta), math.sin(theta)
     dx, dy = np.asarray(x_nm) - placement.x_nm, np.asarray(y_nm) - placement.y_nm
-    local = orbital_fields(placement.level(bias_V), c * dx + s * dy, -s * dx + c * dy, z_nm)
+    local = placement.local_fields(c * dx + s * dy, -s * dx + c * dy, z_nm, bias_V)
     gx, gy = local[:, 1].copy(), local[:, 2].copy()
     local[:, 1] = c * gx - s * gy  # rotate the gradient back into the lab frame
     local[:, 2] = s * gx + c * gy
