@@ -170,6 +170,12 @@ def evaluate(
     samples: Optional[int] = typer.Option(
         None, help="Samples per molecule/orbital/tip cell (stmnet, default 8) or per class (tipstate, default 40)."),
     seed: int = typer.Option(1234),
+    cube: Optional[List[Path]] = typer.Option(
+        None, help="stmnet: evaluate on this cube file's orbital (e.g. from DFT) instead; repeatable."),
+    cube_mo: int = typer.Option(0, help="Which orbital of a multi-orbital cube file (0 = the first)."),
+    vacuum_from: Optional[float] = typer.Option(
+        None, help="Height (nm) above the molecular plane from which cube orbitals are continued into "
+                   "vacuum (default 0.2; 0 samples the cube as it is)."),
 ):
     """Evaluate a shipped network on held-out simulated data; prints a table."""
     if model == "stmnet":
@@ -178,8 +184,13 @@ def evaluate(
         from stm_live.models.tipstate import evaluate_main
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
+    if cube and model != "stmnet":
+        _fail(ValueError("--cube evaluates STM-Net only (--model stmnet)"))
+    if not cube and (vacuum_from is not None or cube_mo):
+        _fail(ValueError("--vacuum-from and --cube-mo apply to cube files: give --cube FILE"))
+    cubes = {"cubes": cube, "cube_mo": cube_mo, "vacuum_from_nm": vacuum_from} if cube else {}
     with _user_errors():
-        evaluate_main(device=device, seed=seed, **_given(samples=samples))
+        evaluate_main(device=device, seed=seed, **_given(samples=samples), **cubes)
 
 
 @app.command()

@@ -183,3 +183,28 @@ def test_a_cube_orbital_images_like_the_library_molecule_it_holds():
     with pytest.raises(ValueError, match="CubePlacement.orbital must be a CubeOrbital"):
         CubePlacement("naphthalene.cube")
 
+
+def test_evaluate_stmnet_on_a_cube_file(tmp_path):
+    """`stm-live evaluate --cube`: the shipped STM-Net on a cube orbital of a held-out
+    molecule (perylene's LUMO, sampled to 0.35 nm and continued into vacuum from 0.2 nm)."""
+    from typer.testing import CliRunner
+
+    from stm_live.cli import app
+    from stm_live.models.metrics import cube_quality
+    from stm_live.models.stmnet import load_stmnet
+
+    path = write_cube(tmp_path / "perylene_lumo.cube", _library_cube("perylene", "LUMO", top_nm=0.35, step_nm=0.03))
+    result = CliRunner().invoke(app, ["evaluate", "--model", "stmnet", "--device", "cpu", "--cube", str(path),
+                                      "--samples", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "perylene_lumo.cube" in result.output and "cube orbitals" in result.output
+    summary = cube_quality(load_stmnet("cpu"), [path], samples=2)["summary"]["cube orbitals"]
+    assert summary["stmnet"][2] == 8  # 4 evaluation tips x 2 frames
+    assert summary["stmnet"][0] > summary["identity"][0] + 8.0  # dB
+    assert summary["stmnet"][1] > 0.97
+
+    for args, message in ((["--cube", str(tmp_path / "none.cube")], "none.cube does not exist"),
+                          (["--vacuum-from", "0.3"], "apply to cube files"),
+                          (["--model", "tipstate", "--cube", str(path)], "STM-Net only")):
+        bad = CliRunner().invoke(app, ["evaluate", *args])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

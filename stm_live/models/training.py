@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,41 @@ def eval_cells(split: str) -> list[dict]:
     return cells
 
 
+def cube_cells(paths, *, mo: int = 0, vacuum_from_nm: float | None = None) -> list[dict]:
+    """Evaluation cells for orbitals read from cube files (e.g. DFT): each cube under every
+    evaluation tip, at constant height (a cube's ψ has its own arbitrary scale, so the
+    substrate a constant-current image needs has no meaningful weight beside it).
+    ``vacuum_from_nm``: where the cube is continued into vacuum (``io.cube``; None = its
+    default, 0 = sample the cube as it is)."""
+    from stm_live.io.cube import VACUUM_FROM_NM
+
+    vacuum = VACUUM_FROM_NM if vacuum_from_nm is None else float(vacuum_from_nm)
+    cells = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"cube file {path} does not exist")
+        cells += [{"molecule": path.name, "orbital": f"MO {mo}", "tip": t, "mode": "height", "cube": str(path),
+                   "mo": mo, "vacuum_from_nm": vacuum} for t in EVAL_TIPS]
+    return cells
+
+
+@lru_cache(maxsize=8)
+def _cube_orbital(path: str, mo: int, vacuum_from_nm: float):
+    from stm_live.io.cube import CubeOrbital, read_cube
+
+    return CubeOrbital(read_cube(path), mo=mo, vacuum_from_nm=vacuum_from_nm or None)
+
+
+def _eval_placement(cell: dict, x_nm: float, y_nm: float, rotation_deg: float):
+    """The cell's molecule (library name, or a cube file's orbital) placed in the frame."""
+    from stm_live.simulators.imaging import CubePlacement, Placement
+
+    if "cube" in cell:
+        return CubePlacement(_cube_orbital(cell["cube"], cell["mo"], cell["vacuum_from_nm"]), x_nm, y_nm, rotation_deg)
+    return Placement(cell["molecule"], x_nm, y_nm, rotation_deg, cell["orbital"])
+
+
 def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
                     pixel_size_nm: float = TRAIN_PIXEL_SIZE_NM, noise: float = 0.0):
     """``n`` frames of one cell rendered with ``simulators.imaging``: one molecule near the
@@ -126,7 +162,7 @@ def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
     constant current: height noise sigma = noise x 0.02 nm on the Z map (then ``current_from_z``).
     """
     from stm_live.simulators.imaging import (
-        Placement, ScanFrame, Substrate, constant_current_image, constant_height_image, s_wave_image,
+        ScanFrame, Substrate, constant_current_image, constant_height_image, s_wave_image,
     )
 
     key = sum(ord(ch) for ch in "|".join(str(v) for v in cell.values()))
@@ -137,8 +173,8 @@ def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
     frame = ScanFrame(0.0, 0.0, fov, fov, pixels=size, lines=size)
     ins, tgs = [], []
     for _ in range(n):
-        place = [Placement(cell["molecule"], float(rng.uniform(-0.05, 0.05) * fov),
-                           float(rng.uniform(-0.05, 0.05) * fov), float(rng.uniform(0, 360)), cell["orbital"])]
+        place = [_eval_placement(cell, float(rng.uniform(-0.05, 0.05) * fov), float(rng.uniform(-0.05, 0.05) * fov),
+                                 float(rng.uniform(0, 360)))]
         z = float(rng.uniform(0.3, 0.5))
         target = s_wave_image(place, frame, z_nm=z, bias_V=bias).astype(np.float64)
         if cell["mode"] == "current":
