@@ -137,7 +137,7 @@ def cube_cells(paths, *, mo: int = 0, vacuum_from_nm: float | None = None) -> li
     return cells
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=1)  # cube_cells lists a cube's cells together; a continued orbital holds ~100 MB
 def _cube_orbital(path: str, mo: int, vacuum_from_nm: float):
     from stm_live.io.cube import CubeOrbital, read_cube
 
