@@ -208,3 +208,52 @@ def test_evaluate_stmnet_on_a_cube_file(tmp_path):
                           (["--model", "tipstate", "--cube", str(path)], "STM-Net only")):
         bad = CliRunner().invoke(app, ["evaluate", *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
+
+
+def test_a_scenario_scans_a_cube_orbital_over_the_protocol(tmp_path):
+    """`molecules: [{cube: FILE}]` in a scenario: the simulated controller images the cube's
+    orbital (on the library's current scale) and serves it over TCP like any molecule."""
+    from stm_live.devices.client import NanonisClient
+    from stm_live.simulators.imaging import cube_amplitude
+    from stm_live.simulators.scenario import ScenarioError, load_scenario
+    from stm_live.simulators.server import start_server_thread
+
+    write_cube(tmp_path / "naphthalene_homo.cube", _library_cube(top_nm=0.3, step_nm=0.03))
+    common = ("tip: {preset: co}\nartifacts: {}\nz_controller: false\nz_nm: 0.45\nbias_V: -1.0\n"
+              "frame: {width_nm: 2.4, height_nm: 2.4, pixels: 32, lines: 32}\n")
+    (tmp_path / "cube.yaml").write_text(
+        "molecules:\n  - {cube: naphthalene_homo.cube, x_nm: 0.1, rotation_deg: 30}\n" + common)
+    (tmp_path / "library.yaml").write_text(
+        "molecules:\n  - {molecule: naphthalene, orbital: HOMO, x_nm: 0.1, rotation_deg: 30}\n" + common)
+    scenario = load_scenario(tmp_path / "cube.yaml")
+    (placed,) = scenario.molecules
+    assert isinstance(placed, CubePlacement) and placed.amplitude == pytest.approx(cube_amplitude(placed.orbital))
+
+    def scan(path):
+        with start_server_thread(scenario=load_scenario(path), time_scale=20.0) as srv:
+            with NanonisClient(srv.host, srv.port) as client:
+                client.scan_buffer_set([0], 32, 32)
+                client.scan_action("start", "down")
+                assert client.scan_wait_end_of_scan(30.0)[0] is False
+                return np.asarray(client.scan_frame_data_grab(0, True).data, dtype=np.float64)
+
+    from_cube, library = scan(tmp_path / "cube.yaml"), scan(tmp_path / "library.yaml")
+    assert np.isfinite(from_cube).all()
+    assert np.corrcoef(from_cube.ravel(), library.ravel())[0, 1] > 0.99  # the same orbital, same place
+    # Brightness: an s tip 0.45 nm above sees the pentacene HOMO's peak, the library's calibration.
+    from stm_live.simulators.imaging import s_wave_image
+
+    def s_peak(placement):
+        return s_wave_image([placement], ScanFrame(0.0, 0.0, 3.0, 3.0, pixels=75, lines=75), z_nm=0.45,
+                            bias_V=-1.0).max()
+
+    assert s_peak(placed) == pytest.approx(s_peak(Placement("pentacene", orbital="HOMO")), rel=0.02)
+    assert s_peak(CubePlacement(placed.orbital)) > 2 * s_peak(placed)  # the cube's own scale differs
+
+    bad = {"{cube: none.cube}": r"molecules\[0\]\.cube: .*none.cube",
+           "{cube: naphthalene_homo.cube, molecule: naphthalene}": r"molecules\[0\]\.molecule: a cube entry",
+           "{molecule: naphthalene, mo: 2}": r"molecules\[0\]\.mo: only for a cube entry"}
+    for entry, message in bad.items():
+        (tmp_path / "bad.yaml").write_text(f"molecules:\n  - {entry}\n")
+        with pytest.raises(ScenarioError, match=message):
+            load_scenario(tmp_path / "bad.yaml")

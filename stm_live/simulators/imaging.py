@@ -115,19 +115,24 @@ class Placement:
 @dataclass(frozen=True)
 class CubePlacement:
     """An orbital from a cube file (``io.cube.CubeOrbital``, e.g. from DFT) at (x, y) nm,
-    rotated counter-clockwise; it is imaged whatever the bias sign, as the one orbital given."""
+    rotated counter-clockwise; it is imaged whatever the bias sign, as the one orbital given.
+    ``amplitude`` multiplies ψ (cube values have their own units; see :func:`cube_amplitude`)."""
 
     orbital: object  # anything with CubeOrbital's .fields(x_nm, y_nm, z_nm) -> (1, 4, ...)
     x_nm: float = 0.0
     y_nm: float = 0.0
     rotation_deg: float = 0.0
+    amplitude: float = 1.0
 
     def __post_init__(self):
         if not callable(getattr(self.orbital, "fields", None)):
             raise ValueError(f"CubePlacement.orbital must be a CubeOrbital, got {type(self.orbital).__name__}")
+        if not (math.isfinite(self.amplitude) and self.amplitude > 0):
+            raise ValueError(f"CubePlacement.amplitude must be a positive number, got {self.amplitude}")
 
     def local_fields(self, x_nm, y_nm, z_nm, bias_V: float) -> np.ndarray:
-        return self.orbital.fields(x_nm, y_nm, z_nm)
+        fields = self.orbital.fields(x_nm, y_nm, z_nm)
+        return fields if self.amplitude == 1.0 else self.amplitude * fields
 
 
 # Clearance between the atoms' bounding discs of two molecules in a random scene: adsorbed
@@ -313,6 +318,30 @@ def s_wave_image(placements, frame: ScanFrame, *, z_nm: float, bias_V: float) ->
     orbital_for_bias(bias_V)
     return signal_image(placements, frame, TipState(1.0, 0.0, 0.0, 0.0, name="s"), z_nm=z_nm,
                         bias_V=bias_V).astype(np.float32)
+
+
+# Where library molecules and cube orbitals are put on one current scale (the calibration of
+# CURRENT_SCALE_A_PER_V above): an s tip 0.45 nm over the pentacene HOMO.
+CALIBRATION_HEIGHT_NM = 0.45
+
+
+def cube_amplitude(orbital) -> float:
+    """The ψ multiplier that puts a cube orbital on the library's current scale: an s tip
+    :data:`CALIBRATION_HEIGHT_NM` above it sees the same peak |ψ|² as over the pentacene HOMO
+    (so a scene can mix both, and the constant-current feedback and substrate keep their
+    meaning)."""
+    def peak(placement, radius_nm):  # on a 0.04 nm grid over the molecule and 0.5 nm around it
+        n = int(round((radius_nm + 0.5) / 0.02))
+        frame = ScanFrame(0.0, 0.0, n * 0.04, n * 0.04, pixels=n, lines=n)
+        return float(s_wave_image([placement], frame, z_nm=CALIBRATION_HEIGHT_NM, bias_V=-1.0).max())
+
+    reference = peak(Placement("pentacene", orbital="HOMO"), molecule("pentacene").radius_nm)
+    atoms_xy = np.asarray(orbital.cube.atoms_nm)[:, :2] - np.asarray(orbital.center_nm)[:2]
+    own = peak(CubePlacement(orbital), float(np.hypot(*atoms_xy.T).max(initial=0.0)))
+    if not own > 0:
+        raise ValueError(f"the cube orbital is zero {CALIBRATION_HEIGHT_NM} nm above its plane: it cannot be scaled "
+                         "(does the cube reach that height, or continue it into vacuum?)")
+    return math.sqrt(reference / own)
 
 
 def current_from_height(z_nm, *, current_ref_A: float = 1e-10, z_ref_nm: float = 0.0,

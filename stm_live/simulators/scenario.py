@@ -6,6 +6,10 @@ reconditioning action is to work), which artifacts the images carry, and the con
 initial settings (frame, bias, setpoint, Z). Every problem raises ``ScenarioError`` naming
 the file and the key path, e.g. ``default.yaml: molecules[2].x_nm: expected a number``.
 
+A molecule is a library name (``{molecule: pentacene, orbital: HOMO, x_nm: ...}``) or an
+orbital from a cube file, e.g. from DFT (``{cube: homo.cube, mo: 0, x_nm: ...}``, the path
+relative to the scenario file), imaged through the same forward model.
+
 Frame and line numbers in ``tip.events`` count from 0 (frame 0 = the first frame scanned
 after the server starts; line = row in acquisition order).
 """
@@ -19,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from stm_live.simulators.imaging import Placement
+from stm_live.simulators.imaging import CubePlacement, Placement, cube_amplitude
 
 __all__ = [
     "ARTIFACT_NAMES",
@@ -106,7 +110,7 @@ class ArtifactSpec:
 class Scenario:
     name: str = "default"
     description: str = ""
-    molecules: tuple[Placement, ...] = ()
+    molecules: tuple[Placement | CubePlacement, ...] = ()
     substrate: dict[str, float] = field(default_factory=dict)
     tip: str = "co"
     evolution: TipEvolution = field(default_factory=TipEvolution)
@@ -187,6 +191,26 @@ def _tip_names() -> tuple[str, ...]:
     return tuple(TIP_PRESETS)
 
 
+def _cube_placement(c: _Ctx, m: dict, key: str, source: str, where: dict) -> CubePlacement:
+    """A ``{cube: FILE, mo: K}`` entry: the cube's orbital K continued into vacuum and put on
+    the library's current scale (``imaging.cube_amplitude``). FILE is relative to the
+    scenario file's folder."""
+    from stm_live.io.cube import VACUUM_FROM_NM, CubeOrbital, read_cube
+
+    for other in ("molecule", "orbital"):
+        if other in m:
+            c.fail(f"{key}.{other}", "a cube entry names no library molecule or orbital: the cube holds its orbital")
+    path = Path(c.string(m["cube"], f"{key}.cube"))
+    if not path.is_absolute() and source != "<scenario>":
+        path = Path(source).parent / path
+    mo = c.integer(m.get("mo", 0), f"{key}.mo", lo=0)
+    try:
+        orbital = CubeOrbital(read_cube(path), mo=mo, vacuum_from_nm=VACUUM_FROM_NM)
+        return CubePlacement(orbital, amplitude=cube_amplitude(orbital), **where)
+    except (OSError, ValueError) as exc:
+        c.fail(f"{key}.cube", str(exc))
+
+
 def _probabilities(c: _Ctx, value, key: str, allowed: tuple[str, ...]) -> dict[str, float]:
     m = c.mapping(value, key, allowed)
     out = {k: c.number(v, f"{key}.{k}", lo=0.0, hi=1.0) for k, v in m.items()}
@@ -211,9 +235,16 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
     names = _molecule_names()
     for i, m in enumerate(raw_mols):
         key = f"molecules[{i}]"
-        m = c.mapping(m, key, ("molecule", "x_nm", "y_nm", "rotation_deg", "orbital"))
+        m = c.mapping(m, key, ("molecule", "x_nm", "y_nm", "rotation_deg", "orbital", "cube", "mo"))
+        where = {k: c.number(m.get(k, 0.0), f"{key}.{k}", lo=-1e4, hi=1e4) for k in ("x_nm", "y_nm")}
+        where["rotation_deg"] = c.number(m.get("rotation_deg", 0.0), f"{key}.rotation_deg")
+        if "cube" in m:
+            molecules.append(_cube_placement(c, m, key, source, where))
+            continue
+        if "mo" in m:
+            c.fail(f"{key}.mo", "only for a cube entry (cube: FILE)")
         if "molecule" not in m:
-            c.fail(f"{key}.molecule", "missing")
+            c.fail(f"{key}.molecule", "missing (or give cube: FILE)")
         name = c.string(m["molecule"], f"{key}.molecule", names)
         orbital = m.get("orbital")
         if orbital is not None:
@@ -227,13 +258,7 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
                 orbital_level(name, orbital)
             except ValueError as exc:
                 c.fail(f"{key}.orbital", str(exc))
-        molecules.append(Placement(
-            molecule=name,
-            x_nm=c.number(m.get("x_nm", 0.0), f"{key}.x_nm", lo=-1e4, hi=1e4),
-            y_nm=c.number(m.get("y_nm", 0.0), f"{key}.y_nm", lo=-1e4, hi=1e4),
-            rotation_deg=c.number(m.get("rotation_deg", 0.0), f"{key}.rotation_deg"),
-            orbital=orbital,
-        ))
+        molecules.append(Placement(molecule=name, orbital=orbital, **where))
 
     if "molecules" not in d:
         molecules = list(DEFAULT_MOLECULES)
