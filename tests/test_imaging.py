@@ -75,10 +75,12 @@ def test_current_scale_and_proportional_to_bias():
     np.testing.assert_allclose(two, 2 * one, rtol=1e-6)
 
 
+@pytest.mark.parametrize("tip", ["co", "coherent_co"])
 @pytest.mark.parametrize("name", ["benzene", "coronene", "pentacene", "h2pc"])
-def test_symmetric_molecules_give_symmetric_images(name):
+def test_symmetric_molecules_give_symmetric_images(name, tip):
+    # a coherent CO tip mixes s with p_z only, both symmetric about its axis: no lopsided image
     frame = ScanFrame(0, 0, 3.0, 3.0, pixels=60, lines=60)
-    img = constant_height_image(Placement(name), frame, tip_preset("co"), z_nm=0.4, bias_V=-1.0)
+    img = constant_height_image(Placement(name), frame, tip_preset(tip), z_nm=0.4, bias_V=-1.0)
     tol = 1e-5 * img.max()
     assert np.max(np.abs(img - img[:, ::-1])) < tol
     assert np.max(np.abs(img - img[::-1, :])) < tol
@@ -92,6 +94,21 @@ def test_degenerate_level_is_rotation_invariant():
     np.testing.assert_allclose(turned, base, rtol=1e-4, atol=1e-5 * base.max())
     one_partner = placement_fields(Placement("coronene"), *frame.grid(), 0.4, -1.0)[0, 0] ** 2
     assert not np.allclose(one_partner[:, ::-1].T, one_partner, atol=1e-3 * one_partner.max())
+
+
+def test_coherent_tip_adds_the_s_pz_interference_term():
+    frame = ScanFrame(0, 0, 2.5, 2.5, pixels=40, lines=40)
+    fields = placement_fields(Placement("pentacene"), *frame.grid(), 0.4, -1.0)
+    coherent = tip_preset("coherent_co")
+    w = coherent.weights
+    psi, dz = fields[:, 0], fields[:, 3] / KAPPA_PER_NM
+    cross = 2 * np.sqrt(w[0] * w[3]) * np.sum(psi * dz, axis=0)
+    incoherent = tip_signal(fields, coherent.with_(coherent=False))
+    np.testing.assert_allclose(tip_signal(fields, coherent), incoherent + cross, rtol=1e-9, atol=1e-12)
+    assert np.abs(cross).max() > 0.05 * incoherent.max()
+    d = coherent.channel_matrix()
+    np.testing.assert_allclose(d, d.T)
+    assert np.count_nonzero(d - np.diag(np.diag(d))) == 2  # only s–p_z off the diagonal
 
 
 def test_p_share_of_a_co_tip_image_falls_with_height():

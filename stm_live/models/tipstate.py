@@ -157,7 +157,7 @@ def _class_tip(label: str, rng: np.random.Generator):
 
     def co(s_lo=0.05, s_hi=0.22):
         sf = float(rng.uniform(s_lo, s_hi))
-        if rng.random() < 0.3:  # coherent s-p CO (the simulator's coherent_co preset is a good tip)
+        if rng.random() < 0.3:  # coherent s-p_z CO (the coherent_co preset: a good tip)
             pz = float(rng.uniform(0.0, 0.1))
             return tip_preset("coherent_co").with_(s=sf, px=(1 - sf - pz) / 2, py=(1 - sf - pz) / 2, pz=pz)
         return tip_preset("co").with_(s=sf, px=(1 - sf) / 2, py=(1 - sf) / 2, pz=0.0)

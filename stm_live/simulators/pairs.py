@@ -6,7 +6,7 @@ channels f = (ψ, ∂xψ/κ, ∂yψ/κ, ∂zψ/κ) (Chen's derivative rule, see 
 components) on a canonical grid in the molecule frame. A tip with channel weights w seen
 through a rotation T (molecule rotation, then tip tilt) gives
 
-    incoherent: S = Σ_ab (Tᵀ diag(w) T)_ab M_ab      coherent: S = Σ_ab (Tᵀ√w)(Tᵀ√w)ᵀ_ab M_ab
+    S = Σ_ab (Tᵀ D T)_ab M_ab,   D = ``TipState.channel_matrix()`` (diag(w), plus s–p_z coherence)
 
 i.e. one 10-term weighted sum, then a bilinear resample (``map_coordinates``) into the
 output frame at the sample's position, rotation and pixel size. Constant-current Z maps
@@ -81,7 +81,7 @@ class PairSampler:
     pixel_size_nm : a value or a (low, high) range drawn uniformly per sample.
     heights : tip height range (nm) above the molecular plane.
     s_share : range of the s fraction of the random tip (the rest is p_xy, a little p_z).
-    coherent_prob, tilt_prob : chance of a coherent s–p tip, of a tilted tip (≤ 25°).
+    coherent_prob, tilt_prob : chance of a coherent s–p_z tip, of a tilted tip (≤ 25°).
     modes : subset of ("height", "current").
     noise : relative noise range (fraction of the input's peak-to-peak).
     max_molecules : molecules per scene, drawn from 1..max_molecules.
@@ -249,12 +249,7 @@ class PairSampler:
         mol_rot = np.array([[math.cos(t), -math.sin(t), 0], [math.sin(t), math.cos(t), 0], [0, 0, 1]])
         transform = np.eye(4)
         transform[1:, 1:] = tip.p_frame().T @ mol_rot  # tip-frame gradient = Rtipᵀ Rmol g_local
-        w = tip.weights
-        if tip.coherent:
-            v = transform.T @ np.sqrt(w)
-            quad = np.outer(v, v)
-        else:
-            quad = transform.T @ np.diag(w) @ transform
+        quad = transform.T @ tip.channel_matrix() @ transform
         return np.array([quad[a, b] * (1 if a == b else 2) for a, b in _PAIRS])
 
     def _coords(self, name: str, x0: float, y0: float, rot_deg: float, pixel: float, shift=(0.0, 0.0)):

@@ -5,8 +5,12 @@ p_y / p_z see ∂ψ/∂x, ∂ψ/∂y, ∂ψ/∂z. Dividing the derivatives by κ
 dimensionless and comparable. With channel weights w (normalised to sum 1 in the signal):
 
     incoherent:  I ∝ w_s |ψ|² + Σ_i w_i |∂_i ψ / κ|²
-    coherent:    I ∝ |√w_s ψ + Σ_i √w_i ∂_i ψ / κ|²
+    coherent:    I ∝ |√w_s ψ + √w_z ∂_z ψ / κ|² + w_x |∂_x ψ / κ|² + w_y |∂_y ψ / κ|²
 
+Only s and p_z interfere: about the tip axis they are symmetric while p_x, p_y are not, so
+an axially symmetric tip carries them in different apex states, whose currents add. (An
+s–p_x mixture would be a tip state pointing sideways: an asymmetric tip, not a CO one.)
+Both forms are fᵀ D f with D = ``TipState.channel_matrix()``.
 Degenerate partners always add incoherently. A tilted tip rotates its p frame by
 ``tilt_deg`` about the in-plane axis perpendicular to ``tilt_azimuth_deg``; the apex
 then also sits ``CO_PIVOT_NM · sin(tilt)`` off-axis (the lateral shift is applied by
@@ -74,6 +78,17 @@ class TipState:
             raise ValueError(f"unknown TipState field(s) {sorted(unknown)}; valid: {sorted(known)}")
         return replace(self, **changes)
 
+    def channel_matrix(self) -> np.ndarray:
+        """D (4×4) over the tip-frame channels (s, p_x, p_y, p_z): signal = fᵀ D f.
+
+        diag(w), plus the s–p_z interference √(w_s w_z) off the diagonal for a coherent tip.
+        """
+        w = self.weights
+        d = np.diag(w)
+        if self.coherent:
+            d[0, 3] = d[3, 0] = math.sqrt(w[0] * w[3])
+        return d
+
     def apex_offset_nm(self) -> tuple[float, float]:
         """Lateral shift of the apex caused by the tilt (along the tilt azimuth)."""
         shift = CO_PIVOT_NM * math.sin(math.radians(self.tilt_deg))
@@ -123,17 +138,17 @@ def tip_gradients(fields_lab: np.ndarray, tip: TipState) -> np.ndarray:
 def tip_signal(fields_lab: np.ndarray, tip: TipState, *, kappa_per_nm: float = KAPPA_PER_NM) -> np.ndarray:
     """Tunnelling signal of ``tip`` from fields (k, 4, …) = (ψ, ∂x, ∂y, ∂z) per partner.
 
-    Chen 1990 derivative rule; incoherent: Σ_k Σ_c w_c |f_kc|², coherent: Σ_k |Σ_c √w_c f_kc|²,
-    with f = (ψ, ∂xψ/κ, ∂yψ/κ, ∂zψ/κ). Returns an array of the grid shape (…).
+    Chen 1990 derivative rule: Σ_k f_kᵀ D f_k with f = (ψ, ∂xψ/κ, ∂yψ/κ, ∂zψ/κ) in the tip's
+    frame and D = ``tip.channel_matrix()``. Returns an array of the grid shape (…).
     """
     f = np.asarray(fields_lab)
     if f.ndim < 2 or f.shape[1] != 4:
         raise ValueError(f"fields must have shape (k, 4, ...), got {f.shape}")
     f = tip_gradients(f, tip)
     scale = np.array([1.0, 1 / kappa_per_nm, 1 / kappa_per_nm, 1 / kappa_per_nm]).reshape(1, 4, *([1] * (f.ndim - 2)))
-    w = tip.weights.reshape(1, 4, *([1] * (f.ndim - 2)))
     f = f * scale
-    if tip.coherent:
-        amplitude = np.sum(np.sqrt(w) * f, axis=1)
-        return np.sum(amplitude * amplitude, axis=0)
-    return np.sum(w * f * f, axis=(0, 1))
+    d = tip.channel_matrix()
+    out = np.sum(np.diag(d).reshape(scale.shape) * f * f, axis=(0, 1))
+    if d[0, 3]:  # D's one off-diagonal term: s–p_z interference of a coherent tip
+        out += 2 * d[0, 3] * np.sum(f[:, 0] * f[:, 3], axis=0)
+    return out
