@@ -6,7 +6,7 @@ All physics comes from ``stm_live.simulators`` (one forward model for the whole 
   pixel_size_nm=TRAIN_PIXEL_SIZE_NM, ...)`` with the recipe in ``TRAIN_RECIPE``: 1-3
   molecules per frame (never ``HELD_OUT_MOLECULES``) at random positions and rotations, one
   level each from HOMO-2..LUMO+2 (degenerate partners summed), tip height 0.25-0.6 nm,
-  random CO-like tips (s share 0-0.6, p_x/p_y imbalance, a little p_z; 30 % coherent,
+  random CO-like tips (s share 0-0.6, p_x/p_y imbalance, a little p_z; 30 % coherent s-p_z,
   30 % tilted 5-25 deg), half the frames with a NaCl-like substrate pattern; constant height
   (2/3, current in A) or constant current (1/3, tip height z in nm, turned into a current-like
   image with ``stmnet.current_from_z(z, unit="nm")`` as users do with a Z channel);
@@ -405,7 +405,7 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         "model; `stm_live/models/training.py` docstring and `TRAIN_RECIPE` have the details): molecules "
         f"{', '.join(TRAIN_MOLECULES)}; {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px; orbitals "
         "HOMO-2..LUMO+2 (degenerate partners summed); tip heights 0.25-0.6 nm; random CO-like tips "
-        f"(s share 0-0.6, p_x/p_y imbalance, a little p_z; {TRAIN_RECIPE['coherent_prob']:.0%} coherent s-p, "
+        f"(s share 0-0.6, p_x/p_y imbalance, a little p_z; {TRAIN_RECIPE['coherent_prob']:.0%} coherent s-p_z, "
         f"{TRAIN_RECIPE['tilt_prob']:.0%} tilted 5-25 deg); "
         "1-3 molecules per frame at random position/rotation; NaCl-like substrate pattern on half the "
         "frames; constant height (2/3) and constant current (1/3, Z map in nm converted with "
