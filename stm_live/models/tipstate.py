@@ -41,8 +41,8 @@ TIP_CLASSES = ("co_sharp", "metal_s", "mixed", "asymmetric", "double", "blunt", 
 # Tips fit for imaging (as the simulated controller's good tips): sharp CO, sharp metal, CO with
 # a larger s share (STM-Net separates s and p); the rest call for reconditioning.
 GOOD_CLASSES = ("co_sharp", "metal_s", "mixed")
-# Fewest nanometres of frame height a live verdict should rest on: on the held-out set a
-# verdict from 1.3 nm of frame is right 2 times in 3, from 2.6 nm 6 times in 7
+# Fewest nanometres of frame height a live verdict should rest on: on the held-out set the
+# good-vs-bad call from 1.3 nm of frame is right 7 times in 10, from 2.6 nm 9 times in 10
 # (evaluate_report's row curve), and a false "bad" costs a needless reconditioning.
 MIN_VERDICT_HEIGHT_NM = 2.5
 
