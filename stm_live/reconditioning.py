@@ -16,7 +16,8 @@ Policies (``Profile.tip_policy``):
     imaged frame; bias and poke depth checked against the profile's limits) with the
     escalating action list, then verifies: the interrupted frame is restarted and its first
     ``verify_lines`` lines are classified. A good verdict releases the suspender and the
-    frame resumes from its checkpoint (the restarted scan delivers the remaining lines);
+    frame resumes from its checkpoint (the restarted scan delivers the remaining lines; any
+    the old tip had scanned ahead of the RunEngine are dropped and scanned again);
     otherwise the next action is tried, up to ``max_attempts``. Then it gives up: the
     RunEngine is paused with ``RE.pause_msg`` saying why; resuming (after fixing the tip by
     hand) restarts the scan and finishes the frame.
@@ -197,6 +198,7 @@ class TipReconditioner:
         self._bad_in_row = 0
         self._trigger_verdict: dict | None = None
         self._floor: tuple[str | None, int] = (None, -1)  # (run uid, first line of the new tip)
+        self._rescanned = 0  # lines the old tip had scanned ahead of the RunEngine (last repair)
         self._open_run: str | None = None
         self._token = None
 
@@ -327,7 +329,7 @@ class TipReconditioner:
         return {"z_on": z_on, "z_m": z_m, "bias_V": bias,"frame": (f.center_x, f.center_y, f.width, f.height, f.angle_deg),
                 "channels": list(b.channel_indexes), "pixels": int(b.pixels), "lines": int(b.lines),
                 "direction": stm.scan_direction.get(),
-                "rows_before": int(stm.lines.lines_received)}
+                "rows_before": int(stm.lines.resume_line)}
 
     @contextlib.contextmanager
     def _client(self):
@@ -359,9 +361,7 @@ class TipReconditioner:
         line_nm = geo["frame"][3] / geo["lines"] * 1e9
         n = min(max(self.verify_lines, int(np.ceil(MIN_VERDICT_HEIGHT_NM / line_nm))), geo["lines"])
         deadline = time.monotonic() + self.verify_timeout_s
-        with self._client() as c:
-            self._restore(c, geo)
-            c.scan_action("start", direction=geo["direction"])
+        self._restart(geo)
         while True:
             with self._client() as c:
                 data = c.scan_frame_data_grab(channel, forward=True).data
@@ -382,6 +382,11 @@ class TipReconditioner:
         return self.classifier.classify(image, pixel_nm, line_spacing_nm=line_nm)
 
     def _restart(self, geo: dict) -> None:
+        """Restart the interrupted frame's scan. Lines buffered from the checkpoint on are the
+        old tip's (or a failed attempt's): the device forgets them, the new scan resends them."""
+        lines = getattr(self.stm, "lines", None)
+        if lines is not None and hasattr(lines, "rescan_from_cursor"):
+            self._rescanned = max(self._rescanned, lines.rescan_from_cursor())
         with self._client() as c:
             self._restore(c, geo)
             c.scan_action("start", direction=geo["direction"])
@@ -412,6 +417,7 @@ class TipReconditioner:
         from stm_live.plans import check_recondition, recondition_tip
 
         verdict = self._trigger_verdict or {}
+        self._rescanned = 0
         job = _Job("geometry", self._geometry)
         yield from bps.trigger(job, wait=True)
         geo = job.result
@@ -475,8 +481,10 @@ class TipReconditioner:
             self._busy = False
         if self.monitor is not None:
             self.monitor.set_segment_floor(geo["rows_before"])
-        yield from self._rec("resumed", message=f"frame resumes; new tip from line {geo['rows_before']}")
-        self._note("resume", from_line=geo["rows_before"], success=success)
+        rescanned = self._rescanned
+        rescan = f"; {rescanned} lines the old tip had scanned ahead are scanned again" if rescanned else ""
+        yield from self._rec("resumed", message=f"frame resumes; new tip from line {geo['rows_before']}{rescan}")
+        self._note("resume", from_line=geo["rows_before"], success=success, rescanned_lines=rescanned)
         self.state.put("good")  # releases the suspender: the frame rewinds to its checkpoint
 
     def _run_uid(self) -> str | None:

@@ -153,6 +153,37 @@ def test_auto_suspends_reconditions_and_resumes(RE, rig):
     assert rec_runs and rec_runs[0]["plan_args"]["site"] == list(load_profile("sim").recondition.clean_site_m)
 
 
+@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}],
+                         indirect=True)
+def test_resumed_frame_rescans_the_lines_the_old_tip_took_ahead(RE, rig):
+    """Slow callbacks make the RunEngine lag the controller, which finishes the frame with the
+    bad tip before the suspension. After the repair the frame resumes at its checkpoint with
+    lines the controller scanned after the repair, not the buffered old-tip ones."""
+    from stm_live.plans import live_frame
+
+    server, stm, clf, TipMonitor = rig
+    rec, mon, docs = _wire(RE, stm, clf, TipMonitor)
+    RE.subscribe(lambda name, doc: time.sleep(0.05) if name == "event" else None)
+    _degrade_at(server.controller, "double", 16)
+    RE(live_frame(stm, frame=FRAME, pixels=PIXELS, lines=LINES, z_controller="constant_height"))
+    mon.flush(20)
+    suspended_at = next(e["time"] for e in rec.events if e["what"] == "suspend")
+    resume = next(e for e in rec.events if e["what"] == "resume")
+    assert resume["success"] and resume["rescanned_lines"] > 0, rec.events
+    frame_start = next(d for n, d in docs if n == "start" and "stm_live" in d)
+    primary = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == frame_start["uid"]
+               and d["name"] == "primary"}
+    acquired = {}  # line -> when its last delivered copy left the controller
+    for n, d in docs:
+        if n == "event" and d["descriptor"] in primary:
+            acquired[d["data"]["stm_line_index"]] = d["timestamps"]["stm_line_index"]
+    assert sorted(acquired) == list(range(LINES))
+    first_new = resume["from_line"]
+    assert 0 < first_new < LINES
+    assert all(acquired[i] < suspended_at for i in range(first_new))
+    assert all(acquired[i] > suspended_at for i in range(first_new, LINES)), (first_new, acquired)
+
+
 @pytest.mark.parametrize("rig", [{"pulse": {"blunt": 1.0}, "poke": {"blunt": 1.0}, "shaper": {"blunt": 1.0}}],
                          indirect=True)
 def test_gives_up_and_pauses_with_reason(RE, rig):

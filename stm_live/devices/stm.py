@@ -294,7 +294,9 @@ class ScanLines(Device):
     suspend) moves the cursor back to the line of the most recent trigger, i.e. the line
     right after the last checkpoint in :func:`stm_live.plans.live_frame`, so the replayed
     trigger re-delivers that line index. A line can therefore appear twice in a stream
-    (same index, same data); consumers keep the last.
+    (same index, same data); consumers keep the last. After a tip repair,
+    :meth:`rescan_from_cursor` forgets the lines from the cursor on that the old tip took,
+    so the restarted scan delivers them anew.
     """
 
     def __init__(self, *args, line_timeout: float = 30.0, poll_s: float = 0.2,
@@ -551,6 +553,29 @@ class ScanLines(Device):
     @property
     def lines_received(self) -> int:
         return len(self._lines)
+
+    @property
+    def resume_line(self) -> int:
+        """The line a replay after ``pause()`` delivers first (the interrupted line)."""
+        return self._cursor
+
+    def rescan_from_cursor(self) -> int:
+        """Forget the buffered lines at or after the cursor, for a scan about to restart after
+        a tip repair: it delivers them anew. A controller that runs ahead of the RunEngine
+        may have scanned the rest of the frame with the old tip; those lines were never
+        delivered (the cursor had not reached them). Returns how many were forgotten."""
+        with self._cond:
+            stale = [row for row in self._lines if row >= self._cursor]
+            for row in stale:
+                del self._lines[row]
+            restart = bool(stale) and self._finished
+            self._finished = self._finished and not stale
+        if restart and self._thread is not None:
+            # the follower stops once every line is in: follow the rescan with a new one
+            self._thread.join(timeout=self.root.timeout + self._poll_s + 2)
+            self._thread = threading.Thread(target=self._follow, name=f"{self.name}-follower", daemon=True)
+            self._thread.start()
+        return len(stale)
 
     def pause(self):
         """RunEngine pause/suspend: pause the controller scan, rewind the cursor."""
