@@ -329,7 +329,7 @@ class TipReconditioner:
         return {"z_on": z_on, "z_m": z_m, "bias_V": bias,"frame": (f.center_x, f.center_y, f.width, f.height, f.angle_deg),
                 "channels": list(b.channel_indexes), "pixels": int(b.pixels), "lines": int(b.lines),
                 "direction": stm.scan_direction.get(),
-                "rows_before": int(stm.lines.resume_line)}
+                "resume_line": int(stm.lines.resume_line)}
 
     @contextlib.contextmanager
     def _client(self):
@@ -384,9 +384,7 @@ class TipReconditioner:
     def _restart(self, geo: dict) -> None:
         """Restart the interrupted frame's scan. Lines buffered from the checkpoint on are the
         old tip's (or a failed attempt's): the device forgets them, the new scan resends them."""
-        lines = getattr(self.stm, "lines", None)
-        if lines is not None and hasattr(lines, "rescan_from_cursor"):
-            self._rescanned = max(self._rescanned, lines.rescan_from_cursor())
+        self._rescanned = max(self._rescanned, self.stm.lines.rescan_from_cursor())
         with self._client() as c:
             self._restore(c, geo)
             c.scan_action("start", direction=geo["direction"])
@@ -476,15 +474,15 @@ class TipReconditioner:
             lines.pause()
         uid = self._run_uid()
         with self._lock:
-            self._floor = (uid, geo["rows_before"])
+            self._floor = (uid, geo["resume_line"])
             self._bad_in_row = 0
             self._busy = False
         if self.monitor is not None:
-            self.monitor.set_segment_floor(geo["rows_before"])
+            self.monitor.set_segment_floor(geo["resume_line"])
         rescanned = self._rescanned
         rescan = f"; {rescanned} lines the old tip had scanned ahead are scanned again" if rescanned else ""
-        yield from self._rec("resumed", message=f"frame resumes; new tip from line {geo['rows_before']}{rescan}")
-        self._note("resume", from_line=geo["rows_before"], success=success, rescanned_lines=rescanned)
+        yield from self._rec("resumed", message=f"frame resumes; new tip from line {geo['resume_line']}{rescan}")
+        self._note("resume", from_line=geo["resume_line"], success=success, rescanned_lines=rescanned)
         self.state.put("good")  # releases the suspender: the frame rewinds to its checkpoint
 
     def _run_uid(self) -> str | None:

@@ -403,10 +403,12 @@ class ScanLines(Device):
         with self._cond:
             self._reset_stream()
         self._stop_evt.clear()
-        self._thread = threading.Thread(target=self._follow, name=f"{self.name}-follower",
-                                        daemon=True)
-        self._thread.start()
+        self._start_follower()
         return staged
+
+    def _start_follower(self) -> None:
+        self._thread = threading.Thread(target=self._follow, name=f"{self.name}-follower", daemon=True)
+        self._thread.start()
 
     def unstage(self):
         self._stop_evt.set()
@@ -573,8 +575,7 @@ class ScanLines(Device):
         if restart and self._thread is not None:
             # the follower stops once every line is in: follow the rescan with a new one
             self._thread.join(timeout=self.root.timeout + self._poll_s + 2)
-            self._thread = threading.Thread(target=self._follow, name=f"{self.name}-follower", daemon=True)
-            self._thread.start()
+            self._start_follower()
         return len(stale)
 
     def pause(self):
