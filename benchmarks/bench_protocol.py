@@ -5,6 +5,8 @@
    Targets: ours <= 1 ms median and >= 100x faster than nanonisTCP.
 2. Lines served per second with 4 clients attached: each client follows a fast scan on its
    own connection (Scan.WaitEndOfLine, then a FrameDataGrab of the new row's frame).
+3. Time to serve each command of the table (median, p99 round trip on loopback through our
+   codec, release R14718), except those that wait by design. Target: each <= 1 ms.
 
     python -m benchmarks.bench_protocol [--quick]
 """
@@ -141,6 +143,75 @@ def bench_capacity(host: str, port: int, seconds: float, n_clients: int = 4) -> 
     return counts
 
 
+# Commands that wait by design (scan events, simulated moves/pulses) or end the connection.
+WAITS_BY_DESIGN = {"Scan.WaitEndOfScan", "Scan.WaitEndOfLine", "Util.Quit", "Scan.FrameDataGrab"}
+
+
+def _request_values(cmd) -> dict:
+    """Small valid-looking values per field; flags 0 so nothing waits."""
+    out = {}
+    for f in cmd.request:
+        if f.name == "action":
+            out[f.name] = 1  # stop: a start would time the renderer, not the server
+        elif f.name in ("wait", "timeout_ms", "get_data"):
+            out[f.name] = 0
+        elif f.name in ("modulator", "demodulator", "output"):
+            out[f.name] = 1
+        elif f.type in ("u16", "u32", "i32"):
+            out[f.name] = 0
+        elif f.type in ("f32", "f64"):
+            out[f.name] = 1e-9
+        elif f.type == "str":
+            out[f.name] = ""
+        elif f.type in ("strarr", "strcnt", "strbytes", "strs", "str_2d"):
+            out[f.name] = [] if f.type != "strs" else [""] * 2
+        else:  # arrays: two elements
+            out[f.name] = np.zeros(2, {"i": np.int32, "u": np.uint32, "f": np.float32}[f.type[0]])
+    return out
+
+
+def bench_commands(host: str, port: int, repeats: int) -> list[tuple[str, float, float, int]]:
+    """(command, median ms, p99 ms, error replies) per command of the R14718 table."""
+    from stm_live.devices import protocol as P
+
+    rows = []
+    sock = socket.create_connection((host, port), timeout=30)
+    try:
+        for name in sorted(P.LAYOUTS):
+            if name in WAITS_BY_DESIGN:
+                continue
+            try:
+                cmd = P.command_for(name)
+            except P.UnknownCommandError:
+                continue
+            msg = P.pack_request(name, _request_values(cmd), command=cmd)
+            times, errors = [], 0
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                sock.sendall(msg)
+                head = _recv(sock, 40)
+                _, size = P.parse_response_header(head)
+                body = _recv(sock, size)
+                times.append(time.perf_counter() - t0)
+                errors += P.decode_response_body(name, body, cmd)[1] != 0
+            times.sort()
+            rows.append((name, statistics.median(times) * 1e3, times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
+                         errors))
+    finally:
+        sock.close()
+    return rows
+
+
+def _recv(sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Print the tables; ``argv`` only from the command line (the runner passes none)."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -174,6 +245,18 @@ def main(argv: list[str] | None = None) -> None:
     for k, n in enumerate(cap):
         print(f"{k:8d} {n / seconds:8.0f}")
     print(f"{'total':>8s} {sum(cap) / seconds:8.0f}   (= lines/s deliverable, one grab per line)")
+
+    with start_server_thread(seed=0, time_scale=1.0) as server:
+        cmd_rows = bench_commands(server.host, server.port, 20 if args.quick else 200)
+    print(f"\nServe time per command, R14718 layouts, {20 if args.quick else 200} calls each "
+          "(round trip on loopback; waits-by-design excluded)")
+    print(f"{'command':32s} {'median ms':>10s} {'p99 ms':>8s} {'errors':>7s}")
+    for name, med, p99, errs in cmd_rows:
+        print(f"{name:32s} {med:10.3f} {p99:8.3f} {errs:7d}")
+    slow = [r for r in cmd_rows if r[1] > 1.0]
+    print(f"{len(cmd_rows)} commands; median <= 1 ms: {len(cmd_rows) - len(slow)}/{len(cmd_rows)} "
+          f"{'PASS' if not slow else 'FAIL: ' + ', '.join(r[0] for r in slow)}; "
+          f"worst p99 {max(r[2] for r in cmd_rows):.3f} ms ({max(cmd_rows, key=lambda r: r[2])[0]})")
 
 
 if __name__ == "__main__":

@@ -314,7 +314,7 @@ def test_sim_remaining_commands_round_trip(client, sim_server, tmp_path):
     client.scan_props_set(continuous=True, bouncy=False, autosave="off", series_name="t_", comment="hi")
     p = client.scan_props_get()
     assert (p.continuous, p.bouncy, p.autosave, p.series_name, p.comment) == (True, False, "off", "t_", "hi")
-    assert p.modules is None  # the default R13742 layout
+    assert p.modules == ()  # the default release (R14718) carries the module list
     client.scan_props_set(continuous=False)
     client.scan_speed_set(0, 0, 0.05, 0.05, keep_constant="time", speed_ratio=2.0)
     s = client.scan_speed_get()
@@ -397,3 +397,19 @@ def test_line_follower_regrabs_when_the_buffer_changes_between_grabs(peer_factor
         np.testing.assert_array_equal(line.data[(30, "forward")], np.ones(16, np.float32))
         assert lf.frame(0, "forward").shape == (3, 16)
     assert grabs["n"] >= 3  # the mixed pair was discarded
+
+
+@pytest.mark.parametrize("release", [13742, 14718])
+def test_client_negotiates_the_release_and_reads_its_scan_props(release):
+    from stm_live.simulators.server import start_server_thread
+
+    server = start_server_thread(seed=0, time_scale=20.0, nanonis_release=release)
+    try:
+        with NanonisClient(server.host, server.port) as c:
+            assert c.release == P.BASE_RELEASE and c.negotiate() == release
+            c.scan_props_set(continuous=False, autosave="off", series_name="neg_", comment="r")
+            props = c.scan_props_get()  # the layout of this release, decoded as this release's
+            assert (props.continuous, props.autosave, props.series_name) == (False, "off", "neg_")
+            assert (props.modules is None) == (release < 14573)
+    finally:
+        server.stop()

@@ -130,10 +130,16 @@ def test_fixed_sizes_match_quick_size_table():
 # ----------------------------------------------------------------- round trips
 
 def _sample(f: P.Field):
+    if f.count_of is not None:  # arrays sharing a count: as long as the first one
+        return {"f32[]": np.array([1.0, -2.5, 3.0], np.float32), "u32[]": np.array([1, 2, 3], np.uint32),
+                "i32[]": np.array([4, 5, 6], np.int32), "f64[]": np.array([1e-9, 2.0, 3.0]),
+                "strs": ["a", "", "é"]}[f.type]
     return {
         "u16": 7, "u32": 1, "i32": -5, "f32": 1.5, "f64": -2.25e-9, "str": "abc é",
         "strarr": ["Z", "Current (A)", ""], "i32[]": np.array([0, 24, 30], np.int32),
-        "f32[]": np.array([1.0, -2.5], np.float32), "f32_2d": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "f32[]": np.array([1.0, -2.5, 0.5], np.float32), "f32_2d": np.arange(12, dtype=np.float32).reshape(3, 4),
+        "u32[]": np.array([1, 2, 3], np.uint32), "f64[]": np.array([0.5, 1.5, 2.5]),
+        "strcnt": ["x", "yz"], "strbytes": ["Bias (V)", ""], "str_2d": [["a", "b"], ["c", ""]],
     }[f.type]
 
 
@@ -157,24 +163,33 @@ ALL_SECTION_3 = {
 
 
 def test_table_covers_every_documented_command():
-    assert set(P.COMMANDS) == ALL_SECTION_3
+    assert ALL_SECTION_3 <= set(P.COMMANDS)
+    assert len(P.COMMANDS) == 246  # NANONIS_PROTOCOL_EXT.md §4: 246 commands of 19 modules
+    modules = {n.split(".")[0] for n in P.COMMANDS}
+    assert len(modules) == 19
 
 
-@pytest.mark.parametrize("name", sorted(ALL_SECTION_3))
-def test_round_trip_every_command(name):
-    cmd = P.COMMANDS[name]
+ALL_LAYOUTS = [(name, i) for name, layouts in sorted(P.LAYOUTS.items()) for i in range(len(layouts))]
+
+
+@pytest.mark.parametrize("name,i", ALL_LAYOUTS)
+def test_round_trip_every_command(name, i):
+    cmd = P.LAYOUTS[name][i]
     req = {f.name: _sample(f) for f in cmd.request}
-    got_name, got_req, want = P.decode_request(P.pack_request(name, req))
+    msg = P.pack_request(name, req, command=cmd)
+    got_name, size, want = P.parse_request_header(msg[:40])
+    assert size == len(msg) - 40
+    got_req = P.decode_request_body(name, msg[40:], command=cmd)
     assert got_name == name and want is True and set(got_req) == set(req)
     for k, v in req.items():
         _assert_same(got_req[k], v, f"{name} request {k}")
     rsp = {f.name: _sample(f) for f in cmd.response}
-    got_name, got_rsp, status, desc = P.decode_response(P.pack_response(name, rsp))
+    got_name, got_rsp, status, desc = P.decode_response(P.pack_response(name, rsp, command=cmd), cmd)
     assert (got_name, status, desc) == (name, 0, "")
     for k, v in rsp.items():
         _assert_same(got_rsp[k], v, f"{name} response {k}")
     # A failed reply keeps the documented layout (§2.3 [ours]) and decodes.
-    _, empty, status, desc = P.decode_response(P.pack_response(name, None, error="boom"))
+    _, empty, status, desc = P.decode_response(P.pack_response(name, None, error="boom", command=cmd), cmd)
     assert status == 1 and desc == "boom" and set(empty) == set(rsp)
 
 
@@ -291,3 +306,141 @@ def test_bad_values_name_the_field():
         P.pack_response("X" * 33, None, error="too long")
     with pytest.raises(ValueError, match="'names'.*under 256 bytes, got 300"):
         P.pack_response("Signals.NamesGet", {"names": ["ok", "x" * 300]})
+
+
+FIXED_SIZES_EXT = {  # NANONIS_PROTOCOL_EXT.md §3.20 (R13742 layout; R14573 for commands new there)
+    "AutoApproach.OnOffGet": (0, 2), "AutoApproach.OnOffSet": (2, 0), "AutoApproach.Open": (0, 0),
+    "Bias.CalibrGet": (0, 8), "Bias.CalibrSet": (8, 0), "Bias.RangeSet": (2, 0),
+    "BiasSpectr.AdvPropsGet": (0, 8), "BiasSpectr.AdvPropsSet": (8, 0), "BiasSpectr.AltZCtrlGet": (0, 10),
+    "BiasSpectr.AltZCtrlSet": (10, 0), "BiasSpectr.DigSyncGet": (0, 2), "BiasSpectr.DigSyncSet": (2, 0),
+    "BiasSpectr.LimitsGet": (0, 8), "BiasSpectr.LimitsSet": (8, 0), "BiasSpectr.MLSLockinPerSegGet": (0, 4),
+    "BiasSpectr.MLSLockinPerSegSet": (4, 0), "BiasSpectr.Open": (0, 0), "BiasSpectr.PropsSet": (20, 0),
+    "BiasSpectr.PulseSeqSyncGet": (0, 6), "BiasSpectr.PulseSeqSyncSet": (6, 0),
+    "BiasSpectr.SafeCond1Get": (0, 12), "BiasSpectr.SafeCond1Set": (12, 0), "BiasSpectr.SafeCond2Get": (0, 14),
+    "BiasSpectr.SafeCond2Set": (14, 0), "BiasSpectr.StatusGet": (0, 4), "BiasSpectr.Stop": (0, 0),
+    "BiasSpectr.TTLSyncGet": (0, 12), "BiasSpectr.TTLSyncSet": (12, 0), "BiasSpectr.TimingGet": (0, 32),
+    "BiasSpectr.TimingSet": (32, 0), "BiasSpectr.ZOffRevertGet": (0, 2), "BiasSpectr.ZOffRevertSet": (2, 0),
+    "Current.100Get": (0, 4), "Current.BEEMGet": (0, 4), "Current.CalibrGet": (4, 16),
+    "Current.CalibrSet": (20, 0), "Current.GainSet": (8, 0), "FolMe.OversamplGet": (0, 8),
+    "FolMe.OversamplSet": (4, 0), "FolMe.PSExpSet": (2, 0), "FolMe.PSOnOffGet": (0, 4),
+    "FolMe.PSOnOffSet": (4, 0), "FolMe.Stop": (0, 0), "LockIn.DemodHPFilterGet": (4, 8),
+    "LockIn.DemodHPFilterSet": (12, 0), "LockIn.DemodHarmonicGet": (4, 4), "LockIn.DemodHarmonicSet": (8, 0),
+    "LockIn.DemodLPFilterGet": (4, 8), "LockIn.DemodLPFilterSet": (12, 0), "LockIn.DemodPhasGet": (4, 4),
+    "LockIn.DemodPhasRegGet": (4, 4), "LockIn.DemodPhasRegSet": (8, 0), "LockIn.DemodPhasSet": (8, 0),
+    "LockIn.DemodRTSignalsGet": (4, 4), "LockIn.DemodRTSignalsSet": (8, 0), "LockIn.DemodSignalGet": (4, 4),
+    "LockIn.DemodSignalSet": (8, 0), "LockIn.DemodSyncFilterGet": (4, 4), "LockIn.DemodSyncFilterSet": (8, 0),
+    "LockIn.ModAmpGet": (4, 4), "LockIn.ModAmpSet": (8, 0), "LockIn.ModHarmonicGet": (4, 4),
+    "LockIn.ModHarmonicSet": (8, 0), "LockIn.ModOnOffGet": (4, 4), "LockIn.ModOnOffSet": (8, 0),
+    "LockIn.ModPhasFreqGet": (4, 8), "LockIn.ModPhasFreqSet": (12, 0), "LockIn.ModPhasGet": (4, 4),
+    "LockIn.ModPhasRegGet": (4, 4), "LockIn.ModPhasRegSet": (8, 0), "LockIn.ModPhasSet": (8, 0),
+    "LockIn.ModSignalGet": (4, 4), "LockIn.ModSignalSet": (8, 0), "Marks.LineDraw": (20, 0),
+    "Marks.LinesErase": (4, 0), "Marks.LinesVisibleSet": (6, 0), "Marks.PointsErase": (4, 0),
+    "Marks.PointsVisibleSet": (6, 0), "Motor.FreqAmpGet": (2, 8), "Motor.FreqAmpSet": (10, 0),
+    "Motor.StartClosedLoop": (36, 0), "Motor.StepCounterGet": (12, 12), "Motor.StopMove": (0, 0),
+    "Osci2T.ChsGet": (0, 8), "Osci2T.ChsSet": (8, 0), "Osci2T.OversamplGet": (0, 2),
+    "Osci2T.OversamplSet": (2, 0), "Osci2T.Run": (0, 0), "Osci2T.TimebaseSet": (2, 0),
+    "Osci2T.TrigGet": (0, 30), "Osci2T.TrigSet": (30, 0), "Pattern.ExpOpen": (0, 0), "Pattern.ExpPause": (4, 0),
+    "Pattern.ExpStart": (2, 0), "Pattern.ExpStatusGet": (0, 4), "Pattern.ExpStop": (0, 0),
+    "Pattern.GridGet": (0, 28), "Pattern.GridSet": (36, 0), "Pattern.LineGet": (0, 20),
+    "Pattern.LineSet": (28, 0), "Piezo.CalibrGet": (0, 12), "Piezo.DriftCompGet": (0, 32),
+    "Piezo.DriftCompSet": (20, 0), "Piezo.HVAInfoGet": (0, 28), "Piezo.HVAStatusLEDGet": (0, 16),
+    "Piezo.HystOnOffGet": (0, 4), "Piezo.HystOnOffSet": (4, 0), "Piezo.RangeGet": (0, 12),
+    "Piezo.RangeSet": (12, 0), "Piezo.SensGet": (0, 12), "Piezo.SensSet": (12, 0), "Piezo.TiltGet": (0, 8),
+    "Piezo.TiltSet": (8, 0), "Piezo.XYZLimitsGet": (0, 26), "Piezo.XYZLimitsSet": (26, 0),
+    "SafeTip.OnOffGet": (0, 2), "SafeTip.OnOffSet": (2, 0), "SafeTip.PropsGet": (0, 8),
+    "SafeTip.PropsSet": (8, 0), "SafeTip.SignalGet": (0, 4), "Scan.BackgroundDelete": (12, 4),
+    "Scan.BackgroundPaste": (8, 4), "Scan.XYPosGet": (4, 8), "Signals.AddRTSet": (8, 0),
+    "Signals.CalibrGet": (4, 8), "Signals.InSlotSet": (8, 0), "Signals.RangeGet": (4, 8),
+    "TipRec.BufferClear": (0, 0), "TipRec.BufferSizeGet": (0, 4), "TipRec.BufferSizeSet": (4, 0),
+    "UserOut.CalcSignalConfigGet": (4, 6), "UserOut.CalcSignalConfigSet": (10, 0), "UserOut.CalibrSet": (12, 0),
+    "UserOut.ModeGet": (4, 2), "UserOut.ModeSet": (6, 0), "UserOut.MonitorChGet": (4, 4),
+    "UserOut.MonitorChSet": (8, 0), "UserOut.ValSet": (8, 0), "Util.AcqPeriodGet": (0, 4),
+    "Util.AcqPeriodSet": (4, 0), "Util.Lock": (0, 0), "Util.RTFreqGet": (0, 4), "Util.RTFreqSet": (4, 0),
+    "Util.RTOversamplGet": (0, 4), "Util.RTOversamplSet": (4, 0), "Util.UnLock": (0, 0),
+    "ZCtrl.ActiveCtrlSet": (4, 0), "ZCtrl.GainGet": (0, 12), "ZCtrl.GainSet": (12, 0),
+    "ZCtrl.HomePropsGet": (0, 6), "ZCtrl.HomePropsSet": (6, 0), "ZCtrl.LimitsEnabledGet": (0, 4),
+    "ZCtrl.LimitsEnabledSet": (4, 0), "ZCtrl.LimitsGet": (0, 8), "ZCtrl.LimitsSet": (8, 0),
+    "ZCtrl.StatusGet": (0, 2), "ZCtrl.SwitchOffDelayGet": (0, 4), "ZCtrl.SwitchOffDelaySet": (4, 0),
+    "ZCtrl.TipLiftGet": (0, 4), "ZCtrl.TipLiftSet": (4, 0), "ZCtrl.WithdrawRateGet": (0, 4),
+    "ZCtrl.WithdrawRateSet": (4, 0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIXED_SIZES_EXT))
+def test_fixed_sizes_match_reference_3_20(name):
+    req, rsp = FIXED_SIZES_EXT[name]
+    assert P.COMMANDS[name].fixed_sizes() == (req, rsp), name
+
+
+@pytest.mark.parametrize("name,release,req,rsp", [
+    # §2.1 layouts by release: (request, response) fixed sizes or None (variable)
+    ("Current.GainSet", 12202, 2, 0), ("Current.GainSet", 13172, 8, 0),
+    ("Current.CalibrSet", 13172, 16, 0), ("Current.CalibrSet", 13742, 20, 0),
+    ("Current.CalibrGet", 13172, 0, 16), ("Current.CalibrGet", 13742, 4, 16),
+    ("Motor.StartClosedLoop", 13172, 32, 0), ("Motor.StartClosedLoop", 13742, 36, 0),
+    ("Motor.PosGet", 13172, 0, 24), ("Motor.FreqAmpGet", 13172, 0, 8), ("Motor.FreqAmpGet", 14718, 2, 8),
+    ("Piezo.DriftCompSet", 10862, 16, 0), ("Piezo.DriftCompSet", 12202, 20, 0),
+    ("Piezo.DriftCompGet", 10862, 0, 28), ("Piezo.DriftCompGet", 14718, 0, 32),
+    ("UserOut.LimitsSet", 13742, 12, 0), ("UserOut.LimitsSet", 14254, 16, 0),
+    ("UserOut.LimitsGet", 13742, 4, 8), ("UserOut.LimitsGet", 14254, 8, 8),
+    ("BiasSpectr.TTLSyncSet", 13172, 14, 0), ("BiasSpectr.TTLSyncSet", 13742, 12, 0),
+])
+def test_release_layouts(name, release, req, rsp):
+    assert P.command_for(name, release).fixed_sizes() == (req, rsp)
+
+
+def test_commands_absent_from_a_release_are_unknown():
+    for name, release in (("Util.VersionGet", 13172), ("Signals.InSlotsGet", 12202), ("Scan.XYPosGet", 13172),
+                          ("Piezo.XYZLimitsGet", 14254), ("Util.SessionPathSet", 10862)):
+        with pytest.raises(P.UnknownCommandError, match="not in release"):
+            P.command_for(name, release)
+    assert P.command_for("Signals.InSlotsGet", 10862).response[0].name == "names"
+
+
+def test_scan_props_layouts_by_release():
+    assert [f.name for f in P.command_for("Scan.PropsSet", 13172).request][-1] == "comment"
+    assert [f.name for f in P.command_for("Scan.PropsGet", 14254).response][-1] == "comment"
+    r14573 = P.command_for("Scan.PropsGet", 14573)
+    vals = {"continuous": 1, "bouncy": 0, "autosave": 1, "series_name": "s", "comment": "c",
+            "modules": ["Bias", "Z-Controller"], "module_param_counts": np.array([1, 0], np.int32),
+            "module_params": [["Bias>Bias (V)"], [""]], "autopaste": 3}
+    msg = P.pack_response("Scan.PropsGet", vals, command=r14573)
+    # a decoder expecting another release's layout falls back to the one that fits exactly
+    _, got, status, _ = P.decode_response(msg, P.command_for("Scan.PropsGet", 13742))
+    assert status == 0 and got["module_params"] == [["Bias>Bias (V)"], [""]] and got["autopaste"] == 3
+
+
+def test_strict_request_decoding_picks_the_layout_by_length():
+    cmd, args = P.decode_request_strict("Current.GainSet", struct.pack(">H", 3), 14718)
+    assert cmd.until == 12202 and args == {"gain_index": 3}
+    cmd, args = P.decode_request_strict("Current.GainSet", struct.pack(">ii", 2, -1), 12202)
+    assert cmd.since == 13172 and args == {"gain_index": 2, "filter_index": -1}
+    with pytest.raises(P.ProtocolError, match="5 bytes"):
+        P.decode_request_strict("Piezo.TiltSet", b"\x00" * 5)
+    with pytest.raises(P.ProtocolError):  # surplus bytes are refused here (not by decode_request_body)
+        P.decode_request_strict("Bias.Set", struct.pack(">f", 0.5) + b"\x00" * 4)
+
+
+def test_marks_points_draw_accepts_documented_and_nanonis_spm_forms():
+    pts = struct.pack(">i", 2) + struct.pack(">2f", 0, 1e-9) + struct.pack(">2f", 0, 2e-9)
+    texts = struct.pack(">i", 1) + b"A" + struct.pack(">i", 1) + b"B"
+    colours = struct.pack(">2I", 1, 2)
+    documented = pts + struct.pack(">i", 2) + texts + colours
+    spm = pts + struct.pack(">ii", 8, 2) + texts + colours
+    old = pts + texts + colours
+    for body, release in ((documented, 14718), (spm, 14718), (old, 12202), (old, 14718)):
+        _, args = P.decode_request_strict("Marks.PointsDraw", body, release)
+        assert args["texts"] == ["A", "B"]
+
+
+def test_safe_flags():
+    assert all(P.COMMANDS[n].safe for n in P.COMMANDS if n.endswith("Get") and n != "Motor.StepCounterGet")
+    for name in ("Motor.StartMove", "Bias.Pulse", "Scan.Action", "TipShaper.Start", "Marks.LinesErase",
+                 "ZCtrl.Withdraw", "Scan.Save", "Motor.StepCounterGet", "ZCtrl.HomePropsSet"):
+        assert not P.COMMANDS[name].safe, name
+    assert P.COMMANDS["Scan.WaitEndOfLine"].safe and P.COMMANDS["Bias.Set"].safe
+
+
+def test_release_profile_of_a_reported_release():
+    assert P.release_profile(14718) == 14718 and P.release_profile(99999999) == 14718
+    assert P.release_profile(13900) == 13742 and P.release_profile(5000) == 10862

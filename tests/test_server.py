@@ -176,7 +176,7 @@ def test_withdraw_home_and_signals(conns):
     assert a.ok("Signals.ValGet", 24, 0)["value"] == pytest.approx(-0.7)
     a.ok("Bias.Set", -0.5)
     v = a.ok("Util.VersionGet")
-    assert v["host_release"] == 13742 and v["rt_release"] == 13742
+    assert v["host_release"] == P.DEFAULT_RELEASE and v["rt_release"] == P.DEFAULT_RELEASE
     a.ok("FolMe.XYPosSet", 1e-9, -2e-9, 1)
     xy = a.ok("FolMe.XYPosGet", 1)
     assert (xy["x"], xy["y"]) == pytest.approx((1e-9, -2e-9))
@@ -317,7 +317,8 @@ def test_replay_serves_the_recording_bit_for_bit(tmp_path):
     cur[9:] = np.nan
     scan = scan_from_frames({"Z": {"forward": z_f, "backward": z_b}, "Current": {"forward": cur}},
                             units={"Z": "m", "Current": "A"}, center_x_m=1e-9, center_y_m=0.0,
-                            width_m=5e-9, height_m=2e-9, direction="up", bias_V=-0.3, acq_time_s=0.6)
+                            width_m=5e-9, height_m=2e-9, direction="up", bias_V=-0.3, acq_time_s=0.6,
+                            signal_indexes={"Z": 30, "Current": 0})
     path = write_sxm(tmp_path / "rec.sxm", scan)
     with start_server_thread(replay=path, time_scale=20.0) as srv:
         c = Conn(srv)
@@ -387,7 +388,7 @@ def test_autosave_and_save_write_readable_sxm(tmp_path):
         c.ok("Scan.PropsSet", 0, 0, 2, "auto_", "", [], 0)  # autosave "Next"
         c.ok("Scan.Action", 0, 1)  # up
         r = c.ok("Scan.WaitEndOfScan", 10000)
-        assert r["timed_out"] == 0 and r["path"].endswith("auto_000.sxm")
+        assert r["timed_out"] == 0 and r["path"].endswith("auto_001.sxm")
         assert c.ok("Scan.PropsGet")["autosave"] == 2  # "Next" is used up
         rec = read_sxm(r["path"])
         wire_b = c.ok("Scan.FrameDataGrab", 30, 0)["data"]

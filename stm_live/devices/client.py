@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from stm_live.devices import protocol as P
-from stm_live.devices.protocol import NanonisError, ProtocolError
+from stm_live.devices.protocol import NanonisError, ProtocolError, UnknownCommandError
 from stm_live.validation import finite
 
 __all__ = [
@@ -176,6 +176,7 @@ class NanonisClient:
         self._sock: socket.socket | None = None
         self._hdr = bytearray(P.HEADER_SIZE)
         self._buf = bytearray(1 << 16)  # grown on demand; reused so big grabs do not reallocate
+        self.release = P.BASE_RELEASE  # until negotiate() asks the controller
         self.connect()
 
     # ------------------------------------------------------------ connection
@@ -196,6 +197,15 @@ class NanonisClient:
                 sock.close()
             except OSError:
                 pass
+
+    def negotiate(self) -> int:
+        """Speak the layouts of the release the controller reports (Util.VersionGet); a
+        release without that command (<= R13172) answers it with an error."""
+        try:
+            self.release = P.release_profile(int(self.call("Util.VersionGet")["host_release"]))
+        except NanonisError:
+            self.release = P.release_profile(13172)
+        return self.release
 
     def reconnect(self) -> None:
         """Drop the present connection (if any) and open a fresh one."""
@@ -272,13 +282,17 @@ class NanonisClient:
         ``decode(body) -> (values, status, description)`` replaces the table decoder (it runs
         while the reply buffer is still valid). Raises NanonisError on a controller error.
         """
-        request = P.pack_request(name, values)
+        try:  # the layout of the release this controller speaks (negotiate)
+            command = P.command_for(name, self.release)
+        except UnknownCommandError:
+            command = P.COMMANDS[name]
+        request = P.pack_request(name, values, command=command)
         if read_timeout is not None and read_timeout < 0:
             read_timeout = self.timeout
         with self._lock:
             body = self._roundtrip(name, request, read_timeout)
             try:
-                result, status, desc = decode(body) if decode else P.decode_response_body(name, body)
+                result, status, desc = decode(body) if decode else P.decode_response_body(name, body, command)
             except ProtocolError:
                 self.close()
                 raise
@@ -412,7 +426,9 @@ class NanonisClient:
 
         r = self.call("Scan.PropsGet", decode=decode)
         modules = tuple(r["modules"]) if "modules" in r else None
-        autopaste = _name_of(r["autopaste"], _AUTOSAVE) if "autopaste" in r else None
+        # R14573+ number autopaste as its Set does (1 All, 2 Next, 3 Off; reference §5.4)
+        shift = 1 if "module_params" in r else 0
+        autopaste = _name_of(r["autopaste"] - shift, _AUTOSAVE) if "autopaste" in r else None
         return ScanProps(r["continuous"] != 0, r["bouncy"] != 0, _name_of(r["autosave"], _AUTOSAVE),
                          r["series_name"], r["comment"], modules, autopaste)
 

@@ -660,6 +660,7 @@ class NanonisSTM(Device):
         self._lock = threading.RLock()
         self._signal_names: list[str] | None = None
         self.client = NanonisClient(host, int(port), timeout=timeout)
+        self.client.negotiate()  # speak the controller's release (Scan.PropsGet differs by release)
         super().__init__(name=name, **kwargs)
 
     def channel_units(self, channel: str, index: int) -> str:

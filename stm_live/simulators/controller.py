@@ -215,6 +215,7 @@ class SimulatedController:
         self.last_event = LineEventInfo(0, 0, 3)
         self.scan_end_count = 0
         self.last_scan_path = ""
+        self._save_counter: dict[str, int] = {}  # series name -> last file number written
         self.frames_completed = 0
 
     # ------------------------------------------------------------------ clock / state
@@ -297,7 +298,7 @@ class SimulatedController:
                 return float(self._z_m)
             if self._model is None:
                 return float(self._z_m)
-            x, y = self.tip_position()
+            x, y = self._sample_point()
             return float(self._model.point_height_nm(x, y, self.tip, self.bias_V, self.setpoint_A) * 1e-9)
 
     def withdraw(self) -> float:
@@ -318,8 +319,31 @@ class SimulatedController:
     def _point_current(self, z_m: float) -> float:
         if self._model is None:
             return 0.0
-        x, y = self.tip_position()
+        x, y = self._sample_point()
         return float(self._model.point_current(x, y, self.tip, self.bias_V, z_m * 1e9))
+
+    def sample_shift_m(self) -> tuple[float, float]:
+        """Where the piezo origin sits on the sample (m): the coarse motor's X/Y plus the
+        drift compensation's accumulated displacement (Piezo.DriftCompSet), so motor moves
+        reach another area and compensation moves the image."""
+        mods = getattr(self, "modules", None)
+        dx = dy = 0.0
+        if mods is not None:
+            from stm_live.simulators.modules import drift_offset
+
+            dx, dy, _ = drift_offset(mods, self.sim_time_s)
+        return (self.motor_position[0] + dx, self.motor_position[1] + dy)
+
+    def _drift_velocity(self) -> tuple[float, float]:
+        mods = getattr(self, "modules", None)
+        if mods is None or not mods.drift["on"]:
+            return (0.0, 0.0)
+        return (mods.drift["v"][0], mods.drift["v"][1])
+
+    def _sample_point(self) -> tuple[float, float]:
+        x, y = self.tip_position()
+        sx, sy = self.sample_shift_m()
+        return x + sx, y + sy
 
     # ------------------------------------------------------------------ positions
 
@@ -487,7 +511,8 @@ class SimulatedController:
         self.frame_index += 1
         self._scan = {"frame": tuple(self.frame), "pixels": self.pixels, "lines": self.lines,
                       "direction": direction, "channels": list(self.channel_indexes),
-                      "t_fwd": self._t_fwd, "t_bwd": self._t_bwd, "frame_index": self.frame_index}
+                      "t_fwd": self._t_fwd, "t_bwd": self._t_bwd, "frame_index": self.frame_index,
+                      "shift": self.sample_shift_m(), "drift_v": self._drift_velocity()}
         self._buffers = {c: (np.full((self.lines, self.pixels), np.nan, np.float32),
                              np.full((self.lines, self.pixels), np.nan, np.float32))
                          for c in self._scan["channels"]}
@@ -521,7 +546,7 @@ class SimulatedController:
             g = self._scan
             t = self._frame_elapsed()
             period = g["t_fwd"] + g["t_bwd"]
-            total = 2 * self._lines_to_scan()
+            total = self._halves_to_scan()
             done_lines = int(t // period)
             due = 2 * done_lines + (1 if t - done_lines * period >= g["t_fwd"] else 0)
             due = min(due, total)
@@ -546,6 +571,13 @@ class SimulatedController:
         if self.replay is not None:
             return self.replay.lines_recorded
         return self._scan["lines"]
+
+    def _halves_to_scan(self) -> int:
+        """End-of-line events in this frame (a replay stopped mid backward sweep has one
+        fewer than two per line)."""
+        if self.replay is not None:
+            return self.replay.halves_recorded
+        return 2 * self._scan["lines"]
 
     def _end_frame(self) -> None:
         self.frames_completed += 1
@@ -590,9 +622,15 @@ class SimulatedController:
                                     z_controller="constant_current" if self.z_ctrl_on else "constant_height",
                                     acq_time_s=g["lines"] * (g["t_fwd"] + g["t_bwd"]),
                                     comment=self.props["comment"], signal_indexes=idx)
+            # Nanonis naming: series name + a 3-digit counter from 001 that never
+            # overwrites a file already in the session folder
             folder = Path(self.save_dir)
-            path = folder / f"{self.props['series_name']}{self.frame_index:03d}.sxm"
-            return write_sxm(path, scan)
+            base = self.props["series_name"]
+            n = self._save_counter.get(base, 0) + 1
+            while (folder / f"{base}{n:03d}.sxm").exists():
+                n += 1
+            self._save_counter[base] = n
+            return write_sxm(folder / f"{base}{n:03d}.sxm", scan)
 
     # ------------------------------------------------------------------ images
 
@@ -697,6 +735,9 @@ class SimulatedController:
                 return self.setpoint_A
             if index == 37:
                 return self.sim_time_s
+            mods = getattr(self, "modules", None)
+            if mods is not None and 8 <= index < 16:  # Output 1-8: the User Output values
+                return float(mods.plain["userout"][index - 7]["value"])
             return 0.0
 
     # ------------------------------------------------------------------ motor
@@ -861,8 +902,15 @@ class _PhysicsModel:
         t = math.radians(ang)  # clockwise positive, as ScanFrame.grid
         x = cx + v_mid * math.sin(t)
         y = cy + v_mid * math.cos(t)
-        frame = ScanFrame.from_si(x, y, w, (a1 - a0) * dv, ang, g["pixels"], a1 - a0, g["direction"])
-        return frame, r0 - a0, r1 - a0
+        # The sample under the piezo frame: coarse/compensation shift at frame start, plus the
+        # compensation's drift v*t up to this block's middle row (x(t) = x0 + v t).
+        sx, sy = g.get("shift", (0.0, 0.0))
+        vx, vy = g.get("drift_v", (0.0, 0.0))
+        t_mid = (a0 + a1) / 2 * (g["t_fwd"] + g["t_bwd"])
+        shift = (sx + vx * t_mid, sy + vy * t_mid)
+        frame = ScanFrame.from_si(x + shift[0], y + shift[1], w, (a1 - a0) * dv, ang, g["pixels"], a1 - a0,
+                                  g["direction"])
+        return frame, r0 - a0, r1 - a0, shift
 
     def render_block(self, g, tip, *, bias_V, z_on, setpoint_A, z_nm, rows, seed):
         """Noise-free rows ``rows`` = (r0, r1) per channel, (forward, backward), float64."""
@@ -875,7 +923,7 @@ class _PhysicsModel:
         margin = 0
         if tip.apex_width_nm > 0 and r1 - r0 < g["lines"]:  # blur needs neighbouring rows
             margin = int(math.ceil(3 * tip.apex_width_nm / (g["frame"][3] * 1e9 / g["lines"])))
-        frame, i0, i1 = self._sub_frame(g, r0, r1, margin)
+        frame, i0, i1, (shift_x, shift_y) = self._sub_frame(g, r0, r1, margin)
         n = r1 - r0
         if z_on:
             z = imaging.constant_current_image(self.placements, frame, tip, setpoint_A=setpoint_A,
@@ -898,7 +946,7 @@ class _PhysicsModel:
             cur = {0: i, 1: i}
             zimg = {0: np.full((n, g["pixels"]), z_nm * 1e-9), 1: np.full((n, g["pixels"]), z_nm * 1e-9)}
         x_nm, y_nm = frame.grid()
-        xg, yg = x_nm[i0:i1] * 1e-9, y_nm[i0:i1] * 1e-9
+        xg, yg = x_nm[i0:i1] * 1e-9 - shift_x, y_nm[i0:i1] * 1e-9 - shift_y  # piezo coordinates
         out = {}
         for c in g["channels"]:
             pair = []

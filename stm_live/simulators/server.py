@@ -7,6 +7,15 @@
   event loop or the other connections.
 * Replies are header + body in one write, with every documented return field and the
   error section (``devices/protocol.py`` builds them from its command table).
+* Release profiles: the server speaks the layouts of one Nanonis release
+  (``nanonis_release``, default ``protocol.DEFAULT_RELEASE`` = R14718; Util.VersionGet
+  reports it). Requests of older/newer clients are accepted when another documented layout
+  of the command fits the body exactly (NANONIS_PROTOCOL_EXT.md §2.3); a command the
+  release does not have is answered "Unknown command".
+* One handler per command: a ``_h_*`` method here (scan clock, waits, tip physics), a
+  module handler in ``simulators/modules.py`` (HANDLERS), or the shared plain Get/Set of
+  module settings (modules.PLAIN); module handlers run on the controller thread under the
+  controller lock.
 * Scan.WaitEndOfLine / WaitEndOfScan return on the NEXT event after the request arrived,
   or with ``timed out = 1`` at their timeout (the line fields then repeat the last
   completed line). A stopped or paused scan raises no event: a pending wait times out.
@@ -14,8 +23,9 @@
   Signals.ValGet/ValsGet answer at once (no Tap delay).
 * Bad input: a header that does not parse (random bytes, bad name, negative size, a body
   size over ``REQUEST_BODY_LIMIT``) closes that connection; a message left unfinished for
-  ``read_timeout_s`` closes it; an unknown command or a short body gets an error reply
-  and the connection stays up. Other connections are unaffected.
+  ``read_timeout_s`` closes it; an unknown command, a body no layout fits, or a value out
+  of range gets an error reply and the connection stays up. Other connections are
+  unaffected. Util.Quit is answered, then that connection is closed ([ours]).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from stm_live.devices import protocol as P
+from stm_live.simulators import modules as M
 from stm_live.simulators.controller import ControllerError, SimulatedController
 
 __all__ = ["MAX_CONNECTIONS", "RunningServer", "SimServer", "serve_forever", "start_server_thread"]
@@ -42,20 +53,28 @@ log = logging.getLogger(__name__)
 MAX_CONNECTIONS = 4
 # No request of the table needs more than a few kB (PropsSet strings); 1 MiB bounds memory.
 REQUEST_BODY_LIMIT = min(P.MAX_BODY_BYTES, 1 << 20)
-PROPS_LAYOUTS = ("r13742", "extended")
+PROPS_LAYOUTS = (None, "r13742", "extended")  # None: the release's own layout
 _MAX_BLOCK_S = 60.0  # cap on simulated blocking moves (real seconds)
 _READER: contextvars.ContextVar[asyncio.StreamReader] = contextvars.ContextVar("sim_reader")
+_QUIT: contextvars.ContextVar[list] = contextvars.ContextVar("sim_quit")  # Util.Quit on this connection
 
 
 class SimServer:
     """The protocol front end; ``start`` binds, ``close`` stops (both on the server's loop)."""
 
-    def __init__(self, controller: SimulatedController, *, props_layout: str = "r13742",
-                 max_connections: int = MAX_CONNECTIONS, read_timeout_s: float = 10.0):
+    def __init__(self, controller: SimulatedController, *, props_layout: str | None = None,
+                 max_connections: int = MAX_CONNECTIONS, read_timeout_s: float = 10.0,
+                 nanonis_release: int = P.DEFAULT_RELEASE):
         if props_layout not in PROPS_LAYOUTS:
             raise ValueError(f"props_layout must be one of {PROPS_LAYOUTS}, got {props_layout!r}")
+        if nanonis_release not in P.RELEASES:
+            raise ValueError(f"nanonis_release must be one of {P.RELEASES}, got {nanonis_release!r}")
         self.controller = controller
         self.props_layout = props_layout
+        self.release = nanonis_release
+        controller.nanonis_release = nanonis_release  # release-dependent enums (Piezo.DriftCompSet)
+        if getattr(controller, "modules", None) is None:
+            controller.modules = M.ModuleState()
         self.max_connections = max_connections
         self.read_timeout_s = read_timeout_s
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sim-controller")
@@ -69,7 +88,34 @@ class SimServer:
         self.refused = 0
         self.host = ""
         self.port = 0
-        self._handlers = {name: getattr(self, "_h_" + name.replace(".", "_")) for name in P.COMMANDS}
+        self._handlers = {name: self._handler_for(name) for name in P.LAYOUTS}
+
+    def _handler_for(self, name: str):
+        """One handler per command: a method here (waits, scan clock), a module handler
+        (modules.HANDLERS), or the shared plain Get/Set of module settings (modules.PLAIN)."""
+        own = getattr(self, "_h_" + name.replace(".", "_"), None)
+        if own is not None:
+            return own
+        c = self.controller
+        fn = M.HANDLERS.get(name)
+        if fn is None:
+            if name not in M.PLAIN:
+                raise RuntimeError(f"no handler for {name}")
+            fields = P.COMMANDS[name].response
+            if name.endswith("Get"):
+                def fn(ctrl, mods, **args):
+                    return mods.plain_get(name, args, fields)
+            else:
+                def fn(ctrl, mods, **args):
+                    mods.plain_set(name, args)
+
+        async def handler(**args):
+            def run():
+                with c._lock:
+                    return fn(c, c.modules, **args)
+            return await self._call(run)
+
+        return handler
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -156,6 +202,8 @@ class SimServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         _READER.set(reader)  # this connection's task only (contextvars are per task)
+        quit_flag: list = []
+        _QUIT.set(quit_flag)
         while True:
             first = await reader.read(P.HEADER_SIZE)  # idle between requests: no timeout
             if not first:
@@ -183,21 +231,24 @@ class SimServer:
                     await writer.drain()
                 except ConnectionError:  # the client left while we worked
                     return
+            if quit_flag:  # Util.Quit: reply, then the "application" is gone for this client
+                return
 
     async def _dispatch(self, name: str, body: bytes) -> bytes:
-        command = None
         try:
-            args = P.decode_request_body(name, body)
-        except P.UnknownCommandError:
-            return P.pack_response(name, None, error=f"Unknown command: {name}")
+            command = P.command_for(name, self.release)
+        except P.UnknownCommandError as exc:  # the manuals' wording for names it does not know
+            return P.pack_response(name, None, error=str(exc), command=P.Command(name))
+        try:
+            _, args = P.decode_request_strict(name, body, self.release)
         except P.ProtocolError as exc:
-            return P.pack_response(name, None, error=str(exc))
-        if name == "Scan.PropsGet" and self.props_layout == "extended":
-            command = P.PROPS_GET_EXTENDED
+            return P.pack_response(name, None, error=str(exc), command=command)
+        if name == "Scan.PropsGet" and self.props_layout is not None:
+            command = P.PROPS_GET_EXTENDED if self.props_layout == "extended" else P.command_for(name, 13742)
         try:
             values = await self._handlers[name](**args)
             return P.pack_response(name, values, command=command)
-        except (ControllerError, ValueError) as exc:
+        except (ControllerError, ValueError, TypeError) as exc:
             return P.pack_response(name, None, error=str(exc), command=command)
         except asyncio.CancelledError:
             raise
@@ -266,7 +317,16 @@ class SimServer:
         return {"setpoint": self.controller.setpoint_A}
 
     async def _h_ZCtrl_ZPosSet(self, z):
-        await self._call(self.controller.z_pos_set, z)
+        c = self.controller
+
+        def set_z():
+            with c._lock:
+                high, low = M.HANDLERS["ZCtrl.LimitsGet"](c, c.modules).values()
+                if c.modules.plain["zctrl.limits_enabled"]["enabled"] and not low <= z <= high:
+                    raise ControllerError(f"Z position {z} m outside the Z limits [{low}, {high}] m")
+                c.z_pos_set(z)
+
+        await self._call(set_z)
 
     async def _h_ZCtrl_ZPosGet(self):
         return {"z": await self._call(self.controller.z_pos_get)}
@@ -315,7 +375,7 @@ class SimServer:
         c = self.controller
         return {"channel_indexes": np.asarray(c.channel_indexes, np.int32), "pixels": c.pixels, "lines": c.lines}
 
-    async def _h_Scan_PropsSet(self, continuous, bouncy, autosave, series_name, comment, modules, autopaste=0):
+    async def _h_Scan_PropsSet(self, continuous, bouncy, autosave, series_name, comment, modules=(), autopaste=0):
         for n, v, hi in (("continuous", continuous, 2), ("bouncy", bouncy, 2), ("autosave", autosave, 3),
                          ("autopaste", autopaste, 3)):
             if not 0 <= v <= hi:
@@ -328,6 +388,11 @@ class SimServer:
         values = {k: p[k] for k in ("continuous", "bouncy", "autosave", "series_name", "comment")}
         if self.props_layout == "extended":
             values.update(modules=list(p["modules"]), autopaste=p["autopaste"])
+        elif self.props_layout is None and self.release >= 14573:
+            # R14573: module names, then per module its parameter names (one table row each)
+            mods = list(p["modules"])
+            values.update(modules=mods, module_param_counts=np.zeros(len(mods), np.int32),
+                          module_params=[[] for _ in mods], autopaste=p["autopaste"] + 1)
         return values
 
     async def _h_Scan_SpeedSet(self, fwd_speed, bwd_speed, fwd_time, bwd_time, keep_constant, speed_ratio):
@@ -346,7 +411,15 @@ class SimServer:
         return {"timed_out": 0}
 
     async def _h_FolMe_XYPosSet(self, x, y, wait):
-        duration = await self._call(self.controller.folme_xy_set, x, y)
+        c = self.controller
+
+        def move():
+            with c._lock:
+                duration = c.folme_xy_set(x, y)
+                M.tiprec_record(c, c.modules)  # the Tip Move Recorder samples each move
+                return duration
+
+        duration = await self._call(move)
         if wait:
             await self._sleep_sim(duration)
 
@@ -388,17 +461,25 @@ class SimServer:
         return {"values": await self._call(read)}
 
     async def _h_Motor_StartMove(self, direction, steps, group, wait):
-        duration = await self._call(self.controller.motor_move, direction, steps)
+        def move():
+            duration = self.controller.motor_move(direction, steps)
+            axis, sign = direction // 2, (1 if direction % 2 == 0 else -1)
+            self.controller.modules.motor_counters[axis] += sign * steps
+            return duration
+        duration = await self._call(move)
         if wait:
             await self._sleep_sim(duration)
 
-    async def _h_Motor_PosGet(self, group, timeout_ms):
+    async def _h_Motor_PosGet(self, group=0, timeout_ms=500):
         x, y, z = self.controller.motor_position
         return {"x": x, "y": y, "z": z}
 
+    async def _h_Util_Quit(self, use_stored, settings_name, layout_name, save_signals):
+        _QUIT.get([]).append(True)  # [ours]: the simulator closes this connection, keeps serving
+
     async def _h_Util_VersionGet(self):
         return {"product": "Nanonis SPM Control Software", "version": "Generic 5 (stm-live simulator)",
-                "host_release": 13742, "rt_release": 13742}
+                "host_release": self.release, "rt_release": self.release}
 
 
 # ---------------------------------------------------------------------- running it
@@ -439,17 +520,22 @@ def _make_controller(scenario, replay, seed, time_scale) -> SimulatedController:
 
 
 def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale: float = 1.0,
-                        host: str = "127.0.0.1", port: int = 0, props_layout: str = "r13742",
+                        host: str = "127.0.0.1", port: int = 0, props_layout: str | None = None,
                         read_timeout_s: float = 10.0, controller: SimulatedController | None = None,
-                        save_dir=None, startup_timeout_s: float = 30.0) -> RunningServer:
+                        save_dir=None, startup_timeout_s: float = 30.0,
+                        nanonis_release: int = P.DEFAULT_RELEASE) -> RunningServer:
     """Start the simulated controller on ``host:port`` (0 = ephemeral) in a daemon thread.
 
-    ``save_dir``: folder for Scan.Save and autosave (.sxm); without it Scan.Save is an error.
+    ``save_dir``: session folder for Scan.Save and autosave (.sxm), also Util.SessionPathSet;
+    without one Scan.Save is an error. ``nanonis_release``: the release whose layouts the
+    server speaks (one of ``protocol.RELEASES``). ``props_layout``: force a Scan.PropsGet
+    layout ("r13742", or "extended" = what nanonisTCP 1.1.5 reads); None follows the release.
     """
     ctrl = controller or _make_controller(scenario, replay, seed, time_scale)
     if save_dir is not None:
         ctrl.save_dir = save_dir
-    server = SimServer(ctrl, props_layout=props_layout, read_timeout_s=read_timeout_s)
+    server = SimServer(ctrl, props_layout=props_layout, read_timeout_s=read_timeout_s,
+                       nanonis_release=nanonis_release)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     failure: list[BaseException] = []
@@ -485,19 +571,37 @@ def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale
 
 
 def serve_forever(host: str = "127.0.0.1", port: int = 6501, scenario=None, replay=None,
-                  time_scale: float = 1.0, seed: int = 0, props_layout: str = "r13742") -> None:
-    """Serve until Ctrl-C (``stm-live sim serve``); prints the address."""
+                  time_scale: float = 1.0, seed: int = 0, props_layout: str | None = None,
+                  nanonis_release: int = P.DEFAULT_RELEASE, session_dir=None) -> None:
+    """Serve until Ctrl-C (``stm-live sim serve``); prints the address.
+
+    ``nanonis_release``: the release to emulate (``--nanonis-release``, one of
+    ``protocol.RELEASES``); ``session_dir``: the session folder (``--session-dir``, created if
+    missing) where autosave and Scan.Save write .sxm files and Util.SessionPathGet points.
+    """
+    if nanonis_release not in P.RELEASES:
+        raise ValueError(f"--nanonis-release {nanonis_release}: the simulator emulates "
+                         f"{', '.join(map(str, P.RELEASES))}")
+    if session_dir is not None:
+        from pathlib import Path
+
+        try:
+            Path(session_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ValueError(f"--session-dir {session_dir}: cannot create it: {exc.strerror or exc}") from None
     ctrl = _make_controller(scenario, replay, seed, time_scale)
+    if session_dir is not None:
+        ctrl.save_dir = str(session_dir)
 
     async def main() -> None:
-        server = SimServer(ctrl, props_layout=props_layout)
+        server = SimServer(ctrl, props_layout=props_layout, nanonis_release=nanonis_release)
         try:
             await server.start(host, port)
         except OSError as exc:  # port taken, bad address: a message, not a traceback
             raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         source = f"replaying {ctrl.replay.name}" if ctrl.replay is not None else f"scenario {ctrl.scenario.name!r}"
         print(f"simulated Nanonis controller on {server.host}:{server.port} ({source}, "
-              f"time scale {time_scale:g}, seed {seed}); Ctrl-C stops", flush=True)
+              f"time scale {time_scale:g}, seed {seed}, Nanonis release R{nanonis_release}); Ctrl-C stops", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill`: close cleanly
