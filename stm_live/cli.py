@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import typer
 
+from stm_live.models import check_device  # light: refuses an impossible --device before any load
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 sim_app = typer.Typer(no_args_is_help=True, help="The simulated Nanonis controller.")
 runs_app = typer.Typer(no_args_is_help=True, help="Runs stored in the journal and tiled.")
@@ -68,13 +70,18 @@ def sim_serve(
     replay: Optional[Path] = typer.Option(None, help="Serve this recorded .sxm instead."),
     time_scale: float = typer.Option(1.0, help="Scan clock speed-up factor."),
     seed: int = typer.Option(0),
+    nanonis_release: int = typer.Option(
+        14718, "--nanonis-release",
+        help="Nanonis release to emulate (10862, 12202, 13172, 13742, 14254, 14573, 14718)."),
+    session_dir: Optional[Path] = typer.Option(
+        None, "--session-dir", help="Session folder for autosaved .sxm files (created if missing)."),
 ):
     """Run the simulated controller until Ctrl-C."""
     from stm_live.simulators.server import serve_forever
 
     with _user_errors():
-        serve_forever(host=host, port=port, scenario=scenario, replay=replay,
-                      time_scale=time_scale, seed=seed)
+        serve_forever(host=host, port=port, scenario=scenario, replay=replay, time_scale=time_scale,
+                      seed=seed, nanonis_release=nanonis_release, session_dir=session_dir)
 
 
 @app.command()
@@ -121,18 +128,24 @@ def replay(
 
 @app.command()
 def reconstruct(
-    input: Path = typer.Argument(..., help=".npy or .sxm image."),
-    pixel_size: Optional[float] = typer.Option(None, help="nm per pixel (read from .sxm)."),
-    channel: Optional[str] = typer.Option(None, help=".sxm channel (default: Current, else Z)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .npy, .png or .sxm."),
-    device: str = typer.Option("auto"),
+    inputs: List[Path] = typer.Argument(..., help=".sxm or .npy images, or folders of .sxm files."),
+    output: Path = typer.Option(Path("reconstructions"), "-o", "--output",
+                                help="Output .npy/.png/.sxm for one file, else a folder."),
+    pixel_size: Optional[float] = typer.Option(None, help="nm per pixel (read from .sxm; needed for .npy)."),
+    line_spacing: Optional[float] = typer.Option(None, help="nm per line when not square with pixels."),
+    channel: Optional[str] = typer.Option(
+        None, help=".sxm channel (default: Z on constant current, Current on constant height)."),
+    fmt: str = typer.Option("png", "--format", help="Per-file output in a folder: png, npy or sxm."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     views: int = typer.Option(2, help="Symmetry views averaged: 2 (default), 4 (best, 2x slower) or 1 (fastest)."),
 ):
-    """Reconstruct the pristine orbital |psi|^2 from a CO-tip image."""
-    from stm_live.models.stmnet import reconstruct_file
+    """Reconstruct the pristine orbital |psi|^2 from CO-tip images; one line per file."""
+    from stm_live.app.reconstruct import main as reconstruct_main
 
     with _user_errors():
-        reconstruct_file(input, output, pixel_size_nm=pixel_size, channel=channel, device=device, views=views)
+        code = reconstruct_main(inputs, output, pixel_size_nm=pixel_size, line_spacing_nm=line_spacing,
+                                channel=channel, fmt=fmt, device=device, views=views)
+    raise typer.Exit(code=code)
 
 
 @app.command()
@@ -159,6 +172,7 @@ def train(
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
     with _user_errors():
+        device = check_device(device)
         train_main(steps=steps, out=out, device=device, seed=seed, resume=resume,
                    **_given(lr=lr, threads=threads, init=init, bank_size=bank_size))
 
@@ -190,6 +204,7 @@ def evaluate(
         _fail(ValueError("--vacuum-from and --cube-mo apply to cube files: give --cube FILE"))
     cubes = {"cubes": cube, "cube_mo": cube_mo, "vacuum_from_nm": vacuum_from} if cube else {}
     with _user_errors():
+        device = check_device(device)
         evaluate_main(device=device, seed=seed, **_given(samples=samples), **cubes)
 
 
@@ -242,6 +257,8 @@ def worker(
     """Run live reconstruction and the tip monitor on documents from a 0MQ proxy."""
     from stm_live.streaming import run_worker
 
+    with _user_errors():
+        device = check_device(device)
     run_worker(connect=connect, results=results, device=device, curve_keys=curve_keys,
                journal=journal)
 

@@ -12,8 +12,12 @@ reconstructs each frame live (worker thread); the tip monitor judges the tip; th
 policy is ``auto``: a bad verdict suspends the frame, the tip is reconditioned at the
 profile's clean site, verified, and the frame resumes from its checkpoint.
 
-The report folder gets, per frame, a raw | reconstruction PNG, mid-scan snapshots of the
-live reconstruction and an .sxm file, plus a tip-state timeline PNG and ``summary.json``.
+The report folder gets, per frame, a raw | reconstruction | residual | uncertainty PNG (the
+last two from the reconstruction's self-consistency check, ``models.consistency``, and the
+spread over STM-Net's symmetry views; the agreement line in its caption), mid-scan snapshots
+of the live reconstruction and an .sxm file, plus a tip-state timeline PNG and
+``summary.json`` (per frame the check's scalars under ``consistency``, and the tip verdicts
+with their domain score).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ _CLASS_COLOURS = {
     "co_sharp": (46, 160, 67), "metal_s": (88, 166, 255), "mixed": (163, 113, 247),
     "asymmetric": (210, 153, 34), "double": (248, 81, 73), "blunt": (139, 87, 42),
     "unstable": (110, 118, 129),
+    "unknown": (255, 160, 200),  # outside what the classifier knows: no policy acts on it
 }
 
 
@@ -90,22 +95,12 @@ class _VerdictPrinter:
             f"(p = {p:.2f}, s share {record['s_fraction']:.2f}; {record['reason']})")
 
 
-def _sxm_for_run(path: Path, run, index_of: dict[str, int]) -> Path:
-    """Write one journaled frame run as .sxm (what `stm-live runs export` writes, plus
-    setpoint, Z-controller mode and signal indexes)."""
-    from stm_live.io.sxm import scan_from_frames, write_sxm
+def _sxm_for_run(path: Path, run) -> Path:
+    """Write one journaled frame run as .sxm (what `stm-live runs export` writes)."""
+    from stm_live.io.sxm import write_sxm
+    from stm_live.store import scan_from_run
 
-    meta = run.start["stm_live"]
-    channels, units = {}, {}
-    for ch in meta["channels"]:
-        channels[ch["name"]] = {d: run.images[k] for d, k in ch["keys"].items()}
-        units[ch["name"]] = ch.get("units", "")
-    scan = scan_from_frames(
-        channels, units=units, **meta["frame"], direction=meta["scan_direction"],
-        bias_V=meta["bias_V"], setpoint_A=meta["setpoint_A"], z_controller=meta["z_controller"],
-        comment=f"stm-live demo run {run.uid}",
-        signal_indexes={n: index_of[n] for n in channels if n in index_of})
-    return write_sxm(path, scan)
+    return write_sxm(path, scan_from_run(run, comment=f"stm-live demo run {run.uid}"))
 
 
 def _timeline_png(path: Path, frames: list[dict], events: list[dict]) -> Path:
@@ -310,7 +305,7 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
 
     summary = _report(out=out, data_dir=data_dir, runs=runs, operator=operator,
                       collector=collector, live=live,
-                      tip=tip, policy=policy, index_of=dict(profile.channel_indexes),
+                      tip=tip, policy=policy,
                       ingested=ingested, tiled_error=tiled_error, errors=errors,
                       server=server, scenario=scenario, size=size, seed=seed,
                       time_scale=time_scale, t_start=t_start)
@@ -348,9 +343,9 @@ def _operator_resumes(RE, server, policy, console, operator: list[dict]) -> None
 
 def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict],
             collector: DerivedCollector, live,
-            tip, policy, index_of, ingested, tiled_error, errors, server, scenario, size, seed,
+            tip, policy, ingested, tiled_error, errors, server, scenario, size, seed,
             time_scale, t_start) -> dict[str, Any]:
-    from stm_live.report import montage, save_png
+    from stm_live.report import save_frame_png
     from stm_live.store import read_journal, run_data
 
     frames_out = []
@@ -367,31 +362,43 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
             "lines_total": lines, "lines": len(set(run.lines_read)), "events": run.events,
             "lines_resent": run.events - len(set(run.lines_read)),
         }
-        entry["sxm"] = str(_sxm_for_run(out / f"{name}.sxm", run, index_of))
+        entry["sxm"] = str(_sxm_for_run(out / f"{name}.sxm", run))
         source = "stm_current_fwd" if meta["z_controller"] == "constant_height" else "stm_z_fwd"
         raw = run.images[source]
         collector.wait_stopped("reconstruction", uid,
                                FINAL_TIMEOUT_S if uid in runs.stops else 5.0)
         final = collector.finals.get(uid)
-        panels = [(f"{name} raw ({source})", raw)]
+        geometry = _picture_geometry(meta)
+        channel = next((c for c in meta["channels"] if c["keys"].get("forward") == source), {})
+        raw_title = f"{channel.get('name', source)} forward (raw)"
+        panels, units = [(raw_title, raw)], [channel.get("units", "")]
+        check = collector.checks.get(uid)
+        caption = _picture_caption(name, meta, raw_title)
         if final is not None:
             np.save(out / f"{name}_reconstruction.npy", final)
             entry["reconstruction_npy"] = str(out / f"{name}_reconstruction.npy")
-            panels.append((f"{name} STM-Net", final))
+            panels.append(("STM-Net |psi|^2", final))
+            units.append("a.u.")
+            if check is not None:
+                panels += _check_panels(check, final.shape)
+                units += ["a.u."] * (len(panels) - len(units))
+                caption = f"{caption}\n{_check_line(check)}"
         else:
             entry["reconstruction_npy"] = None
             errors.append(f"{name}: no final reconstruction")
+        entry["consistency"] = None if check is None else _check_summary(check)
         png = out / f"{name}.png"
-        save_png(png, montage(panels, ncols=2, tile=256))
+        cmaps = ["afmhot", "afmhot", "viridis", "viridis"][:len(panels)]
+        save_frame_png(png, panels, units=units, caption=caption, cmap=cmaps, **geometry)
         entry["png"] = str(png)
         entry["snapshots"] = []
         for n, image in _pick_snapshots(collector.snapshots.get(uid, []), lines):
-            path = save_png(out / f"{name}_live_{n:03d}lines.png", image)
+            path = out / f"{name}_live_{n:03d}lines.png"
+            save_frame_png(path, [(f"STM-Net after {n} of {lines} lines", image)], units=["a.u."],
+                           caption=_picture_caption(name, meta, f"live reconstruction, {n}/{lines} lines"),
+                           **geometry)
             entry["snapshots"].append(str(path))
-        entry["verdicts"] = [
-            {key: v[key] for key in ("line", "first_line", "change_line", "label", "s_fraction",
-                                     "good", "reason")} | {"p": v["probabilities"][v["label"]]}
-            for v in timeline if v["run_uid"] == uid]
+        entry["verdicts"] = [_verdict_entry(v) for v in timeline if v["run_uid"] == uid]
         stop_time = runs.stops.get(uid, {}).get("time", float("inf"))
         entry["actions"] = [_jsonable(e) for e in policy.events
                             if start["time"] <= e["time"] <= stop_time]
@@ -408,6 +415,7 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
         "tip": {
             "verdicts": len(timeline),
             "not_sharp": int(sum(v["label"] != "co_sharp" for v in timeline)),
+            "unknown": int(sum(v.get("in_domain") is False or v["label"] == "unknown" for v in timeline)),
             "labels": sorted({v["label"] for v in timeline}),
             "actions": [_jsonable(e) for e in policy.events],
             "attempts": [dataclasses.asdict(a) for a in policy.attempts],
@@ -426,6 +434,87 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
     }
     (out / "summary.json").write_text(json.dumps(_jsonable(summary), indent=1))
     return summary
+
+
+def _verdict_entry(v: dict) -> dict[str, Any]:
+    """One tip verdict for summary.json: ``p`` is the probability of its label (None for
+    "unknown", which is no class; ``closest`` then names the most probable class); the domain
+    fields when the classifier has a domain model."""
+    probabilities = v["probabilities"]
+    entry = {key: v[key] for key in ("line", "first_line", "change_line", "label", "s_fraction",
+                                     "good", "reason")}
+    entry["p"] = probabilities.get(v["label"])
+    if entry["p"] is None and probabilities:
+        entry["closest"] = max(probabilities, key=probabilities.get)
+    entry |= {key: v[key] for key in ("in_domain", "domain_score", "domain_threshold") if key in v}
+    return entry
+
+
+def _check_panels(check: dict, shape: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
+    """Residual and view-spread panels of a final self-consistency check (live.CHECK_STREAM);
+    a map that is missing, misshapen or all NaN (a reconstructor without symmetry views) is left out."""
+    panels = []
+    for key, title in (("residual", "residual (measured - predicted)"),
+                       ("view_spread", "uncertainty (symmetry-view spread)")):
+        image = check.get(key)
+        image = None if image is None else np.asarray(image, dtype=np.float32)
+        if image is not None and image.shape == tuple(shape) and np.isfinite(image).any():
+            panels.append((title, image))
+    return panels
+
+
+def _finite(value) -> float | None:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) else None
+
+
+def _check_summary(check: dict) -> dict[str, Any]:
+    """The check's scalars for summary.json (NaN -> None)."""
+    orbital = check.get("orbital")
+    return {"agreement": _finite(check.get("agreement")), "w_s": _finite(check.get("w_s")),
+            "orbital": None if orbital is None else bool(orbital), "reason": str(check.get("reason") or ""),
+            "spread": _finite(check.get("spread")), "explained": _finite(check.get("explained"))}
+
+
+def _check_line(check: dict) -> str:
+    """The caption's self-consistency line: agreement, fitted s share, view spread, verdict."""
+    c = _check_summary(check)
+
+    def number(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+
+    head = (f"self-consistency: agreement {number(c['agreement'], '.2f')}, fitted tip s share "
+            f"{number(c['w_s'], '.2f')}, view spread "
+            + ("n/a" if c["spread"] is None else f"{100 * c['spread']:.1f} % of the bright level"))
+    if c["orbital"] is None:
+        return head
+    if c["orbital"]:
+        return f"{head}; a CO-tip orbital image"
+    reason = c["reason"] or "not a CO-tip orbital image"
+    if not reason.startswith("not a CO-tip orbital image"):
+        reason = f"not a CO-tip orbital image: {reason}"
+    return f"{head}; {reason}"
+
+
+def _picture_geometry(meta: dict) -> dict[str, Any]:
+    """Pixel pitch on both axes and scan direction of a live frame, for its pictures."""
+    frame = meta["frame"]
+    return {"pixel_size_nm": float(frame["width_m"]) * 1e9 / int(meta["pixels"]),
+            "line_spacing_nm": float(frame["height_m"]) * 1e9 / int(meta["lines"]),
+            "scan_direction": meta.get("scan_direction", "down")}
+
+
+def _picture_caption(name: str, meta: dict, what: str) -> str:
+    """Caption of a frame picture: what it shows, bias, setpoint, mode, direction, geometry."""
+    frame, g = meta["frame"], _picture_geometry(meta)
+    return (f"{name}: {what}; bias {meta['bias_V']:+.2f} V, setpoint {meta['setpoint_A'] * 1e12:.0f} pA, "
+            f"{meta['z_controller'].replace('_', ' ')}, scan {g['scan_direction']}; "
+            f"{frame['width_m'] * 1e9:.2f} x {frame['height_m'] * 1e9:.2f} nm, "
+            f"{meta['pixels']} x {meta['lines']} px, {g['pixel_size_nm']:.3f} x {g['line_spacing_nm']:.3f} nm/px, "
+            f"angle {frame.get('angle_deg', 0.0):g} deg")
 
 
 def _jsonable(obj):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stm_live.report import montage, save_png
+from stm_live.report import display_rows, montage, save_png
 from stm_live.simulators.imaging import (
     Placement,
     ScanFrame,
@@ -38,13 +38,15 @@ def render_gallery(out_dir, *, pixels: int = 96, setpoint_A: float = 10e-12) -> 
     for name, orbital, bias, side, z in GALLERY_SCENES:
         placement = Placement(name, rotation_deg=0.0, orbital=orbital)
         frame = ScanFrame(0.0, 0.0, side, side, pixels=pixels, lines=pixels)
-        panels.append((f"{name} {orbital} |psi|^2", s_wave_image(placement, frame, z_nm=z, bias_V=bias)))
+        scene = [(f"{name} {orbital} |psi|^2", s_wave_image(placement, frame, z_nm=z, bias_V=bias))]
         for tip_name in GALLERY_TIPS:
             image = constant_height_image(placement, frame, tip_preset(tip_name), z_nm=z, bias_V=bias,
                                           substrate=substrate)
-            panels.append((f"{tip_name} I z={z:.2f}", image))
+            scene.append((f"{tip_name} I z={z:.2f}", image))
         z_map = constant_current_image(placement, frame, tip_preset("co"), setpoint_A=setpoint_A, bias_V=bias,
                                        substrate=substrate)
-        panels.append((f"co Z @{setpoint_A * 1e12:.0f}pA", z_map))
+        scene.append((f"co Z @{setpoint_A * 1e12:.0f}pA", z_map))
+        # data rows -> display rows (the frame's top at the top of each tile)
+        panels.extend((title, display_rows(image, frame.direction)) for title, image in scene)
     out = Path(out_dir)
     return save_png(out / "gallery.png", montage(panels, ncols=2 + len(GALLERY_TIPS), tile=160))

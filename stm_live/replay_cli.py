@@ -7,13 +7,16 @@ journal, live STM-Net reconstruction and the tip monitor (verdicts only: replay 
 acts on a tip). Afterwards each replay is checked: the journaled frame must equal the
 recording bit for bit (both are in the internal orientation of docs/interfaces.md), and
 the final live reconstruction must equal the offline one (``stm-live reconstruct``: the
-same channel at the file's pixel size). A folder replays as one batch with one summary
-table; a bad file is reported and the batch goes on; any failure makes the command exit
-non-zero at the end (:class:`ReplayFailed`).
+same channel at the file's pixel size). A folder replays its .sxm files as one batch with
+one summary table (other files in it are listed as skipped); a bad file (truncated, or a
+.3ds grid / .dat spectrum given by mistake, named as such) is reported in one line and the
+batch goes on; a recording stopped mid-scan is "partial", not a failure; any failure makes
+the command exit non-zero at the end (:class:`ReplayFailed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stm_live.console import caused_by, describe
 from stm_live.session import Consumers
 
 logger = logging.getLogger(__name__)
@@ -65,25 +69,45 @@ class ReplayResult:
     reconstruction_max_error: float | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what was done or skipped, and why
 
     @property
     def failed(self) -> bool:
         return self.status == "failed"
 
 
-def collect_files(paths: Iterable[os.PathLike | str]) -> tuple[list[Path], list[ReplayResult]]:
-    """Expand folders into their .sxm files (sorted); missing paths become failed rows."""
+def collect_files(paths: Iterable[os.PathLike | str], skipped: list[str] | None = None,
+                  ) -> tuple[list[Path], list[ReplayResult]]:
+    """Expand folders into their .sxm files (sorted); missing paths, and files given by
+    name that are not .sxm scans (a .3ds grid, a .dat spectrum, ...), become failed rows.
+
+    ``skipped`` receives one line per folder naming the other files it holds, which a
+    folder replay passes over.
+    """
+    from stm_live.simulators.replay import not_a_scan
+
     files: list[Path] = []
     bad: list[ReplayResult] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() == ".sxm")
+            entries = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            found = [p for p in entries if p.suffix.lower() == ".sxm"]
+            others = [p for p in entries if p.suffix.lower() != ".sxm"]
+            if others and skipped is not None:
+                shown = ", ".join(p.name for p in others[:8]) + (
+                    f", ... ({len(others) - 8} more)" if len(others) > 8 else "")
+                skipped.append(f"{path}: replaying its {len(found)} .sxm file(s); skipped "
+                               f"{len(others)} other file(s): {shown}")
             if not found:
                 bad.append(ReplayResult(path, message=f"{path}: folder holds no .sxm files"))
             files.extend(found)
         elif path.is_file():
-            files.append(path)
+            why = not_a_scan(path)
+            if why is not None:
+                bad.append(ReplayResult(path, message=why))
+            else:
+                files.append(path)
         else:
             bad.append(ReplayResult(path, message=f"{path}: no such file or folder"))
     return files, bad
@@ -99,20 +123,6 @@ def _directions(scan) -> tuple[str, ...]:
     """Directions present in every channel (a single-direction recording has one)."""
     dirs = [d for d in ("forward", "backward") if all(d in c for c in scan.channels.values())]
     return tuple(dirs)
-
-
-def _z_controller(scan) -> str:
-    names = {n.lower() for n in scan.channels}
-    if scan.feedback_on is True and "z" in names:
-        return "constant_current"
-    if scan.feedback_on is False and "current" in names:
-        return "constant_height"
-    return "constant_current" if "z" in names else "constant_height"
-
-
-def _source_channel(scan, z_controller: str) -> str | None:
-    want = "current" if z_controller == "constant_height" else "z"
-    return next((n for n in scan.channels if n.lower() == want), None)
 
 
 def _replay_plan(stm, scan, *, channels: dict[str, int], z_controller: str, md: dict):
@@ -141,13 +151,41 @@ def _replay_plan(stm, scan, *, channels: dict[str, int], z_controller: str, md: 
         drop_fixed)
 
 
-def _compare_frames(run, scan) -> list[str]:
-    """Mismatches between the journaled frame and the recording ([] when bit-identical)."""
+def _complete_lines(scan, directions: Sequence[str]) -> int:
+    """Lines an acquisition can deliver from this recording: up to the last row whose
+    last-acquired pixel is present in every channel and direction (what the line follower
+    waits for), so a row stopped during its backward sweep is not one of them."""
+    done = np.ones(scan.lines, dtype=bool)
+    for name in scan.channels:
+        for d in directions:
+            image = scan.image(name, d)
+            # internal orientation: forward ends at the right edge, backward at the left
+            done &= np.isfinite(image[:, -1] if d == "forward" else image[:, 0])
+    rows = np.flatnonzero(done)
+    return int(rows[-1] + 1) if rows.size else 0
+
+
+def _forward_only_row(scan, row: int) -> bool:
+    """The row holds forward data and no backward data in any channel."""
+    fwd = [d["forward"][row] for d in scan.channels.values() if "forward" in d]
+    bwd = [d["backward"][row] for d in scan.channels.values() if "backward" in d]
+    return (bool(bwd) and any(np.isfinite(r).any() for r in fwd)
+            and not any(np.isfinite(r).any() for r in bwd))
+
+
+def _compare_frames(run, scan, lines: int | None = None) -> list[str]:
+    """Mismatches between the journaled frame and the recording ([] when bit-identical).
+
+    With ``lines``, only the first ``lines`` rows were acquired: they must match the
+    recording and the journal must hold NaN after them."""
     problems = []
     for ch in run.start["stm_live"]["channels"]:
         for direction, key in ch["keys"].items():
             got = run.images[key]
             want = scan.image(ch["name"], direction)
+            if lines is not None and lines < scan.lines:
+                want = want.copy()
+                want[lines:] = np.nan  # never acquired: the journal must hold NaN there
             if np.array_equal(got.view(np.uint32), want.view(np.uint32)):
                 continue  # bit for bit, NaN payloads included
             if np.array_equal(got, want, equal_nan=True):
@@ -163,42 +201,56 @@ def _compare_frames(run, scan) -> list[str]:
     return problems
 
 
-def _caused_by(exc: BaseException | None, kind: type) -> bool:
-    while exc is not None:
-        if isinstance(exc, kind):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
+class _ExpectedStopFilter(logging.Filter):
+    """Drops the scan-ended records (ScanLines' error line, bluesky's "Run aborted" with its
+    traceback) when a replayed recording ends mid-frame: the replay judges that outcome
+    (partial, or failed with its cause) and reports it in one line of its own."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from stm_live.devices.stm import ControllerLost
+
+        exc = record.exc_info[1] if record.exc_info else None
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (caused_by(exc, ControllerLost)
+                    or any(isinstance(a, ControllerLost) for a in args))
 
 
-def _describe(exc: BaseException) -> str:
-    """The innermost cause's text (FailedStatus only says which status failed)."""
-    inner = exc
-    while inner.__cause__ is not None or inner.__context__ is not None:
-        inner = inner.__cause__ or inner.__context__
-    return f"{type(inner).__name__}: {inner}"
-
-
-def _save_reconstruction(out: Path, stem: str, image: np.ndarray) -> tuple[Path, Path]:
-    from stm_live.report import save_png
+def _save_reconstruction(out: Path, stem: str, image: np.ndarray, source, raw: np.ndarray
+                         ) -> tuple[Path, Path]:
+    """``<stem>_reconstruction.npy`` and an annotated raw | reconstruction PNG."""
+    from stm_live.report import save_frame_png
 
     out.mkdir(parents=True, exist_ok=True)
     npy = out / f"{stem}_reconstruction.npy"
     np.save(npy, image)
-    png = save_png(out / f"{stem}_reconstruction.png", image)
-    return Path(png), npy
+    png = out / f"{stem}_reconstruction.png"
+    save_frame_png(png, [(f"{source.channel} ({source.direction}, replayed)", raw), ("STM-Net |psi|^2", image)],
+                   pixel_size_nm=source.pixel_size_nm, line_spacing_nm=source.line_spacing_nm,
+                   scan_direction=source.scan_direction, units=[source.unit, "a.u."],
+                   caption=source.caption(stem))
+    return png, npy
+
+
+def _key_of(run, channel: str, direction: str) -> str:
+    """The event data key that journaled ``channel``'s ``direction`` lines."""
+    return next(ch["keys"][direction] for ch in run.start["stm_live"]["channels"] if ch["name"] == channel)
 
 
 def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, time_scale: float,
                 out: Path, stem: str) -> ReplayResult:
     from stm_live.devices.stm import ControllerLost, NanonisSTM
     from stm_live.io.sxm import SxmError, read_sxm
-    from stm_live.models.stmnet import _sxm_image
+    from stm_live.interpret import from_scan, scan_pitch
+    from stm_live.simulators.replay import not_a_scan
     from stm_live.simulators.server import start_server_thread
     from stm_live.store import read_journal, run_data
 
     result = ReplayResult(path)
     t0 = time.perf_counter()
+    why = not_a_scan(path)
+    if why is not None:  # a .3ds grid or .dat spectrum in a folder of scans, renamed
+        result.message = why
+        return result
     try:
         scan = read_sxm(path)
     except SxmError as exc:
@@ -211,8 +263,17 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
         result.message = (f"{path}: no direction is recorded for every channel "
                           f"({ {n: sorted(d) for n, d in scan.channels.items()} })")
         return result
-    z_mode = _z_controller(scan)
-    source = _source_channel(scan, z_mode)
+    try:
+        scan_pitch(scan, name=str(path))
+    except ValueError as exc:  # a frame without a size cannot be served as one
+        result.message = str(exc)
+        return result
+    try:  # the same reading of the file as `stm-live reconstruct` and the live callbacks
+        source = from_scan(scan, name=path.name)
+        z_mode = "constant_current" if source.mode == "constant_current" else "constant_height"
+    except ValueError as exc:  # no image channel (an AFM-only frame): replay it all the same
+        source, no_image = None, str(exc)
+        z_mode = "constant_current" if scan.feedback_on is not False else "constant_height"
     try:
         server = start_server_thread(replay=path, time_scale=time_scale, seed=0)
     except ValueError as exc:  # ReplayError names the file
@@ -241,16 +302,17 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
         run = run_data(read_journal(journal))
         result.run_uid, result.journal = run.uid, journal
         result.lines = len(set(run.lines_read))
+        complete = _complete_lines(scan, directions)
         if plan_error is not None:
             # A recording stopped mid-scan ends the replayed scan after its last line
-            # (ControllerLost, wrapped by the RunEngine): expected when every recorded
-            # line arrived; anything else is a real failure.
-            if not (result.recorded_lines < scan.lines and result.lines >= result.recorded_lines
-                    and _caused_by(plan_error, ControllerLost)):
+            # (ControllerLost, wrapped by the RunEngine): expected when every complete
+            # recorded line arrived; anything else is a real failure.
+            if not (complete < scan.lines and result.lines >= complete
+                    and caused_by(plan_error, ControllerLost)):
                 result.problems.append(f"acquisition stopped after {result.lines} of "
-                                       f"{result.recorded_lines} recorded lines: "
-                                       f"{_describe(plan_error)}")
-        result.problems += _compare_frames(run, scan)
+                                       f"{complete} recorded lines: "
+                                       f"{describe(plan_error)}")
+        result.problems += _compare_frames(run, scan, lines=result.lines)
         result.frame_identical = not result.problems
 
         # Derived results: wait (bounded) for the final reconstruction and the verdicts.
@@ -263,15 +325,21 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
         if not done_tip:
             result.problems.append(f"tip verdicts incomplete after {FINAL_TIMEOUT_S:.0f} s")
         final = pipeline.collector.finals.get(run.uid)
-        if final is None:
-            why = "no reconstructable channel" if source is None else (
+        if source is not None and not source.scope.ok:  # said once, not a failure
+            result.notes.append(f"not reconstructed: {source.scope.reason}")
+        elif final is None:
+            why = no_image if source is None else (
                 "timed out" if not done_recon else "the reconstruction failed (see log)")
             result.problems.append(f"no final reconstruction: {why}")
         else:
+            # the rows the live side received, read as the live side reads them
+            offline_in = from_scan(scan, source.channel, source.direction, name=path.name,
+                                   lines=result.lines)
+            raw = run.images[_key_of(run, source.channel, source.direction)]
             result.reconstruction_png, result.reconstruction_npy = _save_reconstruction(
-                out, stem, final)
-            offline_in, _ = _sxm_image(scan, source)
-            offline = reconstructor.reconstruct(offline_in, scan.pixel_size_nm)
+                out, stem, final, offline_in, raw)
+            offline = reconstructor.reconstruct(offline_in.image, offline_in.pixel_size_nm,
+                                                line_spacing_nm=offline_in.line_spacing_nm)
             scale = float(np.nanmax(np.abs(offline))) if np.isfinite(offline).any() else 1.0
             same_nan = np.array_equal(np.isnan(final), np.isnan(offline))
             err = float(np.nanmax(np.abs(final - offline))) if same_nan else float("inf")
@@ -281,6 +349,11 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
             if not result.reconstruction_matches:
                 result.problems.append(f"final reconstruction differs from the offline one "
                                        f"(max |diff| {err:.3g}, scale {scale:.3g})")
+            check = pipeline.collector.checks.get(run.uid)
+            if check is not None:
+                result.notes.append(
+                    f"self-consistency: agreement {check['agreement']:.2f}, fitted tip s share {check['w_s']:.2f}"
+                    + ("" if check["orbital"] else f"; not a CO-tip orbital image: {check['reason']}"))
         if result.problems:
             result.status = "failed"
             result.message = f"{path}: " + "; ".join(result.problems)
@@ -288,12 +361,21 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
             result.status = "partial"
             result.message = (f"{path}: recording stopped mid-scan; replayed its "
                               f"{result.lines} of {scan.lines} lines")
+            if result.recorded_lines > result.lines:  # a half line, not acquirable as one
+                where = ("during its backward sweep"
+                         if _forward_only_row(scan, result.recorded_lines - 1) else "mid-line")
+                result.message += (f"; line {result.recorded_lines}, stopped {where}, is in "
+                                   "the file but was never a finished line")
         else:
             result.status = "ok"
+            result.message = f"{path}: replayed {result.lines} lines"
+        if source is not None:
+            result.notes.insert(0, source.describe())
+        result.message = "; ".join([result.message, *result.notes])
     except Exception as exc:  # one bad file must not stop the batch
         logger.debug("replay of %s failed", path, exc_info=True)
         result.status = "failed"
-        result.message = f"{path}: {_describe(exc)}"
+        result.message = f"{path}: {describe(exc)}"
     finally:
         if stm is not None:
             stm.stop_scan()
@@ -371,7 +453,8 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
         raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
     console = console or Console()
     out, data_dir = Path(out), Path(data_dir)
-    paths, results = collect_files(files)
+    skipped: list[str] = []
+    paths, results = collect_files(files, skipped=skipped)
     viewer = state = None
     if view:
         from stm_live.viewer import Viewer, ViewerState
@@ -379,7 +462,10 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
         state = ViewerState()
         viewer = Viewer(state)
         console.print(f"viewer: {viewer.url}")
+    for line in skipped:
+        console.print(f"[yellow]{line}[/]")
     pipeline = None
+    stack = contextlib.ExitStack()
     try:
         if paths:
             reconstructor, classifier = _load_models(device, tip=worker is None)
@@ -387,6 +473,10 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
                                  classifier=classifier, viewer_state=state,
                                  worker_wait_s=worker_wait_s)
             stems: set[str] = set()
+            quiet = _ExpectedStopFilter()
+            for name in ("bluesky", "stm_live.devices.stm"):
+                logging.getLogger(name).addFilter(quiet)
+                stack.callback(logging.getLogger(name).removeFilter, quiet)
             with AcquisitionSession(data_dir, inline_callbacks=pipeline.inline,
                                     progress=True) as session:
                 for path in paths:
@@ -401,14 +491,15 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
                                          out=out, stem=stem)
                     results.append(result)
     finally:
+        stack.close()
         if pipeline is not None:
             pipeline.close()
         if viewer is not None:
             viewer.close()
     console.print(_summary_table(results, out))
+    colour = {"ok": "green", "partial": "yellow", "failed": "red"}
     for r in results:
-        if r.status != "ok":
-            console.print(f"[{'red' if r.failed else 'yellow'}]{r.message}[/]")
+        console.print(f"[{colour[r.status]}]{r.message}[/]", soft_wrap=True)
     failed = [r for r in results if r.failed]
     if failed:
         raise ReplayFailed(f"{len(failed)} of {len(results)} replays failed: "

@@ -260,6 +260,7 @@ class DerivedCollector:
         self._kind: dict[str, tuple[str, str]] = {}  # derived start uid -> (kind, parent)
         self._desc: dict[str, tuple[str, str]] = {}  # descriptor uid -> (kind, parent)
         self.finals: dict[str, np.ndarray] = {}  # scan uid -> final reconstruction
+        self.checks: dict[str, dict] = {}  # scan uid -> the final self-consistency check (live.CHECK_STREAM)
         self.latencies: dict[str, list[float]] = {}
         self.verdicts: dict[str, list[dict]] = {}  # scan uid -> verdict data, in order
         self.actions: dict[str, list[str]] = {}
@@ -295,6 +296,8 @@ class DerivedCollector:
                     else:
                         n = int(data.get("n_lines", data.get("lines_done", 0)))
                         self.snapshots.setdefault(parent, []).append((n, image))
+                elif kind == "reconstruction" and "residual" in data:  # the final self-consistency check
+                    self.checks[parent] = dict(data)
                 elif kind == "tip":
                     if "action" in data:
                         self.actions.setdefault(parent, []).append(str(data["action"]))
@@ -376,7 +379,7 @@ class Consumers:
                 JournalWriter(data_dir), self.collector, viewer_state))
             # Both only copy/queue on the RunEngine loop; the work is on their threads.
             self.inline.append(self.live)
-            self._closers.append(self.live.close)
+            self._closers.append(self._close_live)
             if tip_monitor:
                 self.tip = TipMonitor(classifier)
                 self.tip.subscribe(fan_out(JournalWriter(data_dir), self.collector, viewer_state))
@@ -405,6 +408,12 @@ class Consumers:
             self.publisher = make_publisher(self.proxy.in_address)
             self._closers.insert(0, self.publisher.close)
             self.inline.append(self.publisher)
+
+    def _close_live(self) -> None:
+        """Finish the queued work first: the last frame's final reconstruction and its check
+        are often still queued when the acquisition ends."""
+        self.live.flush(120.0)
+        self.live.close()
 
     def close(self) -> None:
         for close in self._closers:

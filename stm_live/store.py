@@ -460,31 +460,37 @@ def runs_show(run: str, *, data_dir: str | os.PathLike = "stm_live_data") -> Run
     return data
 
 
-def runs_export(run: str, *, sxm: str | os.PathLike,
-                data_dir: str | os.PathLike = "stm_live_data") -> Path:
-    """Write one journaled run as a Nanonis .sxm file (via :mod:`stm_live.io.sxm`)."""
-    from stm_live.io.sxm import SxmScan, write_sxm
+def scan_from_run(data: "RunData", *, comment: str | None = None):
+    """One journaled frame run as an :class:`~stm_live.io.sxm.SxmScan`: geometry, bias,
+    setpoint, Z-controller mode, and each channel under the signal index it was acquired
+    from, so the file replays under the controller's own indexes."""
+    from stm_live.io.sxm import scan_from_frames
 
-    data = run_data(read_journal(find_journal(run, data_dir)))
     meta = data.start.get("stm_live")
     if not meta:
         raise JournalError(f"run {data.uid} has no stm_live frame metadata; not a frame run")
-    frame = meta["frame"]
-    channels, units = {}, {}
+    channels, units, indexes = {}, {}, {}
     for ch in meta["channels"]:
         channels[ch["name"]] = {d: data.images[k] for d, k in ch["keys"].items()}
         units[ch["name"]] = ch.get("units", "")
-    scan = SxmScan(
-        header={"COMMENT": f"stm-live run {data.uid}"},
-        channels=channels, pixels=int(meta["pixels"]), lines=int(meta["lines"]),
-        range_m=(float(frame["width_m"]), float(frame["height_m"])),
-        offset_m=(float(frame["center_x_m"]), float(frame["center_y_m"])),
-        angle_deg=float(frame["angle_deg"]), direction=meta["scan_direction"],
-        bias_V=float(meta["bias_V"]), units=units,
-    )
-    out = write_sxm(Path(sxm), scan)
+        if int(ch.get("index", -1)) >= 0:
+            indexes[ch["name"]] = int(ch["index"])
+    return scan_from_frames(
+        channels, units=units, **meta["frame"], direction=meta["scan_direction"],
+        bias_V=meta["bias_V"], setpoint_A=meta.get("setpoint_A"),
+        z_controller=meta.get("z_controller", "constant_current"),
+        comment=comment or f"stm-live run {data.uid}", signal_indexes=indexes)
+
+
+def runs_export(run: str, *, sxm: str | os.PathLike,
+                data_dir: str | os.PathLike = "stm_live_data") -> Path:
+    """Write one journaled run as a Nanonis .sxm file (via :mod:`stm_live.io.sxm`)."""
+    from stm_live.io.sxm import write_sxm
+
+    data = run_data(read_journal(find_journal(run, data_dir)))
+    out = write_sxm(Path(sxm), scan_from_run(data))
     from rich.console import Console
 
-    Console().print(f"wrote {out} ({len(set(data.lines_read))}/{meta['lines']} lines, "
+    Console().print(f"wrote {out} ({len(set(data.lines_read))}/{data.start['stm_live']['lines']} lines, "
                     f"{data.exit_status})")
     return Path(out)

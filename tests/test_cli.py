@@ -89,7 +89,7 @@ def test_sim_serve_bad_scenario_is_a_clear_error(tmp_path):
 def test_scan_runs_list_export_and_reconstruct(tmp_path, sim_server):
     data = tmp_path / "data"
     result = _invoke("scan", "--host", sim_server.host, "--port", str(sim_server.port),
-                     "--pixels", "32", "--lines", "24", "--width-nm", "4",
+                     "--pixels", "32", "--lines", "24", "--width-nm", "3",
                      "--tip-policy", "off", "--data-dir", str(data))
     assert result.exit_code == 0, result.output
 

@@ -13,6 +13,7 @@ from stm_live.callbacks.frames import FrameAssembler, FrameError
 from stm_live.callbacks.live import STREAM, LiveReconstruction
 
 LINES, PIXELS = 32, 24
+PITCH_NM = 0.1  # inside STM-Net's scope (stm_live.interpret.stmnet_scope)
 
 
 class BoxBlur:
@@ -23,7 +24,7 @@ class BoxBlur:
         self.delay_s = delay_s
         self.calls: list[tuple[int, int]] = []
 
-    def reconstruct(self, image, pixel_size_nm):
+    def reconstruct(self, image, pixel_size_nm, line_spacing_nm=None):
         assert pixel_size_nm > 0
         self.calls.append(image.shape)
         if self.delay_s:
@@ -39,12 +40,14 @@ class BoxBlur:
         return out
 
 
-def frame_docs(image: np.ndarray, *, mode="constant_height", order=None, rewind_at=None, z=None):
+def frame_docs(image: np.ndarray, *, mode="constant_height", order=None, rewind_at=None, z=None,
+               pitch_nm=PITCH_NM):
     """Documents of a live frame as the RunEngine emits them (interfaces.md layout)."""
     lines, pixels = image.shape
-    block = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 5e-9, "height_m": 5e-9,
+    block = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": pixels * pitch_nm * 1e-9,
+                       "height_m": lines * pitch_nm * 1e-9,
                        "angle_deg": 0.0},
-             "pixels": pixels, "lines": lines, "pixel_size_nm": 5.0 / pixels, "scan_direction": "down",
+             "pixels": pixels, "lines": lines, "pixel_size_nm": pitch_nm, "scan_direction": "down",
              "bias_V": -2.5, "setpoint_A": 1e-11, "z_controller": mode, "line_key": "stm_line_index",
              "channels": [{"name": "Current", "index": 0, "units": "A",
                            "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}},
@@ -89,7 +92,7 @@ def test_assembler_rewind_keeps_last_line_and_picks_the_source_channel():
 
 
 def test_assembler_constant_current_uses_z_and_bad_starts_name_the_problem():
-    from stm_live.models.stmnet import current_from_z
+    from stm_live.interpret import current_from_z, plane_level
 
     z = np.random.default_rng(1).normal(1e-10, 2e-11, (LINES, PIXELS)).astype(np.float32)
     docs = frame_docs(np.zeros((LINES, PIXELS), np.float32), mode="constant_current", z=z, order=range(5))
@@ -99,7 +102,8 @@ def test_assembler_constant_current_uses_z_and_bad_starts_name_the_problem():
     assert asm.source == ("Z", "forward")
     partial = np.full_like(z, np.nan)
     partial[:5] = z[:5]
-    np.testing.assert_allclose(asm.source_image(), current_from_z(partial), rtol=1e-6)
+    # Z is plane-levelled before the conversion (stm_live.interpret)
+    np.testing.assert_allclose(asm.source_image(), current_from_z(plane_level(partial)), rtol=1e-6)
     assert np.isnan(asm.source_image()[5:]).all()
 
     start = dict(docs[0][1])
@@ -136,10 +140,10 @@ def test_final_equals_offline_and_documents_are_valid_and_linked():
         schema_validators[DocumentNames[name]].validate(doc)
     start, desc = got[0][1], got[1][1]
     assert start["parent_uid"] == docs[0][1]["uid"] and desc["name"] == STREAM
-    events = [d for n, d in got if n == "event"]
+    events = [d for n, d in got if n == "event" and "reconstruction" in d["data"]]
     final = events[-1]["data"]
     assert final["final"] and final["lines_done"] == LINES
-    np.testing.assert_allclose(final["reconstruction"], net.reconstruct(image, 5.0 / PIXELS), rtol=1e-6)
+    np.testing.assert_allclose(final["reconstruction"], net.reconstruct(image, PITCH_NM), rtol=1e-6)
     # every line appears in exactly one update; band updates stay small
     included = sorted(int(r) for e in events for r in e["data"]["lines"])
     assert included == list(range(LINES))
@@ -154,7 +158,7 @@ def test_slow_network_coalesces_updates_and_keeps_every_raw_line():
     image = np.random.default_rng(3).random((LINES, PIXELS), dtype=np.float32)
     net = BoxBlur(delay_s=0.05)
     events = []
-    live = LiveReconstruction(net, emit=lambda n, d: events.append(d) if n == "event" else None)
+    live = LiveReconstruction(net, emit=lambda n, d: events.append(d) if n == "event" and "reconstruction" in d["data"] else None)
     try:
         docs = frame_docs(image)
         worst = 0.0
@@ -183,7 +187,7 @@ def test_a_rewound_line_replaces_the_first_copy_in_the_live_result():
     redo["data"]["stm_current_fwd"] = np.full(PIXELS, 3.0, np.float32)
     docs.insert(2 + 12, ("event", redo))
     events = []
-    live = LiveReconstruction(BoxBlur(), emit=lambda n, d: events.append(d) if n == "event" else None)
+    live = LiveReconstruction(BoxBlur(), emit=lambda n, d: events.append(d) if n == "event" and "reconstruction" in d["data"] else None)
     try:
         _run_live(live, docs, pause_s=0.002)
     finally:
@@ -197,7 +201,7 @@ def test_a_rewound_line_replaces_the_first_copy_in_the_live_result():
 
 def test_a_failing_network_does_not_break_acquisition():
     class Broken:
-        def reconstruct(self, image, pixel_size_nm):
+        def reconstruct(self, image, pixel_size_nm, line_spacing_nm=None):
             raise RuntimeError("GPU fell off")
 
     got = []
@@ -248,7 +252,7 @@ def test_live_reconstruction_during_a_simulated_scan(RE, sim_server, stmnet):
             getattr(asm, name)(doc)
     assert asm.complete, f"only {asm.acquired.size} of 64 lines acquired"
     offline = stmnet.reconstruct(asm.source_image(), asm.pixel_size_nm)
-    events = [d for n, d in derived if n == "event"]
+    events = [d for n, d in derived if n == "event" and "reconstruction" in d["data"]]
     assert derived[0][1]["parent_uid"] == uid and events[-1]["data"]["final"]
     np.testing.assert_allclose(events[-1]["data"]["reconstruction"], offline, rtol=1e-5, atol=1e-6)
     assert len(events) > 1, "no intermediate update during the scan"
@@ -260,7 +264,7 @@ def test_constant_current_scan_reconstructs_the_converted_z_map(RE, sim_server):
     """Same path with the Z channel (constant current) feeding the network; the stand-in
     network keeps this independent of the checkpoint."""
     from stm_live.devices.stm import NanonisSTM
-    from stm_live.models.stmnet import current_from_z
+    from stm_live.interpret import current_from_z, plane_level
     from stm_live.plans import live_frame
 
     docs, derived = [], []
@@ -281,9 +285,9 @@ def test_constant_current_scan_reconstructs_the_converted_z_map(RE, sim_server):
     frame = np.full((32, 32), np.nan, np.float32)
     frame[rows] = z
     assert np.isfinite(frame).all() and np.ptp(frame) > 0
-    final = [d for n, d in derived if n == "event"][-1]["data"]
-    np.testing.assert_allclose(final["reconstruction"], BoxBlur().reconstruct(current_from_z(frame), 1.0),
-                               rtol=1e-5)
+    final = [d for n, d in derived if n == "event" and "reconstruction" in d["data"]][-1]["data"]
+    np.testing.assert_allclose(final["reconstruction"],
+                               BoxBlur().reconstruct(current_from_z(plane_level(frame)), 1.0), rtol=1e-5)
     assert final["lines_done"] == 32 and derived[-1][1]["exit_status"] == "success"
 
 
@@ -294,10 +298,10 @@ def test_live_image_before_stop_tracks_the_final_one(stmnet):
 
     sampler = PairSampler(size=128, pixel_size_nm=(stmnet.pixel_size_nm,) * 2, seed=3, modes=("height",))
     image = sampler.sample(1).inputs[0]
-    docs = frame_docs(image.astype(np.float32))
-    docs[0][1]["stm_live"]["pixel_size_nm"] = stmnet.pixel_size_nm
-    events = []
-    live = LiveReconstruction(stmnet, band_margin=32, emit=lambda n, d: events.append(d) if n == "event" else None)
+    docs = frame_docs(image.astype(np.float32), pitch_nm=stmnet.pixel_size_nm)
+    events, checks = [], []
+    live = LiveReconstruction(stmnet, band_margin=32, emit=lambda n, d: (
+        n == "event" and (events if "reconstruction" in d["data"] else checks).append(d)))
     try:
         _run_live(live, docs[:-1], pause_s=0.004)
         before = events[-1]["data"]["reconstruction"].copy()
@@ -308,3 +312,24 @@ def test_live_image_before_stop_tracks_the_final_one(stmnet):
     assert any(not e["data"]["full_frame"] for e in events[:-1]), "no band update happened"
     corr = np.corrcoef(before.ravel(), final.ravel())[0, 1]
     assert corr > 0.85, f"live image before stop vs final: correlation {corr:.3f}"
+    # each update carries the self-consistency scalars; the end, the residual and view spread
+    assert all("agreement" in e["data"] and "w_s" in e["data"] for e in events)
+    [check] = checks
+    assert check["data"]["residual"].shape == check["data"]["view_spread"].shape == image.shape
+    assert check["data"]["orbital"] and check["data"]["agreement"] == events[-1]["data"]["agreement"]
+    assert np.nanmax(check["data"]["view_spread"]) > 0  # STM-Net's two symmetry views disagree somewhere
+
+
+def test_frame_outside_stmnet_scope_is_not_reconstructed_and_says_why():
+    image = np.random.default_rng(5).random((LINES, PIXELS), dtype=np.float32)
+    got = []
+    net = BoxBlur()
+    live = LiveReconstruction(net, emit=lambda n, d: got.append((n, d)))
+    try:
+        _run_live(live, frame_docs(image, pitch_nm=0.5))  # 0.5 nm/px: an overview
+    finally:
+        live.close()
+    assert not net.calls and not [d for n, d in got if n == "event"]
+    start, stop = got[0][1], got[-1][1]
+    assert not start["reconstruction"]["in_scope"] and "coarser" in start["reconstruction"]["scope_reason"]
+    assert stop["exit_status"] == "abort" and stop["reason"].startswith("not reconstructed: 0.5 nm/px")

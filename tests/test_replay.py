@@ -4,13 +4,18 @@ RunEngine -> journal + live reconstruction + tip monitor, checked against the fi
 from __future__ import annotations
 
 import copy
+import logging
+import time
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from stm_live.io.sxm import read_sxm, scan_from_frames, write_sxm
 from stm_live.replay_cli import ReplayFailed, run_replay
 from stm_live.store import read_journal, run_data
+from sxm_files import (file_blocks, nanonispy_scan, quirky_files, scene, write_grid_3ds,
+                       write_raw_sxm, write_spectrum_dat)  # raw .sxm writer, not stm_live.io
 
 LINES, PIXELS = 24, 32
 TIME_SCALE = 20.0  # recorded 0.2 s per line -> 10 ms per line
@@ -151,3 +156,223 @@ def test_replay_with_remote_worker(tmp_path):
     parents = {docs[0][1].get("parent_uid") for docs in
                (read_journal(p) for p in (tmp_path / "data" / "journal").glob("*.journal"))}
     assert result.run_uid in parents
+
+
+# ----------------------------------------------------------------------------- real files
+# Files written byte by byte by tests/sxm_files.py (not stm_live.io.sxm), checked against
+# nanonispy, replayed through the real TCP server and asked for by the file's own indexes.
+
+REPLAY_CLOCK = 1000.0  # recorded 0.2 s per line -> 0.2 ms per line
+
+
+@pytest.fixture(scope="module")
+def quirky(tmp_path_factory):
+    return quirky_files(tmp_path_factory.mktemp("quirky"))
+
+
+def test_raw_writer_agrees_with_nanonispy(quirky):
+    """The test files themselves: nanonispy, the independent reader, sees the arrays and
+    header fields tests/sxm_files.py meant to write."""
+    readable = [c for c in quirky.values() if c["nanonispy"]]
+    assert len(readable) >= 4
+    for case in readable:
+        theirs = nanonispy_scan(case["path"])
+        h = theirs.header
+        assert list(h["scan_pixels"]) == [case["pixels"], case["lines"]]
+        np.testing.assert_allclose(h["scan_range"], case["range_m"], rtol=1e-6)
+        assert h["scan_dir"] == case["direction"] and h["bias"] == pytest.approx(case["bias_V"])
+        assert h["z-controller"]["on"] == (("1",) if case.get("feedback_on", True) else ("0",))
+        assert h["data_info"]["Channel"] == tuple(str(c[0]) for c in case["channels"].values())
+        for name, (_i, _u, fwd, bwd) in case["channels"].items():
+            want_f, want_b = file_blocks(fwd, bwd)
+            got = theirs.signals[name]
+            assert np.asarray(got["forward"], np.float32).tobytes() == want_f.tobytes()
+            assert np.asarray(got["backward"], np.float32).tobytes() == want_b.tobytes()
+    stopped_case = quirky["aborted_backward"]["channels"]["Z"]
+    assert np.isfinite(stopped_case[2][19]).all() and np.isnan(stopped_case[3][19]).all()
+
+
+def _run_to_end(client, timeout_s: float = 20.0) -> None:
+    """Start the replayed scan and wait, on end-of-line events, until it stops."""
+    from stm_live.devices.client import NanonisClient
+
+    client.scan_action("start", "down")
+    deadline = time.monotonic() + timeout_s
+    with NanonisClient(client.host, client.port, timeout=5) as waiter:
+        while client.scan_status_get():
+            assert time.monotonic() < deadline, "replayed scan did not end"
+            waiter.scan_wait_end_of_line(1.0)
+
+
+def _expected_wire(case, name, path):
+    """(forward, backward) as the file stores them, from nanonispy where it can read the
+    file (both directions, new header), else from the arrays the generator wrote."""
+    index, unit, fwd, bwd = case["channels"][name]
+    if case["nanonispy"]:
+        theirs = nanonispy_scan(path).signals[name]
+        return (np.asarray(theirs["forward"], np.float32),
+                np.asarray(theirs["backward"], np.float32))
+    return file_blocks(fwd, bwd)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["cc_lockin_down", "ch_negative_up_rotated", "non_square",
+                                  "old_header_latin1", "overview_partial", "aborted_backward"])
+def test_replay_serves_every_channel_under_its_declared_index(quirky, name):
+    from nanonisTCP import nanonisTCP
+    from nanonisTCP.Scan import Scan
+
+    from stm_live.devices.client import NanonisClient
+    from stm_live.simulators.server import start_server_thread
+
+    case = quirky[name]
+    path = case["path"]
+    declared = {ch: spec[0] for ch, spec in case["channels"].items()}
+    with start_server_thread(replay=path, time_scale=REPLAY_CLOCK, seed=0) as server, \
+            NanonisClient(server.host, server.port, timeout=5) as ours:
+        buffer = ours.scan_buffer_get()
+        assert list(buffer.channel_indexes) == list(declared.values())  # DATA_INFO order
+        assert (buffer.pixels, buffer.lines) == (case["pixels"], case["lines"])
+        names = ours.signals_names_get()
+        for ch, idx in declared.items():
+            label = f"{ch} ({case['channels'][ch][1]})"
+            assert names[idx] == label and names.count(label) == 1, (idx, names[idx])
+        frame = ours.scan_frame_get()
+        np.testing.assert_allclose(
+            (frame.center_x, frame.center_y, frame.width, frame.height, frame.angle_deg),
+            (*case.get("offset_m", (0.0, 0.0)), *case["range_m"], case.get("angle_deg", 0.0)),
+            rtol=1e-6, atol=1e-15)  # float32 on the wire
+
+        _run_to_end(ours)
+        peer = nanonisTCP(server.host, server.port)
+        peer.s.settimeout(10.0)
+        try:
+            for ch, idx in declared.items():
+                want = dict(zip(("forward", "backward"), _expected_wire(case, ch, path)))
+                for direction, want_data in want.items():
+                    grab = ours.scan_frame_data_grab(idx, forward=direction == "forward")
+                    assert grab.scan_up == (case["direction"] == "up")
+                    if want_data is None:  # direction not recorded: served as unscanned
+                        assert np.isnan(grab.data).all()
+                        continue
+                    assert grab.data.dtype == np.float32
+                    assert grab.data.tobytes() == want_data.tobytes(), (ch, idx, direction)
+                    peer_name, peer_data, peer_dir = Scan(peer).FrameDataGrab(
+                        idx, 1 if direction == "forward" else 0)
+                    assert peer_name == grab.name and peer_dir == case["direction"]
+                    assert peer_data.astype(np.float32).tobytes() == want_data.tobytes()
+        finally:
+            peer.close_connection()
+
+
+def test_replay_falls_back_by_name_only_for_unusable_indexes(tmp_path, caplog):
+    from stm_live.simulators.controller import SimulatedController
+
+    f, b = scene("z", pixels=16, lines=8)
+    i, _ = scene("current", pixels=16, lines=8)
+    path = write_raw_sxm(tmp_path / "damaged.sxm", range_m=(2e-9, 1e-9), channels={
+        "Z": (14, "m", f, b), "Current": ("x", "A", i, i), "LI Demod 1 X": (200, "A", i, i),
+        "Input 3": (14, "V", i, i), "Bias": (24, "V", i, None)})
+    with caplog.at_level(logging.WARNING, logger="stm_live.simulators.replay"):
+        c = SimulatedController(replay=path, time_scale=REPLAY_CLOCK)
+    index_of = c.replay.index_of
+    assert index_of["Z"] == 14 and index_of["Bias"] == 24  # declared and usable
+    assert index_of["Current"] == 0  # "x" is not an integer: its name's index
+    assert index_of["LI Demod 1 X"] == 35  # 200 is out of range: its name's index
+    assert index_of["Input 3"] == 2  # 14 is taken by Z
+    assert c.channel_indexes == [14, 0, 35, 2, 24]
+    log = caplog.text
+    assert "'x' is not an integer" in log and "200 is outside 0..127" in log
+    assert "14 is already declared for 'Z'" in log and "damaged.sxm" in log
+    assert c.signal_names[14] == "Z (m)" and c.signal_names.count("Z (m)") == 1
+
+
+@pytest.mark.timeout(10)
+def test_cyclic_exception_chain_is_described_without_looping():
+    """plans._status_cause re-raises a FailedStatus's cause inside its handler, so cause
+    and context form a cycle; walking it must end (it looped at 100 % CPU)."""
+    from bluesky.utils import FailedStatus
+
+    from stm_live.devices.stm import ControllerLost
+    from stm_live.console import caused_by, describe
+
+    try:
+        try:
+            try:
+                raise ControllerLost("controller stopped the scan after 19 of 32 lines")
+            except ControllerLost as lost:
+                raise FailedStatus("status failed") from lost
+        except FailedStatus as failed:
+            raise failed.__cause__
+    except ControllerLost as exc:
+        caught = exc
+    assert caught.__context__.__cause__ is caught  # the cycle
+    for exc in (caught, caught.__context__):
+        assert caused_by(exc, ControllerLost) and not caused_by(exc, KeyError)
+        assert describe(exc) == ("ControllerLost: controller stopped the scan after 19 of "
+                                  "32 lines")
+
+
+@pytest.mark.timeout(90)
+def test_frame_stopped_during_backward_sweep_ends_partial(tmp_path, quirky, capsys):
+    case = quirky["aborted_backward"]
+    t0 = time.perf_counter()
+    (result,) = _replay(tmp_path, [case["path"]], console=Console(width=400))
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 30.0, f"replay took {elapsed:.1f} s"
+    assert result.status == "partial", result.message
+    # row 19 has forward data only: not a finished line, so 19 lines were acquired
+    assert result.lines == 19 and result.recorded_lines == 20 and result.frame_identical
+    assert "aborted_backward.sxm" in result.message and "19 of 32 lines" in result.message
+    assert "backward sweep" in result.message
+    run = run_data(read_journal(result.journal))
+    assert sorted(run.lines_read) == list(range(19))
+    z_fwd = case["channels"]["Z"][2]
+    assert run.images["stm_z_fwd"][:19].tobytes() == z_fwd[:19].tobytes()
+    assert np.isnan(run.images["stm_z_fwd"][19:]).all()
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert (out.out + out.err).count("recording stopped mid-scan") == 1
+
+
+@pytest.mark.timeout(120)
+def test_folder_with_bad_files_replays_the_rest(tmp_path, quirky, capsys):
+    folder = tmp_path / "session"
+    folder.mkdir()
+    good = folder / "a_good.sxm"
+    good.write_bytes(quirky["cc_lockin_down"]["path"].read_bytes())
+    raw = quirky["non_square"]["path"].read_bytes()
+    (folder / "b_truncated.sxm").write_bytes(raw[:len(raw) // 2])
+    write_grid_3ds(folder / "c_grid.3ds")
+    write_spectrum_dat(folder / "d_spectrum.dat")
+    write_grid_3ds(folder / "e_renamed_grid.sxm")  # a grid saved as .sxm
+    (folder / "f_notes.txt").write_text("tip conditioned at 14:02\n")
+    stray = write_spectrum_dat(tmp_path / "given_by_mistake.dat")
+    with pytest.raises(ReplayFailed) as info:
+        _replay(tmp_path, [stray, folder], console=Console(width=400))
+    by_name = {r.file.name: r for r in info.value.results}
+    assert set(by_name) == {"given_by_mistake.dat", "a_good.sxm", "b_truncated.sxm",
+                            "e_renamed_grid.sxm"}
+    assert by_name["a_good.sxm"].status == "ok", by_name["a_good.sxm"].message
+    assert by_name["a_good.sxm"].frame_identical
+    trunc = by_name["b_truncated.sxm"]
+    assert trunc.status == "failed" and "truncated" in trunc.message
+    grid = by_name["e_renamed_grid.sxm"].message
+    assert grid == f"{folder / 'e_renamed_grid.sxm'}: a Nanonis grid-spectroscopy file (.3ds); " \
+                   "replay takes .sxm scans"
+    assert by_name["given_by_mistake.dat"].message.endswith(
+        "given_by_mistake.dat: a Nanonis spectroscopy file (.dat); replay takes .sxm scans")
+    out = capsys.readouterr().out
+    assert "not a Nanonis .sxm" not in out and "Traceback" not in out
+    skipped = [line for line in out.splitlines() if "skipped" in line]
+    assert len(skipped) == 1 and "3 other file(s)" in skipped[0]
+    assert all(n in skipped[0] for n in ("c_grid.3ds", "d_spectrum.dat", "f_notes.txt"))
+
+
+def test_other_nanonis_formats_are_named(tmp_path):
+    from stm_live.simulators.replay import ReplayError, ReplaySource
+
+    grid = write_grid_3ds(tmp_path / "map.3ds")
+    with pytest.raises(ReplayError, match=r"map\.3ds: a Nanonis grid-spectroscopy file \(\.3ds\); "
+                                          r"replay takes \.sxm scans$"):
+        ReplaySource.from_file(grid)

@@ -1,8 +1,9 @@
-"""STM-Net: the network, the Reconstructor, the shipped checkpoint, reconstruct_file."""
+"""STM-Net: the network, the Reconstructor, the shipped checkpoint."""
 
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -10,7 +11,8 @@ import torch
 
 from stm_live.models import stmnet
 from stm_live.models.metrics import psnr, ssim
-from stm_live.models.stmnet import STMNet, STMNetConfig, current_from_z, load_stmnet
+from stm_live.interpret import current_from_z
+from stm_live.models.stmnet import STMNet, STMNetConfig, load_stmnet
 from stm_live.models.training import TRAIN_PIXEL_SIZE_NM, make_eval_pairs
 from stm_live.simulators.imaging import Placement, ScanFrame, constant_height_image, s_wave_image
 from stm_live.simulators.tip import tip_preset
@@ -78,12 +80,90 @@ def test_same_physical_frame_at_two_pixel_sizes_gives_consistent_output(rec):
     assert ssim(wrong, down) < ssim(out_c, down)
 
 
-def test_tiling_matches_single_pass(rec, perylene_pair):
+def test_no_seam_where_the_old_512_px_tiles_met(rec):
+    """A frame longer than the old 512 px tile, one molecule at one end, flat background: the
+    old blend (tiles at 0 and 128, GroupNorm statistics per tile) drew lines at columns 128
+    and 512 (gradient 3.2x the frame's mean there); one pass must not."""
+    lines, pixels = 96, 640
+    frame = ScanFrame(0.0, 0.0, pixels * TRAIN_PIXEL_SIZE_NM, lines * TRAIN_PIXEL_SIZE_NM, pixels=pixels, lines=lines)
+    image = constant_height_image([Placement("perylene", -14.0, 0.0, 20.0, "HOMO")], frame, tip_preset("co"),
+                                  z_nm=0.4, bias_V=-1.0)
+    out = rec.reconstruct(image, TRAIN_PIXEL_SIZE_NM)
+    assert np.isfinite(out).all() and out.max() > 0.5
+    step = np.abs(np.diff(out, axis=1)).mean(axis=0)  # mean |gradient| across each column boundary
+    interior = np.ones(step.size, bool)
+    for b in (128, 512):
+        interior[b - 8: b + 8] = False
+    for b in (128, 512):
+        assert step[b - 3: b + 2].max() <= 1.5 * step[interior].mean(), b
+
+
+def test_non_square_pixels_give_the_square_pixel_result(rec):
+    """The same 4.8 nm scene at 96x96 px and at 96 px x 64 lines (and 64 px x 96 lines): with
+    the line spacing given, the results agree within 1 % RMS (of the maximum) on the coarser
+    grid; taking the pixels as square is clearly worse."""
+    place = [Placement("perylene", 0.1, -0.05, 20.0, "HOMO")]
+
+    def render(pixels, lines):
+        frame = ScanFrame(0.0, 0.0, 4.8, 4.8, pixels=pixels, lines=lines)
+        return constant_height_image(place, frame, tip_preset("co"), z_nm=0.4, bias_V=-1.0)
+
+    square = rec.reconstruct(render(96, 96), 0.05)
+    for pixels, lines in ((96, 64), (64, 96)):
+        grid = torch.nn.functional.interpolate(torch.from_numpy(square)[None, None], size=(lines, pixels),
+                                               mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+        image = render(pixels, lines)
+        rms = lambda a: float(np.sqrt(np.mean((a - grid) ** 2)) / grid.max())  # noqa: E731
+        good = rms(rec.reconstruct(image, 4.8 / pixels, 4.8 / lines))
+        ignored = rms(rec.reconstruct(image, 4.8 / pixels))
+        assert good <= 0.01 and ignored > 2 * good, (pixels, lines, good, ignored)
+
+
+def test_network_frame_is_bounded_before_anything_is_allocated(rec):
+    from stm_live.interpret import STMNET_MAX_SIDE_PX, STMNET_PIXEL_NM
+
+    limit = stmnet.MAX_NETWORK_SIDE_PX
+    assert limit == STMNET_MAX_SIDE_PX == 1024 and rec.pixel_size_nm == STMNET_PIXEL_NM  # scope and backstop agree
+    assert rec.network_shape((limit, 64), TRAIN_PIXEL_SIZE_NM) == (limit, 64)
+    assert rec.network_shape((100, 200), 0.1, 0.2) == (400, 400)
+    with pytest.raises(ValueError, match=r"1025x64 px .*1024 px limit"):
+        rec.network_shape((limit + 1, 64), TRAIN_PIXEL_SIZE_NM)
+    # a 2 um overview, 512 px: resampling it would take 40000^2 floats (6.4 GB); it is refused at once
+    overview = np.zeros((512, 512), np.float32)
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match=r"frame of 512x512 px \(lines x pixels\) at 3\.90625 nm/px resamples to "
+                                         r"40000x40000 px .*crop the frame.*coarser tool"):
+        rec.reconstruct(overview, 2000 / 512)
+    with pytest.raises(ValueError, match=r"0\.05 nm/px, 1 nm line spacing resamples to 1280x64 px"):  # slow axis
+        rec.reconstruct_detailed(np.zeros((64, 64)), TRAIN_PIXEL_SIZE_NM, line_spacing_nm=1.0)
+    assert time.perf_counter() - started < 1.0
+
+
+def test_view_spread_is_the_disagreement_of_the_symmetry_views(rec, perylene_pair):
     x, _ = perylene_pair
-    whole = rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
-    tiled_rec = stmnet.Reconstructor(rec.net, rec.pixel_size_nm, device="cpu", tile=64, overlap=16)
-    tiled = tiled_rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
-    assert psnr(tiled, whole) > 35
+    detailed = rec.reconstruct_detailed(x, TRAIN_PIXEL_SIZE_NM)
+    assert isinstance(detailed, stmnet.Reconstruction) and detailed.views == 2
+    np.testing.assert_array_equal(detailed.image, rec.reconstruct(x, TRAIN_PIXEL_SIZE_NM))
+    # two views: the std is half their difference (the network's output is a softplus, > 0, so
+    # the single views below are not clipped; no resampling at the training pixel size)
+    single = rec.with_views(1)
+    ident = single.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
+    rotated = single.reconstruct(x[::-1, ::-1].copy(), TRAIN_PIXEL_SIZE_NM)[::-1, ::-1]
+    assert detailed.view_spread.dtype == np.float32 and detailed.view_spread.shape == x.shape
+    np.testing.assert_allclose(detailed.view_spread, np.abs(ident - rotated) / 2, atol=1e-5)
+    # one view: zeros, NaN where the image is NaN
+    partial = x.copy()
+    partial[70:] = np.nan
+    one = single.reconstruct_detailed(partial, TRAIN_PIXEL_SIZE_NM)
+    assert one.spread == 0.0 and np.isnan(one.view_spread[70:]).all() and (one.view_spread[:70] == 0).all()
+    with_nan = rec.reconstruct_detailed(partial, TRAIN_PIXEL_SIZE_NM)
+    np.testing.assert_array_equal(np.isnan(with_nan.view_spread), np.isnan(with_nan.image))
+    # the summary: low on a held-out molecule, high on noise the network knows nothing about
+    noise = rec.reconstruct_detailed(np.random.default_rng(0).random((96, 96)), TRAIN_PIXEL_SIZE_NM)
+    assert 0 < detailed.spread < 0.1 < 0.3 < noise.spread, (detailed.spread, noise.spread)
+    # resampled frames map the spread back to the input grid too
+    coarse = rec.reconstruct_detailed(x[::2, ::3], 0.1, 0.15)
+    assert coarse.view_spread.shape == (48, 32) and np.isfinite(coarse.view_spread).all()
 
 
 def test_symmetry_averaging_makes_the_output_equivariant(rec, perylene_pair):
@@ -139,6 +219,12 @@ def test_bad_inputs_raise_clear_errors(rec, image, px, match):
         rec.reconstruct(image, px)
 
 
+@pytest.mark.parametrize("line_spacing", [0.0, -0.05, float("inf"), "a"])
+def test_bad_line_spacing_is_named(rec, line_spacing):
+    with pytest.raises(ValueError, match="line_spacing_nm"):
+        rec.reconstruct(np.ones((16, 16)), 0.05, line_spacing)
+
+
 def test_missing_and_corrupt_checkpoints_say_how_to_retrain(tmp_path):
     with pytest.raises(FileNotFoundError, match="stm-live train"):
         load_stmnet(device="cpu", path=tmp_path / "nope.pt")
@@ -154,55 +240,6 @@ def test_missing_and_corrupt_checkpoints_say_how_to_retrain(tmp_path):
     stmnet.hash_path(ckpt).unlink()
     with pytest.raises(ValueError, match="hash file missing"):
         load_stmnet(device="cpu", path=ckpt)
-
-
-def test_current_from_z_units_and_direction():
-    z_nm = np.array([[0.0, 0.05, 0.1]])
-    a = current_from_z(z_nm * 1e-9)  # metres, as Nanonis stores Z
-    b = current_from_z(z_nm, unit="nm")
-    np.testing.assert_allclose(a, b, rtol=1e-5)
-    assert a.dtype == np.float32 and a.max() == pytest.approx(1.0)
-    # tip retracted by 0.1 nm <-> current-like value larger by exp(2 kappa 0.1 nm)
-    assert a[0, 2] / a[0, 0] == pytest.approx(np.exp(2 * stmnet.KAPPA_PER_NM * 0.1), rel=1e-4)
-    with pytest.raises(ValueError, match="unit"):
-        current_from_z(z_nm, unit="pm")
-
-
-def test_reconstruct_file_npy_and_png(tmp_path, perylene_pair):
-    x, _ = perylene_pair
-    src = tmp_path / "frame.npy"
-    np.save(src, x)
-    out = stmnet.reconstruct_file(src, tmp_path / "rec.npy", pixel_size_nm=TRAIN_PIXEL_SIZE_NM, device="cpu")
-    arr = np.load(out)
-    assert arr.shape == x.shape and arr.dtype == np.float32
-    png = stmnet.reconstruct_file(src, tmp_path / "rec.png", pixel_size_nm=TRAIN_PIXEL_SIZE_NM, device="cpu")
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="--pixel-size"):
-        stmnet.reconstruct_file(src, tmp_path / "x.npy", pixel_size_nm=None, device="cpu")
-    with pytest.raises(ValueError, match=r"\.npy, \.png or \.sxm"):
-        stmnet.reconstruct_file(src, tmp_path / "x.tif", pixel_size_nm=0.05, device="cpu")
-
-
-def test_reconstruct_file_sxm_roundtrip_reads_pixel_size_and_z_channel(tmp_path, perylene_pair):
-    from stm_live.io.sxm import read_sxm, scan_from_frames, write_sxm
-
-    x, _ = perylene_pair  # 96 px over 4.8 nm -> 0.05 nm/px read from the header
-    z_m = (np.log(np.clip(x, 1e-3, None)) / (2 * stmnet.KAPPA_PER_NM) * 1e-9).astype(np.float32)
-    scan = scan_from_frames({"Current": {"forward": x * 1e-10, "backward": x * 1e-10},
-                             "Z": {"forward": z_m, "backward": z_m}},
-                            units={"Current": "A", "Z": "m"}, center_x_m=0.0, center_y_m=0.0,
-                            width_m=4.8e-9, height_m=4.8e-9, bias_V=-1.0)
-    src = write_sxm(tmp_path / "in.sxm", scan)
-    out = stmnet.reconstruct_file(src, tmp_path / "out.sxm", pixel_size_nm=None, channel=None, device="cpu")
-    back = read_sxm(out)
-    assert "STM-Net" in back.channels and "Current" in back.channels
-    rec_sxm = back.channels["STM-Net"]["forward"]
-    direct = load_stmnet(device="cpu").reconstruct(x, 0.05)
-    assert psnr(rec_sxm, direct) > 40
-    via_z = stmnet.reconstruct_file(src, tmp_path / "z.npy", pixel_size_nm=None, channel="Z", device="cpu")
-    assert ssim(np.load(via_z), direct) > 0.8  # Z map -> current_from_z -> same orbital
-    with pytest.raises(ValueError, match="not in the .sxm"):
-        stmnet.reconstruct_file(src, tmp_path / "q.npy", channel="Bias", device="cpu")
 
 
 def test_training_batches_come_from_the_pair_sampler_without_held_out_molecules():

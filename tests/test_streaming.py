@@ -137,7 +137,7 @@ def test_worker_process_results_come_back_and_survive_a_restart(tmp_path):
         assert "catching up from journal" in log
         np.testing.assert_allclose(final, BoxBlur().reconstruct(image_b, 1.0), rtol=1e-6)
         final_events = [d for s, n, d in link.receiver.history()
-                        if n == "event" and d["data"]["final"] and d["data"]["lines_done"] == LINES]
+                        if n == "event" and d["data"].get("final") and d["data"]["lines_done"] == LINES]
         assert len(final_events) == 2
     finally:
         for proc in procs:

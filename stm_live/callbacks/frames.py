@@ -3,8 +3,7 @@
 A live frame arrives as one Event per finished scan line (see docs/interfaces.md, "Bluesky
 documents"). ``FrameAssembler`` turns the start document's ``stm_live`` block and those
 events back into ``(lines, pixels)`` float32 images, NaN where no line has arrived yet, and
-knows which channel feeds STM-Net: constant height -> Current forward; constant current
--> Z forward converted to a current-like map (I ∝ exp(-2κz)).
+knows which channel feeds the networks, as ``stm_live.interpret`` decides for every frame.
 
 Not thread-safe on its own; ``LiveReconstruction`` guards it with a lock.
 """
@@ -180,26 +179,21 @@ class FrameAssembler:
                 return ch.keys[direction]
         raise KeyError(name)
 
-    def _find(self, *names: str) -> ChannelSpec | None:
-        for want in names:
-            for ch in self.channels:
-                if ch.name.lower() == want.lower() and "forward" in ch.keys:
-                    return ch
-        return None
-
     @property
     def source(self) -> tuple[str, str]:
-        """(channel name, direction) that feeds the reconstruction."""
-        if self.z_controller == "constant_height":
-            ch = self._find("Current")
-            wanted = "a 'Current' channel (constant height)"
-        else:
-            ch = self._find("Z")
-            wanted = "a 'Z' channel (constant current)"
-        if ch is None:
-            names = [c.name for c in self.channels]
-            raise FrameError(f"live reconstruction needs {wanted} with a forward key; channels are {names}")
-        return ch.name, "forward"
+        """(channel name, direction) that feeds the networks, as :mod:`stm_live.interpret`
+        chooses it: Z on constant current, Current on constant height."""
+        from stm_live.interpret import choose_channel
+
+        names = [c.name for c in self.channels if "forward" in c.keys or "backward" in c.keys]
+        units = {c.name: c.units for c in self.channels}
+        try:
+            name, _, _ = choose_channel(names, feedback_on=self.z_controller == "constant_current",
+                                        units=units)
+        except ValueError as exc:
+            raise FrameError(f"live reconstruction: {exc}") from None
+        keys = next(c.keys for c in self.channels if c.name == name)
+        return name, "forward" if "forward" in keys else "backward"
 
     def frame(self, name: str, direction: str = "forward") -> np.ndarray:
         try:
@@ -207,12 +201,14 @@ class FrameAssembler:
         except KeyError:
             raise FrameError(f"no frame for channel {name!r} {direction}; have {sorted(self.frames)}") from None
 
-    def source_image(self) -> np.ndarray:
-        """A copy of the reconstruction input: current map, or Z converted to current-like."""
-        name, direction = self.source
-        image = self.frame(name, direction).copy()
-        if self.z_controller == "constant_current":
-            from stm_live.models.stmnet import current_from_z
+    def network_input(self):
+        """The frame as the networks take it (:func:`stm_live.interpret.from_block`: channel,
+        sign, levelling, pitch, scope), on a copy of the acquired data."""
+        from stm_live.interpret import from_block
 
-            image = np.asarray(current_from_z(image), dtype=np.float32)
-        return image
+        name, direction = self.source
+        return from_block(self.block, {(name, direction): self.frame(name, direction).copy()})
+
+    def source_image(self) -> np.ndarray:
+        """The networks' input image (see :meth:`network_input`)."""
+        return self.network_input().image

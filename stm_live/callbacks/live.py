@@ -32,12 +32,14 @@ import numpy as np
 from event_model import DocumentRouter, compose_run
 
 from stm_live.callbacks.frames import FrameAssembler
+from stm_live.interpret import stmnet_scope
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LiveReconstruction", "STREAM", "percentile_ms"]
+__all__ = ["CHECK_STREAM", "LiveReconstruction", "STREAM", "percentile_ms"]
 
 STREAM = "reconstruction"
+CHECK_STREAM = "consistency"  # one event at the end: residual, view spread, fitted tip s share
 _MIN_BAND = 8  # rows; Reconstructor needs >= 4 and the U-Net pads to 2**depth anyway
 
 
@@ -65,7 +67,9 @@ class _Run:
         self.updates = 0
         self.bundle = None
         self.event = None  # compose_event of the derived stream
+        self.check_event = None  # compose_event of the consistency stream
         self.final: np.ndarray | None = None
+        self.in_scope, self.scope_reason = True, ""  # STM-Net applies (set at announce)
 
 
 class LiveReconstruction(DocumentRouter):
@@ -73,7 +77,7 @@ class LiveReconstruction(DocumentRouter):
 
     Parameters
     ----------
-    reconstructor : object with ``.reconstruct(image, pixel_size_nm)``, optional
+    reconstructor : object with ``.reconstruct(image, pixel_size_nm, line_spacing_nm=...)``, optional
         Default: ``stm_live.models.load_stmnet(device)`` (the shipped checkpoint).
     device : str
         Torch device for the default reconstructor ("auto": CUDA when present).
@@ -294,13 +298,22 @@ class LiveReconstruction(DocumentRouter):
     def _announce(self, run: _Run) -> None:
         asm = run.asm
         channel, direction = asm.source
+        # Out of STM-Net's scope (an overview, a 7x7 lattice at 0.2 nm/px): the derived run
+        # says why and holds no reconstruction, rather than an unbounded network pass.
+        net_in = asm.network_input()
+        scope = stmnet_scope(net_in.image.shape, net_in.pixel_size_nm, net_in.line_spacing_nm)
+        run.in_scope, run.scope_reason = scope.ok, scope.reason
+        if not scope.ok:
+            logger.info("live reconstruction of run %s skipped: %s", run.uid[:8], scope.reason)
         run.bundle = compose_run(metadata={
             "parent_uid": run.uid,
             "plan_name": "live_reconstruction",
             "stm_live_derived": "reconstruction",
             "reconstruction": {"source_channel": channel, "source_direction": direction,
                                "z_controller": asm.z_controller, "pixel_size_nm": asm.pixel_size_nm,
-                               "lines": asm.lines, "pixels": asm.pixels, "band_margin": self.band_margin},
+                               "lines": asm.lines, "pixels": asm.pixels, "band_margin": self.band_margin,
+                               "line_spacing_nm": net_in.line_spacing_nm, "in_scope": scope.ok,
+                               "scope_reason": scope.reason, "notes": net_in.notes},
         })
         source = "stm_live.live"
         data_keys = {
@@ -314,41 +327,61 @@ class LiveReconstruction(DocumentRouter):
             "compute_s": {"dtype": "number", "shape": [], "source": source, "units": "s"},
             "full_frame": {"dtype": "boolean", "shape": [], "source": source},
             "final": {"dtype": "boolean", "shape": [], "source": source},
+            # self-consistency of each update (models/consistency.py): NaN before enough lines
+            "agreement": {"dtype": "number", "shape": [], "source": source},
+            "w_s": {"dtype": "number", "shape": [], "source": source},
+            "orbital": {"dtype": "boolean", "shape": [], "source": source},
         }
         desc = run.bundle.compose_descriptor(name=STREAM, data_keys=data_keys)
         run.event = desc.compose_event
+        image_key = {"dtype": "array", "shape": [asm.lines, asm.pixels], "dtype_numpy": "<f4",
+                     "source": source, "units": "a.u.", "dims": ["line", "pixel"]}
+        check_keys = {"residual": image_key, "view_spread": image_key,
+                      **{k: {"dtype": "number", "shape": [], "source": source}
+                         for k in ("spread", "agreement", "w_s", "explained")},
+                      "orbital": {"dtype": "boolean", "shape": [], "source": source},
+                      "reason": {"dtype": "string", "shape": [], "source": source}}
+        check_desc = run.bundle.compose_descriptor(name=CHECK_STREAM, data_keys=check_keys)
+        run.check_event = check_desc.compose_event
         run.announced = True
         self._send("start", run.bundle.start_doc)
         self._send("descriptor", desc.descriptor_doc)
+        self._send("descriptor", check_desc.descriptor_doc)
 
     def _take(self, run: _Run) -> tuple[list[int], np.ndarray, np.ndarray, dict[int, float]]:
         with self._cond:
             rows = sorted(run.pending)
             run.pending.clear()
             arrivals = {r: run.arrivals[r] for r in rows}
-            return rows, run.asm.source_image(), run.asm.acquired_mask, arrivals
+            return rows, run.asm.network_input(), run.asm.acquired_mask, arrivals
+
+    def _reconstruct(self, net_in, rows: slice = slice(None)) -> np.ndarray:
+        """STM-Net on ``net_in``'s image (or a band of its rows) at the frame's pitches."""
+        return np.asarray(self.reconstructor.reconstruct(
+            net_in.image[rows], net_in.pixel_size_nm, line_spacing_nm=net_in.line_spacing_nm), np.float32)
 
     def _update(self, run: _Run) -> None:
-        rows, image, acquired, arrivals = self._take(run)
-        if not rows:
+        rows, net_in, acquired, arrivals = self._take(run)
+        if not rows or not run.in_scope:
             return
         t0 = time.perf_counter()
-        px = run.asm.pixel_size_nm
         # A backlog (worker behind, or catching up) makes the band as big as the frame:
         # then one full-frame pass costs about the same and has all the context.
         backlog = rows[-1] - rows[0] + 1 + (self.band_margin or 0) > run.asm.lines // 2
         full = self.band_margin is None or backlog or (
             self.snapshot_every is not None and (run.updates + 1) % self.snapshot_every == 0)
         if full:
-            run.image = np.asarray(self.reconstructor.reconstruct(image, px), np.float32)
+            run.image = self._reconstruct(net_in)
             run.covered = acquired.copy()
             start, stop = 0, run.asm.lines
         else:
-            start, stop = self._splice_band(run, image, rows, px)
+            start, stop = self._splice_band(run, net_in, rows)
+        check = self._check(net_in, run.image)
         run.last_update = time.perf_counter()
-        self._publish(run, rows, arrivals, start, stop, full=full, final=False, compute_s=run.last_update - t0)
+        self._publish(run, rows, arrivals, start, stop, full=full, final=False, check=check,
+                      compute_s=run.last_update - t0)
 
-    def _splice_band(self, run: _Run, image: np.ndarray, rows: list[int], px: float) -> tuple[int, int]:
+    def _splice_band(self, run: _Run, net_in, rows: list[int]) -> tuple[int, int]:
         """Reconstruct the new rows plus context above them; splice into ``run.image``."""
         lines = run.asm.lines
         first, last = rows[0], rows[-1] + 1
@@ -356,7 +389,8 @@ class LiveReconstruction(DocumentRouter):
         start = max(0, first - margin)
         stop = min(lines, max(last, start + _MIN_BAND))
         start = max(0, min(start, stop - _MIN_BAND))
-        band = np.asarray(self.reconstructor.reconstruct(image[start:stop], px), np.float32)
+        image = net_in.image
+        band = self._reconstruct(net_in, slice(start, stop))
         # The band's top rows lack context above: replace only rows >= keep, except rows
         # never reconstructed before.
         keep = max(start, first - margin // 2) if start > 0 else 0
@@ -368,23 +402,49 @@ class LiveReconstruction(DocumentRouter):
         return start, stop
 
     def _final(self, run: _Run) -> None:
-        rows, image, acquired, arrivals = self._take(run)
+        rows, net_in, acquired, arrivals = self._take(run)
+        image = net_in.image
         t0 = time.perf_counter()
-        if acquired.any():
-            run.image = np.asarray(self.reconstructor.reconstruct(image, run.asm.pixel_size_nm), np.float32)
+        if not run.in_scope:
+            self._finish(run, exit_status="abort", reason=f"not reconstructed: {run.scope_reason}")
+        elif acquired.any():
+            detailed = getattr(self.reconstructor, "reconstruct_detailed", None)  # STM-Net has it
+            if detailed is not None:
+                rec = detailed(image, net_in.pixel_size_nm, line_spacing_nm=net_in.line_spacing_nm)
+                run.image, spread = np.asarray(rec.image, np.float32), np.asarray(rec.view_spread, np.float32)
+                spread_summary = float(rec.spread)
+            else:
+                run.image = self._reconstruct(net_in)
+                spread, spread_summary = np.full_like(run.image, np.nan), float("nan")
+            check = self._check(net_in, run.image)
             run.covered = acquired
             run.final = run.image.copy()
             for store, value in ((self.finals, run.final), (self.final_inputs, image)):
                 store[run.uid] = value
                 while len(store) > 8:
                     store.pop(next(iter(store)))
-            self._publish(run, rows, arrivals, 0, run.asm.lines, full=True, final=True,
+            self._publish(run, rows, arrivals, 0, run.asm.lines, full=True, final=True, check=check,
                           compute_s=time.perf_counter() - t0)
-            self._finish(run, exit_status=run.stop_doc.get("exit_status", "success"))
+            summary = check.summary()
+            data = {"residual": check.residual, "view_spread": spread, "spread": spread_summary,
+                    "agreement": summary["agreement"], "w_s": summary["w_s"],
+                    "explained": summary["explained"], "orbital": bool(check.in_scope),
+                    "reason": check.reason}
+            now = time.time()
+            self._send("event", run.check_event(data=data, timestamps={k: now for k in data}))
+            reason = "" if check.in_scope else check.reason  # it says "not a CO-tip orbital image"
+            self._finish(run, exit_status=run.stop_doc.get("exit_status", "success"), reason=reason)
         else:
             self._finish(run, exit_status="fail", reason="no scan line arrived")
 
-    def _publish(self, run: _Run, rows, arrivals, start, stop, *, full, final, compute_s) -> None:
+    @staticmethod
+    def _check(net_in, image: np.ndarray):
+        """Whether the reconstruction predicts the measured CO-tip image (models/consistency.py)."""
+        from stm_live.models.consistency import check_reconstruction
+
+        return check_reconstruction(net_in.image, image, net_in.pixel_size_nm, net_in.line_spacing_nm)
+
+    def _publish(self, run: _Run, rows, arrivals, start, stop, *, full, final, check, compute_s) -> None:
         done = time.perf_counter()
         latencies = [(r, done - arrivals[r]) for r in rows]
         with self._cond:
@@ -394,7 +454,8 @@ class LiveReconstruction(DocumentRouter):
         data = {"reconstruction": image, "lines": np.asarray(rows, dtype=np.int64), "lines_done": n_lines,
                 "row_start": int(start), "row_stop": int(stop),
                 "latency_s": float(max((lat for _, lat in latencies), default=0.0)),
-                "compute_s": float(compute_s), "full_frame": bool(full), "final": bool(final)}
+                "compute_s": float(compute_s), "full_frame": bool(full), "final": bool(final),
+                "agreement": float(check.agreement), "w_s": float(check.w_s), "orbital": bool(check.in_scope)}
         now = time.time()
         event = run.event(data=data, timestamps={k: now for k in data})
         run.updates += 1

@@ -5,9 +5,11 @@ After Zhu, Xue, ... Xu, JACS Au 5, 3163 (2025): a CO tip images
 trained on simulated pairs (CO-tip image -> s-wave image) to undo the p-channel part.
 
 This file holds the architecture (``STMNetConfig``, ``STMNet``), the pixel-size-aware
-inference wrapper (``Reconstructor``), the checkpoint loader (``load_stmnet``) and the
-``stm-live reconstruct`` implementation (``reconstruct_file``). Training lives in
-``training.py``, metrics and baselines in ``metrics.py``.
+inference wrapper (``Reconstructor``; ``Reconstruction`` adds the symmetry-view spread), the
+checkpoint loader (``load_stmnet``). What a recorded frame means to the network (channel,
+sign, Z -> current, scope) is decided in ``stm_live/interpret.py``; the command is
+``stm_live/app/reconstruct.py``. Training lives in ``training.py``, metrics and baselines
+in ``metrics.py``.
 """
 
 from __future__ import annotations
@@ -22,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stm_live.interpret import STMNET_MAX_SIDE_PX, current_from_z  # noqa: F401  (current_from_z: callers' name)
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "stmnet.pt"
 RETRAIN_HINT = "retrain it with `stm-live train --model stmnet` (writes checkpoint, hash and model card)"
 
-# Vacuum decay constant kappa = sqrt(2 m_e phi) / hbar for a 5 eV work function, in 1/nm.
-_HBAR, _ME, _EV = 1.054571817e-34, 9.1093837015e-31, 1.602176634e-19
-KAPPA_PER_NM = math.sqrt(2 * _ME * 5.0 * _EV) / _HBAR * 1e-9  # ~11.46 /nm
 
 
 # --------------------------------------------------------------------------- the network
@@ -91,33 +92,6 @@ class STMNet(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
-def current_from_z(z, kappa_per_nm: float = KAPPA_PER_NM, *, unit: str = "m") -> np.ndarray:
-    """Constant-current tip height map -> current-like (constant-height-like) image.
-
-    In the tunnelling regime I ∝ exp(-2 kappa d) with d the tip-sample gap. Along a
-    constant-current contour the tip is retracted by z(x, y) where the local density of
-    states is higher, so the LDOS at a fixed reference height scales as
-    ``exp(+2 kappa (z - z_ref))``. This returns ``exp(2 kappa (z - max z))`` (values in
-    (0, 1], no overflow), NaN where ``z`` is NaN.
-
-    Parameters
-    ----------
-    z : array
-        Tip height, larger = further from the surface (Nanonis "Z" channel).
-    kappa_per_nm : float
-        Vacuum decay constant in 1/nm (default: 5 eV work function, ~11.46 /nm).
-    unit : "m" or "nm"
-        Unit of ``z``. Nanonis (and .sxm files) store Z in metres.
-    """
-    if unit not in ("m", "nm"):
-        raise ValueError(f"unit must be 'm' or 'nm', got {unit!r}")
-    z_nm = np.asarray(z, dtype=np.float64) * (1e9 if unit == "m" else 1.0)
-    if not np.isfinite(z_nm).any():
-        raise ValueError("current_from_z: z has no finite values")
-    out = np.exp(2.0 * kappa_per_nm * (z_nm - np.nanmax(z_nm)))
-    return out.astype(np.float32)
-
-
 def normalise(image: np.ndarray, lo_pct: float = 0.5, hi_pct: float = 99.9) -> np.ndarray:
     """Robust per-image normalisation: percentile ``lo`` -> 0, ``hi`` -> 1, clipped to [-1, 3]
     (spikes and stray outliers cannot dominate)."""
@@ -143,37 +117,84 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 SYMMETRY_VIEWS = {1: ((),), 2: ((), (-2, -1)), 4: ((), (-2, -1), (-1,), (-2,))}
 DEFAULT_VIEWS = 2
 
+# Largest side (px) of the frame the network sees, after resampling to the training pixel size
+# (stm_live.interpret sets it with the rest of STM-Net's scope). The whole frame runs in one
+# pass (see Reconstructor): at 1024^2 that peaks at ~0.95 GB RSS (0.7 GB over the loaded
+# model) and takes 7-11 s with 2 views on 2 CPU cores (benchmarks/bench_stmnet_files.py);
+# larger frames are refused rather than tiled.
+MAX_NETWORK_SIDE_PX = STMNET_MAX_SIDE_PX
+
+
+@dataclass
+class Reconstruction:
+    """One reconstruction with its symmetry-view uncertainty.
+
+    ``image``: the |psi|^2 estimate (float32, input shape, NaN where the input was NaN; what
+    ``Reconstructor.reconstruct`` returns). ``view_spread``: per pixel, the standard deviation
+    of the network's output over the symmetry views (each mapped back to the input
+    orientation and grid), same shape and NaN as ``image``; all zeros with one view.
+    ``spread``: the median of ``view_spread`` where ``image`` exceeds 10 % of its maximum,
+    divided by ``image``'s 99th percentile (its maximum if that is 0): a scale-free summary,
+    0.0 with one view.
+    """
+
+    image: np.ndarray
+    view_spread: np.ndarray
+    spread: float
+    views: int
+
 
 class Reconstructor:
     """Pixel-size-aware STM-Net inference on one image.
 
-    ``reconstruct(image, pixel_size_nm)``: validates, fills NaN (unscanned) pixels, normalises
-    (percentiles), resamples to the training pixel size, reflect-pads to a multiple of
-    ``2**depth``, runs the network (tiled with overlap for large frames; averaged over
-    ``views`` symmetry views, see :data:`SYMMETRY_VIEWS`), resamples back, clips at 0 and puts
-    NaN back where the input was NaN. Output: float32, same shape, |psi|^2 estimate on an
-    arbitrary scale (about 0..1).
+    ``reconstruct(image, pixel_size_nm, line_spacing_nm=None)``: validates, fills NaN
+    (unscanned) pixels, normalises (percentiles), resamples rows and columns each to the
+    training pixel size (columns by ``pixel_size_nm``, rows by ``line_spacing_nm``, default
+    square pixels), reflect-pads to a multiple of ``2**depth``, runs the network on the whole
+    frame in one pass for each of ``views`` symmetry views (see :data:`SYMMETRY_VIEWS`) and
+    averages them, resamples back, clips at 0 and puts NaN back where the input was NaN.
+    Output: float32, same shape, |psi|^2 estimate on an arbitrary scale (about 0..1).
+    ``reconstruct_detailed`` returns the same image with the spread over the views.
+
+    The frame is never split into tiles, because GroupNorm normalises by the statistics of
+    the whole input, so a tile's output depends on the tile's content. That was the seam of
+    the old 512 px tiles: on flat background a tile without a molecule has zero variance at
+    the first GroupNorm (5e-4..2e-2 per group over the whole 1100^2 test frame), so it
+    divides by sqrt(eps) and turns the only structure left, the convolutions' zero-padding
+    response at the tile's edges, into bright lines, which the 0.05 ramp floor and the 32 px
+    overlap (receptive-field radius 65 px) let into the blend: line means off by up to 0.04
+    against one pass. Tiles normalised by the whole frame's statistics match one pass
+    exactly, but those statistics need a whole-frame pass (or one pass per GroupNorm layer)
+    first; so the frame runs in one pass, bounded by :data:`MAX_NETWORK_SIDE_PX`.
     """
 
-    def __init__(self, net: STMNet, pixel_size_nm: float, *, device="cpu", tile: int = 512, overlap: int = 32,
-                 info: dict | None = None, views: int = DEFAULT_VIEWS):
+    def __init__(self, net: STMNet, pixel_size_nm: float, *, device="cpu", info: dict | None = None,
+                 views: int = DEFAULT_VIEWS):
         if views not in SYMMETRY_VIEWS:
             raise ValueError(f"symmetry views must be one of {sorted(SYMMETRY_VIEWS)}, got {views!r}")
         self.device = resolve_device(device)
         self.net = net.to(self.device).eval()
         self.pixel_size_nm = float(pixel_size_nm)
-        self.tile, self.overlap = tile, overlap
         self.views = views
         self.info = info or {}
 
     def with_views(self, views: int) -> "Reconstructor":
         """The same network and settings, averaging over ``views`` symmetry views."""
-        return Reconstructor(self.net, self.pixel_size_nm, device=self.device, tile=self.tile,
-                             overlap=self.overlap, info=self.info, views=views)
+        return Reconstructor(self.net, self.pixel_size_nm, device=self.device, info=self.info, views=views)
 
     # -- checks
     @staticmethod
-    def _validate(image, pixel_size_nm) -> np.ndarray:
+    def _pitch(value, name: str) -> float:
+        try:
+            px = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(px) or px <= 0:
+            raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+        return px
+
+    @classmethod
+    def _validate(cls, image, pixel_size_nm, line_spacing_nm=None) -> tuple[np.ndarray, float, float]:
         arr = np.asarray(image)
         if arr.ndim != 2:
             raise ValueError(f"image must be 2-D (lines, pixels), got shape {arr.shape}")
@@ -181,46 +202,31 @@ class Reconstructor:
             raise ValueError(f"image too small: shape {arr.shape}, need at least 4x4 pixels")
         if not np.issubdtype(arr.dtype, np.number):
             raise ValueError(f"image must be numeric, got dtype {arr.dtype}")
-        try:
-            px = float(pixel_size_nm)
-        except (TypeError, ValueError):
-            raise ValueError(f"pixel_size_nm must be a number, got {pixel_size_nm!r}") from None
-        if not math.isfinite(px) or px <= 0:
-            raise ValueError(f"pixel_size_nm must be finite and > 0, got {pixel_size_nm!r}")
+        px = cls._pitch(pixel_size_nm, "pixel_size_nm")
+        line = px if line_spacing_nm is None else cls._pitch(line_spacing_nm, "line_spacing_nm")
         arr = arr.astype(np.float32)
         if not np.isfinite(arr).any():
             raise ValueError("image has no finite values (all NaN: nothing scanned yet)")
-        return arr
+        return arr, px, line
 
-    @torch.inference_mode()
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        """Network on a (1, 1, h, w) tensor with reflect padding; tiled when large."""
-        h, w = x.shape[-2:]
-        if h <= self.tile and w <= self.tile:
-            return self._run_padded(x)
-        out = torch.zeros_like(x)
-        weight = torch.zeros_like(x)
-        step = self.tile - 2 * self.overlap
-        ramp = torch.ones(self.tile, device=x.device)
-        r = torch.linspace(0.05, 1.0, self.overlap, device=x.device)
-        ramp[: self.overlap], ramp[-self.overlap:] = r, r.flip(0)
-        for y0 in _starts(h, self.tile, step):
-            for x0 in _starts(w, self.tile, step):
-                tile = x[..., y0: y0 + self.tile, x0: x0 + self.tile]
-                th, tw = tile.shape[-2:]
-                wmap = ramp[:th, None] * ramp[:tw][None, :]
-                out[..., y0: y0 + th, x0: x0 + tw] += self._run_padded(tile) * wmap
-                weight[..., y0: y0 + th, x0: x0 + tw] += wmap
-        return out / weight
+    def network_shape(self, shape, pixel_size_nm: float, line_spacing_nm: float | None = None) -> tuple[int, int]:
+        """(lines, pixels) of the frame the network sees for an input of ``shape`` (lines,
+        pixels) at these pitches; ValueError if a side exceeds :data:`MAX_NETWORK_SIDE_PX`."""
+        h, w = (int(n) for n in shape)
+        px = self._pitch(pixel_size_nm, "pixel_size_nm")
+        line = px if line_spacing_nm is None else self._pitch(line_spacing_nm, "line_spacing_nm")
+        th = max(8, round(h * line / self.pixel_size_nm))
+        tw = max(8, round(w * px / self.pixel_size_nm))
+        if max(th, tw) > MAX_NETWORK_SIDE_PX:
+            pitch = f"{px:g} nm/px" if line == px else f"{px:g} nm/px, {line:g} nm line spacing"
+            raise ValueError(
+                f"frame of {h}x{w} px (lines x pixels) at {pitch} resamples to {th}x{tw} px at STM-Net's "
+                f"{self.pixel_size_nm:g} nm/px, over its {MAX_NETWORK_SIDE_PX} px limit per side: crop the frame "
+                f"to the molecules (<= {MAX_NETWORK_SIDE_PX * self.pixel_size_nm:g} nm a side) or use a coarser "
+                "tool for an overview")
+        return th, tw
 
-    def _run_padded(self, x: torch.Tensor) -> torch.Tensor:
-        """The network's output averaged over the symmetry views of ``x`` (each mapped back)."""
-        out = 0.0
-        for axes in SYMMETRY_VIEWS[self.views]:  # each flip is its own inverse
-            y = self._net_padded(x.flip(axes) if axes else x)
-            out = out + (y.flip(axes) if axes else y)
-        return out / len(SYMMETRY_VIEWS[self.views])
-
+    # -- the network
     def _net_padded(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         m = self.net.multiple
@@ -232,34 +238,80 @@ class Reconstructor:
         y = self.net(x)
         return y[..., pad[2]: pad[2] + h, pad[0]: pad[0] + w]
 
-    def reconstruct(self, image: np.ndarray, pixel_size_nm: float) -> np.ndarray:
-        arr = self._validate(image, pixel_size_nm)
+    @torch.inference_mode()
+    def _run(self, x: torch.Tensor, spread: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean, std) over the symmetry views of the network's output on a (1, 1, h, w)
+        tensor, each view mapped back; std is None with one view or ``spread=False``."""
+        outs = []
+        for axes in SYMMETRY_VIEWS[self.views]:  # each flip is its own inverse
+            y = self._net_padded(x.flip(axes) if axes else x)
+            outs.append(y.flip(axes) if axes else y)
+        mean = 0.0
+        for y in outs:  # summed in order, then divided: the same numbers as before the spread
+            mean = mean + y
+        mean = mean / len(outs)
+        if len(outs) == 1 or not spread:
+            return mean, None
+        var = 0.0
+        for y in outs:
+            var = var + (y - mean) ** 2
+        return mean, (var / len(outs)).sqrt()
+
+    def reconstruct_detailed(self, image: np.ndarray, pixel_size_nm: float,
+                             line_spacing_nm: float | None = None) -> Reconstruction:
+        """The reconstruction with the spread of the network's output over the symmetry views
+        (:class:`Reconstruction`; zeros with ``views=1``). ``line_spacing_nm``: the slow-axis
+        pitch (rows), default ``pixel_size_nm`` (square pixels)."""
+        out, spread_map = self._reconstruct(image, pixel_size_nm, line_spacing_nm, spread=True)
+        return Reconstruction(out, spread_map, _spread_summary(out, spread_map), self.views)
+
+    def reconstruct(self, image: np.ndarray, pixel_size_nm: float, line_spacing_nm: float | None = None) -> np.ndarray:
+        """The |psi|^2 estimate (float32, input shape): ``reconstruct_detailed(...).image``
+        without computing the spread."""
+        return self._reconstruct(image, pixel_size_nm, line_spacing_nm, spread=False)[0]
+
+    __call__ = reconstruct
+
+    def _reconstruct(self, image, pixel_size_nm, line_spacing_nm, *, spread: bool):
+        """(image, view-spread map or None if not ``spread``)."""
+        arr, px, line = self._validate(image, pixel_size_nm, line_spacing_nm)
+        h, w = arr.shape
+        th, tw = self.network_shape(arr.shape, px, line)  # raises before anything frame-sized is made
         nan_mask = ~np.isfinite(arr)
         x = normalise(arr)
         if nan_mask.any():
             x[nan_mask] = float(np.median(x[~nan_mask]))
-        h, w = x.shape
-        scale = float(pixel_size_nm) / self.pixel_size_nm
         t = torch.from_numpy(x)[None, None].to(self.device)
-        th, tw = max(8, round(h * scale)), max(8, round(w * scale))
+        sy, sx = line / self.pixel_size_nm, px / self.pixel_size_nm
         resample = (th, tw) != (h, w)
-        if resample:
-            t = F.interpolate(t, size=(th, tw), mode="bilinear", align_corners=False, antialias=scale < 1)
-        y = self._run(t)
-        if resample:
-            y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=scale > 1)
-        out = y[0, 0].clamp_min(0).float().cpu().numpy()
-        out[nan_mask] = np.nan
-        return out
+        if resample:  # antialias acts on the axes that shrink only (bilinear on the others)
+            t = F.interpolate(t, size=(th, tw), mode="bilinear", align_corners=False, antialias=min(sy, sx) < 1)
+        mean, std = self._run(t, spread)
 
-    __call__ = reconstruct
+        def back(y: torch.Tensor) -> np.ndarray:
+            if resample:
+                y = F.interpolate(y, size=(h, w), mode="bilinear", align_corners=False, antialias=max(sy, sx) > 1)
+            out = y[0, 0].clamp_min(0).float().cpu().numpy()
+            out[nan_mask] = np.nan
+            return out
+
+        out = back(mean)
+        if not spread:
+            return out, None
+        return out, back(std) if std is not None else np.where(nan_mask, np.nan, 0.0).astype(np.float32)
 
 
-def _starts(n: int, tile: int, step: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile, step)) + [n - tile]
-    return sorted(set(starts))
+def _spread_summary(image: np.ndarray, spread: np.ndarray) -> float:
+    """Median view spread over the bright part (> 10 % of the maximum) / the 99th percentile."""
+    finite = np.isfinite(image)
+    if not finite.any():
+        return 0.0
+    values = image[finite]
+    top = float(values.max())
+    if top <= 0:
+        return 0.0
+    scale = float(np.percentile(values, 99)) or top
+    return float(np.median(spread[finite & (image > 0.1 * top)])) / scale
 
 
 # --------------------------------------------------------------------------- loading
@@ -302,76 +354,3 @@ def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
         raise ValueError(f"STM-Net checkpoint {path} could not be loaded ({exc}); {RETRAIN_HINT}") from exc
     info = {k: v for k, v in state.items() if k not in ("state_dict",)}
     return Reconstructor(net, float(state["pixel_size_nm"]), device=device, info=info, views=views)
-
-
-# --------------------------------------------------------------------------- CLI
-def _sxm_image(scan, channel: str | None) -> tuple[np.ndarray, str]:
-    names = list(scan.channels)
-    if channel is None:
-        pick = next((n for n in names if n.lower().startswith("current")), None) or next(
-            (n for n in names if n.lower() == "z" or n.lower().startswith("z ")), None)
-        if pick is None:
-            raise ValueError(f"no Current or Z channel in the .sxm file; channels: {names}; pass --channel")
-    else:
-        pick = next((n for n in names if n.lower() == channel.lower()), None)
-        if pick is None:
-            raise ValueError(f"channel {channel!r} not in the .sxm file; channels: {names}")
-    data = scan.channels[pick]
-    image = np.asarray(data["forward"] if "forward" in data else next(iter(data.values())), dtype=np.float32)
-    unit = (getattr(scan, "units", {}) or {}).get(pick, "")
-    if pick.lower().startswith("z") or unit == "m":
-        image = current_from_z(image, unit="m")
-    return image, pick
-
-
-def reconstruct_file(input, output, *, pixel_size_nm: float | None = None, channel: str | None = None,
-                     device: str = "auto", views: int = DEFAULT_VIEWS) -> Path:
-    """``stm-live reconstruct``: .npy/.sxm in, .npy/.png/.sxm out (chosen by the suffix), the
-    output averaged over ``views`` symmetry views."""
-    src, dst = Path(input), Path(output)
-    if not src.is_file():
-        raise ValueError(f"input file not found: {src}")
-    if dst.suffix.lower() not in (".npy", ".png", ".sxm"):
-        raise ValueError(f"output must end in .npy, .png or .sxm, got {dst.name!r}")
-    scan = None
-    if src.suffix.lower() == ".npy":
-        if pixel_size_nm is None:
-            raise ValueError(f"{src.name}: a .npy image needs --pixel-size (nm per pixel)")
-        image = np.load(src, allow_pickle=False)
-    elif src.suffix.lower() == ".sxm":
-        from stm_live.io.sxm import read_sxm
-
-        scan = read_sxm(src)
-        image, _ = _sxm_image(scan, channel)
-        if pixel_size_nm is None:
-            pixel_size_nm = float(scan.range_m[0]) / int(scan.pixels) * 1e9
-    else:
-        raise ValueError(f"input must be .npy or .sxm, got {src.name!r}")
-    recon = load_stmnet(device=device, views=views).reconstruct(image, pixel_size_nm)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    suffix = dst.suffix.lower()
-    if suffix == ".npy":
-        np.save(dst, recon)
-    elif suffix == ".png":
-        from stm_live.report import save_png
-
-        def unit(a):
-            a = np.asarray(a, dtype=np.float32)
-            lo, hi = np.nanpercentile(a, [1, 99]) if np.isfinite(a).any() else (0.0, 1.0)
-            return (a - lo) / (hi - lo if hi > lo else 1.0)
-
-        gap = np.full((image.shape[0], max(2, image.shape[1] // 32)), np.nan, np.float32)
-        save_png(dst, np.hstack([unit(image), gap, unit(recon)]))
-    else:
-        if scan is None:
-            raise ValueError("writing .sxm needs an .sxm input (its header supplies the frame geometry)")
-        import copy
-
-        from stm_live.io.sxm import write_sxm
-
-        out_scan = copy.deepcopy(scan)
-        out_scan.channels["STM-Net"] = {"forward": recon, "backward": recon.copy()}
-        if isinstance(getattr(out_scan, "units", None), dict):
-            out_scan.units["STM-Net"] = "a.u."
-        write_sxm(dst, out_scan)
-    return dst

@@ -9,7 +9,7 @@ All physics comes from ``stm_live.simulators`` (one forward model for the whole 
   random CO-like tips (s share 0-0.6, p_x/p_y imbalance, a little p_z; 30 % coherent s-p_z,
   30 % tilted 5-25 deg), half the frames with a NaCl-like substrate pattern; constant height
   (2/3, current in A) or constant current (1/3, tip height z in nm, turned into a current-like
-  image with ``stmnet.current_from_z(z, unit="nm")`` as users do with a Z channel);
+  image with ``interpret.current_from_z(z, unit="nm")`` as users do with a Z channel);
   ``CLEAN_SHARE`` of the frames clean, the rest with white + 1/f + row-offset noise at a
   level drawn from ``TRAIN_NOISE`` (fraction of the input's peak-to-peak).
   Inputs are normalised with ``stmnet.normalise`` (what the ``Reconstructor`` does);
@@ -41,12 +41,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stm_live.interpret import STMNET_PIXEL_NM, current_from_z
 from stm_live.models.stmnet import (
-    DEFAULT_CHECKPOINT, STMNet, STMNetConfig, current_from_z, hash_path, normalise, resolve_device, sha256_of,
+    DEFAULT_CHECKPOINT, STMNet, STMNetConfig, hash_path, normalise, resolve_device, sha256_of,
 )
 from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES, PairBatch, PairSampler
 
-TRAIN_PIXEL_SIZE_NM = 0.05
+TRAIN_PIXEL_SIZE_NM = STMNET_PIXEL_NM  # one number: STM-Net's scope (interpret.py) is set around it
 ORBITAL_LABELS = ("HOMO-2", "HOMO-1", "HOMO", "LUMO", "LUMO+1", "LUMO+2")
 TRAIN_NOISE = (0.0, 0.15)  # noise level range of the noisy frames (fraction of the input's peak-to-peak)
 CLEAN_SHARE = 0.3  # share of frames without noise
