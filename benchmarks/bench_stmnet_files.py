@@ -54,8 +54,8 @@ def main() -> None:
             wall = time.perf_counter() - t0
             text = done.stdout + done.stderr
             peak = re.search(r"peak_rss_kib (\d+)", text)
-            own = re.search(r"; network ([\d.]+) s -> ", text)
-            status = re.search(r"^(ok|skipped|failed)", text, re.M)
+            own = re.search(r"; network ([\d.]+) s;", text)
+            status = re.search(r"^(ok|flagged|skipped|failed)", text, re.M)
             rows.append((pixels, pitch, status.group(1) if status else f"exit {done.returncode}",
                          own.group(1) if own else "-", wall,
                          int(peak.group(1)) / 1024 if peak else float("nan")))

@@ -7,14 +7,20 @@
 2. Line-level change detector on simulator-like 128 x 128 frames: delay from the tip change
    to the alarm (target <= 3 lines) for visible changes, false alarms on clean frames
    (target <= 1 per 100 frames).
-3. Closed loop: 20 simulated frames against the simulated controller with random tip
+3. Out-of-domain gate (issue 19, ``tipdomain``): ROC AUC per out-of-domain family (no
+   molecule, 7x7-like lattice, metal clusters, noise, 3x larger molecules; target >= 0.95)
+   against held-out in-domain frames, and the share of held-out in-domain frames called
+   unknown (target <= 3 %), on seeds of its own (the model card's use another).
+4. Closed loop: 20 simulated frames against the simulated controller with random tip
    degradation, TipMonitor + auto policy; share of frames finished with a good tip and no
    operator input (target >= 90 %), and suspensions on frames whose tip stayed good.
 
 ``python -m benchmarks bench_tip`` / ``stm-live bench --only tip``. Knobs through env vars
 STM_BENCH_TIP_SAMPLES (per class and set, default 100: a set of 280 frames varies by about
 3 points between seeds), STM_BENCH_TIP_FRAMES (change-detection frames,
-default 100), STM_BENCH_TIP_LOOP (closed-loop frames, default 20).
+default 100), STM_BENCH_TIP_OOD (frames per out-of-domain family, default 200),
+STM_BENCH_TIP_LOOP (closed-loop frames, default 20), STM_BENCH_TIP_ONLY (comma-separated
+parts to run: classifier, change, domain, loop; default all).
 """
 
 from __future__ import annotations
@@ -97,7 +103,7 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
     rng = np.random.default_rng(seed)
     clf = load_tip_classifier("cpu")
     good_tips = ("co_sharp", "metal_s", "mixed")
-    ok, operator, suspended, needless, details = 0, 0, 0, 0, []
+    ok, operator, suspended, needless, unknown_frames, details = 0, 0, 0, 0, 0, []
     with start_server_thread(scenario=load_scenario("default"), seed=seed, time_scale=time_scale) as srv:
         ctrl = srv.controller
         stm = NanonisSTM(srv.host, srv.port, name="stm", profile=load_profile("sim"))
@@ -128,6 +134,8 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
                     stop.set()
                 mon.flush(30)
                 tripped = any(e["what"] == "suspend" for e in rec.events[n_before:])
+                unknown_frames += any(e["what"].startswith("unknown verdict") or
+                                      e.get("verdict") == "unknown" for e in rec.events[n_before:])
                 suspended += tripped
                 needless += tripped and bad is None and tip_before in good_tips
                 if finished and ctrl.tip_label in good_tips:
@@ -142,7 +150,7 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
             mon.close()
             loop.call_soon_threadsafe(loop.stop)
     return {"frames": frames, "good_and_unattended": ok / frames, "suspensions": suspended,
-            "needless_suspensions": needless,
+            "needless_suspensions": needless, "unknown_frames": unknown_frames,
             "operator_needed": operator, "details": details}
 
 
@@ -163,30 +171,57 @@ def _degrade_at(ctrl, tip: str, line: int):
     return stop
 
 
+OOD_SEED = 4322  # the fit uses 1901-1902 and the model card's measurement 1903
+
+
+def domain_gate(frames: int = 200, samples: int = 100, seed: int = OOD_SEED) -> dict:
+    """``tipdomain.domain_report`` of the shipped classifier on the benchmark's own seeds."""
+    from stm_live.models.tipdomain import domain_report
+    from stm_live.models.tipstate import load_tip_classifier
+
+    return domain_report(load_tip_classifier("cpu"), frames=frames, samples=samples, seed=seed)
+
+
 def main() -> None:
     import torch
 
+    from stm_live.models.tipdomain import format_domain_report
     from stm_live.models.tipstate import evaluate_report, format_report, load_tip_classifier
 
     torch.set_num_threads(1)
+    only = {p.strip() for p in os.environ.get("STM_BENCH_TIP_ONLY", "classifier,change,domain,loop").split(",")}
     samples = int(os.environ.get("STM_BENCH_TIP_SAMPLES", "100"))
-    t = time.perf_counter()
-    report = evaluate_report(load_tip_classifier("cpu"), samples=samples, seed=4321)
-    print(format_report(report))
-    m = report["full frames"]
-    print(f"classifier (full frames): good-vs-bad {m['good_vs_bad']:.3f} (target >= 0.99), macro-F1 "
-          f"{m['macro_f1']:.3f} (target >= 0.95)  [{time.perf_counter() - t:.0f} s]")
-    t = time.perf_counter()
-    c = change_detection(frames=int(os.environ.get("STM_BENCH_TIP_FRAMES", "100")))
-    print(f"change detector: {c['change_frames']} visible changes, detected {c['detected']:.2f}, median delay "
-          f"{c['median_delay']:.1f} lines, p90 {c['p90_delay']:.1f}, within 3 lines {c['within_3']:.2f} "
-          f"(target <= 3); false alarms {c['false_alarms_per_100']:.2f} per 100 frames (target <= 1)  "
-          f"[{time.perf_counter() - t:.0f} s]")
-    t = time.perf_counter()
-    r = closed_loop(frames=int(os.environ.get("STM_BENCH_TIP_LOOP", "20")))
-    print(f"closed loop: {r['frames']} frames, good tip and no operator input {r['good_and_unattended']:.2f} "
-          f"(target >= 0.90), operator needed {r['operator_needed']}, {r['suspensions']} suspensions, "
-          f"{r['needless_suspensions']} of them on a frame whose tip stayed good  [{time.perf_counter() - t:.0f} s]")
+    if "classifier" in only:
+        t = time.perf_counter()
+        report = evaluate_report(load_tip_classifier("cpu"), samples=samples, seed=4321)
+        print(format_report(report))
+        m = report["full frames"]
+        print(f"classifier (full frames): good-vs-bad {m['good_vs_bad']:.3f} (target >= 0.99), macro-F1 "
+              f"{m['macro_f1']:.3f} (target >= 0.95); the seven classes scored on the network's most probable "
+              f"class, the gate's unknown share beside  [{time.perf_counter() - t:.0f} s]")
+    if "change" in only:
+        t = time.perf_counter()
+        c = change_detection(frames=int(os.environ.get("STM_BENCH_TIP_FRAMES", "100")))
+        print(f"change detector: {c['change_frames']} visible changes, detected {c['detected']:.2f}, median delay "
+              f"{c['median_delay']:.1f} lines, p90 {c['p90_delay']:.1f}, within 3 lines {c['within_3']:.2f} "
+              f"(target <= 3); false alarms {c['false_alarms_per_100']:.2f} per 100 frames (target <= 1)  "
+              f"[{time.perf_counter() - t:.0f} s]")
+    if "domain" in only:
+        t = time.perf_counter()
+        d = domain_gate(frames=int(os.environ.get("STM_BENCH_TIP_OOD", "200")), samples=samples)
+        print("\n".join(format_domain_report(d)))
+        aucs = {k: v["auc"] for k, v in d["families"].items()}
+        worst_in = max(v["unknown_share"] for v in d["in_domain"].values())
+        print(f"out-of-domain gate: ROC AUC per family {', '.join(f'{k} {v:.3f}' for k, v in aucs.items())} "
+              f"(target >= 0.95; {sum(v >= 0.95 for v in aucs.values())}/{len(aucs)} met); in-domain frames "
+              f"called unknown at most {worst_in:.3f} per set (target <= 0.03)  [{time.perf_counter() - t:.0f} s]")
+    if "loop" in only:
+        t = time.perf_counter()
+        r = closed_loop(frames=int(os.environ.get("STM_BENCH_TIP_LOOP", "20")))
+        print(f"closed loop: {r['frames']} frames, good tip and no operator input {r['good_and_unattended']:.2f} "
+              f"(target >= 0.90), operator needed {r['operator_needed']}, {r['suspensions']} suspensions, "
+              f"{r['needless_suspensions']} of them on a frame whose tip stayed good; {r['unknown_frames']} frames "
+              f"with an unknown verdict (no action on it)  [{time.perf_counter() - t:.0f} s]")
 
 
 if __name__ == "__main__":

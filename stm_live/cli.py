@@ -149,8 +149,23 @@ def reconstruct(
 
 
 @app.command()
+def classify(
+    input: Path = typer.Argument(..., help="A recorded .sxm frame."),
+    channel: Optional[str] = typer.Option(None, help=".sxm channel (default: as reconstruct picks it)."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object: label, good, probabilities, "
+                                                     "s_fraction, in_domain, domain_score, reason."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+):
+    """The tip classifier's verdict on one recorded frame ("unknown" outside what it knows)."""
+    from stm_live.app.classify import classify_main
+
+    with _user_errors():
+        classify_main(input, channel=channel, as_json=as_json, device=check_device(device))
+
+
+@app.command()
 def train(
-    model: str = typer.Option("stmnet", help="stmnet | tipstate"),
+    model: str = typer.Option("stmnet", help="stmnet | tipstate | tipdomain (the tip classifier's domain statistics)"),
     steps: int = typer.Option(4000),
     out: Optional[Path] = typer.Option(None, help="Checkpoint path (default: shipped weights)."),
     device: str = typer.Option("auto"),
@@ -169,8 +184,16 @@ def train(
             _fail(ValueError("--bank-size applies to --model tipstate only"))
     elif model == "tipstate":
         from stm_live.models.tipstate import train_main
+    elif model == "tipdomain":  # statistics of the shipped classifier's features: no steps
+        from stm_live.models.tipdomain import fit_domain_main
+
+        if lr is not None or init is not None or bank_size is not None or resume:
+            _fail(ValueError("--model tipdomain takes --out, --seed, --device and --threads only"))
+        with _user_errors():
+            fit_domain_main(out=out, seed=seed, device=check_device(device), **_given(threads=threads))
+        return
     else:
-        _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
+        _fail(ValueError(f"unknown model {model!r}; choose stmnet, tipstate or tipdomain"))
     with _user_errors():
         device = check_device(device)
         train_main(steps=steps, out=out, device=device, seed=seed, resume=resume,

@@ -22,6 +22,14 @@ Policies (``Profile.tip_policy``):
     RunEngine is paused with ``RE.pause_msg`` saying why; resuming (after fixing the tip by
     hand) restarts the scan and finishes the frame.
 
+A verdict "unknown" (the frame is outside what the classifier knows, ``tipdomain``) is neither
+good nor bad, and no policy reconditions on it: ``off`` and ``auto`` record it once per frame
+with the domain score and threshold; ``prompt`` asks the operator once per frame, saying so
+(a yes is the operator's decision). It resets the count of bad verdicts, and lines an
+"unknown" verdict judged never carry a later bad verdict: only one judged wholly on later lines
+(a new tip's segment, the latest lines) may act. An "unknown" verification verdict stops the
+escalation: the RunEngine is paused for the operator, as when reconditioning gives up.
+
 Every step is recorded in the frame's run, stream ``tip_recondition`` (attempt, action,
 parameters, verdict, outcome); each action's controller commands are also a
 ``recondition_tip`` run of their own (``run_key="recondition"``).
@@ -57,6 +65,20 @@ DEFAULT_ACTIONS = (
     ("poke", {"depth_m": 3.0e-10, "bias_V": 0.05, "lift_time_s": 0.1}),
     ("poke", {"depth_m": 1.2e-9, "bias_V": 0.05, "lift_time_s": 0.1}),
 )
+
+
+def _nearest(record: dict) -> str:
+    probs = record.get("probabilities") or {}
+    return max(probs, key=probs.get) if probs else "?"
+
+
+def _domain_why(record: dict) -> str:
+    """'domain score 812 > threshold 410' (or what is known of it)."""
+    score, thr = record.get("domain_score", float("nan")), record.get("domain_threshold", float("nan"))
+    try:
+        return f"domain score {float(score):.0f} > threshold {float(thr):.0f}"
+    except (TypeError, ValueError):
+        return "outside the classifier's domain"
 
 
 class TipSuspender(SuspenderBase):
@@ -200,6 +222,8 @@ class TipReconditioner:
         self._floor: tuple[str | None, int] = (None, -1)  # (run uid, first line of the new tip)
         self._rescanned = 0  # lines the old tip had scanned ahead of the RunEngine (last repair)
         self._open_run: str | None = None
+        self._unknown_runs: set = set()  # frames whose "unknown" verdict was noted (or asked)
+        self._unknown_upto: dict = {}  # frame run uid -> last line an "unknown" verdict judged
         self._token = None
 
     # ------------------------------------------------------------------ wiring
@@ -239,20 +263,39 @@ class TipReconditioner:
     # ------------------------------------------------------------------ verdicts in
     def on_verdict(self, record: dict) -> None:
         """Feed a TipMonitor verdict (``TipMonitor(on_verdict=rec.on_verdict)``)."""
+        from stm_live.models.tipstate import bad_probability, is_known_bad, is_unknown
+
         with self._lock:
             uid, first = self._floor
             if uid is not None and record.get("run_uid") == uid and record.get("first_line", 0) < first:
                 return  # judged lines taken before the tip was reconditioned
-            from stm_live.models.tipstate import bad_probability
-
-            p_bad = bad_probability(record.get("probabilities", {}))
-            if record.get("good", False) or p_bad < self.min_bad_probability:
+            unknown = is_unknown(record)
+            if unknown:  # outside what the classifier knows: never acted on
+                self._bad_in_row = 0
+                ask = self._unknown(record)
+            elif (not is_known_bad(record)
+                  or bad_probability(record.get("probabilities", {})) < self.min_bad_probability):
                 self._bad_in_row = 0
                 return
-            if (self._busy or record.get("reason") == "end of frame"
+        if unknown:
+            if ask:
+                threading.Thread(target=self._prompt, args=(record, self._unknown_message(record)),
+                                 name="tip-prompt", daemon=True).start()
+            return
+        with self._lock:
+            # "end of frame; the latest 20 lines" is an end-of-frame verdict too
+            if (self._busy or str(record.get("reason", "")).startswith("end of frame")
                     or (self.RE is not None and record.get("run_uid") != self._open_run)):
                 # Already handling it, or the verdict's frame is over: a suspend between
                 # runs would record into a closed run.
+                return
+            judged_unknown = self._unknown_upto.get(record.get("run_uid"), -1)
+            if record.get("first_line", 0) <= judged_unknown:
+                # These lines were judged outside the domain before: a verdict on them that slips
+                # under the threshold is no evidence to act on. Lines after them (a new tip's
+                # segment, the latest lines) may still show a bad tip.
+                log.debug("tip policy: bad verdict at line %s rests on lines judged unknown (to line %s)",
+                          record.get("line"), judged_unknown)
                 return
             self._bad_in_row += 1
             if self._bad_in_row < self.consecutive:
@@ -271,6 +314,34 @@ class TipReconditioner:
             self._trip(record, "auto")
         else:
             threading.Thread(target=self._prompt, args=(record, msg), name="tip-prompt", daemon=True).start()
+
+    def _unknown(self, record: dict) -> bool:
+        """An "unknown" verdict (lock held): recorded once per frame, and under ``prompt``
+        the operator is asked once per frame; no policy acts on it. True: ask now."""
+        run = record.get("run_uid")
+        self._unknown_upto[run] = max(self._unknown_upto.get(run, -1), int(record.get("line", 0)))
+        if run in self._unknown_runs:
+            log.debug("tip policy: unknown verdict at line %s (already noted for this frame)", record.get("line"))
+            return False
+        self._unknown_runs.add(run)
+        why = _domain_why(record)
+        over = str(record.get("reason", "")).startswith("end of frame")
+        if self.policy == "prompt" and not self._busy and not over and (self.RE is None or run == self._open_run):
+            self._busy = True
+            return True
+        what = {"off": "unknown verdict (policy off: recorded)",
+                "auto": "unknown verdict: no action (auto never acts outside the classifier's domain)",
+                "prompt": "unknown verdict: not asked (busy, or the frame is over)"}[self.policy]
+        self._note(what, verdict=record.get("label"), nearest=_nearest(record), line=record.get("line"), why=why)
+        return False
+
+    def _unknown_message(self, record: dict) -> str:
+        kind, params = self.actions[0]
+        return (f"The tip classifier cannot judge the tip at line {record.get('line')}: the frame is outside "
+                f"what it knows ({_domain_why(record)}), so its probabilities (nearest class "
+                f"{_nearest(record)!r}) cannot be trusted and nothing is done automatically. Recondition "
+                f"anyway at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, starting with {kind} "
+                f"{params}?")
 
     def _prompt(self, record: dict, msg: str) -> None:
         answer: list = []
@@ -352,7 +423,7 @@ class TipReconditioner:
     def _verify(self, geo: dict):
         """Restart the interrupted frame; classify its first ``verify_lines`` lines, and at
         least ``tipstate.MIN_VERDICT_HEIGHT_NM`` of it (job thread)."""
-        from stm_live.models.stmnet import current_from_z
+        from stm_live.interpret import CONSTANT_CURRENT, CONSTANT_HEIGHT, network_input
         from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM
 
         channel = 30 if geo["z_on"] else 0
@@ -375,11 +446,14 @@ class TipReconditioner:
         # ending at its last row would show a molecule cut there as a jump between lines.
         image = data.astype(np.float64)
         image[n:] = np.nan
-        if channel == 30:
-            image = current_from_z(image)
         pixel_nm = geo["frame"][2] / geo["pixels"] * 1e9
-        self.last_verify_image = image[:n]  # for the record / viewer
-        return self.classifier.classify(image, pixel_nm, line_spacing_nm=line_nm)
+        # read as every other frame is (stm_live.interpret): Z levelled and converted, |I|
+        net_in = network_input(image, channel="Z" if channel == 30 else "Current",
+                               mode=CONSTANT_CURRENT if channel == 30 else CONSTANT_HEIGHT,
+                               unit="m" if channel == 30 else "A", pixel_size_nm=pixel_nm,
+                               line_spacing_nm=line_nm)
+        self.last_verify_image = net_in.image[:n]  # for the record / viewer
+        return self.classifier.classify(net_in.image, pixel_nm, line_spacing_nm=line_nm)
 
     def _restart(self, geo: dict) -> None:
         """Restart the interrupted frame's scan. Lines buffered from the checkpoint on are the
@@ -424,7 +498,9 @@ class TipReconditioner:
                              probabilities=json.dumps(verdict.get("probabilities", {})),
                              message=self.suspender.justification)
         yield from self._stop_scan()
-        success = False
+        from stm_live.models.tipstate import is_unknown
+
+        success, stopped, attempt = False, "", 0
         for attempt in range(1, self.max_attempts + 1):
             kind, params = self.actions[min(attempt - 1, len(self.actions) - 1)]
             self._note("action", attempt=attempt, kind=kind, params=params)
@@ -443,19 +519,31 @@ class TipReconditioner:
             yield from bps.trigger(job, wait=True)
             v = job.result
             self.attempts.append(Attempt(attempt, kind, params, v.label, v.good, dict(v.probabilities)))
+            unknown = is_unknown(v)
+            detail = (f"unknown: the verification frame is outside what the classifier knows "
+                      f"({_domain_why(v.to_dict())}; nearest {v.nearest} {v.confidence:.2f})" if unknown
+                      else f"{v.label} ({v.confidence:.2f})")
             yield from self._rec("verified", attempt=attempt, action=kind, params=json.dumps(params),
                                  verdict=v.label, probabilities=json.dumps(v.probabilities), good=v.good,
-                                 message=f"{kind} then verify: {v.label} ({v.probabilities[v.label]:.2f})")
+                                 message=f"{kind} then verify: {detail}")
             self._note("verify", attempt=attempt, verdict=v.label, good=v.good)
             if v.good:
                 success = True
                 break
             yield from self._stop_scan()
+            if unknown:  # no verdict to act on: no further action, the operator decides
+                stopped = detail
+                break
         if not success:
-            tried = ", ".join(f"{a.action}->{a.verdict or 'refused'}" for a in self.attempts[-self.max_attempts:])
-            reason = (f"Tip reconditioning gave up after {self.max_attempts} attempts ({tried}); the tip is "
-                      f"still bad. Fix the tip by hand, then RE.resume() to finish the frame "
-                      f"(or RE.abort()).")
+            tried = ", ".join(f"{a.action}->{a.verdict or 'refused'}" for a in self.attempts[-attempt:])
+            if stopped:
+                reason = (f"Tip reconditioning stopped after attempt {attempt} ({tried}): {stopped}, so it cannot "
+                          f"tell whether the tip is good, and no further action is taken on that. Check the tip "
+                          f"by hand, then RE.resume() to finish the frame (or RE.abort()).")
+            else:
+                reason = (f"Tip reconditioning gave up after {self.max_attempts} attempts ({tried}); the tip is "
+                          f"still bad. Fix the tip by hand, then RE.resume() to finish the frame "
+                          f"(or RE.abort()).")
             self.give_up_reason = reason
             self._note("give up", reason=reason)
             yield from self._rec("gave up", message=reason)

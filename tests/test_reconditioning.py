@@ -207,3 +207,171 @@ def test_gives_up_and_pauses_with_reason(RE, rig):
     (stop,) = [d for n, d in docs if n == "stop" and d["run_start"] == frame_start["uid"]]
     assert stop["exit_status"] == "abort", stop
 
+
+
+def _unknown(line=20, label_near="blunt"):
+    """A verdict outside the classifier's domain whose nearest class is a bad one."""
+    rec = _bad(line, label_near)
+    rec.update(label="unknown", in_domain=False, domain_score=900.0, domain_threshold=400.0)
+    return rec
+
+
+def test_unknown_verdicts_never_recondition():
+    auto = _rec("auto")
+    for line in (20, 28, 36):
+        auto.on_verdict(_unknown(line))
+    assert auto.state.get() == "good" and not auto._busy
+    (note,) = auto.events  # noted once per frame, saying why
+    assert note["what"].startswith("unknown verdict: no action") and note["nearest"] == "blunt"
+    assert note["why"] == "domain score 900 > threshold 400"
+    # a bad label marked outside the domain is unknown all the same
+    marked = _bad()
+    marked["in_domain"] = False
+    auto2 = _rec("auto")
+    auto2.on_verdict(marked)
+    assert auto2.state.get() == "good"
+    off = _rec("off")
+    off.on_verdict(_unknown())
+    assert off.state.get() == "good" and off.events[0]["what"] == "unknown verdict (policy off: recorded)"
+    # a bad verdict on lines already judged unknown (0-36) may have slipped under the threshold:
+    # not acted on; one judged on later lines only (a new tip's segment) is, as is any bad
+    # verdict in a frame never outside the domain
+    auto.on_verdict(_bad(44))
+    auto.on_verdict(_bad(52))
+    assert auto.state.get() == "good"
+    later = _bad(60)
+    later["first_line"] = 37
+    auto.on_verdict(later)
+    assert auto.state.get() == "bad"
+    fresh = _rec("auto")
+    fresh.on_verdict(_bad())
+    assert fresh.state.get() == "bad"
+
+
+def test_prompt_asks_once_per_frame_saying_the_frame_is_outside_the_domain():
+    asked = []
+    rec = _rec("prompt", ask=lambda msg: asked.append(msg) or False, ask_timeout_s=5.0)
+    rec.on_verdict(_unknown(20))
+    deadline = time.monotonic() + 5
+    while not any(e["what"] == "prompt" for e in rec.events) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    rec.on_verdict(_unknown(28))  # same frame: not asked again
+    (prompt,) = [e for e in rec.events if e["what"] == "prompt"]
+    assert prompt["answer"] == "no" and rec.state.get() == "good"
+    assert len(asked) == 1
+    assert "outside what it knows" in asked[0] and "domain score 900 > threshold 400" in asked[0]
+    assert "'blunt'" in asked[0] and "Recondition anyway" in asked[0]
+
+
+class _FrameDocs:
+    """Live-frame documents (constant height Current) for an image at given pitches."""
+
+    @staticmethod
+    def make(image, pixel_nm, line_nm):
+        from event_model import compose_run
+
+        lines, pixels = image.shape
+        run = compose_run(metadata={"stm_live": {
+            "frame": {"center_x_m": 0, "center_y_m": 0, "width_m": pixels * pixel_nm * 1e-9,
+                      "height_m": lines * line_nm * 1e-9, "angle_deg": 0},
+            "pixels": pixels, "lines": lines, "pixel_size_nm": pixel_nm,
+            "scan_direction": "down", "bias_V": 0.5, "setpoint_A": 5e-12, "z_controller": "constant_height",
+            "line_key": "stm_line_index",
+            "channels": [{"name": "Current", "index": 0, "units": "A",
+                          "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}}]}})
+        yield "start", run.start_doc
+        desc = run.compose_descriptor(name="primary", data_keys={
+            "stm_line_index": {"source": "sim", "dtype": "integer", "shape": []},
+            "stm_current_fwd": {"source": "sim", "dtype": "array", "shape": [pixels]},
+            "stm_current_bwd": {"source": "sim", "dtype": "array", "shape": [pixels]}})
+        yield "descriptor", desc.descriptor_doc
+        for i, row in enumerate(image):
+            yield "event", desc.compose_event(
+                data={"stm_line_index": i, "stm_current_fwd": row, "stm_current_bwd": row},
+                timestamps={k: 0.0 for k in ("stm_line_index", "stm_current_fwd", "stm_current_bwd")})
+        yield "stop", run.compose_stop()
+
+
+@pytest.fixture(scope="module")
+def shipped_clf():
+    from stm_live.models import load_tip_classifier
+
+    return load_tip_classifier("cpu")
+
+
+@pytest.mark.parametrize("family", ["no_molecule", "lattice_7x7", "metal_clusters", "noise"])
+def test_out_of_domain_frame_through_monitor_and_auto_policy_takes_no_action(shipped_clf, family):
+    """A frame of each far out-of-domain family, line by line through the real TipMonitor
+    into the auto policy: the verdicts are unknown (one on the growing frame may slip under
+    the threshold now and then; lines judged unknown carry no action), and nothing is
+    suspended."""
+    import numpy as np
+
+    from stm_live.callbacks.tipmonitor import TipMonitor
+    from stm_live.models.tipdomain import ood_family
+
+    frame = ood_family(family, np.random.default_rng(21))
+    rec = _rec("auto")
+    mon = TipMonitor(shipped_clf, every_n_lines=16, on_verdict=rec.on_verdict)
+    for name, doc in _FrameDocs.make(frame.image, frame.pixel_size_nm, frame.line_spacing_nm):
+        mon(name, doc)
+    assert mon.flush(60)
+    mon.close()
+    assert mon.timeline and not mon.errors
+    seen = [(v["label"], round(v["domain_score"])) for v in mon.timeline]
+    unknown = [v for v in mon.timeline if v["label"] == "unknown"]
+    assert all(not v["in_domain"] and v["domain_score"] > v["domain_threshold"] for v in unknown)
+    # measured: all of 7 (no molecule, lattice), 5 of 8 (clusters), 5 of 7 (noise; the rest are
+    # the first verdict on 2.5 nm of frame and whole frames near the threshold)
+    assert len(unknown) > len(mon.timeline) / 2, seen
+    assert rec.state.get() == "good" and not any(e["what"] == "suspend" for e in rec.events), seen
+    assert [e["what"] for e in rec.events] == ["unknown verdict: no action (auto never acts outside the "
+                                               "classifier's domain)"]
+
+
+@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}],
+                         indirect=True)
+def test_unknown_verification_stops_the_escalation(RE, rig):
+    """The tip went bad (a verdict inside the domain): the policy reconditions once; the
+    verification frame is judged outside the domain (a domain model whose threshold nothing
+    passes), so no second action follows on it: the RunEngine pauses for the operator."""
+    import copy
+    import dataclasses
+
+    from bluesky.utils import RunEngineInterrupted
+
+    from stm_live.plans import live_frame
+    from stm_live.reconditioning import TipReconditioner
+
+    server, stm, clf, TipMonitor = rig
+    unknowing = copy.copy(clf)
+    unknowing.domain = dataclasses.replace(clf.domain, threshold=-1.0)
+    rec = TipReconditioner(stm, policy="auto", classifier=unknowing, verify_lines=32)
+    mon = TipMonitor(clf, every_n_lines=8, on_verdict=rec.on_verdict)
+    rec.monitor = mon
+    docs = []
+    RE.subscribe(lambda n, d: docs.append((n, d)))
+    RE.subscribe(mon)
+    rec.install(RE)
+    _degrade_at(server.controller, "double", 16)
+    with pytest.raises(RunEngineInterrupted, match="stopped after attempt 1"):
+        RE(live_frame(stm, frame=FRAME, pixels=PIXELS, lines=LINES, z_controller="constant_height"))
+    assert RE.state == "paused"
+    assert "outside what the classifier knows" in rec.give_up_reason
+    assert [a.verdict for a in rec.attempts] == ["unknown"]
+    assert len(server.controller.recondition_log) == 1  # one action, none on the unknown verdict
+    steps = [d["data"].get("tip_recondition_step") for n, d in docs if n == "event"]
+    assert "verified" in steps and "gave up" in steps
+    RE.abort("operator: checks the tip")
+    mon.close()
+
+
+def test_end_of_frame_verdicts_never_suspend():
+    """The frame is over: a suspension would record into a closed run, whichever lines the
+    monitor's verdict rested on (its reason then names the latest lines)."""
+    for reason in ("end of frame", "end of frame; the latest 20 lines"):
+        rec = _rec("auto")
+        bad = _bad()
+        bad["reason"] = reason
+        rec.on_verdict(bad)
+        assert rec.state.get() == "good", reason

@@ -114,3 +114,43 @@ def test_latest_lines_reveal_a_change_the_detector_missed():
     before = [v for v in mon.timeline if v["line"] < change]
     assert before and all(v["good"] for v in before)
     assert not mon.errors
+
+
+class _UnknownMarker:
+    """'unknown' (outside the domain; nearest class 'double') when most of the lines it is shown
+    carry the marker value, else 'co_sharp' inside the domain."""
+
+    def classify(self, image, pixel_size_nm, *, line_spacing_nm=None):
+        from stm_live.models.tipstate import UNKNOWN, TipVerdict
+
+        odd = float(np.mean(image[np.isfinite(image).all(axis=1), 0] > 5.0)) > 0.5
+        probs = {c: 0.01 for c in TIP_CLASSES}
+        probs["double" if odd else "co_sharp"] = 0.94
+        return TipVerdict(UNKNOWN if odd else "co_sharp", probs, 0.1, in_domain=not odd,
+                          domain_score=900.0 if odd else 100.0, domain_threshold=400.0)
+
+
+def test_unknown_latest_lines_never_count_as_the_worse_verdict():
+    """The latest lines replace the segment's verdict only when they show a bad tip inside the
+    classifier's domain: lines it does not know leave the segment's verdict standing until
+    they are most of it, and then the verdict is "unknown", with its domain score recorded."""
+    image = np.random.default_rng(0).random((N, N))
+    image[40:] += 10.0  # from here on, lines the classifier does not know
+    out = []
+    mon = TipMonitor(_UnknownMarker(), every_n_lines=8, watch_factory=_NeverAlarms)
+    mon.subscribe(lambda n, d: out.append((n, d)))
+    for name, doc in _frame_docs(image, 7.0 / N):
+        mon(name, doc)
+    assert mon.flush(30)
+    mon.close()
+    assert not any("latest" in v["reason"] for v in mon.timeline)
+    for v in mon.timeline:
+        odd_share = (v["line"] + 1 - 40) / (v["line"] + 1 - v["first_line"])
+        assert v["label"] == ("unknown" if odd_share > 0.5 else "co_sharp"), v
+        assert v["in_domain"] == (v["label"] != "unknown") and v["domain_threshold"] == 400.0
+    assert mon.timeline[-1]["label"] == "unknown" and not mon.timeline[-1]["good"]
+    events = [d for n, d in out if n == "event"]
+    assert events[-1]["data"]["in_domain"] is False and events[-1]["data"]["domain_score"] == 900.0
+    descriptor = next(d for n, d in out if n == "descriptor")
+    assert {"in_domain", "domain_score", "domain_threshold"} <= set(descriptor["data_keys"])
+    assert not mon.errors

@@ -10,10 +10,12 @@ verdict describes the *current* tip.
 Verdicts go out three ways:
 
 - as Bluesky documents of their own run, linked to the frame's run by ``parent_uid``
-  (start key ``purpose="tip_verdicts"``), stream ``tip_verdict``: ``label``,
-  ``probabilities`` (in ``TIP_CLASSES`` order), ``s_fraction``, ``good``, ``line`` (last
-  line seen), ``change_line`` (line where a change was detected, -1 if none), ``reason``;
-  subscribe with :meth:`TipMonitor.subscribe`;
+  (start key ``purpose="tip_verdicts"``), stream ``tip_verdict``: ``label`` (a class, or
+  "unknown" for a frame outside what the classifier knows), ``probabilities`` (in
+  ``TIP_CLASSES`` order), ``s_fraction``, ``good``, ``in_domain``, ``domain_score`` and
+  ``domain_threshold`` (``tipdomain``), ``line`` (last line seen), ``change_line`` (line
+  where a change was detected, -1 if none), ``reason``; subscribe with
+  :meth:`TipMonitor.subscribe`;
 - to ``on_verdict(record)`` (called on the worker thread; a dict like a timeline entry);
 - appended to ``.timeline`` (list of dicts) for the demo and the viewer.
 """
@@ -29,6 +31,7 @@ from typing import Any, Callable
 import numpy as np
 
 from stm_live.callbacks.frames import FrameAssembler
+from stm_live.interpret import classifier_scope
 from stm_live.tipwatch import TipWatch
 
 log = logging.getLogger(__name__)
@@ -171,11 +174,18 @@ class TipMonitor:
         asm.start(doc)
         self._asm = asm
         self._watch = self._watch_factory()
-        self._warm_up(asm)
+        # A frame outside what the classifier takes (an overview, a 7x7 lattice at 0.2 nm/px)
+        # gets no verdicts: the network never sees it, so its input stays bounded.
+        self._scope = classifier_scope((asm.lines, asm.pixels), asm.pixel_size_nm, self._line_spacing_nm())
+        if not self._scope.ok:
+            log.info("TipMonitor: no verdicts for run %s: %s", doc["uid"][:8], self._scope.reason)
+        else:
+            self._warm_up(asm)
         self._segment_start, self._last_classified, self._last_change = 0, -1, -1
         self._floor_request, self._pending_change = None, None
         run = compose_run(metadata={"purpose": "tip_verdicts", "parent_uid": doc["uid"],
-                                    "tip_classes": list(TIP_CLASSES)})
+                                    "tip_classes": list(TIP_CLASSES), "in_scope": self._scope.ok,
+                                    "scope_reason": self._scope.reason})
         self._compose = run
         self._emit("start", run.start_doc)
         desc = run.compose_descriptor(name=VERDICT_STREAM, data_keys={
@@ -183,6 +193,9 @@ class TipMonitor:
             "probabilities": {"source": "TipMonitor", "dtype": "array", "shape": [len(TIP_CLASSES)]},
             "s_fraction": {"source": "TipMonitor", "dtype": "number", "shape": []},
             "good": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
+            "in_domain": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
+            "domain_score": {"source": "TipMonitor", "dtype": "number", "shape": []},
+            "domain_threshold": {"source": "TipMonitor", "dtype": "number", "shape": []},
             "line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
             "change_line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
             "reason": {"source": "TipMonitor", "dtype": "string", "shape": []},
@@ -253,14 +266,8 @@ class TipMonitor:
         self._asm, self._compose = None, None
 
     def _image(self) -> np.ndarray:
-        """Classifier input: the current map, or Z converted to a current-like map."""
-        name, direction = self._asm.source
-        frame = self._asm.frame(name, direction)
-        if self._asm.z_controller == "constant_current":
-            from stm_live.models.stmnet import current_from_z
-
-            return current_from_z(frame)
-        return frame
+        """Classifier input, read through stm_live.interpret like every other frame."""
+        return self._asm.network_input().image
 
     def _verdicts(self, crops: list) -> list:
         pixel_nm, line_nm = self._asm.pixel_size_nm, self._line_spacing_nm()
@@ -277,6 +284,8 @@ class TipMonitor:
         self._floor_request = int(line)
 
     def _classify(self, row: int, *, reason: str) -> None:
+        if not self._scope.ok:
+            return
         image = self._image()
         need = self._rows_needed()
         start = self._segment_start if row + 1 - self._segment_start >= need else max(0, row + 1 - need)
@@ -288,31 +297,38 @@ class TipMonitor:
         crops = [(first, c) for first, c in crops if np.isfinite(c).all(axis=1).sum() >= 3]
         if not crops:
             return
-        from stm_live.models.tipstate import TIP_CLASSES, bad_probability
+        from stm_live.models.tipstate import TIP_CLASSES, bad_probability, is_known_bad, is_unknown
 
         verdicts = self._verdicts([c for _, c in crops])
         start, verdict = crops[0][0], verdicts[0]
-        if len(crops) == 2 and not verdicts[1].good and (
+        # The latest lines win when they show a bad tip the whole segment does not: only a bad
+        # verdict inside the classifier's domain counts, and "unknown" is never the worse one.
+        if len(crops) == 2 and is_known_bad(verdicts[1]) and (
+                is_unknown(verdict) or
                 bad_probability(verdicts[1].probabilities) > bad_probability(verdict.probabilities)):
             start, verdict = crops[1][0], verdicts[1]
             reason = f"{reason}; the latest {row + 1 - start} lines"
         self._last_classified = row
 
+        # A classifier without a domain model (a test double, an old one) says nothing of it.
+        in_domain = bool(getattr(verdict, "in_domain", True))
+        score = float(getattr(verdict, "domain_score", float("nan")))
+        threshold = float(getattr(verdict, "domain_threshold", float("nan")))
         record = {
             "run_uid": self._asm.run_uid, "time": time.time(), "line": int(row),
             "first_line": int(start), "change_line": int(self._last_change),
             "label": verdict.label, "probabilities": dict(verdict.probabilities),
             "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good), "reason": reason,
+            "in_domain": in_domain, "domain_score": score, "domain_threshold": threshold,
         }
         with self._lock:
             self.timeline.append(record)
-        self._emit("event", self._desc.compose_event(
-            data={"label": verdict.label,
-                  "probabilities": [float(verdict.probabilities[c]) for c in TIP_CLASSES],
-                  "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good),
-                  "line": int(row), "change_line": int(self._last_change), "reason": reason},
-            timestamps={k: record["time"] for k in ("label", "probabilities", "s_fraction", "good",
-                                                    "line", "change_line", "reason")}))
+        data = {"label": verdict.label,
+                "probabilities": [float(verdict.probabilities[c]) for c in TIP_CLASSES],
+                "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good),
+                "in_domain": in_domain, "domain_score": score, "domain_threshold": threshold,
+                "line": int(row), "change_line": int(self._last_change), "reason": reason}
+        self._emit("event", self._desc.compose_event(data=data, timestamps={k: record["time"] for k in data}))
         if self.on_verdict is not None:
             try:
                 self.on_verdict(record)

@@ -487,7 +487,9 @@ def scope_probe(name: str, rng: np.random.Generator, *, size: int = 96, pixel_si
     k = 2 * np.pi / rng.uniform(0.25, 0.4)
     z = z + rng.uniform(0.002, 0.01) * 0.5 * (np.cos(k * u) + np.cos(k * v))
     z = z + rng.normal(0.0, rng.uniform(0.001, 0.004), z.shape)
-    return np.exp(2 * KAPPA_PER_NM * (z - z.max())).astype(np.float32)  # I ∝ e^{2κz} (stmnet.current_from_z)
+    from stm_live.interpret import current_from_z
+
+    return current_from_z(z, unit="nm")
 
 
 __all__ = ["AGREEMENT_THRESHOLD", "MAX_SHIFT_NM", "PROBES", "ConsistencyResult", "check_reconstruction",

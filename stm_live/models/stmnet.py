@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stm_live.interpret import STMNET_MAX_SIDE_PX, current_from_z  # noqa: F401  (current_from_z: callers' name)
+from stm_live.interpret import STMNET_MAX_SIDE_PX
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "stmnet.pt"

@@ -7,6 +7,10 @@ s-wave share of the tip (``TipState.s_fraction``).
 
 Training data come on the fly from ``stm_live.simulators`` (orbitals + tip presets +
 ``constant_height_image`` + artifacts); see :func:`make_batch` for the recipe.
+
+The classifier loads with its domain statistics (:mod:`stm_live.models.tipdomain`): a frame
+outside what it was trained and benchmarked on gets the verdict :data:`UNKNOWN`, which is
+neither good nor bad (:func:`is_known_bad` is what a policy may act on).
 """
 
 from __future__ import annotations
@@ -25,7 +29,10 @@ from torch.nn import functional as F
 __all__ = [
     "TIP_CLASSES",
     "GOOD_CLASSES",
+    "UNKNOWN",
     "bad_probability",
+    "is_known_bad",
+    "is_unknown",
     "TipVerdict",
     "TipNetConfig",
     "TipNet",
@@ -41,6 +48,9 @@ TIP_CLASSES = ("co_sharp", "metal_s", "mixed", "asymmetric", "double", "blunt", 
 # Tips fit for imaging (as the simulated controller's good tips): sharp CO, sharp metal, CO with
 # a larger s share (STM-Net separates s and p); the rest call for reconditioning.
 GOOD_CLASSES = ("co_sharp", "metal_s", "mixed")
+# The verdict on a frame outside what the classifier knows (tipdomain.py): neither good nor
+# bad, so nothing acts on it; the probabilities stay visible but mean little.
+UNKNOWN = "unknown"
 # Fewest nanometres of frame height a live verdict should rest on: on the held-out set the
 # good-vs-bad call from 1.3 nm of frame is right 7 times in 10, from 2.6 nm 9 times in 10
 # (evaluate_report's row curve), and a false "bad" costs a needless reconditioning.
@@ -48,8 +58,25 @@ MIN_VERDICT_HEIGHT_NM = 2.5
 
 
 def bad_probability(probabilities: dict) -> float:
-    """The classifier's probability that the tip needs reconditioning (not a good class)."""
+    """The classifier's probability that the tip needs reconditioning (not a good class).
+    Meaningful only for a verdict inside the classifier's domain: see :func:`is_known_bad`."""
     return 1.0 - sum(probabilities.get(c, 0.0) for c in GOOD_CLASSES)
+
+
+def is_unknown(verdict) -> bool:
+    """Whether a verdict (a :class:`TipVerdict` or its record dict) is outside the
+    classifier's domain: label "unknown" or ``in_domain`` false."""
+    get = verdict.get if isinstance(verdict, dict) else (lambda k, d=None: getattr(verdict, k, d))
+    return get("label") == UNKNOWN or get("in_domain", True) is False
+
+
+def is_known_bad(verdict) -> bool:
+    """Whether a verdict says the tip needs reconditioning: a bad class, inside the domain.
+    The one test every policy acts on; "unknown" is never bad."""
+    get = verdict.get if isinstance(verdict, dict) else (lambda k, d=None: getattr(verdict, k, d))
+    return not is_unknown(verdict) and get("label") in TIP_CLASSES and get("label") not in GOOD_CLASSES
+
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "tipstate.pt"
 MODEL_CARD = WEIGHTS_DIR / "TIPSTATE_MODEL_CARD.md"
@@ -57,23 +84,50 @@ MODEL_CARD = WEIGHTS_DIR / "TIPSTATE_MODEL_CARD.md"
 
 @dataclass(frozen=True)
 class TipVerdict:
-    """What the classifier says about the tip that took an image."""
+    """What the classifier says about the tip that took an image.
+
+    ``in_domain`` false (label :data:`UNKNOWN`): the frame is outside what the classifier was
+    trained on (``domain_score`` above ``domain_threshold``, :mod:`stm_live.models.tipdomain`);
+    the probabilities are kept for the record. A classifier without a domain model reports
+    ``in_domain`` true and a NaN score."""
 
     label: str
     probabilities: dict
     s_fraction: float
+    in_domain: bool = True
+    domain_score: float = float("nan")
+    domain_threshold: float = float("nan")
+
+    def __post_init__(self):
+        if (self.label == UNKNOWN) == bool(self.in_domain):
+            raise ValueError(f"TipVerdict: label {self.label!r} with in_domain={self.in_domain}; "
+                             f"a verdict is {UNKNOWN!r} exactly when it is outside the domain")
+        if self.label != UNKNOWN and self.label not in TIP_CLASSES:
+            raise ValueError(f"TipVerdict: label {self.label!r} is not one of {TIP_CLASSES} or {UNKNOWN!r}")
 
     @property
     def good(self) -> bool:
         return self.label in GOOD_CLASSES
 
     @property
+    def bad(self) -> bool:
+        """A bad class inside the domain (what a policy may act on)."""
+        return is_known_bad(self)
+
+    @property
+    def nearest(self) -> str:
+        """The most probable of :data:`TIP_CLASSES` (the label, unless "unknown")."""
+        return max(self.probabilities, key=self.probabilities.get)
+
+    @property
     def confidence(self) -> float:
-        return float(self.probabilities[self.label])
+        """Probability of :attr:`nearest`."""
+        return float(self.probabilities[self.nearest])
 
     def to_dict(self) -> dict:
         return {"label": self.label, "probabilities": dict(self.probabilities),
-                "s_fraction": float(self.s_fraction), "good": self.good}
+                "s_fraction": float(self.s_fraction), "good": self.good, "in_domain": bool(self.in_domain),
+                "domain_score": float(self.domain_score), "domain_threshold": float(self.domain_threshold)}
 
 
 # --------------------------------------------------------------------------- network
@@ -104,6 +158,12 @@ class TipNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(2 * chans[-1], 64), nn.ReLU(inplace=True), nn.Linear(64, cfg.n_classes + 1))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, s, _ = self.embed(x)
+        return logits, s
+
+    def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class logits, s share and the pooled penultimate features (masked mean and max of
+        the last stage, what the head reads), which the domain model scores."""
         mask = x[:, 1:2]
         h = x
         for i, stage in enumerate(self.stages):
@@ -111,8 +171,9 @@ class TipNet(nn.Module):
         m = F.interpolate(mask, size=h.shape[-2:], mode="area").gt(0.5).float()
         mean = (h * m).sum(dim=(2, 3)) / m.sum(dim=(2, 3)).clamp_min(1.0)
         mx = (h + (m - 1.0) * 1e4).amax(dim=(2, 3))  # unscanned cells never win the max
-        out = self.head(torch.cat([mean, mx], dim=1))
-        return out[:, :-1], torch.sigmoid(out[:, -1])
+        pooled = torch.cat([mean, mx], dim=1)
+        out = self.head(pooled)
+        return out[:, :-1], torch.sigmoid(out[:, -1]), pooled
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -255,7 +316,7 @@ def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), 
     at constant height (z 0.45-0.8 nm) or at constant current (setpoint 0.3-0.9 of the
     constant-height peak at that z); Z maps become current-like with ``current_from_z``, as the
     TipMonitor does. 'unstable' uses a random stable tip and a second render after a tip change."""
-    from stm_live.models.stmnet import current_from_z
+    from stm_live.interpret import current_from_z
     from stm_live.simulators.imaging import constant_current_image, constant_height_image
 
     k = int(rng.integers(len(TIP_CLASSES)))
@@ -406,24 +467,33 @@ def _pick_device(device: str | None) -> torch.device:
 class TipClassifier:
     """Inference wrapper: ``classify(image, pixel_size_nm) -> TipVerdict``."""
 
-    def __init__(self, net: TipNet, device: torch.device):
+    def __init__(self, net: TipNet, device: torch.device, domain=None):
         self.net = net.to(device).eval()
         self.device = device
         self.cfg = net.cfg
+        self.domain = domain  # tipdomain.DomainModel, or None: every frame counts as in domain
+        if domain is not None:
+            from stm_live.models.tipdomain import BANDS_PER_NM
+
+            want = 2 * self.cfg.widths[-1] + len(BANDS_PER_NM) - 1
+            if domain.whiten.shape[0] != want:
+                raise ValueError(f"tip classifier: domain statistics have {domain.whiten.shape[0]} dimensions, this "
+                                 f"network's descriptor {want}; refit them with `stm-live train --model tipdomain`")
 
     @property
     def pixel_size_nm(self) -> float:
         return self.cfg.pixel_size_nm
 
     @torch.no_grad()
-    def predict(self, x: torch.Tensor | list) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict(self, x: torch.Tensor | list, *, features: bool = False):
         """Prepared inputs ((n, 2, h, w), or a list of (2, h, w) of any sizes; scanned rows at
         the top, zero padding at the bottom and right) -> class probabilities (n, 7) and s
         shares (n,), averaged over flips of each frame's scanned area (classes do not change
         under a flip; about a point more accurate). Partial frames are flipped left-right only:
         training always has the scanned rows at the top. All views go through the network as
         one batch, which needs one size: views are zero-padded to a few fixed sizes
-        (:func:`_bucket`), so repeated calls repeat input shapes."""
+        (:func:`_bucket`), so repeated calls repeat input shapes. With ``features`` also the
+        pooled penultimate features (n, D), averaged over the same views."""
         views, owner = [], []
         for i, xi in enumerate(x):
             xi = torch.as_tensor(xi)
@@ -439,14 +509,17 @@ class TipClassifier:
         batch = torch.zeros((len(views), 2, height, width))
         for k, v in enumerate(views):
             batch[k, :, :v.shape[1], :v.shape[2]] = v
-        outs = [self.net(chunk.to(self.device)) for chunk in batch.split(256)]  # bounded memory
-        logits, s = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        outs = [self.net.embed(chunk.to(self.device)) for chunk in batch.split(256)]  # bounded memory
+        logits, s, pooled = (torch.cat([o[j] for o in outs]) for j in range(3))
         owner = torch.tensor(owner, device=self.device)
         n = int(owner.max()) + 1
         count = torch.zeros(n, device=self.device).index_add_(0, owner, torch.ones_like(s))
         probs = torch.zeros(n, logits.shape[1], device=self.device).index_add_(0, owner, torch.softmax(logits, 1))
         s_share = torch.zeros(n, device=self.device).index_add_(0, owner, s)
-        return probs / count[:, None], s_share / count
+        if not features:
+            return probs / count[:, None], s_share / count
+        feats = torch.zeros(n, pooled.shape[1], device=self.device).index_add_(0, owner, pooled)
+        return probs / count[:, None], s_share / count, feats / count[:, None]
 
     def classify(self, image: np.ndarray, pixel_size_nm: float, *,
                  line_spacing_nm: float | None = None) -> TipVerdict:
@@ -458,32 +531,48 @@ class TipClassifier:
         """Verdicts on several images of one scan (e.g. the lines since a change and the
         latest few), in one pass through the network."""
         x = [_prepare(im, pixel_size_nm, self.cfg, line_spacing_nm) for im in images]
-        probs, s = self.predict(x)
+        if self.domain is None:
+            probs, s = self.predict(x)
+            scores = np.full(len(x), np.nan)
+        else:
+            probs, s, feats = self.predict(x, features=True)
+            scores = self.domain.score_inputs(feats.cpu().numpy(), x, self.cfg.pixel_size_nm)
+        threshold = np.nan if self.domain is None else self.domain.threshold
         verdicts = []
-        for p, si in zip(probs.cpu().numpy(), s.cpu().numpy()):
-            verdicts.append(TipVerdict(label=TIP_CLASSES[int(p.argmax())], s_fraction=float(si),
-                                       probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)}))
+        for p, si, score in zip(probs.cpu().numpy(), s.cpu().numpy(), scores):
+            # NaN features (never seen; a NaN score) count as outside: unknown is the safe side
+            inside = self.domain is None or bool(score <= threshold)
+            verdicts.append(TipVerdict(label=TIP_CLASSES[int(p.argmax())] if inside else UNKNOWN,
+                                       s_fraction=float(si),
+                                       probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)},
+                                       in_domain=inside, domain_score=float(score),
+                                       domain_threshold=float(threshold)))
         return verdicts
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device) -> "TipClassifier":
+    def from_checkpoint(cls, path: Path, device: torch.device, domain=None) -> "TipClassifier":
         state = torch.load(path, map_location="cpu", weights_only=True)
         cfg = json.loads(state["config"])
         cfg = TipNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
         net = TipNet(cfg)
         net.load_state_dict(state["model"])
-        return cls(net, device)
+        return cls(net, device, domain)
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def load_tip_classifier(device: str | None = "auto", path=None) -> TipClassifier:
-    """The tip classifier from ``path`` (default: shipped weights), verified by SHA-256.
+def load_tip_classifier(device: str | None = "auto", path=None, *, domain="auto") -> TipClassifier:
+    """The tip classifier from ``path`` (default: shipped weights), verified by SHA-256, with
+    its domain model (:mod:`stm_live.models.tipdomain`), which turns frames outside what the
+    classifier knows into "unknown" verdicts.
 
-    The hash lives beside the checkpoint as ``<name>.sha256``. Raises ``FileNotFoundError``
-    when missing and ``ValueError`` when the hash does not match or the file is unreadable.
+    The hash lives beside the checkpoint as ``<name>.sha256``. ``domain``: "auto" = the
+    statistics beside the checkpoint (``tipdomain.domain_path``), required; a path; or None
+    for the bare network (training and evaluation only: every frame then counts as inside).
+    Raises ``FileNotFoundError`` when a file is missing and ``ValueError`` when a hash does
+    not match, a file is unreadable, or the domain statistics belong to another checkpoint.
     """
     p = Path(path) if path is not None else DEFAULT_WEIGHTS
     if not p.is_file():
@@ -497,8 +586,14 @@ def load_tip_classifier(device: str | None = "auto", path=None) -> TipClassifier
     got = _sha256(p)
     if got != want:
         raise ValueError(f"tip classifier: checkpoint {p} is corrupt (sha256 {got[:12]}..., expected {want[:12]}...)")
+    model = None
+    if domain is not None:
+        from stm_live.models.tipdomain import domain_path, load_domain
+
+        model = load_domain(domain_path(p) if domain == "auto" else Path(domain), classifier=p,
+                            classifier_sha256=got)
     try:
-        return TipClassifier.from_checkpoint(p, _pick_device(device))
+        return TipClassifier.from_checkpoint(p, _pick_device(device), model)
     except Exception as exc:  # unreadable / wrong layout
         raise ValueError(f"tip classifier: cannot load {p}: {exc}") from exc
 
@@ -545,7 +640,7 @@ def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0,
     net = TipNet(cfg).to(dev)
     lineage = {"total_steps": steps}
     if init is not None:
-        parent = load_tip_classifier("cpu", init)
+        parent = load_tip_classifier("cpu", init, domain=None)
         if parent.cfg != cfg:
             raise ValueError(f"--init: {init} has architecture {asdict(parent.cfg)}, not {asdict(cfg)}")
         net.load_state_dict(parent.net.state_dict())
@@ -595,8 +690,10 @@ def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0,
     wall = wall_before + time.perf_counter() - t0
     _save(out, net.cpu(), {"steps": steps, "seed": seed, **lineage})
     ckpt.unlink(missing_ok=True)  # the resume state is not shipped
-    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KiB) after {wall:.0f} s")
-    report = evaluate_report(load_tip_classifier("cpu", out), samples=min(40, max(2, steps // 100)))
+    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KiB) after {wall:.0f} s; its domain statistics are "
+          "fitted by `stm-live train --model tipdomain` (the classifier does not load without them)")
+    # the new weights have no domain statistics yet (`stm-live train --model tipdomain` fits them)
+    report = evaluate_report(load_tip_classifier("cpu", out, domain=None), samples=min(40, max(2, steps // 100)))
     print(format_report(report))
     # The card goes beside whichever checkpoint was written, shipped or not.
     card = MODEL_CARD if out.resolve() == DEFAULT_WEIGHTS.resolve() else out.with_name(out.stem + "_MODEL_CARD.md")
@@ -612,11 +709,19 @@ def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, *, partial
     frames, classes drawn uniformly, at the training pixel size unless ``coarse`` (every frame
     a coarser scan, :func:`finish`). Full frames unless ``partial`` (the training mix of
     partial frames) or ``rows`` (every frame cut to that many of S rows, from the top or the
-    ``middle`` of the frame)."""
+    ``middle`` of the frame). Class metrics score the network's most probable class; with a
+    domain model, ``unknown_share`` is the share of these in-domain frames it calls unknown
+    (NaN without one)."""
     rng = np.random.default_rng([seed, 10_000_019, rows or 0, len(mode or "")])
     n = samples * len(TIP_CLASSES)
     x, y, s = make_batch(n, rng, clf.cfg, partial=partial, rows=rows, middle=middle, mode=mode, coarse=coarse)
-    probs, s_hat = clf.predict(torch.from_numpy(x))
+    unknown = float("nan")
+    if getattr(clf, "domain", None) is None:
+        probs, s_hat = clf.predict(torch.from_numpy(x))
+    else:  # the seven classes are scored as before; the gate's "unknown" share on the side
+        probs, s_hat, feats = clf.predict(torch.from_numpy(x), features=True)
+        scores = clf.domain.score_inputs(feats.cpu().numpy(), x, clf.cfg.pixel_size_nm)
+        unknown = float(np.mean(~(scores <= clf.domain.threshold)))
     pred = probs.argmax(1).cpu().numpy()
     k = len(TIP_CLASSES)
     conf = np.zeros((k, k), np.int64)
@@ -630,7 +735,8 @@ def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, *, partial
         f1.append(2 * tp / max(2 * tp + fp + fn, 1))
     return {"n": int(n), "accuracy": float((pred == y).mean()), "good_vs_bad": float((gb_true == gb_pred).mean()),
             "macro_f1": float(np.mean(f1)), "per_class_f1": dict(zip(TIP_CLASSES, map(float, f1))),
-            "s_fraction_mae": float(np.abs(s_hat.cpu().numpy() - s).mean()), "confusion": conf.tolist()}
+            "s_fraction_mae": float(np.abs(s_hat.cpu().numpy() - s).mean()), "confusion": conf.tolist(),
+            "unknown_share": unknown}
 
 
 def evaluate_report(clf: TipClassifier, samples: int = 40, seed: int = 1234) -> dict:
@@ -661,9 +767,12 @@ def _format_metrics(m: dict) -> str:
 
 def report_table(report: dict) -> list[str]:
     """Markdown rows: one per evaluation set of :func:`evaluate_report`."""
-    rows = ["| set | n | good-vs-bad | macro-F1 | accuracy | s-share MAE |", "|---|---|---|---|---|---|"]
+    gated = any(np.isfinite(m.get("unknown_share", np.nan)) for m in report.values())
+    rows = ["| set | n | good-vs-bad | macro-F1 | accuracy | s-share MAE |" + (" called unknown |" if gated else ""),
+            "|---|---|---|---|---|---|" + ("---|" if gated else "")]
     rows += [f"| {name} | {m['n']} | {m['good_vs_bad']:.3f} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | "
-             f"{m['s_fraction_mae']:.3f} |" for name, m in report.items()]
+             f"{m['s_fraction_mae']:.3f} |" + (f" {m['unknown_share']:.3f} |" if gated else "")
+             for name, m in report.items()]
     return rows
 
 
