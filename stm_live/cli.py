@@ -169,15 +169,19 @@ def train(
     steps: int = typer.Option(4000),
     out: Optional[Path] = typer.Option(None, help="Checkpoint path (default: shipped weights)."),
     device: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None, help="Random seed (default: the model's own)."),
     resume: bool = typer.Option(False, "--resume"),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default: the model's own)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: the model's own)."),
     init: Optional[Path] = typer.Option(None, help="Warm start from this checkpoint (same architecture)."),
     bank_size: Optional[int] = typer.Option(
         None, help="tipstate: simulated frames rendered once and reused with fresh noise (default 12000)."),
+    weights: Optional[Path] = typer.Option(
+        None, help="tipdomain: the classifier checkpoint whose domain to fit (default: the shipped one)."),
 ):
     """Train a network on the physics simulator; writes checkpoint and model card."""
+    if weights is not None and model != "tipdomain":
+        _fail(ValueError("--weights applies to --model tipdomain only"))
     if model == "stmnet":
         from stm_live.models.training import train_main
         if bank_size is not None:  # STM-Net draws every pair fresh: there is no bank
@@ -188,16 +192,17 @@ def train(
         from stm_live.models.tipdomain import fit_domain_main
 
         if lr is not None or init is not None or bank_size is not None or resume:
-            _fail(ValueError("--model tipdomain takes --out, --seed, --device and --threads only"))
+            _fail(ValueError("--model tipdomain takes --weights, --out, --seed, --device and --threads only"))
         with _user_errors():
-            fit_domain_main(out=out, seed=seed, device=check_device(device), **_given(threads=threads))
+            fit_domain_main(weights=weights, out=out, device=check_device(device),
+                            **_given(seed=seed, threads=threads))
         return
     else:
         _fail(ValueError(f"unknown model {model!r}; choose stmnet, tipstate or tipdomain"))
     with _user_errors():
         device = check_device(device)
-        train_main(steps=steps, out=out, device=device, seed=seed, resume=resume,
-                   **_given(lr=lr, threads=threads, init=init, bank_size=bank_size))
+        train_main(steps=steps, out=out, device=device, resume=resume,
+                   **_given(seed=seed, lr=lr, threads=threads, init=init, bank_size=bank_size))
 
 
 @app.command()

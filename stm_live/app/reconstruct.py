@@ -206,8 +206,8 @@ def reconstruct_files(inputs: Sequence[os.PathLike | str], output: os.PathLike |
 
 def main(inputs: Sequence[os.PathLike | str], output: os.PathLike | str, **options) -> int:
     """The command: one line per file on the console; exit status 0 when every file was
-    reconstructed as a CO-tip orbital image, 1 when some were skipped or flagged, 2 when any
-    failed."""
+    reconstructed (a flag from the self-consistency check is in its line, the result is
+    written), 1 when some were skipped as outside STM-Net's scope, 2 when any failed."""
     from rich.console import Console
 
     console = Console(highlight=False)
@@ -216,4 +216,4 @@ def main(inputs: Sequence[os.PathLike | str], output: os.PathLike | str, **optio
         f"[{colour[r.status]}]{r.status}[/] {r.message}", soft_wrap=True), **options)
     if any(r.status == "failed" for r in results):
         return 2
-    return 1 if any(r.status in ("skipped", "flagged") for r in results) else 0
+    return 1 if any(r.status == "skipped" for r in results) else 0

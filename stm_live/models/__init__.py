@@ -11,11 +11,11 @@ def load_stmnet(device: str | None = "auto", path=None, **options):
     return _load(device=device, path=path, **options)
 
 
-def load_tip_classifier(device: str | None = "auto", path=None):
-    """The shipped tip-state classifier (see ``tipstate.py``)."""
+def load_tip_classifier(device: str | None = "auto", path=None, **options):
+    """The shipped tip-state classifier with its domain model (see ``tipstate.py``)."""
     from stm_live.models.tipstate import load_tip_classifier as _load
 
-    return _load(device=device, path=path)
+    return _load(device=device, path=path, **options)
 
 
 def check_device(device: str | None) -> str:
