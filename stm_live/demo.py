@@ -85,14 +85,23 @@ class _VerdictPrinter:
 
     def __call__(self, record: dict) -> None:
         key = (record.get("run_uid"), record["label"])
-        if key == self._last and record.get("good", True):
-            return
+        unknown = record.get("in_domain") is False
+        if key == self._last and (record.get("good", True) or unknown):
+            return  # a repeated good or unknown verdict says nothing new
         self._last = key
+        probs = record["probabilities"]
+        if unknown:  # outside what the classifier knows: nothing acts on it
+            nearest = max(probs, key=probs.get)
+            self.console.print(
+                f"  tip verdict at line {record['line']}: [yellow]unknown[/] (domain score "
+                f"{record.get('domain_score', float('nan')):.0f} > {record.get('domain_threshold', float('nan')):.0f}; "
+                f"nearest {nearest}, p = {probs[nearest]:.2f}; {record['reason']})")
+            return
         colour = "green" if record.get("good") else "red"
-        p = record["probabilities"].get(record["label"], float("nan"))
         self.console.print(
             f"  tip verdict at line {record['line']}: [{colour}]{record['label']}[/] "
-            f"(p = {p:.2f}, s share {record['s_fraction']:.2f}; {record['reason']})")
+            f"(p = {probs.get(record['label'], float('nan')):.2f}, s share {record['s_fraction']:.2f}; "
+            f"{record['reason']})")
 
 
 def _sxm_for_run(path: Path, run) -> Path:
