@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from stm_live.session import DerivedCollector, fan_out
+from stm_live.viewer import json_number
 
 logger = logging.getLogger(__name__)
 
@@ -472,20 +473,12 @@ def _check_panels(check: dict, shape: tuple[int, ...]) -> list[tuple[str, np.nda
     return panels
 
 
-def _finite(value) -> float | None:
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return None
-    return value if np.isfinite(value) else None
-
-
 def _check_summary(check: dict) -> dict[str, Any]:
     """The check's scalars for summary.json (NaN -> None)."""
     orbital = check.get("orbital")
-    return {"agreement": _finite(check.get("agreement")), "w_s": _finite(check.get("w_s")),
+    return {"agreement": json_number(check.get("agreement")), "w_s": json_number(check.get("w_s")),
             "orbital": None if orbital is None else bool(orbital), "reason": str(check.get("reason") or ""),
-            "spread": _finite(check.get("spread")), "explained": _finite(check.get("explained"))}
+            "spread": json_number(check.get("spread")), "explained": json_number(check.get("explained"))}
 
 
 def _check_line(check: dict) -> str:

@@ -68,7 +68,7 @@ def _geometry(block: dict) -> dict[str, Any]:
     return {"scan_direction": direction, "frame_nm": [width_nm, height_nm]}
 
 
-def _number(value) -> float | None:
+def json_number(value) -> float | None:
     """A finite float, else None (JSON has no NaN: one NaN would stop the page's parser)."""
     try:
         value = float(value)
@@ -84,7 +84,7 @@ def _json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [_json_safe(v) for v in obj]
     if isinstance(obj, (float, np.floating)):
-        return _number(obj)
+        return json_number(obj)
     if isinstance(obj, np.generic):
         return obj.item()
     return obj
@@ -270,7 +270,7 @@ class ViewerState:
         result.updates += 1
         if "agreement" in data:  # per-update self-consistency (absent in older runs)
             orbital = data.get("orbital")
-            result.live = {"agreement": _number(data.get("agreement")), "w_s": _number(data.get("w_s")),
+            result.live = {"agreement": json_number(data.get("agreement")), "w_s": json_number(data.get("w_s")),
                            "orbital": None if orbital is None else bool(orbital)}
             self.check_version += 1
         self.recon_version += 1
@@ -278,7 +278,7 @@ class ViewerState:
     def _on_check_event(self, parent: str, data: dict) -> None:
         result = self._result(parent)
         orbital = data.get("orbital")
-        result.check = {**{k: _number(data.get(k)) for k in ("agreement", "w_s", "spread", "explained")},
+        result.check = {**{k: json_number(data.get(k)) for k in ("agreement", "w_s", "spread", "explained")},
                         "orbital": None if orbital is None else bool(orbital),
                         "reason": str(data.get("reason") or "")}
         result.residual = _image(data.get("residual"))
@@ -310,10 +310,10 @@ class ViewerState:
         self.verdict = {
             "label": str(label),
             "probabilities": {str(k): float(v) for k, v in dict(probabilities).items()},
-            "s_fraction": _number(data.get("s_fraction")),
+            "s_fraction": json_number(data.get("s_fraction")),
             "in_domain": None if in_domain is None else bool(in_domain),
-            "domain_score": _number(data.get("domain_score")),
-            "domain_threshold": _number(data.get("domain_threshold")),
+            "domain_score": json_number(data.get("domain_score")),
+            "domain_threshold": json_number(data.get("domain_threshold")),
         }
         self.timeline.append({"run": parent or self.run or "", "line": int(data.get("line", -1)),
                               "label": str(label)})
