@@ -1,5 +1,5 @@
 # Every target bootstraps .venv on first use: the pinned CPU torch first (so pip never
-# pulls the multi-GB CUDA wheels), then the package with its dev extra.
+# pulls the multi-GB CUDA wheels), then the package with its dev and queue extras.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
 VENV := .venv
@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,queue]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -8,6 +8,10 @@ Two measurements against the simulated controller on 127.0.0.1:
   TCP grabs on its thread, msgpack + fsync in the journal.
 * paced: 50 lines/s from the controller (0.01 s forward + 0.01 s backward), a full frame;
   every line must arrive, and the latency from "line in hand" to "line durable" is shown.
+* tiled: one 512 x 512 run of 4 channels (forward and backward) ingested from its journal
+  through bluesky's TiledWriter into the embedded tiled server (the BlueskyRun layout), timed;
+  then the saturated frame again while such a run is being ingested beside it, on the
+  session's ingestion thread: the per-line overhead shows whether it stays off the loop.
 
 Run: ``python -m benchmarks acquisition`` (or ``make bench``).
 """
@@ -22,6 +26,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 from bluesky import RunEngine
@@ -150,6 +155,100 @@ def _baselines() -> tuple[np.ndarray, np.ndarray]:
     return np.diff(stamps) * 1e3, np.array(cost) * 1e3
 
 
+def _synthetic_journal(data_dir, pixels: int = PIXELS, lines: int = PIXELS, channels: int = 4):
+    """A journaled frame run of ``channels`` channels, forward and backward, as live_frame
+    documents it (interfaces.md layout), without a controller."""
+    from event_model import compose_run
+
+    names = [f"ch{k}" for k in range(channels)]
+    keys = {n: {"forward": f"stm_{n}_fwd", "backward": f"stm_{n}_bwd"} for n in names}
+    meta = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 25e-9, "height_m": 25e-9,
+                      "angle_deg": 0.0}, "pixels": pixels, "lines": lines, "pixel_size_nm": 25 / pixels,
+            "scan_direction": "down", "bias_V": -1.0, "setpoint_A": 1e-11,
+            "z_controller": "constant_height", "line_key": "stm_line_index",
+            "channels": [{"name": n, "index": k, "units": "A", "keys": keys[n]} for k, n in enumerate(names)]}
+    run = compose_run(metadata={"plan_name": "live_frame", "stm_live": meta})
+    data_keys = {"stm_line_index": {"source": "bench", "dtype": "integer", "shape": []}}
+    data_keys.update({key: {"source": "bench", "dtype": "array", "shape": [pixels], "dtype_numpy": "<f4"}
+                      for n in names for key in keys[n].values()})
+    desc = run.compose_descriptor(name="primary", data_keys=data_keys)
+    writer = JournalWriter(data_dir, fsync=False)
+    writer("start", run.start_doc)
+    writer("descriptor", desc.descriptor_doc)
+    rng = np.random.default_rng(0)
+    for row in range(lines):
+        data = {"stm_line_index": row, **{k: rng.random(pixels, dtype=np.float32) for k in data_keys
+                                          if k != "stm_line_index"}}
+        writer("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, time.time()),
+                                           validate=False))
+    writer("stop", run.compose_stop())
+    return writer.path_for(run.start_doc["uid"])
+
+
+def _ingestion_s(repeats: int = 2) -> np.ndarray:
+    """Seconds to ingest one 512 x 512 run of 4 channels (8 arrays a line) through TiledWriter."""
+    import bluesky.callbacks.tiled_writer  # noqa: F401  (its imports, seconds, are not ingestion)
+
+    from stm_live.store import ingest_journal, open_tiled
+
+    with tempfile.TemporaryDirectory() as tmp:
+        client, server = open_tiled(tmp)
+        try:
+            cost = []
+            for _ in range(repeats):
+                path = _synthetic_journal(tmp)
+                t0 = time.perf_counter()
+                ingest_journal(client, path)
+                cost.append(time.perf_counter() - t0)
+            return np.array(cost)
+        finally:
+            server.close()
+
+
+def _frames_beside_ingestion(lines: int, data_dir, runs: int = 3, pairs: int = 2):
+    """Saturated frames through one session with tiled (the embedded server), alternately with
+    nothing to ingest and while ``runs`` 512 x 512 x 4-channel runs are ingested beside them on
+    the session's ingestion thread. Returns per-line ms (quiet, beside ingestion) and, per busy
+    frame, the share of it the ingestion covered."""
+    from stm_live.session import AcquisitionSession
+
+    big = [_synthetic_journal(Path(data_dir) / "elsewhere") for _ in range(runs)]  # not recovered
+    durable: list[float] = []
+
+    def after_journal(name, doc):
+        if name == "event":
+            durable.append(time.time())
+
+    quiet, busy, covered = [], [], []
+    with _controller(2000.0) as (host, port):
+        stm = NanonisSTM(host, port, name="stm")
+        try:
+            stm.client.scan_speed_set(0.0, 0.0, 0.1, 0.1, "time", 1.0)
+            with AcquisitionSession(data_dir, tiled=True, inline_callbacks=[after_journal]) as session:
+                if not session.wait(120) or session.ingestor is None:
+                    raise RuntimeError(f"embedded tiled did not start: {session.tiled_error}")
+                for k in range(2 * pairs):
+                    beside = k % 2 == 1
+                    durable.clear()
+                    t0 = time.perf_counter()
+                    for path in big if beside else ():
+                        session.ingestor.submit(path)
+                    session(live_frame(stm, frame=(0, 0, 10e-9, 10e-9, 0), pixels=PIXELS, lines=lines,
+                                       channels=CHANNELS))
+                    frame_s = time.perf_counter() - t0
+                    per_line = np.diff(np.array(durable)) * 1e3
+                    if beside:
+                        session.ingestor.join(600)
+                        covered.append(min(1.0, (time.perf_counter() - t0) / frame_s))
+                    (busy if beside else quiet).append(per_line)
+                    session.wait(120)  # the frame's own ingestion: between frames, not in them
+                if session.ingestor.errors:
+                    raise RuntimeError(f"ingestion failed: {session.ingestor.errors}")
+        finally:
+            stm.close()
+    return np.concatenate(quiet), np.concatenate(busy), covered
+
+
 def _stats(ms: np.ndarray) -> str:
     return (f"median {np.median(ms):6.2f} ms   p99 {np.percentile(ms, 99):6.2f} ms   "
             f"max {ms.max():6.2f} ms")
@@ -194,6 +293,21 @@ def main() -> dict:
         print(f"  line in hand -> durable: {_stats(lat)}")
         results.update(rate_lines_s=float(rate), lost_lines=int(lost),
                        durable_latency_p99_ms=float(np.percentile(lat, 99)))
+
+    ingest = _ingestion_s()
+    print("tiled (BlueskyRun layout through bluesky's TiledWriter, embedded server, in-process):")
+    print(f"  ingestion of one {PIXELS} x {PIXELS} run, 4 channels x 2 directions: "
+          f"{', '.join(f'{t:.2f}' for t in ingest)} s ({np.median(ingest) / PIXELS * 1e3:.1f} ms a line)")
+    results["tiled_ingest_s"] = float(np.median(ingest))
+    with tempfile.TemporaryDirectory() as tmp:
+        quiet, busy, covered = _frames_beside_ingestion(128, tmp)
+        print(f"  saturated frames, {PIXELS} px x 128 lines, alternately (session with tiled):")
+        print(f"    nothing to ingest:                      {_stats(quiet)}")
+        print(f"    beside 3 such runs' ingestion:          {_stats(busy)}  "
+              f"(ingestion covered {', '.join(f'{100 * c:.0f} %' for c in covered)} of those frames)")
+        results["overhead_quiet_median_ms"] = float(np.median(quiet))
+        results["overhead_while_ingesting_median_ms"] = float(np.median(busy))
+        results["overhead_while_ingesting_p99_ms"] = float(np.percentile(busy, 99))
     return results
 
 

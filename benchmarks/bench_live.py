@@ -98,7 +98,7 @@ def bench_inprocess(net, size: int, rate: float, timed: int, band_margin) -> dic
 
     finals = []
     live = LiveReconstruction(net, band_margin=band_margin,
-                              emit=lambda n, d: finals.append(d) if n == "event" and d["data"]["final"] else None)
+                              emit=lambda n, d: finals.append(d) if n == "event" and d["data"].get("final") else None)
     docs = _docs(size, net.pixel_size_nm, seed=size)
     sent_at: dict[int, float] = {}
     try:
@@ -136,7 +136,7 @@ class _ZmqRig:
             raise RuntimeError("0MQ worker did not start within 90 s")
 
     def _on_result(self, name, doc):
-        if name == "event":
+        if name == "event" and "lines" in doc["data"]:  # the reconstruction stream, not the consistency one
             d = doc["data"]
             self.recv_at.append((time.perf_counter(), [int(r) for r in d["lines"]], bool(d["final"]), int(d["lines_done"])))
 

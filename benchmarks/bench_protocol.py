@@ -5,8 +5,14 @@
    Targets: ours <= 1 ms median and >= 100x faster than nanonisTCP.
 2. Lines served per second with 4 clients attached: each client follows a fast scan on its
    own connection (Scan.WaitEndOfLine, then a FrameDataGrab of the new row's frame).
-3. Time to serve each command of the table (median, p99 round trip on loopback through our
+3. Bias.Get, Current.Get and a 512x512 FrameDataGrab (median, p99) while a 512x512 frame
+   renders: the serving loop must not wait on the renderer.
+4. Time to serve each command of the table (median, p99 round trip on loopback through our
    codec, release R14718), except those that wait by design. Target: each <= 1 ms.
+5. Recording proxy overhead: the 512x512 FrameDataGrab round trip through `stm-live sim
+   record` (its own process, recording to a file) minus the same grab straight to the
+   server, interleaved; back to back, and paced at 50 grabs/s as a scan grabs its lines.
+   Target: <= 0.5 ms added.
 
     python -m benchmarks.bench_protocol [--quick]
 """
@@ -16,10 +22,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import re
 import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -76,6 +87,51 @@ def bench_grab(host: str, port: int, repeats: int, peer_repeats: int) -> list[tu
         rows.append(("nanonis_spm 1.0.9", spm_ms, f"{peer_repeats} calls"))
     finally:
         sock.close()
+    return rows
+
+
+def bench_proxy(host: str, port: int, repeats: int, pace_s: float = 0.02) -> list[tuple[str, float, float, float]]:
+    """(pattern, direct median ms, through the proxy median ms, median of the paired
+    differences ms) for SIZE x SIZE grabs, direct and proxied alternating, back to back and
+    one every ``pace_s``. The proxy runs as `stm-live sim record` does, in its own process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "bench.nrec"
+        proc = subprocess.Popen([sys.executable, "-m", "stm_live.cli", "sim", "record", "--upstream",
+                                 f"{host}:{port}", "--listen", "127.0.0.1:0", "--out", str(out)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = proc.stdout.readline()
+            found = re.search(r"127\.0\.0\.1:(\d+) ->", line)
+            if not found:
+                raise RuntimeError(f"sim record did not start: {line}{proc.stderr.read()[-2000:]}")
+            rows = []
+            with NanonisClient(host, port, timeout=30) as direct, \
+                    NanonisClient(host, int(found.group(1)), timeout=30) as proxied:
+                direct.scan_action("stop")
+                direct.scan_buffer_set([0, 30], SIZE, SIZE)
+                # warm-up, and the same frame both ways
+                np.testing.assert_array_equal(proxied.scan_frame_data_grab(30).data,
+                                              direct.scan_frame_data_grab(30).data)
+                for pattern, pace in (("back to back", 0.0), (f"one every {pace_s * 1e3:.0f} ms", pace_s)):
+                    times: dict[str, list[float]] = {"direct": [], "proxied": []}
+                    for i in range(repeats):
+                        for name, c in ((("direct", direct), ("proxied", proxied))[::1 if i % 2 else -1]):
+                            t0 = time.perf_counter()
+                            c.scan_frame_data_grab(30)
+                            times[name].append(time.perf_counter() - t0)
+                            if pace:
+                                time.sleep(max(0.0, pace - (time.perf_counter() - t0)))
+                    diff = [p - d for p, d in zip(times["proxied"], times["direct"])]
+                    rows.append((pattern, statistics.median(times["direct"]) * 1e3,
+                                 statistics.median(times["proxied"]) * 1e3, statistics.median(diff) * 1e3))
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=30)
+        from stm_live.simulators.cassette import read_recording
+
+        grabs = sum(p.name == "Scan.FrameDataGrab" and p.reply is not None for p in read_recording(out).pairs)
+        if grabs != 2 * repeats + 1:
+            raise RuntimeError(f"the recording holds {grabs} grabs, not {2 * repeats + 1}")
     return rows
 
 
@@ -184,21 +240,64 @@ def bench_commands(host: str, port: int, repeats: int) -> list[tuple[str, float,
                 cmd = P.command_for(name)
             except P.UnknownCommandError:
                 continue
-            msg = P.pack_request(name, _request_values(cmd), command=cmd)
-            times, errors = [], 0
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                sock.sendall(msg)
-                head = _recv(sock, 40)
-                _, size = P.parse_response_header(head)
-                body = _recv(sock, size)
-                times.append(time.perf_counter() - t0)
-                errors += P.decode_response_body(name, body, cmd)[1] != 0
-            times.sort()
-            rows.append((name, statistics.median(times) * 1e3, times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
-                         errors))
+            rows.append((name, *_serve_times(sock, name, _request_values(cmd), repeats)[:3]))
     finally:
         sock.close()
+    return rows
+
+
+def _serve_times(sock, name: str, values, repeats: int, seconds: float | None = None) -> tuple[float, float, int]:
+    """(median ms, p99 ms, error replies) of ``repeats`` round trips of one request (or as
+    many as fit in ``seconds``)."""
+    from stm_live.devices import protocol as P
+
+    cmd = P.command_for(name)
+    msg = P.pack_request(name, values, command=cmd)
+    times, errors = [], 0
+    end = None if seconds is None else time.perf_counter() + seconds
+    for _ in range(repeats):
+        if end is not None and time.perf_counter() > end:
+            break
+        t0 = time.perf_counter()
+        sock.sendall(msg)
+        _, size = P.parse_response_header(_recv(sock, P.HEADER_SIZE))
+        body = _recv(sock, size)
+        times.append(time.perf_counter() - t0)
+        errors += P.decode_response_body(name, body, cmd)[1] != 0
+    times.sort()
+    return (statistics.median(times) * 1e3, times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3, errors,
+            len(times))
+
+
+# Cheap commands timed while a frame renders: Bias.Get is answered on the server's loop,
+# Current.Get and Scan.FrameDataGrab go through the controller.
+WHILE_RENDERING = (("Bias.Get", {}), ("Current.Get", {}),
+                   ("Scan.FrameDataGrab", {"channel_index": 30, "data_direction": 1}))
+
+
+def bench_while_rendering(host: str, port: int, seconds: float) -> list[tuple[str, float, float, int, int, int]]:
+    """(command, median ms, p99 ms, errors, calls, lines scanned meanwhile): each command
+    called back to back for ``seconds`` while a SIZE x SIZE frame renders (1 ms lines,
+    continuous, so the scan always waits on the renderer)."""
+    with NanonisClient(host, port, timeout=60) as c:
+        c.scan_action("stop")
+        c.scan_buffer_set([0, 30], SIZE, SIZE)
+        c.scan_speed_set(1e-6, 1e-6, 1e-3, 1e-3, keep_constant="time", speed_ratio=1.0)
+        c.scan_props_set(continuous=True)
+        c.scan_action("start", "down")
+        while c.scan_wait_end_of_line(60).movement != "forward":  # rendering has begun
+            pass
+        sock = socket.create_connection((host, port), timeout=60)
+        rows = []
+        try:
+            for name, values in WHILE_RENDERING:
+                first = c.scan_wait_end_of_line(0)
+                times = _serve_times(sock, name, values, 1 << 30, seconds)
+                last = c.scan_wait_end_of_line(0)
+                rows.append((name, *times, (last.line - first.line) % SIZE))
+        finally:
+            sock.close()
+            c.scan_action("stop")
     return rows
 
 
@@ -232,6 +331,14 @@ def main(argv: list[str] | None = None) -> None:
           f">= 100x nanonisTCP: {'PASS' if ntcp / ours >= 100 else 'FAIL'} ({ntcp / ours:.0f}x)")
 
     with start_server_thread(seed=0, time_scale=1.0) as server:
+        proxy_rows = bench_proxy(server.host, server.port, repeats)
+    print(f"\nThrough the recording proxy (`stm-live sim record`, own process, writing the file): "
+          f"{SIZE}x{SIZE} FrameDataGrab, {repeats} of each, interleaved")
+    print(f"{'pattern':22s} {'direct ms':>10s} {'proxied ms':>11s} {'added ms':>9s}  target <= 0.5 ms added")
+    for pattern, d, p, added in proxy_rows:
+        print(f"{pattern:22s} {d:10.3f} {p:11.3f} {added:9.3f}  {'PASS' if added <= 0.5 else 'FAIL'}")
+
+    with start_server_thread(seed=0, time_scale=1.0) as server:
         finish, rows = bench_lines(server.host, server.port)
         cap = bench_capacity(server.host, server.port, seconds)
     print("\nLines served with 4 clients attached, following one 256-pixel x 128-line frame live")
@@ -245,6 +352,14 @@ def main(argv: list[str] | None = None) -> None:
     for k, n in enumerate(cap):
         print(f"{k:8d} {n / seconds:8.0f}")
     print(f"{'total':>8s} {sum(cap) / seconds:8.0f}   (= lines/s deliverable, one grab per line)")
+
+    with start_server_thread(seed=0, time_scale=1.0) as server:
+        busy = bench_while_rendering(server.host, server.port, 0.5 if args.quick else 3.0)
+    print(f"\nServe time while a {SIZE}x{SIZE} frame renders (1 ms lines, continuous: the scan waits on "
+          "the renderer throughout), each command back to back")
+    print(f"{'command':32s} {'median ms':>10s} {'p99 ms':>8s} {'errors':>7s} {'calls':>7s} {'lines meanwhile':>16s}")
+    for name, med, p99, errs, calls, lines in busy:
+        print(f"{name:32s} {med:10.3f} {p99:8.3f} {errs:7d} {calls:7d} {lines:16d}")
 
     with start_server_thread(seed=0, time_scale=1.0) as server:
         cmd_rows = bench_commands(server.host, server.port, 20 if args.quick else 200)

@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from stm_live.app.queue import queue_app  # light: typer only; the queue server loads on use
 from stm_live.models import check_device  # light: refuses an impossible --device before any load
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
@@ -20,6 +21,7 @@ sim_app = typer.Typer(no_args_is_help=True, help="The simulated Nanonis controll
 runs_app = typer.Typer(no_args_is_help=True, help="Runs stored in the journal and tiled.")
 app.add_typer(sim_app, name="sim")
 app.add_typer(runs_app, name="runs")
+app.add_typer(queue_app, name="queue")
 
 
 def _fail(exc: Exception) -> None:
@@ -54,16 +56,20 @@ def demo(
     seed: int = typer.Option(0),
     view: bool = typer.Option(False, "--view", help="Serve the live viewer while it runs."),
     quick: bool = typer.Option(False, "--quick", help="Small frames, for smoke tests."),
+    tiled_uri: Optional[str] = typer.Option(
+        None, help="A lab's tiled server for the runs (default: an embedded one in DATA_DIR/tiled)."),
 ):
     """Simulated controller, live frames, live reconstruction, tip monitor, report."""
     from stm_live.demo import run_demo
 
     with _user_errors():
-        run_demo(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick)
+        run_demo(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick,
+                 tiled_uri=tiled_uri)
 
 
 @sim_app.command("serve")
 def sim_serve(
+    ctx: typer.Context,
     host: str = typer.Option("127.0.0.1"),
     port: int = typer.Option(6501),
     scenario: Optional[Path] = typer.Option(None, help="Scenario YAML (default: shipped)."),
@@ -75,13 +81,57 @@ def sim_serve(
         help="Nanonis release to emulate (10862, 12202, 13172, 13742, 14254, 14573, 14718)."),
     session_dir: Optional[Path] = typer.Option(
         None, "--session-dir", help="Session folder for autosaved .sxm files (created if missing)."),
+    cassette: Optional[Path] = typer.Option(
+        None, "--cassette",
+        help="Answer from this session recording (.nrec) first; the simulator answers commands it never saw."),
+    cassette_only: bool = typer.Option(
+        False, "--cassette-only", help="With --cassette: an error reply for what the recording never saw."),
 ):
     """Run the simulated controller until Ctrl-C."""
     from stm_live.simulators.server import serve_forever
 
+    options = dict(host=host, port=port, scenario=scenario, replay=replay, time_scale=time_scale,
+                   seed=seed, session_dir=session_dir)
+    if cassette_only and cassette is None:
+        _fail(ValueError("--cassette-only needs --cassette SESSION.nrec"))
     with _user_errors():
-        serve_forever(host=host, port=port, scenario=scenario, replay=replay, time_scale=time_scale,
-                      seed=seed, nanonis_release=nanonis_release, session_dir=session_dir)
+        if cassette is not None:
+            from stm_live.app.sim_cassette import serve
+
+            given = ctx.get_parameter_source("nanonis_release").name != "DEFAULT"
+            serve(cassette, only=cassette_only, nanonis_release=nanonis_release if given else None, **options)
+        else:
+            serve_forever(nanonis_release=nanonis_release, **options)
+
+
+@sim_app.command("record")
+def sim_record(
+    upstream: List[str] = typer.Option(
+        ..., "--upstream", help="Controller HOST:PORT; repeat for each of its ports in use (up to 4)."),
+    listen: str = typer.Option(
+        "127.0.0.1:6501", "--listen", help="HOST:PORT for the first upstream; the next ones on PORT+1, ..."),
+    out: Path = typer.Option(..., "--out", help="The new session recording (.nrec); never overwritten."),
+    faults: Optional[str] = typer.Option(
+        None, "--faults", help="Scenario (name or YAML) whose faults: the proxy applies to its clients."),
+):
+    """Record a session: a transparent proxy between any client and a controller."""
+    from stm_live.app.sim_record import main as record_main
+
+    with _user_errors():
+        record_main(upstream, listen, out, faults)
+
+
+@sim_app.command("inspect")
+def sim_inspect(
+    recording: Path = typer.Argument(..., help="A session recording (.nrec)."),
+    redact: Optional[Path] = typer.Option(
+        None, "--redact", help="Write a copy without session/file paths and comments, to share."),
+):
+    """Commands, counts, reply times, errors and release of a session recording."""
+    from stm_live.app.sim_inspect import main as inspect_main
+
+    with _user_errors():
+        inspect_main(recording, redact)
 
 
 @app.command()
@@ -95,7 +145,8 @@ def scan(
     direction: str = typer.Option("down"),
     frames: int = typer.Option(1, min=1),
     data_dir: Path = typer.Option(Path("stm_live_data")),
-    tiled_uri: Optional[str] = typer.Option(None, help="Existing tiled server."),
+    tiled_uri: Optional[str] = typer.Option(
+        None, help="A lab's tiled server for the runs (default: an embedded one in DATA_DIR/tiled)."),
     tip_policy: str = typer.Option("prompt", help="off | prompt | auto"),
     worker: Optional[str] = typer.Option(None, help="0MQ address of a remote worker."),
     view: bool = typer.Option(False, "--view"),
@@ -128,7 +179,7 @@ def replay(
 
 @app.command()
 def reconstruct(
-    inputs: List[Path] = typer.Argument(..., help=".sxm or .npy images, or folders of .sxm files."),
+    inputs: List[Path] = typer.Argument(..., help=".sxm scans, .3ds grids or .npy images, or folders of them."),
     output: Path = typer.Option(Path("reconstructions"), "-o", "--output",
                                 help="Output .npy/.png/.sxm for one file, else a folder."),
     pixel_size: Optional[float] = typer.Option(None, help="nm per pixel (read from .sxm; needed for .npy)."),
@@ -138,13 +189,16 @@ def reconstruct(
     fmt: str = typer.Option("png", "--format", help="Per-file output in a folder: png, npy or sxm."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     views: int = typer.Option(2, help="Symmetry views averaged: 2 (default), 4 (best, 2x slower) or 1 (fastest)."),
+    bias: Optional[List[float]] = typer.Option(
+        None, help=".3ds grids: the biases (V) whose maps to reconstruct (default: every sweep point; "
+                   "the PNG shows the strongest resonances)."),
 ):
     """Reconstruct the pristine orbital |psi|^2 from CO-tip images; one line per file."""
     from stm_live.app.reconstruct import main as reconstruct_main
 
     with _user_errors():
         code = reconstruct_main(inputs, output, pixel_size_nm=pixel_size, line_spacing_nm=line_spacing,
-                                channel=channel, fmt=fmt, device=device, views=views)
+                                channel=channel, fmt=fmt, device=device, views=views, biases=bias)
     raise typer.Exit(code=code)
 
 
@@ -165,8 +219,11 @@ def classify(
 
 @app.command()
 def train(
-    model: str = typer.Option("stmnet", help="stmnet | tipstate | tipdomain (the tip classifier's domain statistics)"),
-    steps: int = typer.Option(4000),
+    ctx: typer.Context,
+    model: str = typer.Option(
+        "stmnet", help="stmnet | wide (STM-Net twice as wide, for a GPU) | tipstate | tipdomain (the tip "
+                       "classifier's domain statistics)"),
+    steps: int = typer.Option(4000, help="Training steps (with --minutes: a cap, if given)."),
     out: Optional[Path] = typer.Option(None, help="Checkpoint path (default: shipped weights)."),
     device: str = typer.Option("auto"),
     seed: Optional[int] = typer.Option(None, help="Random seed (default: the model's own)."),
@@ -178,16 +235,41 @@ def train(
         None, help="tipstate: simulated frames rendered once and reused with fresh noise (default 12000)."),
     weights: Optional[Path] = typer.Option(
         None, help="tipdomain: the classifier checkpoint whose domain to fit (default: the shipped one)."),
+    minutes: Optional[float] = typer.Option(
+        None, help="stmnet/wide: train for this many minutes of wall-clock time (the final evaluation "
+                   "comes after); --steps then caps the steps only if given."),
+    workers: Optional[int] = typer.Option(
+        None, help="stmnet/wide: processes simulating training pairs (default: 0 on CPU, all cores but two on CUDA)."),
+    broad_recipe: bool = typer.Option(
+        False, "--broad-recipe", help="tipstate: the broadened recipe (metal terraces, steps, adsorbates, small "
+                                      "molecules, bond-resolving heights)."),
 ):
     """Train a network on the physics simulator; writes checkpoint and model card."""
+    if broad_recipe and model != "tipstate":
+        _fail(ValueError("--broad-recipe applies to --model tipstate only"))
     if weights is not None and model != "tipdomain":
         _fail(ValueError("--weights applies to --model tipdomain only"))
-    if model == "stmnet":
+    if (minutes is not None or workers is not None) and model not in ("stmnet", "wide"):
+        _fail(ValueError("--minutes and --workers apply to --model stmnet and wide only"))
+    model_options = {}
+    if model in ("stmnet", "wide"):
         from stm_live.models.training import train_main
         if bank_size is not None:  # STM-Net draws every pair fresh: there is no bank
             _fail(ValueError("--bank-size applies to --model tipstate only"))
+        if minutes is not None:  # by time: --steps caps the run only where it was given
+            model_options["minutes"] = minutes
+            if ctx.get_parameter_source("steps").name == "DEFAULT":
+                steps = None
+        if model == "wide":
+            from stm_live.models.stmnet import WIDE_CHECKPOINT, WIDE_CONFIG
+
+            model_options["config"] = WIDE_CONFIG
+            out = out or WIDE_CHECKPOINT
+        model_options.update(_given(workers=workers))
     elif model == "tipstate":
         from stm_live.models.tipstate import train_main
+
+        model_options = {"broad_recipe": True} if broad_recipe else {}
     elif model == "tipdomain":  # statistics of the shipped classifier's features: no steps
         from stm_live.models.tipdomain import fit_domain_main
 
@@ -198,10 +280,10 @@ def train(
                             **_given(seed=seed, threads=threads))
         return
     else:
-        _fail(ValueError(f"unknown model {model!r}; choose stmnet, tipstate or tipdomain"))
+        _fail(ValueError(f"unknown model {model!r}; choose stmnet, wide, tipstate or tipdomain"))
     with _user_errors():
         device = check_device(device)
-        train_main(steps=steps, out=out, device=device, resume=resume,
+        train_main(steps=steps, out=out, device=device, resume=resume, **model_options,
                    **_given(seed=seed, lr=lr, threads=threads, init=init, bank_size=bank_size))
 
 
@@ -237,28 +319,38 @@ def evaluate(
 
 
 @app.command()
-def bench(only: Optional[str] = typer.Option(None, help="Run benchmarks whose name contains this.")):
+def bench(
+    only: Optional[str] = typer.Option(None, help="Run benchmarks whose name contains this."),
+    args: Optional[List[str]] = typer.Argument(
+        None, help="Arguments for the benchmark --only picks, after --: `stm-live bench --only gpu -- --smoke`."),
+):
     """Run the benchmarks in benchmarks/ and print their tables."""
     from benchmarks.__main__ import run_all
 
-    run_all(only=only)
+    run_all(only=only, argv=args or None)
+
+
+_TILED_URI_HELP = "A tiled server (e.g. the lab's) to read the runs from, in the BlueskyRun layout."
 
 
 @runs_app.command("list")
-def runs_list(data_dir: Path = typer.Option(Path("stm_live_data"))):
-    """List the runs in the journal."""
+def runs_list(data_dir: Path = typer.Option(Path("stm_live_data")),
+              tiled_uri: Optional[str] = typer.Option(None, help=_TILED_URI_HELP)):
+    """List the runs in the journal (or in tiled)."""
     from stm_live.store import runs_list as _list
 
-    _list(data_dir=data_dir)
+    with _user_errors():
+        _list(data_dir=data_dir, tiled_uri=tiled_uri)
 
 
 @runs_app.command("show")
-def runs_show(run: str, data_dir: Path = typer.Option(Path("stm_live_data"))):
+def runs_show(run: str, data_dir: Path = typer.Option(Path("stm_live_data")),
+              tiled_uri: Optional[str] = typer.Option(None, help=_TILED_URI_HELP)):
     """Show one run's metadata and lines."""
     from stm_live.store import runs_show as _show
 
     with _user_errors():
-        _show(run, data_dir=data_dir)
+        _show(run, data_dir=data_dir, tiled_uri=tiled_uri)
 
 
 @runs_app.command("export")
@@ -266,12 +358,13 @@ def runs_export(
     run: str,
     sxm: Path = typer.Option(..., "--sxm", help="Output .sxm file."),
     data_dir: Path = typer.Option(Path("stm_live_data")),
+    tiled_uri: Optional[str] = typer.Option(None, help=_TILED_URI_HELP),
 ):
     """Export a run as a Nanonis .sxm file."""
     from stm_live.store import runs_export as _export
 
     with _user_errors():
-        _export(run, sxm=sxm, data_dir=data_dir)
+        _export(run, sxm=sxm, data_dir=data_dir, tiled_uri=tiled_uri)
 
 
 @app.command()
@@ -295,11 +388,15 @@ def worker(
 def view(
     port: int = typer.Option(8765),
     data_dir: Path = typer.Option(Path("stm_live_data"), help="Data folder whose journals to follow."),
+    tiled_uri: Optional[str] = typer.Option(
+        None, help="Show a run stored in this tiled server (BlueskyRun layout) instead."),
+    run: str = typer.Option("latest", help="With --tiled-uri: the run (uid, prefix, latest, -N)."),
 ):
     """Serve the live viewer on 127.0.0.1, following the runs journaled in DATA_DIR."""
     from stm_live.viewer import run_viewer
 
-    run_viewer(port=port, data_dir=data_dir)
+    with _user_errors():
+        run_viewer(port=port, data_dir=data_dir, tiled_uri=tiled_uri, run=run)
 
 
 def main() -> None:

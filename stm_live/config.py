@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+from stm_live.devices.client import DEFAULT_MAX_OUTAGE_S
 from stm_live.validation import finite
 
-__all__ = ["Profile", "Limits", "ChannelSpec", "Recondition", "ReconditionAction",
+__all__ = ["Profile", "Limits", "ChannelSpec", "Recondition", "ReconditionAction", "Link",
            "ProfileError", "LimitError", "load_profile", "profile_path", "PROFILE_DIR",
            "TIP_POLICIES", "ACTION_KINDS"]
 
@@ -71,6 +72,19 @@ class Recondition:
 
 
 @dataclass(frozen=True)
+class Link:
+    """What the acquisition does when the link to the controller stalls or drops."""
+
+    # How long one outage may last while every connection reconnects on its own; past it
+    # the frame ends "fail" with the reason, and the next frame starts afresh. 0: never
+    # reconnect.
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S
+
+
+MAX_OUTAGE_LIMIT_S = 3600.0
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     host: str
@@ -80,6 +94,7 @@ class Profile:
     limits: Limits
     tip_policy: str
     recondition: Recondition
+    link: Link = field(default_factory=Link)
     source: Path | None = field(default=None, compare=False)
 
     @property
@@ -250,7 +265,7 @@ def _pair(value: Any, key: str, names: tuple[str, str], check: Callable) -> tupl
 
 def _build(doc: Any, path: Path) -> Profile:
     top = _mapping(doc, "", {"name", "host", "ports", "channels", "limits", "recondition"},
-                   {"timeout_s", "tip_policy"})
+                   {"timeout_s", "tip_policy", "link"})
     name = _string(top["name"], "name")
     host = _string(top["host"], "host")
     ports = top["ports"]
@@ -329,5 +344,10 @@ def _build(doc: Any, path: Path) -> Profile:
         clean_site_m=site, actions=tuple(actions),
         max_attempts=_integer(rec["max_attempts"], "recondition.max_attempts", 1, 100))
 
+    link = _mapping(top.get("link", {}), "link", set(), {"max_outage_s"})
+    link = Link(max_outage_s=_number(link.get("max_outage_s", Link.max_outage_s), "link.max_outage_s",
+                                     0.0, MAX_OUTAGE_LIMIT_S))
+
     return Profile(name=name, host=host, ports=ports, timeout_s=timeout_s, channels=channels,
-                   limits=limits, tip_policy=tip_policy, recondition=recondition, source=path)
+                   limits=limits, tip_policy=tip_policy, recondition=recondition, link=link,
+                   source=path)

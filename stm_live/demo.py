@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from stm_live.session import DerivedCollector, fan_out
+from stm_live.session import DerivedCollector
 from stm_live.viewer import json_number
 
 logger = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def _pick_snapshots(snapshots: list[tuple[int, np.ndarray]],
 
 def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str = "stm_live_data",
              frames: int = 3, seed: int = 0, view: bool = False, quick: bool = False, *,
-             device: str = "auto", time_scale: float | None = None, console=None) -> dict[str, Any]:
+             device: str = "auto", time_scale: float | None = None, tiled_uri: str | None = None,
+             console=None) -> dict[str, Any]:
     """Run the demo session; write the report folder; return the summary (also
     ``out/summary.json``).
 
@@ -199,27 +200,44 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
         Torch device for STM-Net and the tip classifier.
     time_scale : float, optional
         Scan-clock speed-up (default: 10 for 128-line frames, 8 quick).
+    tiled_uri : str, optional
+        A lab's tiled server for the runs, instead of the embedded one in ``data_dir/tiled``.
+
+    A stalled or dropped link to the controller is reported in one line and ridden through
+    (``link.max_outage_s`` of the profile); details and tracebacks go to
+    ``data_dir/stm-live.log``, named on screen once.
     """
     from rich.console import Console
 
-    from bluesky.utils import RunEngineInterrupted
-
-    from stm_live.callbacks.live import LiveReconstruction
-    from stm_live.callbacks.tipmonitor import TipMonitor
-    from stm_live.config import load_profile
-    from stm_live.devices.stm import NanonisSTM
-    from stm_live.plans import live_frame
-    from stm_live.reconditioning import TipReconditioner
-    from stm_live.replay_cli import _load_models
-    from stm_live.session import AcquisitionSession, LineProgress
-    from stm_live.simulators.server import start_server_thread
-    from stm_live.store import JournalWriter
+    from stm_live.console import LogFile, quiet_suspensions
 
     t_start = time.perf_counter()
     console = console or Console()
     frames = int(frames)
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
+    with LogFile(data_dir) as log, quiet_suspensions():
+        console.print(f"log: {log.path} (details and tracebacks of anything that goes wrong)")
+        return _session(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick,
+                        device=device, time_scale=time_scale, tiled_uri=tiled_uri, console=console,
+                        t_start=t_start)
+
+
+def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, device: str,
+             time_scale: float | None, tiled_uri: str | None, console, t_start: float) -> dict[str, Any]:
+    """The demo proper (see :func:`run_demo`)."""
+    from rich.markup import escape
+
+    from bluesky.utils import RunEngineInterrupted
+
+    from stm_live.config import load_profile
+    from stm_live.console import describe
+    from stm_live.devices.stm import NanonisSTM
+    from stm_live.plans import live_frame
+    from stm_live.replay_cli import _load_models
+    from stm_live.session import AcquisitionSession, LineProgress
+    from stm_live.simulators.server import start_server_thread
+
     size = 48 if quick else 128
     frames = min(frames, 2) if quick else frames
     # Simulated line = 0.1 s forward + 0.1 s backward; this keeps a frame to seconds
@@ -242,35 +260,25 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
         viewer = Viewer(state)
         console.print(f"viewer: [bold]{viewer.url}[/]")
 
-    collector = DerivedCollector()
     runs = _FrameRuns()
     stm = NanonisSTM(server.host, server.port, name="stm", profile=profile,
                      timeout=profile.timeout_s)
     stm.lines.line_timeout = 60.0  # a verification scan or a busy CPU is not a stall
-    live = LiveReconstruction(reconstructor, emit=fan_out(JournalWriter(data_dir), collector,
-                                                           state))
-    printer = _VerdictPrinter(console)
-    verify_lines = min(24, size // 2)
-    policy = TipReconditioner(stm, policy="auto", classifier=classifier,
-                              verify_lines=verify_lines)
-    def on_verdict(record: dict) -> None:
-        printer(record)
-        policy.on_verdict(record)
-
-    tip = TipMonitor(classifier, every_n_lines=8 if quick else 16, on_verdict=on_verdict)
-    if callable(getattr(tip, "set_segment_floor", None)):
-        policy.monitor = tip  # the policy tells it where the new tip starts
-    tip.subscribe(fan_out(JournalWriter(data_dir), collector, state))
-    progress = LineProgress(console=console)
-    inline = [runs, live, tip, progress] + (
-        [state] if state is not None else [])
     frame = (scenario.frame.center_x_nm * 1e-9, scenario.frame.center_y_nm * 1e-9,
              scenario.frame.width_nm * 1e-9, scenario.frame.height_nm * 1e-9, 0.0)
     errors: list[str] = []
     operator: list[dict] = []
-    session = AcquisitionSession(data_dir, inline_callbacks=inline, tiled=True)
+    session = AcquisitionSession(
+        data_dir, inline_callbacks=[runs], tiled=True, tiled_uri=tiled_uri, live=True,
+        reconstructor=reconstructor,
+        tip=True, classifier=classifier, tip_options={"every_n_lines": 8 if quick else 16},
+        on_verdict=_VerdictPrinter(console), stm=stm, tip_policy="auto",
+        policy_options={"verify_lines": min(24, size // 2)}, viewer_state=state,
+        progress=LineProgress(console=console))
+    live, tip, policy, collector = session.live, session.tip, session.policy, session.collector
     try:
-        policy.install(session.RE)
+        # a stall or drop: the frame is suspended, reconnected, resumed; one line each
+        session.watch(stm, say=lambda text: console.print(escape(text), style="yellow"))
         for k in range(frames):
             if policy.state.get() == "bad":
                 # A reconditioning that failed outside a run leaves the suspender tripped;
@@ -293,32 +301,32 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
             except Exception as exc:  # keep what was acquired; report, go on
                 logger.exception("frame %d failed", k)
                 errors.append(f"frame {k}: {type(exc).__name__}: {exc}")
-                console.print(f"[red]frame {k} failed: {exc}[/]")
+                console.print(f"frame {k + 1} failed: {escape(describe(exc))}", style="red")
                 if session.RE.state != "idle":
                     session.RE.abort(reason=f"demo: frame {k} failed")
-        policy.remove()
-        live.flush(FINAL_TIMEOUT_S)
-        tip.flush(FINAL_TIMEOUT_S)
-        session.wait(FINAL_TIMEOUT_S)
+        session.wait(FINAL_TIMEOUT_S)  # the final reconstructions and verdicts, tiled ingestion
         ingested = list(session.ingestor.ingested) if session.ingestor else []
-        tiled_error = session._tiled_error
+        tiled_error, migrated = session.tiled_error, session.migrated
     finally:
-        session.close()
-        progress.close()
-        for closer in (live.close, tip.close, stm.stop_scan, stm.close, server.stop):
+        session.close(FINAL_TIMEOUT_S)
+        for closer in (stm.stop_scan, stm.close, server.stop):
             try:
                 closer()
             except Exception as exc:
                 logger.error("demo cleanup %r failed: %s", closer, exc)
         if viewer is not None:
             viewer.close()
+    if migrated:
+        console.print(f"tiled: {len(migrated)} run(s) stored in stm-live's own layout were rewritten "
+                      "in the BlueskyRun layout (once)")
+    tiled = tiled_uri.split("?")[0] if tiled_uri else str(data_dir / "tiled")  # no API key on screen
 
     summary = _report(out=out, data_dir=data_dir, runs=runs, operator=operator,
                       collector=collector, live=live,
                       tip=tip, policy=policy,
-                      ingested=ingested, tiled_error=tiled_error, errors=errors,
+                      ingested=ingested, tiled=tiled, tiled_error=tiled_error, errors=errors,
                       server=server, scenario=scenario, size=size, seed=seed,
-                      time_scale=time_scale, t_start=t_start)
+                      time_scale=time_scale, t_start=t_start, link=stm.link)
     _print_where(console, summary, out)
     return summary
 
@@ -353,8 +361,9 @@ def _operator_resumes(RE, server, policy, console, operator: list[dict]) -> None
 
 def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict],
             collector: DerivedCollector, live,
-            tip, policy, ingested, tiled_error, errors, server, scenario, size, seed,
-            time_scale, t_start) -> dict[str, Any]:
+            tip, policy, ingested, tiled, tiled_error, errors, server, scenario, size, seed,
+            time_scale, t_start, link) -> dict[str, Any]:
+    from stm_live.console import LOG_NAME
     from stm_live.report import save_frame_png
     from stm_live.store import read_journal, run_data
 
@@ -435,10 +444,13 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
             "simulator_truth": truth,
             "simulator_recondition_log": [dict(r) for r in server.controller.recondition_log],
         },
-        "storage": {"journal": str(journal_dir), "tiled": str(data_dir / "tiled"),
+        "storage": {"journal": str(journal_dir), "tiled": tiled,
+                    "log": str(data_dir / LOG_NAME),
                     "tiled_runs": ingested,
                     "tiled_error": None if tiled_error is None else str(tiled_error)},
         "report": {"folder": str(out), "timeline_png": str(out / "tip_timeline.png")},
+        "link": {"outages": link.outages, "outage_s": round(link.outage_total_s, 2),
+                 "state": link.state},
         "errors": errors + list(live.errors) + list(tip.errors),
         "wall_time_s": round(time.perf_counter() - t_start, 2),
     }
@@ -557,6 +569,10 @@ def _print_where(console, summary: dict, out: Path) -> None:
                      f"the tip by hand" if tip["operator"] else ""))
     console.print(f"report:   {out}/ (frame*.png, frame*_live_*.png, frame*.sxm, "
                   f"tip_timeline.png, summary.json)")
+    link = summary["link"]
+    if link["outages"]:
+        console.print(f"link:     {link['outages']} outage(s), {link['outage_s']:.1f} s in all, ridden "
+                      f"through (details: {summary['storage']['log']})")
     console.print(f"journal:  {summary['storage']['journal']}")
     console.print(f"tiled:    {summary['storage']['tiled']} "
                   f"({len(summary['storage']['tiled_runs'])} runs ingested)")

@@ -228,7 +228,8 @@ def network_input(raw: np.ndarray, *, channel: str, mode: str, unit: str = "",
         if total < 0:
             out = -out
             notes.append("values negative: taken as -" + ("I" if mode == CONSTANT_HEIGHT else channel))
-        if math.isfinite(bias_V) and bias_V != 0 and (total < 0) != (bias_V < 0):
+        # the current has the bias's sign; a lock-in's dI/dV is positive at either sign
+        if mode == CONSTANT_HEIGHT and math.isfinite(bias_V) and bias_V != 0 and (total < 0) != (bias_V < 0):
             notes.append(f"sign opposite to the bias ({bias_V:+.3g} V): inverting preamplifier?")
     out = np.asarray(out, dtype=np.float32)
     out[~finite] = np.nan
@@ -359,7 +360,8 @@ def from_block(block: Mapping, frames: Mapping[tuple[str, str], np.ndarray]) -> 
                 for name, _ in frames}
     units = {c["name"]: c.get("units", "") for c in block.get("channels", [])}
     mode = block["z_controller"]
-    pick, mode, why = choose_channel(list(channels), feedback_on=mode == CONSTANT_CURRENT, units=units)
+    pick, mode, why = choose_channel(list(channels), feedback_on=mode == CONSTANT_CURRENT, units=units,
+                                     requested=block.get("source_channel"))
     direction, data = _first_direction(channels[pick])
     frame = block.get("frame", {})
     lines, pixels = int(block["lines"]), int(block["pixels"])

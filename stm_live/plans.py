@@ -16,7 +16,7 @@ from bluesky.utils import FailedStatus, MsgGenerator
 
 from stm_live.devices.stm import NanonisSTM
 
-__all__ = ["live_frame", "recondition_tip", "survey", "frame_tuple", "Z_MODES"]
+__all__ = ["live_frame", "recondition_tip", "survey", "bias_series", "grid_spectroscopy", "frame_tuple", "Z_MODES"]
 
 Z_MODES = ("constant_current", "constant_height")
 _FRAME_KEYS = ("center_x_m", "center_y_m", "width_m", "height_m", "angle_deg")
@@ -104,8 +104,10 @@ def live_frame(
     Notes
     -----
     RunEngine pause/resume pauses/resumes the controller scan (``stm.lines.pause``);
-    a suspender rewind re-delivers the line acquired after the last checkpoint (an Event
-    may repeat: consumers keep the last); abort or an exception stops the scan.
+    a suspender rewind re-delivers the line acquired after the last checkpoint unless its
+    Event already went out (only a rewind after the last line repeats one: consumers keep
+    the last); abort or an exception stops the scan. A link that stays down past
+    ``stm.max_outage_s`` ends the run "fail", its reason naming the controller and line.
 
     See Also
     --------
@@ -128,6 +130,9 @@ def live_frame(
         if setpoint is not None:
             profile.check_setpoint(setpoint)
 
+    stm.link.rearm()  # an outage that ended the last frame does not shorten this one's budget
+    # a scan the last frame's cleanup could not reach (its link was lost) would refuse the buffer
+    yield from _stop_scan(stm)
     # configuration: each one round trip, off the RunEngine loop (Status in a thread)
     yield from bps.configure(stm.lines, {"channels": channels, "pixels": pixels,
                                          "lines": lines})
@@ -173,11 +178,11 @@ def live_frame(
 
     def scan_lines() -> MsgGenerator[int]:
         yield from bps.mv(stm.scan_action, "start")
-        while True:
+        while not stm.lines.done:
             yield from bps.checkpoint()
-            reading = yield from bps.trigger_and_read([stm.lines])
-            if reading[stm.lines.line_key]["value"] >= lines - 1:
-                break
+            # After a rewind the reading is the interrupted line's; the device knows which
+            # line the replay delivered, so it, not the reading, says when the frame is done.
+            yield from bps.trigger_and_read([stm.lines])
         return stm.lines.lines_received
 
     @bpp.stage_decorator([stm.lines])  # follower up before the scan starts
@@ -185,7 +190,9 @@ def live_frame(
     def acquire() -> MsgGenerator[int]:
         return (yield from bpp.contingency_wrapper(scan_lines(), except_plan=_status_cause))
 
-    return (yield from bpp.finalize_wrapper(acquire(), _stop_scan(stm)))
+    # the device learns which lines' events went out, so a rewind does not send one twice
+    return (yield from bpp.subs_wrapper(bpp.finalize_wrapper(acquire(), _stop_scan(stm)),
+                                        {"event": [stm.lines.note_document]}))
 
 
 def check_recondition(stm: NanonisSTM, *, site: Sequence[float], method: str = "bias_pulse",
@@ -271,6 +278,7 @@ def recondition_tip(
     live_frame
     """
     x, y, avoid, action_plan = _recondition_action(stm, site, method, frame_to_avoid, params)
+    stm.link.rearm()  # a fresh outage budget, as for a frame
     _md = {"plan_name": "recondition_tip", "detectors": [stm.name],
            "plan_args": {"site": [x, y], "method": method, "params": dict(params),
                          "frame_to_avoid": list(avoid) if avoid else None},
@@ -380,3 +388,190 @@ def survey(
             stm, frame=(cx, cy, width_m, height_m, 0.0), pixels=pixels, lines=lines,
             channels=channels, direction=direction,
             md={**(md or {}), "survey_index": i, "survey_size": len(centres)})
+
+
+# --------------------------------------------------------------------------- spectroscopy
+
+
+def bias_series(
+    stm: NanonisSTM,
+    biases: Sequence[float],
+    *,
+    frame: Mapping[str, float] | Sequence[float],
+    pixels: int,
+    lines: int,
+    channels: Sequence[str] | Mapping[str, int] = ("Current", "Z"),
+    source_channel: str | None = None,
+    direction: str = "down",
+    z_controller: str = "constant_current",
+    setpoint: float | None = None,
+    md: dict[str, Any] | None = None,
+) -> MsgGenerator[int]:
+    """Frames of one area at a list of biases (a resonance series), one :func:`live_frame`
+    run each, so each gets its live reconstruction.
+
+    Parameters
+    ----------
+    stm : NanonisSTM
+    biases : sequence of float
+        Sample biases (V), in acquisition order; all checked against the profile first.
+    frame, pixels, lines, channels, direction, z_controller, setpoint
+        As :func:`live_frame`.
+    source_channel : str, optional
+        The recorded channel the live reconstruction takes (a lock-in dI/dV map, say): the
+        start document's ``stm_live`` block names it as ``source_channel``. None: the frame's
+        own (Z at constant current, Current at constant height).
+    md : dict, optional
+        Extra metadata for every frame; ``bias_series_index`` and ``bias_series_V`` are added.
+
+    Returns
+    -------
+    frames : int
+        Frames acquired.
+    """
+    biases = [float(v) for v in biases]
+    if not biases:
+        raise ValueError("bias_series needs at least one bias")
+    if stm.profile is not None:  # refuse the whole series before the first frame
+        for v in biases:
+            stm.profile.check_bias(v)
+    names = list(channels)
+    if source_channel is not None and source_channel not in names:
+        raise ValueError(f"source_channel {source_channel!r} is not among the recorded channels {names}")
+
+    def name_source(msg):
+        if msg.command != "open_run" or "stm_live" not in msg.kwargs:
+            return msg
+        return msg._replace(kwargs={**msg.kwargs, "stm_live": {**msg.kwargs["stm_live"],
+                                                               "source_channel": source_channel}})
+
+    for i, v in enumerate(biases):
+        frame_plan = live_frame(stm, frame=frame, pixels=pixels, lines=lines, channels=channels,
+                                direction=direction, z_controller=z_controller, bias=v, setpoint=setpoint,
+                                md={**(md or {}), "bias_series_index": i, "bias_series_V": biases})
+        yield from (bpp.msg_mutator(frame_plan, name_source) if source_channel is not None else frame_plan)
+    return len(biases)
+
+
+def grid_spectroscopy(
+    stm: NanonisSTM,
+    spectroscopy=None,
+    *,
+    frame: Mapping[str, float] | Sequence[float] | None = None,
+    shape: Sequence[int] | None = None,
+    points: Sequence[Sequence[float]] | None = None,
+    sweep: Sequence[float] | None = None,
+    channels: Sequence[str] | Mapping[str, int] | None = None,
+    backward: bool | None = None,
+    sweeps: int | None = None,
+    md: dict[str, Any] | None = None,
+) -> MsgGenerator[int]:
+    """Bias spectroscopy over a grid: one run, one Event per point (its sweep and channels).
+
+    Parameters
+    ----------
+    stm : NanonisSTM
+        Moves the tip (``stm.tip``) to each point.
+    spectroscopy : stm_live.devices.spectroscopy.BiasSpectroscopy, optional
+        The sweeps (default ``stm.spectroscopy``).
+    frame, shape : grid frame (as :func:`live_frame`'s) and (points in x, points in y)
+        Points at the grid cells' centres, the first row at the bottom, x fastest, as a
+        Nanonis grid experiment measures them (``spectroscopy.grid_points``).
+    points : sequence of (x_m, y_m), optional
+        Instead of ``frame``/``shape``: the points, in acquisition order.
+    sweep : (start_V, end_V, points), optional
+        The sweep; None keeps the controller's.
+    channels : names or mapping name -> RT index, optional
+        Recorded channels (names as the profile or the controller's Signals.NamesGet spell
+        them, unit optional: "Current", "LI Demod 1 X"); None keeps the controller's.
+    backward, sweeps : optional
+        Sweep back too; sweeps averaged per point. None keeps the controller's.
+    md : dict, optional
+        Extra start-document metadata.
+
+    Returns
+    -------
+    points : int
+        Points measured.
+
+    Notes
+    -----
+    The start document's ``spectroscopy`` block holds the geometry (``frame``, ``shape``,
+    ``positions_m``), the sweep and the channels; a checkpoint before each point means a
+    suspended run measures the interrupted point again (consumers keep the last event of a
+    ``point_index``).
+    """
+    import numpy as np
+
+    from stm_live.devices.spectroscopy import grid_points
+
+    spec = spectroscopy if spectroscopy is not None else stm.spectroscopy
+    geometry = None
+    if points is not None:
+        if frame is not None or shape is not None:
+            raise ValueError("give points, or frame and shape, not both")
+        positions = np.asarray(points, dtype=float).reshape(-1, 2) if len(points) else np.zeros((0, 2))
+    elif frame is None or shape is None:
+        raise ValueError("grid_spectroscopy needs frame and shape (points in x, y), or points")
+    else:
+        geometry = frame_tuple(frame)
+        positions = grid_points(geometry, shape).reshape(-1, 2)
+    if not len(positions):
+        raise ValueError("empty grid: no points to measure")
+    if not np.all(np.isfinite(positions)):
+        raise ValueError("grid points must be finite positions in m")
+    if sweep is not None:
+        if len(sweep) != 3:
+            raise ValueError(f"sweep must be (start_V, end_V, points), got {tuple(sweep)}")
+        start, end, n = float(sweep[0]), float(sweep[1]), int(sweep[2])
+        if n < 2:
+            raise ValueError(f"a bias sweep needs at least 2 points, got {n}")
+    if stm.profile is not None:  # refuse the whole grid before anything is sent
+        for x, y in positions:
+            stm.profile.check_site(float(x), float(y))
+        if sweep is not None:
+            stm.profile.check_bias(start)
+            stm.profile.check_bias(end)
+    indexes = spec.channel_indexes(channels) if channels is not None else None
+
+    stm.link.rearm()
+    if sweep is not None:
+        yield from bps.mv(spec.points, n)
+        yield from bps.mv(spec.sweep_start, start)
+        yield from bps.mv(spec.sweep_end, end)
+    if indexes is not None:
+        yield from bps.mv(spec.channels, list(indexes.values()))
+    if backward is not None:
+        yield from bps.mv(spec.backward, bool(backward))
+    if sweeps is not None:
+        yield from bps.mv(spec.sweeps, int(sweeps))
+    got = []
+    for sig in (spec.sweep_start, spec.sweep_end, spec.points):  # what the controller holds (float32)
+        got.append(float((yield from bps.rd(sig))))
+    block = {
+        "frame": dict(zip(_FRAME_KEYS, geometry)) if geometry is not None else None,
+        "shape": [int(shape[0]), int(shape[1])] if geometry is not None else None,
+        "positions_m": positions.tolist(),
+        "sweep_V": {"start": got[0], "end": got[1], "points": int(got[2])},
+        "channels": {k: int(v) for k, v in (indexes or {}).items()},
+        "point_key": spec.point_index.name,
+        "bias_V": float((yield from bps.rd(stm.bias))),
+        "setpoint_A": float((yield from bps.rd(stm.setpoint))),
+    }
+    _md = {"plan_name": "grid_spectroscopy", "detectors": [spec.name],
+           "plan_args": {"points": len(positions), "shape": block["shape"], "sweep": list(sweep) if sweep else None},
+           "controller": f"{stm.host}:{stm.port}", "spectroscopy": block}
+    _md.update(md or {})
+
+    @bpp.run_decorator(md=_md)
+    def measure() -> MsgGenerator[int]:
+        for i, (x, y) in enumerate(positions):
+            yield from bps.checkpoint()
+            yield from bps.mv(stm.tip, (float(x), float(y)))
+            yield from bps.mv(spec.point_index, i)
+            yield from bps.trigger_and_read([spec])
+        return len(positions)
+
+    # the device itself, not its root (stage_decorator stages the root: the whole microscope)
+    yield from bps.stage(spec)
+    return (yield from bpp.finalize_wrapper(measure(), bps.unstage(spec)))

@@ -22,6 +22,11 @@ Policies (``Profile.tip_policy``):
     RunEngine is paused with ``RE.pause_msg`` saying why; resuming (after fixing the tip by
     hand) restarts the scan and finishes the frame.
 
+A stalled or dropped link does not break the loop: every step's controller calls reconnect and
+re-send on their own (reads and absolute moves; a scan start only if the scan is not running;
+a pulse or poke whose reply was lost is not repeated, the verification judges the tip), and
+the time the link was down does not count against the verification's deadline.
+
 A verdict "unknown" (the frame is outside what the classifier knows, ``tipdomain``) is neither
 good nor bad, and no policy reconditions on it: ``off`` and ``auto`` record it once per frame
 with the domain score and threshold; ``prompt`` asks the operator once per frame, saying so
@@ -51,6 +56,8 @@ from bluesky import preprocessors as bpp
 from bluesky.suspenders import SuspenderBase
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
+
+from stm_live.suspenders import put_on_loop
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +379,7 @@ class TipReconditioner:
             f"tip monitor: tip {record['label']!r} at line {record.get('line')} "
             f"(change at line {record.get('change_line')}); reconditioning ({by})")
         self._note("suspend", verdict=record["label"], line=record.get("line"), by=by)
-        self.state.put("bad")
+        put_on_loop(self.RE, self.state, "bad")  # called from the monitor's thread
 
     # ------------------------------------------------------------------ the plan
     def _write(self, **values) -> None:
@@ -405,7 +412,7 @@ class TipReconditioner:
     @contextlib.contextmanager
     def _client(self):
         """The device's command connection (the controller takes 4 connections at most, and
-        the line follower holds three), serialised with the device's own calls."""
+        the line follower holds two more), serialised with the device's own calls."""
         with getattr(self.stm, "_lock", contextlib.nullcontext()):
             yield self.stm.client
 
@@ -431,15 +438,19 @@ class TipReconditioner:
             channel = geo["channels"][0]
         line_nm = geo["frame"][3] / geo["lines"] * 1e9
         n = min(max(self.verify_lines, int(np.ceil(MIN_VERDICT_HEIGHT_NM / line_nm))), geo["lines"])
+        link = self.stm.link
         deadline = time.monotonic() + self.verify_timeout_s
+        down_before = link.outage_total_s
         self._restart(geo)
         while True:
+            # the client rides through a stall or drop on its own (a grab is a read, sent again)
             with self._client() as c:
-                data = c.scan_frame_data_grab(channel, forward=True).data
+                data = c.scan_frame_data_grab(channel, forward=True, shape=(geo["lines"], geo["pixels"])).data
             done = np.isfinite(data).all(axis=1)
             if done[:n].all():
                 break
-            if time.monotonic() > deadline:
+            # time the link was down is the link's, not a slow verification's
+            if time.monotonic() > deadline + link.outage_total_s - down_before + link.outage_s:
                 raise TimeoutError(f"tip verification: fewer than {n} lines within {self.verify_timeout_s} s")
             time.sleep(0.02)
         # Rows past the n-th count as not scanned, as in the live frames the monitor judges: a crop

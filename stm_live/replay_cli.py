@@ -12,6 +12,12 @@ one summary table (other files in it are listed as skipped); a bad file (truncat
 .3ds grid / .dat spectrum given by mistake, named as such) is reported in one line and the
 batch goes on; a recording stopped mid-scan is "partial", not a failure; any failure makes
 the command exit non-zero at the end (:class:`ReplayFailed`).
+
+A .3ds grid given by name is replayed as a grid: the simulated controller serves its
+recorded sweeps (``simulators.replay.GridReplaySource``), ``plans.grid_spectroscopy`` visits
+every measured point through the ophyd ``BiasSpectroscopy`` device, one journaled event per
+point, and each journaled sweep must equal the recording bit for bit, every channel. Its row
+counts points, not lines; ``stm-live reconstruct GRID.3ds`` reconstructs its maps.
 """
 
 from __future__ import annotations
@@ -78,13 +84,14 @@ class ReplayResult:
 
 def collect_files(paths: Iterable[os.PathLike | str], skipped: list[str] | None = None,
                   ) -> tuple[list[Path], list[ReplayResult]]:
-    """Expand folders into their .sxm files (sorted); missing paths, and files given by
-    name that are not .sxm scans (a .3ds grid, a .dat spectrum, ...), become failed rows.
+    """Expand folders into their .sxm files (sorted); a .3ds grid given by name is kept (a
+    grid replay); missing paths, and other files given by name that are not .sxm scans (a
+    .dat spectrum, a grid saved as .sxm, ...), become failed rows.
 
     ``skipped`` receives one line per folder naming the other files it holds, which a
     folder replay passes over.
     """
-    from stm_live.simulators.replay import not_a_scan
+    from stm_live.simulators.replay import is_grid, not_a_scan
 
     files: list[Path] = []
     bad: list[ReplayResult] = []
@@ -103,7 +110,7 @@ def collect_files(paths: Iterable[os.PathLike | str], skipped: list[str] | None 
                 bad.append(ReplayResult(path, message=f"{path}: folder holds no .sxm files"))
             files.extend(found)
         elif path.is_file():
-            why = not_a_scan(path)
+            why = None if is_grid(path) else not_a_scan(path)
             if why is not None:
                 bad.append(ReplayResult(path, message=why))
             else:
@@ -385,6 +392,76 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
     return result
 
 
+def _replay_grid(path: Path, *, session, time_scale: float) -> ReplayResult:
+    """One .3ds grid through the simulator, the ophyd device and grid_spectroscopy; every
+    journaled sweep checked against the recording."""
+    from stm_live.devices.spectroscopy import BiasSpectroscopy
+    from stm_live.devices.stm import NanonisSTM
+    from stm_live.plans import grid_spectroscopy
+    from stm_live.simulators.replay import GridReplaySource
+    from stm_live.simulators.server import start_server_thread
+    from stm_live.store import read_journal
+
+    result = ReplayResult(path)
+    t0 = time.perf_counter()
+    try:
+        source = GridReplaySource.from_file(path)
+    except ValueError as exc:  # ReplayError names the file
+        result.message = str(exc)
+        return result
+    grid = source.grid
+    order = np.flatnonzero(grid.measured.reshape(-1))  # acquisition order
+    ny, nx = grid.shape
+    result.total_lines, result.recorded_lines = nx * ny, len(order)
+    points = np.stack([source.x.reshape(-1)[order], source.y.reshape(-1)[order]], -1)
+    server = start_server_thread(replay=source, time_scale=time_scale, seed=0)
+    stm = None
+    try:
+        stm = NanonisSTM(server.host, server.port, name="stm", timeout=10.0)
+        spec = BiasSpectroscopy(stm=stm, name="spec")
+        before = session.journal.last_path
+        session(grid_spectroscopy(stm, spec, points=points, md={"replay_of": str(path)}))
+        journal = session.journal.last_path
+        if journal is None or journal == before:
+            raise RuntimeError("no run was journaled")
+        result.journal = journal
+        docs = read_journal(journal)
+        result.run_uid = docs[0][1]["uid"]
+        events = {int(d["data"][spec.point_index.name]): d["data"] for n, d in docs if n == "event"}
+        result.lines = len(events)
+        for k, flat in enumerate(order):
+            iy, ix = divmod(int(flat), nx)
+            got = events.get(k)
+            if got is None:
+                result.problems.append(f"point ({ix}, {iy}) was not journaled")
+                continue
+            for name, recorded in grid.channels.items():
+                values = np.asarray(got.get(spec.data_key(name), []), np.float32)
+                if values.tobytes() != recorded[iy, ix].tobytes():
+                    result.problems.append(f"{name} at point ({ix}, {iy}) differs from the recording")
+            if not np.allclose(got[f"{spec.name}_bias"], grid.sweep, rtol=1e-6, atol=1e-9):
+                result.problems.append(f"the sweep at point ({ix}, {iy}) differs from the recording's")
+        result.frame_identical = not result.problems
+        if result.problems:
+            result.message = f"{path}: " + "; ".join(result.problems[:5]) + (
+                f"; ... ({len(result.problems)} problems)" if len(result.problems) > 5 else "")
+        else:
+            result.status = "partial" if len(order) < nx * ny else "ok"
+            result.message = (f"{path}: replayed {len(order)} grid points x {grid.points} sweep points, "
+                              f"{len(grid.channels)} channels, bit for bit")
+            if result.status == "partial":
+                result.message += f"; the recording stopped after {len(order)} of {nx * ny} points"
+    except Exception as exc:  # one bad file must not stop the batch
+        logger.debug("replay of %s failed", path, exc_info=True)
+        result.status, result.message = "failed", f"{path}: {describe(exc)}"
+    finally:
+        if stm is not None:
+            stm.close()
+        server.stop()
+        result.seconds = time.perf_counter() - t0
+    return result
+
+
 def _load_models(device: str, *, tip: bool):
     """STM-Net (the offline check, shared with live reconstruction) and, in-process, the
     tip classifier; a missing checkpoint raises FileNotFoundError naming the fix."""
@@ -423,7 +500,7 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
 
     Parameters
     ----------
-    files : .sxm files or folders of them
+    files : .sxm files or folders of them, and .3ds grids
     time_scale : float
         Scan clock speed-up over the recorded line time.
     worker : str, optional
@@ -464,21 +541,30 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
         console.print(f"viewer: {viewer.url}")
     for line in skipped:
         console.print(f"[yellow]{line}[/]")
-    pipeline = None
+    from stm_live.simulators.replay import is_grid
+
+    grids = [p for p in paths if is_grid(p)]
+    paths = [p for p in paths if not is_grid(p)]
     stack = contextlib.ExitStack()
     try:
+        if grids:
+            with AcquisitionSession(data_dir, progress=False) as session:
+                for path in grids:
+                    console.print(f"replaying {path} (grid)")
+                    results.append(_replay_grid(path, session=session, time_scale=time_scale))
         if paths:
             reconstructor, classifier = _load_models(device, tip=worker is None)
-            pipeline = Consumers(data_dir, worker=worker, reconstructor=reconstructor,
-                                 classifier=classifier, viewer_state=state,
-                                 worker_wait_s=worker_wait_s)
             stems: set[str] = set()
             quiet = _ExpectedStopFilter()
             for name in ("bluesky", "stm_live.devices.stm"):
                 logging.getLogger(name).addFilter(quiet)
                 stack.callback(logging.getLogger(name).removeFilter, quiet)
-            with AcquisitionSession(data_dir, inline_callbacks=pipeline.inline,
-                                    progress=True) as session:
+            # replay never acts on a tip: the monitor's verdicts only (in-process or the worker's)
+            with AcquisitionSession(data_dir, progress=True, live=worker is None,
+                                    reconstructor=reconstructor, tip=worker is None,
+                                    classifier=classifier, worker=worker, worker_wait_s=worker_wait_s,
+                                    viewer_state=state, say=console.print) as session:
+                pipeline = session.consumers
                 for path in paths:
                     stem, n = path.stem, 1
                     while stem in stems:  # same name in two folders: keep both outputs
@@ -492,8 +578,6 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
                     results.append(result)
     finally:
         stack.close()
-        if pipeline is not None:
-            pipeline.close()
         if viewer is not None:
             viewer.close()
     console.print(_summary_table(results, out))

@@ -1,5 +1,9 @@
 """An acquisition session: RunEngine + durable journal + callbacks + tiled + progress.
 
+:func:`build_consumers` is the one wiring of a session's consumers (journal, tiled ingestion,
+live reconstruction or a remote worker over 0MQ, tip monitor and policy, viewer, progress):
+demo, scan, replay, the remote worker and the queue server's profile all call it.
+
 Only the journal (an fsync per document, well under a millisecond to a few ms) and the
 progress bar (a counter) run on the RunEngine's loop. Everything else — the callbacks
 other parts plug in (live reconstruction, tip monitor) and tiled ingestion — runs on
@@ -20,11 +24,13 @@ from typing import Any
 import numpy as np
 from bluesky.run_engine import RunEngine
 
-from stm_live.store import JournalWriter, TiledIngestor, journals_to_ingest, open_tiled
+from stm_live.store import (JournalWriter, TiledIngestor, journals_to_ingest, migrate_old_layout,
+                            open_tiled)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AcquisitionSession", "ThreadedCallback", "LineProgress", "run_scan"]
+__all__ = ["AcquisitionSession", "Consumers", "build_consumers", "ThreadedCallback", "LineProgress",
+           "DerivedCollector", "run_scan"]
 
 Callback = Callable[[str, dict], Any]
 
@@ -117,130 +123,6 @@ class LineProgress:
         if self._started:
             self.progress.stop()
             self._started = False
-
-
-class AcquisitionSession:
-    """RunEngine wired for durable live acquisition.
-
-    Parameters
-    ----------
-    data_dir : path
-        Journal in ``data_dir/journal``; embedded tiled in ``data_dir/tiled``.
-    callbacks : iterable of callables ``(name, doc)``
-        Extra consumers (live reconstruction, tip monitor, ...). Each runs on its own
-        thread (:class:`ThreadedCallback`), in document order.
-    inline_callbacks : iterable of callables
-        Consumers that must see documents on the RunEngine loop (fast ones only).
-    tiled : bool
-        Ingest each finished run into tiled (background thread).
-    tiled_uri : str, optional
-        An existing tiled server; default is an embedded one in ``data_dir/tiled``.
-    progress : bool
-        Show a rich progress bar per frame.
-    RE : RunEngine, optional
-        Use this RunEngine instead of making one.
-    """
-
-    def __init__(self, data_dir: str | os.PathLike, *, callbacks: Iterable[Callback] = (),
-                 inline_callbacks: Iterable[Callback] = (), tiled: bool = False,
-                 tiled_uri: str | None = None, progress: bool = False,
-                 RE: RunEngine | None = None, fsync: bool = True):
-        self.data_dir = Path(data_dir)
-        self.RE = RE if RE is not None else RunEngine({})
-        self.journal = JournalWriter(self.data_dir, fsync=fsync, on_stop=[self._run_finished])
-        # subscribed first: every consumer sees a document only once it is on disk
-        self._tokens = [self.RE.subscribe(self.journal)]
-        self.threaded = [ThreadedCallback(cb) for cb in callbacks]
-        for cb in list(inline_callbacks) + self.threaded:
-            self._tokens.append(self.RE.subscribe(cb))
-        self.progress = LineProgress() if progress else None
-        if self.progress:
-            self._tokens.append(self.RE.subscribe(self.progress))
-        self.ingestor: TiledIngestor | None = None
-        self.tiled_server = None
-        self._tiled_ready = threading.Event()
-        self._tiled_error: Exception | None = None
-        self._waiting: list[Path] = []
-        self.recovered: list[str] = []  # uids re-ingested from earlier sessions' journals
-        self._lock = threading.Lock()
-        if tiled or tiled_uri:
-            # Starting tiled takes seconds: do it beside the first frame, not before it.
-            threading.Thread(target=self._start_tiled, args=(tiled_uri,), name="tiled-start",
-                             daemon=True).start()
-        else:
-            self._tiled_ready.set()  # nothing to wait for
-
-    def _start_tiled(self, tiled_uri):
-        try:
-            client, self.tiled_server = open_tiled(self.data_dir, tiled_uri)
-            ingestor = TiledIngestor(client)
-        except Exception as exc:
-            logger.error("tiled unavailable (%s); runs stay in the journal", exc)
-            self._tiled_error = exc
-            self._tiled_ready.set()
-            return
-        with self._lock:
-            self.ingestor = ingestor
-            # crash recovery: journals of earlier sessions that never reached tiled
-            try:
-                recover = journals_to_ingest(client, self.data_dir,
-                                             skip=list(self.journal._runs) +
-                                             [p.stem for p in self._waiting])
-            except Exception as exc:
-                logger.error("cannot list journals to recover: %s", exc)
-                recover = []
-            self.recovered = [p.stem for p in recover]
-            for path in recover + self._waiting:
-                ingestor.submit(path)
-            self._waiting.clear()
-        self._tiled_ready.set()
-
-    def _run_finished(self, path: Path) -> None:
-        with self._lock:
-            if self.ingestor is not None:
-                self.ingestor.submit(path)
-            else:
-                self._waiting.append(path)
-
-    @property
-    def tiled_error(self) -> Exception | None:
-        """Why tiled could not be used (runs then stay in the journal only)."""
-        return self._tiled_error
-
-    @property
-    def tiled_client(self):
-        return self.ingestor.client if self.ingestor else None
-
-    def __call__(self, plan, *args, **kwargs):
-        """Run a plan; returns the RunEngine's result (the run uids)."""
-        return self.RE(plan, *args, **kwargs)
-
-    def wait(self, timeout: float = 60.0) -> bool:
-        """Wait for threaded callbacks and tiled ingestion to catch up."""
-        ok = all(cb.join(timeout) for cb in self.threaded)
-        if self._tiled_ready.wait(timeout) and self.ingestor is not None:
-            ok = self.ingestor.join(timeout) and ok
-        return ok
-
-    def close(self, timeout: float = 60.0) -> None:
-        self.wait(timeout)
-        for token in self._tokens:
-            self.RE.unsubscribe(token)
-        for cb in self.threaded:
-            cb.close(timeout)
-        if self.progress:
-            self.progress.close()
-        self.journal.close()
-        if self.ingestor is not None:
-            self.ingestor.close(timeout)
-        if self.tiled_server is not None:
-            self.tiled_server.close()
-
-    def __enter__(self) -> "AcquisitionSession":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 # ----------------------------------------------------------------- live consumers
@@ -352,77 +234,347 @@ def parse_worker(address: str) -> tuple[str, str]:
     return out, results.strip()
 
 
+# ----------------------------------------------------------------- the one wiring
 class Consumers:
-    """The live consumers of acquired documents: in-process (LiveReconstruction +
-    TipMonitor on their own threads) or a remote worker over 0MQ. Derived documents are
-    journaled and collected. Used by ``stm-live replay`` and ``stm-live scan``.
+    """A session's consumers of documents, as :func:`build_consumers` wires them.
 
-    ``tip_monitor=False`` leaves the tip to a caller that runs its own monitor (the scan's
-    reconditioning policy)."""
+    ``attach(RE)`` subscribes them in order (the journal first, so every other consumer sees
+    a document only once it is on disk) and installs the tip policy; in a process without a
+    RunEngine (the remote worker) the object itself is the callback. ``wait`` lets the
+    consumers catch up (final reconstructions, tiled ingestion), ``close`` ends them all.
+    """
 
-    def __init__(self, data_dir: Path, *, worker: str | None, reconstructor, classifier,
-                 viewer_state=None, worker_wait_s: float = 60.0, tip_monitor: bool = True):
-        from stm_live.store import JournalWriter
-
+    def __init__(self, data_dir: Path | None) -> None:
+        self.data_dir = data_dir
+        self.journal: JournalWriter | None = None
         self.collector = DerivedCollector()
-        self.inline: list[Callable] = []
+        self.inline: list[Callback] = []  # on the RunEngine's loop: fast ones only
+        self.threaded: list[ThreadedCallback] = []
+        self.live = self.tip = self.policy = self.progress = None
+        self.proxy = self.receiver = self.publisher = None
+        self.ingestor: TiledIngestor | None = None
+        self.tiled_server = None
+        self.tiled_error: Exception | None = None
+        self.recovered: list[str] = []  # uids re-ingested from earlier sessions' journals
+        self.migrated: list[str] = []  # uids rewritten from stm-live's old tiled layout
+        self._writers: list[JournalWriter] = []  # every journal writer (open runs: not recovered)
+        self._tiled_ready = threading.Event()
+        self._tiled_ready.set()
+        self._waiting: list[Path] = []
+        self._lock = threading.Lock()
         self._closers: list[Callable[[], Any]] = []
-        self.remote = worker is not None
-        if viewer_state is not None:
-            self.inline.append(viewer_state)
-        if worker is None:
-            from stm_live.callbacks.live import LiveReconstruction
-            from stm_live.callbacks.tipmonitor import TipMonitor
+        self._RE = None
+        self._tokens: list[int] = []
 
-            # Each emitter calls from its own thread, so each gets its own journal writer.
-            self.live = LiveReconstruction(reconstructor, emit=fan_out(
-                JournalWriter(data_dir), self.collector, viewer_state))
-            # Both only copy/queue on the RunEngine loop; the work is on their threads.
-            self.inline.append(self.live)
-            self._closers.append(self._close_live)
-            if tip_monitor:
-                self.tip = TipMonitor(classifier)
-                self.tip.subscribe(fan_out(JournalWriter(data_dir), self.collector, viewer_state))
-                self.inline.append(self.tip)
-                self._closers.append(self.tip.close)
-        else:
-            from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
+    # -- journals and tiled ----------------------------------------------------------
+    def journal_writer(self) -> JournalWriter:
+        """A journal writer for one emitting thread, its finished runs handed to tiled."""
+        writer = JournalWriter(self.data_dir, on_stop=[self._run_finished])
+        self._writers.append(writer)
+        return writer
 
-            out, results = parse_worker(worker)
-            self.proxy = DocumentProxy(out_address=out)
-            self._closers.append(self.proxy.stop)
-            self.receiver = ResultReceiver(results)
-            self._closers.insert(0, self.receiver.close)
-            # The receiver calls subscribers on one thread: one journal writer suffices.
-            self.receiver.subscribe(fan_out(JournalWriter(data_dir), self.collector,
-                                             viewer_state))
-            print(f"waiting up to {worker_wait_s:.0f} s for a worker: stm-live worker "
-                  f"--connect {self.proxy.out_address} --results {self.receiver.address}",
-                  flush=True)
-            if not self.receiver.wait_ready(1, timeout=worker_wait_s):
-                self.close()
-                raise ValueError(
-                    f"--worker {worker}: no worker said hello on {self.receiver.address} within "
-                    f"{worker_wait_s:.0f} s; start one with: stm-live worker --connect "
-                    f"{self.proxy.out_address} --results {self.receiver.address}")
-            self.publisher = make_publisher(self.proxy.in_address)
-            self._closers.insert(0, self.publisher.close)
-            self.inline.append(self.publisher)
+    def start_tiled(self, tiled_uri: str | None) -> None:
+        # Starting tiled takes seconds: do it beside the first frame, not before it.
+        self._tiled_ready.clear()
+        threading.Thread(target=self._start_tiled, args=(tiled_uri,), name="tiled-start",
+                         daemon=True).start()
 
-    def _close_live(self) -> None:
-        """Finish the queued work first: the last frame's final reconstruction and its check
-        are often still queued when the acquisition ends."""
-        self.live.flush(120.0)
-        self.live.close()
+    def _start_tiled(self, tiled_uri: str | None) -> None:
+        try:
+            client, self.tiled_server = open_tiled(self.data_dir, tiled_uri)
+            self.migrated = migrate_old_layout(client, self.data_dir)
+            ingestor = TiledIngestor(client)
+        except Exception as exc:
+            logger.error("tiled unavailable (%s); runs stay in the journal", exc)
+            self.tiled_error = exc
+            self._tiled_ready.set()
+            return
+        with self._lock:
+            self.ingestor = ingestor
+            # crash recovery: journals of earlier sessions that never reached tiled
+            try:
+                recover = journals_to_ingest(client, self.data_dir, skip=[
+                    uid for w in self._writers for uid in w.open_runs] + [p.stem for p in self._waiting])
+            except Exception as exc:
+                logger.error("cannot list journals to recover: %s", exc)
+                recover = []
+            self.recovered = [p.stem for p in recover]
+            for path in recover + self._waiting:
+                ingestor.submit(path)
+            self._waiting.clear()
+        self._tiled_ready.set()
 
-    def close(self) -> None:
-        for close in self._closers:
+    def _run_finished(self, path: Path) -> None:
+        with self._lock:
+            if self.ingestor is not None:
+                self.ingestor.submit(path)
+            else:
+                self._waiting.append(path)
+
+    # -- the RunEngine -------------------------------------------------------------------
+    def callbacks(self) -> list[Callback]:
+        """What a RunEngine subscribes, in order."""
+        return ([self.journal] if self.journal is not None else []) + self.inline + self.threaded
+
+    def attach(self, RE) -> "Consumers":
+        self._RE = RE
+        self._tokens = [RE.subscribe(cb) for cb in self.callbacks()]
+        if self.policy is not None:
+            self.policy.install(RE)
+        return self
+
+    def detach(self) -> None:
+        if self._RE is None:
+            return
+        if self.policy is not None:
+            self.policy.remove()
+        for token in self._tokens:
+            self._RE.unsubscribe(token)
+        self._RE, self._tokens = None, []
+
+    def __call__(self, name: str, doc: dict) -> None:
+        for cb in self.callbacks():
+            cb(name, doc)
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Wait for the consumers to catch up: the final reconstruction and verdicts (their
+        derived runs stop then), threaded callbacks, tiled ingestion. False on timeout."""
+        ok = True
+        for consumer in (self.live, self.tip):
+            if consumer is not None:
+                ok = consumer.flush(timeout) and ok
+        ok = all(cb.join(timeout) for cb in self.threaded) and ok
+        if self._tiled_ready.wait(timeout) and self.ingestor is not None:
+            ok = self.ingestor.join(timeout) and ok
+        return ok
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.wait(timeout)
+        self.detach()
+        for cb in self.threaded:
+            cb.close(timeout)
+        while self._closers:
+            close = self._closers.pop()
             try:
                 close()
-            except Exception as exc:
+            except Exception as exc:  # cleanup of one part must not hide the others
                 logger.error("closing %r failed: %s", close, exc)
-        self._closers.clear()
+        for writer in self._writers:
+            writer.close()
+        if self.ingestor is not None:
+            self.ingestor.close(timeout)
+        if self.tiled_server is not None:
+            self.tiled_server.close()
+            self.tiled_server = None
 
+
+def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True, fsync: bool = True,
+                    tiled: bool = False, tiled_uri: str | None = None,
+                    live: bool = False, reconstructor=None, device: str = "auto",
+                    live_options: dict | None = None,
+                    worker: str | None = None, worker_wait_s: float = 60.0,
+                    tip: bool | Callable = False, classifier=None, tip_options: dict | None = None,
+                    on_verdict: Callable[[dict], Any] | None = None,
+                    stm=None, tip_policy: str = "off", policy_options: dict | None = None,
+                    emit: Callable[[str], Callback] | None = None, viewer_state=None,
+                    progress: bool | LineProgress = False, inline: Iterable[Callback] = (),
+                    callbacks: Iterable[Callback] = (), say: Callable[[str], Any] | None = None,
+                    ) -> Consumers:
+    """The one wiring of a session's consumers; every command that acquires or reconstructs
+    (demo, scan, replay, the remote worker, the queue server's profile) builds them here.
+
+    Parameters
+    ----------
+    data_dir : path or None
+        Journal (``data_dir/journal``, raw and derived runs), assets and embedded tiled. None
+        only with ``journal=False`` and ``emit`` (the remote worker journals nothing).
+    journal, fsync : bool
+        Journal every document of the RunEngine, durably, before any other consumer sees it.
+    tiled, tiled_uri
+        Ingest every finished run (acquired and derived) into tiled through bluesky's
+        TiledWriter, off the RunEngine loop: an embedded server in ``data_dir/tiled``, or the
+        lab's server at ``tiled_uri``. Runs in stm-live's old layout are migrated once.
+    live, reconstructor, device, live_options
+        Live STM-Net reconstruction in this process (``LiveReconstruction``, work on its thread).
+    worker, worker_wait_s
+        Or: publish the documents over 0MQ to a remote worker (``stm-live worker``) and collect
+        its results; waits up to ``worker_wait_s`` for it to say hello.
+    tip, classifier, tip_options, on_verdict
+        The tip monitor (``TipMonitor``); ``tip`` may be a factory ``(emit) -> callback``
+        instead (None: unavailable). ``on_verdict(record)`` also sees every verdict.
+    stm, tip_policy, policy_options
+        With the microscope and a policy other than "off": the reconditioning policy
+        (``TipReconditioner``), fed by the tip monitor (which it implies), installed on attach.
+    emit : callable(kind) -> callback, optional
+        Where derived documents of consumer ``kind`` ("live", "tip", "worker") go. Default: a
+        journal writer of their own (ingested into tiled as their runs stop), the derived
+        collector (``.collector``) and ``viewer_state``.
+    viewer_state, progress, inline, callbacks
+        The viewer's state and a progress bar (on the loop, cheap), extra consumers on the loop
+        (``inline``) or each on a thread of its own (``callbacks``).
+    say : callable(str), optional
+        One-line notes for the operator (waiting for a worker); default: the log.
+    """
+    from stm_live.reconditioning import POLICIES
+
+    if tip_policy not in POLICIES:
+        raise ValueError(f"tip_policy must be one of {', '.join(POLICIES)}, not {tip_policy!r}")
+    say = say or logger.info
+    c = Consumers(Path(data_dir) if data_dir is not None else None)
+    if data_dir is None and (journal or emit is None or tiled or tiled_uri):
+        raise ValueError("build_consumers needs data_dir for the journal and tiled")
+    try:
+        if journal:
+            c.journal = JournalWriter(c.data_dir, fsync=fsync, on_stop=[c._run_finished])
+            c._writers.append(c.journal)
+        if emit is None:
+            def emit(kind):  # each emitter calls from its own thread: a journal writer each
+                return fan_out(c.journal_writer(), c.collector, viewer_state)
+        c.inline.extend(inline)
+        if viewer_state is not None:
+            c.inline.append(viewer_state)
+        if live:
+            from stm_live.callbacks.live import LiveReconstruction
+
+            c.live = LiveReconstruction(reconstructor, device=device, emit=emit("live"),
+                                        **(live_options or {}))
+            c.inline.append(c.live)  # copies and queues on the loop; the work is on its thread
+            c._closers.append(c.live.close)
+        if worker is not None:
+            _connect_worker(c, worker, emit("worker"), worker_wait_s, say)
+        if stm is not None and tip_policy != "off":
+            from stm_live.reconditioning import TipReconditioner
+
+            c.policy = TipReconditioner(stm, policy=tip_policy, classifier=classifier,
+                                        **(policy_options or {}))
+        if tip or c.policy is not None:
+            if callable(tip):
+                c.tip = tip(emit("tip"))
+            else:
+                from stm_live.callbacks.tipmonitor import TipMonitor
+
+                listeners = [f for f in (on_verdict, c.policy and c.policy.on_verdict) if f]
+                c.tip = TipMonitor(classifier, on_verdict=_each(listeners) if listeners else None,
+                                   **(tip_options or {}))
+                c.tip.subscribe(emit("tip"))
+            if c.tip is not None:
+                c.inline.append(c.tip)  # hands classification to its own thread
+                c._closers.append(c.tip.close)
+                if c.policy is not None:
+                    c.policy.monitor = c.tip  # told where the new tip starts
+        if progress:
+            c.progress = progress if isinstance(progress, LineProgress) else LineProgress()
+            c.inline.append(c.progress)
+            c._closers.append(c.progress.close)
+        c.threaded = [ThreadedCallback(cb) for cb in callbacks]
+        if tiled or tiled_uri:
+            c.start_tiled(tiled_uri)
+    except BaseException:
+        c.close(timeout=5.0)
+        raise
+    return c
+
+
+def _each(listeners: list[Callable[[dict], Any]]) -> Callable[[dict], None]:
+    def call(record: dict) -> None:
+        for listener in listeners:
+            listener(record)
+    return call
+
+
+def _connect_worker(c: Consumers, worker: str, sink: Callback, wait_s: float, say) -> None:
+    """Publish to a remote worker over 0MQ and collect its results into ``sink``."""
+    from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
+
+    out, results = parse_worker(worker)
+    c.proxy = DocumentProxy(out_address=out)
+    c._closers.append(c.proxy.stop)
+    c.receiver = ResultReceiver(results)
+    c._closers.append(c.receiver.close)
+    c.receiver.subscribe(sink)  # called on one thread: one journal writer suffices
+    say(f"waiting up to {wait_s:.0f} s for a worker: stm-live worker "
+        f"--connect {c.proxy.out_address} --results {c.receiver.address}")
+    if not c.receiver.wait_ready(1, timeout=wait_s):
+        raise ValueError(
+            f"--worker {worker}: no worker said hello on {c.receiver.address} within "
+            f"{wait_s:.0f} s; start one with: stm-live worker --connect "
+            f"{c.proxy.out_address} --results {c.receiver.address}")
+    c.publisher = make_publisher(c.proxy.in_address)
+    c._closers.append(c.publisher.close)
+    c.inline.append(c.publisher)
+
+
+class AcquisitionSession:
+    """A RunEngine with a session's consumers attached (:func:`build_consumers`).
+
+    Parameters
+    ----------
+    data_dir : path
+        Journal in ``data_dir/journal``; embedded tiled in ``data_dir/tiled``.
+    callbacks : iterable of callables ``(name, doc)``
+        Extra consumers, each on its own thread (:class:`ThreadedCallback`), in document order.
+    inline_callbacks : iterable of callables
+        Consumers that must see documents on the RunEngine loop (fast ones only).
+    RE : RunEngine, optional
+        Use this RunEngine instead of making one (the queue server's).
+    **options
+        The rest of :func:`build_consumers`: ``tiled``, ``tiled_uri``, ``progress``, ``live``,
+        ``worker``, ``tip``, ``stm`` and ``tip_policy``, ...
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, *, callbacks: Iterable[Callback] = (),
+                 inline_callbacks: Iterable[Callback] = (), RE: RunEngine | None = None, **options):
+        self.data_dir = Path(data_dir)
+        self.RE = RE if RE is not None else RunEngine({})
+        self.consumers = build_consumers(self.data_dir, callbacks=callbacks, inline=inline_callbacks,
+                                         **options).attach(self.RE)
+        self._unwatch: list[Callable[[], Any]] = []  # undoes watch()
+
+    def __getattr__(self, name: str):
+        # the consumers' parts: journal, ingestor, live, tip, policy, collector, receiver,
+        # recovered, migrated, tiled_error, progress, threaded
+        if name in ("journal", "ingestor", "live", "tip", "policy", "collector", "receiver",
+                    "recovered", "migrated", "tiled_error", "progress", "threaded", "tiled_server"):
+            return getattr(self.__dict__["consumers"], name)
+        raise AttributeError(name)
+
+    @property
+    def tiled_client(self):
+        return self.ingestor.client if self.ingestor else None
+
+    def __call__(self, plan, *args, **kwargs):
+        """Run a plan; returns the RunEngine's result (the run uids)."""
+        return self.RE(plan, *args, **kwargs)
+
+    def watch(self, stm, *, say: Callable[[str], Any] | None = None):
+        """Suspend frames while ``stm``'s link is down (a :class:`~stm_live.suspenders.LinkSuspender`
+        on this RunEngine) and, given ``say``, report each link fault in one line
+        (:class:`~stm_live.console.LinkReporter`). Undone by :meth:`close`. Returns the suspender."""
+        from stm_live.console import LinkReporter
+        from stm_live.suspenders import LinkSuspender
+
+        suspender = LinkSuspender(stm)
+        self.RE.install_suspender(suspender)
+        self._unwatch.append(lambda: self.RE.remove_suspender(suspender))
+        if say is not None:
+            self._unwatch.append(LinkReporter(stm, say, RE=self.RE).close)
+        return suspender
+
+    def wait(self, timeout: float = 60.0) -> bool:
+        """Wait for the consumers and tiled ingestion to catch up."""
+        return self.consumers.wait(timeout)
+
+    def close(self, timeout: float = 60.0) -> None:
+        self.consumers.wait(timeout)
+        while self._unwatch:
+            self._unwatch.pop()()
+        self.consumers.close(timeout)
+
+    def __enter__(self) -> "AcquisitionSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None = None,
@@ -439,24 +591,35 @@ def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None 
     documents to a 0MQ proxy (:mod:`stm_live.streaming`); ``view`` serves the live viewer.
     """
     from stm_live.config import load_profile
-    from stm_live.devices.stm import NanonisSTM
-    from stm_live.plans import live_frame
+    from stm_live.console import LogFile, quiet_suspensions
 
     if tip_policy not in ("off", "prompt", "auto"):
         raise ValueError(f"tip_policy must be off, prompt or auto, not {tip_policy!r}")
     if direction not in ("down", "up"):
         raise ValueError(f"direction must be 'down' or 'up', not {direction!r}")
     prof = load_profile(profile)
+    with LogFile(data_dir) as log, quiet_suspensions():
+        print(f"log: {log.path} (details and tracebacks of anything that goes wrong)", flush=True)
+        return _scan(prof, host=host, port=port, width_nm=width_nm, pixels=pixels, lines=lines,
+                     direction=direction, frames=frames, data_dir=data_dir, tiled_uri=tiled_uri,
+                     tip_policy=tip_policy, worker=worker, view=view, callbacks=callbacks)
+
+
+def _scan(prof, *, host, port, width_nm, pixels, lines, direction, frames, data_dir, tiled_uri,
+          tip_policy, worker, view, callbacks) -> list[str]:
+    """`stm-live scan` proper (see :func:`run_scan`)."""
+    from stm_live.console import describe
+    from stm_live.devices.stm import ControllerLost, NanonisSTM
+    from stm_live.plans import live_frame
+
     host = host or prof.host
     port = int(port or prof.port)
     width_m = float(width_nm) * 1e-9
     prof.check_pixels(pixels, lines)
     stm = NanonisSTM(host, port, name="stm", profile=prof, timeout=prof.timeout_s)
-    inline: list[Callback] = []
-    threaded: list[Callback] = list(callbacks)
-    closers: list[Callable[[], Any]] = []
-    policy = None
+    viewer = state = None
     uids: list[str] = []
+    lost: list[str] = []  # frames that failed because the link stayed down
     try:
         if view:
             from stm_live.viewer import Viewer, ViewerState
@@ -464,55 +627,47 @@ def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None 
             state = ViewerState()
             viewer = Viewer(state)
             print(f"viewer: {viewer.url}", flush=True)
-            closers.append(viewer.close)  # the consumers below feed the viewer's state
-        else:
-            state = None
-        # Live reconstruction: in-process on its own thread, or on a remote worker over
-        # 0MQ (whose results are journaled here); the same consumers as `stm-live replay`.
-        from stm_live.models import load_stmnet
-
-        consumers = Consumers(Path(data_dir), worker=worker,
-                              reconstructor=None if worker else load_stmnet(),
-                              classifier=None, viewer_state=state, tip_monitor=False)
-        inline.extend(consumers.inline)
-        closers.append(consumers.close)
-        if tip_policy != "off":
-            from stm_live.callbacks.tipmonitor import TipMonitor
-            from stm_live.reconditioning import TipReconditioner
-
-            policy = TipReconditioner(stm, policy=tip_policy)
-            tip = TipMonitor(on_verdict=policy.on_verdict)
-            policy.monitor = tip
-            inline.append(tip)  # TipMonitor hands classification to its own thread
-            closers.append(tip.close)
         centre = stm.client.scan_frame_get()
-        with AcquisitionSession(data_dir, callbacks=threaded, inline_callbacks=inline,
-                                tiled=True, tiled_uri=tiled_uri, progress=True) as session:
-            if policy is not None:
-                policy.install(session.RE)
-                closers.insert(0, policy.remove)
-            for _ in range(frames):
-                uids += session(live_frame(
-                    stm, frame=(centre.center_x, centre.center_y, width_m, width_m,
-                                centre.angle_deg),
-                    pixels=pixels, lines=lines, channels=list(prof.channel_indexes)[:2],
-                    direction=direction, md={"tip_policy": tip_policy}))
+        # Live reconstruction in-process on its own thread, or on a remote worker over 0MQ
+        # (its results journaled here); the tip monitor and policy in-process.
+        with AcquisitionSession(data_dir, callbacks=callbacks, tiled=True, tiled_uri=tiled_uri,
+                                progress=True, live=worker is None, worker=worker, stm=stm,
+                                tip_policy=tip_policy, viewer_state=state,
+                                say=lambda text: print(text, flush=True)) as session:
+            # a stall or drop: the frame is suspended, reconnected, resumed; one line each
+            session.watch(stm, say=lambda text: print(text, flush=True))
+            for k in range(frames):
+                try:
+                    uids += session(live_frame(
+                        stm, frame=(centre.center_x, centre.center_y, width_m, width_m,
+                                    centre.angle_deg),
+                        pixels=pixels, lines=lines, channels=list(prof.channel_indexes)[:2],
+                        direction=direction, md={"tip_policy": tip_policy}))
+                except ControllerLost as exc:
+                    # the link stayed down past link.max_outage_s: that frame ends "fail" (its
+                    # lines are journaled); the next one starts afresh. A controller that
+                    # does not answer at a frame's start ends the scan (ConnectionLost).
+                    logger.error("frame %d failed", k + 1, exc_info=exc)
+                    lost.append(f"frame {k + 1}: {describe(exc)}")
+                    print(f"frame {k + 1} failed: {describe(exc)}", flush=True)
             session.wait()
             if worker:  # bounded: the worker's final reconstructions, before closing the link
                 for uid in uids:
-                    if consumers.receiver.wait_final(uid, timeout=60.0) is None:
+                    if session.receiver.wait_final(uid, timeout=60.0) is None:
                         print(f"run {uid}: no final reconstruction from the worker within 60 s; "
                               "the raw lines are in the journal", flush=True)
             if session.tiled_error is not None:
                 print(f"tiled unavailable ({session.tiled_error}); runs are in the journal",
                       flush=True)
+            if session.migrated:
+                print(f"tiled: {len(session.migrated)} run(s) stored in stm-live's own layout were "
+                      "rewritten in the BlueskyRun layout (once)", flush=True)
     finally:
-        for close in closers:
-            try:
-                close()
-            except Exception:  # cleanup of one part must not hide the others
-                logger.exception("closing %r failed", close)
+        if viewer is not None:
+            viewer.close()
         stm.close()
     for uid in uids:
         print(f"run {uid}: journal {Path(data_dir) / 'journal' / (uid + '.journal')}")
+    if lost:
+        raise ControllerLost(f"{len(lost)} of {frames} frames failed: {'; '.join(lost)}")
     return uids

@@ -4,8 +4,9 @@ The journal is the ground truth: every Bluesky document of a run is appended to
 ``data_dir/journal/<start uid>.journal`` and fsync'ed inside the RunEngine callback, i.e.
 before the RunEngine asks the controller for the next line. A ``kill -9`` therefore loses
 at most the record being written, which :func:`read_journal` drops (it keeps the good
-prefix). tiled is a *derived* copy, ingested from the journal off the RunEngine loop and
-re-ingestable after a crash.
+prefix; damage followed by intact records is an error, never taken for a crash). tiled is a
+*derived* copy in the BlueskyRun layout, the journal's documents fed through bluesky's
+``TiledWriter`` off the RunEngine loop, and re-ingestable after a crash.
 
 Record layout (no pickle anywhere)::
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import struct
 import threading
 import zlib
@@ -35,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Journal", "JournalWriter", "JournalError", "RunData", "read_journal", "run_data",
-    "TiledIngestor", "open_tiled", "ingest_journal", "read_run_from_tiled", "journals_to_ingest",
-    "find_journal", "runs_list", "runs_show", "runs_export",
+    "TiledIngestor", "open_tiled", "ingest_journal", "run_documents", "run_from_tiled", "derived_runs",
+    "journals_to_ingest", "migrate_old_layout", "find_journal", "runs_list", "runs_show", "runs_export",
 ]
 
 _HEADER = struct.Struct(">II")
@@ -120,6 +122,11 @@ class JournalWriter:
     def path_for(self, start_uid: str) -> Path:
         return self.directory / f"{start_uid}.journal"
 
+    @property
+    def open_runs(self) -> list[str]:
+        """Start uids of the runs being written (not to be ingested yet)."""
+        return list(self._runs)
+
     def __call__(self, name: str, doc: dict) -> None:
         if name == "start":
             journal = Journal(self.path_for(doc["uid"]), fsync=self._fsync)
@@ -157,12 +164,17 @@ class JournalWriter:
 
 
 # --------------------------------------------------------------------------- reading
+# A record's payload is msgpack of [name, doc]: a 2-array whose first item is a short string.
+_PAYLOAD_START = re.compile(rb"\x92[\xa0-\xbf]")
+
+
 def read_journal(path: str | os.PathLike) -> list[tuple[str, dict]]:
     """All intact documents of a journal, in order.
 
-    A truncated or corrupt final record (the process died mid-write) is dropped with a
-    warning; everything before it is returned. Corruption *followed* by more data is not
-    a crash signature and raises :class:`JournalError`.
+    A cut-off last record (the process died mid-write) is dropped with a one-line warning;
+    everything before it is returned. A record that is not intact while intact records
+    follow it (a damaged length field, a failed checksum) is damage, not a crash signature,
+    and raises :class:`JournalError`.
     """
     path = Path(path)
     try:
@@ -172,32 +184,44 @@ def read_journal(path: str | os.PathLike) -> list[tuple[str, dict]]:
     docs: list[tuple[str, dict]] = []
     pos = 0
     while pos < len(data):
-        bad = None
+        defect = None
         if len(data) - pos < _HEADER.size:
-            bad = "truncated record header"
+            defect = f"a record header of {len(data) - pos} of {_HEADER.size} bytes"
         else:
             length, crc = _HEADER.unpack_from(data, pos)
             end = pos + _HEADER.size + length
             if length > _MAX_RECORD or end > len(data):
-                bad = "truncated record"
+                defect = f"a record of {len(data) - pos - _HEADER.size} of its {length} bytes"
             else:
                 payload = data[pos + _HEADER.size:end]
                 if zlib.crc32(payload) != crc:
-                    bad = "checksum mismatch"
-        if bad:
-            # A crash can only tear the last record; anything else is real corruption.
-            if bad == "checksum mismatch" and end < len(data):
-                raise JournalError(f"{path}: {bad} in record {len(docs)} at byte {pos}")
-            logger.warning("%s: %s at byte %d; keeping %d intact documents",
-                           path, bad, pos, len(docs))
+                    defect = "a record whose checksum fails"
+        if defect:
+            # A crash tears only the last record: an intact one after it means damage.
+            if _intact_record_after(data, pos + 1):
+                raise JournalError(f"{path}: record {len(docs)} at byte {pos} is damaged ({defect}), "
+                                   "and intact records follow it")
+            logger.warning("%s: ends in %s at byte %d (cut off while being written); kept %d documents",
+                           path, defect, pos, len(docs))
             break
         try:
             name, doc = unpack(payload)
-        except PackingError as exc:
+        except (PackingError, ValueError) as exc:
             raise JournalError(f"{path}: record {len(docs)} at byte {pos}: {exc}") from exc
         docs.append((name, doc))
         pos = end
     return docs
+
+
+def _intact_record_after(data: bytes, start: int) -> bool:
+    """Whether an intact record (its checksum right) begins anywhere from ``start``."""
+    for match in _PAYLOAD_START.finditer(data, start + _HEADER.size):
+        at = match.start() - _HEADER.size
+        length, crc = _HEADER.unpack_from(data, at)
+        end = match.start() + length
+        if end <= len(data) and zlib.crc32(data[match.start():end]) == crc:
+            return True
+    return False
 
 
 @dataclass
@@ -251,12 +275,29 @@ def run_data(docs: list[tuple[str, dict]]) -> RunData:
 
 
 # --------------------------------------------------------------------------- tiled
+# Runs land in tiled in the BlueskyRun layout bluesky's TiledWriter writes, which tiled clients,
+# bluesky-tiled-plugins and tiled viewers read: a container per run (metadata "start" and "stop",
+# spec BlueskyRun), in it a container per stream (metadata: the descriptor) with one array per
+# data key, a row per event in event order. TiledWriter's event tables take scalars and 1-D
+# arrays (a scan line); the images derived runs carry (the live reconstruction, its check maps)
+# go to an HDF5 file per stream and key under ``data_dir/assets`` and are referenced the way a
+# detector's files are (StreamResource/StreamDatum documents), so the tiled server must be able
+# to read that folder (the embedded one does; a lab's server needs it in its readable storage).
+
+ASSETS = "assets"
+# run metadata beside "start"/"stop": the size of the journal the run was ingested from, so an
+# ingestion that a crash or a down server left behind is found and done again
+INGESTED_FROM = "stm_live_journal"
+# metadata keys of the layout stm-live wrote before it used TiledWriter
+_OLD_LAYOUT_KEYS = ("lines_read", "journal_bytes", "exit_status")
+
+
 def open_tiled(data_dir: str | os.PathLike | None = None, tiled_uri: str | None = None):
     """A writable tiled client: ``tiled_uri`` if given, else an embedded server.
 
     Returns ``(client, server)``; ``server`` is None for an external URI, otherwise the
-    :class:`tiled.server.SimpleTiledServer` (stored in ``data_dir/tiled``, loopback only)
-    that the caller closes.
+    :class:`tiled.server.SimpleTiledServer` (stored in ``data_dir/tiled``, loopback only, able
+    to read ``data_dir/assets``) that the caller closes.
     """
     from tiled.client import from_uri
 
@@ -266,7 +307,9 @@ def open_tiled(data_dir: str | os.PathLike | None = None, tiled_uri: str | None 
         raise ValueError("open_tiled needs data_dir or tiled_uri")
     from tiled.server import SimpleTiledServer
 
-    server = SimpleTiledServer(directory=Path(data_dir) / "tiled")
+    assets = Path(data_dir) / ASSETS
+    assets.mkdir(parents=True, exist_ok=True)
+    server = SimpleTiledServer(directory=Path(data_dir) / "tiled", readable_storage=[assets])
     return from_uri(server.uri), server
 
 
@@ -277,27 +320,170 @@ def _jsonable(obj: Any) -> Any:
     return sanitize_doc(obj)
 
 
-def ingest_journal(client, path: str | os.PathLike) -> str:
-    """Write one journal's run into tiled as container ``<start uid>``; returns the uid.
+def ingest_journal(client, path: str | os.PathLike, *, assets: str | os.PathLike | None = None) -> str:
+    """Write one journal's run into tiled through bluesky's TiledWriter; returns its uid.
 
-    Layout: metadata ``{"start", "stop", "lines_read"}``; one (lines, pixels) float32
-    array per data key (NaN rows never read), plus ``stm_line_index`` (int64, the order
-    lines were read). Idempotent: an existing node of that uid is replaced, so a journal
-    can be re-ingested after a crash.
+    Idempotent: an existing node of that uid is replaced, so a journal can be ingested again
+    after a crash. A run the journal holds no stop for (the process was killed) is written
+    without one, as TiledWriter leaves a run still open. ``assets``: where the run's images go
+    (default ``<data_dir>/assets``, beside the journal folder).
     """
-    size = Path(path).stat().st_size
-    data = run_data(read_journal(path))
-    uid = data.uid
+    path = Path(path)
+    size = path.stat().st_size
+    docs = read_journal(path)
+    if not docs or docs[0][0] != "start":
+        raise JournalError(f"{path}: does not begin with a start document")
+    uid = docs[0][1]["uid"]
+    assets = Path(assets) if assets is not None else path.parent.parent / ASSETS
+    _write_run(client, docs, assets / uid, {INGESTED_FROM: {"bytes": size}})
+    return uid
+
+
+def _write_run(client, docs: list[tuple[str, dict]], assets: Path, metadata: dict) -> None:
+    from bluesky.callbacks.tiled_writer import TiledWriter
+
+    uid = docs[0][1]["uid"]
     if uid in client:
         client.delete_contents(uid, recursive=True, external_only=False)
-    metadata = {"start": _jsonable(data.start), "stop": _jsonable(data.stop),
-                "exit_status": data.exit_status, "lines_read": len(data.lines_read),
-                "journal_bytes": size}
-    node = client.create_container(uid, metadata=metadata)
-    for key, image in data.images.items():
-        node.write_array(image, key=key, dims=["line", "pixel"])
-    node.write_array(np.asarray(data.lines_read, dtype=np.int64), key="stm_line_index")
-    return uid
+    # TiledWriter writes a stream's table at the run's stop; without one, row by row. Its
+    # normalizer re-validates every document, and jsonschema formats each array of an event in
+    # full doing so (90 % of the time); the journal holds documents the RunEngine or
+    # event-model's composers validated, in the current schema, so they go to it directly.
+    writer = TiledWriter(client, normalizer=None, **({} if docs[-1][0] == "stop" else {"batch_size": 1}))
+    external = []
+    for name, doc in _writer_documents(docs, assets):
+        writer(name, doc)
+        if name == "stream_resource":
+            external.append(doc["data_key"])
+    node = client[uid]
+    node.update_metadata(metadata={**dict(node.metadata), **metadata}, drop_revision=True)
+    for stream in node if external else ():  # a server that cannot read the files says so only when read
+        for key in set(external) & set(node[stream]):
+            try:
+                node[stream][key][:1]
+            except Exception as exc:
+                raise JournalError(f"run {uid}: the tiled server cannot read {assets} ({exc}); add that "
+                                   "folder to its readable storage") from exc
+
+
+def _image_keys(docs) -> dict[str, dict[str, tuple[list[int], str]]]:
+    """descriptor uid -> {data key: (shape, dtype)} of the event data that are images."""
+    found: dict[str, dict[str, tuple[list[int], str]]] = {}
+    for name, doc in docs:
+        if name == "event":
+            for key, value in doc["data"].items():
+                if isinstance(value, np.ndarray) and value.ndim >= 2:
+                    found.setdefault(doc["descriptor"], {})[key] = (list(value.shape), value.dtype.str)
+    return found
+
+
+def _writer_documents(docs, assets: Path):
+    """The run's documents as TiledWriter takes them: images moved from the events to HDF5
+    files in ``assets`` (one per stream and key), referenced by StreamResource/StreamDatum."""
+    images = _image_keys(docs)
+    if not images:
+        yield from docs
+        return
+    import uuid
+
+    import h5py
+
+    run_uid = docs[0][1]["uid"]
+    resources: dict[str, dict[str, str]] = {}  # descriptor uid -> {key: stream resource uid}
+    rows: dict[str, int] = {}
+    for name, doc in docs:
+        keys = images.get(doc.get("descriptor") if name == "event" else doc.get("uid"))
+        if name == "descriptor" and keys:
+            data_keys = {k: dict(v) for k, v in doc["data_keys"].items()}
+            for key, (shape, dtype) in keys.items():
+                data_keys[key].update(external="STREAM:", shape=shape, dtype_numpy=dtype)
+            yield name, {**doc, "data_keys": data_keys}
+            resources[doc["uid"]], rows[doc["uid"]] = {}, 0
+            for key, (shape, dtype) in keys.items():
+                stack = [d["data"][key] for n, d in docs if n == "event" and d["descriptor"] == doc["uid"]]
+                try:
+                    stack = np.stack(stack).astype(dtype, copy=False)
+                except ValueError as exc:
+                    raise JournalError(f"run {run_uid}: {doc['name']} events' {key!r} images differ "
+                                       f"in shape ({exc})") from exc
+                assets.mkdir(parents=True, exist_ok=True)
+                file = assets / f"{doc['name']}_{key}_{doc['uid'][:8]}.h5"
+                with h5py.File(file, "w") as h5:
+                    h5.create_dataset("data", data=stack)
+                resource = {"uid": str(uuid.uuid4()), "run_start": run_uid, "data_key": key,
+                            "mimetype": "application/x-hdf5", "uri": file.resolve().as_uri(),
+                            "parameters": {"dataset": "/data", "chunk_shape": [1, *shape],
+                                           "join_method": "stack", "swmr": False}}
+                resources[doc["uid"]][key] = resource["uid"]
+                yield "stream_resource", resource
+        elif name == "event" and keys:
+            yield name, {**doc, **{part: {k: v for k, v in doc.get(part, {}).items() if k not in keys}
+                                   for part in ("data", "timestamps", "filled")}}
+            row, seq = rows[doc["descriptor"]], doc["seq_num"]
+            rows[doc["descriptor"]] = row + 1
+            for key, resource in resources[doc["descriptor"]].items():
+                yield "stream_datum", {"uid": f"{resource}/{row}", "stream_resource": resource,
+                                       "descriptor": doc["descriptor"],
+                                       "indices": {"start": row, "stop": row + 1},
+                                       "seq_nums": {"start": seq, "stop": seq + 1}}
+        else:
+            yield name, doc
+
+
+def run_documents(node) -> list[tuple[str, dict]]:
+    """One run's documents read back from the BlueskyRun layout (``client[uid]``): start,
+    each stream's descriptor and events (in event order; arrays and images as numpy arrays),
+    stop if the run has one. What :func:`run_data` and the viewer take."""
+    metadata = node.metadata
+    start = dict(metadata["start"])
+    docs: list[tuple[str, dict]] = [("start", start)]
+    for stream in node:
+        table = node[stream]
+        meta = dict(table.metadata)
+        data_keys = {k: {f: v for f, v in key.items() if f != "external"}
+                     for k, key in meta.get("data_keys", {}).items()}
+        docs.append(("descriptor", {**meta, "name": stream, "run_start": start["uid"],
+                                    "data_keys": data_keys}))
+        columns = set(table)
+        if "seq_num" not in columns:
+            continue  # a stream without events
+        values = {key: table[key].read() for key in ("seq_num", "time", *data_keys) if key in columns}
+        stamps = {key: table[f"ts_{key}"].read() for key in data_keys if f"ts_{key}" in columns}
+        for i, seq in enumerate(values["seq_num"]):
+            data = {key: _item(values[key][i]) for key in data_keys if key in values}
+            docs.append(("event", {"uid": f"{meta['uid']}/{int(seq)}", "descriptor": meta["uid"],
+                                   "seq_num": int(seq), "time": float(values["time"][i]), "data": data,
+                                   "timestamps": {k: float(stamps[k][i]) if k in stamps
+                                                  else float(values["time"][i]) for k in data},
+                                   "filled": {}}))
+    if metadata.get("stop"):
+        docs.append(("stop", dict(metadata["stop"])))
+    return docs
+
+
+def _item(value):
+    """A table cell as the event had it: a numpy array, or a plain scalar."""
+    if isinstance(value, np.ndarray):
+        return value
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def run_from_tiled(client, uid: str) -> RunData:
+    """One run's frame assembled from its BlueskyRun node (as :func:`run_data` from a journal)."""
+    return run_data(run_documents(client[uid]))
+
+
+def derived_runs(client, uid: str) -> dict[str, str]:
+    """The derived runs (reconstruction, tip verdicts) of acquisition run ``uid``: kind -> uid."""
+    from tiled.queries import Key
+
+    found = {}
+    for key, node in client.search(Key("start.parent_uid") == uid).items():
+        start = node.metadata["start"]
+        kind = start.get("stm_live_derived")
+        kind = kind.get("kind") if isinstance(kind, dict) else kind
+        found[kind or ("tip" if start.get("purpose") == "tip_verdicts" else "derived")] = key
+    return found
 
 
 def journals_to_ingest(client, data_dir: str | os.PathLike,
@@ -311,16 +497,68 @@ def journals_to_ingest(client, data_dir: str | os.PathLike,
                        key=lambda p: p.stat().st_mtime):
         if path.stem in skip:
             continue
-        if path.stem not in client or (
-                client[path.stem].metadata.get("journal_bytes") != path.stat().st_size):
+        if path.stem not in client or (client[path.stem].metadata.get(INGESTED_FROM) or {}).get(
+                "bytes") != path.stat().st_size:
             out.append(path)
     return out
 
 
-def read_run_from_tiled(client, uid: str) -> dict[str, np.ndarray]:
-    """The arrays of one ingested run, by data key."""
-    node = client[uid]
-    return {key: node[key].read() for key in node}
+def _old_layout(node) -> bool:
+    return (all(k in node.metadata for k in _OLD_LAYOUT_KEYS)
+            and not any(spec.name == "BlueskyRun" for spec in node.specs))
+
+
+def migrate_old_layout(client, data_dir: str | os.PathLike | None = None) -> list[str]:
+    """Rewrite, once, the runs stm-live stored in its own layout (an array per data key plus
+    ``stm_line_index``) in the BlueskyRun layout; returns their uids (none the second time).
+
+    From the run's journal where ``data_dir`` has it (every document, exactly), else from the
+    stored arrays: the lines in the order they were read, the last reading of each.
+    """
+    from tiled.queries import Key
+
+    migrated = []
+    for uid, node in list(client.search(Key("journal_bytes") >= 0).items()):
+        if not _old_layout(node):
+            continue
+        journal = _journal_dir(data_dir) / f"{uid}.journal" if data_dir is not None else None
+        if journal is not None and journal.exists():
+            ingest_journal(client, journal)
+        else:
+            docs = _old_layout_documents(node)
+            assets = Path(data_dir) / ASSETS / uid if data_dir is not None else Path(ASSETS) / uid
+            _write_run(client, docs, assets, {INGESTED_FROM: {"migrated": "stm-live layout 1"}})
+        migrated.append(uid)
+    if migrated:
+        logger.warning("tiled: %d run(s) stored in stm-live's own layout rewritten once in the "
+                       "BlueskyRun layout (%s)", len(migrated), ", ".join(u[:8] for u in migrated))
+    return migrated
+
+
+def _old_layout_documents(node) -> list[tuple[str, dict]]:
+    """Documents of a run stored in the old layout, rebuilt from its metadata and arrays."""
+    import uuid
+
+    start, stop = dict(node.metadata["start"]), node.metadata.get("stop")
+    docs: list[tuple[str, dict]] = [("start", start)]
+    meta = start.get("stm_live")
+    if meta and "stm_line_index" in node:
+        line_key = meta.get("line_key", "stm_line_index")
+        images = {k: node[k].read() for k in node if k != "stm_line_index"}
+        desc = {"uid": str(uuid.uuid4()), "run_start": start["uid"], "name": "primary",
+                "time": start["time"], "configuration": {}, "hints": {}, "object_keys": {},
+                "data_keys": {line_key: {"source": "stm-live", "dtype": "integer", "shape": []},
+                              **{k: {"source": "stm-live", "dtype": "array", "shape": [int(v.shape[1])],
+                                     "dtype_numpy": v.dtype.str} for k, v in images.items()}}}
+        docs.append(("descriptor", desc))
+        for seq, row in enumerate(node["stm_line_index"].read().tolist(), 1):
+            data = {line_key: int(row), **{k: v[row] for k, v in images.items()}}
+            docs.append(("event", {"uid": str(uuid.uuid4()), "descriptor": desc["uid"], "seq_num": seq,
+                                   "time": start["time"], "data": data, "filled": {},
+                                   "timestamps": dict.fromkeys(data, start["time"])}))
+    if stop:
+        docs.append(("stop", dict(stop)))
+    return docs
 
 
 class TiledIngestor:
@@ -406,31 +644,96 @@ def find_journal(run: str, data_dir: str | os.PathLike) -> Path:
     return matches[0]
 
 
-def runs_list(*, data_dir: str | os.PathLike = "stm_live_data") -> list[dict]:
-    """Print and return a summary of every journaled run (oldest first)."""
+def find_tiled_run(client, run: str) -> str:
+    """The uid of ``run`` in tiled, found as :func:`find_journal` finds a journal: a uid or
+    unique prefix, ``latest``, or -1/-2... (acquired frames, most recent first)."""
+    from tiled.queries import Key
+
+    if run == "latest":
+        run = "-1"
+    if run.lstrip("-").isdigit() and run.startswith("-"):
+        frames = client.search(Key("start.stm_live.lines") > 0).sort(("start.time", -1))
+        uids = list(frames.keys()[:-int(run)])
+        if len(uids) < -int(run):
+            raise JournalError(f"run {run}: only {len(uids)} frame runs in tiled at {client.uri}")
+        return uids[-1]
+    if run in client:
+        return run
+    matches = [uid for uid in client.keys() if uid.startswith(run)]
+    if len(matches) != 1:
+        raise JournalError(f"run {run!r} matches {len(matches)} runs in tiled at {client.uri}; "
+                           "give more of the uid")
+    return matches[0]
+
+
+def _tiled_client(tiled_uri: str, data_dir):
+    """A client of the lab's tiled server, its runs in the BlueskyRun layout (migrated once)."""
+    from rich.console import Console
+    from tiled.client import from_uri
+
+    client = from_uri(tiled_uri)
+    migrated = migrate_old_layout(client, data_dir)
+    if migrated:
+        Console().print(f"tiled: {len(migrated)} run(s) stored in stm-live's own layout were "
+                        "rewritten in the BlueskyRun layout (once)")
+    return client
+
+
+def _load_run(run: str, data_dir, tiled_uri: str | None) -> tuple[RunData, str]:
+    """One run's frame and where it was read: the journal, or tiled given its URI."""
+    if tiled_uri:
+        client = _tiled_client(tiled_uri, data_dir)
+        uid = find_tiled_run(client, run)
+        return run_from_tiled(client, uid), f"{tiled_uri.split('?')[0]} {uid}"
+    path = find_journal(run, data_dir)
+    return run_data(read_journal(path)), str(path)
+
+
+def _summary_row(start: dict, stop: dict | None, lines_read) -> dict:
     from datetime import datetime
 
+    meta = start.get("stm_live", {})
+    return {"uid": start["uid"],
+            "time": datetime.fromtimestamp(start["time"]).isoformat(timespec="seconds"),
+            "plan": start.get("plan_name", ""),
+            "size": f"{meta.get('pixels', '?')}x{meta.get('lines', '?')}",
+            "lines_read": len(set(int(v) for v in lines_read)),
+            "exit_status": stop["exit_status"] if stop else "incomplete"}
+
+
+def _tiled_rows(client) -> list[dict]:
+    rows = []
+    for uid, node in client.sort(("start.time", 1)).items():
+        start, stop = node.metadata.get("start"), node.metadata.get("stop")
+        if not start:
+            continue
+        key = (start.get("stm_live") or {}).get("line_key", "stm_line_index")
+        lines = node["primary"][key].read() if "primary" in node and key in node["primary"] else []
+        rows.append(_summary_row(start, stop, lines))
+    return rows
+
+
+def runs_list(*, data_dir: str | os.PathLike = "stm_live_data", tiled_uri: str | None = None) -> list[dict]:
+    """Print and return a summary of every journaled run (oldest first); given ``tiled_uri``,
+    of every run in that tiled server instead."""
     from rich.console import Console
     from rich.table import Table
 
-    rows = []
-    directory = _journal_dir(data_dir)
-    for path in sorted(directory.glob("*.journal"), key=lambda p: p.stat().st_mtime):
-        try:
-            data = run_data(read_journal(path))
-        except JournalError as exc:
-            rows.append({"uid": path.stem, "error": str(exc)})
-            continue
-        meta = data.start.get("stm_live", {})
-        rows.append({
-            "uid": data.uid,
-            "time": datetime.fromtimestamp(data.start["time"]).isoformat(timespec="seconds"),
-            "plan": data.start.get("plan_name", ""),
-            "size": f"{meta.get('pixels', '?')}x{meta.get('lines', '?')}",
-            "lines_read": len(set(data.lines_read)),
-            "exit_status": data.exit_status,
-        })
-    table = Table(title=f"runs in {directory}")
+    if tiled_uri:
+        rows = _tiled_rows(_tiled_client(tiled_uri, data_dir))
+        title = f"runs in tiled at {tiled_uri.split('?')[0]}"
+    else:
+        rows = []
+        directory = _journal_dir(data_dir)
+        for path in sorted(directory.glob("*.journal"), key=lambda p: p.stat().st_mtime):
+            try:
+                data = run_data(read_journal(path))
+            except JournalError as exc:
+                rows.append({"uid": path.stem, "error": str(exc)})
+                continue
+            rows.append(_summary_row(data.start, data.stop, data.lines_read))
+        title = f"runs in {directory}"
+    table = Table(title=title)
     for column in ("uid", "time", "plan", "size", "lines_read", "exit_status"):
         table.add_column(column)
     for row in rows:
@@ -440,16 +743,16 @@ def runs_list(*, data_dir: str | os.PathLike = "stm_live_data") -> list[dict]:
     return rows
 
 
-def runs_show(run: str, *, data_dir: str | os.PathLike = "stm_live_data") -> RunData:
+def runs_show(run: str, *, data_dir: str | os.PathLike = "stm_live_data",
+              tiled_uri: str | None = None) -> RunData:
     """Print one run's start metadata, exit status and line coverage; return its data."""
     import json
 
     from rich.console import Console
 
-    path = find_journal(run, data_dir)
-    data = run_data(read_journal(path))
+    data, where = _load_run(run, data_dir, tiled_uri)
     console = Console()
-    console.print(f"[bold]{data.uid}[/bold]  {path}")
+    console.print(f"[bold]{data.uid}[/bold]  {where}")
     console.print(json.dumps(_jsonable(data.start.get("stm_live", {})), indent=1))
     meta = data.start.get("stm_live", {})
     console.print(f"exit_status: {data.exit_status}"
@@ -482,12 +785,13 @@ def scan_from_run(data: "RunData", *, comment: str | None = None):
         comment=comment or f"stm-live run {data.uid}", signal_indexes=indexes)
 
 
-def runs_export(run: str, *, sxm: str | os.PathLike,
-                data_dir: str | os.PathLike = "stm_live_data") -> Path:
-    """Write one journaled run as a Nanonis .sxm file (via :mod:`stm_live.io.sxm`)."""
+def runs_export(run: str, *, sxm: str | os.PathLike, data_dir: str | os.PathLike = "stm_live_data",
+                tiled_uri: str | None = None) -> Path:
+    """Write one run (journaled, or in tiled given ``tiled_uri``) as a Nanonis .sxm file (via
+    :mod:`stm_live.io.sxm`)."""
     from stm_live.io.sxm import write_sxm
 
-    data = run_data(read_journal(find_journal(run, data_dir)))
+    data, _ = _load_run(run, data_dir, tiled_uri)
     out = write_sxm(Path(sxm), scan_from_run(data))
     from rich.console import Console
 

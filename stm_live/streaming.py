@@ -618,7 +618,11 @@ def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:55
     results : str
         Where to PUSH result documents (a ``ResultReceiver``).
     device : str
-        Torch device for STM-Net ("auto": CUDA when present).
+        Torch device for STM-Net ("auto": CUDA when present). On CUDA the default STM-Net runs
+        the fast path (``stmnet.Acceleration``: views batched, bf16, CUDA graphs; warmed up
+        before the worker says hello) and every live update is a full-frame pass, which costs
+        a GPU little and needs no band splicing (``band_margin=None`` unless ``live_options``
+        says otherwise).
     curve_keys : folder or CurveKeys, optional
         Authenticate and encrypt both links (see ``generate_curve_keys``).
     journal : folder, optional
@@ -638,7 +642,7 @@ def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:55
     int
         0 on a clean stop.
     """
-    from stm_live.callbacks.live import LiveReconstruction
+    from stm_live.session import build_consumers
 
     for address, what in ((connect, "worker connect"), (results, "worker results")):
         _check_loopback(address, what, allow_remote)
@@ -646,16 +650,25 @@ def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:55
     worker_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
     sender = ResultSender(results, source="live", curve_keys=keys, allow_remote=allow_remote)
     try:
-        live = LiveReconstruction(reconstructor, device=device, emit=sender, **(live_options or {}))
+        if reconstructor is None:
+            from stm_live.models import load_stmnet
+
+            reconstructor = load_stmnet(device=device)
+        options = dict(live_options or {})
+        if str(getattr(reconstructor, "device", "cpu")).startswith("cuda"):
+            options.setdefault("band_margin", None)
+        factory = tip_monitor if callable(tip_monitor) else _default_tip_monitor
+
+        def emit(kind):  # results go back over 0MQ, tagged with the consumer that made them
+            return sender if kind == "live" else lambda name, doc: sender.send(name, doc, source=kind)
+
+        consumers = build_consumers(None, journal=False, live=True, reconstructor=reconstructor,
+                                    device=device, live_options=options, emit=emit,
+                                    tip=(lambda sink: factory(sink, device=device)) if tip_monitor else False)
     except BaseException:  # e.g. no checkpoint: say so, leave no socket behind
         sender.close(linger_ms=0)
         raise
-    callbacks: list = [live]
-    if tip_monitor:
-        factory = tip_monitor if callable(tip_monitor) else _default_tip_monitor
-        monitor = factory(lambda name, doc: sender.send(name, doc, source="tip"), device=device)
-        if monitor is not None:
-            callbacks.append(monitor)
+    callbacks = consumers.inline
     feeder = JournalCatchUp(callbacks, journal)
     dispatcher = _make_dispatcher(connect, curve_config=keys.client_curve() if keys else None, hwm=DOC_HWM)
     dispatcher.subscribe(feeder)
@@ -680,10 +693,7 @@ def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:55
     except asyncio.CancelledError:
         pass
     finally:
-        for callback in callbacks:  # finish what was acquired before leaving
-            for method, arg in (("flush", 30.0), ("close", None)):
-                if callable(getattr(callback, method, None)):
-                    getattr(callback, method)(*(() if arg is None else (arg,)))
+        consumers.close(30.0)  # finish what was acquired before leaving
         sender.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -701,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--journal", default=None, help="acquisition data_dir (journal catch-up)")
     parser.add_argument("--reconstructor", default=None,
                         help="module:factory returning an object with .reconstruct (default: shipped STM-Net)")
-    parser.add_argument("--band-margin", type=int, default=32, help="-1: full-frame updates")
+    parser.add_argument("--band-margin", type=int, default=None,
+                        help="-1: full-frame updates (default: full-frame on CUDA, else 32 rows)")
     parser.add_argument("--no-tip-monitor", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
@@ -713,7 +724,8 @@ def main(argv: list[str] | None = None) -> int:
         reconstructor = getattr(importlib.import_module(module), attr)()
     return run_worker(args.connect, args.results, args.device, args.curve_keys, journal=args.journal,
                       reconstructor=reconstructor, tip_monitor=not args.no_tip_monitor,
-                      live_options={"band_margin": None if args.band_margin < 0 else args.band_margin})
+                      live_options=None if args.band_margin is None else
+                      {"band_margin": None if args.band_margin < 0 else args.band_margin})
 
 
 if __name__ == "__main__":

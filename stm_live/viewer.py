@@ -7,7 +7,8 @@ and the line progress. ``ViewerState`` is fed Bluesky documents: in-process as a
 RunEngine subscriber (``--view`` on demo/scan/replay), or, from another process, by
 ``JournalFollower`` tailing the run journals that acquisition writes (so the viewer works
 whichever process acquires and wherever the GPU worker runs: results it sends back are
-journaled beside the raw lines).
+journaled beside the raw lines). A run stored in tiled is shown from its BlueskyRun layout
+(``show_stored_run``: its documents and its derived runs' read back through a tiled client).
 
 The page polls ``state.json`` and fetches ``raw.png``/``recon.png``/``residual.png``/
 ``spread.png`` when their versions change; nothing but the standard library's HTTP server is
@@ -469,18 +470,41 @@ class Viewer:
         self.close()
 
 
-def run_viewer(*, port: int = 8765, data_dir: str | Path = "stm_live_data") -> None:
-    """``stm-live view``: serve the page and follow the journals in ``data_dir``."""
+def show_stored_run(state: ViewerState, client, run: str = "latest") -> str:
+    """Feed ``state`` one run stored in tiled (BlueskyRun layout) and its derived runs
+    (reconstruction, tip verdicts), as their documents came; returns the run's uid."""
+    from stm_live.store import derived_runs, find_tiled_run, run_documents
+
+    uid = find_tiled_run(client, run)
+    for key in [uid, *derived_runs(client, uid).values()]:
+        for name, doc in run_documents(client[key]):
+            state(name, doc)
+    return uid
+
+
+def run_viewer(*, port: int = 8765, data_dir: str | Path = "stm_live_data",
+               tiled_uri: str | None = None, run: str = "latest") -> None:
+    """``stm-live view``: serve the page and follow the journals in ``data_dir``; given
+    ``tiled_uri``, show ``run`` as stored in that tiled server instead."""
     state = ViewerState()
-    follower = JournalFollower(data_dir, state)
-    follower.start()
+    follower = None
+    if tiled_uri:
+        from tiled.client import from_uri
+
+        shown = show_stored_run(state, from_uri(tiled_uri), run)
+        what = f"run {shown} from tiled at {tiled_uri.split('?')[0]}"
+    else:
+        follower = JournalFollower(data_dir, state)
+        follower.start()
+        what = f"following {Path(data_dir) / 'journal'}"
     viewer = Viewer(state, port=port)
-    print(f"stm-live viewer at {viewer.url} (Ctrl-C to stop)", flush=True)
+    print(f"stm-live viewer at {viewer.url}: {what} (Ctrl-C to stop)", flush=True)
     try:
         while True:
             time.sleep(1.0)
     except KeyboardInterrupt:
         pass
     finally:
-        follower.stop()
+        if follower is not None:
+            follower.stop()
         viewer.close()

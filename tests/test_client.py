@@ -111,9 +111,10 @@ def test_controller_error_raises_with_description(peer_factory):
 
 
 def test_silent_peer_times_out_and_reconnects(peer_factory):
+    # max_outage_s=0: no reconnecting on its own (tests/test_link_recovery.py covers that)
     answer = {"on": False}
     peer = peer_factory(lambda n, a: P.pack_response(n, (0.25,)) if answer["on"] else None)
-    c = NanonisClient("127.0.0.1", peer.port, timeout=0.3)
+    c = NanonisClient("127.0.0.1", peer.port, timeout=0.3, max_outage_s=0)
     t0 = time.monotonic()
     with pytest.raises(ReplyTimeout, match="Bias.Get.*reconnect"):
         c.bias_get()
@@ -129,7 +130,7 @@ def test_silent_peer_times_out_and_reconnects(peer_factory):
 
 def test_dropped_connection_is_a_connection_error(peer_factory):
     peer = peer_factory(lambda n, a: "close")
-    with NanonisClient("127.0.0.1", peer.port, timeout=2) as c:
+    with NanonisClient("127.0.0.1", peer.port, timeout=2, max_outage_s=0) as c:
         with pytest.raises(ConnectionLost, match="closed the connection"):
             c.current_get()
         assert isinstance(ConnectionLost("x"), ConnectionError)

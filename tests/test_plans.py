@@ -160,7 +160,8 @@ def test_controller_dropped_mid_scan_fails_run_and_keeps_lines(RE, tmp_path):
     from stm_live.simulators.server import start_server_thread
 
     server = start_server_thread(seed=1, time_scale=5.0)
-    device = NanonisSTM(server.host, server.port, name="stm")
+    # the controller does not come back: the frame fails once the outage outlives 1 s
+    device = NanonisSTM(server.host, server.port, name="stm", max_outage_s=1.0)
     device.lines.line_timeout = 5.0
     docs, journal = _collect(RE, tmp_path)
 

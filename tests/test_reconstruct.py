@@ -113,14 +113,16 @@ def test_folder_goes_on_past_bad_files_and_sxm_output_keeps_every_channel(tmp_pa
     (folder / "grid.3ds").write_text("Grid dim=\"2 x 2\"\n")
     results = reconstruct_files([folder], tmp_path / "out", fmt="sxm", load=lambda: net)
     by_name = {r.source.name: r for r in results}
-    assert set(by_name) == {"a.sxm", "b.sxm", "c.sxm"}  # a folder is read for its scans
+    assert set(by_name) == {"a.sxm", "b.sxm", "c.sxm", "grid.3ds"}  # a folder is read for its scans and grids
+    assert by_name["grid.3ds"].status == "failed" and by_name["grid.3ds"].message.startswith("grid.3ds: ")
     assert by_name["a.sxm"].status == "ok"
     assert by_name["b.sxm"].status == "failed" and "truncated" in by_name["b.sxm"].message
     assert "c.sxm: SCAN_RANGE height is 0.0 m" in by_name["c.sxm"].message
     back = read_sxm(by_name["a.sxm"].output)
     assert set(back.channels) == {"Current", "Z", "STM-Net", "STM-Net residual", "STM-Net spread"}
-    [grid] = reconstruct_files([folder / "grid.3ds"], tmp_path / "g.npy", load=lambda: net)
-    assert grid.status == "failed" and "grid-spectroscopy file" in grid.message
+    (folder / "point.dat").write_text("Experiment\tbias spectroscopy\n")
+    [spectrum] = reconstruct_files([folder / "point.dat"], tmp_path / "g.npy", load=lambda: net)
+    assert spectrum.status == "failed" and "point.dat: a point spectrum has no image" in spectrum.message
 
 
 def test_impossible_devices_and_bad_options_are_one_line(tmp_path, frames):
@@ -163,3 +165,49 @@ def test_png_is_annotated_and_up_scans_are_drawn_as_the_instrument_shows_them(tm
     ra, rb = a[below_caption, recon].ravel(), b[below_caption, recon].ravel()
     assert np.corrcoef(ra, rb)[0, 1] > 0.95
     assert np.corrcoef(ra, b[below_caption, recon][::-1].ravel())[0, 1] < 0.9
+
+
+def test_grid_maps_are_reconstructed_at_each_bias_and_match_the_s_wave_images(tmp_path, net):
+    """A simulated dI/dV grid (.3ds) over pentacene under a CO tip: the map at each sweep
+    point is reconstructed into a stack with its biases; at the HOMO and LUMO resonances the
+    reconstruction is the s-wave image of that orbital, and the PNG shows the resonances."""
+    from stm_live.io.spectroscopy import make_grid, write_3ds
+    from stm_live.simulators import spectra
+    from stm_live.simulators.imaging import s_wave_image
+
+    scene = [Placement("pentacene", 0.0, 0.0, 10.0)]
+    points, pitch, z = 48, 0.06, 0.4
+    frame = ScanFrame(0.0, 0.0, points * pitch, points * pitch, pixels=points, lines=points)
+    sweep = np.round(np.linspace(-3.0, 3.0, 61), 6)
+    sim = spectra.simulate(scene, tip_preset("co"), frame, sweep, z_nm=z)
+    x, y = frame.grid()
+    grid = make_grid({"LI Demod 1 X (A)": sim.didv_A_per_V, "Current (A)": sim.current_A}, sweep=sweep,
+                     center_m=(0.0, 0.0), size_m=(points * pitch * 1e-9,) * 2,
+                     parameters={"X (m)": x * 1e-9, "Y (m)": y * 1e-9, "Z (m)": np.full(x.shape, z * 1e-9)})
+    path = write_3ds(tmp_path / "Grid Spectroscopy001.3ds", grid)
+
+    (result,) = reconstruct_files([path], tmp_path / "out", load=lambda: net)
+    assert result.status == "ok", result.message
+    assert "LI Demod 1 X (A), 61 map(s) of 48x48 points" in result.message
+    stack = np.load(result.output)
+    assert stack["reconstruction"].shape == (61, points, points)
+    np.testing.assert_allclose(stack["bias_V"], sweep, atol=1e-6)
+    levels = spectra.level_energies("pentacene")
+    for label in ("HOMO", "LUMO"):
+        k = int(np.argmin(np.abs(sweep - levels[label])))
+        truth = s_wave_image([Placement("pentacene", 0.0, 0.0, 10.0, label)], frame, z_nm=z,
+                             bias_V=-1.0 if label == "HOMO" else 1.0)
+        assert _rms(stack["reconstruction"][k], truth) < 0.1, label
+        assert stack["agreement"][k] > 0.35, label
+    png = result.output.with_suffix(".png")
+    assert png.is_file()
+    from PIL import Image
+
+    caption = Image.open(png).text["Description"]
+    assert "grid 48x48 points x 61 biases" in caption
+
+    # chosen biases only; a bad channel is one line naming the channels there are
+    (chosen,) = reconstruct_files([path], tmp_path / "chosen.png", load=lambda: net, biases=[levels["HOMO"]])
+    assert chosen.status == "ok" and np.load(chosen.output)["reconstruction"].shape[0] == 1
+    (bad,) = reconstruct_files([path], tmp_path / "bad", load=lambda: net, channel="Frequency shift")
+    assert bad.status == "failed" and "Frequency shift" in bad.message and "\n" not in bad.message

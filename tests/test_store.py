@@ -8,7 +8,7 @@ from event_model import compose_run
 
 from stm_live.store import (
     JournalError, JournalWriter, find_journal, ingest_journal, journals_to_ingest,
-    read_journal, read_run_from_tiled, run_data,
+    read_journal, run_from_tiled, run_data,
 )
 
 PIXELS, LINES = 16, 6
@@ -81,6 +81,33 @@ def test_truncated_tail_keeps_good_prefix(tmp_path):
     assert read_journal(path) == []
 
 
+def test_cut_off_tail_is_one_warning_and_damage_in_the_middle_an_error(tmp_path, caplog):
+    import struct
+
+    docs = _frame_docs(np.random.default_rng(7))
+    writer = JournalWriter(tmp_path)
+    for name, doc in docs:
+        writer(name, doc)
+    path = writer.last_path
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-5])  # the stop record cut off by a crash
+    with caplog.at_level("WARNING", logger="stm_live.store"):
+        assert [n for n, _ in read_journal(path)] == [n for n, _ in docs[:-1]]
+    (warning,) = [r for r in caplog.records if r.name == "stm_live.store"]
+    assert "cut off" in warning.getMessage() and "\n" not in warning.getMessage()
+    # the third record's length field damaged: it runs past the end, but intact records follow
+    starts, pos = [], 0
+    while pos < len(whole):
+        starts.append(pos)
+        pos += 8 + struct.unpack_from(">I", whole, pos)[0]
+    for length in (1 << 20, 3):  # longer than the file; shorter than the record
+        raw = bytearray(whole)
+        struct.pack_into(">I", raw, starts[2], length)
+        path.write_bytes(bytes(raw))
+        with pytest.raises(JournalError, match=r"record 2 at byte \d+ is damaged .*intact records follow"):
+            read_journal(path)
+
+
 def test_corruption_before_the_end_is_an_error(tmp_path):
     docs = _frame_docs(np.random.default_rng(3))
     writer = JournalWriter(tmp_path)
@@ -125,19 +152,21 @@ def test_tiled_gives_the_frame_back_bit_for_bit_and_reingests(tmp_path, tiled_cl
         writer(name, doc)
     path = writer.last_path
     uid = ingest_journal(tiled_client, path)  # a crashed run: no stop document
-    assert tiled_client[uid].metadata["exit_status"] == "incomplete"
+    node = tiled_client[uid]
+    assert [spec.name for spec in node.specs] == ["BlueskyRun"]
+    assert node.metadata["start"]["uid"] == uid and node.metadata.get("stop") is None
     expected = run_data(read_journal(path)).images
-    got = read_run_from_tiled(tiled_client, uid)
+    got = run_from_tiled(tiled_client, uid)
+    assert got.exit_status == "incomplete"
     for key, image in expected.items():
-        assert got[key].dtype == np.float32
-        assert got[key].tobytes() == image.tobytes()  # NaN rows included
+        assert got.images[key].dtype == np.float32
+        assert got.images[key].tobytes() == image.tobytes()  # NaN rows included
     # the run finishes later (or is recovered): re-ingesting replaces the node
     writer("stop", {"uid": "s" * 32, "run_start": uid, "time": 0.0,
                     "exit_status": "fail", "reason": "dropped", "num_events": {}})
     ingest_journal(tiled_client, path)
-    assert tiled_client[uid].metadata["exit_status"] == "fail"
-    assert list(read_run_from_tiled(tiled_client, uid)["stm_line_index"]) == list(
-        range(LINES - 2))
+    assert tiled_client[uid].metadata["stop"]["exit_status"] == "fail"
+    assert tiled_client[uid]["primary"]["stm_line_index"].read().tolist() == list(range(LINES - 2))
 
 
 def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tmp_path,
@@ -170,14 +199,14 @@ def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tm
             assert session.recovered == [crashed_uid] and not session.ingestor.errors
     finally:
         stm.close()
-    assert client[crashed_uid].metadata["lines_read"] == 3
+    assert client[crashed_uid]["primary"]["stm_line_index"].read().tolist() == [0, 1, 2]
     assert journals_to_ingest(client, tmp_path) == []  # nothing stale left
     assert seen[0] == "start" and seen[-1] == "stop"  # threaded callback saw everything
     journal = run_data(read_journal(tmp_path / "journal" / f"{uid}.journal"))
-    got = read_run_from_tiled(client, uid)
+    got = run_from_tiled(client, uid)
     for key, image in journal.images.items():
         assert not np.isnan(image).any()
-        assert got[key].tobytes() == image.tobytes()
+        assert got.images[key].tobytes() == image.tobytes()
     rows = runs_list(data_dir=tmp_path)
     assert rows[-1]["uid"] == uid and rows[-1]["lines_read"] == 6
     assert runs_show(uid[:6], data_dir=tmp_path).exit_status == "success"
@@ -206,6 +235,8 @@ def test_run_scan_as_the_cli_calls_it(tiled_server, sim_server, tmp_path):
     for uid in uids:
         data = run_data(read_journal(tmp_path / "journal" / f"{uid}.journal"))
         assert data.exit_status == "success" and data.start["stm_live"]["scan_direction"] == "up"
-        assert client[uid].metadata["lines_read"] == 4  # ingested before run_scan returned
+        # ingested before run_scan returned
+        assert client[uid].metadata["stop"]["exit_status"] == "success"
+        assert sorted(client[uid]["primary"]["stm_line_index"].read().tolist()) == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="tip_policy"):
         run_scan(profile="sim", port=sim_server.port, tip_policy="sometimes", data_dir=tmp_path)

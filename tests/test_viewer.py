@@ -353,15 +353,14 @@ def test_viewer_follows_a_real_live_scan(chromium, tmp_path):
     from stm_live.devices.stm import NanonisSTM
     from stm_live.models import load_stmnet
     from stm_live.plans import live_frame
-    from stm_live.session import Consumers
     from stm_live.session import AcquisitionSession
     from stm_live.simulators.server import start_server_thread
 
     state = ViewerState()
     with start_server_thread(seed=0, time_scale=2.0) as server, Viewer(state) as viewer:
         stm = NanonisSTM(server.host, server.port, name="stm")
-        consumers = Consumers(tmp_path, worker=None, reconstructor=load_stmnet(device="cpu"),
-                              classifier=None, viewer_state=state, tip_monitor=False)
+        session = AcquisitionSession(tmp_path, live=True, reconstructor=load_stmnet(device="cpu"),
+                                     viewer_state=state)
         try:
             mid: list[str] = []
 
@@ -374,15 +373,13 @@ def test_viewer_follows_a_real_live_scan(chromium, tmp_path):
 
             reader = threading.Thread(target=read_page_mid_scan, daemon=True)
             reader.start()
-            with AcquisitionSession(tmp_path, inline_callbacks=consumers.inline) as session:
-                session(live_frame(stm, frame=(0.0, 0.0, 6e-9, 6e-9, 0.0), pixels=48, lines=48,
-                                   channels=["Current", "Z"]))
-                session.wait()
-            # the final reconstruction and its check run off the RunEngine loop; close() would drop them
-            assert consumers.live.flush(120), "no final reconstruction within 120 s"
+            session(live_frame(stm, frame=(0.0, 0.0, 6e-9, 6e-9, 0.0), pixels=48, lines=48,
+                               channels=["Current", "Z"]))
+            # the final reconstruction and its check run off the RunEngine loop
+            assert session.wait(120), "no final reconstruction within 120 s"
             reader.join(timeout=60)
         finally:
-            consumers.close()
+            session.close()
             stm.close()
         done = dump_dom(chromium, viewer.url)
     lines_mid = int(re.search(r'id="lines">(\d+)<', mid[0]).group(1))

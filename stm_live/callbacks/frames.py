@@ -182,14 +182,15 @@ class FrameAssembler:
     @property
     def source(self) -> tuple[str, str]:
         """(channel name, direction) that feeds the networks, as :mod:`stm_live.interpret`
-        chooses it: Z on constant current, Current on constant height."""
+        chooses it: the plan's ``source_channel`` if it named one (e.g. a lock-in channel),
+        else Z on constant current, Current on constant height."""
         from stm_live.interpret import choose_channel
 
         names = [c.name for c in self.channels if "forward" in c.keys or "backward" in c.keys]
         units = {c.name: c.units for c in self.channels}
         try:
             name, _, _ = choose_channel(names, feedback_on=self.z_controller == "constant_current",
-                                        units=units)
+                                        units=units, requested=self.block.get("source_channel"))
         except ValueError as exc:
             raise FrameError(f"live reconstruction: {exc}") from None
         keys = next(c.keys for c in self.channels if c.name == name)

@@ -409,14 +409,15 @@ class LiveReconstruction(DocumentRouter):
             self._finish(run, exit_status="abort", reason=f"not reconstructed: {run.scope_reason}")
         elif acquired.any():
             detailed = getattr(self.reconstructor, "reconstruct_detailed", None)  # STM-Net has it
+            network = None
             if detailed is not None:
                 rec = detailed(image, net_in.pixel_size_nm, line_spacing_nm=net_in.line_spacing_nm)
                 run.image, spread = np.asarray(rec.image, np.float32), np.asarray(rec.view_spread, np.float32)
-                spread_summary = float(rec.spread)
+                spread_summary, network = float(rec.spread), getattr(rec, "network", None)
             else:
                 run.image = self._reconstruct(net_in)
                 spread, spread_summary = np.full_like(run.image, np.nan), float("nan")
-            check = self._check(net_in, run.image)
+            check = self._check(net_in, run.image, network)
             run.covered = acquired
             run.final = run.image.copy()
             for store, value in ((self.finals, run.final), (self.final_inputs, image)):
@@ -438,11 +439,13 @@ class LiveReconstruction(DocumentRouter):
             self._finish(run, exit_status="fail", reason="no scan line arrived")
 
     @staticmethod
-    def _check(net_in, image: np.ndarray):
-        """Whether the reconstruction predicts the measured CO-tip image (models/consistency.py)."""
+    def _check(net_in, image: np.ndarray, network=None):
+        """Whether the reconstruction predicts the measured CO-tip image (models/consistency.py);
+        ``network``: the reconstruction on the network's finer grid, where there is one."""
         from stm_live.models.consistency import check_reconstruction
 
-        return check_reconstruction(net_in.image, image, net_in.pixel_size_nm, net_in.line_spacing_nm)
+        return check_reconstruction(net_in.image, image, net_in.pixel_size_nm, net_in.line_spacing_nm,
+                                    network=network)
 
     def _publish(self, run: _Run, rows, arrivals, start, stop, *, full, final, check, compute_s) -> None:
         done = time.perf_counter()

@@ -2,22 +2,33 @@
 
 ``NanonisClient`` holds one connection and sends one request at a time on it (the
 controller serves each connection serially, NANONIS_PROTOCOL.md §1). Open several clients
-for several connections (a blocking wait occupies its own connection, §7). Every read has
-a deadline; blocking commands get a read timeout longer than their own timeout. A timeout
-or a dropped connection closes the socket (the reply could still arrive later and would
-desynchronise the stream) and raises :class:`ConnectionLost`; call ``.reconnect()``.
+for several connections (a blocking wait occupies its own connection, §7).
+
+Deadlines and recovery. Every reply has a deadline scaled to what it carries: the base
+``timeout``, plus a blocking command's own wait, plus the reply's bytes at a conservative
+link rate (``link_rate``; a 512 x 512 grab is 1 MiB, not a ``Bias.Get``). A timeout or a
+dropped connection closes the socket (a late reply would desynchronise the stream) and, while
+``max_outage_s`` > 0, the client reconnects on its own: at once, then with exponential
+back-off, for at most ``max_outage_s`` per outage. A request that is safe to repeat
+(``protocol.Command.safe``: reads, absolute sets, waits) is then sent again; an action is not
+sent blindly: its method reads the controller's state to learn whether it arrived (a
+``Scan.Action`` start is re-sent only if the scan is not running), and an action whose effect
+cannot be read (a bias pulse, the tip shaper) raises :class:`ActionUnconfirmed` once the
+connection is open again. When the budget is spent, :class:`ConnectionLost` (:class:`ReplyTimeout` for a stall)
+is raised. The clients of one controller share a :class:`LinkState` that others observe.
 
 Wire encoding comes from the single command table in :mod:`stm_live.devices.protocol`.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -28,16 +39,157 @@ from stm_live.validation import finite
 __all__ = [
     "NanonisClient", "LineFollower", "ScanLine", "LineEvent", "FrameSI", "BufferConfig", "ScanProps",
     "ScanSpeed", "FrameData", "TipShaperProps", "VersionInfo", "ConnectionLost", "ReplyTimeout",
-    "NanonisError", "ProtocolError",
+    "ActionUnconfirmed", "LinkState", "LinkEvent", "NanonisError", "ProtocolError",
+    "DEFAULT_MAX_OUTAGE_S", "LINK_RATE_BYTES_S",
 ]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_OUTAGE_S = 30.0  # a controller PC busy for a while, a network glitch
+LINK_RATE_BYTES_S = 1.0e6  # conservative: a shared network to a busy controller PC
+BACKOFF_S = (0.05, 2.0)  # first and longest wait between reconnect attempts
 
 
 class ConnectionLost(ConnectionError):
-    """The connection to the controller is closed or broken; call ``.reconnect()``."""
+    """The connection to the controller is closed or broken (and, when the client recovers
+    on its own, did not come back within its outage budget)."""
 
 
 class ReplyTimeout(ConnectionLost, TimeoutError):
-    """No complete reply within the read timeout; the connection was closed."""
+    """No complete reply within the deadline (and none after reconnecting, within the budget)."""
+
+
+class ActionUnconfirmed(ConnectionLost):
+    """The link dropped before an action's reply came, and whether the action ran cannot be
+    read back; it was not sent again (it may have run). The connection is open again."""
+
+
+@dataclass(frozen=True)
+class LinkEvent:
+    kind: str  # "down" | "back" | "spent" (budget spent) | "closed" (recovery abandoned)
+    address: str  # "host:port"
+    outage_s: float  # since the outage began
+    attempts: int  # reconnect attempts so far
+    reason: str  # what went wrong first (one line)
+
+
+class LinkState:
+    """Whether the connections to one controller are up, shared by them and observable.
+
+    ``state`` is "up", "down" (a connection is reconnecting) or "lost" (an outage outlived
+    the budget, or its recovery was abandoned; it stays lost until a connection gets through
+    or :meth:`rearm`). ``up`` is a :class:`threading.Event` set while the state is "up";
+    ``down_since`` (``time.monotonic()``) and ``attempts`` describe the present outage,
+    ``back_at`` is when the last one ended and ``outages`` counts them. ``subscribe(cb)``
+    calls ``cb(LinkEvent)`` on every change, from the thread that noticed it.
+    """
+
+    def __init__(self, address: str):
+        self.address = address
+        self.up = threading.Event()
+        self.up.set()
+        self.state = "up"
+        self.down_since: float | None = None
+        self.attempts = 0
+        self.reason = ""
+        self.back_at = float("-inf")
+        self.outages = 0
+        self.outage_total_s = 0.0  # summed over ended outages
+        self._down: set[int] = set()  # ids of connections that failed and did not get through yet
+        self._lock = threading.Lock()
+        self._subs: list[Callable[[LinkEvent], None]] = []
+
+    def subscribe(self, callback: Callable[[LinkEvent], None]) -> Callable[[LinkEvent], None]:
+        self._subs.append(callback)
+        return callback
+
+    def unsubscribe(self, callback) -> None:
+        if callback in self._subs:
+            self._subs.remove(callback)
+
+    @property
+    def outage_s(self) -> float:
+        """Seconds since the present outage began (0 while up)."""
+        return 0.0 if self.down_since is None else time.monotonic() - self.down_since
+
+    def _event(self, kind: str) -> LinkEvent:
+        return LinkEvent(kind, self.address, self.outage_s, self.attempts, self.reason)
+
+    def _emit(self, event: LinkEvent) -> None:
+        for callback in list(self._subs):
+            try:
+                callback(event)
+            except Exception:  # an observer must not break the connection that reports
+                logger.exception("link observer %r failed", callback)
+
+    def _failed(self, conn, reason: str) -> float:
+        """``conn`` lost its link; returns when this outage began."""
+        with self._lock:
+            self._down.add(id(conn))
+            event = None
+            if self.state == "up":
+                self.state, self.down_since, self.attempts, self.reason = "down", time.monotonic(), 0, reason
+                self.outages += 1
+                self.up.clear()
+                event = self._event("down")
+            start = self.down_since
+        if event is not None:
+            self._emit(event)
+        return start
+
+    def _attempt(self) -> None:
+        with self._lock:
+            self.attempts += 1
+
+    def _through(self, conn) -> None:
+        """``conn`` completed a round trip: the outage ends once no connection is down (at
+        once after a lost one: the controller answers again)."""
+        if self.state == "up":
+            return
+        with self._lock:
+            self._down.discard(id(conn))
+            if self.state == "up" or (self._down and self.state == "down"):
+                return
+            event = self._event("back")
+            self._end()
+        self._emit(event)
+
+    def _spent(self, conn) -> None:
+        with self._lock:
+            if self.state != "down":
+                return
+            self.state = "lost"
+            event = self._event("spent")
+        self._emit(event)
+
+    def _forget(self, conn) -> None:
+        """``conn`` was closed: it no longer waits to come back."""
+        with self._lock:
+            if id(conn) not in self._down:
+                return
+            self._down.discard(id(conn))
+            if self._down or self.state != "down":
+                return
+            self.state = "lost"  # nobody is reconnecting: no "back" will come from this outage
+            event = self._event("closed")
+        self._emit(event)
+
+    def _end(self) -> None:
+        # lock held
+        self.outage_total_s += self.outage_s
+        self.state, self.down_since, self.back_at = "up", None, time.monotonic()
+        self._down.clear()
+        self.up.set()
+
+    def rearm(self) -> None:
+        """Give the next outage a fresh budget after one was spent (a new frame starts). The
+        state is "up" until a connection fails again."""
+        with self._lock:
+            if self.state == "lost":
+                self._end()
+
+    def __repr__(self) -> str:
+        return f"LinkState({self.address}, {self.state})"
 
 
 @dataclass(frozen=True)
@@ -122,6 +274,20 @@ _KEEP = ("speed", "time")
 _finite = finite  # ValueError naming the argument
 
 
+def _repeat() -> bool:
+    """``took_effect`` of an action that leaves the controller as sending it twice does."""
+    return False
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    """What went wrong, without the advice meant for a caller that does not reconnect."""
+    return _one_line(exc).split("; connection closed")[0].removesuffix("; call reconnect()")
+
+
 def _set_flag(what: str, value: bool | None) -> int:
     """Set-side tri-state: None = no change (0), True = 1, False = 2 (§4)."""
     if value is None:
@@ -162,41 +328,84 @@ class NanonisClient:
     Parameters
     ----------
     host, port : the controller's TCP programming interface (127.0.0.1:6501 by default).
-    timeout : seconds for connecting and for each ordinary reply.
+    timeout : seconds for connecting and the base deadline of each reply.
+    max_outage_s : how long one outage may last while the client reconnects on its own
+        (0: never reconnect; a timeout or drop raises at once, call ``.reconnect()``).
+    link : the :class:`LinkState` this connection reports to (shared by the connections to
+        one controller); a new one by default.
+    link_rate : bytes per second a reply is granted on top of the base deadline.
+
+    The first connection is made at once and not retried: a controller that is not there
+    is a configuration error, not an outage.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 6501, *, timeout: float = 5.0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 6501, *, timeout: float = 5.0,
+                 max_outage_s: float = DEFAULT_MAX_OUTAGE_S, link: LinkState | None = None,
+                 link_rate: float = LINK_RATE_BYTES_S):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"port must be an integer 1-65535, got {port!r}")
         self.timeout = _finite("timeout", timeout)
         if self.timeout <= 0:
             raise ValueError(f"timeout must be positive, got {timeout}")
+        self.max_outage_s = _finite("max_outage_s", max_outage_s)
+        self.link_rate = _finite("link_rate", link_rate)
+        if self.max_outage_s < 0 or self.link_rate <= 0:
+            raise ValueError(f"max_outage_s must be >= 0 and link_rate > 0, got {max_outage_s}, {link_rate}")
         self.host, self.port = host, port
-        self._lock = threading.Lock()
+        self.link = link if link is not None else LinkState(f"{host}:{port}")
+        self._lock = threading.RLock()  # re-entered by the state reads that decide about an action
         self._sock: socket.socket | None = None
+        self._closed = False  # closed by its owner: no reconnecting until reconnect()
+        self._wake = threading.Event()  # cuts a back-off wait short on close()
         self._hdr = bytearray(P.HEADER_SIZE)
         self._buf = bytearray(1 << 16)  # grown on demand; reused so big grabs do not reallocate
+        self._reply_bytes: dict[str, int] = {}  # last reply size per command: the next deadline
+        self._retries = 0  # reconnect attempts in this outage (back-off), since the last reply
+        self._outage: float | None = None  # when the outage this connection is in began
         self.release = P.BASE_RELEASE  # until negotiate() asks the controller
         self.connect()
 
     # ------------------------------------------------------------ connection
 
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
     def connect(self) -> None:
+        """Open the connection (one attempt); undoes :meth:`close`."""
+        self._closed = False
+        self._wake.clear()
+        self._open(self.timeout)
+
+    def _open(self, timeout: float) -> None:
         try:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {self.host}:{self.port}: {exc} (is the controller's TCP "
+            raise ConnectionLost(f"cannot connect to {self.address}: {exc} (is the controller's TCP "
                                  "interface, or `stm-live sim serve`, listening there?)") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
 
-    def close(self) -> None:
+    def _drop(self, shutdown: bool = False) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
+            try:
+                if shutdown:  # wakes a thread blocked reading it
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             try:
                 sock.close()
             except OSError:
                 pass
+
+    def close(self) -> None:
+        """Close the connection (from any thread); a call in progress, or reconnecting,
+        ends with ConnectionLost."""
+        self._closed = True
+        self._wake.set()
+        self._drop(shutdown=True)
+        self.link._forget(self)
 
     def negotiate(self) -> int:
         """Speak the layouts of the release the controller reports (Util.VersionGet); a
@@ -208,14 +417,19 @@ class NanonisClient:
         return self.release
 
     def reconnect(self) -> None:
-        """Drop the present connection (if any) and open a fresh one."""
+        """Drop the present connection (if any) and open a fresh one (one attempt)."""
         with self._lock:
-            self.close()
+            self._drop()
             self.connect()
 
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    @property
+    def recovers(self) -> bool:
+        """Whether a timeout or drop is followed by reconnecting (``max_outage_s`` > 0)."""
+        return self.max_outage_s > 0
 
     def __enter__(self):
         return self
@@ -225,7 +439,51 @@ class NanonisClient:
 
     def __repr__(self) -> str:
         state = "open" if self._sock else "closed"
-        return f"NanonisClient({self.host}:{self.port}, {state})"
+        return f"NanonisClient({self.address}, {state})"
+
+    def _stale(self) -> bool:
+        """Whether the idle connection was closed by the peer (EOF or an error pending): then
+        nothing was in flight, and it is replaced before a request is sent on it."""
+        try:
+            self._sock.settimeout(0.0)  # the round trip sets its own timeout again
+            return self._sock.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:  # nothing pending: open and idle
+            return False
+        except OSError:
+            return True
+
+    def _recover(self, name: str, cause: ConnectionLost) -> None:
+        """Reconnect after ``cause`` (lock held): at once, then with exponential back-off
+        (kept across the attempts of one outage), until the outage has lasted
+        ``max_outage_s``; then raise (ReplyTimeout if it was a stall)."""
+        self._drop()
+        if self._closed:  # closed by its owner (another thread): not an outage
+            raise ConnectionLost(f"{name}: connection to {self.address} closed") from cause
+        start = self.link._failed(self, _cause(cause))
+        if start != self._outage:  # a new outage: its first attempt is at once
+            self._outage, self._retries = start, 0
+        while True:
+            left = start + self.max_outage_s - time.monotonic()
+            if self._retries and left <= 0:
+                self.link._spent(self)
+                kind = ReplyTimeout if isinstance(cause, ReplyTimeout) else ConnectionLost
+                raise kind(f"{name}: link to {self.address} down for {time.monotonic() - start:.1f} s "
+                           f"({self.link.attempts} reconnect attempts; first: {self.link.reason}); not back "
+                           f"within max_outage_s = {self.max_outage_s:g} s; call reconnect()") from cause
+            if self._retries:  # every attempt of an outage but its first waits
+                self._wake.wait(min(BACKOFF_S[0] * 2 ** (self._retries - 1), BACKOFF_S[1], left))
+            if self._closed:
+                raise ConnectionLost(f"{name}: connection to {self.address} closed while reconnecting") from cause
+            self._retries += 1
+            self.link._attempt()
+            try:
+                self._open(min(self.timeout, max(left, 0.05)))
+            except ConnectionLost:
+                continue
+            if self._closed:  # closed while connecting
+                self._drop()
+                raise ConnectionLost(f"{name}: connection to {self.address} closed while reconnecting") from cause
+            return
 
     # ------------------------------------------------------------ transport
 
@@ -244,43 +502,57 @@ class NanonisClient:
                 raise ConnectionLost(f"{name}: controller closed the connection ({got} of {n} bytes read)")
             got += k
 
-    def _roundtrip(self, name: str, request: bytes, read_timeout: float | None) -> memoryview:
-        """Send ``request``, read the reply; caller holds the lock. Returns the body view."""
+    def _roundtrip(self, name: str, request: bytes, read_timeout: float | None, expect: int) -> memoryview:
+        """Send ``request``, read the reply; caller holds the lock. Returns the body view.
+
+        The deadline is ``read_timeout`` plus ``expect`` bytes at the link rate, extended to
+        the size the reply header announces."""
         sock = self._sock
         if sock is None:
-            raise ConnectionLost(f"{name}: not connected to {self.host}:{self.port}; call reconnect()")
+            raise ConnectionLost(f"{name}: not connected to {self.address}; call reconnect()")
+        t0 = time.monotonic()
+        deadline = None if read_timeout is None else t0 + read_timeout + expect / self.link_rate
         try:
             sock.settimeout(self.timeout)
             sock.sendall(request)
-            deadline = None if read_timeout is None else time.monotonic() + read_timeout
             self._recv_exact(sock, memoryview(self._hdr), deadline, name)
             rname, size = P.parse_response_header(bytes(self._hdr))
             if rname != name:
                 raise ProtocolError(f"reply to {name} names {rname!r}")
+            if deadline is not None and size > expect:
+                deadline = max(deadline, t0 + read_timeout + size / self.link_rate)
             if size > len(self._buf):
                 self._buf = bytearray(max(size, 2 * len(self._buf)))
             body = memoryview(self._buf)[:size]
             self._recv_exact(sock, body, deadline, name)
+            self._reply_bytes[name] = size
             return body
         except socket.timeout:
-            self.close()
-            raise ReplyTimeout(
-                f"{name}: no reply from {self.host}:{self.port} within {read_timeout} s; "
-                "connection closed, call reconnect()"
-            ) from None
+            self._drop()
+            waited = "" if deadline is None else f" within {deadline - t0:.3g} s"
+            raise ReplyTimeout(f"{name}: no reply from {self.address}{waited}; connection closed, "
+                               "call reconnect()") from None
         except (ProtocolError, ConnectionLost):
-            self.close()  # the stream position is unknown now
+            self._drop()  # the stream position is unknown now
             raise
         except OSError as exc:
-            self.close()
-            raise ConnectionLost(f"{name}: connection to {self.host}:{self.port} failed: {exc}") from exc
+            self._drop()
+            raise ConnectionLost(f"{name}: connection to {self.address} failed: {exc}") from exc
 
-    def call(self, name: str, values=None, *, read_timeout: float | None = -1.0, decode=None) -> dict:
+    def call(self, name: str, values=None, *, read_timeout: float | None = -1.0, decode=None,
+             reply_bytes: int | None = None, took_effect: Callable[[], bool] | None = None) -> dict:
         """Send ``name`` with ``values``; return the decoded return fields.
 
-        ``read_timeout``: seconds to wait for the reply; None = unlimited; -1 = ``self.timeout``.
-        ``decode(body) -> (values, status, description)`` replaces the table decoder (it runs
-        while the reply buffer is still valid). Raises NanonisError on a controller error.
+        ``read_timeout``: seconds to wait for the reply beyond its transfer time; None =
+        unlimited; -1 = ``self.timeout``. ``reply_bytes``: the reply's expected size (default:
+        the last reply to this command). ``decode(body) -> (values, status, description)``
+        replaces the table decoder (it runs while the reply buffer is still valid).
+
+        A lost reply is followed by reconnecting (while ``max_outage_s`` > 0). A command safe
+        to repeat is then sent again. Otherwise ``took_effect()``, a read of the controller's
+        state, decides: True, the action arrived (returns {}); False, it is sent again; with
+        no ``took_effect`` :class:`ActionUnconfirmed` is raised. Raises NanonisError on a
+        controller error.
         """
         try:  # the layout of the release this controller speaks (negotiate)
             command = P.command_for(name, self.release)
@@ -290,12 +562,38 @@ class NanonisClient:
         if read_timeout is not None and read_timeout < 0:
             read_timeout = self.timeout
         with self._lock:
-            body = self._roundtrip(name, request, read_timeout)
-            try:
-                result, status, desc = decode(body) if decode else P.decode_response_body(name, body, command)
-            except ProtocolError:
-                self.close()
-                raise
+            while True:
+                if self._closed:
+                    raise ConnectionLost(f"{name}: not connected to {self.address}; call reconnect()")
+                try:
+                    if self.recovers and (self._sock is None or self._stale()):
+                        # Closed while idle (or after an outage): nothing was in flight, so a
+                        # fresh connection is no outage; failing to open one is.
+                        self._drop()
+                        self._open(self.timeout)
+                    expect = self._reply_bytes.get(name, 0) if reply_bytes is None else int(reply_bytes)
+                    body = self._roundtrip(name, request, read_timeout, expect)
+                except ConnectionLost as exc:
+                    if not self.recovers:
+                        raise
+                    self._recover(name, exc)
+                    if command.safe:
+                        continue
+                    if took_effect is None:
+                        raise ActionUnconfirmed(
+                            f"{name}: the link to {self.address} dropped before the reply ({_cause(exc)}); "
+                            "not sent again, it may have run") from exc
+                    if took_effect():
+                        return {}
+                    continue
+                self._retries = 0
+                self.link._through(self)
+                try:
+                    result, status, desc = decode(body) if decode else P.decode_response_body(name, body, command)
+                except ProtocolError:
+                    self._drop()
+                    raise
+                break
         if status != 0:
             raise NanonisError(name, desc or f"error status {status}")
         return result
@@ -317,6 +615,7 @@ class NanonisClient:
         width = _finite("pulse width", width_s)
         if width < 0:
             raise ValueError(f"pulse width must be >= 0 s, got {width_s}")
+        # No state tells whether a pulse ran: a lost reply raises ActionUnconfirmed.
         self.call(
             "Bias.Pulse",
             (int(bool(wait)), width, _finite("pulse bias", bias_V), 1 if z_hold else 2, 1 if relative else 2),
@@ -348,17 +647,23 @@ class NanonisClient:
 
     def z_ctrl_withdraw(self, *, wait: bool = True, timeout_s: float | None = 5.0) -> None:
         ms = _timeout_ms("withdraw timeout", timeout_s)
-        self.call("ZCtrl.Withdraw", (int(bool(wait)), ms), read_timeout=self._blocking(ms) if wait else -1)
+        # withdrawing a withdrawn tip leaves it withdrawn: sent again after a lost reply
+        self.call("ZCtrl.Withdraw", (int(bool(wait)), ms), read_timeout=self._blocking(ms) if wait else -1,
+                  took_effect=_repeat)
 
     def z_ctrl_home(self) -> None:
-        self.call("ZCtrl.Home")
+        self.call("ZCtrl.Home", took_effect=_repeat)  # an absolute position
 
     # ------------------------------------------------------------ Scan
 
     def scan_action(self, action: str, direction: str = "down") -> None:
+        """After a lost reply: a start that arrived has the scan running (a second start
+        would restart the frame), a stop that arrived has it stopped; pause, resume and the
+        rest leave the scan as one does, so they are sent again."""
         code = _enum("scan action", action, P.SCAN_ACTIONS)
         up = _enum("scan direction", direction, ("down", "up"))  # wire: 1 = up, 0 = down
-        self.call("Scan.Action", (code, up))
+        arrived = {"start": self.scan_status_get, "stop": lambda: not self.scan_status_get()}
+        self.call("Scan.Action", (code, up), took_effect=arrived.get(P.SCAN_ACTIONS[code], _repeat))
 
     def scan_status_get(self) -> bool:
         return self.call("Scan.StatusGet")["status"] != 0
@@ -445,12 +750,17 @@ class NanonisClient:
         return ScanSpeed(r["fwd_speed"], r["bwd_speed"], r["fwd_time"], r["bwd_time"],
                          _name_of(r["keep_constant"], _KEEP), r["speed_ratio"])
 
-    def scan_frame_data_grab(self, channel_index: int, forward: bool = True) -> FrameData:
+    def scan_frame_data_grab(self, channel_index: int, forward: bool = True, *,
+                             shape: tuple[int, int] | None = None) -> FrameData:
         """The whole frame buffer of one channel and direction, as on the wire (row k =
-        k-th acquired line, backward rows mirrored, NaN where not yet scanned)."""
+        k-th acquired line, backward rows mirrored, NaN where not yet scanned).
+
+        ``shape`` (lines, pixels), when known, sizes the reply's deadline before its first
+        byte comes (else the last grab's size does)."""
         if not 0 <= int(channel_index) < 128:
             raise ValueError(f"channel index must be an RT index 0-127, got {channel_index}")
-        r = self.call("Scan.FrameDataGrab", (int(channel_index), 1 if forward else 0))
+        expect = None if shape is None else 4 * int(shape[0]) * int(shape[1]) + 128
+        r = self.call("Scan.FrameDataGrab", (int(channel_index), 1 if forward else 0), reply_bytes=expect)
         return FrameData(r["channel_name"], r["data"], r["scan_direction"] == 1)
 
     def scan_save(self, wait: bool = True, timeout_s: float | None = 5.0) -> bool:
@@ -561,11 +871,17 @@ class LineFollower:
     data line. Rows are taken from the grab, so a line that finished between two waits is
     recovered from the next grab. Backward rows are flipped to forward orientation. With
     ``use_wait=False`` (controllers without WaitEndOfLine) the grab connection polls.
+
+    Both connections reconnect on their own (``max_outage_s``, reporting to ``link``); the
+    rows the controller scanned meanwhile come with the next grab. ``shape`` (lines, pixels)
+    sizes the first grab's deadline.
     """
 
     def __init__(self, host: str, port: int, channel_indexes: Iterable[int], *,
                  directions: Sequence[str] = ("forward", "backward"), timeout: float = 5.0,
-                 use_wait: bool = True, poll_interval_s: float = 0.02):
+                 use_wait: bool = True, poll_interval_s: float = 0.02,
+                 max_outage_s: float = DEFAULT_MAX_OUTAGE_S, link: LinkState | None = None,
+                 shape: tuple[int, int] | None = None):
         self.channels = tuple(int(c) for c in channel_indexes)
         if not self.channels:
             raise ValueError("channel_indexes must name at least one channel")
@@ -575,8 +891,12 @@ class LineFollower:
         self.directions = tuple(dict.fromkeys(directions))
         self.poll_interval_s = poll_interval_s
         self.use_wait = use_wait
-        self._grab = NanonisClient(host, port, timeout=timeout)
-        self._wait = NanonisClient(host, port, timeout=timeout) if use_wait else None
+        # both connections report to one link state and reconnect on their own
+        options = dict(timeout=timeout, max_outage_s=max_outage_s, link=link)
+        self._grab = NanonisClient(host, port, **options)
+        self.link = self._grab.link
+        options["link"] = self.link
+        self._wait = NanonisClient(host, port, **options) if use_wait else None
         self._frames: dict[tuple[int, str], np.ndarray] = {}  # internal orientation
         self._next_row = 0  # first row not yet handed out
         self._pending: deque[ScanLine] = deque()
@@ -584,6 +904,7 @@ class LineFollower:
         # the event that completes a row: the backward line when backward data is wanted
         self._row_done = "backward" if "backward" in self.directions else "forward"
         self._shape: tuple[int, int] | None = None
+        self._expect = shape  # (lines, pixels) the grabs will carry, for their deadlines
         try:
             if not self._grab.scan_status_get():
                 # No scan running: rows in the buffer are a finished frame's, not new lines.
@@ -593,6 +914,15 @@ class LineFollower:
         except Exception:
             self.close()
             raise
+
+    @property
+    def client(self) -> NanonisClient:
+        """The grab connection (between grabs it serves other calls of the following thread)."""
+        return self._grab
+
+    def scan_running(self) -> bool:
+        """Scan.StatusGet on the grab connection (running or paused)."""
+        return self._grab.scan_status_get()
 
     def close(self) -> None:
         self._grab.close()
@@ -628,7 +958,8 @@ class LineFollower:
             wire = {}
             for c in self.channels:
                 for d in self.directions:
-                    wire[(c, d)] = self._grab.scan_frame_data_grab(c, forward=(d == "forward")).data
+                    wire[(c, d)] = self._grab.scan_frame_data_grab(
+                        c, forward=(d == "forward"), shape=self._shape or self._expect).data
             shapes = {a.shape for a in wire.values()}
             if len(shapes) == 1:
                 break

@@ -10,6 +10,14 @@ Line streaming is :class:`ScanLines` (``stm.lines``): ``trigger()`` returns a St
 completes when the next scan line has finished on the controller; a background thread
 (its own connections, via :class:`~stm_live.devices.client.LineFollower`) does all the
 waiting, so nothing blocks the RunEngine loop.
+
+Link faults. Every connection of the device (commands, line waits, grabs) reconnects on its
+own and reports to one :class:`~stm_live.devices.client.LinkState`, ``stm.link``, for at most
+``max_outage_s`` per outage (the profile's ``link.max_outage_s``). The lines the controller
+scans meanwhile stay in its buffer and are taken from the next grab; a scan that stopped
+during the outage is started again (the lines already delivered are kept). A
+:class:`stm_live.suspenders.LinkSuspender` suspends the run while the link is down. When
+the budget is spent the frame fails with :class:`ControllerLost` naming the line.
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device, DeviceStatus, Kind, Signal
 
-from stm_live.devices.client import LineFollower, NanonisClient, NanonisError
+from stm_live.devices.client import (DEFAULT_MAX_OUTAGE_S, ActionUnconfirmed, ConnectionLost, LineFollower,
+                                     LinkState, NanonisClient, NanonisError)
+from stm_live.devices.signals import DIRECTION_SUFFIX, NanonisSignal, channel_key, run_in_thread
+from stm_live.devices.spectroscopy import BiasSpectroscopy
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +46,6 @@ __all__ = ["NanonisSTM", "NanonisSignal", "ScanLines", "ControllerLost", "LineTi
 # Usual Nanonis RT signal indexes (interfaces.md); a profile may override them.
 STANDARD_CHANNELS = {"Current": 0, "Bias": 24, "Z": 30}
 _STANDARD_UNITS = {"Current": "A", "Bias": "V", "Z": "m"}
-DIRECTION_SUFFIX = {"forward": "fwd", "backward": "bwd"}
 
 
 class ControllerLost(ConnectionError):
@@ -44,93 +54,6 @@ class ControllerLost(ConnectionError):
 
 class LineTimeout(TimeoutError):
     """No scan line arrived within the line timeout while the scan was running."""
-
-
-def channel_key(device_name: str, channel: str, direction: str) -> str:
-    """Data key of one channel/direction: ``stm_current_fwd`` for ("stm", "Current")."""
-    slug = re.sub(r"[^0-9a-z]+", "_", channel.lower()).strip("_")
-    return f"{device_name}_{slug}_{DIRECTION_SUFFIX[direction]}"
-
-
-def run_in_thread(obj, fn: Callable[[], Any]) -> DeviceStatus:
-    """Run a blocking controller call off the RunEngine loop; its Status reports the end."""
-    status = DeviceStatus(obj)
-
-    def _run():
-        try:
-            fn()
-        except Exception as exc:
-            status.set_exception(exc)
-        else:
-            status.set_finished()
-
-    threading.Thread(target=_run, name=f"{obj.name}-set", daemon=True).start()
-    return status
-
-
-# --------------------------------------------------------------------------- signals
-class NanonisSignal(Signal):
-    """One controller value: ``get`` calls ``read``, ``put`` calls ``write``.
-
-    Parameters
-    ----------
-    read, write : callable(device) / callable(device, value)
-        Client calls, given the root :class:`NanonisSTM`.
-    units : str
-        SI unit written into ``describe()``.
-    check : str, optional
-        Name of the ``Profile.check_*`` method guarding ``put``.
-    """
-
-    def __init__(self, *, read: Callable, write: Callable | None = None, units: str = "",
-                 check: str | None = None, shape: Sequence[int] | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self._read_fn, self._write_fn = read, write
-        self._units, self._check, self._shape = units, check, shape
-
-    @property
-    def write_access(self):
-        return self._write_fn is not None
-
-    def get(self, **kwargs):
-        stm = self.root
-        with stm._lock:
-            value = self._read_fn(stm)
-        if isinstance(value, (list, tuple)):
-            value = np.asarray(value)
-        self._readback = value
-        self._metadata["timestamp"] = time.time()
-        return value
-
-    def check_value(self, value):
-        stm = self.root
-        if self._check and stm.profile is not None:
-            if self._check == "check_pulse":
-                stm.profile.check_bias(value[1])
-            else:
-                getattr(stm.profile, self._check)(value)
-
-    def put(self, value, **kwargs):
-        if not self.write_access:
-            raise PermissionError(f"{self.name} is read-only")
-        self.check_value(value)  # limits first: an unsafe value never reaches the wire
-        stm = self.root
-        with stm._lock:
-            self._write_fn(stm, value)
-        old, self._readback = self._readback, value
-        self._run_subs(sub_type=self.SUB_VALUE, old_value=old, value=value,
-                       timestamp=time.time())
-
-    def set(self, value, **kwargs):
-        # Refuse synchronously (the plan sees LimitError at once), then write in a thread.
-        self.check_value(value)
-        return run_in_thread(self, lambda: self.put(value))
-
-    def describe(self):
-        desc = super().describe()
-        desc[self.name]["units"] = self._units
-        desc[self.name]["source"] = f"nanonis://{self.root.host}:{self.root.port}/{self.name}"
-        return desc
 
 
 def _client_call(method: str, *args):
@@ -293,16 +216,21 @@ class ScanLines(Device):
     is the next index to deliver; ``pause()`` (called by the RunEngine on pause and
     suspend) moves the cursor back to the line of the most recent trigger, i.e. the line
     right after the last checkpoint in :func:`stm_live.plans.live_frame`, so the replayed
-    trigger re-delivers that line index. A line can therefore appear twice in a stream
-    (same index, same data); consumers keep the last. After a tip repair,
-    :meth:`rescan_from_cursor` forgets the lines from the cursor on that the old tip took,
-    so the restarted scan delivers them anew.
+    trigger delivers that line index; or to the line after it if that line's event already
+    went out (the RunEngine was interrupted between the event and the next checkpoint; the
+    plan subscribes :meth:`note_document`), so no line is delivered twice. Only a rewind
+    after the frame's last event repeats one (same index, same data); consumers keep the
+    last. After a tip repair, :meth:`rescan_from_cursor` forgets the lines from the cursor
+    on that the old tip took, so the restarted scan delivers them anew.
     """
+
+    # Restarts of a scan that stopped while the link was down, per frame.
+    MAX_RESTARTS = 3
 
     def __init__(self, *args, line_timeout: float = 30.0, poll_s: float = 0.2,
                  use_wait: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.line_timeout = line_timeout
+        self.line_timeout = line_timeout  # without a new line while the link is up
         # Scan.WaitEndOfLine on its own connection; False (or a controller refusing the
         # command) polls FrameDataGrab instead.
         self.use_wait = use_wait
@@ -315,6 +243,7 @@ class ScanLines(Device):
         self._cond = threading.Condition()
         self._reset_stream()
         self._thread: threading.Thread | None = None
+        self._follower: LineFollower | None = None
         self._stop_evt = threading.Event()
 
     def _reset_stream(self):
@@ -326,7 +255,10 @@ class ScanLines(Device):
         self._epoch = 0  # bumped by every pause(): triggers from before it are stale
         self._error: BaseException | None = None
         self._paused = False
+        self._scan_paused = False  # pause() paused the controller's scan (resume() resumes it)
         self._finished = False
+        self._emitted: set[int] = set()  # lines whose events went out (note_document)
+        self._triggered = False  # a trigger since stage: the run is past its first checkpoint
 
     # -- configuration ------------------------------------------------------------
     @property
@@ -413,7 +345,10 @@ class ScanLines(Device):
     def unstage(self):
         self._stop_evt.set()
         if self._thread is not None:
-            self._thread.join(timeout=self.root.timeout + self._poll_s + 2)
+            self._thread.join(timeout=self._poll_s + 2)
+            if self._thread.is_alive() and self._follower is not None:
+                self._follower.close()  # stuck in a long reply or reconnecting: give up on it
+                self._thread.join(timeout=self.root.timeout + 2)
             self._thread = None
         with self._cond:
             pending, self._pending = self._pending, []
@@ -428,7 +363,8 @@ class ScanLines(Device):
     def _follow(self):
         stm = self.root
         keys = self.keys
-        follower = status_client = None
+        link = stm.link
+        follower = None
 
         def take(line) -> None:
             self._store(line.index, {
@@ -436,14 +372,16 @@ class ScanLines(Device):
                 for ch, idx in self._channels.items() for d in self._directions})
 
         def make_follower(use_wait: bool) -> LineFollower:
-            return LineFollower(stm.host, stm.port, list(self._channels.values()),
-                                directions=self._directions, timeout=stm.timeout,
-                                use_wait=use_wait)
+            self._follower = LineFollower(
+                stm.host, stm.port, list(self._channels.values()), directions=self._directions,
+                use_wait=use_wait, shape=(self._n_lines, self._pixels), **stm.client_options())
+            return self._follower
 
         try:
             follower = make_follower(self.use_wait)
-            status_client = NanonisClient(stm.host, stm.port, timeout=stm.timeout)
             seen_running = False
+            outages = link.outages  # outages so far when the scan was last seen running
+            restarts = 0
             last_progress = time.monotonic()
             while not self._stop_evt.is_set() and not self._finished:
                 try:
@@ -457,6 +395,7 @@ class ScanLines(Device):
                     follower = make_follower(False)
                     continue
                 now = time.monotonic()
+                last_progress = max(last_progress, link.back_at)  # an outage is not a stalled scan
                 if line is not None:
                     seen_running = True
                     last_progress = now
@@ -465,34 +404,52 @@ class ScanLines(Device):
                 if self._paused:
                     last_progress = now  # a paused scan is not a stalled one
                     continue
-                running = bool(status_client.scan_status_get())
-                seen_running |= running
-                if seen_running and not running:
-                    # The scan ended: collect rows finished since the last reply, then stop.
+                running = follower.scan_running()
+                if running:
+                    seen_running, outages = True, link.outages
+                elif seen_running:
+                    # The scan ended: collect rows finished since the last reply.
                     while (line := follower.next_line(timeout_s=0)) is not None:
                         take(line)
-                    if not self._finished:
-                        self._fail(ControllerLost(
-                            f"controller {stm.host}:{stm.port} stopped the scan after "
-                            f"{len(self._lines)} of {self._n_lines} lines"))
+                    if self._finished:
+                        return
+                    if link.outages > outages and restarts < self.MAX_RESTARTS:
+                        # It stopped while the link was down (the controller restarted, say):
+                        # scan the frame again; the lines already in are kept, the rest come.
+                        restarts += 1
+                        logger.warning("%s: the scan on %s:%s stopped during the link outage at line %d of "
+                                       "%d; scanning the frame again", self.name, stm.host, stm.port,
+                                       self._cursor, self._n_lines)
+                        follower.client.scan_action("start", direction=stm.scan_direction.get())
+                        seen_running, outages, last_progress = False, link.outages, now
+                        continue
+                    self._fail(ControllerLost(
+                        f"controller {stm.host}:{stm.port} stopped the scan after "
+                        f"{len(self._lines)} of {self._n_lines} lines"))
                     return
                 if now - last_progress > self.line_timeout:
                     self._fail(LineTimeout(
                         f"no scan line from {stm.host}:{stm.port} within "
                         f"{self.line_timeout:.1f} s (line {self._cursor} of {self._n_lines})"))
                     return
-        except Exception as exc:  # connection reset, protocol error, ...
+        except Exception as exc:  # connection lost past the budget, protocol error, ...
             if not self._stop_evt.is_set():
-                self._fail(ControllerLost(
-                    f"controller {stm.host}:{stm.port} dropped while waiting for line "
-                    f"{self._cursor} of {self._n_lines}: {type(exc).__name__}: {exc}"))
+                self._fail(self._dropped(exc))
         finally:
-            for conn in (follower, status_client):
-                if conn is not None:
-                    try:
-                        conn.close()
-                    except Exception:
-                        pass
+            if follower is not None:
+                try:
+                    follower.close()
+                except Exception:
+                    pass
+
+    def _dropped(self, exc: Exception) -> ControllerLost:
+        stm = self.root
+        where = f"controller {stm.host}:{stm.port} dropped"
+        if isinstance(exc, ConnectionLost) and stm.link.state == "lost":
+            return ControllerLost(f"{where} at line {self._cursor} of {self._n_lines} and was not back "
+                                  f"within link.max_outage_s = {stm.max_outage_s:g} s ({stm.link.reason})")
+        return ControllerLost(f"{where} while waiting for line {self._cursor} of {self._n_lines}: "
+                              f"{type(exc).__name__}: {exc}")
 
     def _store(self, row: int, data: dict[str, np.ndarray]):
         with self._cond:
@@ -543,6 +500,7 @@ class ScanLines(Device):
                 status.set_exception(self._error)
                 return status
             self._last_triggered = self._cursor
+            self._triggered = True
             self._pending.append((status, self._cursor, self._epoch))
             self._serve_pending()
         return status
@@ -551,6 +509,23 @@ class ScanLines(Device):
     def frame_complete(self) -> bool:
         """Every line of the frame was delivered."""
         return self._delivered is not None and self._delivered == self._n_lines - 1
+
+    @property
+    def done(self) -> bool:
+        """The present triggers have delivered the frame's last line (the plan stops)."""
+        return self._cursor >= self._n_lines
+
+    @property
+    def in_frame(self) -> bool:
+        """Lines are being delivered: staged, triggered since (so the run has a checkpoint to
+        rewind to), and lines left whose events have not gone out."""
+        return self._thread is not None and self._triggered and len(self._emitted) < self._n_lines
+
+    def note_document(self, name: str, doc: dict) -> None:
+        """RunEngine document subscriber: remember which lines' events went out."""
+        if name == "event" and self.line_key in doc.get("data", {}):
+            with self._cond:
+                self._emitted.add(int(doc["data"][self.line_key]))
 
     @property
     def lines_received(self) -> int:
@@ -579,28 +554,38 @@ class ScanLines(Device):
         return len(stale)
 
     def pause(self):
-        """RunEngine pause/suspend: pause the controller scan, rewind the cursor."""
+        """RunEngine pause/suspend: pause the controller scan, rewind the cursor.
+
+        Over a link that is down there is nothing to pause: the controller scans on and
+        its buffer keeps the lines for the next grab."""
         with self._cond:
             self._paused = True
-            # the RunEngine replays the trigger after the last checkpoint: same line again
-            self._cursor = self._last_triggered
+            # The RunEngine replays the trigger after the last checkpoint: the same line
+            # again, or the next if that line's event already went out.
+            row = self._last_triggered
+            if row in self._emitted and row + 1 < self._n_lines:
+                row += 1
+            self._cursor = row
             self._epoch += 1
-        if self._thread is not None and not self._finished:
-            self._scan_call(self.root.scan_pause, "pause")
+        if self._thread is not None and not self._finished and self.root.link.up.is_set():
+            self._scan_paused = self._scan_call(self.root.scan_pause, "pause")
 
     def resume(self):
-        if self._thread is not None and not self._finished:
+        if self._thread is not None and not self._finished and self._scan_paused:
             self._scan_call(self.root.scan_resume, "resume")
+        self._scan_paused = False
         with self._cond:
             self._paused = False
 
-    def _scan_call(self, fn, what: str) -> None:
+    def _scan_call(self, fn, what: str) -> bool:
         # A controller that is gone cannot be paused; the follower thread reports the
         # loss on the pending line, so the run fails with that error rather than here.
         try:
             fn()
+            return True
         except (ConnectionError, OSError) as exc:
             logger.error("%s: could not %s the scan: %s", self.name, what, exc)
+            return False
 
 
 # --------------------------------------------------------------------------- device
@@ -617,6 +602,12 @@ class NanonisSTM(Device):
         Limits checked before any value is sent (bias, setpoint, frame, tip shaper).
     timeout : float
         Socket timeout of every controller call, seconds.
+    max_outage_s : float, optional
+        How long an outage of the link may last while the device reconnects (default: the
+        profile's ``link.max_outage_s``, else 30 s; 0 never reconnects).
+
+    ``stm.link`` (:class:`~stm_live.devices.client.LinkState`) is the link's state, shared by
+    every connection the device opens.
     """
 
     bias = Cpt(NanonisSignal, read=_client_call("bias_get"),
@@ -643,25 +634,43 @@ class NanonisSTM(Device):
                    write=lambda s, v: s.client.z_ctrl_withdraw(wait=True, timeout_s=10.0),
                    kind=Kind.omitted)
     bias_pulse = Cpt(NanonisSignal, read=lambda s: 0,
-                     write=lambda s, v: s.client.bias_pulse(float(v[0]), float(v[1]), wait=True),
+                     write=lambda s, v: s._unrepeated(s.client.bias_pulse, float(v[0]), float(v[1]),
+                                                      wait=True),
                      check="check_pulse", kind=Kind.omitted,
                      doc="write (width_s, bias_V): Bias.Pulse with Z held")
     tip_shaper_start = Cpt(NanonisSignal, read=lambda s: 0,
-                           write=lambda s, v: s.client.tip_shaper_start(wait=True,
-                                                                        timeout_s=30.0),
+                           write=lambda s, v: s._unrepeated(s.client.tip_shaper_start, wait=True,
+                                                            timeout_s=30.0),
                            kind=Kind.omitted)
     last_action = Cpt(Signal, value="", kind=Kind.normal,
                       doc="what the plan just did on the controller (for the record)")
     lines = Cpt(ScanLines, kind=Kind.omitted)  # triggered on its own by the plans
+    spectroscopy = Cpt(BiasSpectroscopy, kind=Kind.omitted)  # triggered on its own by grid_spectroscopy
 
     def __init__(self, host: str = "127.0.0.1", port: int = 6501, *, name: str = "stm",
-                 profile=None, timeout: float = 5.0, **kwargs):
+                 profile=None, timeout: float = 5.0, max_outage_s: float | None = None, **kwargs):
         self.host, self.port, self.profile, self.timeout = host, int(port), profile, timeout
+        if max_outage_s is None:
+            max_outage_s = profile.link.max_outage_s if profile is not None else DEFAULT_MAX_OUTAGE_S
+        self.max_outage_s = float(max_outage_s)
+        self.link = LinkState(f"{host}:{int(port)}")
         self._lock = threading.RLock()
         self._signal_names: list[str] | None = None
-        self.client = NanonisClient(host, int(port), timeout=timeout)
+        self.client = NanonisClient(host, int(port), **self.client_options())
         self.client.negotiate()  # speak the controller's release (Scan.PropsGet differs by release)
         super().__init__(name=name, **kwargs)
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments of every connection the device opens: one link state, one budget."""
+        return {"timeout": self.timeout, "max_outage_s": self.max_outage_s, "link": self.link}
+
+    def _unrepeated(self, action: Callable, *args, **kwargs) -> None:
+        """An action whose effect cannot be read back (a pulse, the tip shaper): after a lost
+        reply it is not sent again; what follows it (a verification scan) judges the tip."""
+        try:
+            action(*args, **kwargs)
+        except ActionUnconfirmed as exc:
+            logger.warning("%s; not repeated: the verification that follows judges the tip", exc)
 
     def channel_units(self, channel: str, index: int) -> str:
         """SI unit of a recorded channel: the profile's, else the controller's signal name

@@ -251,12 +251,16 @@ def _class_tip(label: str, rng: np.random.Generator):
     raise ValueError(f"unknown tip class {label!r}")
 
 
-def _scene(rng: np.random.Generator, cfg: TipNetConfig):
+def _scene(rng: np.random.Generator, cfg: TipNetConfig, *, scenery: bool = False, steps: bool = False):
     """Random scene: 1-3 library molecules (one orbital side for the frame, random position
     and rotation, the first near the centre, none overlapping another) on an optional
-    NaCl-like substrate, in a frame of cfg.size pixels at cfg.pixel_size_nm."""
-    from stm_live.simulators.imaging import ScanFrame, Substrate, scatter_molecules
-    from stm_live.simulators.orbitals import MOLECULE_NAMES
+    NaCl-like substrate, in a frame of cfg.size pixels at cfg.pixel_size_nm. With ``scenery``
+    (the broadened recipe, :mod:`stm_live.simulators.scenery`) some frames put them on a
+    Au(111)/Cu(111) terrace instead (with ``steps``: 1-2 step edges) and add adsorbates and
+    small molecules beside them. Returns (placements, frame, bias, substrate, surface)."""
+    from stm_live.simulators import scenery as sc
+    from stm_live.simulators.imaging import CubePlacement, ScanFrame, Substrate, scatter_molecules
+    from stm_live.simulators.orbitals import MOLECULE_NAMES, molecule
 
     span = cfg.size * cfg.pixel_size_nm
     frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=span, height_nm=span,
@@ -264,10 +268,22 @@ def _scene(rng: np.random.Generator, cfg: TipNetConfig):
     orbital = "HOMO" if rng.random() < 0.5 else "LUMO"
     names = [MOLECULE_NAMES[k] for k in rng.integers(len(MOLECULE_NAMES), size=int(rng.integers(1, 4)))]
     place = scatter_molecules(rng, names, lambda i: (span * (0.15 if i == 0 else 0.35),) * 2, orbital=orbital)
-    substrate = None
-    if rng.random() < 0.7:
+    substrate = surface = None
+    metal = scenery and rng.random() < METAL_SHARE
+    if not metal and rng.random() < 0.7:
         substrate = Substrate(corrugation=float(rng.uniform(0.0, 0.1)), angle_deg=float(rng.uniform(0, 90)))
-    return place, frame, (-1.0 if orbital == "HOMO" else 1.0), substrate
+    if scenery and rng.random() < SMALL_THINGS_SHARE:
+        taken = [(p.x_nm, p.y_nm, molecule(p.molecule).radius_nm) for p in place]
+        for _ in range(int(rng.integers(1, 5))):
+            thing, radius, amplitude = sc.random_small_thing(rng, orbital)
+            x, y = rng.uniform(-0.45 * span, 0.45 * span, size=2)
+            if all(np.hypot(x - tx, y - ty) > radius + tr + 0.3 for tx, ty, tr in taken):
+                place.append(CubePlacement(thing, float(x), float(y), float(rng.uniform(0, 360)), amplitude))
+                taken.append((float(x), float(y), radius))
+    if metal:  # a metal terrace conducts everywhere: a flat background under its apparent height
+        substrate = Substrate()
+        surface = sc.random_surface(rng, span, [(p.x_nm, p.y_nm) for p in place], steps=steps)
+    return place, frame, (-1.0 if orbital == "HOMO" else 1.0), substrate, surface
 
 
 def _degrade(img: np.ndarray, rng: np.random.Generator, unstable: bool, other=None) -> np.ndarray:
@@ -309,32 +325,46 @@ class Render:
 
 
 CURRENT_SHARE = 1 / 3  # share of constant-current frames in the recipe
+# The broadened recipe: what real frames of molecules show beyond the library on NaCl.
+METAL_SHARE = 0.45  # frames on a Au(111) or Cu(111) terrace (herringbone, standing waves)
+STEP_SHARE = 0.3  # of the metal constant-current frames: step edges cross the frame
+SMALL_THINGS_SHARE = 0.4  # frames with adsorbates and small molecules beside the library's
+LOW_TIP_SHARE = 0.2  # constant-height frames at bond-resolving heights, z 0.3-0.45 nm
 
 
-def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, mode: str | None = None) -> Render:
+def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, mode: str | None = None,
+                  scenery: bool = False) -> Render:
     """A random class (uniform), its tip (:func:`_class_tip`) and scene (:func:`_scene`), imaged
-    at constant height (z 0.45-0.8 nm) or at constant current (setpoint 0.3-0.9 of the
-    constant-height peak at that z); Z maps become current-like with ``current_from_z``, as the
-    TipMonitor does. 'unstable' uses a random stable tip and a second render after a tip change."""
+    at constant height (z 0.45-0.8 nm; with ``scenery`` :data:`LOW_TIP_SHARE` at 0.3-0.45 nm)
+    or at constant current (setpoint 0.3-0.9 of the constant-height peak at that z); Z maps
+    become current-like with ``current_from_z``, as the TipMonitor does. A metal surface's
+    apparent height h multiplies the current by exp(2κh) (raises Z by h). 'unstable' uses a
+    random stable tip and a second render after a tip change. ``scenery=False`` (default, the
+    shipped checkpoint's recipe): library molecules on a NaCl-like film or none;
+    ``scenery=True``: the broadened recipe (``stm-live train --model tipstate --broad-recipe``)."""
     from stm_live.interpret import current_from_z
     from stm_live.simulators.imaging import constant_current_image, constant_height_image
+    from stm_live.simulators.orbitals import KAPPA_PER_NM
 
     k = int(rng.integers(len(TIP_CLASSES)))
     unstable = TIP_CLASSES[k] == "unstable"
     tip = _class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))] if unstable else TIP_CLASSES[k], rng)
     after = _class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))], rng) if unstable else None
-    place, frame, bias, sub = _scene(rng, cfg)
-    z = float(rng.uniform(0.45, 0.8))
     if mode is None:
         mode = "current" if rng.random() < CURRENT_SHARE else "height"
+    steps = scenery and mode == "current" and rng.random() < STEP_SHARE  # no tip crosses a step at constant height
+    place, frame, bias, sub, surface = _scene(rng, cfg, scenery=scenery, steps=steps)
+    low = scenery and mode == "height" and rng.random() < LOW_TIP_SHARE
+    z = float(rng.uniform(0.3, 0.45) if low else rng.uniform(0.45, 0.8))
+    h = 0.0 if surface is None else surface.apparent_height_nm(*frame.grid())
 
     def image(t):
         ch = constant_height_image(place, frame, t, z_nm=z, bias_V=bias, substrate=sub)
         if mode == "height":
-            return ch
+            return ch * np.exp(2 * KAPPA_PER_NM * h)
         setpoint = float(ch.max()) * float(rng.uniform(0.3, 0.9))
         return current_from_z(constant_current_image(place, frame, t, setpoint_A=setpoint, bias_V=bias,
-                                                     substrate=sub), unit="nm")
+                                                     substrate=sub) + h, unit="nm")
 
     return Render(np.asarray(image(tip), np.float32), None if after is None else np.asarray(image(after), np.float32),
                   k, float(tip.s_fraction), mode)
@@ -344,6 +374,9 @@ def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), 
 # spacing drawn independently up to this many nm): live frames come at whatever resolution the
 # operator chose, and a verification frame is often short and non-square.
 COARSE_SHARE, COARSEST_NM = 0.5, 0.15
+# A fifth of the others are finer scans (pixels and lines 0.02 nm up to the training pitch),
+# as real frames of molecules often are: the noise is drawn at the fine pitch, then resampled.
+FINE_SHARE, FINEST_NM = 0.2, 0.02
 # 60 % of training frames are partial (>= a quarter of the rows); half of those are windows
 # starting mid-frame, as the monitor judges the lines since a tip change or the latest lines.
 PARTIAL_SHARE, WINDOW_SHARE = 0.6, 0.5
@@ -354,7 +387,7 @@ def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig
            ) -> np.ndarray:
     """Render -> (2, S, S) network input: optional random flips (labels are flip-invariant;
     flips keep rows as scan lines), a coarser scan (``coarse``; None = :data:`COARSE_SHARE` of
-    frames), a partial frame (``rows`` of S scanned, from the top or the ``middle`` of the
+    frames; else :data:`FINE_SHARE` of frames a finer one), a partial frame (``rows`` of S scanned, from the top or the ``middle`` of the
     frame; or with ``partial`` :data:`PARTIAL_SHARE` of frames cut to >= S/4 rows, some of them
     windows from mid-frame), fresh noise and artifacts (:func:`_degrade`) at the scan's own
     pixels, resampled back to the training pixel size as at inference (:func:`_prepare`)."""
@@ -369,6 +402,9 @@ def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig
     line_nm = pixel_nm = cfg.pixel_size_nm
     if coarse or (coarse is None and rng.random() < COARSE_SHARE):
         line_nm, pixel_nm = rng.uniform(cfg.pixel_size_nm, COARSEST_NM, size=2)
+    elif coarse is None and rng.random() < FINE_SHARE:
+        line_nm, pixel_nm = rng.uniform(FINEST_NM, cfg.pixel_size_nm, size=2)
+    if (line_nm, pixel_nm) != (cfg.pixel_size_nm,) * 2:
         zoom = (cfg.pixel_size_nm / line_nm, cfg.pixel_size_nm / pixel_nm)
         img = ndimage.zoom(img, zoom, order=1)  # the tip samples points: linear interpolation
         other = None if other is None else ndimage.zoom(other, zoom, order=1)
@@ -438,7 +474,7 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
 
 def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *,
                partial: bool = True, rows: int | None = None, middle: bool = False, mode: str | None = None,
-               coarse: bool | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+               coarse: bool | None = None, scenery: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fresh simulated batch: inputs (n, 2, S, S), labels (n,), s-fraction targets (n,).
 
     Each sample is :func:`render_sample` then :func:`finish` (see those for the recipe).
@@ -447,7 +483,7 @@ def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfi
     ys = np.zeros(n, np.int64)
     sf = np.zeros(n, np.float32)
     for i in range(n):
-        r = render_sample(rng, cfg, mode=mode)
+        r = render_sample(rng, cfg, mode=mode, scenery=scenery)
         xs[i], ys[i], sf[i] = finish(r, rng, cfg, partial=partial, rows=rows, middle=middle, coarse=coarse), r.label, r.s_fraction
     return xs, ys, sf
 
@@ -610,14 +646,16 @@ def _save(path: Path, net: TipNet, extra: dict) -> None:
     path.with_suffix(path.suffix + ".sha256").write_text(f"{_sha256(path)}  {path.name}\n")
 
 
-def build_bank(n: int, seed: int, cfg: TipNetConfig = TipNetConfig(), *, quiet: bool = False) -> list[Render]:
-    """``n`` renders from the training recipe, deterministic in ``seed``. Rendering is the
+def build_bank(n: int, seed: int, cfg: TipNetConfig = TipNetConfig(), *, quiet: bool = False,
+               scenery: bool = False) -> list[Render]:
+    """``n`` renders from the training recipe (``scenery``: the broadened one), deterministic
+    in ``seed``. Rendering is the
     costly part (constant current solves per pixel), so training renders once and draws fresh
     noise, artifacts, flips and partial cuts from this bank at every step."""
     rng = np.random.default_rng([seed, 10**9])
     t0, bank = time.perf_counter(), []
     for i in range(n):
-        bank.append(render_sample(rng, cfg))
+        bank.append(render_sample(rng, cfg, scenery=scenery))
         if not quiet and ((i + 1) % 2000 == 0 or i + 1 == n):
             print(f"rendered {i + 1}/{n} training frames ({time.perf_counter() - t0:.0f} s)", flush=True)
     return bank
@@ -625,9 +663,10 @@ def build_bank(n: int, seed: int, cfg: TipNetConfig = TipNetConfig(), *, quiet: 
 
 def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0, resume: bool = False,
                batch: int = 32, lr: float = 2e-3, threads: int = 1, bank_size: int = 12000,
-               init: Path | None = None) -> Path:
-    """Train on a bank of simulated renders (:func:`build_bank`) with fresh noise, artifacts,
-    flips and partial cuts per step; checkpoints every 100 steps; writes the model card.
+               init: Path | None = None, broad_recipe: bool = False) -> Path:
+    """Train on a bank of simulated renders (:func:`build_bank`; ``broad_recipe``: the broadened
+    one) with fresh noise, artifacts, flips and partial cuts per step; checkpoints every 100
+    steps; writes the model card.
     ``init``: warm start from a (hash-verified) classifier checkpoint of the same architecture;
     the new checkpoint and card record the lineage (``init_sha256``, ``total_steps``)."""
     if bank_size < 1:
@@ -651,6 +690,7 @@ def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0,
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     start, wall_before = 0, 0.0
     ckpt = out.with_suffix(".ckpt")
+    out.parent.mkdir(parents=True, exist_ok=True)  # the resume state is written there from step 100
     if resume:
         if not ckpt.is_file():
             raise ValueError(f"--resume: no training state at {ckpt}; start without --resume")
@@ -663,7 +703,7 @@ def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0,
         start, wall_before = int(st["step"]), float(st["wall_s"])
         print(f"resumed from step {start}")
     t0 = time.perf_counter()
-    bank = build_bank(min(bank_size, steps * batch), seed, cfg)  # a short run draws fewer frames
+    bank = build_bank(min(bank_size, steps * batch), seed, cfg, scenery=broad_recipe)  # a short run draws fewer
     run_acc, run_loss = 0.0, 0.0
     for step in range(start, steps):
         net.train()
@@ -698,23 +738,26 @@ def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0,
     # The card goes beside whichever checkpoint was written, shipped or not.
     card = MODEL_CARD if out.resolve() == DEFAULT_WEIGHTS.resolve() else out.with_name(out.stem + "_MODEL_CARD.md")
     _write_card(card, steps=steps, seed=seed, batch=batch, lr=lr, bank_size=len(bank), wall=wall,
-                threads=threads, device=str(dev), report=report, lineage=lineage)
+                threads=threads, device=str(dev), report=report, lineage=lineage, broad=broad_recipe)
     return out
 
 
 # --------------------------------------------------------------------------- evaluation
 def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, *, partial: bool = False,
-             rows: int | None = None, middle: bool = False, mode: str | None = None, coarse: bool = False) -> dict:
+             rows: int | None = None, middle: bool = False, mode: str | None = None, coarse: bool = False,
+             scenery: bool = False) -> dict:
     """Fresh held-out simulated set (own seed, never a training stream): ``samples`` x 7
     frames, classes drawn uniformly, at the training pixel size unless ``coarse`` (every frame
     a coarser scan, :func:`finish`). Full frames unless ``partial`` (the training mix of
     partial frames) or ``rows`` (every frame cut to that many of S rows, from the top or the
-    ``middle`` of the frame). Class metrics score the network's most probable class; with a
+    ``middle`` of the frame); ``scenery``: the broadened recipe (metal terraces, adsorbates,
+    small molecules) instead of the default one. Class metrics score the network's most probable class; with a
     domain model, ``unknown_share`` is the share of these in-domain frames it calls unknown
     (NaN without one)."""
-    rng = np.random.default_rng([seed, 10_000_019, rows or 0, len(mode or "")])
+    rng = np.random.default_rng([seed, 10_000_019, rows or 0, len(mode or "")] + ([1] if scenery else []))
     n = samples * len(TIP_CLASSES)
-    x, y, s = make_batch(n, rng, clf.cfg, partial=partial, rows=rows, middle=middle, mode=mode, coarse=coarse)
+    x, y, s = make_batch(n, rng, clf.cfg, partial=partial, rows=rows, middle=middle, mode=mode, coarse=coarse,
+                         scenery=scenery)
     unknown = float("nan")
     if getattr(clf, "domain", None) is None:
         probs, s_hat = clf.predict(torch.from_numpy(x))
@@ -745,7 +788,9 @@ def evaluate_report(clf: TipClassifier, samples: int = 40, seed: int = 1234) -> 
     frames cut to fewer rows, and half frames from the middle (a window that starts mid-scene,
     as the monitor judges the lines since a tip change)."""
     size = clf.cfg.size
-    report = {"full frames": evaluate(clf, samples, seed)}
+    report = {"full frames": evaluate(clf, samples, seed),
+              "broadened recipe (metal terraces, adsorbates, small molecules)": evaluate(clf, samples, seed,
+                                                                                         scenery=True)}
     for mode in ("height", "current"):
         report[f"{mode} only"] = evaluate(clf, samples, seed, mode=mode)
     report[f"coarser scans ({clf.cfg.pixel_size_nm}-{COARSEST_NM} nm)"] = evaluate(clf, samples, seed, coarse=True)
@@ -791,7 +836,7 @@ def evaluate_main(device: str = "auto", samples: int = 40, seed: int = 1234) -> 
 
 
 def _write_card(card: Path, *, steps, seed, batch, lr, bank_size, wall, threads, device, report,
-                lineage: dict) -> None:
+                lineage: dict, broad: bool = False) -> None:
     import platform
 
     from stm_live.models.training import card_command
@@ -813,14 +858,24 @@ def _write_card(card: Path, *, steps, seed, batch, lr, bank_size, wall, threads,
         f"- Data recipe (`stm_live.models.tipstate.render_sample` + `finish`): {bank_size} simulated frames "
         f"rendered once (`build_bank`), {cfg.size}x{cfg.size} px at {cfg.pixel_size_nm} nm/px: 1-3 random "
         "library molecules (HOMO or LUMO side, the first near the centre, random rotation, none overlapping "
-        "another: `scatter_molecules`) on an optional "
-        "NaCl-like substrate (corrugation 0-0.1); constant height z 0.45-0.8 nm (2/3) or constant current "
+        "another: `scatter_molecules`) on an optional NaCl-like substrate (corrugation 0-0.1)"
+        + ((f" or, in {METAL_SHARE:.0%} of frames, a Au(111) or Cu(111) terrace (broadened recipe, "
+            "`simulators.scenery`: herringbone ridges 0.01-0.025 nm on 80 % of Au frames, surface-state standing "
+            f"waves around every scatterer, and on {STEP_SHARE:.0%} of the metal constant-current frames 1-2 "
+            f"monatomic step edges); in {SMALL_THINGS_SHARE:.0%} of frames 1-4 adsorbates and small molecules "
+            "beside them (adatoms, polyenes, random closed-shell polyhexes of 1-4 rings); molecules, lattices, "
+            "tip tilts and second apexes at random angles to the scan lines (a rotated frame is inside); "
+            f"constant height z 0.45-0.8 nm ({LOW_TIP_SHARE:.0%} of them at bond-resolving heights 0.3-0.45 nm)")
+           if broad else "; constant height z 0.45-0.8 nm")
+        + " (2/3) or constant current "
         "(1/3, setpoint 0.3-0.9 of the constant-height peak, Z map through `current_from_z`); per class a "
         "tip preset with jitter (CO s share 5-22 %, 30 % of CO tips coherent; mixed s 32-60 %; tilt "
         "15-35 deg or p imbalance 0.68-0.85; second apex 0.35-0.9 nm away at strength 0.4-1; blunt "
         "width x0.8-1.6). Every step draws random flips, a coarser scan of the same area for "
         f"{COARSE_SHARE:.0%} of frames (pixel and line spacing each {cfg.pixel_size_nm}-{COARSEST_NM} nm, "
-        "resampled back as at inference), fresh white + per-line noise, 'unstable' artifacts (mid-frame "
+        "resampled back as at inference; "
+        f"{FINE_SHARE:.0%} of the others finer, {FINEST_NM}-{cfg.pixel_size_nm} nm), fresh white + per-line "
+        "noise, 'unstable' artifacts (mid-frame "
         f"tip change, line jumps, streaks) and partial frames ({PARTIAL_SHARE:.0%}, >= a quarter of the rows; "
         f"{WINDOW_SHARE:.0%} of them windows that start mid-frame).",
         f"- Steps: {steps}, batch {batch}, AdamW lr {lr} one-cycle, seed {seed}",

@@ -22,11 +22,20 @@ All physics comes from ``stm_live.simulators`` (one forward model for the whole 
   fixed seeds.
 
 Each training step's batch depends only on ``(seed, step)`` (the sampler is reseeded per
-step), so ``--resume`` continues the same data stream.
+step), so ``--resume`` continues the same data stream, and worker processes can build the
+batches in any order.
+
+On a GPU (``--device cuda``) pairs come from ``workers`` processes (a ``DataLoader`` over
+``_StepBatches``: the numpy forward model on all but two cores, the field cache warmed once
+and shared by fork), batches are ``GPU_BATCH`` crops of ``GPU_CROP`` px, the network runs
+under bf16 autocast with a fused AdamW, and ``minutes`` bounds the run by wall-clock time (the
+learning-rate cycle spans the budget). ``throughput`` measures both rates.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import platform
 import queue
@@ -34,6 +43,7 @@ import shlex
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import lru_cache
 from pathlib import Path
@@ -43,7 +53,7 @@ import torch
 
 from stm_live.interpret import STMNET_PIXEL_NM, current_from_z
 from stm_live.models.stmnet import (
-    DEFAULT_CHECKPOINT, STMNet, STMNetConfig, hash_path, normalise, resolve_device, sha256_of,
+    DEFAULT_CHECKPOINT, STMNet, STMNetConfig, hash_path, normalise, resolve_device, sha256_of, sync_device,
 )
 from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES, PairBatch, PairSampler
 
@@ -57,6 +67,8 @@ TRAIN_RECIPE = dict(
     max_molecules=3, orbitals=ORBITAL_LABELS, substrate_prob=0.5,
 )
 VAL_SEED = 10**9
+CPU_BATCH, CPU_CROP = 12, 64
+GPU_BATCH, GPU_CROP = 32, 96  # a GPU step wants more pixels; 96 px is the evaluation frames' size
 
 
 # --------------------------------------------------------------------------- training pairs
@@ -203,15 +215,15 @@ def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 class _Prefetcher:
-    """Builds batches for steps start..steps-1 in a background thread, in order."""
+    """Builds batches for steps start..stop-1 (stop None: endless) in a background thread, in order."""
 
-    def __init__(self, seed: int, start: int, steps: int, batch: int, crop: int, depth: int = 6):
+    def __init__(self, seed: int, start: int, stop: int | None, batch: int, crop: int, depth: int = 6):
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         sampler = make_sampler(size=crop, seed=seed)  # owned by the worker thread (its field cache too)
 
         def work():
-            for step in range(start, steps):
+            for step in range(start, stop) if stop is not None else itertools.count(start):
                 if self._stop.is_set():
                     return
                 item = sample_batch(sampler, [seed, step], batch)
@@ -232,6 +244,133 @@ class _Prefetcher:
         self._stop.set()
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """Training step -> its batch (``sample_batch`` seeded by (seed, step)). Each DataLoader worker
+    process uses its own copy of the sampler; forked, they share the parent's warm field cache."""
+
+    def __init__(self, sampler: PairSampler, seed: int, batch: int):
+        self.sampler, self.seed, self.batch = sampler, seed, batch
+
+    def __getitem__(self, step):
+        return sample_batch(self.sampler, [self.seed, int(step)], self.batch)
+
+
+class _WorkerBatches:
+    """The batches of steps start..stop-1 (stop None: endless), in order, built by ``workers``
+    processes; ``pin``: in page-locked memory, for asynchronous copies to the GPU."""
+
+    def __init__(self, seed: int, start: int, stop: int | None, batch: int, crop: int, workers: int, pin: bool):
+        from torch.utils.data import DataLoader
+
+        sampler = make_sampler(size=crop, seed=seed)
+        if workers > 1:  # fill the field cache once, before the fork, rather than once per worker
+            sampler.warm_up()
+        steps = range(start, stop) if stop is not None else itertools.count(start)
+        loader = DataLoader(_StepBatches(sampler, seed, batch), batch_size=None, sampler=steps, num_workers=workers,
+                            pin_memory=pin, prefetch_factor=4)
+        self._batches = iter(loader)
+
+    def get(self):
+        return next(self._batches)
+
+    def close(self):
+        self._batches = None  # the loader's worker processes end with their iterator
+
+
+def batch_stream(seed: int, start: int, stop: int | None, batch: int, crop: int, *, workers: int = 0,
+                 pin: bool = False):
+    """The training batches of steps start..stop-1 (``.get()`` each in turn, ``.close()``): from
+    a background thread with ``workers=0``, else from that many processes. The same batches either way."""
+    if workers == 0:
+        return _Prefetcher(seed, start, stop, batch, crop)
+    return _WorkerBatches(seed, start, stop, batch, crop, workers, pin)
+
+
+def default_workers(device: torch.device) -> int:
+    """Data worker processes: none on CPU (a thread prefetches; the cores train), all cores this
+    process may use but two on CUDA (one feeds the GPU, one is left to the system), at most 32."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return min(32, max(1, cores - 2))
+
+
+def _train_step(net: STMNet, opt, x: torch.Tensor, t: torch.Tensor, amp: bool) -> torch.Tensor:
+    """One optimiser step on a batch; ``amp``: the network under bf16 autocast (the loss in fp32).
+    Returns the loss, still on the device (reading it would wait for the GPU)."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else nullcontext():
+        pred = net(x)
+    loss = loss_fn(pred.float(), t)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    return loss.detach()
+
+
+def _optimizer(net: STMNet, lr: float, device: torch.device):
+    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4,
+                             **({"fused": True} if device.type == "cuda" else {}))
+
+
+def _on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    xb, tb = batch
+    return tuple(torch.as_tensor(a)[:, None].to(device, non_blocking=True) for a in (xb, tb))
+
+
+def one_cycle_lr(fraction: float, max_lr: float, pct_start: float = 0.05) -> float:
+    """The learning rate ``torch.optim.lr_scheduler.OneCycleLR`` (cosine, default factors) gives
+    at ``fraction`` of the run: what a time-budgeted run follows, by elapsed time."""
+    start, end = max_lr / 25.0, max_lr / 25.0 / 1e4
+
+    def cos(a: float, b: float, pct: float) -> float:
+        return b + (a - b) / 2 * (math.cos(math.pi * min(max(pct, 0.0), 1.0)) + 1)
+
+    if fraction < pct_start:
+        return cos(start, max_lr, fraction / pct_start)
+    return cos(max_lr, end, (fraction - pct_start) / (1 - pct_start))
+
+
+def throughput(configs: dict[str, STMNetConfig], *, device: str = "auto", batch: int | None = None,
+               crop: int | None = None, workers: int | None = None, seconds: float = 10.0, seed: int = 0) -> dict:
+    """What training runs at here, each rate over ``seconds`` after a warm-up: ``pairs_per_s`` the
+    data pipeline delivers alone, and per config ``steps_per_s`` on one batch already on the device
+    (the network's own rate) and ``end_to_end_steps_per_s`` fed by the pipeline, as ``train_main``
+    runs (defaults by device: batch, crop, workers, bf16 on CUDA)."""
+    dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    batch, crop = batch or (GPU_BATCH if cuda else CPU_BATCH), crop or (GPU_CROP if cuda else CPU_CROP)
+    workers = default_workers(dev) if workers is None else int(workers)
+    result = {"device": str(dev), "batch": batch, "crop": crop, "workers": workers, "configs": {}}
+    stream = batch_stream(seed, 0, None, batch, crop, workers=workers, pin=cuda)
+
+    def rate(step, warm: int = 2) -> float:
+        for _ in range(warm):
+            step()
+        sync_device(dev)
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            step()
+            n += 1
+        sync_device(dev)
+        return n / (time.perf_counter() - t0)
+
+    try:
+        result["pairs_per_s"] = batch * rate(stream.get)
+        for name, config in configs.items():
+            net = STMNet(config).to(dev).train()
+            opt = _optimizer(net, 1e-4, dev)
+            x, t = _on_device(stream.get(), dev)
+            result["configs"][name] = {
+                "config": asdict(config), "params": sum(p.numel() for p in net.parameters()),
+                "steps_per_s": rate(lambda: _train_step(net, opt, x, t, cuda)),
+                "end_to_end_steps_per_s": rate(lambda: _train_step(net, opt, *_on_device(stream.get(), dev), cuda)),
+            }
+    finally:
+        stream.close()
+    return result
+
+
 def _validate_net(net: STMNet, device, val) -> tuple[float, float]:
     from stm_live.models.metrics import minmax, ssim_torch
 
@@ -248,28 +387,44 @@ def _validate_net(net: STMNet, device, val) -> tuple[float, float]:
     return psnr, ss
 
 
-def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0, resume: bool = False, *,
-               batch: int = 12, crop: int = 64, lr: float = 2e-3, threads: int = 2,
+def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: int = 0, resume: bool = False, *,
+               batch: int | None = None, crop: int | None = None, lr: float = 2e-3, threads: int = 2,
                config: STMNetConfig | None = None, val_every: int = 500, ckpt_every: int = 500,
-               final_eval_samples: int | None = None, quiet: bool = False, init: Path | None = None) -> dict:
+               final_eval_samples: int | None = None, quiet: bool = False, init: Path | None = None,
+               minutes: float | None = None, workers: int | None = None) -> dict:
     """Train STM-Net and write ``out`` (checkpoint), ``out.sha256`` and the model card.
 
     ``init``: warm start from a (hash-verified) STM-Net checkpoint, whose architecture is kept;
     the new run has its own learning-rate cycle and data stream (``seed``), and the card and
     checkpoint record the lineage (``init_sha256``, ``total_steps``).
+    ``minutes``: stop the training loop after this much wall-clock time (``steps``, if not None,
+    still caps it); the learning-rate cycle then runs by elapsed time, and validation and the
+    resumable state come every tenth of the budget. The final evaluation comes after it.
+    ``batch``, ``crop``: default 12 x 64 px on CPU, ``GPU_BATCH`` x ``GPU_CROP`` on CUDA;
+    ``workers``: data processes (``default_workers``).
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    if steps < 1:
+    if steps is None and minutes is None:
+        raise ValueError("give a number of steps or a time budget (minutes)")
+    if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise ValueError(f"minutes must be a positive number, got {minutes}")
     out = Path(out) if out is not None else DEFAULT_CHECKPOINT
     out.parent.mkdir(parents=True, exist_ok=True)
     state_path = out.with_name(out.stem + ".train_state.pt")
     dev = resolve_device(device)
+    cuda = dev.type == "cuda"
+    batch, crop = batch or (GPU_BATCH if cuda else CPU_BATCH), crop or (GPU_CROP if cuda else CPU_CROP)
+    workers = default_workers(dev) if workers is None else int(workers)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
+    budget_s = None if minutes is None else 60.0 * minutes
     if dev.type == "cpu":
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
-    lineage = {"total_steps": steps}
+    parent_steps, init_sha = 0, None
     if init is not None:
         from stm_live.models.stmnet import load_stmnet
 
@@ -278,89 +433,131 @@ def train_main(steps: int = 4000, out=None, device: str = "auto", seed: int = 0,
             raise ValueError(f"--init: {init} has architecture {asdict(parent.net.config)}, not {asdict(config)}")
         net = parent.net.train().to(dev)
         parent_steps = int(parent.info.get("total_steps", parent.info.get("steps", 0)))
-        lineage = {"init_sha256": sha256_of(Path(init)), "init_steps": parent_steps,
-                   "total_steps": parent_steps + steps}
+        init_sha = sha256_of(Path(init))
     else:
         net = STMNet(config or STMNetConfig()).to(dev)
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    opt = _optimizer(net, lr, dev)
+    # by steps: OneCycleLR over them; by time: the same cycle over the budget (one_cycle_lr)
+    sched = None if budget_s is not None else torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     start, history, elapsed_before = 0, [], 0.0
     if resume:
         if not state_path.is_file():
             raise ValueError(f"--resume: no training state at {state_path}; start without --resume")
         st = torch.load(state_path, map_location=dev, weights_only=True)
-        if int(st["steps"]) != steps:
-            raise ValueError(f"--resume: saved run was for --steps {int(st['steps'])}, not {steps}")
+        saved = (st["steps"], st.get("minutes"))
+        if saved != (steps, minutes):
+            def plan(n, m):
+                return f"--steps {n}" if m is None else f"--minutes {m:g}" + (f" --steps {n}" if n else "")
+
+            raise ValueError(f"--resume: saved run was for {plan(*saved)}, not {plan(steps, minutes)}")
         net.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
-        sched.load_state_dict(st["sched"])
+        if sched is not None:
+            sched.load_state_dict(st["sched"])
         start, elapsed_before = int(st["step"]), float(st["elapsed_s"])
         history = [tuple(h) for h in st["history"].tolist()]
     val = sample_batch(make_sampler(HELD_OUT_MOLECULES, size=96, seed=VAL_SEED), [seed, VAL_SEED], 32)
-    prefetch = _Prefetcher(seed, start, steps, batch, crop)
+    prefetch = batch_stream(seed, start, steps, batch, crop, workers=workers, pin=cuda)
     t0 = time.perf_counter()
-    wait_s, loss_ema = 0.0, None
+    wait_s, loss_ema, pending = 0.0, None, []
+    sync_every = 20 if cuda else 1  # reading a loss waits for the GPU: fold them into the EMA in groups
     net.train()
 
+    def elapsed() -> float:
+        return elapsed_before + time.perf_counter() - t0
+
+    def fold_losses() -> None:
+        nonlocal loss_ema
+        for lv in torch.stack(pending).tolist() if pending else ():
+            loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
+        pending.clear()
+
     def save_state(step):
-        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                    "step": step, "steps": steps, "elapsed_s": elapsed_before + time.perf_counter() - t0,
+        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict() if sched else {},
+                    "step": step, "steps": steps, "minutes": minutes, "elapsed_s": elapsed(),
                     "history": torch.tensor(history or [(0, 0.0, 0.0, 0.0)], dtype=torch.float64)},
                    state_path)
 
-    progress = Progress(TextColumn("[bold]STM-Net"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+    def validate(done: int) -> None:
+        fold_losses()
+        p, s = _validate_net(net, dev, val)
+        history.append((done, loss_ema, p, s))
+        progress.console.print(f"step {done}: loss {loss_ema:.4f}, val PSNR {p:.2f} dB, SSIM {s:.4f}, "
+                               f"{elapsed():.0f} s")
+        sys.stdout.flush()
+
+    timed = budget_s is not None
+    progress = Progress(TextColumn("[bold]STM-Net"), BarColumn(),
+                        TextColumn("{task.fields[steps]}" if timed else "{task.completed}/{task.total}"),
                         TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                         disable=quiet)
+    done = start
+    next_mark = (math.floor(elapsed_before / budget_s * 10) + 1) / 10 if timed else None  # budget tenths
     try:
         with progress:
-            task = progress.add_task("train", total=steps, completed=start, info="")
-            for step in range(start, steps):
+            task = progress.add_task("train", total=budget_s if timed else steps,
+                                     completed=elapsed_before if timed else start, info="", steps="")
+            while steps is None or done < steps:
+                if timed:
+                    fraction = elapsed() / budget_s
+                    if fraction >= 1:
+                        break
+                    for group in opt.param_groups:
+                        group["lr"] = one_cycle_lr(max(fraction, done / steps if steps else 0.0), lr)
                 tw = time.perf_counter()
-                xb, tb = prefetch.get()
+                x, t = _on_device(prefetch.get(), dev)
                 wait_s += time.perf_counter() - tw
-                x = torch.from_numpy(xb)[:, None].to(dev)
-                t = torch.from_numpy(tb)[:, None].to(dev)
-                loss = loss_fn(net(x), t)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
-                sched.step()
-                lv = float(loss.detach())
-                loss_ema = lv if loss_ema is None else 0.98 * loss_ema + 0.02 * lv
-                done = step + 1
-                if done % val_every == 0 or done == steps:
-                    p, s = _validate_net(net, dev, val)
-                    history.append((done, loss_ema, p, s))
-                    progress.console.print(f"step {done}: loss {loss_ema:.4f}, val PSNR {p:.2f} dB, SSIM {s:.4f}, "
-                                           f"{elapsed_before + time.perf_counter() - t0:.0f} s")
-                    sys.stdout.flush()
-                if done % ckpt_every == 0 and done < steps:
+                pending.append(_train_step(net, opt, x, t, amp=cuda))
+                if sched is not None:
+                    sched.step()
+                done += 1
+                if timed:
+                    mark = elapsed() >= next_mark * budget_s
+                    if mark:
+                        next_mark = (math.floor(elapsed() / budget_s * 10) + 1) / 10
+                    validate_now, save_now = mark, mark
+                else:
+                    validate_now = done % val_every == 0 or done == steps
+                    save_now = done % ckpt_every == 0 and done < steps
+                if validate_now:
+                    validate(done)
+                if save_now and (steps is None or done < steps):
                     save_state(done)
-                last = history[-1] if history else None
-                progress.update(task, completed=done, info=f"loss {loss_ema:.4f}" + (
-                    f" | val {last[2]:.1f} dB SSIM {last[3]:.3f}" if last else ""))
+                if validate_now or len(pending) >= sync_every:
+                    fold_losses()
+                    last = history[-1] if history else None
+                    progress.update(task, completed=elapsed() if timed else done, steps=f"{done} steps",
+                                    info=f"loss {loss_ema:.4f}" + (
+                                        f" | val {last[2]:.1f} dB SSIM {last[3]:.3f}" if last else ""))
+            if not history or history[-1][0] != done:
+                validate(done)
     finally:
         prefetch.close()
-    wall = elapsed_before + time.perf_counter() - t0
+    wall = elapsed()
+    lineage = ({"init_sha256": init_sha, "init_steps": parent_steps, "total_steps": parent_steps + done}
+               if init_sha else {"total_steps": done})
     net.eval()
-    torch.save(net.cpu().checkpoint(pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=steps, seed=seed, **lineage), out)
+    torch.save(net.cpu().checkpoint(pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=done, seed=seed, **lineage), out)
     digest = sha256_of(out)
     hash_path(out).write_text(f"{digest}  {out.name}\n")
-    summary = {"steps": steps, **lineage, "wall_s": wall, "data_wait_s": wait_s, "history": history, "sha256": digest,
-               "device": str(dev), "params": sum(p.numel() for p in net.parameters())}
+    summary = {"steps": done, **lineage, "wall_s": wall, "data_wait_s": wait_s, "history": history, "sha256": digest,
+               "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""),
+               "params": sum(p.numel() for p in net.parameters()), "config": asdict(net.config),
+               "minutes": minutes, "workers": workers, "bf16": cuda, "pairs_per_s": done * batch / max(wall, 1e-9)}
     # final metrics with the Reconstructor exactly as users run it
     from stm_live.models.metrics import quality_tables
     from stm_live.models.stmnet import load_stmnet
 
     rec = load_stmnet(device=dev.type, path=out)
     if final_eval_samples is None:  # frames per cell: 4 for a real run, 1 for a smoke run
-        final_eval_samples = min(4, max(1, steps // 2500))
+        final_eval_samples = min(4, max(1, done // 2500))
     summary["quality"] = quality_tables(rec, samples=final_eval_samples, seed=1234, noise_levels=(0.0, 0.05, 0.1))
     from stm_live.models.metrics import latency_ms
 
     summary["latency_ms"] = {size: latency_ms(rec, size) for size in (128, 256, 512)}
     summary["symmetry_views"] = rec.views
+    summary["inference"] = f"{rec.acceleration.precision}, {'fast path' if rec.acceleration.fast else 'reference path'}"
     _write_card(out, summary, batch=batch, crop=crop, lr=lr, seed=seed, threads=threads)
     if state_path.exists():
         state_path.unlink()
@@ -388,15 +585,20 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         "# STM-Net model card",
         "",
         f"- file: `{out.name}` ({out.stat().st_size / 1e6:.2f} MB), sha256 `{s['sha256']}` (also in `{hash_path(out).name}`)",
-        f"- architecture: U-Net `{asdict(STMNetConfig())}`, {s['params']:,} parameters, "
+        f"- architecture: U-Net `{s['config']}`, {s['params']:,} parameters, "
         "GroupNorm/ReLU, max-pool encoder, bilinear decoder, softplus(residual) output",
         f"- trained with: `{command}`",
-        f"- steps: {s['steps']}, batch {batch}, crops {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px, "
-        f"AdamW lr {lr} one-cycle, weight decay 1e-4, seed {seed}",
+        f"- steps: {s['steps']}" + (f" (the steps that fit a {s['minutes']:g} min budget; the one-cycle learning "
+                                    "rate runs by elapsed time)" if s.get("minutes") else "")
+        + f", batch {batch}, crops {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px, "
+        f"AdamW lr {lr} one-cycle, weight decay 1e-4, seed {seed}" + (", bf16 autocast" if s.get("bf16") else ""),
         *([f"- warm start: from the checkpoint with sha256 `{s['init_sha256']}` ({s['init_steps']} steps; its card "
            f"is in the project history), {s['total_steps']} steps in all"] if "init_sha256" in s else []),
         "- loss: L1 + 0.5 (1 - SSIM) on max-normalised |psi|^2 targets",
-        f"- wall time: {s['wall_s'] / 60:.1f} min (of which waiting for data {s['data_wait_s']:.0f} s)",
+        f"- wall time: {s['wall_s'] / 60:.1f} min (of which waiting for data {s['data_wait_s']:.0f} s; "
+        f"{s['pairs_per_s']:.0f} pairs/s; " + (
+            f"{s['workers']} data worker process{'es' * (s['workers'] > 1)})" if s.get("workers")
+            else "pairs built by a prefetch thread)"),
         f"- hardware: {s['device']}, {platform.machine()} {platform.processor() or ''}, "
         f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, {threads} torch threads",
         "",
@@ -444,7 +646,8 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
               "z 0.3-0.5 nm, 96x96 px, fixed seeds).", ""]
     if s.get("latency_ms"):
         lines += [f"Inference latency (`Reconstructor.reconstruct` averaging {rec_views} symmetry views, "
-                  f"{s['device']}, {threads} torch threads, median of 5):", "", "| frame | ms |", "|---|---|"]
+                  f"{s['device']}, {s.get('inference', 'fp32')}, {threads} torch threads, median of 5):", "",
+                  "| frame | ms |", "|---|---|"]
         lines += [f"| {k}x{k} | {v:.1f} |" for k, v in s["latency_ms"].items()]
     lines += ["", "Classical baseline: linearised Chen-rule Tikhonov inversion (`metrics.chen_tikhonov`). "
               "Reproduce the tables with `stm-live evaluate --model stmnet`; LPIPS is not reported "

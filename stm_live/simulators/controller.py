@@ -4,7 +4,10 @@ It holds what a Nanonis controller holds (bias, Z controller, scan frame/buffer/
 tip position, tip shaper, coarse motor) and a scan clock driven by real time x
 ``time_scale``. ``server.py`` puts it on the wire; tests and benchmarks may also drive it
 directly. All public methods are thread-safe (one re-entrant lock); the server calls them
-from a worker thread so rendering never blocks its event loop.
+from a worker thread. Rows are rendered by ``renderer.PhysicsRenderer``: inline when first
+needed, or (``render_in_background``, as the server runs it) on a thread of their own ahead
+of the scan, so no controller call waits on a render; the scan clock then holds at the frame
+start until the first block is there, and an event waits for the rows it fills.
 
 Semantics chosen where the manual is silent (NANONIS_PROTOCOL.md §8), recorded in
 docs/interfaces.md:
@@ -21,6 +24,8 @@ docs/interfaces.md:
   mirrored), NaN until a row is scanned.
 * Scan.FrameSet during a scan takes effect at the next frame; Scan.BufferSet during a scan
   is refused; FolMe.XYPosSet is refused while the scan moves the tip (allowed when paused).
+* Spectroscopy (BiasSpectr sweeps, the lock-in channels, Pattern experiments saved as .3ds)
+  is in ``modules.py``; its physics is ``spectra.simulate`` through the renderer.
 
 Tip evolution (issue 7): scheduled tip changes and per-line hazards from the scenario are
 applied at the start of each scanned line; a tip that changes mid-frame switches the image
@@ -33,11 +38,25 @@ from __future__ import annotations
 import math
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
+from stm_live.simulators.renderer import (
+    BIAS_INDEX,
+    CURRENT_INDEX,
+    LI_X_INDEX,
+    LI_Y_INDEX,
+    X_INDEX,
+    Y_INDEX,
+    Z_INDEX,
+    FrameRows,
+    PhysicsRenderer,
+    RenderSettings,
+    lockin_outputs,
+)
 from stm_live.simulators.scenario import (
     TIP_HAZARDS,
     Scenario,
@@ -56,9 +75,6 @@ __all__ = [
     "LineEventInfo",
     "SimulatedController",
 ]
-
-CURRENT_INDEX, BIAS_INDEX, X_INDEX, Y_INDEX, Z_INDEX = 0, 24, 25, 26, 30
-
 
 def _signal_names() -> list[str]:
     names = [f"Internal {i} (V)" for i in range(128)]
@@ -100,10 +116,11 @@ DEFAULT_RECONDITION = {
 }
 Z_TOP_M = 200e-9  # top of the simulated piezo range (withdrawn)
 WITHDRAW_TIME_S = 0.05
-MOTOR_STEP_M = 100e-9
+MOTOR_STEP_M = 100e-9  # one coarse step at the default amplitude
 MAX_PIXELS = 2048
 MAX_LINES = 2048
 MAX_BUFFER_BYTES = 256 << 20  # all channels, both directions
+RENDER_AHEAD_S = 1.0  # background rendering keeps the rows of the next second of scan ready
 
 
 class ControllerError(ValueError):
@@ -125,8 +142,9 @@ class SimulatedController:
     ----------
     scenario : Scenario, str, path or None
         Scene, tip and initial settings (``None``: the shipped ``default``).
-    replay : ReplaySource, str, path or None
-        Serve a recorded .sxm scan instead of synthesised images.
+    replay : ReplaySource, GridReplaySource, str, path or None
+        Serve a recorded .sxm scan instead of synthesised images, or a .3ds grid's sweeps
+        (BiasSpectr.Start at its points).
     seed : int
         Seeds every random choice (noise, tip hazards, reconditioning outcomes).
     time_scale : float
@@ -147,17 +165,19 @@ class SimulatedController:
         self._rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1]))
         self._frame_seed = np.random.SeedSequence([self.seed, 2])
         self.on_event: Callable[[], None] | None = None  # set by the server; called after events
+        self.on_render: Callable[[], None] | None = None  # called from the render thread when rows land
+        self._render_pool: ThreadPoolExecutor | None = None  # see render_in_background
 
         if replay is not None:
-            from stm_live.simulators.replay import ReplaySource
+            from stm_live.simulators.replay import open_replay
 
-            self.replay = replay if isinstance(replay, ReplaySource) else ReplaySource.from_file(replay)
+            self.replay = open_replay(replay)
             self.scenario = load_scenario(scenario) if scenario is not None else Scenario(name="replay")
         else:
             self.replay = None
             self.scenario = scenario if isinstance(scenario, Scenario) else load_scenario(scenario)
         sc = self.scenario
-        self._model = None if self.replay is not None else _PhysicsModel(sc)
+        self.renderer = None if self.replay is not None else PhysicsRenderer(sc)
         self.signal_names: list[str] = list(SIGNAL_NAMES)
 
         # Bias / Z controller
@@ -185,6 +205,9 @@ class SimulatedController:
             "lift_time_1": 0.1, "bias_lift": 2.0, "bias_settling_time": 0.05, "lift_height": 1.0e-9,
             "lift_time_2": 0.1, "end_wait_time": 0.05, "restore_feedback": 1}
         self.motor_position = [0.0, 0.0, 0.0]
+        from stm_live.simulators.modules import ModuleState
+
+        self.modules = ModuleState()  # the other modules' settings (simulators/modules.py)
 
         if self.replay is not None:
             self.replay.configure(self)
@@ -206,16 +229,16 @@ class SimulatedController:
         self._ref_real = 0.0  # real time when the clock last (re)started
         self.frame_index = -1  # frames started so far - 1
         self._halves_done = 0  # end-of-line events of this frame processed
+        self._line_begun = -1  # last line whose tip evolution has been applied
+        self._held = False  # the clock waits at the frame start for the first rendered rows
+        self._waiting_rows = False  # the next event waits for its rows (background rendering)
         self._scan = None  # geometry of the running/last frame
-        self._blocks: dict[int, tuple[int, dict]] = {}  # rendered rows for _blocks_key
-        self._blocks_key = None
-        self._noise = None  # per-frame additive noise fields {channel: (fwd, bwd)}
-        self._spread: dict[int, float] = {}
+        self._frame_rows: FrameRows | None = None  # the running/last frame's rendered rows
         self._buffers: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self.last_event = LineEventInfo(0, 0, 3)
         self.scan_end_count = 0
         self.last_scan_path = ""
-        self._save_counter: dict[str, int] = {}  # series name -> last file number written
+        self._save_counter: dict[tuple[str, str], int] = {}  # (base name, suffix) -> last number written
         self.frames_completed = 0
 
     # ------------------------------------------------------------------ clock / state
@@ -226,7 +249,7 @@ class SimulatedController:
         return (self._clock() - self._t0) * self.time_scale
 
     def _frame_elapsed(self) -> float:
-        if self._state == "scanning":
+        if self._state == "scanning" and not self._held:
             return self._elapsed + (self._clock() - self._ref_real) * self.time_scale
         return self._elapsed
 
@@ -267,7 +290,7 @@ class SimulatedController:
             if self.z_ctrl_on:
                 noise = 0.02 * self._rng.standard_normal()
                 return float(self.setpoint_A * (1.0 + noise))
-            return self._point_current(self._z_m)
+            return self._point_current(self._z_m + self._tilt_plane_m())
 
     def z_ctrl_on_off_set(self, on: bool) -> None:
         with self._lock:
@@ -296,10 +319,11 @@ class SimulatedController:
         with self._lock:
             if not self.z_ctrl_on:
                 return float(self._z_m)
-            if self._model is None:
+            if self.renderer is None:
                 return float(self._z_m)
             x, y = self._sample_point()
-            return float(self._model.point_height_nm(x, y, self.tip, self.bias_V, self.setpoint_A) * 1e-9)
+            z = self.renderer.point_height_nm(x, y, self.tip, self.bias_V, self.setpoint_A) * 1e-9
+            return float(z - self._tilt_plane_m())  # the loop takes the tilt correction out of Z
 
     def withdraw(self) -> float:
         """Switch the loop off and retract; returns the simulated duration (s)."""
@@ -317,28 +341,73 @@ class SimulatedController:
         return not self.z_ctrl_on and self._z_m >= Z_TOP_M
 
     def _point_current(self, z_m: float) -> float:
-        if self._model is None:
+        if self.renderer is None:
             return 0.0
         x, y = self._sample_point()
-        return float(self._model.point_current(x, y, self.tip, self.bias_V, z_m * 1e9))
+        return float(self.renderer.point_current(x, y, self.tip, self.bias_V, z_m * 1e9))
+
+    def lockin(self, *, run: bool = False) -> tuple[float, float] | None:
+        """(amplitude V, phase deg) while lock-in modulator 1 modulates the bias and
+        demodulator 1 demodulates the current at the first harmonic (what LI Demod 1 X/Y
+        carry), else None. ``run``: a bias spectroscopy switches the modulator on for its
+        sweep (BiasSpectr.AdvPropsSet lock-in run)."""
+        mods = self.modules.plain
+        mod, demod = mods["lockin.mod"][1], mods["lockin.demod"][1]
+        if not (mod["on"] or run) or mod["signal"] != BIAS_INDEX or demod["signal"] != CURRENT_INDEX:
+            return None
+        if mod["harmonic"] != 1 or demod["harmonic"] != 1:  # [ours]: higher harmonics are not simulated
+            return None
+        return float(mod["amplitude"]), float(demod["phase"])
+
+    def _point_lockin(self, index: int) -> float:
+        lockin = self.lockin()
+        if lockin is None or self.renderer is None:
+            return 0.0
+        x, y = self._sample_point()
+        z_nm = (self.renderer.point_height_nm(x, y, self.tip, self.bias_V, self.setpoint_A) if self.z_ctrl_on
+                else (self._z_m + self._tilt_plane_m()) * 1e9)
+        didv = self.renderer.point_didv(x, y, self.tip, self.bias_V, z_nm)
+        return float(lockin_outputs(didv, lockin)[index - LI_X_INDEX])
 
     def sample_shift_m(self) -> tuple[float, float]:
         """Where the piezo origin sits on the sample (m): the coarse motor's X/Y plus the
         drift compensation's accumulated displacement (Piezo.DriftCompSet), so motor moves
         reach another area and compensation moves the image."""
-        mods = getattr(self, "modules", None)
-        dx = dy = 0.0
-        if mods is not None:
-            from stm_live.simulators.modules import drift_offset
+        from stm_live.simulators.modules import drift_offset
 
-            dx, dy, _ = drift_offset(mods, self.sim_time_s)
+        dx, dy, _ = drift_offset(self.modules, self.sim_time_s)
         return (self.motor_position[0] + dx, self.motor_position[1] + dy)
 
     def _drift_velocity(self) -> tuple[float, float]:
-        mods = getattr(self, "modules", None)
-        if mods is None or not mods.drift["on"]:
+        mods = self.modules
+        if not mods.drift["on"]:
             return (0.0, 0.0)
         return (mods.drift["v"][0], mods.drift["v"][1])
+
+    def tilt(self) -> tuple[float, float]:
+        """tan of the piezo tilt correction (Piezo.TiltSet), X and Y: the Z piezo adds the
+        plane x tan + y tan (piezo coordinates) to Z."""
+        t = self.modules.plain["piezo.tilt"]
+        return (math.tan(math.radians(t["tilt_x"])), math.tan(math.radians(t["tilt_y"])))
+
+    def _tilt_plane_m(self) -> float:
+        """The tilt correction's Z (m) where the tip is."""
+        tx, ty = self.tilt()
+        if tx == ty == 0.0:
+            return 0.0
+        x, y = self.tip_position()
+        return x * tx + y * ty
+
+    def loop_lag_s(self) -> float:
+        """How much the Z loop lags (s) beyond the default gains' (ZCtrl.GainSet): its time
+        constant is T/P = 1/I, and the default gains' (1 ms, about a pixel at the default
+        speed) is in every image already (renderer._feedback). Faster gains track as the
+        default ones do (the loop's ringing is not simulated)."""
+        from stm_live.simulators.modules import Z_GAIN
+
+        p, t = self.modules.z_gain
+        tau = t / p if p > 0 else math.inf
+        return max(0.0, tau - Z_GAIN[1] / Z_GAIN[0])
 
     def _sample_point(self) -> tuple[float, float]:
         x, y = self.tip_position()
@@ -350,6 +419,9 @@ class SimulatedController:
     def tip_position(self) -> tuple[float, float]:
         """Tip (x, y) in m: FolMe position, or where the running scan has the tip."""
         with self._lock:
+            experiment = self.modules.experiment
+            if experiment is not None:  # a Pattern experiment moves the tip from point to point
+                return experiment.position(self.sim_time_s)
             if self._state != "scanning" or self._scan is None:
                 return self.folme_xy
             g = self._scan
@@ -380,6 +452,9 @@ class SimulatedController:
             if self._state == "scanning":
                 raise ControllerError("cannot move the tip with Follow Me while a scan is running; "
                                       "pause or stop it first")
+            if self.modules.experiment is not None:
+                raise ControllerError("cannot move the tip with Follow Me while a Pattern experiment runs; "
+                                      "Pattern.ExpStop it first")
             x0, y0 = self.tip_position()
             self.folme_xy = (x_m, y_m)
             speed = self.folme_speed[0] if self.folme_speed[1] else self.frame[2] / self._t_fwd
@@ -484,6 +559,8 @@ class SimulatedController:
                 if self._state == "scanning":
                     self.folme_xy = self.tip_position()  # the tip stays where the scan left it
                     self._elapsed = self._frame_elapsed()
+                if self._frame_rows is not None:  # a stopped frame never resumes
+                    self._frame_rows.close()
                 self._state = "idle"
             elif action in ("pause", "freeze"):
                 if self._state == "scanning":
@@ -505,6 +582,11 @@ class SimulatedController:
     def _start_frame(self, direction: str) -> None:
         if direction not in ("up", "down"):
             raise ControllerError(f"scan direction must be 'up' or 'down', got {direction!r}")
+        if self.modules.experiment is not None:
+            raise ControllerError("a Pattern experiment is running: Pattern.ExpStop it before scanning")
+        if self.replay is not None and not hasattr(self.replay, "rows"):
+            raise ControllerError(f"replaying {self.replay.name}, a grid: there is no scan to replay; "
+                                  "BiasSpectr.Start at its points answers the recorded sweeps")
         if self.replay is not None:  # rows come in the recording's order
             direction = self.replay.direction
         self.direction = direction
@@ -516,9 +598,18 @@ class SimulatedController:
         self._buffers = {c: (np.full((self.lines, self.pixels), np.nan, np.float32),
                              np.full((self.lines, self.pixels), np.nan, np.float32))
                          for c in self._scan["channels"]}
-        self._blocks, self._blocks_key, self._noise, self._spread = {}, None, None, {}
-        self._rows(0)  # first block now, so the first line is never late
+        if self._frame_rows is not None:
+            self._frame_rows.close()
+        self._frame_rows = None
+        # The first block renders now (or first, in the background: the clock holds until it
+        # is there), so the first line is never late.
+        if self.renderer is not None:
+            self._frame_rows = FrameRows(self.renderer, self._scan, self.seed, self._render_settings(),
+                                         executor=self._render_pool, on_ready=self._rows_landed)
+        self._held = self._frame_rows is not None and not self._frame_rows.first_ready
         self._halves_done = 0
+        self._line_begun = -1
+        self._waiting_rows = False
         self._elapsed = 0.0
         self._ref_real = self._clock()
         self._state = "scanning"
@@ -526,9 +617,10 @@ class SimulatedController:
         self._notify()
 
     def next_event_delay(self) -> float | None:
-        """Real seconds until the next end-of-line event (None if the scan is not running)."""
+        """Real seconds until the next end-of-line event (None if the scan is not running, or
+        waits on the renderer: ``on_render`` tells when the rows land)."""
         with self._lock:
-            if self._state != "scanning":
+            if self._state != "scanning" or self._held or self._waiting_rows:
                 return None
             g = self._scan
             k = self._halves_done
@@ -538,11 +630,21 @@ class SimulatedController:
     def advance(self) -> int:
         """Process every end-of-line event due by now; returns how many happened.
 
-        Bounded: one frame's worth of events per call (the rest on the next call).
+        Bounded: one frame's worth of events per call (the rest on the next call). With
+        background rendering it stops at the first event whose rows have not landed yet.
         """
         with self._lock:
+            if self.modules.experiment is not None:
+                from stm_live.simulators.modules import experiment_tick
+
+                experiment_tick(self, self.modules)
             if self._state != "scanning":
                 return 0
+            if self._held:
+                if not self._frame_rows.first_ready:
+                    return 0
+                self._held = False  # the clock starts with the first rows there
+                self._ref_real = self._clock()
             g = self._scan
             t = self._frame_elapsed()
             period = g["t_fwd"] + g["t_bwd"]
@@ -551,12 +653,18 @@ class SimulatedController:
             due = 2 * done_lines + (1 if t - done_lines * period >= g["t_fwd"] else 0)
             due = min(due, total)
             n = 0
+            self._waiting_rows = False
             while self._halves_done < due:
                 k = self._halves_done
                 line, backward = k // 2, k % 2
-                if not backward:
+                if not backward and self._line_begun < line:
                     self._begin_line(line)
-                self._fill_row(line, backward)
+                    self._line_begun = line
+                rows = self._rows(line)
+                if rows is None:  # rendering in the background: on_render calls back
+                    self._waiting_rows = True
+                    break
+                self._fill_row(line, backward, rows)
                 self._halves_done += 1
                 self._event(line, backward)
                 n += 1
@@ -622,70 +730,90 @@ class SimulatedController:
                                     z_controller="constant_current" if self.z_ctrl_on else "constant_height",
                                     acq_time_s=g["lines"] * (g["t_fwd"] + g["t_bwd"]),
                                     comment=self.props["comment"], signal_indexes=idx)
-            # Nanonis naming: series name + a 3-digit counter from 001 that never
-            # overwrites a file already in the session folder
-            folder = Path(self.save_dir)
-            base = self.props["series_name"]
-            n = self._save_counter.get(base, 0) + 1
-            while (folder / f"{base}{n:03d}.sxm").exists():
+            return write_sxm(self.next_save_path(self.props["series_name"], ".sxm"), scan)
+
+    def next_save_path(self, base: str, suffix: str):
+        """Nanonis naming: ``<base>NNN<suffix>`` in the session folder, a 3-digit counter per
+        base and suffix from 001 that never overwrites a file already there."""
+        from pathlib import Path
+
+        if self.save_dir is None:
+            raise ControllerError("no save folder configured for the simulator")
+        folder = Path(self.save_dir)
+        with self._lock:
+            n = self._save_counter.get((base, suffix), 0) + 1
+            while (folder / f"{base}{n:03d}{suffix}").exists():
                 n += 1
-            self._save_counter[base] = n
-            return write_sxm(folder / f"{base}{n:03d}.sxm", scan)
+            self._save_counter[(base, suffix)] = n
+        return folder / f"{base}{n:03d}{suffix}"
 
     # ------------------------------------------------------------------ images
 
-    def _render_settings(self):
-        return (self.tip, self.bias_V, self.z_ctrl_on, self.setpoint_A, round(self._z_m, 15))
+    def _render_settings(self) -> RenderSettings:
+        return RenderSettings(self.tip, self.bias_V, self.z_ctrl_on, self.setpoint_A, round(self._z_m, 15),
+                              self.lockin(), self.tilt(), self.loop_lag_s())
 
-    def _rows(self, line: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        """Channel -> (forward, backward) row ``line`` in internal orientation, noise added.
+    @property
+    def render_pool(self) -> ThreadPoolExecutor | None:
+        """The render thread (background rendering on), where long physics goes; None: inline."""
+        return self._render_pool
 
-        The model renders lazily in blocks of rows for the present settings, so a scan
-        starts after one block (not a whole 256x256 frame) and a tip or bias change
-        mid-frame switches the rows from that line on (what ``artifacts.tip_change`` does
-        to whole images).
+    def render_in_background(self, enabled: bool = True) -> None:
+        """Render rows on a thread of their own, ahead of the scan (the server's mode), or
+        (False) inline when an event needs them, as a controller driven directly does."""
+        with self._lock:
+            if enabled and self._render_pool is None:
+                self._render_pool = ThreadPoolExecutor(1, thread_name_prefix="sim-render")
+            elif not enabled and self._render_pool is not None:
+                pool, self._render_pool = self._render_pool, None
+                pool.shutdown(wait=False, cancel_futures=True)  # dropped blocks render inline
+            if self._frame_rows is not None:
+                self._frame_rows.executor = self._render_pool
+
+    def _rows_landed(self) -> None:
+        cb = self.on_render
+        if cb is not None:
+            cb()
+
+    def _rows(self, line: int) -> dict[int, tuple[np.ndarray, np.ndarray]] | None:
+        """Channel -> (forward, backward) row ``line`` in internal orientation, noise added;
+        None while it renders in the background.
+
+        The model renders in blocks of rows for the present settings, so a scan starts
+        after one block (not a whole 256x256 frame) and a tip or bias change mid-frame
+        switches the rows from that line on (what ``artifacts.tip_change`` does to whole
+        images).
         """
-        g = self._scan
         if self.replay is not None:
-            return self.replay.rows(line, g["channels"])
-        key = self._render_settings()
-        if self._blocks_key != key:
-            self._blocks, self._blocks_key = {}, key
-        size = self._model.block_lines(g, self.tip)
-        b = line // size
-        if b not in self._blocks:
-            r0, r1 = b * size, min(g["lines"], (b + 1) * size)
-            block = self._model.render_block(g, self.tip, bias_V=self.bias_V, z_on=self.z_ctrl_on,
-                                             setpoint_A=self.setpoint_A, z_nm=self._z_m * 1e9,
-                                             rows=(r0, r1), seed=np.random.SeedSequence(
-                                                 [self.seed, 3, g["frame_index"], b]))
-            if self._noise is None:
-                self._noise, self._spread = self._model.noise_fields(g, block, np.random.SeedSequence(
-                    [self.seed, 4, g["frame_index"]]), z_on=self.z_ctrl_on)
-            for c, (fw, bw) in block.items():
-                nf, nb = self._noise.get(c, (None, None))
-                if nf is not None:
-                    fw = fw + nf[r0:r1]
-                    bw = bw + nb[r0:r1]
-                block[c] = (fw.astype(np.float32), bw.astype(np.float32))
-            self._blocks[b] = (r0, block)
-        r0, block = self._blocks[b]
-        return {c: (fw[line - r0], bw[line - r0]) for c, (fw, bw) in block.items()}
+            return self.replay.rows(line, self._scan["channels"])
+        return self._frame_rows.rows(line, self._render_settings(), wait=self._render_pool is None)
 
     def prefetch(self) -> None:
-        """Render the block holding the next line ahead of time (called between events)."""
+        """Render ahead (called between events): inline, the block of the next line; in the
+        background, the blocks of the next ``RENDER_AHEAD_S`` of scan (at least two),
+        stopping at the next scheduled tip change, which makes later rows for the present
+        tip waste."""
         with self._lock:
-            if self._state == "scanning" and self._scan is not None:
-                line = min(self._halves_done // 2 + 1, self._lines_to_scan() - 1)
-                if line >= 0:
-                    self._rows(line)
+            if self._state != "scanning" or self._frame_rows is None:
+                return
+            rows = self._frame_rows
+            line = self._halves_done // 2
+            if self._render_pool is None:
+                rows.rows(min(line + 1, self._lines_to_scan() - 1), self._render_settings())
+                return
+            g = self._scan
+            ahead = max(2 * rows.size, int(RENDER_AHEAD_S * self.time_scale / (g["t_fwd"] + g["t_bwd"])))
+            last = line + ahead
+            for e in self.scenario.evolution.events:
+                if e.frame == self.frame_index and line < e.line <= last:
+                    last = e.line
+            rows.prefetch(line, last, self._render_settings())
 
     def _begin_line(self, line: int) -> None:
         if self.replay is None:
             self._evolve_tip(line)
 
-    def _fill_row(self, line: int, backward: int) -> None:
-        rows = self._rows(line)
+    def _fill_row(self, line: int, backward: int, rows) -> None:
         jump = None
         if self.unstable_lines_left > 0 and self.replay is None:
             jump = self._rng.standard_normal() * self.scenario.evolution.instability_jump
@@ -696,7 +824,7 @@ class SimulatedController:
                 continue
             row = np.array(rows[c][backward], dtype=np.float32)
             if jump is not None and c in (CURRENT_INDEX, Z_INDEX):
-                spread = self._spread.get(c, 0.0)
+                spread = self._frame_rows.spread.get(c, 0.0)
                 row += np.float32(jump * spread)
                 row += (0.3 * spread * self._rng.standard_normal(row.shape)).astype(np.float32)
             # Wire orientation: backward rows are stored in acquisition order (mirrored).
@@ -735,20 +863,30 @@ class SimulatedController:
                 return self.setpoint_A
             if index == 37:
                 return self.sim_time_s
-            mods = getattr(self, "modules", None)
-            if mods is not None and 8 <= index < 16:  # Output 1-8: the User Output values
-                return float(mods.plain["userout"][index - 7]["value"])
+            if index in (LI_X_INDEX, LI_Y_INDEX):
+                return self._point_lockin(index)
+            if 8 <= index < 16:  # Output 1-8: the User Output values
+                return float(self.modules.plain["userout"][index - 7]["value"])
             return 0.0
 
     # ------------------------------------------------------------------ motor
 
     def motor_move(self, direction: int, steps: int) -> float:
+        """Step the coarse motor (the sample moves under the piezo: the next frame starts
+        there); returns the move's simulated duration (s), steps / step frequency. A step is
+        ``MOTOR_STEP_M`` at the default amplitude and scales with it (Motor.FreqAmpSet)."""
         if not 0 <= direction <= 5:
             raise ControllerError(f"motor direction {direction} outside 0..5 (X+ X- Y+ Y- Z+ Z-)")
         with self._lock:
             axis, sign = direction // 2, (1 if direction % 2 == 0 else -1)
-            self.motor_position[axis] += sign * steps * MOTOR_STEP_M
-        return steps * 1e-3
+            self.motor_position[axis] += sign * steps * self.motor_step_m(axis)
+            return steps / self.modules.motor_freq_amp[axis + 1][0]
+
+    def motor_step_m(self, axis: int) -> float:
+        """One coarse step along ``axis`` (0 X, 1 Y, 2 Z) at its present amplitude (m)."""
+        from stm_live.simulators.modules import MOTOR_AMPLITUDE_V
+
+        return MOTOR_STEP_M * self.modules.motor_freq_amp[axis + 1][1] / MOTOR_AMPLITUDE_V
 
     # ------------------------------------------------------------------ tip
 
@@ -858,196 +996,6 @@ class SimulatedController:
                 self.z_ctrl_on = False
             return sum(max(0.0, p[k]) for k in ("switch_off_delay", "lift_time_1", "bias_settling_time",
                                                  "lift_time_2", "end_wait_time"))
-
-
-# ---------------------------------------------------------------------- physics glue
-
-
-class _PhysicsModel:
-    """Scenario -> images through the physics engineer's forward model."""
-
-    def __init__(self, scenario: Scenario):
-        from stm_live.simulators.imaging import Substrate
-
-        self.scenario = scenario
-        self.placements = list(scenario.molecules)
-        self.substrate = Substrate(**scenario.substrate) if scenario.substrate else None
-        self._point_cache: dict = {}
-
-    def _frame(self, g):
-        from stm_live.simulators.imaging import ScanFrame
-
-        cx, cy, w, h, ang = g["frame"]
-        return ScanFrame.from_si(cx, cy, w, h, ang, g["pixels"], g["lines"], g["direction"])
-
-    def block_lines(self, g, tip) -> int:
-        """Rows rendered at once: the whole frame when drift/creep resample it."""
-        a = self.scenario.artifacts
-        if a.drift > 0 or a.creep > 0:
-            return g["lines"]
-        return max(8, 4096 // max(g["pixels"], 1))  # ~16 rows at 256 px
-
-    def _sub_frame(self, g, r0: int, r1: int, margin: int):
-        """The ScanFrame whose rows are rows r0-margin .. r1+margin of the full frame."""
-        from stm_live.simulators.imaging import ScanFrame
-
-        cx, cy, w, h, ang = g["frame"]
-        lines = g["lines"]
-        a0, a1 = max(0, r0 - margin), min(lines, r1 + margin)
-        dv = h / lines
-        # local v (up) of the block's centre; "up" scans start at the bottom
-        v_mid = h / 2 - (a0 + a1) / 2 * dv
-        if g["direction"] == "up":
-            v_mid = -v_mid
-        t = math.radians(ang)  # clockwise positive, as ScanFrame.grid
-        x = cx + v_mid * math.sin(t)
-        y = cy + v_mid * math.cos(t)
-        # The sample under the piezo frame: coarse/compensation shift at frame start, plus the
-        # compensation's drift v*t up to this block's middle row (x(t) = x0 + v t).
-        sx, sy = g.get("shift", (0.0, 0.0))
-        vx, vy = g.get("drift_v", (0.0, 0.0))
-        t_mid = (a0 + a1) / 2 * (g["t_fwd"] + g["t_bwd"])
-        shift = (sx + vx * t_mid, sy + vy * t_mid)
-        frame = ScanFrame.from_si(x + shift[0], y + shift[1], w, (a1 - a0) * dv, ang, g["pixels"], a1 - a0,
-                                  g["direction"])
-        return frame, r0 - a0, r1 - a0, shift
-
-    def render_block(self, g, tip, *, bias_V, z_on, setpoint_A, z_nm, rows, seed):
-        """Noise-free rows ``rows`` = (r0, r1) per channel, (forward, backward), float64."""
-        from stm_live.simulators import imaging
-        from stm_live.simulators.orbitals import KAPPA_PER_NM
-
-        r0, r1 = rows
-        if bias_V == 0:  # the model needs a bias sign; 1 mV stands in for 0 V
-            bias_V = 1e-3
-        margin = 0
-        if tip.apex_width_nm > 0 and r1 - r0 < g["lines"]:  # blur needs neighbouring rows
-            margin = int(math.ceil(3 * tip.apex_width_nm / (g["frame"][3] * 1e9 / g["lines"])))
-        frame, i0, i1, (shift_x, shift_y) = self._sub_frame(g, r0, r1, margin)
-        n = r1 - r0
-        if z_on:
-            z = imaging.constant_current_image(self.placements, frame, tip, setpoint_A=setpoint_A,
-                                               bias_V=bias_V, substrate=self.substrate).astype(np.float64)
-            z = self._geometric(z, seed)[i0:i1]
-            cur = {}
-            for d, lag in ((0, 1), (1, -1)):
-                # The loop lags a pixel behind the topography: I = I_set exp(2κ(z - z_lagged)).
-                zl = np.roll(z, lag, axis=1)
-                edge = 0 if lag > 0 else -1
-                zl[:, edge] = z[:, edge]
-                cur[d] = setpoint_A * np.exp(np.clip(2 * KAPPA_PER_NM * (z - zl), -5, 5))
-            zimg = {0: z * 1e-9, 1: z * 1e-9}
-        else:
-            z_eval = min(max(z_nm, imaging.Z_MIN_NM), imaging.Z_MAX_NM)
-            i = imaging.constant_height_image(self.placements, frame, tip, z_nm=z_eval, bias_V=bias_V,
-                                              substrate=self.substrate).astype(np.float64)
-            # beyond the model's range the current just keeps decaying: e^{-2κΔz}
-            i = self._geometric(i, seed)[i0:i1] * math.exp(-2 * KAPPA_PER_NM * max(0.0, z_nm - z_eval))
-            cur = {0: i, 1: i}
-            zimg = {0: np.full((n, g["pixels"]), z_nm * 1e-9), 1: np.full((n, g["pixels"]), z_nm * 1e-9)}
-        x_nm, y_nm = frame.grid()
-        xg, yg = x_nm[i0:i1] * 1e-9 - shift_x, y_nm[i0:i1] * 1e-9 - shift_y  # piezo coordinates
-        out = {}
-        for c in g["channels"]:
-            pair = []
-            for d in (0, 1):
-                if c == CURRENT_INDEX:
-                    img = cur[d]
-                elif c == Z_INDEX:
-                    img = zimg[d]
-                elif c in (BIAS_INDEX, 29):
-                    img = np.full((n, g["pixels"]), bias_V)
-                elif c == X_INDEX:
-                    img = xg
-                elif c == Y_INDEX:
-                    img = yg
-                elif c == 27:
-                    img = np.full((n, g["pixels"]), setpoint_A)
-                else:
-                    img = np.zeros((n, g["pixels"]))
-                pair.append(np.asarray(img, dtype=np.float64))
-            out[c] = tuple(pair)
-        return out
-
-    def _geometric(self, img, seed):
-        """Drift and creep (whole-frame renders only): resample the image."""
-        from stm_live.simulators import artifacts
-
-        a = self.scenario.artifacts
-        if a.drift > 0:  # nm per frame, in a seeded random direction
-            rng = np.random.default_rng(seed)
-            lines, pixels = img.shape
-            px_nm = self.scenario.frame.width_nm / pixels
-            ang = rng.uniform(0, 2 * math.pi)
-            v = a.drift / px_nm / max(lines, 1)
-            img = artifacts.drift(img, (v * math.cos(ang), v * math.sin(ang)))
-        if a.creep > 0:
-            px_nm = self.scenario.frame.width_nm / img.shape[1]
-            img = artifacts.creep(img, a.creep / px_nm, max(1.0, img.shape[0] / 8))
-        return img
-
-    def noise_fields(self, g, block, seed, *, z_on):
-        """Per-frame additive noise {channel: (fwd, bwd)} scaled to the first block's spread."""
-        from stm_live.simulators import artifacts
-
-        a = self.scenario.artifacts
-        shape = (g["lines"], g["pixels"])
-        noisy = [CURRENT_INDEX] + ([Z_INDEX] if z_on else [])
-        fields, spread = {}, {}
-        seeds = iter(seed.spawn(2 * len(noisy)))
-        for c in noisy:
-            if c not in block:
-                continue
-            ref = block[c][0]
-            s = float(np.std(ref)) or abs(float(np.mean(ref))) * 0.05 or 1e-12
-            spread[c] = s
-            pair = []
-            for _d in (0, 1):
-                rng = np.random.default_rng(next(seeds))
-                f = np.zeros(shape)
-                if a.white_noise > 0:
-                    f = artifacts.white_noise(f, a.white_noise * s, rng)
-                if a.pink_noise > 0:
-                    f = artifacts.pink_noise(f, a.pink_noise * s, rng)
-                if a.line_offsets > 0:
-                    f = artifacts.line_offsets(f, a.line_offsets * s, rng)
-                if a.spikes > 0:
-                    f = artifacts.spikes(f, a.spikes, 5 * s, rng)
-                pair.append(f)
-            fields[c] = tuple(pair)
-        return fields, spread
-
-    def point_current(self, x_m, y_m, tip, bias_V, z_nm) -> float:
-        from stm_live.simulators import imaging
-
-        key = ("I", round(x_m, 13), round(y_m, 13), tip, bias_V, round(z_nm, 6))
-        if key not in self._point_cache:
-            img = imaging.constant_height_image(self.placements, self._point_frame(x_m, y_m), tip, z_nm=z_nm,
-                                                bias_V=bias_V, substrate=self.substrate)
-            self._remember(key, float(np.mean(img)))
-        return self._point_cache[key]
-
-    def point_height_nm(self, x_m, y_m, tip, bias_V, setpoint_A) -> float:
-        from stm_live.simulators import imaging
-
-        key = ("Z", round(x_m, 13), round(y_m, 13), tip, bias_V, setpoint_A)
-        if key not in self._point_cache:
-            img = imaging.constant_current_image(self.placements, self._point_frame(x_m, y_m), tip,
-                                                 setpoint_A=setpoint_A, bias_V=bias_V, substrate=self.substrate)
-            self._remember(key, float(np.mean(img)))
-        return self._point_cache[key]
-
-    def _remember(self, key, value):
-        if len(self._point_cache) > 4096:  # bounded memory
-            self._point_cache.clear()
-        self._point_cache[key] = value
-
-    @staticmethod
-    def _point_frame(x_m, y_m):
-        from stm_live.simulators.imaging import ScanFrame
-
-        return ScanFrame(center_x_nm=x_m * 1e9, center_y_nm=y_m * 1e9, width_nm=0.02, height_nm=0.02,
-                         pixels=2, lines=2)
 
 
 def _split_name(signal: str) -> tuple[str, str]:

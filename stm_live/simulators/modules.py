@@ -10,6 +10,9 @@ Two kinds of command live here:
 * **Handlers** (``HANDLERS``: command -> function(ctrl, state, **request) -> reply dict) for
   commands that touch the controller's physics (bias, Z, piezo range, motor, tip position)
   or keep lists (Marks, Pattern cloud, backgrounds).
+* **Spectroscopy** (at the end): BiasSpectr.Start sweeps at the tip (``SweepPlan``: the
+  settings, measured through ``spectra``; a .dat in the session folder), Pattern.ExpStart
+  runs ``PatternExperiment`` (a sweep at each point, a .3ds at the end).
 
 Everything runs on the server's controller thread under the controller lock, so handlers
 may read and write controller attributes directly. Values out of range raise
@@ -19,15 +22,26 @@ may read and write controller attributes directly. Values out of range raise
 from __future__ import annotations
 
 import copy
+import datetime as dt
+import logging
 import math
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from stm_live.simulators.controller import Z_TOP_M, ControllerError
+from stm_live.simulators.controller import Z_TOP_M, ControllerError, _split_name
+from stm_live.simulators.renderer import (BIAS_INDEX, CURRENT_INDEX, LI_X_INDEX, LI_Y_INDEX, X_INDEX, Y_INDEX,
+                                          Z_INDEX, lockin_outputs, submit_or_run)
 
-__all__ = ["CHECKS", "DEFAULTS", "HANDLERS", "PLAIN", "ModuleState", "drift_offset"]
+log = logging.getLogger(__name__)
+
+__all__ = ["CHECKS", "DEFAULTS", "FIXED_PARAMETERS", "HANDLERS", "HEADER_PARAMETERS", "PARAMETERS", "PLAIN",
+           "SWEEP_SIGNAL", "ModuleState", "PatternExperiment", "SweepPlan", "backward_name", "bias_spectr_start",
+           "drift_offset", "experiment_tick", "header_parameters", "osci_traces", "sweep_plan"]
 
 # -------------------------------------------------------------- plain settings (data)
 
@@ -37,6 +51,8 @@ _DEMOD = {"signal": 0, "harmonic": 1, "order": 0, "cutoff": 100.0, "phase_regist
 _USEROUT = {"mode": 0, "signal": 0, "value": 0.0, "calibration": 1.0, "offset": 0.0, "name": "",
             "signal_1": 0, "operation": 0, "signal_2": 0}
 N_MODULATORS, N_DEMODULATORS, N_OUTPUTS = 2, 2, 8
+Z_GAIN = (0.1, 1e-4)  # default Z-loop P gain and time constant (s): I = P/T; today's images
+MOTOR_FREQUENCY_HZ, MOTOR_AMPLITUDE_V = 1000.0, 100.0  # default coarse step frequency and amplitude
 
 DEFAULTS: dict[str, Any] = {
     "zctrl.switch_off_delay": {"delay": 0.0},
@@ -231,7 +247,7 @@ class ModuleState:
         self.filters: list[str] = []  # only the Basel SP 983c has filters
         self.filter_index = 0
         self.current_calibr = [[10.0 ** -(6 + i), 0.0] for i in range(len(self.gains))]
-        self.z_gain = [0.1, 1e-4]  # P, time constant (I = P/T)
+        self.z_gain = list(Z_GAIN)  # P, time constant (I = P/T)
         self.z_home_mode = 0
         self.controllers = ["log Current", "Current"]
         self.active_controller = 0
@@ -240,7 +256,7 @@ class ModuleState:
         self.piezo_gain = 15.0  # HV amplifier gain: range = sens * 10 V * gain
         self.drift = {"on": 0, "v": [0.0, 0.0, 0.0], "saturation_limit": 10.0, "since": 0.0, "offset": [0.0] * 3}
         self.motor_counters = [0, 0, 0]
-        self.motor_freq_amp = {1: [1000.0, 100.0], 2: [1000.0, 100.0], 3: [1000.0, 100.0]}
+        self.motor_freq_amp = {axis: [MOTOR_FREQUENCY_HZ, MOTOR_AMPLITUDE_V] for axis in (1, 2, 3)}
         self.approach = 0
         self.folme_oversampling = 1
         self.ps_experiment = 0
@@ -268,6 +284,10 @@ class ModuleState:
         self.osci_timebase = 3
         self.osci_running = 0
         self.settings_files: list[str] = []
+        self.experiment: PatternExperiment | None = None  # the Pattern experiment under way
+        self.experiments_started = 0
+        self.last_experiment_path = ""  # the .3ds of the last experiment that ended
+        self.last_experiment_grid = None  # ... and the io.spectroscopy.Grid written there
 
     # ----------------------------------------------------------------- plain Get/Set
 
@@ -453,6 +473,33 @@ def h_ZCtrl_StatusGet(c, m):
 
 
 # Scan
+# What each module files in an image header, as .sxm headers name them (`:Bias>Bias (V):`):
+# Scan.PropsGet (R14573+) lists them for the modules chosen with Scan.PropsSet.
+HEADER_PARAMETERS = {
+    "Bias": ("Bias (V)", "Calibration (V/V)", "Offset (V)"),
+    "Current": ("Current (A)", "Calibration (A/V)", "Offset (A)", "Gain"),
+    "Z-Controller": ("Z (m)", "Controller name", "Controller status", "Setpoint", "Setpoint unit", "P gain",
+                     "I gain", "Time const (s)", "TipLift (m)", "Switch off delay (s)"),
+    "Piezo Calibration": ("Calib. X (m/V)", "Calib. Y (m/V)", "Calib. Z (m/V)", "HV Gain X", "HV Gain Y",
+                          "HV Gain Z", "Tilt X (deg)", "Tilt Y (deg)", "Drift X (m/s)", "Drift Y (m/s)",
+                          "Drift Z (m/s)", "Drift correction status (on/off)"),
+    "Scan": ("Scanfield", "series name", "channels", "pixels/line", "lines", "speed forw. (m/s)",
+             "speed backw. (m/s)"),
+    "Lock-in": ("Lock-in status", "Modulated signal", "Frequency (Hz)", "Amplitude", "Demodulated signal",
+                "Harmonic", "Reference phase (deg)"),
+}
+
+
+def header_parameters(modules) -> dict:
+    """Scan.PropsGet's R14573+ fields for ``modules`` (names as Scan.PropsSet chose them):
+    the parameter count of each and one row of parameter names per module, padded with ""
+    to the longest row (a module the simulator does not know files none)."""
+    rows = [list(HEADER_PARAMETERS.get(name, ())) for name in modules]
+    cols = max(map(len, rows), default=0)
+    return {"module_param_counts": np.array([len(r) for r in rows], np.int32),
+            "module_params": [r + [""] * (cols - len(r)) for r in rows]}
+
+
 @_h
 def h_Scan_XYPosGet(c, m, wait_newest):
     x, y = c.tip_position()
@@ -630,6 +677,8 @@ def h_Motor_StartClosedLoop(c, m, mode, x, y, z, wait, group=0):
     target = [x, y, z] if mode == 1 else [p + d for p, d in zip(c.motor_position, (x, y, z))]
     if not all(math.isfinite(t) and abs(t) <= 5e-3 for t in target):
         raise ControllerError(f"closed-loop target {target} m outside +-5 mm")
+    for axis, (old, new) in enumerate(zip(c.motor_position, target)):  # the steps it took
+        m.motor_counters[axis] += round((new - old) / c.motor_step_m(axis))
     c.motor_position[:] = target
 
 
@@ -659,10 +708,10 @@ def h_Motor_FreqAmpGet(c, m, axis=0):
 def h_Motor_FreqAmpSet(c, m, frequency, amplitude, axis):
     if axis > 3:
         raise ControllerError(f"motor axis {axis} outside 0 (all), 1 X, 2 Y, 3 Z")
-    if not (math.isfinite(frequency) and 0 < frequency <= 10000 and math.isfinite(amplitude)
-            and 0 < amplitude <= 400):
+    if not (math.isfinite(frequency) and 1 <= frequency <= 10000 and math.isfinite(amplitude)
+            and 0 < amplitude <= 400):  # a move lasts steps / frequency
         raise ControllerError(f"step frequency {frequency} Hz / amplitude {amplitude} V outside "
-                              "(0, 10 kHz] / (0, 400 V]")
+                              "[1 Hz, 10 kHz] / (0, 400 V]")
     for ax in ((1, 2, 3) if axis == 0 else (axis,)):
         m.motor_freq_amp[ax] = [frequency, amplitude]
 
@@ -699,8 +748,11 @@ def h_Pattern_ExpStart(c, m, pattern):
         raise ControllerError(f"pattern {pattern} outside 0 (no change), 1 grid, 2 line, 3 cloud")
     if not m.pattern["open"]:
         raise ControllerError("the experiment is not open: call Pattern.ExpOpen first")
+    if m.experiment is not None:
+        raise ControllerError("an experiment is running: Pattern.ExpStop it first")
     if pattern:
         m.pattern["active"] = pattern
+    m.experiment = PatternExperiment(c, m)
     m.pattern["running"], m.pattern["paused"] = 1, 0
 
 
@@ -708,16 +760,21 @@ def h_Pattern_ExpStart(c, m, pattern):
 def h_Pattern_ExpPause(c, m, pause):
     if pause not in (0, 1):
         raise ControllerError(f"pause {pause} must be 1 (pause) or 0 (resume)")
+    if m.experiment is not None:
+        m.experiment.pause(bool(pause), c.sim_time_s)
     m.pattern["paused"] = pause
 
 
 @_h
 def h_Pattern_ExpStop(c, m):
+    if m.experiment is not None:
+        m.experiment.finish(c, m)
     m.pattern["running"] = 0
 
 
 @_h
 def h_Pattern_ExpStatusGet(c, m):
+    experiment_tick(c, m)
     return {"running": m.pattern["running"]}
 
 
@@ -878,22 +935,24 @@ def h_Marks_LinesGet(c, m):
     return out
 
 
-# BiasSpectr: settings and state; Start returns no spectra yet (the spectroscopy issue)
+# BiasSpectr: settings and state; Start sweeps (see "bias spectroscopy" below)
 @_h
 def h_BiasSpectr_Open(c, m):
     m.bs["open"] = 1
 
 
-@_h
-def h_BiasSpectr_Start(c, m, get_data, basename):
-    if c.withdrawn:
-        raise ControllerError("bias spectroscopy: the tip is withdrawn; approach first")
+def bias_spectr_start(c, m, get_data, basename) -> tuple[dict, float]:
+    """BiasSpectr.Start measured now: (its reply, the simulated seconds the reply waits)."""
     if basename:
         m.bs["basename"] = basename
-    names = [c.signal_names[i] for i in m.bs["channels"]]
-    return {"channel_names": names if get_data else [],
-            "data": np.zeros((len(names) if get_data else 0, 0), np.float32),
-            "params": np.zeros(0, np.float32)}
+    if c.replay is not None:
+        names, sweep, rows, params, seconds = _replayed_sweep(c, m)
+    else:
+        names, sweep, rows, params, seconds = _sweep_here(c, m)
+    if not get_data:
+        return {"channel_names": [], "data": np.zeros((0, 0), np.float32), "params": np.zeros(0, np.float32)}, seconds
+    return {"channel_names": [SWEEP_SIGNAL, *names], "data": np.stack([sweep, *rows]).astype(np.float32),
+            "params": np.asarray(params, np.float32)}, seconds
 
 
 @_h
@@ -942,11 +1001,12 @@ CHECKS["bs.props"] = {k: "nc12" for k in ("save_all", "backward", "autosave", "s
 @_h
 def h_BiasSpectr_PropsGet(c, m):
     b = m.bs
-    return {"save_all": b["save_all"], "sweeps": b["sweeps"], "backward": b["backward"], "points": b["points"],
-            "channels": [c.signal_names[i] for i in b["channels"]],
-            "parameters": ["Z offset (m)", "Settling time (s)", "Integration time (s)"],
-            "fixed_parameters": ["Sweep Start (V)", "Sweep End (V)"],
-            "autosave": b["autosave"], "show_dialog": b["show_dialog"]}
+    out = {"save_all": b["save_all"], "sweeps": b["sweeps"], "backward": b["backward"], "points": b["points"],
+           "parameters": list(PARAMETERS), "fixed_parameters": list(FIXED_PARAMETERS),
+           "autosave": b["autosave"], "show_dialog": b["show_dialog"]}
+    if getattr(c, "nanonis_release", 14718) <= 13172:  # the channels moved out in R13742
+        out["channels"] = [c.signal_names[i] for i in b["channels"]]
+    return out
 
 
 # Signals
@@ -1171,15 +1231,439 @@ def h_Osci2T_Run(c, m):
     m.osci_running = 1
 
 
+OSCI_POINTS = 128  # points per trace
+OSCI_SAMPLES = (50, 20, 10, 5, 2, 1)  # RT samples averaged per point, by oversampling index
+
+
 @_h
 def h_Osci2T_DataGet(c, m, which):
     if which > 2:
         raise ControllerError(f"data to get {which} outside 0 (current), 1 (next trigger), 2 (two triggers)")
     if not m.osci_running:
         raise ControllerError("the oscilloscope is not running (Osci2T.Run first)")
-    n = 128
-    dt = _timebases(m)[m.osci_timebase] / n
+    dt = _timebases(m)[m.osci_timebase] / OSCI_POINTS
+    # "as displayed" ends now; after a trigger the screen starts there (at once: [ours])
+    t0 = c.sim_time_s - (OSCI_POINTS * dt if which == 0 else m.plain["osci.trig"]["position"])
     ch = m.plain["osci.chs"]
-    a = np.full(n, c.signal_value(ch["channel_a"]), np.float64)
-    b = np.full(n, c.signal_value(ch["channel_b"]), np.float64)
-    return {"t0": c.sim_time_s, "dt": dt, "a": a, "b": b}
+    a, b = osci_traces(c, m, (ch["channel_a"], ch["channel_b"]), t0 + dt * np.arange(OSCI_POINTS))
+    return {"t0": t0, "dt": dt, "a": a, "b": b}
+
+
+def osci_traces(c, m, channels, t) -> list[np.ndarray]:
+    """What the channels (RT indexes) read at the tip at simulated times ``t`` (s).
+
+    The tip stays where it is over the screen (a running scan's tip: where it is now).
+    Noise (the scenario's, relative to the signal, the white part averaged over the
+    oversampling): at constant current the preamplifier's white noise is in the current and
+    the junction's 1/f noise is taken out by the loop, so it shows in Z (δz = δI/I / 2κ); at
+    constant height both are in the current. The lock-in's bias modulation (modulator 1 on
+    the bias) is in the bias and, as A dI/dV, in the current."""
+    from stm_live.simulators import artifacts
+    from stm_live.simulators.orbitals import KAPPA_PER_NM
+
+    noise = c.scenario.artifacts
+    n = len(t)
+    white = noise.white_noise / math.sqrt(OSCI_SAMPLES[m.plain["osci.oversampl"]["index"]]) \
+        * c._rng.standard_normal(n)
+    pink = artifacts.pink_noise(np.zeros((1, n)), noise.pink_noise, c._rng)[0] if noise.pink_noise > 0 else np.zeros(n)
+    mod = m.plain["lockin.mod"][1]
+    wave = np.zeros(n)
+    if mod["on"] and mod["signal"] == BIAS_INDEX:
+        f = m.plain["lockin.freq"][mod["phase_register"]]["frequency"]
+        wave = mod["amplitude"] * np.sin(2 * np.pi * f * mod["harmonic"] * t)
+    out = []
+    for index in channels:
+        if index == CURRENT_INDEX:
+            if c.z_ctrl_on:
+                values = c.setpoint_A * (1 + white)
+            else:
+                values = c._point_current(c._z_m + c._tilt_plane_m()) * (1 + white + pink)
+            if wave.any() and c.renderer is not None:
+                x, y = c._sample_point()
+                z_nm = (c.z_pos_get() + c._tilt_plane_m()) * 1e9
+                values = values + wave * c.renderer.point_didv(x, y, c.tip, c.bias_V, z_nm)
+        elif index == Z_INDEX:
+            values = c.z_pos_get() + (pink / (2 * KAPPA_PER_NM) * 1e-9 if c.z_ctrl_on else 0.0)
+        elif index in (BIAS_INDEX, 29):
+            values = c.bias_V + wave
+        elif index == TIME_INDEX:
+            values = t
+        else:
+            values = c.signal_value(index)
+        out.append(np.broadcast_to(np.asarray(values, np.float64), (n,)).copy())
+    return out
+
+
+# -------------------------------------------------------------- bias spectroscopy (physics)
+# A sweep at the tip (BiasSpectr.Start) and at every point of a Pattern experiment is one
+# SweepPlan, measured through the renderer's spectra (simulators/spectra.py); a Pattern
+# experiment measures its points on the render thread and saves a .3ds when it ends.
+
+SWEEP_SIGNAL = "Bias calc (V)"  # the sweep's column in a spectrum, as Nanonis names it
+PARAMETERS = ("X (m)", "Y (m)", "Z (m)", "Z offset (m)", "Settling time (s)", "Integration time (s)",
+              "Z-Ctrl hold", "Final Z (m)")  # per sweep, after the fixed ones (.dat header, .3ds)
+FIXED_PARAMETERS = ("Sweep Start (V)", "Sweep End (V)")
+MAX_BLOCK_S = 60.0  # a reply waits at most this long (real seconds), as the server's blocking moves
+TIME_INDEX = 37
+
+
+def backward_name(name: str) -> str:
+    """"Current (A)" -> "Current [bwd] (A)": the backward sweep's column, as Nanonis names it."""
+    base, unit = _split_name(name)
+    return f"{base} [bwd] ({unit})" if unit else f"{base} [bwd]"
+
+
+def _flag(on) -> str:
+    return "TRUE" if on else "FALSE"
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside
+class SweepPlan:
+    """One bias spectroscopy's settings, taken from the modules when it starts, so that its
+    sweeps can be measured anywhere (the tip's point on the controller thread, a Pattern
+    experiment's points on the render thread) without the controller's state.
+
+    The loop is opened where I(``bias_V``) = ``setpoint_A`` (None: the Z controller was off,
+    the tip stays at ``z_m``), then the tip moves by ``z_offset_m``; ``sweeps`` sweeps of
+    ``sweep`` (and back, with ``backward``) are averaged, each with the scenario's white noise
+    (``noise``, relative to the channel's spread over the sweep)."""
+
+    sweep: np.ndarray  # V, in the order swept
+    point_s: np.ndarray  # settling + integration of each point (s)
+    channels: tuple[tuple[int, str], ...]  # (RT index, "Current (A)")
+    backward: bool
+    sweeps: int
+    lockin: tuple[float, float] | None  # (amplitude V, phase deg) when the lock-in runs
+    noise: float
+    tip: Any
+    bias_V: float
+    setpoint_A: float | None
+    z_m: float
+    z_offset_m: float
+    constants: dict  # RT index -> its value through the sweep (channels the sweep leaves alone)
+    t0_s: float  # simulated time at the start (the Time channel)
+    duration_s: float  # the whole measurement: Z averaging, moves, settling, sweeps
+    header: dict  # module settings, as Nanonis writes them into .dat and .3ds headers
+
+    @property
+    def names(self) -> list[str]:
+        """The recorded channels: forward sweeps, then backward ones."""
+        fwd = [name for _i, name in self.channels]
+        return fwd + ([backward_name(n) for n in fwd] if self.backward else [])
+
+    def parameters(self, xy_m, z_m) -> dict[str, np.ndarray]:
+        """The per-sweep parameters (``PARAMETERS``) at points ``xy_m`` (k, 2), heights ``z_m`` (k,)."""
+        k = len(z_m)
+        settling = float(self.header["Bias Spectroscopy>Settling time (s)"])
+        integration = float(self.header["Bias Spectroscopy>Integration time (s)"])
+        return {"X (m)": xy_m[:, 0], "Y (m)": xy_m[:, 1], "Z (m)": z_m, "Z offset (m)": np.full(k, self.z_offset_m),
+                "Settling time (s)": np.full(k, settling), "Integration time (s)": np.full(k, integration),
+                "Z-Ctrl hold": np.full(k, float(self.setpoint_A is not None)),
+                "Final Z (m)": z_m if self.header["_record_final_z"] else np.full(k, np.nan)}
+
+    def measure(self, renderer, at, xy_m, rng) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Channel name -> (k, points) float64 and the tip heights (k,) (m) during the
+        sweeps, at ``at`` (physics coordinates: an (x_nm, y_nm) point or a ScanFrame of k
+        points) whose piezo positions are ``xy_m`` (k, 2)."""
+        loop = self.setpoint_A is not None
+        spectra = renderer.spectra_at(at, self.tip, self.sweep, z_nm=None if loop else self.z_m * 1e9,
+                                      setpoint_A=self.setpoint_A, setpoint_bias_V=self.bias_V,
+                                      z_offset_nm=self.z_offset_m * 1e9)
+        n = len(self.sweep)
+        didv = spectra.didv_A_per_V.reshape(-1, n)
+        z = spectra.z_nm.reshape(-1) * 1e-9
+        k = len(z)
+        li_x, li_y = lockin_outputs(didv, self.lockin)
+        physics = {CURRENT_INDEX: spectra.current_A.reshape(-1, n), LI_X_INDEX: li_x, LI_Y_INDEX: li_y}
+        # noise of the averaged sweeps: each channel's spread over the sweep, / sqrt(sweeps)
+        spread = {c: np.std(a, axis=1, keepdims=True) for c, a in physics.items()}
+        spread[LI_Y_INDEX] = spread[LI_X_INDEX]
+        t_fwd = self.t0_s + np.cumsum(self.point_s)
+        times = (t_fwd, t_fwd[-1] + np.cumsum(self.point_s[::-1])[::-1])  # the way back is swept after
+        out = {}
+        for direction in range(1 + self.backward):
+            for index, name in self.channels:
+                if index in physics:
+                    scale = self.noise * spread[index] / math.sqrt(self.sweeps)
+                    values = physics[index] + scale * rng.standard_normal((k, n))
+                elif index in (BIAS_INDEX, 29):
+                    values = self.sweep
+                elif index == Z_INDEX:
+                    values = z[:, None]
+                elif index in (X_INDEX, Y_INDEX):
+                    values = xy_m[:, index - X_INDEX, None]
+                elif index == TIME_INDEX:
+                    values = times[direction]
+                else:
+                    values = self.constants[index]
+                out[backward_name(name) if direction else name] = np.broadcast_to(values, (k, n)).astype(np.float64)
+        return out, z
+
+
+def sweep_plan(c, m) -> SweepPlan:
+    """The SweepPlan of the BiasSpectr settings now; ControllerError for a sweep that
+    cannot run (tip withdrawn, a scan running, fewer than 2 points)."""
+    if c.withdrawn:
+        raise ControllerError("bias spectroscopy: the tip is withdrawn; approach first")
+    if c.state == "scanning":
+        raise ControllerError("bias spectroscopy: a scan is running; pause or stop it first")
+    if c.renderer is None:
+        raise ControllerError(f"bias spectroscopy: replaying {c.replay.name}, a scan: it holds no spectra "
+                              "(replay a .3ds grid to answer BiasSpectr.Start)")
+    timing, adv, b = m.plain["bs.timing"], m.plain["bs.adv"], m.bs
+    if m.plain["bs.mls_mode"]["mode"] == "MLS":
+        v = m.plain["bs.mls_vals"]
+        steps = [int(n) for n in v["steps"]]
+        if any(n < 1 for n in steps):
+            raise ControllerError(f"MLS segments must have at least 1 step each, got {steps}")
+        sweep = np.concatenate([np.linspace(a, e, n) for a, e, n in zip(v["bias_start"], v["bias_end"], steps)])
+        point_s = np.concatenate([np.full(n, s + i) for s, i, n in zip(v["settling"], v["integration"], steps)])
+        first_settling = float(v["initial_settling"][0])
+    else:
+        lim = m.plain["bs.limits"]
+        sweep = np.linspace(lim["start"], lim["end"], b["points"])
+        point_s = np.full(b["points"], timing["settling"] + timing["integration"])
+        first_settling = timing["initial_settling"]
+    if len(sweep) < 2:
+        raise ControllerError(f"a bias sweep needs at least 2 points, got {len(sweep)} "
+                              "(BiasSpectr.PropsSet points)")
+    sweep = sweep.astype(np.float64)
+    loop = c.z_ctrl_on
+    alt = m.plain["bs.alt_z"]
+    setpoint = (alt["setpoint"] if alt["enable"] else c.setpoint_A) if loop else None
+    if loop and c.bias_V == 0:
+        raise ControllerError("bias spectroscopy: the feedback cannot hold a current at 0 V bias; set a bias first")
+    slew = timing["max_slew_rate"]
+    move = 0.0 if not (slew > 0 and math.isfinite(slew)) else (
+        abs(sweep[0] - c.bias_V) + (abs(sweep[-1] - c.bias_V) if adv["reset_bias"] else 0.0)) / slew
+    backward = bool(b["backward"])
+    duration = ((timing["z_avg_time"] + (alt["settling_time"] if alt["enable"] else 0.0) if loop else 0.0) + move
+                + first_settling + b["sweeps"] * (1 + backward) * float(point_s.sum()) + timing["end_settling"]
+                + (timing["z_control_time"] if loop else 0.0))
+    channels = tuple((i, c.signal_names[i]) for i in b["channels"])
+    handled = {CURRENT_INDEX, LI_X_INDEX, LI_Y_INDEX, BIAS_INDEX, 29, Z_INDEX, X_INDEX, Y_INDEX, TIME_INDEX}
+    lockin = c.lockin(run=bool(adv["lockin_run"]))
+    mod = m.plain["lockin.mod"][1]
+    e = _number_text
+    header = {
+        "Bias>Bias (V)": e(c.bias_V),
+        "Bias Spectroscopy>Channels": ";".join(n for _i, n in channels),
+        "Bias Spectroscopy>Sweep Start (V)": e(sweep[0]), "Bias Spectroscopy>Sweep End (V)": e(sweep[-1]),
+        "Bias Spectroscopy>Num Pixel": str(len(sweep)), "Bias Spectroscopy>Z Avg time (s)": e(timing["z_avg_time"]),
+        "Bias Spectroscopy>Z offset (m)": e(timing["z_offset"]),
+        "Bias Spectroscopy>1st Settling time (s)": e(first_settling),
+        "Bias Spectroscopy>Settling time (s)": e(timing["settling"]),
+        "Bias Spectroscopy>Integration time (s)": e(timing["integration"]),
+        "Bias Spectroscopy>End Settling time (s)": e(timing["end_settling"]),
+        "Bias Spectroscopy>Z control time (s)": e(timing["z_control_time"]),
+        "Bias Spectroscopy>Max Slew rate (V/s)": e(slew), "Bias Spectroscopy>backward sweep": _flag(backward),
+        "Bias Spectroscopy>Z-controller hold": _flag(loop), "Bias Spectroscopy>Number of sweeps": str(b["sweeps"]),
+        "Z-Controller>Controller status": "ON" if loop else "OFF", "Z-Controller>Setpoint": e(c.setpoint_A),
+        "Z-Controller>Setpoint unit": "A",
+        "Lock-in>Lock-in status": "ON" if lockin else "OFF", "Lock-in>Modulated signal": c.signal_names[mod["signal"]],
+        "Lock-in>Frequency (Hz)": e(m.plain["lockin.freq"][1]["frequency"]), "Lock-in>Amplitude": e(mod["amplitude"]),
+        "_record_final_z": bool(adv["record_final_z"]),
+    }
+    return SweepPlan(sweep=sweep, point_s=point_s, channels=channels, backward=backward, sweeps=int(b["sweeps"]),
+                     lockin=lockin, noise=float(c.scenario.artifacts.white_noise), tip=c.tip, bias_V=c.bias_V,
+                     setpoint_A=setpoint, z_m=c.z_pos_get(), z_offset_m=float(timing["z_offset"]),
+                     constants={i: c.signal_value(i) for i, _n in channels if i not in handled},
+                     t0_s=c.sim_time_s, duration_s=duration, header=header)
+
+
+def _number_text(value) -> str:
+    from stm_live.io.sxm import _e
+
+    return _e(float(value)) if math.isfinite(float(value)) else ("Inf" if value > 0 else "NaN")
+
+
+def _file_header(plan: SweepPlan) -> dict[str, str]:
+    return {k: v for k, v in plan.header.items() if not k.startswith("_")}
+
+
+def _sweep_here(c, m):
+    """BiasSpectr.Start at the tip: (names, sweep, rows, params, simulated seconds); saves
+    the .dat when autosave is on and the simulator has a session folder."""
+    from stm_live.io.spectroscopy import make_spectrum, write_dat
+
+    plan = sweep_plan(c, m)
+    x, y = c.tip_position()
+    sx, sy = c.sample_shift_m()
+    xy = np.array([[x, y]])
+    data, z = plan.measure(c.renderer, ((x + sx) * 1e9, (y + sy) * 1e9), xy, c._rng)
+    params = plan.parameters(xy, z)
+    if m.bs["autosave"] and c.save_dir is not None:
+        e = _number_text
+        final = params["Final Z (m)"][0]
+        header = {"Z offset (m)": e(plan.z_offset_m), "Settling time (s)": e(params["Settling time (s)"][0]),
+                  "Integration time (s)": e(params["Integration time (s)"][0]),
+                  "Z-Ctrl hold": _flag(plan.setpoint_A is not None),
+                  "Final Z (m)": e(final) if math.isfinite(final) else "N/A", **_file_header(plan)}
+        spectrum = make_spectrum(plan.sweep, {n: v[0] for n, v in data.items()}, position_m=(x, y, z[0]),
+                                 sweep_signal=SWEEP_SIGNAL, header=header)
+        m.bs["last_path"] = str(write_dat(c.next_save_path(m.bs["basename"], ".dat"), spectrum))
+    if not m.plain["bs.adv"]["reset_bias"]:  # the bias stays where the sweep ended
+        c.bias_V = float(plan.sweep[0] if plan.backward else plan.sweep[-1])
+    rows = [data[n][0] for n in plan.names]
+    return (plan.names, plan.sweep, rows, [plan.sweep[0], plan.sweep[-1], *(params[p][0] for p in PARAMETERS)],
+            plan.duration_s)
+
+
+def _replayed_sweep(c, m):
+    """BiasSpectr.Start while replaying: the recorded sweep at the grid point under the tip."""
+    at = getattr(c.replay, "sweep_at", None)
+    if at is None:
+        sweep_plan(c, m)  # a scan recording: says why there is no spectrum
+    x, y = c.tip_position()
+    sweep, channels, params = at(x, y)
+    timing = m.plain["bs.timing"]
+    per_point = params.get("Settling time (s)", timing["settling"]) + params.get("Integration time (s)",
+                                                                               timing["integration"])
+    seconds = timing["initial_settling"] + len(sweep) * per_point + timing["end_settling"]
+    return (list(channels), sweep, list(channels.values()), [sweep[0], sweep[-1], *params.values()],
+            seconds if math.isfinite(seconds) else 0.0)
+
+
+class PatternExperiment:
+    """A Pattern experiment under way (Pattern.ExpStart): the BiasSpectr sweep at each point
+    of the active pattern (grid: row 0 at the bottom, x fastest, as Nanonis records; line: P1
+    to P2; cloud: its points), one after the other in simulated time (the Follow-Me move,
+    the pre-measure delay, the sweep). Points are measured on the render thread (grid rows,
+    or single points), so no reply waits on them; the experiment's clock holds at a point
+    not measured yet. When it ends, or is stopped, the points done are saved as a .3ds
+    (``<basename>NNN.3ds``; a line or cloud as a grid of n x 1 points) in the session folder."""
+
+    def __init__(self, c, m):
+        if c.replay is not None:
+            raise ControllerError(f"replaying {c.replay.name}: BiasSpectr.Start at its points answers the "
+                                  "recorded sweeps; Pattern experiments are not replayed")
+        p = m.pattern
+        if not p["experiment"].startswith("Bias Spectroscopy"):
+            raise ControllerError(f"experiment {p['experiment']!r} is not simulated; choose Bias Spectroscopy "
+                                  "ASCII or BINARY (Pattern.PropsSet)")
+        self.plan = plan = sweep_plan(c, m)
+        sx, sy = c.sample_shift_m()
+        if p["active"] == 1:
+            nx, ny, cx, cy, w, h, angle = p["grid"]
+            self.shape = (int(ny), int(nx))
+            self.geometry = (cx, cy, w, h, angle)
+            dv = h / ny
+            a = math.radians(angle)
+            ats = []
+            for r in range(int(ny)):  # one row at a time; rows from the bottom (Nanonis' grids go up)
+                v = -h / 2 + (r + 0.5) * dv
+                ats.append(_physics_frame(cx + v * math.sin(a) + sx, cy + v * math.cos(a) + sy, w, dv, angle, nx))
+            xy = np.concatenate([np.stack(f.grid(), -1).reshape(-1, 2) * 1e-9 for f in ats]) - (sx, sy)
+            chunks = [(slice(r * int(nx), (r + 1) * int(nx)), f) for r, f in enumerate(ats)]
+        else:
+            if p["active"] == 2:
+                n, x0, y0, x1, y1 = p["line"]
+                xy = np.stack([np.linspace(x0, x1, int(n)), np.linspace(y0, y1, int(n))], -1)
+            else:
+                xy = np.stack([np.asarray(a, np.float64) for a in p["cloud"]], -1)
+            if not len(xy):
+                raise ControllerError("empty pattern: the point cloud has no points (Pattern.CloudSet)")
+            self.shape = (1, len(xy))
+            lo, hi = xy.min(0), xy.max(0)
+            self.geometry = (*(lo + hi) / 2, *(hi - lo), 0.0)
+            chunks = [(slice(i, i + 1), ((x + sx) * 1e9, (y + sy) * 1e9)) for i, (x, y) in enumerate(xy)]
+        self.xy = xy
+        n_points = len(xy)
+        # simulated time of each point: the move there, the pre-measure delay, the sweep
+        speed, custom = c.folme_speed
+        speed = speed if custom else c.frame[2] / c.line_times_s[0]
+        moves = np.hypot(*np.diff(np.vstack([c.tip_position(), xy]), axis=0).T) / max(speed, 1e-12)
+        self.ends = np.cumsum(moves + p["pre_delay"] + plan.duration_s)
+        self.t0, self.paused_since, self.paused_s = c.sim_time_s, None, 0.0
+        self.basename, self.pre_delay = p["basename"], float(p["pre_delay"])
+        self.started = dt.datetime.now()
+        m.experiments_started += 1
+        points = len(plan.sweep)
+        self.data = {name: np.full((n_points, points), np.nan) for name in plan.names}
+        self.z = np.full(n_points, np.nan)
+        self.ready = 0  # points measured (in order: chunks are harvested in order)
+        self.error: Exception | None = None  # a measurement failed: the experiment ends there
+        seeds = np.random.SeedSequence([c.seed, 5, m.experiments_started]).spawn(len(chunks))
+        renderer = c.renderer
+        self._chunks = [(where, submit_or_run(c.render_pool, lambda at=at, xy=xy[where], s=s: plan.measure(
+            renderer, at, xy, np.random.default_rng(s)))[0]) for (where, at), s in zip(chunks, seeds)]
+
+    def _harvest(self) -> None:
+        while self._chunks and self._chunks[0][1].done() and self.error is None:
+            where, fut = self._chunks.pop(0)
+            try:
+                data, z = fut.result()
+            except Exception as exc:  # the experiment ends at the points measured before it
+                log.error("grid experiment: measuring points %d-%d failed: %s", where.start, where.stop - 1, exc)
+                self.error = exc
+                return
+            for name, values in data.items():
+                self.data[name][where] = values
+            self.z[where] = z
+            self.ready = where.stop
+
+    def points_done(self, now: float) -> int:
+        """Points finished by simulated time ``now`` (held at the first not yet measured)."""
+        self._harvest()
+        elapsed = (self.paused_since if self.paused_since is not None else now) - self.t0 - self.paused_s
+        return min(int(np.searchsorted(self.ends, elapsed, side="right")), self.ready)
+
+    def position(self, now: float) -> tuple[float, float]:
+        """Where the tip is (piezo, m): the point being measured, or the last one."""
+        k = min(self.points_done(now), len(self.xy) - 1)
+        return float(self.xy[k, 0]), float(self.xy[k, 1])
+
+    def pause(self, pause: bool, now: float) -> None:
+        if pause and self.paused_since is None:
+            self.paused_since = now
+        elif not pause and self.paused_since is not None:
+            self.paused_s += now - self.paused_since
+            self.paused_since = None
+
+    def finish(self, c, m) -> str:
+        """End it (at its end, or stopped): the tip stays at the last point measured; the
+        points done are saved as a .3ds (none done: no file). Returns the path or ""."""
+        from stm_live.io.spectroscopy import SpectroscopyFileError, make_grid, write_3ds
+
+        done = self.points_done(c.sim_time_s)
+        for _where, fut in self._chunks:
+            fut.cancel()
+        m.experiment, m.pattern["running"], m.pattern["paused"] = None, 0, 0
+        path = ""
+        if done:
+            c.folme_xy = tuple(self.xy[done - 1])
+        if done and c.save_dir is not None:
+            measured = np.zeros(len(self.xy), bool)
+            measured[:done] = True
+            ny, nx = self.shape
+            plan = self.plan
+            params = plan.parameters(self.xy, self.z)
+            header = {**_file_header(plan), "Experiment": "Grid Spectroscopy",
+                      "Delay before measuring (s)": _number_text(self.pre_delay)}
+            try:
+                grid = make_grid({n: a.reshape(ny, nx, -1) for n, a in self.data.items()}, sweep=plan.sweep,
+                                 center_m=self.geometry[:2], size_m=self.geometry[2:4], angle_deg=self.geometry[4],
+                                 parameters={k: v.reshape(ny, nx) for k, v in params.items()},
+                                 measured=measured.reshape(ny, nx), header=header, start=self.started,
+                                 end=dt.datetime.now())
+                path = str(write_3ds(c.next_save_path(self.basename, ".3ds"), grid))
+                m.last_experiment_grid = grid
+            except SpectroscopyFileError as exc:  # an MLS sweep of several segments: not one linear sweep
+                log.warning("grid experiment not saved: %s", exc)
+        m.last_experiment_path = path
+        return path
+
+
+def _physics_frame(cx, cy, w, h, angle, nx):
+    """One grid row as the physics frame (nm) of its nx points (a zero-width grid still has a size)."""
+    from stm_live.simulators.imaging import ScanFrame
+
+    return ScanFrame.from_si(cx, cy, max(w, 1e-12), max(h, 1e-12), angle, int(nx), 1, "up")
+
+
+def experiment_tick(c, m) -> None:
+    """Ends the Pattern experiment once its last point is done (called by the scan clock and
+    by Pattern.ExpStatusGet)."""
+    exp = m.experiment
+    if exp is not None and (exp.points_done(c.sim_time_s) >= len(exp.xy) or exp.error is not None):
+        exp.finish(c, m)

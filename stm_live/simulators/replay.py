@@ -1,4 +1,5 @@
-"""Serve a recorded .sxm scan through the simulated controller (``--replay FILE.sxm``).
+"""Serve a recording through the simulated controller (``--replay FILE``): a .sxm scan
+(``ReplaySource``) or a .3ds grid (``GridReplaySource``); ``open_replay`` tells them apart.
 
 The controller takes frame (centre, SCAN_RANGE width x height, SCAN_ANGLE), buffer
 (pixels, lines, channels), scan direction, bias, Z-controller state and line time from the
@@ -17,6 +18,12 @@ index (40+). A simulator name that would then appear twice is renamed "Internal 
 A partial recording (NaN rows at the end) ends the scan after its last recorded line; one
 stopped during a backward sweep (last row: forward data, backward NaN) ends after that
 row's forward half; a single-direction recording serves NaN rows for the missing direction.
+
+A grid is served point by point: the Pattern grid, scan frame, BiasSpectr limits, points,
+channels and timing come from the file, and BiasSpectr.Start with the tip at a grid point
+(within a quarter of the grid's pitch) answers that point's recorded sweep, every channel
+under its recorded name, the file's experiment parameters as its parameters. Elsewhere, or
+at a point the recording never reached, it answers an error naming the nearest point.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ReplayError", "ReplaySource", "not_a_scan"]
+__all__ = ["GridReplaySource", "ReplayError", "ReplaySource", "is_grid", "not_a_scan", "open_replay"]
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +56,34 @@ _OTHER_FORMATS = (
 _SNIFF_BYTES = 4096
 
 
+def _head(path: Path) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(_SNIFF_BYTES)
+
+
+def is_grid(path) -> bool:
+    """Whether ``path`` is a .3ds file holding a Nanonis grid (replayed by ``GridReplaySource``);
+    a grid saved under another suffix stays a file given by mistake."""
+    path = Path(path)
+    try:
+        return path.suffix.lower() == ".3ds" and _head(path).startswith(b"Grid dim=")
+    except OSError:
+        return False
+
+
+def open_replay(source):
+    """The replay of ``source``: a ReplaySource / GridReplaySource as given, a .3ds grid, or a .sxm scan."""
+    if isinstance(source, (ReplaySource, GridReplaySource)):
+        return source
+    return GridReplaySource.from_file(source) if is_grid(source) else ReplaySource.from_file(source)
+
+
 def not_a_scan(path) -> str | None:
     """One line saying why ``path`` is not a .sxm scan (naming the Nanonis format it is),
     or None when it looks like one (the .sxm reader then judges its contents)."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(_SNIFF_BYTES)
+        head = _head(path)
     except OSError as exc:
         return f"{path}: cannot read ({exc.strerror or exc})"
     if head.lstrip().startswith(b":NANONIS_VERSION:"):
@@ -169,24 +197,10 @@ class ReplaySource:
         for ch in s.channels:  # DATA_INFO order, as Scan.BufferGet lists them
             idx = declared.get(ch)
             if idx is None:
-                idx = by_base.get(ch.lower())
-                if idx is None or idx in used:
-                    free = [i for i in range(_FIRST_FREE_INDEX, N_SIGNALS)
-                            if defaults[i].startswith("Internal ") and i not in used]
-                    if not free:
-                        raise ReplayError(f"{self.name}: too many channels to map onto "
-                                          f"{N_SIGNALS} signals")
-                    idx = free[0]
+                idx = _index_by_name(ch, by_base, defaults, used, self.name)
             used.add(idx)
             index_of[ch] = idx
-        for ch, idx in index_of.items():
-            unit = s.units.get(ch, "")
-            names[idx] = f"{ch} ({unit})" if unit else ch
-        # A client that looks channels up by name must find each replayed one once.
-        replayed = {ch.lower() for ch in index_of}
-        for i, n in enumerate(names):
-            if i not in used and _split_name(n)[0].lower() in replayed:
-                names[i] = f"Internal {i} (V)"
+        _rename(names, {ch: (idx, s.units.get(ch, "")) for ch, idx in index_of.items()}, used)
         for ch, idx in index_of.items():
             dirs = s.channels[ch]
             nan = np.full((s.lines, s.pixels), np.nan, np.float32)
@@ -231,3 +245,130 @@ class ReplaySource:
     def rows(self, line: int, channels) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Recorded row ``line`` (internal orientation) of each channel, both directions."""
         return {c: (self._data[c][0][line], self._data[c][1][line]) for c in channels if c in self._data}
+
+
+def _index_by_name(base: str, by_base: dict[str, int], defaults, used: set[int], source: str) -> int:
+    """The simulator's own signal index for a channel named ``base`` ("Current" -> 0), or
+    (unknown, or taken) a free internal index (40+)."""
+    idx = by_base.get(base.lower())
+    if idx is None or idx in used:
+        free = [i for i in range(_FIRST_FREE_INDEX, N_SIGNALS) if defaults[i].startswith("Internal ") and i not in used]
+        if not free:
+            raise ReplayError(f"{source}: too many channels to map onto {N_SIGNALS} signals")
+        idx = free[0]
+    return idx
+
+
+def _rename(names: list[str], served: dict[str, tuple[int, str]], used: set[int]) -> None:
+    """Signals.NamesGet shows each replayed channel, ``{base: (index, unit)}``, at its index as
+    "base (unit)"; a client that looks channels up by name must find each one once, so
+    another signal of the same name becomes "Internal N"."""
+    from stm_live.simulators.controller import _split_name
+
+    for base, (idx, unit) in served.items():
+        names[idx] = f"{base} ({unit})" if unit else base
+    replayed = {base.lower() for base in served}
+    for i, n in enumerate(names):
+        if i not in used and _split_name(n)[0].lower() in replayed:
+            names[i] = f"Internal {i} (V)"
+
+
+class GridReplaySource:
+    """A recorded .3ds grid, served point by point (see the module docstring)."""
+
+    def __init__(self, grid, name: str = "<grid>"):
+        from stm_live.io.spectroscopy import SpectroscopyFileError, split_unit
+
+        self.grid, self.name = grid, name
+        try:
+            self.sweep = grid.sweep.astype(np.float64)  # raises for a grid with no measured point
+            xs, ys = grid.parameter("X").astype(np.float64), grid.parameter("Y").astype(np.float64)
+        except SpectroscopyFileError as exc:
+            raise ReplayError(str(exc)) from None
+        # where each point is: recorded X/Y where measured, the grid's geometry where not
+        ny, nx = grid.shape
+        cx, cy = grid.center_m
+        w, h = grid.size_m
+        u = (np.arange(nx) + 0.5) / nx * w - w / 2
+        v = -h / 2 + (np.arange(ny) + 0.5) / ny * h
+        if grid.direction == "down":
+            v = v[::-1]
+        uu, vv = np.meshgrid(u, v)
+        a = np.radians(grid.angle_deg)  # clockwise positive
+        gx, gy = cx + uu * np.cos(a) + vv * np.sin(a), cy - uu * np.sin(a) + vv * np.cos(a)
+        done = grid.measured
+        self.x, self.y = np.where(done, xs, gx), np.where(done, ys, gy)
+        pitch = [d / k for d, k in ((w, nx), (h, ny)) if d > 0 and k > 1]
+        self.tolerance_m = 0.25 * min(pitch) if pitch else 1e-11
+        self.fixed = tuple(grid.fixed_parameters)
+        self.forward = [n for n in grid.channels if "[" not in split_unit(n)[0]]  # not [bwd], [AVG], ...
+        self.split = split_unit
+
+    @classmethod
+    def from_file(cls, path) -> "GridReplaySource":
+        from stm_live.io.spectroscopy import SpectroscopyFileError, read_3ds
+
+        path = Path(path)
+        try:
+            grid = read_3ds(path)
+        except SpectroscopyFileError as exc:
+            raise ReplayError(str(exc)) from None
+        return cls(grid, name=str(path))
+
+    def configure(self, controller) -> None:
+        """Put the grid's geometry, sweep, channels and timing into ``controller``."""
+        g, m = self.grid, controller.modules
+        ny, nx = g.shape
+        geometry = [*g.center_m, *g.size_m, g.angle_deg]
+        if g.size_m[0] > 0 and g.size_m[1] > 0:
+            controller.frame = tuple(float(v) for v in geometry)
+        m.pattern["grid"], m.pattern["active"] = [nx, ny, *geometry], 1
+        m.plain["bs.limits"].update(start=float(self.sweep[0]), end=float(self.sweep[-1]))
+        m.plain["bs.mls_mode"]["mode"] = "Linear"
+        m.bs["points"] = len(self.sweep)
+        m.bs["backward"] = int(any("[bwd]" in n for n in g.channels))
+        names = list(controller.signal_names)
+        defaults = list(names)
+        by_base = {self.split(n)[0].lower(): i for i, n in enumerate(names)}
+        used: set[int] = set()
+        served = {}
+        for full in self.forward:
+            base, unit = self.split(full)
+            idx = _index_by_name(base, by_base, defaults, used, self.name)
+            used.add(idx)
+            served[base] = (idx, unit)
+        _rename(names, served, used)
+        controller.signal_names = names
+        m.bs["channels"] = [idx for idx, _unit in served.values()]
+        iy, ix = np.argwhere(g.measured)[0]
+        timing = m.plain["bs.timing"]
+        for key, param in (("settling", "Settling time (s)"), ("integration", "Integration time (s)")):
+            if param in g.parameters and np.isfinite(g.parameters[param][iy, ix]):
+                timing[key] = float(g.parameters[param][iy, ix])
+        for attr, key in (("bias_V", "Bias>Bias (V)"), ("setpoint_A", "Z-Controller>Setpoint")):
+            try:
+                value = float(g.header.get(key, "nan"))
+            except ValueError:
+                continue
+            if np.isfinite(value) and (attr == "bias_V" or value > 0):
+                setattr(controller, attr, value)
+        controller.folme_xy = (float(self.x[iy, ix]), float(self.y[iy, ix]))
+
+    def sweep_at(self, x_m: float, y_m: float):
+        """(sweep V, {channel name: values}, {experiment parameter: value}) recorded at the grid
+        point under the tip; ControllerError when there is none, or it was not measured."""
+        from stm_live.simulators.controller import ControllerError
+
+        d = np.hypot(self.x - x_m, self.y - y_m)
+        iy, ix = np.unravel_index(int(np.argmin(d)), d.shape)
+        near = f"({self.x[iy, ix] * 1e9:.4g}, {self.y[iy, ix] * 1e9:.4g}) nm"
+        if d[iy, ix] > self.tolerance_m:
+            raise ControllerError(f"replaying {self.name}: no grid point under the tip at ({x_m * 1e9:.4g}, "
+                                  f"{y_m * 1e9:.4g}) nm; the nearest is point ({ix}, {iy}) at {near}")
+        if not self.grid.measured[iy, ix]:
+            raise ControllerError(f"replaying {self.name}: grid point ({ix}, {iy}) at {near} was not measured "
+                                  "(the recording stopped before it)")
+        channels = {name: values[iy, ix] for name, values in self.grid.channels.items()}
+        params = {name: float(values[iy, ix]) for name, values in self.grid.parameters.items()
+                  if name not in self.fixed}
+        return self.sweep, channels, params

@@ -10,26 +10,50 @@ A molecule is a library name (``{molecule: pentacene, orbital: HOMO, x_nm: ...}`
 orbital from a cube file, e.g. from DFT (``{cube: homo.cube, mo: 0, x_nm: ...}``, the path
 relative to the scenario file), imaged through the same forward model.
 
-Frame and line numbers in ``tip.events`` count from 0 (frame 0 = the first frame scanned
-after the server starts; line = row in acquisition order).
+Spectroscopy (``spectra.SpectralModel``: bias spectra, the lock-in's dI/dV, grids): a
+``spectra:`` section sets the resonances, ``{width_V: 0.2, shape: lorentzian,
+levels_each_side: 2, midgap_V: -0.35, gap_scale: 1.0, charging_V: 2.9, energies:
+{pentacene: {HOMO: -2.2}}}`` (every key optional; energies by molecule name, label -> V),
+and a molecule entry may place its own levels: ``energies: {HOMO: -2.0, LUMO: 1.5}`` (a
+library molecule) or ``energy_V: -1.8`` (a cube orbital, which has no Hückel energy).
+
+Sample areas: an ``areas:`` list puts several areas on the sample, each with its own
+molecules placed around its centre, ``{name: east, x_nm: 2000, y_nm: 0, molecules: [...]}``;
+the coarse motor (Motor.StartMove, StartClosedLoop) moves the sample under the piezo, so
+after enough steps a frame images another area. Without ``areas:`` the top-level
+``molecules`` are the one area, at the origin. ``Scenario.molecules`` holds every area's
+molecules in sample coordinates (placement indexes, as in ``energies``, count over them all).
+
+Frame and line numbers in ``tip.events`` and ``faults`` count from 0 (frame 0 = the first
+frame scanned after the server starts; line = row in acquisition order).
+
+``faults:`` lists link faults the server injects between itself and its clients
+(``faults.FaultLayer``), e.g. ``{kind: delay, command: Scan.FrameDataGrab, seconds: 5, nth: 3}``,
+``{kind: stall, line: 56, seconds: 5}``, ``{kind: drop, line: 40, frame: 1}``,
+``{kind: refuse, seconds: 10, line: 40}`` or ``{..., at_s: 3}``,
+``{kind: close_mid_reply, command: Scan.FrameDataGrab, nth: 2}``; ``faults.FAULT_KEYS`` lists
+each kind's keys.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from stm_live.simulators.faults import FAULT_KEYS, FAULT_KINDS, Fault
 from stm_live.simulators.imaging import CubePlacement, Placement, cube_amplitude
+from stm_live.simulators.spectra import LINESHAPES, SpectralModel
 
 __all__ = [
     "ARTIFACT_NAMES",
     "RECONDITION_ACTIONS",
     "RECONDITION_OUTCOMES",
     "TIP_HAZARDS",
+    "Area",
     "ArtifactSpec",
     "FrameSpec",
     "Scenario",
@@ -37,6 +61,7 @@ __all__ = [
     "TipEvent",
     "TipEvolution",
     "load_scenario",
+    "parse_faults",
     "parse_scenario",
     "scenario_names",
 ]
@@ -50,6 +75,8 @@ RECONDITION_ACTIONS = ("pulse", "shaper", "poke")
 # "repair" restores the last good tip (only when the tip is bad); the others set a preset.
 RECONDITION_OUTCOMES = ("repair", "co", "s", "mixed", "blunt", "double")
 ARTIFACT_NAMES = ("white_noise", "pink_noise", "line_offsets", "drift", "creep", "spikes")
+MAX_FAULT_S = 3600.0
+MAX_AREA_NM = 5e6  # the coarse motor's reach (Motor.StartClosedLoop: +-5 mm)
 
 
 class ScenarioError(ValueError):
@@ -75,6 +102,16 @@ class FrameSpec:
     pixels: int = 128
     lines: int = 128
     direction: str = "down"
+
+
+@dataclass(frozen=True)
+class Area:
+    """A sample area: its molecules placed around (x_nm, y_nm) of the sample."""
+
+    name: str
+    x_nm: float
+    y_nm: float
+    molecules: tuple[Placement | CubePlacement, ...]  # relative to the area's centre
 
 
 @dataclass(frozen=True)
@@ -110,7 +147,8 @@ class ArtifactSpec:
 class Scenario:
     name: str = "default"
     description: str = ""
-    molecules: tuple[Placement | CubePlacement, ...] = ()
+    molecules: tuple[Placement | CubePlacement, ...] = ()  # every area's, in sample coordinates
+    areas: tuple[Area, ...] = ()  # the ``areas:`` section; empty: one area, ``molecules``
     substrate: dict[str, float] = field(default_factory=dict)
     tip: str = "co"
     evolution: TipEvolution = field(default_factory=TipEvolution)
@@ -122,6 +160,8 @@ class Scenario:
     z_controller: bool = True
     time_per_line_s: float = 0.1  # forward line; backward uses the same unless speed says
     channels: tuple[int, ...] = (0, 30)
+    faults: tuple[Fault, ...] = ()
+    spectra: SpectralModel = field(default_factory=SpectralModel)
 
 
 # ---------------------------------------------------------------------------- validation
@@ -219,33 +259,132 @@ def _probabilities(c: _Ctx, value, key: str, allowed: tuple[str, ...]) -> dict[s
     return out
 
 
-def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
-    """Validate a mapping (as loaded from YAML) into a ``Scenario``."""
-    c = _Ctx(source)
-    top_keys = ("name", "description", "molecules", "substrate", "tip", "artifacts",
-                "frame", "bias_V", "setpoint_A", "z_nm", "z_controller", "time_per_line_s",
-                "channels")
-    d = c.mapping(data, "<top>", top_keys)
-    defaults = Scenario()
+def _fault(c: _Ctx, value, key: str) -> Fault:
+    from stm_live.devices.protocol import LAYOUTS
 
-    molecules = []
-    raw_mols = d.get("molecules", [])
-    if not isinstance(raw_mols, list):
-        c.fail("molecules", f"expected a list, got {raw_mols!r}")
+    if not isinstance(value, dict):
+        c.fail(key, f"expected a mapping such as {{kind: drop, line: 10}}, got {value!r}")
+    raw = value
+    if "kind" not in raw:
+        c.fail(f"{key}.kind", f"missing (one of: {', '.join(FAULT_KINDS)})")
+    kind = c.string(raw["kind"], f"{key}.kind", FAULT_KINDS)
+    required, optional = FAULT_KEYS[kind]
+    c.mapping(raw, key, ("kind",) + required + optional)
+    for req in required:
+        if req not in raw:
+            c.fail(f"{key}.{req}", f"missing (a {kind} fault needs {', '.join(required)})")
+    for a, b in (("nth", "every"), ("line", "at_s")):
+        if a in raw and b in raw:
+            c.fail(key, f"give {a} or {b}, not both")
+    if kind == "refuse" and "line" not in raw and "at_s" not in raw:
+        c.fail(key, "a refuse fault starts at a line (line: K) or a time (at_s: seconds)")
+    if "frame" in raw and "line" not in raw:
+        c.fail(f"{key}.frame", "only with line: K")
+    f: dict[str, Any] = {"kind": kind}
+    if "command" in raw:
+        names = raw["command"] if isinstance(raw["command"], list) else [raw["command"]]
+        if not names:
+            c.fail(f"{key}.command", "expected a command name or a non-empty list of them")
+        for i, n in enumerate(names):
+            where = f"{key}.command" + (f"[{i}]" if isinstance(raw["command"], list) else "")
+            if c.string(n, where) not in LAYOUTS:
+                c.fail(where, f"unknown command {n!r} (names as the manual spells them, e.g. Scan.FrameDataGrab)")
+        f["commands"] = tuple(names)
+    if "seconds" in raw:
+        f["seconds"] = c.number(raw["seconds"], f"{key}.seconds", lo=0.0, lo_open=True, hi=MAX_FAULT_S)
+    if "at_s" in raw:
+        f["at_s"] = c.number(raw["at_s"], f"{key}.at_s", lo=0.0, hi=MAX_FAULT_S)
+    limits = {"nth": (1, None), "every": (1, None), "line": (0, 2047),  # frames have <= 2048 lines
+              "frame": (0, None), "connection": (0, None), "bytes": (1, None)}
+    for k, (lo, hi) in limits.items():
+        if k in raw:
+            f[k] = c.integer(raw[k], f"{key}.{k}", lo=lo, hi=hi)
+    return Fault(**f)
+
+
+def _energies(c: _Ctx, value, key: str, name: str | None) -> dict[str, float]:
+    """{label: V} of one molecule's levels (``name``: its library molecule, which checks the labels)."""
+    from stm_live.simulators.orbitals import orbital_level
+
+    m = value if isinstance(value, dict) else c.fail(key, f"expected a mapping of orbital labels to biases "
+                                                          f"in V, e.g. {{HOMO: -2.2}}, got {value!r}")
+    if not m:
+        c.fail(key, "expected at least one orbital label, e.g. {HOMO: -2.2}")
+    out = {}
+    for label, volts in m.items():
+        where = f"{key}.{label}"
+        if not isinstance(label, str):
+            c.fail(where, f"expected an orbital label such as HOMO or LUMO+1, got {label!r}")
+        if name is not None:
+            try:
+                orbital_level(name, label)
+            except ValueError as exc:
+                c.fail(where, str(exc))
+        out[label] = c.number(volts, where, lo=-10.0, hi=10.0)
+    return out
+
+
+def _spectra(c: _Ctx, value, placed: dict) -> SpectralModel:
+    """The ``spectra:`` section plus the molecules' own ``energies``/``energy_V`` (``placed``:
+    placement index -> {label: V} or V)."""
+    d = c.mapping(value, "spectra", ("width_V", "shape", "levels_each_side", "midgap_V", "gap_scale",
+                                     "charging_V", "energies"))
     names = _molecule_names()
-    for i, m in enumerate(raw_mols):
-        key = f"molecules[{i}]"
-        m = c.mapping(m, key, ("molecule", "x_nm", "y_nm", "rotation_deg", "orbital", "cube", "mo"))
+    kw: dict[str, Any] = {}
+    if "width_V" in d:
+        kw["width_V"] = c.number(d["width_V"], "spectra.width_V", lo=0.0, lo_open=True, hi=10.0)
+    if "shape" in d:
+        kw["shape"] = c.string(d["shape"], "spectra.shape", LINESHAPES)
+    if "levels_each_side" in d:
+        kw["levels_each_side"] = c.integer(d["levels_each_side"], "spectra.levels_each_side", lo=1, hi=20)
+    for k, lo, hi, opened in (("midgap_V", -10.0, 10.0, False), ("gap_scale", 0.0, 10.0, True),
+                              ("charging_V", 0.0, 10.0, False)):
+        if k in d:
+            kw[k] = c.number(d[k], f"spectra.{k}", lo=lo, hi=hi, lo_open=opened)
+    energies: dict = {}
+    raw = d.get("energies") or {}
+    if not isinstance(raw, dict):
+        c.fail("spectra.energies", f"expected a mapping of molecule names to {{label: V}}, got {raw!r}")
+    for name, levels in raw.items():
+        key = f"spectra.energies.{name}"
+        name = c.string(name, key, names)
+        energies[name] = _energies(c, levels, key, name)
+    energies.update(placed)
+    try:
+        return SpectralModel(energies=energies, **kw)
+    except ValueError as exc:  # what the per-key checks above cannot see
+        c.fail("spectra", str(exc))
+
+
+def _molecules(c: _Ctx, raw, list_key: str, source: str, placed: dict, first: int = 0) -> list:
+    """The placements of a ``molecules:`` list (``list_key`` names it in errors); a molecule's
+    own level energies go into ``placed`` under its index over the whole scene (``first`` +
+    its position in this list)."""
+    if not isinstance(raw, list):
+        c.fail(list_key, f"expected a list, got {raw!r}")
+    if not raw:
+        c.fail(list_key, "at least one molecule is needed (the model images molecules)")
+    out: list = []
+    for i, m in enumerate(raw):
+        key = f"{list_key}[{i}]"
+        m = c.mapping(m, key, ("molecule", "x_nm", "y_nm", "rotation_deg", "orbital", "cube", "mo", "energies",
+                               "energy_V"))
         where = {k: c.number(m.get(k, 0.0), f"{key}.{k}", lo=-1e4, hi=1e4) for k in ("x_nm", "y_nm")}
         where["rotation_deg"] = c.number(m.get("rotation_deg", 0.0), f"{key}.rotation_deg")
         if "cube" in m:
-            molecules.append(_cube_placement(c, m, key, source, where))
+            if "energies" in m:
+                c.fail(f"{key}.energies", "a cube orbital is one level: give energy_V: V")
+            if "energy_V" in m:
+                placed[first + i] = c.number(m["energy_V"], f"{key}.energy_V", lo=-10.0, hi=10.0)
+            out.append(_cube_placement(c, m, key, source, where))
             continue
         if "mo" in m:
             c.fail(f"{key}.mo", "only for a cube entry (cube: FILE)")
+        if "energy_V" in m:
+            c.fail(f"{key}.energy_V", "only for a cube entry; a library molecule takes energies: {HOMO: V, ...}")
         if "molecule" not in m:
             c.fail(f"{key}.molecule", "missing (or give cube: FILE)")
-        name = c.string(m["molecule"], f"{key}.molecule", names)
+        name = c.string(m["molecule"], f"{key}.molecule", _molecule_names())
         orbital = m.get("orbital")
         if orbital is not None:
             orbital = c.string(orbital, f"{key}.orbital")
@@ -258,12 +397,66 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
                 orbital_level(name, orbital)
             except ValueError as exc:
                 c.fail(f"{key}.orbital", str(exc))
-        molecules.append(Placement(molecule=name, orbital=orbital, **where))
+        if "energies" in m:
+            placed[first + i] = _energies(c, m["energies"], f"{key}.energies", name)
+        out.append(Placement(molecule=name, orbital=orbital, **where))
+    return out
 
-    if "molecules" not in d:
+
+def _areas(c: _Ctx, raw, source: str, placed: dict) -> tuple[Area, ...]:
+    """The ``areas:`` section: each area's name, centre on the sample and molecules."""
+    if not isinstance(raw, list) or not raw:
+        c.fail("areas", f"expected a non-empty list such as [{{name: A, x_nm: 0, y_nm: 0, molecules: [...]}}], "
+                        f"got {raw!r}")
+    areas: list[Area] = []
+    first = 0
+    for i, a in enumerate(raw):
+        key = f"areas[{i}]"
+        if not isinstance(a, dict):
+            c.fail(key, f"expected a mapping such as {{name: A, x_nm: 0, y_nm: 0, molecules: [...]}}, got {a!r}")
+        c.mapping(a, key, ("name", "x_nm", "y_nm", "molecules"))
+        if "molecules" not in a:
+            c.fail(f"{key}.molecules", "missing (each area lists its molecules)")
+        name = c.string(a.get("name", f"area{i}"), f"{key}.name")
+        if any(name == other.name for other in areas):
+            c.fail(f"{key}.name", f"{name!r} already names an earlier area")
+        x, y = (c.number(a.get(k, 0.0), f"{key}.{k}", lo=-MAX_AREA_NM, hi=MAX_AREA_NM) for k in ("x_nm", "y_nm"))
+        mols = _molecules(c, a["molecules"], f"{key}.molecules", source, placed, first)
+        first += len(mols)
+        areas.append(Area(name, x, y, tuple(mols)))
+    return tuple(areas)
+
+
+def parse_faults(data: Any, *, source: str = "<faults>") -> tuple[Fault, ...]:
+    """Validate a scenario's ``faults:`` list (as loaded from YAML) into ``Fault``s."""
+    c = _Ctx(source)
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        c.fail("faults", f"expected a list of faults, got {data!r}")
+    return tuple(_fault(c, f, f"faults[{i}]") for i, f in enumerate(data))
+
+
+def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
+    """Validate a mapping (as loaded from YAML) into a ``Scenario``."""
+    c = _Ctx(source)
+    top_keys = ("name", "description", "molecules", "areas", "substrate", "tip", "artifacts",
+                "frame", "bias_V", "setpoint_A", "z_nm", "z_controller", "time_per_line_s",
+                "channels", "faults", "spectra")
+    d = c.mapping(data, "<top>", top_keys)
+    defaults = Scenario()
+
+    placed: dict[int, Any] = {}  # placement index (over every area) -> its own level energies
+    areas: tuple[Area, ...] = ()
+    if "areas" in d:
+        if "molecules" in d:
+            c.fail("molecules", "with areas: each area lists its molecules (areas[i].molecules)")
+        areas = _areas(c, d["areas"], source, placed)
+        molecules = [replace(m, x_nm=m.x_nm + a.x_nm, y_nm=m.y_nm + a.y_nm) for a in areas for m in a.molecules]
+    elif "molecules" in d:
+        molecules = _molecules(c, d["molecules"], "molecules", source, placed)
+    else:
         molecules = list(DEFAULT_MOLECULES)
-    elif not molecules:
-        c.fail("molecules", "at least one molecule is needed (the model images molecules)")
 
     sub = c.mapping(d.get("substrate"), "substrate", ("corrugation", "lattice_nm", "angle_deg"))
     substrate = {}
@@ -337,6 +530,7 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
         name=c.string(d.get("name", Path(source).stem if source != "<scenario>" else "custom"), "name"),
         description=c.string(d.get("description", ""), "description"),
         molecules=tuple(molecules),
+        areas=areas,
         substrate=substrate,
         tip=tip,
         evolution=evolution,
@@ -349,6 +543,8 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
         time_per_line_s=c.number(d.get("time_per_line_s", defaults.time_per_line_s), "time_per_line_s",
                                  lo=1e-4, hi=1e3),
         channels=channels,
+        faults=parse_faults(d.get("faults"), source=source),
+        spectra=_spectra(c, d.get("spectra"), placed),
     )
 
 

@@ -3,8 +3,16 @@
 * Binds 127.0.0.1 by default; accepts up to 4 connections at once (as the real controller);
   a fifth is closed at once.
 * Each connection is served serially in its own task; every controller call runs on one
-  worker thread (``run_in_executor``), so rendering and blocking waits never stall the
-  event loop or the other connections.
+  worker thread (``run_in_executor``), so blocking waits never stall the event loop or the
+  other connections. Rows render on the controller's own render thread, ahead of the scan
+  (``SimulatedController.render_in_background``): no controller call waits on a render, so
+  cheap commands answer at once while a large frame renders, and the scan clock (hence
+  Scan.WaitEndOfLine) waits only for the rows an event fills.
+* A cassette (``simulators/cassette.Cassette``: a recorded session), when given, answers
+  each request before the controller does; what it leaves (None) goes to the controller.
+* Every reply leaves through the fault layer (``faults.FaultLayer``: the scenario's
+  ``faults:`` section, or ``faults=``), which may delay it, cut it, or drop the connection,
+  and may refuse new connections for a while.
 * Replies are header + body in one write, with every documented return field and the
   error section (``devices/protocol.py`` builds them from its command table).
 * Release profiles: the server speaks the layouts of one Nanonis release
@@ -38,13 +46,14 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
 from stm_live.devices import protocol as P
 from stm_live.simulators import modules as M
 from stm_live.simulators.controller import ControllerError, SimulatedController
+from stm_live.simulators.faults import Fault, FaultLayer
 
 __all__ = ["MAX_CONNECTIONS", "RunningServer", "SimServer", "serve_forever", "start_server_thread"]
 
@@ -55,16 +64,23 @@ MAX_CONNECTIONS = 4
 REQUEST_BODY_LIMIT = min(P.MAX_BODY_BYTES, 1 << 20)
 PROPS_LAYOUTS = (None, "r13742", "extended")  # None: the release's own layout
 _MAX_BLOCK_S = 60.0  # cap on simulated blocking moves (real seconds)
+_REOPEN_TRIES = 50  # a refusal's end: tries to listen again on the same port, 0.2 s apart
 _READER: contextvars.ContextVar[asyncio.StreamReader] = contextvars.ContextVar("sim_reader")
 _QUIT: contextvars.ContextVar[list] = contextvars.ContextVar("sim_quit")  # Util.Quit on this connection
 
 
 class SimServer:
-    """The protocol front end; ``start`` binds, ``close`` stops (both on the server's loop)."""
+    """The protocol front end; ``start`` binds, ``close`` stops (both on the server's loop).
+
+    ``faults``: the faults to inject (a ``FaultLayer`` or a list of ``Fault``); None takes the
+    controller scenario's ``faults:`` section. ``cassette``: anything with ``answer(name,
+    request message) -> reply bytes | None``, asked first (None: the controller answers).
+    """
 
     def __init__(self, controller: SimulatedController, *, props_layout: str | None = None,
                  max_connections: int = MAX_CONNECTIONS, read_timeout_s: float = 10.0,
-                 nanonis_release: int = P.DEFAULT_RELEASE):
+                 nanonis_release: int = P.DEFAULT_RELEASE,
+                 faults: FaultLayer | Sequence[Fault] | None = None, cassette=None):
         if props_layout not in PROPS_LAYOUTS:
             raise ValueError(f"props_layout must be one of {PROPS_LAYOUTS}, got {props_layout!r}")
         if nanonis_release not in P.RELEASES:
@@ -77,6 +93,13 @@ class SimServer:
             controller.modules = M.ModuleState()
         self.max_connections = max_connections
         self.read_timeout_s = read_timeout_s
+        if faults is None:
+            faults = controller.scenario.faults
+        self.faults = faults if isinstance(faults, FaultLayer) else FaultLayer(faults)
+        self.cassette = cassette
+        self._refusing = False  # a refuse fault has closed the listener
+        self._reopen: asyncio.Task | None = None  # its wait to listen again
+        self._closing = False
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="sim-controller")
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -123,12 +146,31 @@ class SimServer:
         self._loop = asyncio.get_running_loop()
         self._flag = asyncio.Event()
         self._kick = asyncio.Event()
-        self.controller.on_event = lambda: self._loop.call_soon_threadsafe(self._wake)
+        self.controller.on_event = self._from_thread(self._wake)
+        self.controller.on_render = self._from_thread(self._kick.set)
+        self.controller.render_in_background(True)
         self._server = await asyncio.start_server(self._accept, host, port)
         self.host, self.port = self._server.sockets[0].getsockname()[:2]
         self._ticker = asyncio.create_task(self._tick_loop())
+        self.faults.start(self._refuse)
+
+    def _from_thread(self, fn):
+        """``fn`` scheduled on the server's loop from any thread (a no-op once it closed)."""
+        loop = self._loop
+
+        def call() -> None:
+            try:
+                loop.call_soon_threadsafe(fn)
+            except RuntimeError:  # the loop closed
+                pass
+
+        return call
 
     async def close(self) -> None:
+        self._closing = True
+        self.faults.stop()
+        if self._reopen is not None:
+            self._reopen.cancel()
         if self._server is not None:
             self._server.close()
         tasks = [t for t in list(self._tasks) + [self._ticker] if t is not None]
@@ -141,25 +183,66 @@ class SimServer:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
             except asyncio.TimeoutError:
                 pass
-        self.controller.on_event = None
+        self.controller.on_event = self.controller.on_render = None
+        self.controller.render_in_background(False)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _wake(self) -> None:
+        c = self.controller
+        self.faults.scan_event(c.frame_index, c.last_event.line, c.last_event.movement)
         old, self._flag = self._flag, asyncio.Event()
         old.set()
+
+    def _refuse(self, seconds: float) -> None:
+        """Stop listening for ``seconds`` (the OS refuses new connections; open ones stay)."""
+        if self._server is None or self._refusing or self._closing:
+            return
+        self._refusing = True
+        self._server.close()
+        self._reopen = self._loop.create_task(self._listen_again(seconds))
+
+    async def _listen_again(self, seconds: float) -> None:
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._reopen = None  # close() cancels the wait only, never a half-made listener
+        try:
+            for _ in range(_REOPEN_TRIES):
+                if self._closing:
+                    return
+                try:
+                    server = await asyncio.start_server(self._accept, self.host, self.port)
+                except OSError as exc:  # the port is briefly taken: try again
+                    log.warning("cannot listen on %s:%s again yet: %s", self.host, self.port, exc)
+                    await asyncio.sleep(0.2)
+                    continue
+                if self._closing:
+                    server.close()
+                else:
+                    self._server = server
+                return
+            log.error("simulated controller could not listen on %s:%s again", self.host, self.port)
+        finally:
+            self._refusing = False
 
     async def _call(self, fn, *args, **kwargs):
         """Run a controller method on the controller thread."""
         return await self._loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
     async def _tick_loop(self) -> None:
-        """Scan clock: process due end-of-line events, render ahead, sleep until the next."""
+        """Scan clock: process due end-of-line events, render ahead, sleep until the next
+        event (or until rows land, or a scan action)."""
         c = self.controller
+
+        def tick():
+            c.advance()
+            c.prefetch()
+            return c.next_event_delay()
+
         while True:
+            self._kick.clear()  # before the tick: a kick during it is not lost
             try:
-                await self._call(c.advance)
-                await self._call(c.prefetch)
-                delay = await self._call(c.next_event_delay)
+                delay = await self._call(tick)
             except asyncio.CancelledError:
                 raise
             except Exception:  # a model error must not stop the clock for every client
@@ -167,7 +250,6 @@ class SimServer:
                 await self._call(c.scan_action, "stop")
                 delay = None
             sleep = 0.05 if delay is None else min(max(delay, 0.0005), 0.05)
-            self._kick.clear()
             try:
                 await asyncio.wait_for(self._kick.wait(), sleep)
             except asyncio.TimeoutError:
@@ -185,8 +267,9 @@ class SimServer:
         self.connections += 1
         task = asyncio.current_task()
         self._tasks.add(task)
+        link = self.faults.connected(writer, task)
         try:
-            await self._serve(reader, writer)
+            await self._serve(reader, writer, link)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -194,12 +277,13 @@ class SimServer:
         finally:
             self.connections -= 1
             self._tasks.discard(task)
+            self.faults.closed(link)
             writer.close()
 
     async def _read(self, reader, n: int) -> bytes:
         return await asyncio.wait_for(reader.readexactly(n), self.read_timeout_s)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, link) -> None:
         peer = writer.get_extra_info("peername")
         _READER.set(reader)  # this connection's task only (contextvars are per task)
         quit_flag: list = []
@@ -224,13 +308,12 @@ class SimServer:
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            reply = await self._dispatch(name, body)
-            if want_reply:
-                try:
-                    writer.write(reply)  # header + body: one write
-                    await writer.drain()
-                except ConnectionError:  # the client left while we worked
-                    return
+            call = self.faults.request(link, name)
+            reply = None if self.cassette is None else self.cassette.answer(name, header + body)
+            if reply is None:
+                reply = await self._dispatch(name, body)
+            if want_reply and not await self.faults.reply(link, call, reply):
+                return
             if quit_flag:  # Util.Quit: reply, then the "application" is gone for this client
                 return
 
@@ -300,6 +383,22 @@ class SimServer:
         duration = await self._call(self.controller.bias_pulse, width, bias, z_hold, abs_rel)
         if wait:
             await self._sleep_sim(duration)
+
+    async def _h_BiasSpectr_Start(self, get_data, basename):
+        """The sweep is measured on the controller thread; its duration is waited out here, so
+        the other connections are answered meanwhile (BiasSpectr.StatusGet sees it running,
+        BiasSpectr.Stop ends the wait)."""
+        c = self.controller
+        reply, seconds = await self._call(M.bias_spectr_start, c, c.modules, get_data, basename)
+        state = c.modules.bs
+        state["running"] = 1
+        try:
+            end = time.monotonic() + min(max(0.0, seconds) / c.time_scale, _MAX_BLOCK_S)
+            while state["running"] and time.monotonic() < end:
+                await asyncio.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        finally:
+            state["running"] = 0
+        return reply
 
     async def _h_Current_Get(self):
         return {"current": await self._call(self.controller.current_get)}
@@ -391,8 +490,7 @@ class SimServer:
         elif self.props_layout is None and self.release >= 14573:
             # R14573: module names, then per module its parameter names (one table row each)
             mods = list(p["modules"])
-            values.update(modules=mods, module_param_counts=np.zeros(len(mods), np.int32),
-                          module_params=[[] for _ in mods], autopaste=p["autopaste"] + 1)
+            values.update(modules=mods, **M.header_parameters(mods), autopaste=p["autopaste"] + 1)
         return values
 
     async def _h_Scan_SpeedSet(self, fwd_speed, bwd_speed, fwd_time, bwd_time, keep_constant, speed_ratio):
@@ -523,19 +621,23 @@ def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale
                         host: str = "127.0.0.1", port: int = 0, props_layout: str | None = None,
                         read_timeout_s: float = 10.0, controller: SimulatedController | None = None,
                         save_dir=None, startup_timeout_s: float = 30.0,
-                        nanonis_release: int = P.DEFAULT_RELEASE) -> RunningServer:
+                        nanonis_release: int = P.DEFAULT_RELEASE,
+                        faults: FaultLayer | Sequence[Fault] | None = None, cassette=None) -> RunningServer:
     """Start the simulated controller on ``host:port`` (0 = ephemeral) in a daemon thread.
 
     ``save_dir``: session folder for Scan.Save and autosave (.sxm), also Util.SessionPathSet;
     without one Scan.Save is an error. ``nanonis_release``: the release whose layouts the
     server speaks (one of ``protocol.RELEASES``). ``props_layout``: force a Scan.PropsGet
     layout ("r13742", or "extended" = what nanonisTCP 1.1.5 reads); None follows the release.
+    ``faults``: faults to inject (``faults.Fault`` list or a ``FaultLayer``; ``.server.faults.fired``
+    records them); None takes the scenario's ``faults:``. ``cassette``: a recorded session
+    that answers first (``cassette.Cassette``).
     """
     ctrl = controller or _make_controller(scenario, replay, seed, time_scale)
     if save_dir is not None:
         ctrl.save_dir = save_dir
     server = SimServer(ctrl, props_layout=props_layout, read_timeout_s=read_timeout_s,
-                       nanonis_release=nanonis_release)
+                       nanonis_release=nanonis_release, faults=faults, cassette=cassette)
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     failure: list[BaseException] = []
@@ -572,12 +674,13 @@ def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale
 
 def serve_forever(host: str = "127.0.0.1", port: int = 6501, scenario=None, replay=None,
                   time_scale: float = 1.0, seed: int = 0, props_layout: str | None = None,
-                  nanonis_release: int = P.DEFAULT_RELEASE, session_dir=None) -> None:
+                  nanonis_release: int = P.DEFAULT_RELEASE, session_dir=None, cassette=None) -> None:
     """Serve until Ctrl-C (``stm-live sim serve``); prints the address.
 
     ``nanonis_release``: the release to emulate (``--nanonis-release``, one of
     ``protocol.RELEASES``); ``session_dir``: the session folder (``--session-dir``, created if
-    missing) where autosave and Scan.Save write .sxm files and Util.SessionPathGet points.
+    missing) where autosave and Scan.Save write .sxm files and Util.SessionPathGet points;
+    ``cassette``: a recorded session that answers first (``cassette.Cassette``).
     """
     if nanonis_release not in P.RELEASES:
         raise ValueError(f"--nanonis-release {nanonis_release}: the simulator emulates "
@@ -594,12 +697,16 @@ def serve_forever(host: str = "127.0.0.1", port: int = 6501, scenario=None, repl
         ctrl.save_dir = str(session_dir)
 
     async def main() -> None:
-        server = SimServer(ctrl, props_layout=props_layout, nanonis_release=nanonis_release)
+        server = SimServer(ctrl, props_layout=props_layout, nanonis_release=nanonis_release, cassette=cassette)
         try:
             await server.start(host, port)
         except OSError as exc:  # port taken, bad address: a message, not a traceback
             raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         source = f"replaying {ctrl.replay.name}" if ctrl.replay is not None else f"scenario {ctrl.scenario.name!r}"
+        if cassette is not None:
+            source = f"{cassette.describe()}; {source}"
+        if server.faults:
+            source += f", {len(server.faults.faults)} faults armed"
         print(f"simulated Nanonis controller on {server.host}:{server.port} ({source}, "
               f"time scale {time_scale:g}, seed {seed}, Nanonis release R{nanonis_release}); Ctrl-C stops", flush=True)
         stop = asyncio.Event()
