@@ -57,6 +57,10 @@ from bluesky.suspenders import SuspenderBase
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
+from stm_live.devices.signals import run_in_thread
+from stm_live.interpret import CONSTANT_CURRENT, CONSTANT_HEIGHT, network_input
+# at import, not in the verdict callback: the first verdict must not wait for torch to load
+from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, bad_probability, is_known_bad, is_unknown
 from stm_live.suspenders import put_on_loop
 
 log = logging.getLogger(__name__)
@@ -132,8 +136,6 @@ class _Job:
         self.result: Any = None
 
     def trigger(self):
-        from stm_live.devices.stm import run_in_thread
-
         return run_in_thread(self, lambda: setattr(self, "result", self._fn()))
 
 
@@ -270,7 +272,6 @@ class TipReconditioner:
     # ------------------------------------------------------------------ verdicts in
     def on_verdict(self, record: dict) -> None:
         """Feed a TipMonitor verdict (``TipMonitor(on_verdict=rec.on_verdict)``)."""
-        from stm_live.models.tipstate import bad_probability, is_known_bad, is_unknown
 
         with self._lock:
             uid, first = self._floor
@@ -430,8 +431,6 @@ class TipReconditioner:
     def _verify(self, geo: dict):
         """Restart the interrupted frame; classify its first ``verify_lines`` lines, and at
         least ``tipstate.MIN_VERDICT_HEIGHT_NM`` of it (job thread)."""
-        from stm_live.interpret import CONSTANT_CURRENT, CONSTANT_HEIGHT, network_input
-        from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM
 
         channel = 30 if geo["z_on"] else 0
         if channel not in geo["channels"]:
@@ -509,7 +508,6 @@ class TipReconditioner:
                              probabilities=json.dumps(verdict.get("probabilities", {})),
                              message=self.suspender.justification)
         yield from self._stop_scan()
-        from stm_live.models.tipstate import is_unknown
 
         success, stopped, attempt = False, "", 0
         for attempt in range(1, self.max_attempts + 1):

@@ -282,13 +282,16 @@ class Consumers:
     def _start_tiled(self, tiled_uri: str | None) -> None:
         try:
             client, self.tiled_server = open_tiled(self.data_dir, tiled_uri)
-            self.migrated = migrate_old_layout(client, self.data_dir)
             ingestor = TiledIngestor(client)
         except Exception as exc:
             logger.error("tiled unavailable (%s); runs stay in the journal", exc)
             self.tiled_error = exc
             self._tiled_ready.set()
             return
+        try:
+            self.migrated = migrate_old_layout(client, self.data_dir)
+        except Exception as exc:  # the old runs stay as they were; new ones are ingested
+            logger.error("migrating runs from stm-live's old tiled layout failed: %s", exc)
         with self._lock:
             self.ingestor = ingestor
             # crash recovery: journals of earlier sessions that never reached tiled
@@ -341,7 +344,7 @@ class Consumers:
         derived runs stop then), threaded callbacks, tiled ingestion. False on timeout."""
         ok = True
         for consumer in (self.live, self.tip):
-            if consumer is not None:
+            if callable(getattr(consumer, "flush", None)):
                 ok = consumer.flush(timeout) and ok
         ok = all(cb.join(timeout) for cb in self.threaded) and ok
         if self._tiled_ready.wait(timeout) and self.ingestor is not None:
@@ -459,7 +462,8 @@ def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True,
                 c.tip.subscribe(emit("tip"))
             if c.tip is not None:
                 c.inline.append(c.tip)  # hands classification to its own thread
-                c._closers.append(c.tip.close)
+                if callable(getattr(c.tip, "close", None)):
+                    c._closers.append(c.tip.close)
                 if c.policy is not None:
                     c.policy.monitor = c.tip  # told where the new tip starts
         if progress:

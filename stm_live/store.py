@@ -24,6 +24,7 @@ import queue
 import re
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Journal", "JournalWriter", "JournalError", "RunData", "read_journal", "run_data",
-    "TiledIngestor", "open_tiled", "ingest_journal", "run_documents", "run_from_tiled", "derived_runs",
+    "TiledIngestor", "open_tiled", "EmbeddedTiled", "ingest_journal", "run_documents", "run_from_tiled", "derived_runs",
     "journals_to_ingest", "migrate_old_layout", "find_journal", "runs_list", "runs_show", "runs_export",
 ]
 
@@ -295,9 +296,9 @@ _OLD_LAYOUT_KEYS = ("lines_read", "journal_bytes", "exit_status")
 def open_tiled(data_dir: str | os.PathLike | None = None, tiled_uri: str | None = None):
     """A writable tiled client: ``tiled_uri`` if given, else an embedded server.
 
-    Returns ``(client, server)``; ``server`` is None for an external URI, otherwise the
-    :class:`tiled.server.SimpleTiledServer` (stored in ``data_dir/tiled``, loopback only, able
-    to read ``data_dir/assets``) that the caller closes.
+    Returns ``(client, server)``; ``server`` is None for an external URI, otherwise the embedded
+    server (:class:`EmbeddedTiled`: stored in ``data_dir/tiled``, loopback only, able to read
+    ``data_dir/assets``) that the caller closes.
     """
     from tiled.client import from_uri
 
@@ -305,12 +306,56 @@ def open_tiled(data_dir: str | os.PathLike | None = None, tiled_uri: str | None 
         return from_uri(tiled_uri), None
     if data_dir is None:
         raise ValueError("open_tiled needs data_dir or tiled_uri")
-    from tiled.server import SimpleTiledServer
-
-    assets = Path(data_dir) / ASSETS
-    assets.mkdir(parents=True, exist_ok=True)
-    server = SimpleTiledServer(directory=Path(data_dir) / "tiled", readable_storage=[assets])
+    server = EmbeddedTiled(Path(data_dir) / "tiled", [Path(data_dir) / ASSETS])
     return from_uri(server.uri), server
+
+
+class EmbeddedTiled:
+    """tiled's ``SimpleTiledServer`` in a process of its own: its request handling and storage
+    work never hold the acquiring interpreter's GIL (in-process, a write stalled the RunEngine
+    for a third of a second). It ends with this process: it exits when its stdin closes.
+    ``uri`` (with the API key), ``close()``."""
+
+    _CODE = ("import sys; from tiled.server import SimpleTiledServer; "
+             "s = SimpleTiledServer(directory=sys.argv[1], readable_storage=sys.argv[2:]); "
+             "print('URI', s.uri, flush=True); sys.stdin.read(); s.close()")
+
+    def __init__(self, directory: Path, readable: list[Path], *, timeout_s: float = 120.0):
+        import subprocess
+        import sys
+
+        for folder in (directory, *readable):
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self.log = Path(directory) / "server.log"
+        with open(self.log, "ab") as log:  # its access log: a file, never a pipe nobody drains
+            # its own session: a Ctrl-C at the terminal is for the acquisition, which ends it in order
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", self._CODE, str(directory), *map(str, readable)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+        found: list[str] = []
+        reader = threading.Thread(target=lambda: found.extend(
+            line.split()[1] for line in self._proc.stdout if line.startswith("URI ")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout_s
+        while not found and self._proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not found:
+            self.close()
+            last = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["no message"]
+            raise OSError(f"embedded tiled server in {directory} did not start within {timeout_s:.0f} s "
+                          f"({last[0]}; see {self.log})")
+        self.uri = found[0]
+
+    def close(self, timeout: float = 10.0) -> None:
+        import subprocess
+
+        if self._proc.poll() is None:
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(timeout)
 
 
 def _jsonable(obj: Any) -> Any:

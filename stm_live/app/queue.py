@@ -94,8 +94,8 @@ def start(
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=2)
     typer.echo(f"RE Manager on {services.control_address} (console {services.info_address}), Redis on "
-               f"127.0.0.1:{services.redis_port}, runs into tiled at {services.tiled_display}; "
-               f"the RE Manager's log: {services.log_path}")
+               f"127.0.0.1:{services.redis_port}; the RE Manager's log: {services.log_path}")
+    typer.echo(f"runs go to tiled at {services.tiled_uri}")
     typer.echo("queue plans with qserver or REManagerAPI (`stm-live queue` says how); Ctrl-C stops")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -169,10 +169,6 @@ class QueueServices:
         """The tiled server's URI (with the embedded server's API key)."""
         return self._tiled_uri
 
-    @property
-    def tiled_display(self) -> str:
-        return self._tiled_uri.split("?")[0] if self._tiled_uri else "-"
-
     def start(self) -> "QueueServices":
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -206,7 +202,8 @@ class QueueServices:
             [exe, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--dir", str(folder),
              "--dbfilename", "queue.rdb", "--save", "60 1", "--appendonly", "no", "--protected-mode", "yes",
              "--daemonize", "no", "--logfile", str(log)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # a Ctrl-C is for `queue start`, which stops it in order
         self._wait("redis-server", self._redis, log, self._redis_ready)
 
     def _redis_ready(self) -> bool:
@@ -303,12 +300,19 @@ class QueueServices:
         """Stop the RE Manager (and its worker), Redis and tiled; returns one line per problem."""
         import signal
         import subprocess
+        import time
 
         problems = []
         if self._manager is not None and self._manager.poll() is None:
             try:
                 RM = self.api(timeout_recv=5.0)
                 try:
+                    try:  # the worker finishes its consumers first: the last runs go into tiled
+                        if RM.status().get("worker_environment_exists"):
+                            RM.environment_close()
+                            RM.wait_for_idle(timeout=timeout)
+                    except Exception:  # a plan still running: it ends with the manager
+                        pass
                     RM.send_request(method="manager_stop", params={"option": "safe_off"})
                 finally:
                     RM.close()
@@ -320,7 +324,12 @@ class QueueServices:
             except subprocess.TimeoutExpired:
                 problems.append(f"the RE Manager did not stop within {timeout:.0f} s; killed it")
         if self._manager is not None:
-            try:  # what is left of its session (the worker), by the group this process made
+            # what is left of its session (a worker still closing), by the group this process made
+            deadline = time.monotonic() + 10.0
+            try:
+                while time.monotonic() < deadline:
+                    os.killpg(self._manager.pid, 0)
+                    time.sleep(0.1)
                 os.killpg(self._manager.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass

@@ -40,7 +40,7 @@ from stm_live import __version__
 from stm_live.devices import protocol as P
 from stm_live.simulators.cassette import RecordingWriter
 from stm_live.simulators.faults import Fault, FaultLayer
-from stm_live.simulators.server import MAX_CONNECTIONS
+from stm_live.simulators.server import MAX_CONNECTIONS, loop_in_thread
 
 __all__ = ["RecordingProxy", "RunningProxy", "open_proxy", "parse_address", "start_proxy_thread"]
 
@@ -454,34 +454,9 @@ def start_proxy_thread(upstreams: Sequence[tuple[str, int]], out: str | Path, *,
                        port: int = 0, faults: FaultLayer | Sequence[Fault] = (),
                        startup_timeout_s: float = 30.0) -> RunningProxy:
     """``open_proxy`` served from a daemon thread (tests, benchmarks)."""
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    started: list = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            started.append(loop.run_until_complete(open_proxy(upstreams, out, host=host, port=port, faults=faults)))
-        except BaseException as exc:  # reported to the caller
-            started.append(exc)
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for t in leftover:
-                t.cancel()
-            if leftover:
-                loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
-            loop.close()
-
-    thread = threading.Thread(target=run, name="stm-live-record", daemon=True)
-    thread.start()
-    if not ready.wait(startup_timeout_s):
-        raise RuntimeError(f"recording proxy did not start within {startup_timeout_s} s")
-    if isinstance(started[0], BaseException):
-        raise started[0]
-    return RunningProxy(started[0], loop, thread)
+    started, loop, thread = loop_in_thread(lambda: open_proxy(upstreams, out, host=host, port=port, faults=faults),
+                                           name="stm-live-record", what="recording proxy",
+                                           startup_timeout_s=startup_timeout_s)
+    if isinstance(started, BaseException):
+        raise started
+    return RunningProxy(started, loop, thread)

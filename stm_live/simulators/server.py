@@ -617,6 +617,42 @@ def _make_controller(scenario, replay, seed, time_scale) -> SimulatedController:
     return SimulatedController(scenario, replay=replay, seed=seed, time_scale=time_scale)
 
 
+def loop_in_thread(start, *, name: str, what: str, startup_timeout_s: float):
+    """Run ``start()`` (a coroutine opening a listener) on a new event loop in a daemon thread
+    and keep that loop running: (what ``start`` returned, or the exception it raised; the loop;
+    the thread). Raises RuntimeError if it has not started within ``startup_timeout_s``."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    outcome: list = []
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            outcome.append(loop.run_until_complete(start()))
+        except BaseException as exc:  # reported to the caller
+            outcome.append(exc)
+            ready.set()
+            loop.close()
+            return
+        ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            # Drain what close() left (bounded), so no task is destroyed while pending.
+            leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for t in leftover:
+                t.cancel()
+            if leftover:
+                loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
+            loop.close()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    if not ready.wait(startup_timeout_s):
+        raise RuntimeError(f"{what} did not start within {startup_timeout_s} s")
+    return outcome[0], loop, thread
+
+
 def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale: float = 1.0,
                         host: str = "127.0.0.1", port: int = 0, props_layout: str | None = None,
                         read_timeout_s: float = 10.0, controller: SimulatedController | None = None,
@@ -638,37 +674,10 @@ def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale
         ctrl.save_dir = save_dir
     server = SimServer(ctrl, props_layout=props_layout, read_timeout_s=read_timeout_s,
                        nanonis_release=nanonis_release, faults=faults, cassette=cassette)
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(server.start(host, port))
-        except BaseException as exc:  # report bind errors to the caller
-            failure.append(exc)
-            ready.set()
-            loop.close()
-            return
-        ready.set()
-        try:
-            loop.run_forever()
-        finally:
-            # Drain what close() left (bounded), so no task is destroyed while pending.
-            leftover = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for t in leftover:
-                t.cancel()
-            if leftover:
-                loop.run_until_complete(asyncio.wait(leftover, timeout=1.0))
-            loop.close()
-
-    thread = threading.Thread(target=run, name=f"stm-live-sim-{port}", daemon=True)
-    thread.start()
-    if not ready.wait(startup_timeout_s):
-        raise RuntimeError(f"simulated controller did not start within {startup_timeout_s} s")
-    if failure:
-        raise OSError(f"cannot serve the simulated controller on {host}:{port}: {failure[0]}") from failure[0]
+    started, loop, thread = loop_in_thread(lambda: server.start(host, port), name=f"stm-live-sim-{port}",
+                                           what="simulated controller", startup_timeout_s=startup_timeout_s)
+    if isinstance(started, BaseException):  # a bind error
+        raise OSError(f"cannot serve the simulated controller on {host}:{port}: {started}") from started
     return RunningServer(server.host, server.port, ctrl, server, loop, thread)
 
 
