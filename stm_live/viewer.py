@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -498,6 +499,8 @@ def run_viewer(*, port: int = 8765, data_dir: str | Path = "stm_live_data",
         follower.start()
         what = f"following {Path(data_dir) / 'journal'}"
     viewer = Viewer(state, port=port)
+    # Ctrl-C stops it even when started with SIGINT ignored (from a script's background job)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"stm-live viewer at {viewer.url}: {what} (Ctrl-C to stop)", flush=True)
     try:
         while True:

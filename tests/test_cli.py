@@ -53,7 +53,9 @@ def _stop(proc) -> int:
         return proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
-        raise
+        rest = proc.communicate(timeout=10)[0] or ""
+        raise AssertionError(f"`{' '.join(proc.args[2:])}` did not stop within 20 s of Ctrl-C; its output: "
+                             f"{rest[-800:]!r}") from None
 
 
 def test_help_lists_every_command():
