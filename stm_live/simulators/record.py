@@ -40,7 +40,7 @@ from stm_live import __version__
 from stm_live.devices import protocol as P
 from stm_live.simulators.cassette import RecordingWriter
 from stm_live.simulators.faults import Fault, FaultLayer
-from stm_live.simulators.server import MAX_CONNECTIONS, loop_in_thread
+from stm_live.simulators.server import MAX_CONNECTIONS, loop_in_thread, stop_loop_thread
 
 __all__ = ["RecordingProxy", "RunningProxy", "open_proxy", "parse_address", "start_proxy_thread"]
 
@@ -417,12 +417,7 @@ class RunningProxy:
         """Close every connection and the listeners, write out the recording, join."""
         if not self._thread.is_alive():
             return
-        try:
-            asyncio.run_coroutine_threadsafe(self.proxy.close(), self._loop).result(timeout)
-        except Exception:
-            log.exception("recording proxy did not close cleanly")
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
+        stop_loop_thread(self.proxy.close, self._loop, self._thread, what="recording proxy", timeout=timeout)
 
     def __enter__(self) -> "RunningProxy":
         return self

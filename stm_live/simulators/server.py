@@ -598,13 +598,7 @@ class RunningServer:
         """Close every connection and the listener; join the thread (bounded)."""
         if not self._thread.is_alive():
             return
-        fut = asyncio.run_coroutine_threadsafe(self.server.close(), self._loop)
-        try:
-            fut.result(timeout)
-        except Exception:
-            log.exception("simulated server did not close cleanly")
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout)
+        stop_loop_thread(self.server.close, self._loop, self._thread, what="simulated server", timeout=timeout)
 
     def __enter__(self) -> "RunningServer":
         return self
@@ -651,6 +645,17 @@ def loop_in_thread(start, *, name: str, what: str, startup_timeout_s: float):
     if not ready.wait(startup_timeout_s):
         raise RuntimeError(f"{what} did not start within {startup_timeout_s} s")
     return outcome[0], loop, thread
+
+
+def stop_loop_thread(close, loop, thread, *, what: str, timeout: float) -> None:
+    """Undo :func:`loop_in_thread`: run ``close()`` on the loop (bounded; a failure is logged),
+    stop the loop and join its thread."""
+    try:
+        asyncio.run_coroutine_threadsafe(close(), loop).result(timeout)
+    except Exception:
+        log.exception("%s did not close cleanly", what)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(timeout)
 
 
 def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale: float = 1.0,
