@@ -9,8 +9,10 @@
    (target <= 1 per 100 frames).
 3. Out-of-domain gate (issue 19, ``tipdomain``): ROC AUC per out-of-domain family (no
    molecule, 7x7-like lattice, metal clusters, noise, 3x larger molecules; target >= 0.95)
-   against held-out in-domain frames, and the share of held-out in-domain frames called
-   unknown (target <= 3 %), on seeds of its own (the model card's use another).
+   against held-out in-domain frames, the share of held-out in-domain frames called
+   unknown (target <= 3 %), the share of each family a policy could act on (a bad verdict
+   within its class's action limit) and the share of in-domain bad verdicts held back, on
+   seeds of its own (the model card's use another).
 4. Closed loop: 20 simulated frames against the simulated controller with random tip
    degradation, TipMonitor + auto policy; share of frames finished with a good tip and no
    operator input (target >= 90 %), and suspensions on frames whose tip stayed good.
@@ -103,7 +105,7 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
     rng = np.random.default_rng(seed)
     clf = load_tip_classifier("cpu")
     good_tips = ("co_sharp", "metal_s", "mixed")
-    ok, operator, suspended, needless, unknown_frames, details = 0, 0, 0, 0, 0, []
+    ok, operator, suspended, needless, unknown_frames, held_frames, details = 0, 0, 0, 0, 0, 0, []
     with start_server_thread(scenario=load_scenario("default"), seed=seed, time_scale=time_scale) as srv:
         ctrl = srv.controller
         stm = NanonisSTM(srv.host, srv.port, name="stm", profile=load_profile("sim"))
@@ -136,6 +138,7 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
                 tripped = any(e["what"] == "suspend" for e in rec.events[n_before:])
                 unknown_frames += any(e["what"].startswith("unknown verdict") or
                                       e.get("verdict") == "unknown" for e in rec.events[n_before:])
+                held_frames += any(e["what"].startswith("held-back bad verdict") for e in rec.events[n_before:])
                 suspended += tripped
                 needless += tripped and bad is None and tip_before in good_tips
                 if finished and ctrl.tip_label in good_tips:
@@ -150,7 +153,7 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
             mon.close()
             loop.call_soon_threadsafe(loop.stop)
     return {"frames": frames, "good_and_unattended": ok / frames, "suspensions": suspended,
-            "needless_suspensions": needless, "unknown_frames": unknown_frames,
+            "needless_suspensions": needless, "unknown_frames": unknown_frames, "held_frames": held_frames,
             "operator_needed": operator, "details": details}
 
 
@@ -212,16 +215,21 @@ def main() -> None:
         print("\n".join(format_domain_report(d)))
         aucs = {k: v["auc"] for k, v in d["families"].items()}
         worst_in = max(v["unknown_share"] for v in d["in_domain"].values())
+        acted = {k: v["acted_share"] for k, v in d["families"].items()}
+        held = max(v["held_share"] for v in d["in_domain"].values())
         print(f"out-of-domain gate: ROC AUC per family {', '.join(f'{k} {v:.3f}' for k, v in aucs.items())} "
               f"(target >= 0.95; {sum(v >= 0.95 for v in aucs.values())}/{len(aucs)} met); in-domain frames "
-              f"called unknown at most {worst_in:.3f} per set (target <= 0.03)  [{time.perf_counter() - t:.0f} s]")
+              f"called unknown at most {worst_in:.3f} per set (target <= 0.03); out-of-domain frames a policy "
+              f"could act on {', '.join(f'{k} {v:.3f}' for k, v in acted.items())}; in-domain bad verdicts held "
+              f"back at most {held:.3f} per set  [{time.perf_counter() - t:.0f} s]")
     if "loop" in only:
         t = time.perf_counter()
         r = closed_loop(frames=int(os.environ.get("STM_BENCH_TIP_LOOP", "20")))
         print(f"closed loop: {r['frames']} frames, good tip and no operator input {r['good_and_unattended']:.2f} "
               f"(target >= 0.90), operator needed {r['operator_needed']}, {r['suspensions']} suspensions, "
               f"{r['needless_suspensions']} of them on a frame whose tip stayed good; {r['unknown_frames']} frames "
-              f"with an unknown verdict (no action on it)  [{time.perf_counter() - t:.0f} s]")
+              f"with an unknown verdict and {r['held_frames']} with a held-back bad verdict (no action on "
+              f"either)  [{time.perf_counter() - t:.0f} s]")
 
 
 if __name__ == "__main__":

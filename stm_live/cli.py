@@ -207,7 +207,7 @@ def classify(
     input: Path = typer.Argument(..., help="A recorded .sxm frame."),
     channel: Optional[str] = typer.Option(None, help=".sxm channel (default: as reconstruct picks it)."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object: label, good, probabilities, "
-                                                     "s_fraction, in_domain, domain_score, reason."),
+                                                     "s_fraction, in_domain, domain_score, held_back, reason."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ):
     """The tip classifier's verdict on one recorded frame ("unknown" outside what it knows)."""

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from stm_live.models.tipstate import is_held_back
 from stm_live.session import DerivedCollector
 from stm_live.viewer import json_number
 
@@ -99,10 +100,12 @@ class _VerdictPrinter:
                 f"nearest {nearest}, p = {probs[nearest]:.2f}; {record['reason']})")
             return
         colour = "green" if record.get("good") else "red"
+        held = (f"; held back, no action: class score {record['class_score']:.0f} > limit "
+                f"{record['action_limit']:.0f}" if is_held_back(record) else "")
         self.console.print(
             f"  tip verdict at line {record['line']}: [{colour}]{record['label']}[/] "
             f"(p = {probs.get(record['label'], float('nan')):.2f}, s share {record['s_fraction']:.2f}; "
-            f"{record['reason']})")
+            f"{record['reason']}{held})")
 
 
 def _sxm_for_run(path: Path, run) -> Path:
@@ -468,7 +471,10 @@ def _verdict_entry(v: dict) -> dict[str, Any]:
     entry["p"] = probabilities.get(v["label"])
     if entry["p"] is None and probabilities:
         entry["closest"] = max(probabilities, key=probabilities.get)
-    entry |= {key: v[key] for key in ("in_domain", "domain_score", "domain_threshold") if key in v}
+    entry |= {key: v[key] for key in ("in_domain", "domain_score", "domain_threshold", "class_score", "action_limit")
+              if key in v}
+    if is_held_back(v):
+        entry["held_back"] = True
     return entry
 
 

@@ -60,7 +60,8 @@ from ophyd import Device, Signal
 from stm_live.devices.signals import run_in_thread
 from stm_live.interpret import CONSTANT_CURRENT, CONSTANT_HEIGHT, network_input
 # at import, not in the verdict callback: the first verdict must not wait for torch to load
-from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, bad_probability, is_known_bad, is_unknown
+from stm_live.models.tipstate import (MIN_VERDICT_HEIGHT_NM, bad_probability, is_held_back, is_known_bad,
+                                      is_unknown)
 from stm_live.suspenders import put_on_loop
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,15 @@ def _nearest(record: dict) -> str:
 
 
 def _domain_why(record: dict) -> str:
-    """'domain score 812 > threshold 410' (or what is known of it)."""
-    score, thr = record.get("domain_score", float("nan")), record.get("domain_threshold", float("nan"))
+    """Why a verdict is not acted on: 'domain score 812 > threshold 410', or for a bad
+    verdict held back 'class score 260 > blunt's action limit 240' (or what is known of it)."""
+    held = is_held_back(record)
+    keys = ("class_score", "action_limit") if held else ("domain_score", "domain_threshold")
+    score, limit = (record.get(k, float("nan")) for k in keys)
     try:
-        return f"domain score {float(score):.0f} > threshold {float(thr):.0f}"
+        if held:
+            return f"class score {float(score):.0f} > {record.get('label')}'s action limit {float(limit):.0f}"
+        return f"domain score {float(score):.0f} > threshold {float(limit):.0f}"
     except (TypeError, ValueError):
         return "outside the classifier's domain"
 
@@ -277,8 +283,10 @@ class TipReconditioner:
             uid, first = self._floor
             if uid is not None and record.get("run_uid") == uid and record.get("first_line", 0) < first:
                 return  # judged lines taken before the tip was reconditioned
-            unknown = is_unknown(record)
-            if unknown:  # outside what the classifier knows: never acted on
+            # outside what the classifier knows, or a bad verdict beyond its class's action limit:
+            # never acted on
+            unknown = is_unknown(record) or is_held_back(record)
+            if unknown:
                 self._bad_in_row = 0
                 ask = self._unknown(record)
             elif (not is_known_bad(record)
@@ -337,18 +345,25 @@ class TipReconditioner:
         if self.policy == "prompt" and not self._busy and not over and (self.RE is None or run == self._open_run):
             self._busy = True
             return True
-        what = {"off": "unknown verdict (policy off: recorded)",
-                "auto": "unknown verdict: no action (auto never acts outside the classifier's domain)",
-                "prompt": "unknown verdict: not asked (busy, or the frame is over)"}[self.policy]
+        held = is_held_back(record)
+        kind = "held-back bad verdict" if held else "unknown verdict"
+        never = ("auto never acts on a bad verdict beyond its class's action limit" if held
+                 else "auto never acts outside the classifier's domain")
+        what = {"off": f"{kind} (policy off: recorded)", "auto": f"{kind}: no action ({never})",
+                "prompt": f"{kind}: not asked (busy, or the frame is over)"}[self.policy]
         self._note(what, verdict=record.get("label"), nearest=_nearest(record), line=record.get("line"), why=why)
         return False
 
     def _unknown_message(self, record: dict) -> str:
         kind, params = self.actions[0]
-        return (f"The tip classifier cannot judge the tip at line {record.get('line')}: the frame is outside "
-                f"what it knows ({_domain_why(record)}), so its probabilities (nearest class "
-                f"{_nearest(record)!r}) cannot be trusted and nothing is done automatically. Recondition "
-                f"anyway at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, starting with {kind} "
+        if is_held_back(record):
+            doubt = (f"the tip looks {record.get('label')!r}, but the frame lies farther from that class's "
+                     f"training frames than it acts on ({_domain_why(record)})")
+        else:
+            doubt = (f"the frame is outside what it knows ({_domain_why(record)}), so its probabilities "
+                     f"(nearest class {_nearest(record)!r}) cannot be trusted")
+        return (f"The tip classifier cannot judge the tip at line {record.get('line')}: {doubt}, and nothing "
+                f"is done automatically. Recondition anyway at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, starting with {kind} "
                 f"{params}?")
 
     def _prompt(self, record: dict, msg: str) -> None:
@@ -528,9 +543,10 @@ class TipReconditioner:
             yield from bps.trigger(job, wait=True)
             v = job.result
             self.attempts.append(Attempt(attempt, kind, params, v.label, v.good, dict(v.probabilities)))
-            unknown = is_unknown(v)
+            unknown = is_unknown(v) or v.held_back
             detail = (f"unknown: the verification frame is outside what the classifier knows "
-                      f"({_domain_why(v.to_dict())}; nearest {v.nearest} {v.confidence:.2f})" if unknown
+                      f"({_domain_why(v.to_dict())}; nearest {v.nearest} {v.confidence:.2f})" if is_unknown(v)
+                      else f"{v.label} ({v.confidence:.2f}), held back: {_domain_why(v.to_dict())}" if unknown
                       else f"{v.label} ({v.confidence:.2f})")
             yield from self._rec("verified", attempt=attempt, action=kind, params=json.dumps(params),
                                  verdict=v.label, probabilities=json.dumps(v.probabilities), good=v.good,

@@ -307,15 +307,20 @@ class ViewerState:
             probabilities = json.loads(probabilities)
         if not isinstance(probabilities, dict):  # an array in the order of the start's tip_classes
             probabilities = dict(zip(self._tip_classes, np.asarray(probabilities, float).tolist()))
-        # in_domain / domain_score / domain_threshold: absent for a classifier without a domain model
+        # in_domain / domain_score / domain_threshold (and the action limit): absent for a classifier
+        # without a domain model
         in_domain = data.get("in_domain")
         self.verdict = {
             "label": str(label),
             "probabilities": {str(k): float(v) for k, v in dict(probabilities).items()},
             "s_fraction": json_number(data.get("s_fraction")),
+            "good": bool(data.get("good", False)),
             "in_domain": None if in_domain is None else bool(in_domain),
             "domain_score": json_number(data.get("domain_score")),
             "domain_threshold": json_number(data.get("domain_threshold")),
+            # a bad verdict with class_score > action_limit is held back: nothing acts on it
+            "class_score": json_number(data.get("class_score")),
+            "action_limit": json_number(data.get("action_limit")),
         }
         self.timeline.append({"run": parent or self.run or "", "line": int(data.get("line", -1)),
                               "label": str(label)})

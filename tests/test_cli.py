@@ -159,10 +159,14 @@ def test_view_serves_the_page_following_a_data_dir(tmp_path):
         _stop(proc)
 
 
+# The final evaluation is CPU-bound: with two torch threads it took 14 s alone and over 120 s
+# beside two busy-looping processes (each thread waits on the other when the cores are
+# taken); with one, 38 s beside a training job and a busy loop.
 @pytest.mark.parametrize("model", ["stmnet", "tipstate"])
 def test_train_writes_a_checkpoint_and_card_that_load(tmp_path, model):
     out = tmp_path / f"{model}.pt"
-    result = _invoke("train", "--model", model, "--steps", "2", "--out", str(out), "--device", "cpu")
+    result = _invoke("train", "--model", model, "--steps", "2", "--out", str(out), "--device", "cpu",
+                     "--threads", "1")
     assert result.exit_code == 0, result.output
     assert out.exists()
     cards = list(tmp_path.glob("*MODEL_CARD*.md")) + list(tmp_path.glob("*.md"))

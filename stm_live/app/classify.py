@@ -5,7 +5,8 @@ The frame is read through :mod:`stm_live.interpret` (channel, sign, levelling, p
 scope (far coarser or larger than it takes) is "unknown" without running the network; one
 inside the scope but outside what the classifier knows (its domain score above threshold,
 :mod:`stm_live.models.tipdomain`) is "unknown" too, with the probabilities shown for the
-record. Prints one line, or with ``--json`` one JSON object.
+record. A bad verdict farther from its class's frames than the class's action limit is
+"held back": no policy acts on it. Prints one line, or with ``--json`` one JSON object.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 __all__ = ["classify_main", "classify_file"]
 
-JSON_KEYS = ("label", "good", "probabilities", "s_fraction", "in_domain", "domain_score", "reason")
+JSON_KEYS = ("label", "good", "probabilities", "s_fraction", "in_domain", "domain_score", "held_back", "reason")
 
 
 def classify_file(path, *, channel: str | None = None, device: str = "auto", classifier=None) -> tuple[dict, object]:
@@ -36,7 +37,7 @@ def classify_file(path, *, channel: str | None = None, device: str = "auto", cla
     scope = classifier_scope(net_in.image.shape, net_in.pixel_size_nm, net_in.line_spacing_nm)
     if not scope.ok:  # the network never sees it: nothing to trust, nothing to compute
         return {"label": UNKNOWN, "good": False, "probabilities": None, "s_fraction": None,
-                "in_domain": False, "domain_score": None, "reason": scope.reason}, net_in
+                "in_domain": False, "domain_score": None, "held_back": False, "reason": scope.reason}, net_in
     if classifier is None:
         from stm_live.models.tipstate import load_tip_classifier
 
@@ -46,7 +47,11 @@ def classify_file(path, *, channel: str | None = None, device: str = "auto", cla
     except ValueError as exc:  # e.g. fewer than 3 scanned lines
         raise ValueError(f"{path.name}: {exc}") from None
     score = None if math.isnan(v.domain_score) else round(float(v.domain_score), 3)
-    if v.in_domain:
+    if v.held_back:
+        reason = (f"held back, no policy acts on it: inside the classifier's domain (score {v.domain_score:.0f} <= "
+                  f"{v.domain_threshold:.0f}) but far from its {v.label} frames (class score {v.class_score:.0f} > "
+                  f"action limit {v.action_limit:.0f})")
+    elif v.in_domain:
         reason = "" if score is None else (f"inside the classifier's domain (score {v.domain_score:.0f} <= "
                                            f"threshold {v.domain_threshold:.0f})")
     else:
@@ -55,7 +60,7 @@ def classify_file(path, *, channel: str | None = None, device: str = "auto", cla
     return {"label": v.label, "good": bool(v.good),
             "probabilities": {k: round(float(p), 6) for k, p in v.probabilities.items()},
             "s_fraction": round(float(v.s_fraction), 6), "in_domain": bool(v.in_domain),
-            "domain_score": score, "reason": reason}, net_in
+            "domain_score": score, "held_back": bool(v.held_back), "reason": reason}, net_in
 
 
 def classify_main(path, *, channel: str | None = None, as_json: bool = False, device: str = "auto",

@@ -12,8 +12,9 @@ Verdicts go out three ways:
 - as Bluesky documents of their own run, linked to the frame's run by ``parent_uid``
   (start key ``purpose="tip_verdicts"``), stream ``tip_verdict``: ``label`` (a class, or
   "unknown" for a frame outside what the classifier knows), ``probabilities`` (in
-  ``TIP_CLASSES`` order), ``s_fraction``, ``good``, ``in_domain``, ``domain_score`` and
-  ``domain_threshold`` (``tipdomain``), ``line`` (last line seen), ``change_line`` (line
+  ``TIP_CLASSES`` order), ``s_fraction``, ``good``, ``in_domain``, ``domain_score``,
+  ``domain_threshold``, ``class_score`` and ``action_limit`` (``tipdomain``: a bad verdict
+  with a class score above its limit is held back, nothing acts on it), ``line`` (last line seen), ``change_line`` (line
   where a change was detected, -1 if none), ``reason``; subscribe with
   :meth:`TipMonitor.subscribe`;
 - to ``on_verdict(record)`` (called on the worker thread; a dict like a timeline entry);
@@ -196,6 +197,8 @@ class TipMonitor:
             "in_domain": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
             "domain_score": {"source": "TipMonitor", "dtype": "number", "shape": []},
             "domain_threshold": {"source": "TipMonitor", "dtype": "number", "shape": []},
+            "class_score": {"source": "TipMonitor", "dtype": "number", "shape": []},
+            "action_limit": {"source": "TipMonitor", "dtype": "number", "shape": []},
             "line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
             "change_line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
             "reason": {"source": "TipMonitor", "dtype": "string", "shape": []},
@@ -311,22 +314,20 @@ class TipMonitor:
         self._last_classified = row
 
         # A classifier without a domain model (a test double, an old one) says nothing of it.
-        in_domain = bool(getattr(verdict, "in_domain", True))
-        score = float(getattr(verdict, "domain_score", float("nan")))
-        threshold = float(getattr(verdict, "domain_threshold", float("nan")))
+        gate = {"in_domain": bool(getattr(verdict, "in_domain", True)),
+                **{key: float(getattr(verdict, key, float("nan")))
+                   for key in ("domain_score", "domain_threshold", "class_score", "action_limit")}}
         record = {
             "run_uid": self._asm.run_uid, "time": time.time(), "line": int(row),
             "first_line": int(start), "change_line": int(self._last_change),
             "label": verdict.label, "probabilities": dict(verdict.probabilities),
-            "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good), "reason": reason,
-            "in_domain": in_domain, "domain_score": score, "domain_threshold": threshold,
+            "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good), "reason": reason, **gate,
         }
         with self._lock:
             self.timeline.append(record)
         data = {"label": verdict.label,
                 "probabilities": [float(verdict.probabilities[c]) for c in TIP_CLASSES],
-                "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good),
-                "in_domain": in_domain, "domain_score": score, "domain_threshold": threshold,
+                "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good), **gate,
                 "line": int(row), "change_line": int(self._last_change), "reason": reason}
         self._emit("event", self._desc.compose_event(data=data, timestamps={k: record["time"] for k in data}))
         if self.on_verdict is not None:

@@ -8,7 +8,10 @@ controller's scenes as the monitor cuts them): the class-conditional Gaussian wi
 covariance of Lee et al. (NeurIPS 2018, "A simple unified framework for detecting
 out-of-distribution samples and adversarial attacks"),
 score = min_c (g - mu_c)^T Sigma^-1 (g - mu_c), g = sqrt(f). Above a threshold calibrated on
-held-out frames of both, the verdict is "unknown" and no policy acts on it.
+held-out frames of both, the verdict is "unknown" and no policy acts on it. A verdict of a
+bad class is acted on only when the frame also lies as close to that class's own frames as
+almost all held-out frames the network gives that class (:func:`action_limits`); farther
+out it is held back, and the next verdict decides.
 
 The out-of-domain families below were fixed before the statistics were fitted and are never
 used to fit or calibrate them: they only measure the detector (tests, benchmark, model card).
@@ -27,7 +30,7 @@ import numpy as np
 
 __all__ = ["OOD_FAMILIES", "FamilyFrame", "ood_family", "DomainModel", "domain_path", "load_domain",
            "fit_statistics", "fit_domain_main", "domain_report", "format_domain_report", "roc_auc",
-           "line_spectra", "describe", "controller_scene"]
+           "line_spectra", "describe", "controller_scene", "action_limits"]
 
 OOD_FAMILIES = ("no_molecule", "lattice_7x7", "metal_clusters", "noise", "large_molecule")
 # Scan pitches the families are drawn at: inside classifier_scope (<= 0.15 nm/px) and the
@@ -246,6 +249,21 @@ CALIBRATION_QUANTILE = 0.98  # <= 3 % of held-out in-domain frames called unknow
 FIT_SEED = 1901  # build_bank seeds: the classifier trained on seed 9 (its card), the benchmark
 CALIBRATION_SEED = 1902  # and evaluate() draw from make_batch streams of their own
 FAMILY_SEED = 1903
+# A bad verdict leads to action only when the frame is as close to that class's training
+# frames as ACTION_QUANTILE of the held-out frames the network labels that class. The
+# threshold alone lets frames through that sit between the classes' clouds, and the network
+# calls most of them a bad class: with the broadened classifier, 23 of 100 pure-noise frames
+# passed it (14 called a bad class) and 8 of 100 metal-cluster frames (all 'blunt'). Measured while
+# choosing (the fit's calibration frames; 100 per family; held back: share of bad verdicts
+# on the report's in-domain sets), families acted on / bad verdicts held back:
+#   per class, pooled sources, 0.98: clusters 0.02, noise 0.01, 3x molecules 0.31 / recipe
+#     0.014, broadened recipe 0.06, scenes 0.06, closed-loop crops 0.17  <- chosen
+#   the same at 0.95: 0.01, 0.00, 0.23 / 0.04, 0.10, 0.14, 0.26
+#   the larger of each source's 0.98 quantile: 0.07, 0.01, 0.38 / 0.007, 0.035, 0.012, 0.14
+# A held-back verdict costs a delay (the next verdict on more lines decides); an action on
+# a good tip costs the tip.
+ACTION_QUANTILE = 0.98
+ACTION_MIN_FRAMES = 10  # fewer calibration frames of a class say nothing of its tail
 
 
 def line_spectra(inputs, pixel_size_nm: float) -> np.ndarray:
@@ -275,36 +293,57 @@ def describe(features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
 @dataclass(frozen=True)
 class DomainModel:
     """Class-conditional Gaussians with one shared covariance over :func:`describe` of a
-    frame (a mean per class and source of frames). ``whiten`` W satisfies W Wᵀ = Σ⁻¹ and
-    ``centres`` are the means times W, so score = min_c |d W − centre_c|² = min_c
-    Mahalanobis² to mean c."""
+    frame (a mean per class and source of frames: centre j belongs to class j mod the
+    number of classes). ``whiten`` W satisfies W Wᵀ = Σ⁻¹ and ``centres`` are the means
+    times W, so score = min_c |d W − centre_c|² = min_c Mahalanobis² to mean c.
+
+    ``action_limits`` (one per class, NaN: none) bound the *class score*, the distance to the
+    verdict's own class, for a verdict a policy may act on (:data:`ACTION_QUANTILE`)."""
 
     whiten: np.ndarray  # (D, D)
     centres: np.ndarray  # (K, D)
     threshold: float
     classifier_sha256: str
     meta: dict = field(default_factory=dict)
+    action_limits: np.ndarray | None = None  # (classes,)
 
-    def score(self, features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
-        """Squared Mahalanobis distance to the nearest class, (n,), for pooled features (n, F)
+    def distances(self, features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distances to every centre, (n, K), for pooled features (n, F)
         and :func:`line_spectra` (n, 12) of the same frames."""
         g = describe(features, spectra) @ self.whiten.astype(np.float64)
         c = self.centres.astype(np.float64)
-        d2 = (g * g).sum(1)[:, None] - 2 * g @ c.T + (c * c).sum(1)[None, :]
-        return np.maximum(d2.min(axis=1), 0.0)
+        return np.maximum((g * g).sum(1)[:, None] - 2 * g @ c.T + (c * c).sum(1)[None, :], 0.0)
+
+    def score(self, features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
+        """The domain score: squared Mahalanobis distance to the nearest class, (n,)."""
+        return self.distances(features, spectra).min(axis=1)
 
     def score_inputs(self, features: np.ndarray, inputs, pixel_size_nm: float) -> np.ndarray:
         """:meth:`score` of prepared inputs given their pooled features."""
         return self.score(features, line_spectra(inputs, pixel_size_nm))
+
+    def judge(self, features: np.ndarray, inputs, pixel_size_nm: float, labels) -> tuple:
+        """``(score, class_score, action_limit)``, each (n,), of prepared inputs given their
+        pooled features and the class each is labelled: the domain score, the distance to
+        the labelled class (the nearer of its means), and that class's action limit (NaN
+        for statistics without limits)."""
+        d2 = self.distances(features, line_spectra(inputs, pixel_size_nm))
+        labels = np.asarray(labels, dtype=np.int64)
+        if self.action_limits is None:
+            nan = np.full(len(d2), np.nan)
+            return d2.min(axis=1), nan, nan
+        return (d2.min(axis=1), _class_distance(d2, labels, len(self.action_limits)),
+                np.asarray(self.action_limits, np.float64)[labels])
 
     def save(self, path: Path) -> Path:
         """npz (no pickled objects) + ``<name>.sha256`` beside it."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
+        extra = {} if self.action_limits is None else {"action_limits": np.asarray(self.action_limits, np.float64)}
         np.savez(tmp, whiten=self.whiten.astype(np.float32), centres=self.centres.astype(np.float32),
                  threshold=np.float64(self.threshold), classifier_sha256=np.str_(self.classifier_sha256),
-                 meta=np.str_(json.dumps(self.meta)))
+                 meta=np.str_(json.dumps(self.meta)), **extra)
         tmp.replace(path)
         path.with_name(path.name + ".sha256").write_text(f"{_sha256(path)}  {path.name}\n")
         return path
@@ -347,16 +386,21 @@ def load_domain(path, *, classifier=None, classifier_sha256: str | None = None) 
             whiten, centres = np.array(z["whiten"]), np.array(z["centres"])
             threshold, owner = float(z["threshold"]), str(z["classifier_sha256"])
             meta = json.loads(str(z["meta"]))
+            # statistics fitted before the action limits have none: their verdicts are acted on as before
+            limits = np.array(z["action_limits"]) if "action_limits" in z.files else None
     except Exception as exc:
         raise ValueError(f"tip classifier domain statistics {path}: unreadable ({exc})") from exc
     d = whiten.shape[0]
     if whiten.shape != (d, d) or centres.ndim != 2 or centres.shape[1] != d or not math.isfinite(threshold):
         raise ValueError(f"tip classifier domain statistics {path}: field shapes whiten {whiten.shape}, "
                          f"centres {centres.shape}, threshold {threshold} do not fit together")
+    if limits is not None and (limits.ndim != 1 or centres.shape[0] % max(len(limits), 1)):
+        raise ValueError(f"tip classifier domain statistics {path}: {limits.shape} action limits do not fit "
+                         f"{centres.shape[0]} class means")
     if classifier_sha256 is not None and owner != classifier_sha256:
         raise ValueError(f"tip classifier domain statistics {path} were fitted for the checkpoint with sha256 "
                          f"{owner[:12]}..., not {classifier_sha256[:12]}... ({classifier}); {fix}")
-    return DomainModel(whiten, centres, threshold, owner, meta)
+    return DomainModel(whiten, centres, threshold, owner, meta, limits)
 
 
 def fit_statistics(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, *,
@@ -377,22 +421,53 @@ def fit_statistics(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, 
     return whiten, means @ whiten
 
 
+def action_limits(judged: list, threshold: float) -> np.ndarray:
+    """Per class, the limit on the class score of a verdict a policy may act on: the
+    :data:`ACTION_QUANTILE` quantile of the class scores of the calibration frames
+    (``judged``: :func:`_judged` of each source, pooled) labelled that class and inside
+    ``threshold`` (the threshold itself when fewer than :data:`ACTION_MIN_FRAMES`), at most
+    the threshold; NaN for good classes, which lead to no action."""
+    from stm_live.models.tipstate import GOOD_CLASSES, TIP_CLASSES
+
+    labels, score, class_score = (np.concatenate(parts) for parts in zip(*judged))
+    limits = np.full(len(TIP_CLASSES), np.nan)
+    for c, name in enumerate(TIP_CLASSES):
+        if name in GOOD_CLASSES:
+            continue
+        own = class_score[(labels == c) & (score <= threshold)]
+        limits[c] = min(float(np.quantile(own, ACTION_QUANTILE)), threshold) if own.size >= ACTION_MIN_FRAMES \
+            else threshold
+    return limits
+
+
 # ----------------------------------------------------------------------------- measuring it
-def _descriptors(clf, inputs: list, chunk: int = 64) -> np.ndarray:
-    """:func:`describe` of prepared inputs, as ``classify`` computes it (features view-averaged)."""
-    out = []
+def _network_view(clf, inputs: list, chunk: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(features, spectra, labels)`` of prepared inputs as ``classify`` computes them
+    (features view-averaged; labels the most probable class)."""
+    feats, spectra, labels = [], [], []
     for i in range(0, len(inputs), chunk):
         part = inputs[i:i + chunk]
-        feats = clf.predict(part, features=True)[2].cpu().numpy()
-        out.append(describe(feats, line_spectra(part, clf.cfg.pixel_size_nm)))
-    return np.concatenate(out)
+        probs, _, f = clf.predict(part, features=True)
+        feats.append(f.cpu().numpy())
+        spectra.append(line_spectra(part, clf.cfg.pixel_size_nm))
+        labels.append(probs.argmax(1).cpu().numpy())
+    return np.concatenate(feats), np.concatenate(spectra), np.concatenate(labels)
 
 
-def _scores(clf, inputs: list) -> np.ndarray:
-    """Domain scores of prepared inputs under ``clf.domain``."""
-    g = _descriptors(clf, inputs) @ clf.domain.whiten.astype(np.float64)
-    c = clf.domain.centres.astype(np.float64)
-    return np.maximum(((g * g).sum(1)[:, None] - 2 * g @ c.T + (c * c).sum(1)[None, :]).min(axis=1), 0.0)
+def _class_distance(d2: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Distance to each frame's labelled class: the nearest of that class's means (one per
+    source of frames; centre j belongs to class j mod ``n_classes``), (n,)."""
+    own = (np.arange(d2.shape[1])[None, :] % n_classes) == np.asarray(labels, np.int64)[:, None]
+    return np.where(own, d2, np.inf).min(axis=1)
+
+
+def _judged(clf, inputs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(labels, domain scores, class scores)`` of prepared inputs under ``clf.domain``."""
+    from stm_live.models.tipstate import TIP_CLASSES
+
+    feats, spectra, labels = _network_view(clf, inputs)
+    d2 = clf.domain.distances(feats, spectra)
+    return labels, d2.min(axis=1), _class_distance(d2, labels, len(TIP_CLASSES))
 
 
 def _recipe_inputs(n_renders: int, seed: int, finishes: int, cfg) -> tuple[list, np.ndarray]:
@@ -544,12 +619,30 @@ def _monitor_crops(n: int, seed: int) -> list[tuple[np.ndarray, float, float]]:
     return out
 
 
+def _outcomes(judged, dom) -> dict:
+    """What the verdicts on judged frames (:func:`_judged`) come to under ``dom``: bool arrays
+    ``unknown`` (above the threshold), ``bad`` (a bad class, inside), ``held`` (bad, inside,
+    held back by its class's action limit) and ``acted`` (bad, inside, not held back: what
+    a policy may act on)."""
+    from stm_live.models.tipstate import GOOD_CLASSES, TIP_CLASSES
+
+    labels, score, class_score = judged
+    unknown = ~(score <= dom.threshold)
+    bad = ~unknown & ~np.isin(labels, [TIP_CLASSES.index(c) for c in GOOD_CLASSES])
+    limits = (np.full(len(TIP_CLASSES), np.nan) if dom.action_limits is None
+              else np.asarray(dom.action_limits, np.float64))[labels]
+    held = bad & (class_score > limits)
+    return {"unknown": unknown, "bad": bad, "held": held, "acted": bad & ~held}
+
+
 def domain_report(clf, *, frames: int = 100, samples: int = 40, seed: int = FAMILY_SEED) -> dict:
     """Domain scores of ``clf`` (which must carry a domain model): per out-of-domain family
     (``frames`` each) the ROC AUC against held-out in-domain frames (``samples`` x 7 of the
-    training mix as the fit cuts it, and as many controller scenes, own seeds) and
-    the share called unknown; and the share of in-domain frames called unknown in that mix,
-    in full frames of the recipe, in controller scenes, and in the closed loop's monitor crops."""
+    training mix as the fit cuts it, and as many controller scenes, own seeds), the share
+    called unknown and the share with a verdict a policy may act on (a bad class not held
+    back); and per in-domain set (that mix, full frames of the recipe and of the broadened
+    recipe, controller scenes, the closed loop's monitor crops) the share called unknown and
+    the share of its bad verdicts held back by the action limits."""
     from stm_live.models.tipstate import TIP_CLASSES, _prepare, make_batch
 
     if clf.domain is None:
@@ -558,35 +651,47 @@ def domain_report(clf, *, frames: int = 100, samples: int = 40, seed: int = FAMI
     k = len(TIP_CLASSES)
     mix, _ = _recipe_inputs(samples * k, seed + 10, 1, cfg)
     full, _, _ = make_batch(samples * k, np.random.default_rng([seed, 6]), cfg, partial=False)
+    broad, _, _ = make_batch(samples * k, np.random.default_rng([seed, 7]), cfg, partial=False, scenery=True)
     live = [_prepare(im, p, cfg, l) for im, p, l in _monitor_crops(samples * 2, seed)]
     scenes, _ = _scene_inputs(samples * k, seed, cfg)
-    indomain = {"training mix (partial >= 2.5 nm, coarser)": _scores(clf, mix),
-                "full frames of the recipe": _scores(clf, list(full)),
-                "controller scenes (monitor cuts)": _scores(clf, scenes),
-                "closed-loop frames (7 nm, 64 px; first 2.5 nm or whole)": _scores(clf, live)}
-    neg = np.concatenate([indomain["training mix (partial >= 2.5 nm, coarser)"],
-                          indomain["controller scenes (monitor cuts)"]])
+    indomain = {"training mix (partial >= 2.5 nm, coarser)": _judged(clf, mix),
+                "full frames of the recipe": _judged(clf, list(full)),
+                "full frames of the broadened recipe": _judged(clf, list(broad)),
+                "controller scenes (monitor cuts)": _judged(clf, scenes),
+                "closed-loop frames (7 nm, 64 px; first 2.5 nm or whole)": _judged(clf, live)}
+    neg = np.concatenate([indomain["training mix (partial >= 2.5 nm, coarser)"][1],
+                          indomain["controller scenes (monitor cuts)"][1]])
     fams = {}
     for name in OOD_FAMILIES:
-        sc = _scores(clf, family_inputs(name, frames, seed, cfg))
-        fams[name] = {"n": int(sc.size), "auc": roc_auc(neg, sc),
-                      "unknown_share": float(np.mean(~(sc <= dom.threshold))),
-                      "median_score": float(np.median(sc))}
+        judged = _judged(clf, family_inputs(name, frames, seed, cfg))
+        out = _outcomes(judged, dom)
+        fams[name] = {"n": int(judged[1].size), "auc": roc_auc(neg, judged[1]),
+                      "unknown_share": float(np.mean(out["unknown"])), "acted_share": float(np.mean(out["acted"])),
+                      "median_score": float(np.median(judged[1]))}
+    sets = {}
+    for name, judged in indomain.items():
+        out = _outcomes(judged, dom)
+        sets[name] = {"n": int(judged[1].size), "unknown_share": float(np.mean(out["unknown"])),
+                      "held_share": float(out["held"].sum() / max(out["bad"].sum(), 1)),
+                      "median_score": float(np.median(judged[1]))}
     return {"threshold": float(dom.threshold),
-            "in_domain": {name: {"n": int(sc.size), "unknown_share": float(np.mean(~(sc <= dom.threshold))),
-                                 "median_score": float(np.median(sc))} for name, sc in indomain.items()},
-            "families": fams}
+            "action_limits": {} if dom.action_limits is None else
+            {c: float(v) for c, v in zip(TIP_CLASSES, dom.action_limits) if np.isfinite(v)},
+            "in_domain": sets, "families": fams}
 
 
 def format_domain_report(rep: dict) -> list[str]:
     """Markdown rows of :func:`domain_report`."""
-    rows = [f"Threshold (squared Mahalanobis distance): {rep['threshold']:.1f}", "",
-            "| out-of-domain family | n | ROC AUC | called unknown | median score |", "|---|---|---|---|---|"]
-    rows += [f"| {name} | {m['n']} | {m['auc']:.3f} | {m['unknown_share']:.3f} | {m['median_score']:.0f} |"
-             for name, m in rep["families"].items()]
-    rows += ["", "| in-domain set | n | called unknown | median score |", "|---|---|---|---|"]
-    rows += [f"| {name} | {m['n']} | {m['unknown_share']:.3f} | {m['median_score']:.0f} |"
-             for name, m in rep["in_domain"].items()]
+    limits = rep.get("action_limits") or {}
+    rows = [f"Threshold (squared Mahalanobis distance): {rep['threshold']:.1f}; action limits on the class "
+            "score of a bad verdict: " + (", ".join(f"{c} {v:.0f}" for c, v in limits.items()) or "none"), "",
+            "| out-of-domain family | n | ROC AUC | called unknown | acted on (bad, within its limit) | median score |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {name} | {m['n']} | {m['auc']:.3f} | {m['unknown_share']:.3f} | {m.get('acted_share', float('nan')):.3f} "
+             f"| {m['median_score']:.0f} |" for name, m in rep["families"].items()]
+    rows += ["", "| in-domain set | n | called unknown | bad verdicts held back | median score |", "|---|---|---|---|---|"]
+    rows += [f"| {name} | {m['n']} | {m['unknown_share']:.3f} | {m.get('held_share', float('nan')):.3f} "
+             f"| {m['median_score']:.0f} |" for name, m in rep["in_domain"].items()]
     return rows
 
 
@@ -631,29 +736,31 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     # Class means per source (recipe, scenes), one covariance: the two kinds of frame differ in
     # field of view, and one mean per class would sit between them.
     k = len(TIP_CLASSES)
-    whiten, centres = fit_statistics(_descriptors(clf, xs + xv), np.concatenate([ys, yv + k]),
-                                     2 * k if len(xv) else k)
+    feats, spectra, _ = _network_view(clf, xs + xv)
+    whiten, centres = fit_statistics(describe(feats, spectra), np.concatenate([ys, yv + k]), 2 * k if len(xv) else k)
     print(f"fitted class means and shared covariance on {len(xs)} + {len(xv)} frames "
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
     xc, _ = _recipe_inputs(calibration_renders, seed + 1, finishes, clf.cfg)
     xcv, _ = _scene_inputs(calibration_scenes, seed + 1, clf.cfg)
     clf.domain = DomainModel(whiten, centres, 0.0, sha)
-    cal_recipe, cal_scenes = _scores(clf, xc), _scores(clf, xcv) if xcv else np.zeros(0)
-    cal = np.concatenate([cal_recipe, cal_scenes])
+    judged = [_judged(clf, part) for part in (xc, xcv) if part]
     # Each kind of in-domain frame keeps its own share called unknown at or below 1 - quantile.
-    threshold = float(max(np.quantile(part, CALIBRATION_QUANTILE) for part in (cal_recipe, cal_scenes) if part.size))
+    threshold = float(max(np.quantile(j[1], CALIBRATION_QUANTILE) for j in judged))
+    limits = action_limits(judged, threshold)
     fit_s = time.perf_counter() - t0
     meta = {"descriptor": f"sqrt of pooled penultimate features, averaged over flip views, and fast-axis "
                           f"line spectra in bands {list(BANDS_PER_NM)} cycles/nm ({whiten.shape[0]} in all)",
             "shrinkage": SHRINKAGE, "fit_frames": len(xs) + len(xv), "fit_renders": renders, "finishes": finishes,
             "fit_scenes": len(xv), "seed": seed, "calibration_frames": len(xc) + len(xcv),
             "calibration_scenes": len(xcv), "calibration_seed": seed + 1,
-            "quantile": CALIBRATION_QUANTILE, "fit_seconds": round(fit_s, 1)}
-    model = DomainModel(whiten, centres, threshold, sha, meta)
+            "quantile": CALIBRATION_QUANTILE, "action_quantile": ACTION_QUANTILE,
+            "action_min_frames": ACTION_MIN_FRAMES, "fit_seconds": round(fit_s, 1)}
+    model = DomainModel(whiten, centres, threshold, sha, meta, limits)
     clf.domain = model
-    print(f"threshold {threshold:.1f} (the larger {CALIBRATION_QUANTILE:.0%} quantile of {len(cal_recipe)} recipe and "
-          f"{len(cal_scenes)} scene calibration frames); "
-          "measuring on the out-of-domain families", flush=True)
+    print(f"threshold {threshold:.1f} (the larger {CALIBRATION_QUANTILE:.0%} quantile of {len(xc)} recipe and "
+          f"{len(xcv)} scene calibration frames); action limits "
+          + ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, limits) if np.isfinite(v))
+          + "; measuring on the out-of-domain families", flush=True)
     report = domain_report(clf, frames=family_frames, samples=report_samples)
     wall = time.perf_counter() - t0
     model.meta["report"] = report
@@ -672,6 +779,7 @@ def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Pa
     """Replace (or append) the domain section at the end of the classifier's model card."""
     import platform
 
+    from stm_live.models.tipstate import TIP_CLASSES
     from stm_live.models.training import card_command
 
     m = model.meta
@@ -702,6 +810,12 @@ def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Pa
         f"{m['calibration_frames'] - m['calibration_scenes']} held-out recipe frames and {m['calibration_scenes']} "
         f"held-out scenes (seed {m['calibration_seed']}); the families below were fixed before the fit and are "
         "used in neither fit nor calibration",
+        "- Action limits, per bad class: the %.0f%% quantile of the class scores (distance to the verdict's own "
+        "class) of the calibration frames the network gives that class inside the threshold, pooled: %s. A bad "
+        "verdict farther from its class is held back: no policy acts on it, and the next verdict decides (the "
+        "threshold alone let through frames between the classes' clouds, mostly called a bad class)"
+        % (100 * m["action_quantile"], ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, model.action_limits)
+                                                 if np.isfinite(v))),
         f"- `{out.name}` {out.stat().st_size / 1024:.0f} KiB, sha256 `{_sha256(out)}`, for the classifier "
         f"with sha256 `{model.classifier_sha256}`",
         f"- Wall time: {wall / 60:.1f} min (fit and calibration {m['fit_seconds'] / 60:.1f} min) on "
@@ -716,11 +830,13 @@ def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Pa
         "",
         "Limits: the domain is the simulator's. Real frames differ from it in ways the families do not "
         "cover, so a real frame of molecules with a good tip may well be called unknown: the gate errs "
-        "towards not acting. It is not a guarantee in the other direction: at this threshold some frames "
-        "of the near-domain family (3x larger molecules, which the network alone mostly calls blunt) still "
-        "pass as known (the 'called unknown' column), and on a frame outside the domain one verdict of "
-        "several may slip under the threshold (the policy then acts only on two bad verdicts in a row); "
-        "only a classifier trained on a broader domain narrows that.",
+        "towards not acting. It is not a guarantee in the other direction: some frames of the near-domain "
+        "family (3x larger molecules, which the network mostly calls blunt) pass both the threshold and the "
+        "action limit (the 'acted on' column), and on a frame outside the domain one verdict of several may "
+        "slip under them (the policy then acts only on two bad verdicts in a row, and not on lines once judged "
+        "unknown); held-back verdicts delay the reconditioning of a bad tip by a verdict or more ('bad "
+        "verdicts held back'). "
+        "Only a broader training domain narrows both.",
         "",
     ]
     card.write_text(text.rstrip("\n") + "\n\n" + "\n".join(section) if text.strip() else "\n".join(section))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ __all__ = [
     "UNKNOWN",
     "bad_probability",
     "is_known_bad",
+    "is_held_back",
     "is_unknown",
     "TipVerdict",
     "TipNetConfig",
@@ -70,11 +72,29 @@ def is_unknown(verdict) -> bool:
     return get("label") == UNKNOWN or get("in_domain", True) is False
 
 
-def is_known_bad(verdict) -> bool:
-    """Whether a verdict says the tip needs reconditioning: a bad class, inside the domain.
-    The one test every policy acts on; "unknown" is never bad."""
-    get = verdict.get if isinstance(verdict, dict) else (lambda k, d=None: getattr(verdict, k, d))
+def _bad_class(verdict, get) -> bool:
     return not is_unknown(verdict) and get("label") in TIP_CLASSES and get("label") not in GOOD_CLASSES
+
+
+def is_held_back(verdict) -> bool:
+    """Whether a verdict of a bad class, inside the domain, lies farther from that class's
+    own frames than its action limit (``class_score`` > ``action_limit``,
+    :func:`stm_live.models.tipdomain.action_limits`): near the edge of what the classifier
+    knows of the class, so no policy acts on it. A record without the two says nothing."""
+    get = verdict.get if isinstance(verdict, dict) else (lambda k, d=None: getattr(verdict, k, d))
+    try:
+        over = float(get("class_score", math.nan)) > float(get("action_limit", math.nan))
+    except (TypeError, ValueError):  # a record's null
+        over = False
+    return _bad_class(verdict, get) and over
+
+
+def is_known_bad(verdict) -> bool:
+    """Whether a verdict says the tip needs reconditioning: a bad class, inside the domain,
+    not held back (:func:`is_held_back`). The one test every policy acts on; "unknown" is
+    never bad."""
+    get = verdict.get if isinstance(verdict, dict) else (lambda k, d=None: getattr(verdict, k, d))
+    return _bad_class(verdict, get) and not is_held_back(verdict)
 
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -89,7 +109,9 @@ class TipVerdict:
     ``in_domain`` false (label :data:`UNKNOWN`): the frame is outside what the classifier was
     trained on (``domain_score`` above ``domain_threshold``, :mod:`stm_live.models.tipdomain`);
     the probabilities are kept for the record. A classifier without a domain model reports
-    ``in_domain`` true and a NaN score."""
+    ``in_domain`` true and a NaN score. ``class_score`` is the distance to the label's own
+    class and ``action_limit`` that class's limit for acting on a bad verdict (NaN: none);
+    see :func:`is_held_back`."""
 
     label: str
     probabilities: dict
@@ -97,6 +119,8 @@ class TipVerdict:
     in_domain: bool = True
     domain_score: float = float("nan")
     domain_threshold: float = float("nan")
+    class_score: float = float("nan")
+    action_limit: float = float("nan")
 
     def __post_init__(self):
         if (self.label == UNKNOWN) == bool(self.in_domain):
@@ -111,8 +135,13 @@ class TipVerdict:
 
     @property
     def bad(self) -> bool:
-        """A bad class inside the domain (what a policy may act on)."""
+        """A bad class inside the domain, not held back (what a policy may act on)."""
         return is_known_bad(self)
+
+    @property
+    def held_back(self) -> bool:
+        """A bad class inside the domain but beyond its action limit: see :func:`is_held_back`."""
+        return is_held_back(self)
 
     @property
     def nearest(self) -> str:
@@ -127,7 +156,8 @@ class TipVerdict:
     def to_dict(self) -> dict:
         return {"label": self.label, "probabilities": dict(self.probabilities),
                 "s_fraction": float(self.s_fraction), "good": self.good, "in_domain": bool(self.in_domain),
-                "domain_score": float(self.domain_score), "domain_threshold": float(self.domain_threshold)}
+                "domain_score": float(self.domain_score), "domain_threshold": float(self.domain_threshold),
+                "class_score": float(self.class_score), "action_limit": float(self.action_limit)}
 
 
 # --------------------------------------------------------------------------- network
@@ -515,6 +545,10 @@ class TipClassifier:
             if domain.whiten.shape[0] != want:
                 raise ValueError(f"tip classifier: domain statistics have {domain.whiten.shape[0]} dimensions, this "
                                  f"network's descriptor {want}; refit them with `stm-live train --model tipdomain`")
+            if domain.action_limits is not None and len(domain.action_limits) != len(TIP_CLASSES):
+                raise ValueError(f"tip classifier: domain statistics have {len(domain.action_limits)} action limits, "
+                                 f"not one per class ({len(TIP_CLASSES)}); refit them with "
+                                 "`stm-live train --model tipdomain`")
 
     @property
     def pixel_size_nm(self) -> float:
@@ -569,20 +603,22 @@ class TipClassifier:
         x = [_prepare(im, pixel_size_nm, self.cfg, line_spacing_nm) for im in images]
         if self.domain is None:
             probs, s = self.predict(x)
-            scores = np.full(len(x), np.nan)
+            scores = class_scores = limits = np.full(len(x), np.nan)
         else:
             probs, s, feats = self.predict(x, features=True)
-            scores = self.domain.score_inputs(feats.cpu().numpy(), x, self.cfg.pixel_size_nm)
+            scores, class_scores, limits = self.domain.judge(feats.cpu().numpy(), x, self.cfg.pixel_size_nm,
+                                                             probs.argmax(1).cpu().numpy())
         threshold = np.nan if self.domain is None else self.domain.threshold
         verdicts = []
-        for p, si, score in zip(probs.cpu().numpy(), s.cpu().numpy(), scores):
+        for p, si, score, own, limit in zip(probs.cpu().numpy(), s.cpu().numpy(), scores, class_scores, limits):
             # NaN features (never seen; a NaN score) count as outside: unknown is the safe side
             inside = self.domain is None or bool(score <= threshold)
             verdicts.append(TipVerdict(label=TIP_CLASSES[int(p.argmax())] if inside else UNKNOWN,
                                        s_fraction=float(si),
                                        probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)},
                                        in_domain=inside, domain_score=float(score),
-                                       domain_threshold=float(threshold)))
+                                       domain_threshold=float(threshold), class_score=float(own),
+                                       action_limit=float(limit)))
         return verdicts
 
     @classmethod
