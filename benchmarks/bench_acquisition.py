@@ -46,8 +46,8 @@ CHANNELS = ["Current", "Z"]
 def _controller(time_scale: float):
     """The simulated controller in its own process, as a real one is another machine
     (in-process, its physics and encoding would compete with acquisition for the GIL)."""
-    code = ("from stm_live.simulators.server import serve_forever; "
-            f"serve_forever(host='127.0.0.1', port=0, time_scale={time_scale!r}, seed=0)")
+    code = ("from stm_live.app.sim import serve; "
+            f"serve(host='127.0.0.1', port=0, time_scale={time_scale!r}, seed=0)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:

@@ -215,7 +215,7 @@ def _ms(values) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from rich.console import Console
+    from stm_live.console import table_console
     from rich.table import Table
 
     from stm_live.console import quiet_suspensions
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     frames = args.frames or (5 if args.quick else 10)
     n = args.faults if args.faults is not None else (1 if args.quick else 2)
     scale = args.time_scale or (2.0 if args.quick else 1.0)
-    console = Console() if Console().is_terminal else Console(width=150)
+    console = table_console()
     print(f"{frames} frames {SIZE} x {SIZE} (Current + Z), 20 lines/s simulated, time scale {scale:g} "
           f"({20 * scale:g} lines/s wall); {n} fault(s) of each kind; load average "
           f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)

@@ -11,11 +11,11 @@ section, holds every row and the details):
   and p99 after warm-up (the second frame of a shape captures its CUDA graph). At 512^2,
   2 views: the reference path (numpy, a pass per view, fp32), bf16 without CUDA graphs, and
   bf16 in the other memory layout, to show what each part of the fast path buys.
-- quality: ``stmnet.bf16_check`` on the held-out set (``training.eval_cells``): PSNR and
+- quality: ``stmnet.bf16_check`` on the held-out set (``metrics.eval_cells``): PSNR and
   SSIM against |psi|^2 in fp32 and bf16, the drop, and bf16 against fp32.
 - live: line -> update p50/p99 at 512^2 and 50 lines/s (``bench_live``): in-process
   ``LiveReconstruction`` with full-frame and 32-row band updates, and through the 0MQ worker
-  (``python -m stm_live.streaming``, full-frame updates on CUDA as ``stm-live worker`` runs).
+  (``python -m stm_live.app.worker``, full-frame updates on CUDA as ``stm-live worker`` runs).
 - training: pairs/s the data worker processes deliver, and steps/s of the default and the
   wide ``STMNetConfig`` on one batch on the device and fed by the workers
   (``training.throughput``; bf16, ``GPU_BATCH`` x ``GPU_CROP`` px).
@@ -237,7 +237,7 @@ def live_section(base, plan: Plan, report: Report) -> None:
 
     for name, band in (("in-process full-frame", None), ("in-process band 32", 32)):
         show(f"{size}x{size} {name}", bench_inprocess(net, size, rate, timed, band))
-    # the worker's own default: full-frame updates on CUDA (streaming.run_worker), 32-row bands on CPU
+    # the worker's own default: full-frame updates on CUDA (app.worker.run_worker), 32-row bands on CPU
     band = None if plan.device == "cuda" else 32
     with _environ(**({} if plan.device == "cuda" else {"CUDA_VISIBLE_DEVICES": ""})):
         rig = _ZmqRig(None, band)

@@ -31,7 +31,8 @@ TARGETS = {"cpu": (256, 150.0), "cuda": (512, 10.0)}  # size, p50 ms
 def untrained_stmnet():
     """STM-Net architecture with random weights: same cost, used only when the shipped
     checkpoint is missing (the table says so)."""
-    from stm_live.models.stmnet import Reconstructor, STMNet, resolve_device
+    from stm_live.models.checkpoint import resolve_device
+    from stm_live.models.stmnet import Reconstructor, STMNet
 
     return Reconstructor(STMNet(), 0.05, device=resolve_device("auto"))
 
@@ -124,7 +125,7 @@ class _ZmqRig:
         self.receiver = ResultReceiver()
         self.recv_at: list[tuple[float, list[int], bool, int]] = []
         self.receiver.subscribe(self._on_result, source="live")
-        cmd = [sys.executable, "-m", "stm_live.streaming", "--connect", self.proxy.out_address,
+        cmd = [sys.executable, "-m", "stm_live.app.worker", "--connect", self.proxy.out_address,
                "--results", self.receiver.address, "--no-tip-monitor",
                "--band-margin", str(-1 if band_margin is None else band_margin)]
         if reconstructor_path:

@@ -15,23 +15,27 @@ import torch
 
 
 def main() -> None:
-    from stm_live.models.metrics import print_latency, print_quality, quality_tables
+    from stm_live.console import table_console
+
+    from stm_live.models.metrics import format_latency, format_quality, latency_by_views, quality_tables
     from stm_live.models.stmnet import SYMMETRY_VIEWS, load_stmnet
 
     threads = int(os.environ.get("STM_LIVE_BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
     samples = int(os.environ.get("STM_LIVE_BENCH_SAMPLES", "4"))
     rec = load_stmnet(device="cpu")
+    console = table_console()
     print(f"checkpoint: {rec.info.get('steps')} steps, training pixel size {rec.pixel_size_nm} nm; "
           f"{samples} frames per cell, 96x96 px; torch threads {threads}")
     for views in sorted(SYMMETRY_VIEWS):
         t = time.perf_counter()
         print(f"\n== output averaged over {views} symmetry view(s){' (default)' if views == rec.views else ''} ==")
-        print_quality(quality_tables(rec.with_views(views), samples=samples, seed=1234), show_rows=False)
+        for table in format_quality(quality_tables(rec.with_views(views), samples=samples, seed=1234), show_rows=False):
+            console.print(table)
         print(f"(quality: {time.perf_counter() - t:.1f} s)")
-    print_latency(rec)
+    console.print(format_latency(latency_by_views(rec)))
     if torch.cuda.is_available():
-        print_latency(load_stmnet(device="cuda"))
+        console.print(format_latency(latency_by_views(load_stmnet(device="cuda"))))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 fitted s share by evaluation tip, out-of-scope ROC AUC, and the check's cost next to STM-Net
 inference per 256^2 frame (CPU, 2 torch threads).
 
-- Held-out molecules: ``training.eval_cells("held-out")`` rendered by ``make_eval_pairs``
+- Held-out molecules: ``metrics.eval_cells("held-out")`` rendered by ``make_eval_pairs``
   (exact ``simulators.imaging`` frames, the held-out molecules), reconstructed by the shipped
   STM-Net and checked against the image the network was given. "w_s error" is the fitted
   s share minus ``consistency.effective_s_share(tip, pz_factor)`` (p_z folded into s with
@@ -37,7 +37,7 @@ def roc_auc(positive, negative) -> float:
 def molecule_checks(rec, cells, samples: int, seed: int) -> list[dict]:
     """Per frame: the check on STM-Net's reconstruction and on the exact |psi|^2."""
     from stm_live.models.consistency import check_reconstruction, effective_s_share
-    from stm_live.models.training import eval_tip, make_eval_pairs
+    from stm_live.models.metrics import eval_tip, make_eval_pairs
 
     rows = []
     for cell in cells:
@@ -58,7 +58,7 @@ def pitch_agreement(rec, pitches=(0.05, 0.08, 0.1, 0.13), samples: int = 1, seed
     pitches over the same 4.8 nm: checked on the network's grid (as the commands do) and on
     the measured grid. (pitch, n, network grid, measured grid)."""
     from stm_live.models.consistency import check_reconstruction
-    from stm_live.models.training import eval_cells, make_eval_pairs
+    from stm_live.models.metrics import eval_cells, make_eval_pairs
 
     cells = [c for c in eval_cells("held-out") if c["mode"] == "height"]
     out = []
@@ -102,7 +102,7 @@ def cost_ms(rec, size: int = 256, repeats: int = 5) -> tuple[float, float]:
     """Median ms of ``rec.reconstruct`` and of ``check_reconstruction`` on one size^2 frame of a
     held-out molecule (the same frame and its reconstruction)."""
     from stm_live.models.consistency import check_reconstruction
-    from stm_live.models.training import eval_cells, make_eval_pairs
+    from stm_live.models.metrics import eval_cells, make_eval_pairs
 
     image = make_eval_pairs(eval_cells("held-out")[0], 1, seed=7, size=size, pixel_size_nm=PIXEL_NM)[0][0]
     rho = rec.reconstruct(image, PIXEL_NM)  # warm-up
@@ -125,7 +125,7 @@ def cost_ms(rec, size: int = 256, repeats: int = 5) -> tuple[float, float]:
 def calibration_cells() -> list[dict]:
     """Training molecules (never the held-out ones) x HOMO/LUMO x every evaluation tip, plus
     constant-current HOMO frames: the frames the threshold is calibrated on."""
-    from stm_live.models.training import EVAL_TIPS
+    from stm_live.models.metrics import EVAL_TIPS
     from stm_live.simulators.pairs import TRAIN_MOLECULES
 
     cells = [{"molecule": m, "orbital": o, "tip": t, "mode": "height"}
@@ -149,18 +149,18 @@ def calibrate(samples: int = 3, seed: int = 4321, quantile: float = 5.0) -> floa
 
 
 def main() -> None:
-    from rich.console import Console
+    from stm_live.console import table_console
     from rich.table import Table
 
     from stm_live.models.consistency import AGREEMENT_THRESHOLD
     from stm_live.models.stmnet import load_stmnet
-    from stm_live.models.training import EVAL_TIPS, eval_cells
+    from stm_live.models.metrics import EVAL_TIPS, eval_cells
 
     threads = int(os.environ.get("STM_LIVE_BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
     samples = int(os.environ.get("STM_LIVE_BENCH_SAMPLES", "2"))
     per_family = int(os.environ.get("STM_LIVE_BENCH_PROBES", "12"))
-    console = Console() if Console().is_terminal else Console(width=150)
+    console = table_console()
     rec = load_stmnet(device="cpu")
     print(f"held-out molecules: {samples} frame(s) per cell, 96x96 px at {PIXEL_NM} nm; threshold "
           f"{AGREEMENT_THRESHOLD}; torch threads {threads}")

@@ -1,6 +1,6 @@
 """Tip-state benchmarks (issue 7).
 
-1. Classifier on held-out simulated sets (``tipstate.evaluate_report``, own seed): full frames
+1. Classifier on held-out simulated sets (``tiptrain.evaluate_report``, own seed): full frames
    (headline: good-vs-bad target >= 99 %, macro-F1 target >= 0.95, confusion table), each
    imaging mode alone, the same frames scanned coarser, frames cut to 1/4, 1/2, 3/4 of
    their rows, and half frames from the middle.
@@ -13,7 +13,9 @@
    unknown (target <= 3 %), the share of each family a policy could act on (a bad verdict
    within its class's action limit) and the share of in-domain bad verdicts held back, on
    seeds of its own (the model card's use another).
-4. Closed loop: 20 simulated frames against the simulated controller with random tip
+4. The auto policy on whole out-of-domain frames through the real TipMonitor: the share of
+   frames of each family it would act on (target 0).
+5. Closed loop: 20 simulated frames against the simulated controller with random tip
    degradation, TipMonitor + auto policy; share of frames finished with a good tip and no
    operator input (target >= 90 %), and suspensions on frames whose tip stayed good.
 
@@ -21,8 +23,11 @@
 STM_BENCH_TIP_SAMPLES (per class and set, default 100: a set of 280 frames varies by about
 3 points between seeds), STM_BENCH_TIP_FRAMES (change-detection frames,
 default 100), STM_BENCH_TIP_OOD (frames per out-of-domain family, default 200),
-STM_BENCH_TIP_LOOP (closed-loop frames, default 20), STM_BENCH_TIP_ONLY (comma-separated
-parts to run: classifier, change, domain, loop; default all).
+STM_BENCH_TIP_LOOP (closed-loop frames, default 20), STM_BENCH_TIP_POLICY (whole out-of-domain
+frames per family through the monitor and the auto policy, default 30), STM_BENCH_TIP_WEIGHTS
+(another classifier checkpoint for the policy part, e.g. an earlier one from the project's
+history, its domain statistics beside it), STM_BENCH_TIP_ONLY (comma-separated parts to run:
+classifier, change, domain, policy, loop; default all).
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ def change_detection(frames: int = 100, seed: int = 17, size: int = 128, **watch
     substrate cannot be seen until a molecule is reached, so the clock starts at the first
     visible line).
     """
-    from stm_live.models.tipstate import simulate_scan
-    from stm_live.tipwatch import detect_changes
+    from stm_live.models.tipdata import simulate_scan
+    from stm_live.callbacks.tipwatch import detect_changes
 
     rng = np.random.default_rng(seed)
     false_alarms, delays, missed = 0, [], 0
@@ -177,6 +182,36 @@ def _degrade_at(ctrl, tip: str, line: int):
 OOD_SEED = 4322  # the fit uses 1901-1902 and the model card's measurement 1903
 
 
+def policy_on_families(frames: int = 30, seed: int = 77, classifier=None) -> dict:
+    """Per out-of-domain family, the share of ``frames`` whole frames on which the auto policy
+    would act: each frame line by line through the real TipMonitor (a verdict every 8 lines,
+    as in the closed loop) into a TipReconditioner whose state turns "bad" when it acts.
+    A frame gets many verdicts, so this is what a lab would see per frame, where the domain
+    gate's table counts single verdicts."""
+    from stm_live.callbacks.frames import frame_documents
+    from stm_live.callbacks.tipmonitor import TipMonitor
+    from stm_live.models import load_tip_classifier
+    from stm_live.models.tipdomain import OOD_FAMILIES, ood_family
+    from stm_live.reconditioning import TipReconditioner
+
+    clf = classifier or load_tip_classifier("cpu")
+    out = {}
+    for k, family in enumerate(OOD_FAMILIES):
+        rng = np.random.default_rng([seed, k])
+        acted = 0
+        for _ in range(frames):
+            frame = ood_family(family, rng)
+            rec = TipReconditioner(None, policy="auto", classifier=clf, site=(0.0, 0.0))
+            mon = TipMonitor(clf, every_n_lines=8, on_verdict=rec.on_verdict)
+            for name, doc in frame_documents(frame.image, frame.pixel_size_nm, frame.line_spacing_nm):
+                mon(name, doc)
+            mon.flush(60)
+            mon.close()
+            acted += rec.state.get() == "bad"
+        out[family] = acted / frames
+    return out
+
+
 def domain_gate(frames: int = 200, samples: int = 100, seed: int = OOD_SEED) -> dict:
     """``tipdomain.domain_report`` of the shipped classifier on the benchmark's own seeds."""
     from stm_live.models.tipdomain import domain_report
@@ -189,10 +224,12 @@ def main() -> None:
     import torch
 
     from stm_live.models.tipdomain import format_domain_report
-    from stm_live.models.tipstate import evaluate_report, format_report, load_tip_classifier
+    from stm_live.models.tipstate import load_tip_classifier
+    from stm_live.models.tiptrain import evaluate_report, format_report
 
     torch.set_num_threads(1)
-    only = {p.strip() for p in os.environ.get("STM_BENCH_TIP_ONLY", "classifier,change,domain,loop").split(",")}
+    only = {p.strip() for p in
+            os.environ.get("STM_BENCH_TIP_ONLY", "classifier,change,domain,policy,loop").split(",")}
     samples = int(os.environ.get("STM_BENCH_TIP_SAMPLES", "100"))
     if "classifier" in only:
         t = time.perf_counter()
@@ -222,6 +259,13 @@ def main() -> None:
               f"called unknown at most {worst_in:.3f} per set (target <= 0.03); out-of-domain frames a policy "
               f"could act on {', '.join(f'{k} {v:.3f}' for k, v in acted.items())}; in-domain bad verdicts held "
               f"back at most {held:.3f} per set  [{time.perf_counter() - t:.0f} s]")
+    if "policy" in only:
+        t = time.perf_counter()
+        n = int(os.environ.get("STM_BENCH_TIP_POLICY", "30"))
+        weights = os.environ.get("STM_BENCH_TIP_WEIGHTS")  # another checkpoint (its domain file beside it)
+        acted = policy_on_families(frames=n, classifier=load_tip_classifier("cpu", weights) if weights else None)
+        print(f"auto policy on whole out-of-domain frames ({n} per family, a verdict every 8 lines): frames acted on "
+              f"{', '.join(f'{k} {v:.2f}' for k, v in acted.items())} (target 0)  [{time.perf_counter() - t:.0f} s]")
     if "loop" in only:
         t = time.perf_counter()
         r = closed_loop(frames=int(os.environ.get("STM_BENCH_TIP_LOOP", "20")))

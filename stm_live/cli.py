@@ -1,8 +1,9 @@
 """The ``stm-live`` command.
 
-Thin on purpose: each command imports its implementation lazily (torch, bluesky and tiled
-take seconds to import) and calls one function. The implementations live beside the code
-they drive, so each is testable without the CLI.
+It parses options and calls one function per command, in that command's module of
+:mod:`stm_live.app` (testable without the CLI). Each command imports its module inside its
+function: torch, bluesky and tiled take seconds to import, and ``stm-live --help`` does not
+wait for them.
 """
 
 from __future__ import annotations
@@ -30,17 +31,12 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
-def _given(**options) -> dict:
-    """The options the user set: the rest keep the called function's own defaults."""
-    return {k: v for k, v in options.items() if v is not None}
-
-
 @contextmanager
 def _user_errors():
     """The CLI's one error boundary: what a user can fix (bad input, a missing file, a
     controller that cannot be reached or refuses a command) is one line, not a traceback.
     Acquired data is already in the journal when these surface."""
-    from stm_live.devices.protocol import NanonisError
+    from stm_live.devices.protocol import NanonisError  # here: numpy (0.1 s) would slow --help
 
     try:
         yield
@@ -60,7 +56,7 @@ def demo(
         None, help="A lab's tiled server for the runs (default: an embedded one in DATA_DIR/tiled)."),
 ):
     """Simulated controller, live frames, live reconstruction, tip monitor, report."""
-    from stm_live.demo import run_demo
+    from stm_live.app.demo import run_demo
 
     with _user_errors():
         run_demo(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick,
@@ -88,20 +84,13 @@ def sim_serve(
         False, "--cassette-only", help="With --cassette: an error reply for what the recording never saw."),
 ):
     """Run the simulated controller until Ctrl-C."""
-    from stm_live.simulators.server import serve_forever
+    from stm_live.app.sim import serve
 
-    options = dict(host=host, port=port, scenario=scenario, replay=replay, time_scale=time_scale,
-                   seed=seed, session_dir=session_dir)
-    if cassette_only and cassette is None:
-        _fail(ValueError("--cassette-only needs --cassette SESSION.nrec"))
+    release_given = ctx.get_parameter_source("nanonis_release").name != "DEFAULT"
     with _user_errors():
-        if cassette is not None:
-            from stm_live.app.sim_cassette import serve
-
-            given = ctx.get_parameter_source("nanonis_release").name != "DEFAULT"
-            serve(cassette, only=cassette_only, nanonis_release=nanonis_release if given else None, **options)
-        else:
-            serve_forever(nanonis_release=nanonis_release, **options)
+        serve(host=host, port=port, scenario=scenario, replay=replay, time_scale=time_scale, seed=seed,
+              nanonis_release=nanonis_release if release_given else None, session_dir=session_dir,
+              cassette=cassette, cassette_only=cassette_only)
 
 
 @sim_app.command("record")
@@ -115,10 +104,10 @@ def sim_record(
         None, "--faults", help="Scenario (name or YAML) whose faults: the proxy applies to its clients."),
 ):
     """Record a session: a transparent proxy between any client and a controller."""
-    from stm_live.app.sim_record import main as record_main
+    from stm_live.app.sim import record
 
     with _user_errors():
-        record_main(upstream, listen, out, faults)
+        record(upstream, listen, out, faults)
 
 
 @sim_app.command("inspect")
@@ -128,10 +117,10 @@ def sim_inspect(
         None, "--redact", help="Write a copy without session/file paths and comments, to share."),
 ):
     """Commands, counts, reply times, errors and release of a session recording."""
-    from stm_live.app.sim_inspect import main as inspect_main
+    from stm_live.app.sim import inspect
 
     with _user_errors():
-        inspect_main(recording, redact)
+        inspect(recording, redact)
 
 
 @app.command()
@@ -152,7 +141,7 @@ def scan(
     view: bool = typer.Option(False, "--view"),
 ):
     """Acquire live frames from a controller (real or simulated)."""
-    from stm_live.session import run_scan
+    from stm_live.app.scan import run_scan
 
     with _user_errors():
         run_scan(profile=profile, host=host, port=port, width_nm=width_nm, pixels=pixels,
@@ -170,7 +159,7 @@ def replay(
     view: bool = typer.Option(False, "--view"),
 ):
     """Replay recorded scans through the whole acquisition pipeline."""
-    from stm_live.replay_cli import run_replay
+    from stm_live.app.replay import run_replay
 
     with _user_errors():
         run_replay(files=files, time_scale=time_scale, worker=worker, data_dir=data_dir,
@@ -245,46 +234,13 @@ def train(
                                       "molecules, bond-resolving heights)."),
 ):
     """Train a network on the physics simulator; writes checkpoint and model card."""
-    if broad_recipe and model != "tipstate":
-        _fail(ValueError("--broad-recipe applies to --model tipstate only"))
-    if weights is not None and model != "tipdomain":
-        _fail(ValueError("--weights applies to --model tipdomain only"))
-    if (minutes is not None or workers is not None) and model not in ("stmnet", "wide"):
-        _fail(ValueError("--minutes and --workers apply to --model stmnet and wide only"))
-    model_options = {}
-    if model in ("stmnet", "wide"):
-        from stm_live.models.training import train_main
-        if bank_size is not None:  # STM-Net draws every pair fresh: there is no bank
-            _fail(ValueError("--bank-size applies to --model tipstate only"))
-        if minutes is not None:  # by time: --steps caps the run only where it was given
-            model_options["minutes"] = minutes
-            if ctx.get_parameter_source("steps").name == "DEFAULT":
-                steps = None
-        if model == "wide":
-            from stm_live.models.stmnet import WIDE_CHECKPOINT, WIDE_CONFIG
+    from stm_live.app.train import main as train_main
 
-            model_options["config"] = WIDE_CONFIG
-            out = out or WIDE_CHECKPOINT
-        model_options.update(_given(workers=workers))
-    elif model == "tipstate":
-        from stm_live.models.tipstate import train_main
-
-        model_options = {"broad_recipe": True} if broad_recipe else {}
-    elif model == "tipdomain":  # statistics of the shipped classifier's features: no steps
-        from stm_live.models.tipdomain import fit_domain_main
-
-        if lr is not None or init is not None or bank_size is not None or resume:
-            _fail(ValueError("--model tipdomain takes --weights, --out, --seed, --device and --threads only"))
-        with _user_errors():
-            fit_domain_main(weights=weights, out=out, device=check_device(device),
-                            **_given(seed=seed, threads=threads))
-        return
-    else:
-        _fail(ValueError(f"unknown model {model!r}; choose stmnet, wide, tipstate or tipdomain"))
     with _user_errors():
-        device = check_device(device)
-        train_main(steps=steps, out=out, device=device, resume=resume, **model_options,
-                   **_given(seed=seed, lr=lr, threads=threads, init=init, bank_size=bank_size))
+        train_main(model=model, steps=steps, steps_given=ctx.get_parameter_source("steps").name != "DEFAULT",
+                   out=out, device=device, seed=seed, resume=resume, lr=lr, threads=threads, init=init,
+                   bank_size=bank_size, weights=weights, minutes=minutes, workers=workers,
+                   broad_recipe=broad_recipe)
 
 
 @app.command()
@@ -302,20 +258,11 @@ def evaluate(
                    "vacuum (default 0.2; 0 samples the cube as it is)."),
 ):
     """Evaluate a shipped network on held-out simulated data; prints a table."""
-    if model == "stmnet":
-        from stm_live.models.metrics import evaluate_main
-    elif model == "tipstate":
-        from stm_live.models.tipstate import evaluate_main
-    else:
-        _fail(ValueError(f"unknown model {model!r}; choose stmnet or tipstate"))
-    if cube and model != "stmnet":
-        _fail(ValueError("--cube evaluates STM-Net only (--model stmnet)"))
-    if not cube and (vacuum_from is not None or cube_mo):
-        _fail(ValueError("--vacuum-from and --cube-mo apply to cube files: give --cube FILE"))
-    cubes = {"cubes": cube, "cube_mo": cube_mo, "vacuum_from_nm": vacuum_from} if cube else {}
+    from stm_live.app.evaluate import main as evaluate_main
+
     with _user_errors():
-        device = check_device(device)
-        evaluate_main(device=device, seed=seed, **_given(samples=samples), **cubes)
+        evaluate_main(model=model, device=device, samples=samples, seed=seed, cube=cube, cube_mo=cube_mo,
+                      vacuum_from=vacuum_from)
 
 
 @app.command()
@@ -325,9 +272,9 @@ def bench(
         None, help="Arguments for the benchmark --only picks, after --: `stm-live bench --only gpu -- --smoke`."),
 ):
     """Run the benchmarks in benchmarks/ and print their tables."""
-    from benchmarks.__main__ import run_all
+    from stm_live.app.bench import main as bench_main
 
-    run_all(only=only, argv=args or None)
+    bench_main(only=only, argv=args)
 
 
 _TILED_URI_HELP = "A tiled server (e.g. the lab's) to read the runs from, in the BlueskyRun layout."
@@ -337,20 +284,20 @@ _TILED_URI_HELP = "A tiled server (e.g. the lab's) to read the runs from, in the
 def runs_list(data_dir: Path = typer.Option(Path("stm_live_data")),
               tiled_uri: Optional[str] = typer.Option(None, help=_TILED_URI_HELP)):
     """List the runs in the journal (or in tiled)."""
-    from stm_live.store import runs_list as _list
+    from stm_live.app.runs import runs_list as list_runs
 
     with _user_errors():
-        _list(data_dir=data_dir, tiled_uri=tiled_uri)
+        list_runs(data_dir=data_dir, tiled_uri=tiled_uri)
 
 
 @runs_app.command("show")
 def runs_show(run: str, data_dir: Path = typer.Option(Path("stm_live_data")),
               tiled_uri: Optional[str] = typer.Option(None, help=_TILED_URI_HELP)):
     """Show one run's metadata and lines."""
-    from stm_live.store import runs_show as _show
+    from stm_live.app.runs import runs_show as show_run
 
     with _user_errors():
-        _show(run, data_dir=data_dir, tiled_uri=tiled_uri)
+        show_run(run, data_dir=data_dir, tiled_uri=tiled_uri)
 
 
 @runs_app.command("export")
@@ -361,10 +308,10 @@ def runs_export(
     tiled_uri: Optional[str] = typer.Option(None, help=_TILED_URI_HELP),
 ):
     """Export a run as a Nanonis .sxm file."""
-    from stm_live.store import runs_export as _export
+    from stm_live.app.runs import runs_export as export_run
 
     with _user_errors():
-        _export(run, sxm=sxm, data_dir=data_dir, tiled_uri=tiled_uri)
+        export_run(run, sxm=sxm, data_dir=data_dir, tiled_uri=tiled_uri)
 
 
 @app.command()
@@ -376,7 +323,7 @@ def worker(
     journal: Optional[Path] = typer.Option(None, help="Data folder to catch up from after a late join."),
 ):
     """Run live reconstruction and the tip monitor on documents from a 0MQ proxy."""
-    from stm_live.streaming import run_worker
+    from stm_live.app.worker import run_worker
 
     with _user_errors():
         device = check_device(device)
@@ -393,7 +340,7 @@ def view(
     run: str = typer.Option("latest", help="With --tiled-uri: the run (uid, prefix, latest, -N)."),
 ):
     """Serve the live viewer on 127.0.0.1, following the runs journaled in DATA_DIR."""
-    from stm_live.viewer import run_viewer
+    from stm_live.app.view import run_viewer
 
     with _user_errors():
         run_viewer(port=port, data_dir=data_dir, tiled_uri=tiled_uri, run=run)

@@ -16,8 +16,10 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from rich.console import Console
+
 __all__ = ["caused_by", "chain", "describe", "LinkReporter", "LogFile", "LOG_NAME",
-           "quiet_suspensions"]
+           "migrated_note", "quiet_suspensions"]
 
 LOG_NAME = "stm-live.log"
 logger = logging.getLogger(__name__)
@@ -48,6 +50,19 @@ def describe(exc: BaseException) -> str:
     if isinstance(inner, ValueError) and text:
         return text
     return f"{type(inner).__name__}: {text}" if text else type(inner).__name__
+
+
+def table_console():
+    """A rich console for wide tables: the terminal's width, or 150 columns when the output is
+    not a terminal (a pipe or a file would cut the tables at 80)."""
+    console = Console()
+    return console if console.is_terminal else Console(width=150)
+
+
+def migrated_note(uids) -> str:
+    """The line saying runs stored in stm-live's old tiled layout were rewritten (once)."""
+    return (f"tiled: {len(uids)} run(s) stored in stm-live's own layout were rewritten "
+            "in the BlueskyRun layout (once)")
 
 
 class LinkReporter:
@@ -104,11 +119,12 @@ class LinkReporter:
 
 class LogFile:
     """Log records of a session, tracebacks included, go to ``data_dir/stm-live.log``
-    instead of the terminal (the console keeps the one-line reports). ``close()`` restores
-    the logging set-up."""
+    instead of the terminal (the console keeps the one-line reports); ``note`` is the line
+    that says so. ``close()`` restores the logging set-up."""
 
     def __init__(self, data_dir: str | os.PathLike, *, name: str = LOG_NAME):
         self.path = Path(data_dir) / name
+        self.note = f"log: {self.path} (details and tracebacks of anything that goes wrong)"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.handler = logging.FileHandler(self.path, encoding="utf-8")
         self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(threadName)s] %(message)s"))
@@ -146,6 +162,7 @@ def _quiet_print(*args, **kwargs) -> None:
 def quiet_suspensions():
     """Within: bluesky's suspend/resume printout goes to the log instead of the terminal
     (its other messages still print). For console sessions that report faults themselves."""
+    # here: bluesky (0.5 s) only for the sessions that run it, not for `stm-live reconstruct`
     import bluesky.run_engine
     import bluesky.suspenders
 

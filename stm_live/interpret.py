@@ -30,9 +30,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from stm_live.simulators.orbitals import KAPPA_PER_NM
+from stm_live.simulators.vacuum import current_from_z
 
-__all__ = ["NetworkInput", "Scope", "choose_channel", "classifier_scope", "current_from_z", "from_block",
+__all__ = ["NetworkInput", "Scope", "choose_channel", "classifier_scope", "from_block",
            "from_scan", "network_input", "plane_level", "scan_pitch", "stmnet_scope"]
 
 CONSTANT_CURRENT, CONSTANT_HEIGHT, SIGNAL = "constant_current", "constant_height", "signal"
@@ -235,22 +235,6 @@ def network_input(raw: np.ndarray, *, channel: str, mode: str, unit: str = "",
     out[~finite] = np.nan
     return NetworkInput(image=out, notes=notes,
                         scope=stmnet_scope(out.shape, pixel_size_nm, line_spacing_nm), **geometry)
-
-
-def current_from_z(z, kappa_per_nm: float = KAPPA_PER_NM, *, unit: str = "m") -> np.ndarray:
-    """Constant-current tip height -> current-like map ``exp(2κ(z - max z))``, in (0, 1].
-
-    I ∝ exp(-2κd) with d the gap (Tersoff-Hamann); along a constant-current contour the tip
-    retracts by z where the LDOS is higher, so the LDOS at a fixed height scales as
-    exp(+2κz). ``z`` is the Nanonis "Z" channel (larger = further from the surface), in
-    metres (``unit="m"``, as .sxm files store it) or nm; NaN stays NaN.
-    """
-    if unit not in ("m", "nm"):
-        raise ValueError(f"unit must be 'm' or 'nm', got {unit!r}")
-    z_nm = np.asarray(z, dtype=np.float64) * (1e9 if unit == "m" else 1.0)
-    if not np.isfinite(z_nm).any():
-        raise ValueError("current_from_z: z has no finite values")
-    return np.exp(2.0 * kappa_per_nm * (z_nm - np.nanmax(z_nm))).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- scope

@@ -2,7 +2,8 @@
 
 :func:`build_consumers` is the one wiring of a session's consumers (journal, tiled ingestion,
 live reconstruction or a remote worker over 0MQ, tip monitor and policy, viewer, progress):
-demo, scan, replay, the remote worker and the queue server's profile all call it.
+demo, scan, replay, the remote worker and the queue server's profile all call it;
+:func:`load_models` loads the networks its in-process consumers run (demo, replay).
 
 Only the journal (an fsync per document, well under a millisecond to a few ms) and the
 progress bar (a counter) run on the RunEngine's loop. Everything else — the callbacks
@@ -23,14 +24,22 @@ from typing import Any
 
 import numpy as np
 from bluesky.run_engine import RunEngine
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from stm_live.callbacks.live import LiveReconstruction
+from stm_live.callbacks.tipmonitor import TipMonitor
+from stm_live.console import LinkReporter
+from stm_live.models import load_stmnet, load_tip_classifier
+from stm_live.reconditioning import POLICIES, TipReconditioner
 from stm_live.store import (JournalWriter, TiledIngestor, journals_to_ingest, migrate_old_layout,
                             open_tiled)
+from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
+from stm_live.suspenders import LinkSuspender
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["AcquisitionSession", "Consumers", "build_consumers", "ThreadedCallback", "LineProgress",
-           "DerivedCollector", "run_scan"]
+           "DerivedCollector", "load_models"]
 
 Callback = Callable[[str, dict], Any]
 
@@ -82,9 +91,6 @@ class LineProgress:
     """A rich progress bar: one task per frame, advanced per line (cheap on the loop)."""
 
     def __init__(self, console=None):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
-
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeRemainingColumn(),
                                  console=console, transient=False)
@@ -136,8 +142,6 @@ class DerivedCollector:
     """
 
     def __init__(self) -> None:
-        import threading
-
         self._cond = threading.Condition()
         self._kind: dict[str, tuple[str, str]] = {}  # derived start uid -> (kind, parent)
         self._desc: dict[str, tuple[str, str]] = {}  # descriptor uid -> (kind, parent)
@@ -418,8 +422,6 @@ def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True,
     say : callable(str), optional
         One-line notes for the operator (waiting for a worker); default: the log.
     """
-    from stm_live.reconditioning import POLICIES
-
     if tip_policy not in POLICIES:
         raise ValueError(f"tip_policy must be one of {', '.join(POLICIES)}, not {tip_policy!r}")
     say = say or logger.info
@@ -437,8 +439,6 @@ def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True,
         if viewer_state is not None:
             c.inline.append(viewer_state)
         if live:
-            from stm_live.callbacks.live import LiveReconstruction
-
             c.live = LiveReconstruction(reconstructor, device=device, emit=emit("live"),
                                         **(live_options or {}))
             c.inline.append(c.live)  # copies and queues on the loop; the work is on its thread
@@ -446,16 +446,12 @@ def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True,
         if worker is not None:
             _connect_worker(c, worker, emit("worker"), worker_wait_s, say)
         if stm is not None and tip_policy != "off":
-            from stm_live.reconditioning import TipReconditioner
-
             c.policy = TipReconditioner(stm, policy=tip_policy, classifier=classifier,
                                         **(policy_options or {}))
         if tip or c.policy is not None:
             if callable(tip):
                 c.tip = tip(emit("tip"))
             else:
-                from stm_live.callbacks.tipmonitor import TipMonitor
-
                 listeners = [f for f in (on_verdict, c.policy and c.policy.on_verdict) if f]
                 c.tip = TipMonitor(classifier, on_verdict=_each(listeners) if listeners else None,
                                    **(tip_options or {}))
@@ -479,6 +475,12 @@ def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True,
     return c
 
 
+def load_models(device: str = "auto", *, tip: bool):
+    """STM-Net (live reconstruction, and replay's offline check) and, given ``tip``, the tip
+    classifier (else None); a missing checkpoint raises FileNotFoundError naming the fix."""
+    return load_stmnet(device=device), load_tip_classifier(device=device) if tip else None
+
+
 def _each(listeners: list[Callable[[dict], Any]]) -> Callable[[dict], None]:
     def call(record: dict) -> None:
         for listener in listeners:
@@ -488,8 +490,6 @@ def _each(listeners: list[Callable[[dict], Any]]) -> Callable[[dict], None]:
 
 def _connect_worker(c: Consumers, worker: str, sink: Callback, wait_s: float, say) -> None:
     """Publish to a remote worker over 0MQ and collect its results into ``sink``."""
-    from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
-
     out, results = parse_worker(worker)
     c.proxy = DocumentProxy(out_address=out)
     c._closers.append(c.proxy.stop)
@@ -554,9 +554,6 @@ class AcquisitionSession:
         """Suspend frames while ``stm``'s link is down (a :class:`~stm_live.suspenders.LinkSuspender`
         on this RunEngine) and, given ``say``, report each link fault in one line
         (:class:`~stm_live.console.LinkReporter`). Undone by :meth:`close`. Returns the suspender."""
-        from stm_live.console import LinkReporter
-        from stm_live.suspenders import LinkSuspender
-
         suspender = LinkSuspender(stm)
         self.RE.install_suspender(suspender)
         self._unwatch.append(lambda: self.RE.remove_suspender(suspender))
@@ -579,99 +576,3 @@ class AcquisitionSession:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None = None,
-             width_nm: float = 5.0, pixels: int = 128, lines: int = 128,
-             direction: str = "down", frames: int = 1,
-             data_dir: str | os.PathLike = "stm_live_data", tiled_uri: str | None = None,
-             tip_policy: str = "prompt", worker: str | None = None, view: bool = False,
-             callbacks: Iterable[Callback] = ()) -> list[str]:
-    """``stm-live scan``: acquire ``frames`` live frames centred where the controller's
-    frame is, journaled and ingested into tiled. Returns the run uids.
-
-    ``tip_policy`` other than "off" runs the tip monitor (shipped classifier) and the
-    reconditioning policy (:mod:`stm_live.reconditioning`); ``worker`` publishes the
-    documents to a 0MQ proxy (:mod:`stm_live.streaming`); ``view`` serves the live viewer.
-    """
-    from stm_live.config import load_profile
-    from stm_live.console import LogFile, quiet_suspensions
-
-    if tip_policy not in ("off", "prompt", "auto"):
-        raise ValueError(f"tip_policy must be off, prompt or auto, not {tip_policy!r}")
-    if direction not in ("down", "up"):
-        raise ValueError(f"direction must be 'down' or 'up', not {direction!r}")
-    prof = load_profile(profile)
-    with LogFile(data_dir) as log, quiet_suspensions():
-        print(f"log: {log.path} (details and tracebacks of anything that goes wrong)", flush=True)
-        return _scan(prof, host=host, port=port, width_nm=width_nm, pixels=pixels, lines=lines,
-                     direction=direction, frames=frames, data_dir=data_dir, tiled_uri=tiled_uri,
-                     tip_policy=tip_policy, worker=worker, view=view, callbacks=callbacks)
-
-
-def _scan(prof, *, host, port, width_nm, pixels, lines, direction, frames, data_dir, tiled_uri,
-          tip_policy, worker, view, callbacks) -> list[str]:
-    """`stm-live scan` proper (see :func:`run_scan`)."""
-    from stm_live.console import describe
-    from stm_live.devices.stm import ControllerLost, NanonisSTM
-    from stm_live.plans import live_frame
-
-    host = host or prof.host
-    port = int(port or prof.port)
-    width_m = float(width_nm) * 1e-9
-    prof.check_pixels(pixels, lines)
-    stm = NanonisSTM(host, port, name="stm", profile=prof, timeout=prof.timeout_s)
-    viewer = state = None
-    uids: list[str] = []
-    lost: list[str] = []  # frames that failed because the link stayed down
-    try:
-        if view:
-            from stm_live.viewer import Viewer, ViewerState
-
-            state = ViewerState()
-            viewer = Viewer(state)
-            print(f"viewer: {viewer.url}", flush=True)
-        centre = stm.client.scan_frame_get()
-        # Live reconstruction in-process on its own thread, or on a remote worker over 0MQ
-        # (its results journaled here); the tip monitor and policy in-process.
-        with AcquisitionSession(data_dir, callbacks=callbacks, tiled=True, tiled_uri=tiled_uri,
-                                progress=True, live=worker is None, worker=worker, stm=stm,
-                                tip_policy=tip_policy, viewer_state=state,
-                                say=lambda text: print(text, flush=True)) as session:
-            # a stall or drop: the frame is suspended, reconnected, resumed; one line each
-            session.watch(stm, say=lambda text: print(text, flush=True))
-            for k in range(frames):
-                try:
-                    uids += session(live_frame(
-                        stm, frame=(centre.center_x, centre.center_y, width_m, width_m,
-                                    centre.angle_deg),
-                        pixels=pixels, lines=lines, channels=list(prof.channel_indexes)[:2],
-                        direction=direction, md={"tip_policy": tip_policy}))
-                except ControllerLost as exc:
-                    # the link stayed down past link.max_outage_s: that frame ends "fail" (its
-                    # lines are journaled); the next one starts afresh. A controller that
-                    # does not answer at a frame's start ends the scan (ConnectionLost).
-                    logger.error("frame %d failed", k + 1, exc_info=exc)
-                    lost.append(f"frame {k + 1}: {describe(exc)}")
-                    print(f"frame {k + 1} failed: {describe(exc)}", flush=True)
-            session.wait()
-            if worker:  # bounded: the worker's final reconstructions, before closing the link
-                for uid in uids:
-                    if session.receiver.wait_final(uid, timeout=60.0) is None:
-                        print(f"run {uid}: no final reconstruction from the worker within 60 s; "
-                              "the raw lines are in the journal", flush=True)
-            if session.tiled_error is not None:
-                print(f"tiled unavailable ({session.tiled_error}); runs are in the journal",
-                      flush=True)
-            if session.migrated:
-                print(f"tiled: {len(session.migrated)} run(s) stored in stm-live's own layout were "
-                      "rewritten in the BlueskyRun layout (once)", flush=True)
-    finally:
-        if viewer is not None:
-            viewer.close()
-        stm.close()
-    for uid in uids:
-        print(f"run {uid}: journal {Path(data_dir) / 'journal' / (uid + '.journal')}")
-    if lost:
-        raise ControllerLost(f"{len(lost)} of {frames} frames failed: {'; '.join(lost)}")
-    return uids

@@ -14,6 +14,10 @@ Record layout (no pickle anywhere)::
 
 ``payload`` is msgpack of ``[name, doc]``; numpy arrays are msgpack ext type 1 whose data
 is msgpack of ``[dtype.str, shape, raw bytes]`` (C order).
+
+tiled, bluesky's TiledWriter and h5py (0.3 s, 2 s and 0.2 s to import) are imported where a run
+meets tiled: the journal alone (acquisition's first consumer, the viewer, ``runs list``) never
+pays for them.
 """
 
 from __future__ import annotations
@@ -23,15 +27,20 @@ import os
 import queue
 import re
 import struct
+import subprocess
+import sys
 import threading
 import time
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from event_model import sanitize_doc
 
+from stm_live.io.sxm import scan_from_frames
 from stm_live.packing import PackingError, pack, unpack
 
 logger = logging.getLogger(__name__)
@@ -39,7 +48,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Journal", "JournalWriter", "JournalError", "RunData", "read_journal", "run_data",
     "TiledIngestor", "open_tiled", "EmbeddedTiled", "ingest_journal", "run_documents", "run_from_tiled", "derived_runs",
-    "journals_to_ingest", "migrate_old_layout", "find_journal", "runs_list", "runs_show", "runs_export",
+    "journals_to_ingest", "migrate_old_layout", "journal_dir", "find_journal", "find_tiled_run", "scan_from_run",
 ]
 
 _HEADER = struct.Struct(">II")
@@ -300,7 +309,7 @@ def open_tiled(data_dir: str | os.PathLike | None = None, tiled_uri: str | None 
     server (:class:`EmbeddedTiled`: stored in ``data_dir/tiled``, loopback only, able to read
     ``data_dir/assets``) that the caller closes.
     """
-    from tiled.client import from_uri
+    from tiled.client import from_uri  # heavy: see the module's note
 
     if tiled_uri:
         return from_uri(tiled_uri), None
@@ -321,9 +330,6 @@ class EmbeddedTiled:
              "print('URI', s.uri, flush=True); sys.stdin.read(); s.close()")
 
     def __init__(self, directory: Path, readable: list[Path], *, timeout_s: float = 120.0):
-        import subprocess
-        import sys
-
         for folder in (directory, *readable):
             Path(folder).mkdir(parents=True, exist_ok=True)
         self.log = Path(directory) / "server.log"
@@ -347,8 +353,6 @@ class EmbeddedTiled:
         self.uri = found[0]
 
     def close(self, timeout: float = 10.0) -> None:
-        import subprocess
-
         if self._proc.poll() is None:
             self._proc.stdin.close()
             try:
@@ -360,8 +364,6 @@ class EmbeddedTiled:
 
 def _jsonable(obj: Any) -> Any:
     """Plain JSON types for tiled metadata (event_model.sanitize_doc, plus tuples)."""
-    from event_model import sanitize_doc
-
     return sanitize_doc(obj)
 
 
@@ -385,7 +387,7 @@ def ingest_journal(client, path: str | os.PathLike, *, assets: str | os.PathLike
 
 
 def _write_run(client, docs: list[tuple[str, dict]], assets: Path, metadata: dict) -> None:
-    from bluesky.callbacks.tiled_writer import TiledWriter
+    from bluesky.callbacks.tiled_writer import TiledWriter  # heavy: see the module's note
 
     uid = docs[0][1]["uid"]
     if uid in client:
@@ -429,9 +431,7 @@ def _writer_documents(docs, assets: Path):
     if not images:
         yield from docs
         return
-    import uuid
-
-    import h5py
+    import h5py  # heavy: see the module's note
 
     run_uid = docs[0][1]["uid"]
     resources: dict[str, dict[str, str]] = {}  # descriptor uid -> {key: stream resource uid}
@@ -520,7 +520,7 @@ def run_from_tiled(client, uid: str) -> RunData:
 
 def derived_runs(client, uid: str) -> dict[str, str]:
     """The derived runs (reconstruction, tip verdicts) of acquisition run ``uid``: kind -> uid."""
-    from tiled.queries import Key
+    from tiled.queries import Key  # heavy: see the module's note
 
     found = {}
     for key, node in client.search(Key("start.parent_uid") == uid).items():
@@ -538,7 +538,7 @@ def journals_to_ingest(client, data_dir: str | os.PathLike,
     runs still being written."""
     out = []
     skip = set(skip)
-    for path in sorted(_journal_dir(data_dir).glob("*.journal"),
+    for path in sorted(journal_dir(data_dir).glob("*.journal"),
                        key=lambda p: p.stat().st_mtime):
         if path.stem in skip:
             continue
@@ -560,13 +560,13 @@ def migrate_old_layout(client, data_dir: str | os.PathLike | None = None) -> lis
     From the run's journal where ``data_dir`` has it (every document, exactly), else from the
     stored arrays: the lines in the order they were read, the last reading of each.
     """
-    from tiled.queries import Key
+    from tiled.queries import Key  # heavy: see the module's note
 
     migrated = []
     for uid, node in list(client.search(Key("journal_bytes") >= 0).items()):
         if not _old_layout(node):
             continue
-        journal = _journal_dir(data_dir) / f"{uid}.journal" if data_dir is not None else None
+        journal = journal_dir(data_dir) / f"{uid}.journal" if data_dir is not None else None
         if journal is not None and journal.exists():
             ingest_journal(client, journal)
         else:
@@ -582,8 +582,6 @@ def migrate_old_layout(client, data_dir: str | os.PathLike | None = None) -> lis
 
 def _old_layout_documents(node) -> list[tuple[str, dict]]:
     """Documents of a run stored in the old layout, rebuilt from its metadata and arrays."""
-    import uuid
-
     start, stop = dict(node.metadata["start"]), node.metadata.get("stop")
     docs: list[tuple[str, dict]] = [("start", start)]
     meta = start.get("stm_live")
@@ -649,8 +647,9 @@ class TiledIngestor:
         self._thread.join(timeout)
 
 
-# --------------------------------------------------------------------------- runs CLI
-def _journal_dir(data_dir) -> Path:
+# --------------------------------------------------------------------------- finding runs
+def journal_dir(data_dir) -> Path:
+    """Where ``data_dir`` keeps its run journals."""
     return Path(data_dir) / "journal"
 
 
@@ -670,7 +669,7 @@ def find_journal(run: str, data_dir: str | os.PathLike) -> Path:
     """The journal of ``run``: a start uid or unique uid prefix, ``latest``, or -1/-2...
     (most recent first; ``latest`` and -N count acquired frames only, not the derived
     reconstruction/verdict runs journaled beside them)."""
-    directory = _journal_dir(data_dir)
+    directory = journal_dir(data_dir)
     paths = sorted(directory.glob("*.journal"), key=lambda p: p.stat().st_mtime)
     if not paths:
         raise JournalError(f"no runs in {directory}")
@@ -692,7 +691,7 @@ def find_journal(run: str, data_dir: str | os.PathLike) -> Path:
 def find_tiled_run(client, run: str) -> str:
     """The uid of ``run`` in tiled, found as :func:`find_journal` finds a journal: a uid or
     unique prefix, ``latest``, or -1/-2... (acquired frames, most recent first)."""
-    from tiled.queries import Key
+    from tiled.queries import Key  # heavy: see the module's note
 
     if run == "latest":
         run = "-1"
@@ -711,109 +710,10 @@ def find_tiled_run(client, run: str) -> str:
     return matches[0]
 
 
-def _tiled_client(tiled_uri: str, data_dir):
-    """A client of the lab's tiled server, its runs in the BlueskyRun layout (migrated once)."""
-    from rich.console import Console
-    from tiled.client import from_uri
-
-    client = from_uri(tiled_uri)
-    migrated = migrate_old_layout(client, data_dir)
-    if migrated:
-        Console().print(f"tiled: {len(migrated)} run(s) stored in stm-live's own layout were "
-                        "rewritten in the BlueskyRun layout (once)")
-    return client
-
-
-def _load_run(run: str, data_dir, tiled_uri: str | None) -> tuple[RunData, str]:
-    """One run's frame and where it was read: the journal, or tiled given its URI."""
-    if tiled_uri:
-        client = _tiled_client(tiled_uri, data_dir)
-        uid = find_tiled_run(client, run)
-        return run_from_tiled(client, uid), f"{tiled_uri.split('?')[0]} {uid}"
-    path = find_journal(run, data_dir)
-    return run_data(read_journal(path)), str(path)
-
-
-def _summary_row(start: dict, stop: dict | None, lines_read) -> dict:
-    from datetime import datetime
-
-    meta = start.get("stm_live", {})
-    return {"uid": start["uid"],
-            "time": datetime.fromtimestamp(start["time"]).isoformat(timespec="seconds"),
-            "plan": start.get("plan_name", ""),
-            "size": f"{meta.get('pixels', '?')}x{meta.get('lines', '?')}",
-            "lines_read": len(set(int(v) for v in lines_read)),
-            "exit_status": stop["exit_status"] if stop else "incomplete"}
-
-
-def _tiled_rows(client) -> list[dict]:
-    rows = []
-    for uid, node in client.sort(("start.time", 1)).items():
-        start, stop = node.metadata.get("start"), node.metadata.get("stop")
-        if not start:
-            continue
-        key = (start.get("stm_live") or {}).get("line_key", "stm_line_index")
-        lines = node["primary"][key].read() if "primary" in node and key in node["primary"] else []
-        rows.append(_summary_row(start, stop, lines))
-    return rows
-
-
-def runs_list(*, data_dir: str | os.PathLike = "stm_live_data", tiled_uri: str | None = None) -> list[dict]:
-    """Print and return a summary of every journaled run (oldest first); given ``tiled_uri``,
-    of every run in that tiled server instead."""
-    from rich.console import Console
-    from rich.table import Table
-
-    if tiled_uri:
-        rows = _tiled_rows(_tiled_client(tiled_uri, data_dir))
-        title = f"runs in tiled at {tiled_uri.split('?')[0]}"
-    else:
-        rows = []
-        directory = _journal_dir(data_dir)
-        for path in sorted(directory.glob("*.journal"), key=lambda p: p.stat().st_mtime):
-            try:
-                data = run_data(read_journal(path))
-            except JournalError as exc:
-                rows.append({"uid": path.stem, "error": str(exc)})
-                continue
-            rows.append(_summary_row(data.start, data.stop, data.lines_read))
-        title = f"runs in {directory}"
-    table = Table(title=title)
-    for column in ("uid", "time", "plan", "size", "lines_read", "exit_status"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*(str(row.get(c, row.get("error", ""))) for c in
-                        ("uid", "time", "plan", "size", "lines_read", "exit_status")))
-    Console().print(table)
-    return rows
-
-
-def runs_show(run: str, *, data_dir: str | os.PathLike = "stm_live_data",
-              tiled_uri: str | None = None) -> RunData:
-    """Print one run's start metadata, exit status and line coverage; return its data."""
-    import json
-
-    from rich.console import Console
-
-    data, where = _load_run(run, data_dir, tiled_uri)
-    console = Console()
-    console.print(f"[bold]{data.uid}[/bold]  {where}")
-    console.print(json.dumps(_jsonable(data.start.get("stm_live", {})), indent=1))
-    meta = data.start.get("stm_live", {})
-    console.print(f"exit_status: {data.exit_status}"
-                  + (f" ({data.stop.get('reason')})" if data.stop and data.stop.get("reason")
-                     else ""))
-    console.print(f"lines read: {len(set(data.lines_read))}/{meta.get('lines', '?')}"
-                  f" ({data.events} events)")
-    return data
-
-
 def scan_from_run(data: "RunData", *, comment: str | None = None):
     """One journaled frame run as an :class:`~stm_live.io.sxm.SxmScan`: geometry, bias,
     setpoint, Z-controller mode, and each channel under the signal index it was acquired
     from, so the file replays under the controller's own indexes."""
-    from stm_live.io.sxm import scan_from_frames
-
     meta = data.start.get("stm_live")
     if not meta:
         raise JournalError(f"run {data.uid} has no stm_live frame metadata; not a frame run")
@@ -828,18 +728,3 @@ def scan_from_run(data: "RunData", *, comment: str | None = None):
         bias_V=meta["bias_V"], setpoint_A=meta.get("setpoint_A"),
         z_controller=meta.get("z_controller", "constant_current"),
         comment=comment or f"stm-live run {data.uid}", signal_indexes=indexes)
-
-
-def runs_export(run: str, *, sxm: str | os.PathLike, data_dir: str | os.PathLike = "stm_live_data",
-                tiled_uri: str | None = None) -> Path:
-    """Write one run (journaled, or in tiled given ``tiled_uri``) as a Nanonis .sxm file (via
-    :mod:`stm_live.io.sxm`)."""
-    from stm_live.io.sxm import write_sxm
-
-    data, _ = _load_run(run, data_dir, tiled_uri)
-    out = write_sxm(Path(sxm), scan_from_run(data))
-    from rich.console import Console
-
-    Console().print(f"wrote {out} ({len(set(data.lines_read))}/{data.start['stm_live']['lines']} lines, "
-                    f"{data.exit_status})")
-    return Path(out)

@@ -2,9 +2,11 @@
 
 ::
 
-    RunEngine ── make_publisher ──► DocumentProxy ──► worker (run_worker: RemoteDispatcher
+    RunEngine ── make_publisher ──► DocumentProxy ──► worker (make_dispatcher: RemoteDispatcher
         ▲         (XPUB, HWM)        (SUB → PUB)        → LiveReconstruction, TipMonitor)
         └──────────── ResultReceiver (PULL) ◄──── PUSH ──────┘
+
+The worker process itself (``stm-live worker``) is :mod:`stm_live.app.worker`.
 
 * ``serializer``/``deserializer``: msgpack with numpy arrays as ext type 1 holding
   msgpack ``[dtype.str, shape, raw bytes]`` (the journal's layout, ``store.py``). Anything
@@ -26,12 +28,10 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import shutil
-import signal
 import threading
 import time
 import uuid
@@ -42,15 +42,19 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import zmq
+import zmq.auth
+from bluesky.callbacks.zmq import ClientCurve, Proxy, Publisher, RemoteDispatcher, ServerCurve
+from zmq.auth.thread import ThreadAuthenticator
 
 from stm_live.packing import PackingError, pack, unpack
+from stm_live.store import read_journal
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "serializer", "deserializer", "SerializationError", "make_publisher", "DocumentProxy",
-    "ResultReceiver", "ResultSender", "run_worker", "generate_curve_keys", "CurveKeys",
-    "JournalCatchUp",
+    "ResultReceiver", "ResultSender", "make_dispatcher", "check_loopback", "generate_curve_keys",
+    "CurveKeys", "JournalCatchUp",
 ]
 
 LOOPBACK = "tcp://127.0.0.1"
@@ -100,20 +104,14 @@ class CurveKeys:
     authorized = property(lambda self: self.folder / "authorized")
 
     def server_curve(self):
-        from bluesky.callbacks.zmq import ServerCurve
-
         return ServerCurve(secret_path=self.server_secret, client_public_keys=self.authorized, allow=None)
 
     def client_curve(self):
-        from bluesky.callbacks.zmq import ClientCurve
-
         return ClientCurve(secret_path=self.client_secret, server_public_key=self.server_public)
 
 
 def generate_curve_keys(folder: str | os.PathLike) -> CurveKeys:
     """Create a server and a client CURVE key pair in ``folder`` (secrets mode 0600)."""
-    import zmq.auth
-
     if not zmq.has("curve"):
         raise ValueError("this libzmq has no CURVE support")
     folder = Path(folder)
@@ -134,17 +132,12 @@ def _as_keys(curve_keys) -> CurveKeys | None:
 
 
 def _client_curve_opts(sock: zmq.Socket, keys: CurveKeys) -> None:
-    import zmq.auth
-
     public, secret = zmq.auth.load_certificate(keys.client_secret)
     server_public, _ = zmq.auth.load_certificate(keys.server_public)
     sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_public
 
 
 def _server_curve_opts(ctx: zmq.Context, sock: zmq.Socket, keys: CurveKeys):
-    import zmq.auth
-    from zmq.auth.thread import ThreadAuthenticator
-
     auth = ThreadAuthenticator(ctx)
     auth.start()
     auth.configure_curve(domain="*", location=str(keys.authorized))
@@ -153,7 +146,7 @@ def _server_curve_opts(ctx: zmq.Context, sock: zmq.Socket, keys: CurveKeys):
     return auth
 
 
-def _check_loopback(address: str, what: str, allow_remote: bool) -> None:
+def check_loopback(address: str, what: str, allow_remote: bool) -> None:
     if not allow_remote and not address.startswith(("tcp://127.0.0.1", "tcp://localhost", "ipc://", "inproc://")):
         raise ValueError(f"{what} address {address!r} is not loopback; pass allow_remote=True (and use CURVE keys)")
 
@@ -170,10 +163,8 @@ class DocumentProxy:
 
     def __init__(self, in_address: str = f"{LOOPBACK}:0", out_address: str = f"{LOOPBACK}:0", *,
                  curve_keys=None, hwm: int = DOC_HWM, allow_remote: bool = False):
-        from bluesky.callbacks.zmq import Proxy
-
-        _check_loopback(in_address, "proxy inbound", False)
-        _check_loopback(out_address, "proxy outbound", allow_remote)
+        check_loopback(in_address, "proxy inbound", False)
+        check_loopback(out_address, "proxy outbound", allow_remote)
         keys = _as_keys(curve_keys)
         self._ctx = zmq.Context()
         self._ctx.setsockopt(zmq.SNDHWM, hwm)
@@ -230,9 +221,7 @@ def make_publisher(address: str, *, hwm: int = DOC_HWM, send_timeout_ms: int = S
     Returns a callable ``publisher(name, doc)`` that counts and logs failed sends
     (``.failed``) instead of raising into the RunEngine; the journal has every document.
     """
-    from bluesky.callbacks.zmq import Publisher
-
-    _check_loopback(address if "://" in address else "tcp://" + address, "publisher", False)
+    check_loopback(address if "://" in address else "tcp://" + address, "publisher", False)
     pub = Publisher(address, serializer=serializer, prefix=prefix)
     pub._socket.close(linger=0)
     sock = pub._context.socket(zmq.XPUB)
@@ -278,7 +267,7 @@ class ResultSender:
 
     def __init__(self, address: str, *, source: str, curve_keys=None, hwm: int = RESULT_HWM,
                  send_timeout_ms: int = SEND_TIMEOUT_MS, allow_remote: bool = False):
-        _check_loopback(address, "results", allow_remote)
+        check_loopback(address, "results", allow_remote)
         keys = _as_keys(curve_keys)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PUSH)
@@ -326,7 +315,7 @@ class ResultReceiver:
 
     def __init__(self, address: str = f"{LOOPBACK}:0", *, curve_keys=None, hwm: int = RESULT_HWM,
                  allow_remote: bool = False):
-        _check_loopback(address, "result receiver", allow_remote)
+        check_loopback(address, "result receiver", allow_remote)
         keys = _as_keys(curve_keys)
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.PULL)
@@ -542,8 +531,6 @@ class JournalCatchUp:
             path = self.journal_dir / f"{doc.get('run_start')}.journal"
             return path if path.is_file() else None
         descriptor = doc.get("descriptor")
-        from stm_live.store import read_journal
-
         # Newest first: the run being scanned is almost always the newest journal.
         paths = sorted(self.journal_dir.glob("*.journal"), key=lambda p: p.stat().st_mtime, reverse=True)
         for path in paths[:16]:
@@ -552,8 +539,6 @@ class JournalCatchUp:
         return None
 
     def _replay(self, path: Path) -> None:
-        from stm_live.store import read_journal
-
         if not path.is_file():
             logger.error("journal %s not found; cannot fill the gap", path)
             return
@@ -564,10 +549,11 @@ class JournalCatchUp:
             self._feed(n, d)
 
 
-def _make_dispatcher(address: str, *, curve_config, hwm: int):
+def make_dispatcher(address: str, *, curve_keys=None, hwm: int = DOC_HWM):
     """A ``RemoteDispatcher`` (msgpack) whose SUB gets a raised RCVHWM, that can be stopped
-    from another thread or a signal, and that calls ``on_ready`` once subscribed."""
-    from bluesky.callbacks.zmq import RemoteDispatcher
+    from another thread or a signal, and that calls ``on_ready`` once subscribed.
+    ``curve_keys`` (folder or CurveKeys): authenticate and encrypt the link."""
+    keys = _as_keys(curve_keys)
 
     class Dispatcher(RemoteDispatcher):
         on_ready: Callable[[], Any] | None = None
@@ -585,148 +571,5 @@ def _make_dispatcher(address: str, *, curve_config, hwm: int):
             if self._task is not None and not self.loop.is_closed():
                 self.loop.call_soon_threadsafe(self._task.cancel)
 
-    return Dispatcher(address, deserializer=deserializer, curve_config=curve_config,
+    return Dispatcher(address, deserializer=deserializer, curve_config=keys.client_curve() if keys else None,
                       loop=asyncio.new_event_loop())
-
-
-def _default_tip_monitor(emit, device: str = "auto"):
-    """The tip monitor, if that part is installed; None otherwise (it is optional)."""
-    try:
-        from stm_live.callbacks.tipmonitor import TipMonitor
-    except ImportError as exc:
-        logger.info("no tip monitor in the worker (%s)", exc)
-        return None
-    try:
-        monitor = TipMonitor(device=device)
-        monitor.subscribe(emit)
-        return monitor
-    except Exception as exc:  # a broken optional part must not stop reconstruction
-        logger.error("tip monitor unavailable in the worker: %s", exc)
-        return None
-
-
-def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:5580", device: str = "auto",
-               curve_keys=None, *, journal: str | os.PathLike | None = None, reconstructor=None,
-               tip_monitor: bool | Callable = True, live_options: dict | None = None,
-               allow_remote: bool = False, stop_event: threading.Event | None = None) -> int:
-    """Run live reconstruction (and the tip monitor) on documents from a 0MQ proxy.
-
-    Parameters
-    ----------
-    connect : str
-        The proxy's outbound address.
-    results : str
-        Where to PUSH result documents (a ``ResultReceiver``).
-    device : str
-        Torch device for STM-Net ("auto": CUDA when present). On CUDA the default STM-Net runs
-        the fast path (``stmnet.Acceleration``: views batched, bf16, CUDA graphs; warmed up
-        before the worker says hello) and every live update is a full-frame pass, which costs
-        a GPU little and needs no band splicing (``band_margin=None`` unless ``live_options``
-        says otherwise).
-    curve_keys : folder or CurveKeys, optional
-        Authenticate and encrypt both links (see ``generate_curve_keys``).
-    journal : folder, optional
-        ``data_dir`` of the acquisition's journal: lets this worker join or restart
-        mid-run and still reconstruct every line.
-    reconstructor : object with ``.reconstruct``, optional
-        Default: the shipped STM-Net checkpoint.
-    tip_monitor : bool or callable(emit, device=) -> callback
-        True: ``stm_live.callbacks.tipmonitor.TipMonitor`` if importable.
-    live_options : dict
-        Extra ``LiveReconstruction`` keyword arguments.
-    stop_event : threading.Event, optional
-        Set it to stop the worker (in-process use); SIGTERM/SIGINT also stop it.
-
-    Returns
-    -------
-    int
-        0 on a clean stop.
-    """
-    from stm_live.session import build_consumers
-
-    for address, what in ((connect, "worker connect"), (results, "worker results")):
-        _check_loopback(address, what, allow_remote)
-    keys = _as_keys(curve_keys)
-    worker_id = f"{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    sender = ResultSender(results, source="live", curve_keys=keys, allow_remote=allow_remote)
-    try:
-        if reconstructor is None:
-            from stm_live.models import load_stmnet
-
-            reconstructor = load_stmnet(device=device)
-        options = dict(live_options or {})
-        if str(getattr(reconstructor, "device", "cpu")).startswith("cuda"):
-            options.setdefault("band_margin", None)
-        factory = tip_monitor if callable(tip_monitor) else _default_tip_monitor
-
-        def emit(kind):  # results go back over 0MQ, tagged with the consumer that made them
-            return sender if kind == "live" else lambda name, doc: sender.send(name, doc, source=kind)
-
-        consumers = build_consumers(None, journal=False, live=True, reconstructor=reconstructor,
-                                    device=device, live_options=options, emit=emit,
-                                    tip=(lambda sink: factory(sink, device=device)) if tip_monitor else False)
-    except BaseException:  # e.g. no checkpoint: say so, leave no socket behind
-        sender.close(linger_ms=0)
-        raise
-    callbacks = consumers.inline
-    feeder = JournalCatchUp(callbacks, journal)
-    dispatcher = _make_dispatcher(connect, curve_config=keys.client_curve() if keys else None, hwm=DOC_HWM)
-    dispatcher.subscribe(feeder)
-    dispatcher.on_ready = lambda: sender.send("hello", {"worker": worker_id, "pid": os.getpid(),
-                                                         "callbacks": [type(c).__name__ for c in callbacks]},
-                                              source="worker")
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            previous[sig] = signal.signal(sig, lambda *_: dispatcher.request_stop())
-    if stop_event is not None:
-        def _watch():
-            # Repeat the request: one made before the dispatcher's task exists is a no-op.
-            while not dispatcher.closed:
-                if stop_event.wait(0.2):
-                    dispatcher.request_stop()
-
-        threading.Thread(target=_watch, name="worker-stop", daemon=True).start()
-    logger.info("worker %s: documents from %s, results to %s", worker_id, connect, results)
-    try:
-        dispatcher.start()
-    except asyncio.CancelledError:
-        pass
-    finally:
-        consumers.close(30.0)  # finish what was acquired before leaving
-        sender.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m stm_live.streaming``: the worker with every option (the CLI's
-    ``stm-live worker`` exposes the common ones)."""
-    parser = argparse.ArgumentParser(prog="python -m stm_live.streaming", description=run_worker.__doc__.splitlines()[0])
-    parser.add_argument("--connect", default=f"{LOOPBACK}:5578")
-    parser.add_argument("--results", default=f"{LOOPBACK}:5580")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--curve-keys", default=None)
-    parser.add_argument("--journal", default=None, help="acquisition data_dir (journal catch-up)")
-    parser.add_argument("--reconstructor", default=None,
-                        help="module:factory returning an object with .reconstruct (default: shipped STM-Net)")
-    parser.add_argument("--band-margin", type=int, default=None,
-                        help="-1: full-frame updates (default: full-frame on CUDA, else 32 rows)")
-    parser.add_argument("--no-tip-monitor", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
-    reconstructor = None
-    if args.reconstructor:
-        import importlib
-
-        module, _, attr = args.reconstructor.partition(":")
-        reconstructor = getattr(importlib.import_module(module), attr)()
-    return run_worker(args.connect, args.results, args.device, args.curve_keys, journal=args.journal,
-                      reconstructor=reconstructor, tip_monitor=not args.no_tip_monitor,
-                      live_options=None if args.band_margin is None else
-                      {"band_margin": None if args.band_margin < 0 else args.band_margin})
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -9,6 +9,7 @@ RunEngine subscriber (``--view`` on demo/scan/replay), or, from another process,
 whichever process acquires and wherever the GPU worker runs: results it sends back are
 journaled beside the raw lines). A run stored in tiled is shown from its BlueskyRun layout
 (``show_stored_run``: its documents and its derived runs' read back through a tiled client).
+``stm-live view`` serves it on its own (:mod:`stm_live.app.view`).
 
 The page polls ``state.json`` and fetches ``raw.png``/``recon.png``/``residual.png``/
 ``spread.png`` when their versions change; nothing but the standard library's HTTP server is
@@ -20,17 +21,18 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from event_model import unpack_event_page
 
 from stm_live.callbacks.frames import FrameAssembler, FrameError
 from stm_live.callbacks.live import CHECK_STREAM
+from stm_live.report import display_rows, png_bytes
+from stm_live.store import derived_runs, find_tiled_run, read_journal, run_documents
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +46,6 @@ NOT_ORBITAL = "not a CO-tip orbital image"
 
 def _png_bytes(image: np.ndarray | None, cmap: str, scan_direction: str = "down") -> bytes:
     """The image in display orientation (an up-scan flipped: the frame's top at the top)."""
-    from stm_live.report import display_rows, png_bytes
-
     if image is None:  # nothing yet: a small grey (NaN) placeholder tile
         image = np.full((8, 8), np.nan, dtype=np.float32)
     return png_bytes(display_rows(image, scan_direction), cmap=cmap)
@@ -249,8 +249,6 @@ class ViewerState:
         return self._results.get(self.run) or _Results()
 
     def _on_event_page(self, doc: dict) -> None:
-        from event_model import unpack_event_page
-
         for event in unpack_event_page(doc):
             self._on_event(event)
 
@@ -394,8 +392,6 @@ class JournalFollower(threading.Thread):
         self._stop = threading.Event()
 
     def poll_once(self) -> None:
-        from stm_live.store import read_journal
-
         if not self.journal_dir.is_dir():
             return
         paths = sorted(self.journal_dir.glob("*.journal"), key=lambda p: p.stat().st_mtime)
@@ -479,40 +475,8 @@ class Viewer:
 def show_stored_run(state: ViewerState, client, run: str = "latest") -> str:
     """Feed ``state`` one run stored in tiled (BlueskyRun layout) and its derived runs
     (reconstruction, tip verdicts), as their documents came; returns the run's uid."""
-    from stm_live.store import derived_runs, find_tiled_run, run_documents
-
     uid = find_tiled_run(client, run)
     for key in [uid, *derived_runs(client, uid).values()]:
         for name, doc in run_documents(client[key]):
             state(name, doc)
     return uid
-
-
-def run_viewer(*, port: int = 8765, data_dir: str | Path = "stm_live_data",
-               tiled_uri: str | None = None, run: str = "latest") -> None:
-    """``stm-live view``: serve the page and follow the journals in ``data_dir``; given
-    ``tiled_uri``, show ``run`` as stored in that tiled server instead."""
-    state = ViewerState()
-    follower = None
-    if tiled_uri:
-        from tiled.client import from_uri
-
-        shown = show_stored_run(state, from_uri(tiled_uri), run)
-        what = f"run {shown} from tiled at {tiled_uri.split('?')[0]}"
-    else:
-        follower = JournalFollower(data_dir, state)
-        follower.start()
-        what = f"following {Path(data_dir) / 'journal'}"
-    viewer = Viewer(state, port=port)
-    # Ctrl-C stops it even when started with SIGINT ignored (from a script's background job)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"stm-live viewer at {viewer.url}: {what} (Ctrl-C to stop)", flush=True)
-    try:
-        while True:
-            time.sleep(1.0)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if follower is not None:
-            follower.stop()
-        viewer.close()

@@ -204,9 +204,9 @@ def rec():
 
 
 def test_agreement_is_high_on_held_out_molecules_and_low_without_a_molecule(rec):
-    """Held-out molecules (training.eval_cells) under every evaluation tip vs frames with no
+    """Held-out molecules (metrics.eval_cells) under every evaluation tip vs frames with no
     molecule (noise, an adatom lattice, step edges), all reconstructed by the shipped STM-Net."""
-    from stm_live.models.training import eval_cells, make_eval_pairs
+    from stm_live.models.metrics import eval_cells, make_eval_pairs
 
     px = 0.05
     molecules = []  # 12 frames: 3 molecules x 4 tips
@@ -239,7 +239,7 @@ def test_coarse_scans_are_checked_on_the_networks_grid(rec):
     """At 0.1 nm pixels the p image is under-resolved on the measured grid; predicted on the
     network's 0.05 nm grid and sampled at the measured pixels, held-out molecules agree again
     while noise stays out of scope."""
-    from stm_live.models.training import eval_cells, make_eval_pairs
+    from stm_live.models.metrics import eval_cells, make_eval_pairs
 
     px = 0.1
     on_measured, on_network = [], []

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stm_live.io.cube import BOHR_NM, Cube, CubeOrbital, extend_into_vacuum, read_cube, write_cube
+from stm_live.io.cube import BOHR_NM, Cube, read_cube, write_cube
 from stm_live.simulators.imaging import CubePlacement, Placement, ScanFrame, constant_height_image
-from stm_live.simulators.orbitals import KAPPA_PER_NM, molecule, orbital_fields, orbital_level
+from stm_live.simulators.orbitals import CubeOrbital, extend_into_vacuum, molecule, orbital_fields, orbital_level
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 A_NM = 0.3            # Gaussian width of the test orbital
 PLANE_NM = 0.25       # molecular plane height in the cube frame

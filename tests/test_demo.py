@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 
-from stm_live.demo import run_demo
+from stm_live.app.demo import run_demo
 from stm_live.io.sxm import read_sxm
 from stm_live.store import read_journal, run_data
 

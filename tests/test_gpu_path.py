@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from stm_live.models import stmnet
-from stm_live.models.metrics import psnr
+from stm_live.models.inputs import normalise, quantiles
+from stm_live.models.metrics import eval_cells, make_eval_pairs, psnr
 from stm_live.models.stmnet import Acceleration, load_stmnet
-from stm_live.models.training import TRAIN_PIXEL_SIZE_NM, eval_cells, make_eval_pairs
+from stm_live.models.training import TRAIN_PIXEL_SIZE_NM
 
 ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(2)
@@ -94,12 +95,12 @@ def test_torch_normalisation_matches_numpy():
     rng = np.random.default_rng(3)
     image = (rng.random((40, 56)) ** 3 * 1e-10).astype(np.float32)
     image[5:9] = np.nan
-    ref = stmnet.normalise(image)
-    got = stmnet.normalise(torch.from_numpy(image)).numpy()
+    ref = normalise(image)
+    got = normalise(torch.from_numpy(image)).numpy()
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_allclose(got, ref, atol=1e-6, equal_nan=True)
     values = rng.random(1001).astype(np.float32)
-    np.testing.assert_allclose(stmnet.quantiles(torch.from_numpy(values), (0.005, 0.5, 0.999)).numpy(),
+    np.testing.assert_allclose(quantiles(torch.from_numpy(values), (0.005, 0.5, 0.999)).numpy(),
                                np.percentile(values, [0.5, 50, 99.9]), rtol=1e-6)
 
 

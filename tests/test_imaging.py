@@ -11,15 +11,13 @@ from stm_live.simulators.imaging import (
     Substrate,
     constant_current_image,
     constant_height_image,
-    current_from_height,
-    height_from_current,
     placement_fields,
     s_wave_image,
     scatter_molecules,
 )
-from stm_live.simulators.orbitals import KAPPA_PER_NM
 from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES, PairSampler
 from stm_live.simulators.tip import TIP_PRESETS, TipState, tip_preset, tip_signal
+from stm_live.simulators.vacuum import KAPPA_PER_NM, current_from_height, height_from_current
 
 S_TIP = TipState(1.0, 0.0, 0.0, 0.0)
 P_TIP = TipState(0.0, 1.0, 1.0, 0.0)  # weights normalise to 0.5 p_x + 0.5 p_y

@@ -11,13 +11,13 @@ from stm_live.interpret import (
     SIGNAL,
     choose_channel,
     classifier_scope,
-    current_from_z,
     from_scan,
     network_input,
     plane_level,
     stmnet_scope,
 )
 from stm_live.io.sxm import read_sxm
+from stm_live.simulators.vacuum import current_from_z
 from sxm_files import scene, write_raw_sxm
 
 
@@ -100,7 +100,7 @@ def test_from_scan_reads_geometry_and_names_the_file_on_bad_ranges(tmp_path):
 
 
 def test_current_from_z_units_and_direction():
-    from stm_live.simulators.orbitals import KAPPA_PER_NM
+    from stm_live.simulators.vacuum import KAPPA_PER_NM
 
     z_nm = np.array([[0.0, 0.05, 0.1]])
     a = current_from_z(z_nm * 1e-9)  # metres, as Nanonis stores Z

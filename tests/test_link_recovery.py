@@ -637,7 +637,7 @@ def test_console_keeps_suspension_chatter_and_tracebacks_off_the_terminal(tmp_pa
         try:
             raise ConnectionLost("link to 127.0.0.1:1 lost")
         except ConnectionLost:
-            logging.getLogger("stm_live.demo").exception("frame 2 failed")
+            logging.getLogger("stm_live.app.demo").exception("frame 2 failed")
     assert "print" not in vars(bre)  # restored: bluesky prints as before
     out = capsys.readouterr()
     assert out.out == "Pausing...\n" and "Traceback" not in out.err

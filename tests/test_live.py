@@ -92,7 +92,8 @@ def test_assembler_rewind_keeps_last_line_and_picks_the_source_channel():
 
 
 def test_assembler_constant_current_uses_z_and_bad_starts_name_the_problem():
-    from stm_live.interpret import current_from_z, plane_level
+    from stm_live.interpret import plane_level
+    from stm_live.simulators.vacuum import current_from_z
 
     z = np.random.default_rng(1).normal(1e-10, 2e-11, (LINES, PIXELS)).astype(np.float32)
     docs = frame_docs(np.zeros((LINES, PIXELS), np.float32), mode="constant_current", z=z, order=range(5))
@@ -264,8 +265,9 @@ def test_constant_current_scan_reconstructs_the_converted_z_map(RE, sim_server):
     """Same path with the Z channel (constant current) feeding the network; the stand-in
     network keeps this independent of the checkpoint."""
     from stm_live.devices.stm import NanonisSTM
-    from stm_live.interpret import current_from_z, plane_level
+    from stm_live.interpret import plane_level
     from stm_live.plans import live_frame
+    from stm_live.simulators.vacuum import current_from_z
 
     docs, derived = [], []
     RE.subscribe(lambda n, d: docs.append((n, d)))

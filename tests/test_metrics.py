@@ -73,7 +73,7 @@ def test_classical_baseline_is_identity_for_an_s_tip_and_sharpens_otherwise():
 
 
 def test_evaluation_cells_are_fixed_imaging_renders_of_the_right_molecules():
-    from stm_live.models.training import eval_cells, make_eval_pairs
+    from stm_live.models.metrics import eval_cells, make_eval_pairs
     from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES
 
     held, seen = eval_cells("held-out"), eval_cells("in-distribution")

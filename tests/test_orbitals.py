@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 
 from stm_live.simulators.orbitals import (
-    KAPPA_PER_NM,
     MOLECULE_NAMES,
     huckel_matrix,
     molecule,
     orbital_fields,
     orbital_level,
 )
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 
 def test_kappa_is_the_5eV_vacuum_decay():

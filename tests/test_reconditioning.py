@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from stm_live.callbacks.frames import frame_documents
 from stm_live.config import LimitError, load_profile
 
 FRAME = {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 7e-9, "height_m": 7e-9, "angle_deg": 0.0}
@@ -296,35 +297,6 @@ def test_prompt_asks_once_per_frame_saying_the_frame_is_outside_the_domain():
     assert "'blunt'" in asked[0] and "Recondition anyway" in asked[0]
 
 
-class _FrameDocs:
-    """Live-frame documents (constant height Current) for an image at given pitches."""
-
-    @staticmethod
-    def make(image, pixel_nm, line_nm):
-        from event_model import compose_run
-
-        lines, pixels = image.shape
-        run = compose_run(metadata={"stm_live": {
-            "frame": {"center_x_m": 0, "center_y_m": 0, "width_m": pixels * pixel_nm * 1e-9,
-                      "height_m": lines * line_nm * 1e-9, "angle_deg": 0},
-            "pixels": pixels, "lines": lines, "pixel_size_nm": pixel_nm,
-            "scan_direction": "down", "bias_V": 0.5, "setpoint_A": 5e-12, "z_controller": "constant_height",
-            "line_key": "stm_line_index",
-            "channels": [{"name": "Current", "index": 0, "units": "A",
-                          "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}}]}})
-        yield "start", run.start_doc
-        desc = run.compose_descriptor(name="primary", data_keys={
-            "stm_line_index": {"source": "sim", "dtype": "integer", "shape": []},
-            "stm_current_fwd": {"source": "sim", "dtype": "array", "shape": [pixels]},
-            "stm_current_bwd": {"source": "sim", "dtype": "array", "shape": [pixels]}})
-        yield "descriptor", desc.descriptor_doc
-        for i, row in enumerate(image):
-            yield "event", desc.compose_event(
-                data={"stm_line_index": i, "stm_current_fwd": row, "stm_current_bwd": row},
-                timestamps={k: 0.0 for k in ("stm_line_index", "stm_current_fwd", "stm_current_bwd")})
-        yield "stop", run.compose_stop()
-
-
 @pytest.fixture(scope="module")
 def shipped_clf():
     from stm_live.models import load_tip_classifier
@@ -346,7 +318,7 @@ def test_out_of_domain_frame_through_monitor_and_auto_policy_takes_no_action(shi
     frame = ood_family(family, np.random.default_rng(21))
     rec = _rec("auto")
     mon = TipMonitor(shipped_clf, every_n_lines=16, on_verdict=rec.on_verdict)
-    for name, doc in _FrameDocs.make(frame.image, frame.pixel_size_nm, frame.line_spacing_nm):
+    for name, doc in frame_documents(frame.image, frame.pixel_size_nm, frame.line_spacing_nm):
         mon(name, doc)
     assert mon.flush(60)
     mon.close()

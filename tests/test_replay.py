@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from stm_live.io.sxm import read_sxm, scan_from_frames, write_sxm
-from stm_live.replay_cli import ReplayFailed, run_replay
+from stm_live.app.replay import ReplayFailed, run_replay
 from stm_live.store import read_journal, run_data
 from sxm_files import (file_blocks, nanonispy_scan, quirky_files, scene, write_grid_3ds,
                        write_raw_sxm, write_spectrum_dat)  # raw .sxm writer, not stm_live.io
@@ -134,7 +134,7 @@ def test_replay_with_remote_worker(tmp_path):
     its reconstruction and verdicts come back and are checked like in-process ones."""
     import threading
 
-    from stm_live.streaming import run_worker
+    from stm_live.app.worker import run_worker
 
     connect = f"tcp://127.0.0.1:{_free_port()}"
     results = f"tcp://127.0.0.1:{_free_port()}"

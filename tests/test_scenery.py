@@ -5,11 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from stm_live.models import tipstate
+from stm_live.models import tipdata, tipstate
 from stm_live.simulators import scenery
 from stm_live.simulators.imaging import CubePlacement, ScanFrame, constant_height_image
-from stm_live.simulators.orbitals import KAPPA_PER_NM, orbital_level
+from stm_live.simulators.orbitals import orbital_level
 from stm_live.simulators.tip import tip_preset
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 
 def _dominant_period_nm(profile: np.ndarray, pitch_nm: float) -> float:
@@ -94,12 +95,12 @@ def test_recipe_applies_the_surface_as_exp_2kappa_h(monkeypatch):
         seen["surface"] = real_surface(*args, **kwargs)
         return seen["surface"]
 
-    monkeypatch.setattr(imaging, "constant_height_image", image)
+    monkeypatch.setattr(tipdata, "constant_height_image", image)
     monkeypatch.setattr(scenery, "random_surface", surface)
     rng = np.random.default_rng(11)
     for _ in range(40):
         seen.clear()
-        r = tipstate.render_sample(rng, tipstate.TipNetConfig(), mode="height", scenery=True)
+        r = tipdata.render_sample(rng, tipstate.TipNetConfig(), mode="height", scenery=True)
         if "surface" in seen and tipstate.TIP_CLASSES[r.label] != "unstable":
             break
     else:
@@ -113,7 +114,7 @@ def test_old_recipe_has_no_metal_and_no_small_things():
     cfg = tipstate.TipNetConfig()
     rng = np.random.default_rng(5)
     for _ in range(30):
-        place, _, _, _, surface = tipstate._scene(rng, cfg, scenery=False)
+        place, _, _, _, surface = tipdata._scene(rng, cfg, scenery=False)
         assert surface is None
         assert all(not isinstance(p, CubePlacement) for p in place)
 
@@ -123,20 +124,20 @@ def test_broadened_recipe_draws_every_new_kind():
     rng = np.random.default_rng(7)
     metal = steps = small = 0
     for _ in range(200):
-        place, _, _, _, surface = tipstate._scene(rng, cfg, scenery=True, steps=True)
+        place, _, _, _, surface = tipdata._scene(rng, cfg, scenery=True, steps=True)
         metal += surface is not None
         steps += surface is not None and bool(surface.steps)
         small += any(isinstance(p, CubePlacement) for p in place)
-    assert metal / 200 == pytest.approx(tipstate.METAL_SHARE, abs=0.1)
+    assert metal / 200 == pytest.approx(tipdata.METAL_SHARE, abs=0.1)
     assert steps == metal
-    assert small / 200 == pytest.approx(tipstate.SMALL_THINGS_SHARE, abs=0.12)  # some draws find no room
+    assert small / 200 == pytest.approx(tipdata.SMALL_THINGS_SHARE, abs=0.12)  # some draws find no room
 
 
 def test_finer_scans_keep_the_network_input_shape():
     cfg = tipstate.TipNetConfig()
     rng = np.random.default_rng(2)
-    r = tipstate.render_sample(rng, cfg, scenery=True)
+    r = tipdata.render_sample(rng, cfg, scenery=True)
     for _ in range(20):
-        x = tipstate.finish(r, rng, cfg, flip=True)
+        x = tipdata.finish(r, rng, cfg, flip=True)
         assert x.shape == (2, cfg.size, cfg.size) and np.isfinite(x).all()
-    assert math.isclose(tipstate.FINEST_NM, 0.02)
+    assert math.isclose(tipdata.FINEST_NM, 0.02)

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from stm_live.devices.client import NanonisClient
-from stm_live.simulators.orbitals import KAPPA_PER_NM
 from stm_live.simulators.scenario import ScenarioError, load_scenario, parse_scenario
 from stm_live.simulators.server import start_server_thread
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 nanonisTCP_mod = pytest.importorskip("nanonisTCP")
 

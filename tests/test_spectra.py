@@ -218,7 +218,7 @@ def test_constant_current_map_holds_the_setpoint():
 def test_a_cube_orbital_needs_and_takes_an_energy():
     level = orbital_level("naphthalene", "HOMO")
 
-    class HomoCube:  # stands in for a cube file's orbital (io.cube.CubeOrbital's interface)
+    class HomoCube:  # stands in for a cube file's orbital (orbitals.CubeOrbital's interface)
         @staticmethod
         def fields(x_nm, y_nm, z_nm):
             return orbital_fields(level, x_nm, y_nm, z_nm)

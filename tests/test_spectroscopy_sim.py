@@ -412,7 +412,7 @@ def test_replay_of_a_3ds_answers_the_recorded_sweeps(tmp_path):
 def test_stm_live_replay_of_a_3ds_runs_the_grid_through_the_pipeline(tmp_path):
     from rich.console import Console
 
-    from stm_live.replay_cli import run_replay
+    from stm_live.app.replay import run_replay
 
     whole = _raw_grid(tmp_path)
     (result,) = run_replay([whole], time_scale=200.0, data_dir=tmp_path / "data", out=tmp_path / "out",

@@ -9,13 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from stm_live.models import stmnet
-from stm_live.models.metrics import psnr, ssim
-from stm_live.interpret import current_from_z
+from stm_live.models import checkpoint, stmnet
+from stm_live.models.inputs import normalise
+from stm_live.models.metrics import make_eval_pairs, psnr, ssim
 from stm_live.models.stmnet import STMNet, STMNetConfig, load_stmnet
-from stm_live.models.training import TRAIN_PIXEL_SIZE_NM, make_eval_pairs
+from stm_live.models.training import TRAIN_PIXEL_SIZE_NM
 from stm_live.simulators.imaging import Placement, ScanFrame, constant_height_image, s_wave_image
 from stm_live.simulators.tip import tip_preset
+from stm_live.simulators.vacuum import current_from_z
 
 torch.set_num_threads(2)
 
@@ -30,7 +31,7 @@ def _co_frame(placements, pixels, pixel_size_nm, z_nm=0.4, bias_V=-1.0):
     frame = ScanFrame(0.0, 0.0, pixels * pixel_size_nm, pixels * pixel_size_nm, pixels=pixels, lines=pixels)
     image = constant_height_image(placements, frame, tip_preset("co"), z_nm=z_nm, bias_V=bias_V)
     target = s_wave_image(placements, frame, z_nm=z_nm, bias_V=bias_V)
-    return stmnet.normalise(image), target / target.max()
+    return normalise(image), target / target.max()
 
 
 @pytest.fixture(scope="module")
@@ -230,14 +231,14 @@ def test_missing_and_corrupt_checkpoints_say_how_to_retrain(tmp_path):
         load_stmnet(device="cpu", path=tmp_path / "nope.pt")
     ckpt = tmp_path / "stmnet.pt"
     shutil.copy(stmnet.DEFAULT_CHECKPOINT, ckpt)
-    shutil.copy(stmnet.hash_path(stmnet.DEFAULT_CHECKPOINT), stmnet.hash_path(ckpt))
+    shutil.copy(checkpoint.hash_path(stmnet.DEFAULT_CHECKPOINT), checkpoint.hash_path(ckpt))
     assert load_stmnet(device="cpu", path=ckpt).pixel_size_nm == pytest.approx(TRAIN_PIXEL_SIZE_NM)
     data = bytearray(ckpt.read_bytes())
     data[len(data) // 2] ^= 0xFF
     ckpt.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="corrupt.*stm-live train"):
         load_stmnet(device="cpu", path=ckpt)
-    stmnet.hash_path(ckpt).unlink()
+    checkpoint.hash_path(ckpt).unlink()
     with pytest.raises(ValueError, match="hash file missing"):
         load_stmnet(device="cpu", path=ckpt)
 
@@ -252,7 +253,7 @@ def test_training_batches_come_from_the_pair_sampler_without_held_out_molecules(
     assert used and not used & set(HELD_OUT_MOLECULES)
     x, t = training.sample_batch(sampler, [0, 5], 6)
     assert x.shape == t.shape == (6, 32, 32) and x.dtype == t.dtype == np.float32
-    assert np.isfinite(x).all() and x.min() >= -1 and x.max() <= 3  # stmnet.normalise range
+    assert np.isfinite(x).all() and x.min() >= -1 and x.max() <= 3  # inputs.normalise range
     np.testing.assert_allclose(t.max(axis=(1, 2)), 1.0, rtol=1e-6)
     x2, t2 = training.sample_batch(training.make_sampler(size=32, seed=99), [0, 5], 6)
     np.testing.assert_array_equal(x, x2)  # a batch depends on (seed, step) only: --resume is exact
@@ -269,11 +270,12 @@ def test_constant_current_pairs_are_converted_with_current_from_z():
     z_nm = batch.inputs  # tip height maps in nm
     x = training.network_inputs(batch)
     for zi, xi in zip(z_nm, x):
-        np.testing.assert_allclose(xi, stmnet.normalise(current_from_z(zi, unit="nm")), atol=1e-6)
+        np.testing.assert_allclose(xi, normalise(current_from_z(zi, unit="nm")), atol=1e-6)
 
 
 def test_warm_start_keeps_the_architecture_and_records_the_lineage(tmp_path):
-    from stm_live.models.stmnet import DEFAULT_CHECKPOINT, STMNetConfig, load_stmnet, sha256_of
+    from stm_live.models.checkpoint import sha256_of
+    from stm_live.models.stmnet import DEFAULT_CHECKPOINT, STMNetConfig, load_stmnet
     from stm_live.models.training import train_main
 
     parent = load_stmnet(device="cpu")

@@ -179,7 +179,7 @@ def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tm
     from stm_live.io.sxm import read_sxm
     from stm_live.plans import live_frame
     from stm_live.session import AcquisitionSession
-    from stm_live.store import runs_export, runs_list, runs_show
+    from stm_live.app.runs import runs_export, runs_list, runs_show
 
     client, server = tiled_server
     # a run from an earlier session that was killed before its stop: recovered at start
@@ -225,7 +225,7 @@ def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tm
 
 
 def test_run_scan_as_the_cli_calls_it(tiled_server, sim_server, tmp_path):
-    from stm_live.session import run_scan
+    from stm_live.app.scan import run_scan
 
     client, server = tiled_server
     uids = run_scan(profile="sim", host=sim_server.host, port=sim_server.port, width_nm=4.0,

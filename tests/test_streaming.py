@@ -15,9 +15,10 @@ import msgpack
 import numpy as np
 import pytest
 
+from stm_live.app.worker import run_worker
 from stm_live.streaming import (
     DocumentProxy, ResultReceiver, ResultSender, SerializationError, deserializer,
-    generate_curve_keys, make_publisher, run_worker, serializer,
+    generate_curve_keys, make_publisher, serializer,
 )
 
 TESTS = Path(__file__).parent
@@ -80,7 +81,7 @@ class Link:
 
 def start_worker(link: Link, data_dir: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-    cmd = [sys.executable, "-m", "stm_live.streaming", "--connect", link.proxy.out_address,
+    cmd = [sys.executable, "-m", "stm_live.app.worker", "--connect", link.proxy.out_address,
            "--results", link.receiver.address, "--journal", str(data_dir), "--reconstructor",
            "test_live:BoxBlur", "--band-margin", "8", "--no-tip-monitor"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -39,7 +39,7 @@ def test_tcp_run_reads_back_as_a_bluesky_run_with_its_reconstruction(tiled, sim_
     from stm_live.devices.stm import NanonisSTM
     from stm_live.plans import live_frame
     from stm_live.session import AcquisitionSession
-    from stm_live.store import runs_export, runs_list
+    from stm_live.app.runs import runs_export, runs_list
 
     stm = NanonisSTM(sim_server.host, sim_server.port, name="stm")
     try:

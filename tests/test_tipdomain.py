@@ -10,9 +10,9 @@ import shutil
 import numpy as np
 import pytest
 
-from stm_live.models.tipdomain import OOD_FAMILIES, domain_path, family_inputs, load_domain, ood_family
-from stm_live.models.tipstate import (DEFAULT_WEIGHTS, GOOD_CLASSES, TIP_CLASSES, UNKNOWN, TipVerdict, is_held_back,
-                                      is_known_bad, load_tip_classifier)
+from stm_live.models.tipdomain import OOD_FAMILIES, family_inputs, ood_family
+from stm_live.models.tipstate import (DEFAULT_WEIGHTS, GOOD_CLASSES, TIP_CLASSES, UNKNOWN, TipVerdict, domain_path,
+                                      is_held_back, is_known_bad, load_domain, load_tip_classifier)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def test_families_are_fixed_by_their_seed_and_inside_the_classifier_scope():
 
 
 def test_shipped_statistics_are_small_verified_and_tied_to_the_checkpoint(tmp_path):
-    from stm_live.models.tipstate import _sha256
+    from stm_live.models.checkpoint import sha256_of as _sha256
 
     path = domain_path(DEFAULT_WEIGHTS)
     assert path.stat().st_size < 1_000_000
@@ -121,7 +121,7 @@ def test_action_limits_are_each_bad_class_tail_inside_the_threshold():
 
 def test_statistics_without_action_limits_still_load_and_act_as_before(tmp_path):
     """Statistics written before the limits existed load with none: verdicts act as before."""
-    from stm_live.models.tipdomain import DomainModel
+    from stm_live.models.tipstate import DomainModel
 
     dom = load_domain(domain_path(DEFAULT_WEIGHTS))
     old = DomainModel(dom.whiten, dom.centres, dom.threshold, dom.classifier_sha256, dom.meta)
@@ -131,7 +131,7 @@ def test_statistics_without_action_limits_still_load_and_act_as_before(tmp_path)
     back = load_domain(path)
     assert back.action_limits is None
     clf = load_tip_classifier("cpu", domain=path)
-    from stm_live.models.tipstate import simulate_scan
+    from stm_live.models.tipdata import simulate_scan
 
     v = clf.classify(simulate_scan(np.random.default_rng(8), "blunt", pixels=64, lines=64), 7.0 / 64)
     assert np.isnan(v.action_limit) and np.isnan(v.class_score) and not v.held_back
@@ -144,7 +144,7 @@ def test_statistics_without_action_limits_still_load_and_act_as_before(tmp_path)
 def test_line_spectra_put_a_period_in_its_band():
     """A 1 nm period along the fast axis lands in the band holding 1 cycle/nm, the same stripes
     three times larger in the band holding 1/3 cycle/nm."""
-    from stm_live.models.tipdomain import BANDS_PER_NM, line_spectra
+    from stm_live.models.tipstate import BANDS_PER_NM, line_spectra
 
     x_nm = np.arange(300) * 0.08  # 24 nm: both periods fit a whole number of times
     bands = np.asarray(BANDS_PER_NM)
@@ -202,7 +202,7 @@ def test_in_domain_frames_are_judged_as_before(clf):
     on 700 frames per set), and a simulator frame gets a class label, as before the gate."""
     import torch
 
-    from stm_live.models.tipstate import make_batch, simulate_scan
+    from stm_live.models.tipdata import make_batch, simulate_scan
 
     x, _, _ = make_batch(35, np.random.default_rng(4242), clf.cfg, partial=False)
     with torch.no_grad():
@@ -236,7 +236,7 @@ def _run(path, **kw):
 
 
 def test_classify_in_domain_frame_prints_one_json_object(tmp_path):
-    from stm_live.models.tipstate import simulate_scan
+    from stm_live.models.tipdata import simulate_scan
 
     img = simulate_scan(np.random.default_rng(8), "co", pixels=64, lines=64)
     path = _write_current_sxm(tmp_path / "co.sxm", img, 7.0 / 64, 7.0 / 64)

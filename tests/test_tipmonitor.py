@@ -5,34 +5,18 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from event_model import compose_run
 
+from stm_live.callbacks.frames import frame_documents
 from stm_live.callbacks.tipmonitor import VERDICT_STREAM, TipMonitor
 from stm_live.models import load_tip_classifier
-from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, TIP_CLASSES, simulate_scan
+from stm_live.models.tipdata import simulate_scan
+from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, TIP_CLASSES
 
 N = 96
 
 
 def _frame_docs(image, pixel_size_nm):
-    run = compose_run(metadata={"stm_live": {
-        "frame": {"center_x_m": 0, "center_y_m": 0, "width_m": 7e-9, "height_m": 7e-9, "angle_deg": 0},
-        "pixels": image.shape[1], "lines": image.shape[0], "pixel_size_nm": pixel_size_nm,
-        "scan_direction": "down", "bias_V": -0.5, "setpoint_A": 5e-12, "z_controller": "constant_height",
-        "line_key": "stm_line_index",
-        "channels": [{"name": "Current", "index": 0, "units": "A",
-                      "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}}]}})
-    yield "start", run.start_doc
-    desc = run.compose_descriptor(name="primary", data_keys={
-        "stm_line_index": {"source": "sim", "dtype": "integer", "shape": []},
-        "stm_current_fwd": {"source": "sim", "dtype": "array", "shape": [image.shape[1]]},
-        "stm_current_bwd": {"source": "sim", "dtype": "array", "shape": [image.shape[1]]}})
-    yield "descriptor", desc.descriptor_doc
-    for i, row in enumerate(image):
-        yield "event", desc.compose_event(
-            data={"stm_line_index": i, "stm_current_fwd": row, "stm_current_bwd": row},
-            timestamps={k: 0.0 for k in ("stm_line_index", "stm_current_fwd", "stm_current_bwd")})
-    yield "stop", run.compose_stop()
+    return frame_documents(image, pixel_size_nm, bias_V=-0.5)
 
 
 def test_monitor_emits_verdict_run_and_timeline():

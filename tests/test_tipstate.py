@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from stm_live.models.tipstate import (DEFAULT_WEIGHTS, GOOD_CLASSES, TIP_CLASSES, load_tip_classifier,
-                                      make_batch, simulate_scan)
-from stm_live.tipwatch import TipWatch, detect_changes
+from stm_live.callbacks.tipwatch import TipWatch, detect_changes
+from stm_live.models.tipdata import make_batch, simulate_scan
+from stm_live.models.tipstate import DEFAULT_WEIGHTS, GOOD_CLASSES, TIP_CLASSES, load_tip_classifier
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_good_vs_bad_on_fixed_simulated_set(clf):
 
 def test_constant_current_frames_are_judged_like_constant_height(clf):
     """The monitor feeds Z maps through current_from_z; the classifier must read them as well."""
-    from stm_live.models.tipstate import evaluate
+    from stm_live.models.tiptrain import evaluate
 
     m = evaluate(clf, samples=6, seed=77, mode="current")  # the shipped checkpoint: 0.93 / 0.93
     assert m["accuracy"] >= 0.85 and m["good_vs_bad"] >= 0.85, m
@@ -66,7 +66,8 @@ def test_short_non_square_verification_frame(clf, tip, want_good):
 def test_warm_start_records_the_lineage(tmp_path):
     import torch
 
-    from stm_live.models.tipstate import _sha256, train_main
+    from stm_live.models.checkpoint import sha256_of as _sha256
+    from stm_live.models.tiptrain import train_main
 
     parent = torch.load(DEFAULT_WEIGHTS, map_location="cpu", weights_only=True)
     out = tmp_path / "child.pt"

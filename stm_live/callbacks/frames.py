@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from event_model import compose_run
 
 DIRECTIONS = ("forward", "backward")
 
@@ -213,3 +214,31 @@ class FrameAssembler:
     def source_image(self) -> np.ndarray:
         """The networks' input image (see :meth:`network_input`)."""
         return self.network_input().image
+
+
+def frame_documents(image: np.ndarray, pixel_size_nm: float, line_spacing_nm: float | None = None, *,
+                    bias_V: float = 0.5, units: str = "A"):
+    """The documents of one constant-height frame of ``image`` (lines, pixels) in the layout
+    ``FrameAssembler`` reads (as ``plans.live_frame`` emits it; channel "Current", the same
+    line both directions, one event per line): ``(name, doc)`` pairs, for feeding the live
+    callbacks with frames that did not come from a controller (benchmarks, tests)."""
+    lines, pixels = image.shape
+    line_spacing_nm = pixel_size_nm if line_spacing_nm is None else line_spacing_nm
+    keys = ("stm_line_index", "stm_current_fwd", "stm_current_bwd")
+    run = compose_run(metadata={"stm_live": {
+        "frame": {"center_x_m": 0, "center_y_m": 0, "width_m": pixels * pixel_size_nm * 1e-9,
+                  "height_m": lines * line_spacing_nm * 1e-9, "angle_deg": 0},
+        "pixels": pixels, "lines": lines, "pixel_size_nm": pixel_size_nm,
+        "scan_direction": "down", "bias_V": bias_V, "setpoint_A": 5e-12, "z_controller": "constant_height",
+        "line_key": keys[0],
+        "channels": [{"name": "Current", "index": 0, "units": units,
+                      "keys": {"forward": keys[1], "backward": keys[2]}}]}})
+    yield "start", run.start_doc
+    desc = run.compose_descriptor(name="primary", data_keys={
+        keys[0]: {"source": "stm_live", "dtype": "integer", "shape": []},
+        keys[1]: {"source": "stm_live", "dtype": "array", "shape": [pixels]},
+        keys[2]: {"source": "stm_live", "dtype": "array", "shape": [pixels]}})
+    yield "descriptor", desc.descriptor_doc
+    for i, row in enumerate(image):
+        yield "event", desc.compose_event(data=dict(zip(keys, (i, row, row))), timestamps=dict.fromkeys(keys, 0.0))
+    yield "stop", run.compose_stop()

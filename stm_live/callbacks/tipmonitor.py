@@ -2,7 +2,7 @@
 
 A Bluesky callback that consumes live-frame documents (docs/interfaces.md), and on a worker
 thread (never on the RunEngine's loop) runs the line-level change detector
-(:mod:`stm_live.tipwatch`) on every line and the tip classifier every ``every_n_lines``
+(:mod:`stm_live.callbacks.tipwatch`) on every line and the tip classifier every ``every_n_lines``
 lines, right after a detected change, and at the end of the frame. The classifier sees the
 lines scanned since the last detected change (once there are ``min_rows`` of them), so a
 verdict describes the *current* tip.
@@ -33,7 +33,7 @@ import numpy as np
 
 from stm_live.callbacks.frames import FrameAssembler
 from stm_live.interpret import classifier_scope
-from stm_live.tipwatch import TipWatch
+from stm_live.callbacks.tipwatch import TipWatch
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from stm_live.devices import protocol as P
+import stm_live.devices.protocol as P  # by its path: the package's NanonisSTM import leads back here
 from stm_live.devices.protocol import NanonisError, ProtocolError, UnknownCommandError
 from stm_live.validation import finite
 

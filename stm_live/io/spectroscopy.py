@@ -48,7 +48,7 @@ from typing import Mapping
 
 import numpy as np
 
-from stm_live.io.sxm import _e
+from stm_live.io.sxm import nanonis_float
 
 __all__ = ["SpectroscopyFileError", "Grid", "Spectrum", "read_3ds", "write_3ds", "make_grid",
            "read_dat", "write_dat", "make_spectrum", "split_unit"]
@@ -388,7 +388,7 @@ def write_3ds(path: str | os.PathLike, grid: Grid) -> Path:
 
     head = {
         "Grid dim": f"{nx} x {ny}",
-        "Grid settings": ";".join(_e(v) for v in (*grid.center_m, *grid.size_m, grid.angle_deg)),
+        "Grid settings": ";".join(nanonis_float(v) for v in (*grid.center_m, *grid.size_m, grid.angle_deg)),
         "Sweep Signal": grid.sweep_signal,
         "Fixed parameters": ";".join(grid.fixed_parameters),
         "Experiment parameters": ";".join(grid.experiment_parameters),
@@ -484,7 +484,7 @@ def make_spectrum(sweep, channels: Mapping[str, np.ndarray], *, position_m, swee
         if values.shape != sweep.shape:
             raise SpectroscopyFileError(f"channel {name!r} has shape {values.shape}, the sweep {sweep.shape}")
         data[name] = values
-    x, y, z = (_e(v) for v in position_m)
+    x, y, z = (nanonis_float(v) for v in position_m)
     head = {"Experiment": experiment, "Date": (date or _dt.datetime.now()).strftime(_TIME_FORMAT), "User": "",
             "X (m)": x, "Y (m)": y, "Z (m)": z, "Z offset (m)": "0E+0", "Settling time (s)": "0E+0",
             "Integration time (s)": "0E+0", "Z-Ctrl hold": "TRUE", "Final Z (m)": "N/A", "Filter type": "None",
@@ -558,8 +558,9 @@ def write_dat(path: str | os.PathLike, spectrum: Spectrum) -> Path:
         out.append(f"{key}\t{value}\t")
     out += ["", _DATA, "\t".join(_check_text(path, "column name", c, "\t\r\n") for c in spectrum.data)]
     table = np.stack([np.asarray(v, dtype=float) for v in spectrum.data.values()], axis=1)
-    out += ["\t".join(_e(v) if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Inf" if v > 0 else "-Inf"))
-                      for v in row) for row in table]
+    out += ["\t".join(nanonis_float(v) if math.isfinite(v)
+                      else ("NaN" if math.isnan(v) else ("Inf" if v > 0 else "-Inf")) for v in row)
+            for row in table]
     try:
         encoded = ("\r\n".join(out) + "\r\n").encode("latin-1")
     except UnicodeEncodeError as exc:

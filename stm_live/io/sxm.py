@@ -23,7 +23,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["SxmError", "SxmScan", "read_sxm", "write_sxm", "scan_from_frames"]
+__all__ = ["SxmError", "SxmScan", "read_sxm", "write_sxm", "scan_from_frames", "nanonis_float", "parse_data_info"]
 
 DIRECTIONS = ("forward", "backward")
 _MARKER = b"\x1a\x04"
@@ -198,7 +198,7 @@ def read_sxm(path: str | os.PathLike) -> SxmScan:
     if dtype is None:
         raise SxmError(f"{path}: unsupported SCANIT_TYPE {header['SCANIT_TYPE'].strip()!r}; "
                        "only FLOAT MSBFIRST/LSBFIRST are supported")
-    info = _parse_data_info(path, need("DATA_INFO"))
+    info = parse_data_info(path, need("DATA_INFO"))
 
     blocks = [(row["Name"], d) for row in info for d in _DIR_WORDS[row["Direction"]]]
     n_block = pixels * lines
@@ -248,7 +248,9 @@ def _parse_header(text: str) -> dict[str, str]:
     return header
 
 
-def _parse_data_info(path: Path, table: str) -> list[dict[str, str]]:
+def parse_data_info(path: Path, table: str) -> list[dict[str, str]]:
+    """The rows of a DATA_INFO table as {column: text} (Channel, Name, Unit, Direction,
+    Calibration, Offset); a malformed table raises SxmError naming ``path``."""
     rows = [r for r in table.split("\n") if r.strip()]
     cols = ["Channel", "Name", "Unit", "Direction", "Calibration", "Offset"]
     if not rows or rows[0].split()[:6] != cols:
@@ -289,7 +291,7 @@ def write_sxm(path: str | os.PathLike, scan: SxmScan) -> Path:
 
     old_info = {}
     try:
-        old_info = {r["Name"]: r for r in _parse_data_info(path, scan.header.get("DATA_INFO", ""))}
+        old_info = {r["Name"]: r for r in parse_data_info(path, scan.header.get("DATA_INFO", ""))}
     except SxmError:
         pass  # no (usable) table from a previous read: generate everything
     info_rows, blocks = [], []
@@ -408,7 +410,7 @@ def scan_from_frames(
         per_dir = acq_time_s / lines / 2.0  # forward and backward take equal time
         header["SCAN_TIME"] = _cols([per_dir, per_dir], 21, 6, exact=False)
     on = "1" if z_controller == "constant_current" else "0"
-    sp = "" if setpoint_A is None else f"{_e(setpoint_A, 3)} A"
+    sp = "" if setpoint_A is None else f"{nanonis_float(setpoint_A, 3)} A"
     header["Z-CONTROLLER"] = f"\tName\ton\tSetpoint\n\tlog Current\t{on}\t{sp}"
     header["COMMENT"] = comment.replace("\r", "").replace("\n", " ")
     if signal_indexes:
@@ -427,7 +429,7 @@ def scan_from_frames(
 _EXP = re.compile(r"E([+-])0*(\d)")
 
 
-def _e(x: float, digits: int = 6, exact: bool = True) -> str:
+def nanonis_float(x: float, digits: int = 6, exact: bool = True) -> str:
     """Nanonis-style exponent ('2.000000E-8'); with ``exact``, more digits when needed
     for the value to read back identical."""
     x = float(x)
@@ -440,7 +442,7 @@ def _e(x: float, digits: int = 6, exact: bool = True) -> str:
 
 def _cols(values, width: int, digits: int = 6, exact: bool = True) -> str:
     """Right-aligned columns as Nanonis writes them, always at least one space apart."""
-    return "".join(" " + _e(v, digits, exact).rjust(width - 1) for v in values)
+    return "".join(" " + nanonis_float(v, digits, exact).rjust(width - 1) for v in values)
 
 
 def _float_or_none(value: Any) -> float | None:

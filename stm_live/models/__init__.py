@@ -1,19 +1,66 @@
 """Networks: STM-Net (orbital reconstruction) and the tip-state classifier.
 
-Loaders are imported lazily so ``import stm_live.models`` does not pull torch.
+Loaders are imported lazily so ``import stm_live.models`` does not pull torch: the CLI
+imports this package at start (``check_device``) for every command.
 """
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+
+# The loggers whose INFO records are a training or fitting command's progress lines.
+PROGRESS_LOGGERS = ("stm_live.models.training", "stm_live.models.tiptrain", "stm_live.models.tipdata",
+                    "stm_live.models.tipdomain")
+
+
+class _Stdout(logging.StreamHandler):
+    """A stream handler on whatever ``sys.stdout`` is when a record comes (a test runner's
+    capture, or rich's live progress display, which prints such lines above its bar)."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value):  # StreamHandler sets it; the property always follows sys.stdout
+        pass
+
+
+@contextlib.contextmanager
+def console_progress():
+    """While inside, the progress lines of training and fitting (INFO records of
+    :data:`PROGRESS_LOGGERS`) go to standard output, the message alone, as the commands show
+    them. The loggers' levels and handlers are as before afterwards."""
+    handler = _Stdout()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    loggers = [logging.getLogger(name) for name in PROGRESS_LOGGERS]
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.INFO)
+        log.addHandler(handler)
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, levels):
+            log.removeHandler(handler)
+            log.setLevel(level)
 
 
 def load_stmnet(device: str | None = "auto", path=None, **options):
     """The shipped STM-Net checkpoint as a ``Reconstructor`` (see ``stmnet.py``)."""
-    from stm_live.models.stmnet import load_stmnet as _load
+    from stm_live.models.stmnet import load_stmnet as _load  # torch: see the module docstring
 
     return _load(device=device, path=path, **options)
 
 
 def load_tip_classifier(device: str | None = "auto", path=None, **options):
     """The shipped tip-state classifier with its domain model (see ``tipstate.py``)."""
-    from stm_live.models.tipstate import load_tip_classifier as _load
+    from stm_live.models.tipstate import load_tip_classifier as _load  # torch: see the module docstring
 
     return _load(device=device, path=path, **options)
 

@@ -89,8 +89,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import fft, ndimage
+from scipy.ndimage import minimum_filter
 
-from stm_live.simulators.orbitals import KAPPA_PER_NM
+from stm_live.simulators.vacuum import KAPPA_PER_NM, current_from_z
 
 # Agreement below which a reconstruction is "not a CO-tip orbital image": the 5th percentile
 # (0.356, rounded down) of the shipped STM-Net's agreement on 297 in-distribution frames
@@ -313,9 +315,6 @@ def _shift_bases(meas, r, g, ok, c_r: float, c_g: float, max_lag):
     c_r ρ + c_g G (FFT, NaN filled with the mean); the bases move by the Fourier shift
     theorem (f(x − d) ↔ e^{−i k·d} f̂). Pixels within ⌈|d|⌉ + 1 of the frame edge or of a NaN
     are left out of the refit (circular wrap and fill)."""
-    from scipy import fft
-    from scipy.ndimage import minimum_filter
-
     shape = meas.shape
 
     def centred(a):
@@ -338,8 +337,6 @@ def _shift_bases(meas, r, g, ok, c_r: float, c_g: float, max_lag):
 def sample_at(fine: np.ndarray, shape) -> np.ndarray:
     """Point samples of ``fine`` at the pixel centres of a ``shape`` grid over the same area,
     as the tip samples the surface at each pixel (bilinear between the fine pixels)."""
-    from scipy import ndimage
-
     h, w = fine.shape
     yy = (np.arange(shape[0]) + 0.5) * h / shape[0] - 0.5
     xx = (np.arange(shape[1]) + 0.5) * w / shape[1] - 0.5
@@ -525,8 +522,6 @@ def scope_probe(name: str, rng: np.random.Generator, *, size: int = 96, pixel_si
     k = 2 * np.pi / rng.uniform(0.25, 0.4)
     z = z + rng.uniform(0.002, 0.01) * 0.5 * (np.cos(k * u) + np.cos(k * v))
     z = z + rng.normal(0.0, rng.uniform(0.001, 0.004), z.shape)
-    from stm_live.interpret import current_from_z
-
     return current_from_z(z, unit="nm")
 
 

@@ -1,4 +1,4 @@
-"""Image-quality metrics (SSIM, PSNR), baselines, and ``stm-live evaluate``.
+"""Image-quality metrics (SSIM, PSNR), baselines, the evaluation frames and their tables.
 
 Both metrics compare images after per-image min-max normalisation to [0, 1] (STM-Net's
 output and |psi|^2 have arbitrary scales), so data range = 1:
@@ -21,18 +21,34 @@ Baselines:
   (k0^2 = <q^2>_I / 4, since rho's spectrum is twice as wide as psi's), and invert with
   Tikhonov regularisation rho^ = H I^ / (H^2 + lambda max H^2), clipped at 0.
 
-Evaluation frames come from ``training.eval_cells`` / ``training.make_eval_pairs``: exact
-``stm_live.simulators.imaging`` renders (``tip.TIP_PRESETS`` tips) with fixed seeds, the
-held-out set from ``pairs.HELD_OUT_MOLECULES``.
+Evaluation frames (``eval_cells`` / ``make_eval_pairs``, used by ``stm-live evaluate``, the
+benchmark, the tests and STM-Net's bf16 check): exact ``stm_live.simulators.imaging``
+renders (``tip.TIP_PRESETS`` tips) with fixed seeds, the held-out set from
+``pairs.HELD_OUT_MOLECULES``. The tables (``format_quality``, ``format_latency``) are rich
+tables for a command to print.
 """
 
 from __future__ import annotations
 
 import time
+from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.table import Table
+
+from stm_live.interpret import STMNET_PIXEL_NM
+from stm_live.io.cube import read_cube
+from stm_live.models.inputs import normalise
+from stm_live.simulators.imaging import (
+    CubePlacement, Placement, ScanFrame, Substrate, constant_current_image, constant_height_image, s_wave_image,
+)
+from stm_live.simulators.orbitals import VACUUM_FROM_NM, CubeOrbital
+from stm_live.simulators.pairs import HELD_OUT_MOLECULES
+from stm_live.simulators.tip import TipState, tip_preset
+from stm_live.simulators.vacuum import current_from_z
 
 # --------------------------------------------------------------------------- metrics
 
@@ -135,6 +151,96 @@ def chen_tikhonov(image: np.ndarray, pixel_size_nm: float, *, w_s: float = 0.13,
     return np.clip(out, 0, None).astype(np.float32)
 
 
+# --------------------------------------------------------------------------- evaluation frames
+EVAL_TIPS = ("co", "co_s40", "coherent_co", "tilted_co")
+
+
+def eval_tip(name: str):
+    """A ``tip.TIP_PRESETS`` tip, or ``co_s40`` (the CO preset with a 40 % s share)."""
+    if name == "co_s40":
+        return TipState(0.4, 0.3, 0.3, 0.0, name="co_s40")
+    return tip_preset(name)
+
+
+def eval_cells(split: str) -> list[dict]:
+    """Fixed (molecule, orbital, tip, mode) cells for ``stm-live evaluate`` and the benchmark."""
+    if split == "held-out":
+        mols, tips = HELD_OUT_MOLECULES, EVAL_TIPS
+    elif split == "in-distribution":
+        mols, tips = ("naphthalene", "pyrene", "h2pc", "ptcda"), ("co", "tilted_co")
+    else:
+        raise ValueError(f"split must be 'in-distribution' or 'held-out', got {split!r}")
+    cells = [{"molecule": m, "orbital": o, "tip": t, "mode": "height"}
+             for m in mols for o in ("HOMO", "LUMO") for t in tips]
+    cells += [{"molecule": m, "orbital": "HOMO", "tip": "co", "mode": "current"} for m in mols]
+    return cells
+
+
+def cube_cells(paths, *, mo: int = 0, vacuum_from_nm: float | None = None) -> list[dict]:
+    """Evaluation cells for orbitals read from cube files (e.g. DFT): each cube under every
+    evaluation tip, at constant height (a cube's ψ has its own arbitrary scale, so the
+    substrate a constant-current image needs has no meaningful weight beside it).
+    ``vacuum_from_nm``: where the cube is continued into vacuum (``orbitals.CubeOrbital``; None =
+    its default, 0 = sample the cube as it is)."""
+    vacuum = VACUUM_FROM_NM if vacuum_from_nm is None else float(vacuum_from_nm)
+    cells = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"cube file {path} does not exist")
+        cells += [{"molecule": path.name, "orbital": f"MO {mo}", "tip": t, "mode": "height", "cube": str(path),
+                   "mo": mo, "vacuum_from_nm": vacuum} for t in EVAL_TIPS]
+    return cells
+
+
+@lru_cache(maxsize=1)  # cube_cells lists a cube's cells together; a continued orbital holds ~100 MB
+def _cube_orbital(path: str, mo: int, vacuum_from_nm: float):
+    return CubeOrbital(read_cube(path), mo=mo, vacuum_from_nm=vacuum_from_nm or None)
+
+
+def _eval_placement(cell: dict, x_nm: float, y_nm: float, rotation_deg: float):
+    """The cell's molecule (library name, or a cube file's orbital) placed in the frame."""
+    if "cube" in cell:
+        return CubePlacement(_cube_orbital(cell["cube"], cell["mo"], cell["vacuum_from_nm"]), x_nm, y_nm, rotation_deg)
+    return Placement(cell["molecule"], x_nm, y_nm, rotation_deg, cell["orbital"])
+
+
+def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
+                    pixel_size_nm: float = STMNET_PIXEL_NM, noise: float = 0.0):
+    """``n`` frames of one cell rendered with ``simulators.imaging``: one molecule near the
+    centre, random rotation, z 0.3-0.5 nm. Returns normalised inputs and max-1 targets.
+
+    ``noise``: constant height: white noise sigma = noise x the image's 99.5th percentile;
+    constant current: height noise sigma = noise x 0.02 nm on the Z map (then ``current_from_z``).
+    """
+    key = sum(ord(ch) for ch in "|".join(str(v) for v in cell.values()))
+    rng = np.random.default_rng([seed, key, int(noise * 1000)])
+    tip = eval_tip(cell["tip"])
+    bias = -1.0 if cell["orbital"].startswith("HOMO") else 1.0
+    fov = size * pixel_size_nm
+    frame = ScanFrame(0.0, 0.0, fov, fov, pixels=size, lines=size)
+    ins, tgs = [], []
+    for _ in range(n):
+        place = [_eval_placement(cell, float(rng.uniform(-0.05, 0.05) * fov), float(rng.uniform(-0.05, 0.05) * fov),
+                                 float(rng.uniform(0, 360)))]
+        z = float(rng.uniform(0.3, 0.5))
+        target = s_wave_image(place, frame, z_nm=z, bias_V=bias).astype(np.float64)
+        if cell["mode"] == "current":
+            peak = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias, substrate=Substrate()).max()
+            z_map = constant_current_image(place, frame, tip, setpoint_A=float(peak) * rng.uniform(0.3, 0.9),
+                                           bias_V=bias).astype(np.float64)
+            if noise:
+                z_map = z_map + rng.normal(0, noise * 0.02, z_map.shape)
+            image = current_from_z(z_map, unit="nm")
+        else:
+            image = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias).astype(np.float64)
+            if noise:
+                image = image + rng.normal(0, noise * np.percentile(image, 99.5), image.shape)
+        ins.append(normalise(np.asarray(image, dtype=np.float32)))
+        tgs.append((target / max(float(target.max()), 1e-30)).astype(np.float32))
+    return np.stack(ins), np.stack(tgs)
+
+
 # --------------------------------------------------------------------------- evaluation
 
 
@@ -176,8 +282,6 @@ def quality_tables(reconstructor, *, samples: int = 8, seed: int = 1234, size: i
                    noise_levels=(0.0, 0.02, 0.05, 0.1, 0.2)) -> dict:
     """Rows per (set, molecule, orbital, tip), summaries per set and per (set, tip), plus a
     noise-degradation curve; each entry is {method: (mean PSNR, mean SSIM, n)}."""
-    from stm_live.models.training import eval_cells, make_eval_pairs
-
     px = reconstructor.pixel_size_nm
     rows, summary, by_tip = [], {}, {}
     for split in ("in-distribution", "held-out"):
@@ -204,10 +308,8 @@ def quality_tables(reconstructor, *, samples: int = 8, seed: int = 1234, size: i
 
 def cube_quality(reconstructor, cubes, *, samples: int = 8, seed: int = 1234, size: int = 96, mo: int = 0,
                  vacuum_from_nm: float | None = None) -> dict:
-    """Like :func:`quality_tables` for orbitals from cube files (``training.cube_cells``):
+    """Like :func:`quality_tables` for orbitals from cube files (:func:`cube_cells`):
     rows per (cube, tip) and a summary over them."""
-    from stm_live.models.training import cube_cells, make_eval_pairs
-
     px = reconstructor.pixel_size_nm
     rows, results = [], []
     for cell in cube_cells(cubes, mo=mo, vacuum_from_nm=vacuum_from_nm):
@@ -218,17 +320,20 @@ def cube_quality(reconstructor, cubes, *, samples: int = 8, seed: int = 1234, si
     return {"rows": rows, "summary": {"cube orbitals": _means(results)}, "by_tip": {}, "noise_curve": []}
 
 
-def _console():
-    from rich.console import Console
+def latency_by_views(reconstructor, sizes=(128, 256, 512), views=(1, 2, 4)) -> dict:
+    """Median ms per frame size for each number of symmetry views (one network pass each):
+    ``{"ms": {views: {size: ms}}, "device", "threads", "default_views"}`` (what
+    :func:`format_latency` shows)."""
+    ms = {k: {s: latency_ms(reconstructor.with_views(k), s) for s in sizes} for k in views}
+    return {"ms": ms, "device": reconstructor.device.type, "threads": torch.get_num_threads(),
+            "default_views": reconstructor.views}
 
-    console = Console()
-    return console if console.is_terminal else Console(width=150)
 
-
-def print_quality(result: dict, *, show_rows: bool = True) -> None:
-    from rich.table import Table
-
-    console = _console()
+# --------------------------------------------------------------------------- tables
+def format_quality(result: dict, *, show_rows: bool = True) -> list[Table]:
+    """The tables of :func:`quality_tables` or :func:`cube_quality`: per cell (``show_rows``),
+    the summary per set and per (set, tip), and the noise curve when there is one."""
+    tables = []
     if show_rows:
         t = Table(title="STM-Net per cell (mean PSNR dB / SSIM; min-max normalised, clean inputs)")
         for col in ("set", "molecule", "orbital", "tip", "mode", "STM-Net", "identity", "classical"):
@@ -236,7 +341,7 @@ def print_quality(result: dict, *, show_rows: bool = True) -> None:
         for split, cell, r in result["rows"]:
             t.add_row(split, cell["molecule"], cell["orbital"], cell["tip"], cell["mode"],
                       *(f"{r[k][0]:.1f} / {r[k][1]:.3f}" for k in ("stmnet", "identity", "classical")))
-        console.print(t)
+        tables.append(t)
     t = Table(title="Summary (mean over samples)")
     for col in ("set", "n", "STM-Net PSNR", "STM-Net SSIM", "identity PSNR", "identity SSIM",
                 "classical PSNR", "classical SSIM", "gain over identity"):
@@ -247,52 +352,30 @@ def print_quality(result: dict, *, show_rows: bool = True) -> None:
         t.add_row(name, str(s["stmnet"][2]), f"{s['stmnet'][0]:.2f}", f"{s['stmnet'][1]:.4f}",
                   f"{s['identity'][0]:.2f}", f"{s['identity'][1]:.4f}", f"{s['classical'][0]:.2f}",
                   f"{s['classical'][1]:.4f}", f"{s['stmnet'][0] - s['identity'][0]:+.2f} dB")
-    console.print(t)
-    if not result["noise_curve"]:
-        return
-    t = Table(title="Noise degradation, held-out (white noise sigma / image p99.5)")
-    for col in ("noise", "STM-Net PSNR / SSIM", "identity PSNR / SSIM", "classical PSNR / SSIM"):
-        t.add_column(col)
-    for level, r in result["noise_curve"]:
-        t.add_row(f"{level:.2f}", *(f"{r[k][0]:.2f} / {r[k][1]:.4f}" for k in ("stmnet", "identity", "classical")))
-    console.print(t)
+    tables.append(t)
+    if result["noise_curve"]:
+        t = Table(title="Noise degradation, held-out (white noise sigma / image p99.5)")
+        for col in ("noise", "STM-Net PSNR / SSIM", "identity PSNR / SSIM", "classical PSNR / SSIM"):
+            t.add_column(col)
+        for level, r in result["noise_curve"]:
+            t.add_row(f"{level:.2f}", *(f"{r[k][0]:.2f} / {r[k][1]:.4f}" for k in ("stmnet", "identity", "classical")))
+        tables.append(t)
+    return tables
 
 
-def print_latency(reconstructor, sizes=(128, 256, 512), views=(1, 2, 4)) -> dict:
-    """Median ms per frame size for each number of symmetry views (one network pass each)."""
-    from rich.table import Table
-
-    res = {}
-    for k in views:
-        with_k = reconstructor.with_views(k)
-        res[k] = {s: latency_ms(with_k, s) for s in sizes}
-    t = Table(title=f"Inference latency, median ms ({reconstructor.device.type}, torch threads="
-                    f"{torch.get_num_threads()}; default {reconstructor.views} views)")
+def format_latency(latency: dict) -> Table:
+    """The table of :func:`latency_by_views`."""
+    views = list(latency["ms"])
+    t = Table(title=f"Inference latency, median ms ({latency['device']}, torch threads="
+                    f"{latency['threads']}; default {latency['default_views']} views)")
     t.add_column("frame")
     for k in views:
         t.add_column(f"{k} view{'s' if k > 1 else ''}")
-    for s in sizes:
-        t.add_row(f"{s}x{s}", *(f"{res[k][s]:.1f}" for k in views))
-    _console().print(t)
-    return res
+    for s in next(iter(latency["ms"].values())):
+        t.add_row(f"{s}x{s}", *(f"{latency['ms'][k][s]:.1f}" for k in views))
+    return t
 
 
-def evaluate_main(device: str = "auto", samples: int = 8, seed: int = 1234, cubes=(), cube_mo: int = 0,
-                  vacuum_from_nm: float | None = None) -> dict:
-    """``stm-live evaluate --model stmnet``: quality tables, noise curve and latency; with
-    ``cubes``, the quality table on those cube files' orbitals instead."""
-    from stm_live.models.stmnet import load_stmnet
-
-    rec = load_stmnet(device=device)
-    if cubes:
-        result = cube_quality(rec, cubes, samples=samples, seed=seed, mo=cube_mo, vacuum_from_nm=vacuum_from_nm)
-        print_quality(result)
-        return result
-    result = quality_tables(rec, samples=samples, seed=seed)
-    print_quality(result)
-    result["latency_ms"] = print_latency(rec)
-    return result
-
-
-__all__ = ["ssim", "psnr", "ssim_torch", "minmax", "chen_tikhonov", "identity_baseline", "evaluate_main",
-           "quality_tables", "cube_quality", "latency_ms", "print_quality", "print_latency", "evaluate_batch"]
+__all__ = ["ssim", "psnr", "ssim_torch", "minmax", "chen_tikhonov", "identity_baseline", "EVAL_TIPS", "eval_tip",
+           "eval_cells", "cube_cells", "make_eval_pairs", "evaluate_batch", "latency_ms", "latency_by_views",
+           "quality_tables", "cube_quality", "format_quality", "format_latency"]

@@ -9,21 +9,21 @@ inference wrapper (``Reconstructor``; ``Reconstruction`` adds the symmetry-view 
 checkpoint loader (``load_stmnet``) and the GPU fast path (``Acceleration``, ``bf16_check``;
 docs/gpu.md). What a recorded frame means to the network (channel,
 sign, Z -> current, scope) is decided in ``stm_live/interpret.py``; the command is
-``stm_live/app/reconstruct.py``. Training lives in ``training.py``, metrics and baselines
-in ``metrics.py``.
+``stm_live/app/reconstruct.py``. The input normalisation is ``inputs.py``, the checkpoint
+convention (hash, device, save) ``checkpoint.py``, training ``training.py``, metrics,
+baselines and evaluation frames ``metrics.py``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import math
 import threading
 import time
 from collections import Counter, OrderedDict
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,14 +32,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from stm_live.interpret import STMNET_MAX_SIDE_PX
+from stm_live.models.checkpoint import WEIGHTS_DIR, load_checkpoint, resolve_device
+from stm_live.models.inputs import normalise, quantiles
+from stm_live.models.metrics import eval_cells, make_eval_pairs, psnr, ssim
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "stmnet.pt"
 WIDE_CHECKPOINT = WEIGHTS_DIR / "stmnet_wide.pt"  # `stm-live train --model wide` (a GPU run; not shipped yet)
 RETRAIN_HINT = "retrain it with `stm-live train --model stmnet` (writes checkpoint, hash and model card)"
 
 logger = logging.getLogger(__name__)
-
 
 
 # --------------------------------------------------------------------------- the network
@@ -96,46 +97,12 @@ class STMNet(nn.Module):
     def multiple(self) -> int:
         return 2**self.config.depth
 
-    @classmethod
-    def from_checkpoint(cls, state: dict) -> "STMNet":
-        net = cls(STMNetConfig(**state["config"]))
-        net.load_state_dict(state["state_dict"])
-        return net.eval()
 
-    def checkpoint(self, **extra) -> dict:
-        return {"config": asdict(self.config), "state_dict": self.state_dict(), **extra}
-
-
-# --------------------------------------------------------------------------- helpers
-def normalise(image, lo_pct: float = 0.5, hi_pct: float = 99.9):
-    """Robust per-image normalisation: percentile ``lo`` -> 0, ``hi`` -> 1, clipped to [-1, 3]
-    (spikes and stray outliers cannot dominate). A numpy array gives float32 numpy; a float
-    tensor is normalised on its own device (the GPU path: no round trip for the percentiles)."""
-    if isinstance(image, torch.Tensor):
-        finite = image[torch.isfinite(image)]
-        lo, hi = quantiles(finite, (lo_pct / 100, hi_pct / 100))
-        peak = finite.abs().max()
-        scale = torch.where(hi > lo, hi - lo, torch.where(peak > 0, peak, torch.ones_like(peak)))
-        return ((image - lo) / scale).clamp(-1.0, 3.0)
-    finite = image[np.isfinite(image)]
-    lo, hi = np.percentile(finite, [lo_pct, hi_pct])
-    scale = hi - lo if hi > lo else (np.abs(finite).max() or 1.0)
-    return np.clip((image - lo) / scale, -1.0, 3.0).astype(np.float32)
-
-
-def quantiles(values: torch.Tensor, q) -> torch.Tensor:
-    """``np.percentile``'s linear interpolation of a 1-D tensor at fractions ``q``, on its device
-    (``torch.quantile`` refuses more than 2**24 values)."""
-    v = values.sort().values
-    pos = torch.tensor(q, dtype=torch.float64, device=v.device) * (v.numel() - 1)
-    lo, hi = pos.floor().long(), pos.ceil().long()
-    return v[lo] + (v[hi] - v[lo]) * (pos - lo).to(v.dtype)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _build(weights: dict, config: dict) -> STMNet:
+    """The network of a checkpoint (``checkpoint.load_checkpoint``)."""
+    net = STMNet(STMNetConfig(**config))
+    net.load_state_dict(weights)
+    return net.eval()
 
 
 # --------------------------------------------------------------------------- inference
@@ -593,18 +560,6 @@ def _spread_summary(image: np.ndarray, spread: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- loading
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def hash_path(checkpoint: Path) -> Path:
-    return Path(checkpoint).with_suffix(".sha256")
-
-
 def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
                 views: int = DEFAULT_VIEWS, acceleration: Acceleration | None = None) -> Reconstructor:
     """The STM-Net checkpoint (default: the shipped one) as a ``Reconstructor`` averaging over
@@ -612,27 +567,11 @@ def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
     says (default: the device's; on CUDA it warms up before returning).
 
     The file's SHA-256 must match the hash stored beside it (``<name>.sha256``); it is
-    loaded with ``torch.load(weights_only=True)``.
+    loaded with ``torch.load(weights_only=True)`` (``checkpoint.load_checkpoint``).
     """
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"STM-Net checkpoint not found: {path}; {RETRAIN_HINT}")
-    hpath = hash_path(path)
-    if not hpath.is_file():
-        raise ValueError(f"STM-Net checkpoint hash file missing: {hpath}; {RETRAIN_HINT}")
-    expected = hpath.read_text().split()[0].strip().lower() if hpath.read_text().strip() else ""
-    actual = sha256_of(path)
-    if actual != expected:
-        raise ValueError(
-            f"STM-Net checkpoint {path.name} is corrupt or modified: sha256 {actual[:16]}... "
-            f"does not match {hpath.name} ({expected[:16] or 'empty'}...); {RETRAIN_HINT}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        net = STMNet.from_checkpoint(state)
-    except Exception as exc:  # unreadable despite a matching hash: say so, with the fix
-        raise ValueError(f"STM-Net checkpoint {path} could not be loaded ({exc}); {RETRAIN_HINT}") from exc
-    info = {**{k: v for k, v in state.items() if k not in ("state_dict",)}, "sha256": actual}
-    return Reconstructor(net, float(state["pixel_size_nm"]), device=device, info=info, views=views,
+    net, info = load_checkpoint(path, _build, what="STM-Net checkpoint", fix=RETRAIN_HINT)
+    return Reconstructor(net, float(info["pixel_size_nm"]), device=device, info=info, views=views,
                          acceleration=acceleration)
 
 
@@ -643,13 +582,10 @@ _BF16_VERDICTS: dict[tuple, dict] = {}  # (checkpoint, device) -> bf16_check: on
 def bf16_check(reconstructor: Reconstructor, *, samples: int = 1, size: int = 96, seed: int = 1234,
                max_drop_db: float = BF16_MAX_DROP_DB) -> dict:
     """What bf16 costs: mean PSNR (dB) and SSIM against the |psi|^2 target on the held-out set
-    (``training.eval_cells("held-out")``, ``samples`` frames per cell, ``make_eval_pairs``),
+    (``metrics.eval_cells("held-out")``, ``samples`` frames per cell, ``make_eval_pairs``),
     with this reconstructor's network, device and views in fp32 and in bf16, and the mean
     PSNR of the bf16 output against the fp32 one (``agreement_db``). ``ok``: bf16 loses at
     most ``max_drop_db`` dB. Metrics as ``metrics.psnr``/``ssim`` (min-max normalised)."""
-    from stm_live.models.metrics import psnr, ssim
-    from stm_live.models.training import eval_cells, make_eval_pairs
-
     px = reconstructor.pixel_size_nm
     pairs = [make_eval_pairs(cell, samples, seed=seed, size=size, pixel_size_nm=px) for cell in eval_cells("held-out")]
     inputs, targets = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])

@@ -1,6 +1,8 @@
-"""Whether a frame lies inside what the tip classifier knows (issue 19).
+"""Whether a frame lies inside what the tip classifier knows (issue 19): fitting the domain
+statistics (``stm-live train --model tipdomain``) and measuring them on out-of-domain frames.
+The model itself, which the classifier loads and judges with, is ``tipstate.DomainModel``.
 
-The classifier was trained on simulated frames only (``tipstate.render_sample`` +
+The classifier was trained on simulated frames only (``tipdata.render_sample`` +
 ``finish``) and answers every input. The domain model scores how far a frame's pooled
 penultimate features (``TipNet.embed``, square-rooted) lie from those of the frames the
 classifier was trained and benchmarked on (the training recipe, and the simulated
@@ -15,22 +17,46 @@ out it is held back, and the next verdict decides.
 
 The out-of-domain families below were fixed before the statistics were fitted and are never
 used to fit or calibrate them: they only measure the detector (tests, benchmark, model card).
+
+Progress of a fit goes to this module's logger at INFO; a command shows it with
+``stm_live.models.console_progress()``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import logging
 import math
+import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
+from scipy.spatial import cKDTree
+from scipy.stats import rankdata
 
-__all__ = ["OOD_FAMILIES", "FamilyFrame", "ood_family", "DomainModel", "domain_path", "load_domain",
-           "fit_statistics", "fit_domain_main", "domain_report", "format_domain_report", "roc_auc",
-           "line_spectra", "describe", "controller_scene", "action_limits"]
+from stm_live.models.checkpoint import card_command, sha256_of
+from stm_live.models.tipdata import (
+    PARTIAL_SHARE, WINDOW_SHARE, build_bank, class_tip, finish, make_batch, simulate_scan,
+)
+from stm_live.models.tipstate import (
+    BANDS_PER_NM, DEFAULT_WEIGHTS, GOOD_CLASSES, MIN_VERDICT_HEIGHT_NM, MODEL_CARD, TIP_CLASSES, DomainModel,
+    TipNetConfig, class_distance, describe, domain_path, line_spectra, load_tip_classifier, prepare,
+)
+from stm_live.simulators import artifacts as art
+from stm_live.simulators.imaging import (
+    ScanFrame, Substrate, constant_current_image, constant_height_image, scatter_molecules,
+)
+from stm_live.simulators.orbitals import MOLECULE_NAMES, molecule
+from stm_live.simulators.scenario import load_scenario
+from stm_live.simulators.tip import tip_preset
+from stm_live.simulators.vacuum import current_from_z
+
+__all__ = ["OOD_FAMILIES", "FamilyFrame", "ood_family", "fit_statistics", "fit_domain_main", "domain_report",
+           "format_domain_report", "roc_auc", "controller_scene", "action_limits", "family_inputs"]
+
+logger = logging.getLogger(__name__)
 
 OOD_FAMILIES = ("no_molecule", "lattice_7x7", "metal_clusters", "noise", "large_molecule")
 # Scan pitches the families are drawn at: inside classifier_scope (<= 0.15 nm/px) and the
@@ -67,8 +93,6 @@ def _rotate(xx, yy, angle_rad: float):
 def _as_current(height_nm: np.ndarray) -> np.ndarray:
     """Apparent height (constant current Z, nm) -> current-like image, I ∝ exp(2κz) (Chen 1993),
     the conversion interpret.network_input applies to a Z map."""
-    from stm_live.interpret import current_from_z
-
     return current_from_z(height_nm, unit="nm").astype(np.float64)
 
 
@@ -92,8 +116,6 @@ def _lattice_sites(a1, a2, extent_nm: float) -> np.ndarray:
 def _bumps(xx, yy, sites: np.ndarray, sigma_nm: float) -> np.ndarray:
     """Sum of Gaussians exp(-r²/2σ²) at ``sites`` (n, 2) over the pixel grid; the 4 nearest
     sites of each pixel carry all of it when σ is well below the site spacing."""
-    from scipy.spatial import cKDTree
-
     k = min(4, len(sites))
     d, _ = cKDTree(sites).query(np.stack([xx.ravel(), yy.ravel()], axis=1), k=k)
     d = d.reshape(-1, k)
@@ -190,10 +212,6 @@ def _large_molecule(rng):
     ``LARGE_FACTOR`` times (the scene is rendered at a pitch ``LARGE_FACTOR`` times finer than
     the frame claims) and only the larger library molecules drawn, so every molecule looks at
     least 1.5 times larger than any in training."""
-    from stm_live.models.tipstate import TIP_CLASSES, _class_tip
-    from stm_live.simulators.imaging import ScanFrame, Substrate, constant_height_image, scatter_molecules
-    from stm_live.simulators.orbitals import MOLECULE_NAMES, molecule
-
     pixels, lines = (int(v) for v in rng.integers(64, 129, size=2))
     pnm = float(rng.uniform(*PITCH_NM))
     lnm = pnm
@@ -206,7 +224,7 @@ def _large_molecule(rng):
     names = [big[k] for k in rng.integers(len(big), size=int(rng.integers(1, 3)))]
     place = scatter_molecules(rng, names, lambda i: (0.15 * true_w, 0.15 * true_h) if i == 0
                               else (0.4 * true_w, 0.4 * true_h), orbital=orbital)
-    tip = _class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))], rng)
+    tip = class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))], rng)
     sub = Substrate(corrugation=float(rng.uniform(0.0, 0.1))) if rng.random() < 0.7 else None
     img = constant_height_image(place, frame, tip, z_nm=float(rng.uniform(0.45, 0.8)),
                                 bias_V=-1.0 if orbital == "HOMO" else 1.0, substrate=sub)
@@ -227,9 +245,10 @@ def ood_family(name: str, rng: np.random.Generator) -> FamilyFrame:
     return FamilyFrame(np.asarray(img, np.float32), float(pnm), float(lnm), name)
 
 
-# ----------------------------------------------------------------------------- the domain model
-# What is scored: the classifier's pooled penultimate features, square-rooted (non-negative,
-# right-skewed ReLU outputs; the root is variance-stabilising), joined by the frame's
+# ----------------------------------------------------------------------------- fitting the domain model
+# What is scored (tipstate.describe, scored by tipstate.DomainModel): the classifier's pooled
+# penultimate features, square-rooted (non-negative, right-skewed ReLU outputs; the root is
+# variance-stabilising), joined by the frame's
 # fast-axis power spectrum in bands of physical frequency (log of each band's share). The
 # features were trained to ignore what does not tell tip classes apart, the length scales of
 # the scene among them (a blunt tip is a blur), so on their own they miss frames whose
@@ -244,7 +263,6 @@ def ood_family(name: str, rng: np.random.Generator) -> FamilyFrame:
 # the others within 0.005; earlier conv stages alone 0.60-1.00. Shrinkage 0.001-0.05 moved no
 # AUC by more than 0.01.
 SHRINKAGE = 0.01
-BANDS_PER_NM = tuple(float(b) for b in np.geomspace(0.15, 6.25, 13))  # 12 bands up to Nyquist at 0.08 nm/px
 CALIBRATION_QUANTILE = 0.98  # <= 3 % of held-out in-domain frames called unknown, with margin
 FIT_SEED = 1901  # build_bank seeds: the classifier trained on seed 9 (its card), the benchmark
 CALIBRATION_SEED = 1902  # and evaluate() draw from make_batch streams of their own
@@ -264,143 +282,6 @@ FAMILY_SEED = 1903
 # a good tip costs the tip.
 ACTION_QUANTILE = 0.98
 ACTION_MIN_FRAMES = 10  # fewer calibration frames of a class say nothing of its tail
-
-
-def line_spectra(inputs, pixel_size_nm: float) -> np.ndarray:
-    """Fast-axis power spectra of prepared classifier inputs ((2, h, w): image, mask), (n, 12):
-    per scanned line minus its mean, Hann-windowed, |FFT|² averaged over lines, summed in
-    :data:`BANDS_PER_NM` (cycles/nm at ``pixel_size_nm``), log of each band's share."""
-    bands = np.asarray(BANDS_PER_NM)
-    out = np.zeros((len(inputs), len(bands) - 1))
-    for i, x in enumerate(inputs):
-        x = np.asarray(x)
-        mask = x[1] > 0.5
-        a = x[0][mask.any(axis=1)][:, mask.any(axis=0)].astype(np.float64)
-        a = a - a.mean(axis=1, keepdims=True)
-        power = (np.abs(np.fft.rfft(a * np.hanning(a.shape[1]), axis=1)) ** 2).mean(axis=0)
-        which = np.digitize(np.fft.rfftfreq(a.shape[1], d=pixel_size_nm), bands)
-        share = np.bincount(which, weights=power, minlength=len(bands) + 1)[1:len(bands)]
-        out[i] = np.log(share / (power[1:].sum() + 1e-30) + 1e-6)
-    return out
-
-
-def describe(features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
-    """What the Gaussians model: [sqrt(features), line spectra], (n, D + 12)."""
-    return np.hstack([np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0.0)),
-                      np.asarray(spectra, dtype=np.float64)])
-
-
-@dataclass(frozen=True)
-class DomainModel:
-    """Class-conditional Gaussians with one shared covariance over :func:`describe` of a
-    frame (a mean per class and source of frames: centre j belongs to class j mod the
-    number of classes). ``whiten`` W satisfies W Wᵀ = Σ⁻¹ and ``centres`` are the means
-    times W, so score = min_c |d W − centre_c|² = min_c Mahalanobis² to mean c.
-
-    ``action_limits`` (one per class, NaN: none) bound the *class score*, the distance to the
-    verdict's own class, for a verdict a policy may act on (:data:`ACTION_QUANTILE`)."""
-
-    whiten: np.ndarray  # (D, D)
-    centres: np.ndarray  # (K, D)
-    threshold: float
-    classifier_sha256: str
-    meta: dict = field(default_factory=dict)
-    action_limits: np.ndarray | None = None  # (classes,)
-
-    def distances(self, features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
-        """Squared Mahalanobis distances to every centre, (n, K), for pooled features (n, F)
-        and :func:`line_spectra` (n, 12) of the same frames."""
-        g = describe(features, spectra) @ self.whiten.astype(np.float64)
-        c = self.centres.astype(np.float64)
-        return np.maximum((g * g).sum(1)[:, None] - 2 * g @ c.T + (c * c).sum(1)[None, :], 0.0)
-
-    def score(self, features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
-        """The domain score: squared Mahalanobis distance to the nearest class, (n,)."""
-        return self.distances(features, spectra).min(axis=1)
-
-    def score_inputs(self, features: np.ndarray, inputs, pixel_size_nm: float) -> np.ndarray:
-        """:meth:`score` of prepared inputs given their pooled features."""
-        return self.score(features, line_spectra(inputs, pixel_size_nm))
-
-    def judge(self, features: np.ndarray, inputs, pixel_size_nm: float, labels) -> tuple:
-        """``(score, class_score, action_limit)``, each (n,), of prepared inputs given their
-        pooled features and the class each is labelled: the domain score, the distance to
-        the labelled class (the nearer of its means), and that class's action limit (NaN
-        for statistics without limits)."""
-        d2 = self.distances(features, line_spectra(inputs, pixel_size_nm))
-        labels = np.asarray(labels, dtype=np.int64)
-        if self.action_limits is None:
-            nan = np.full(len(d2), np.nan)
-            return d2.min(axis=1), nan, nan
-        return (d2.min(axis=1), _class_distance(d2, labels, len(self.action_limits)),
-                np.asarray(self.action_limits, np.float64)[labels])
-
-    def save(self, path: Path) -> Path:
-        """npz (no pickled objects) + ``<name>.sha256`` beside it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        extra = {} if self.action_limits is None else {"action_limits": np.asarray(self.action_limits, np.float64)}
-        np.savez(tmp, whiten=self.whiten.astype(np.float32), centres=self.centres.astype(np.float32),
-                 threshold=np.float64(self.threshold), classifier_sha256=np.str_(self.classifier_sha256),
-                 meta=np.str_(json.dumps(self.meta)), **extra)
-        tmp.replace(path)
-        path.with_name(path.name + ".sha256").write_text(f"{_sha256(path)}  {path.name}\n")
-        return path
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def domain_path(classifier_path) -> Path:
-    """Where the domain statistics of a classifier checkpoint live: ``tipdomain.npz`` beside
-    the shipped weights, ``<stem>_domain.npz`` beside any other checkpoint."""
-    from stm_live.models.tipstate import DEFAULT_WEIGHTS, WEIGHTS_DIR
-
-    p = Path(classifier_path)
-    if p.resolve() == DEFAULT_WEIGHTS.resolve():
-        return WEIGHTS_DIR / "tipdomain.npz"
-    return p.with_name(p.stem + "_domain.npz")
-
-
-def load_domain(path, *, classifier=None, classifier_sha256: str | None = None) -> DomainModel:
-    """Domain statistics from ``path``, verified by their SHA-256 file and, when
-    ``classifier_sha256`` is given, checked to belong to that classifier checkpoint."""
-    from stm_live.models.tipstate import DEFAULT_WEIGHTS
-
-    path = Path(path)
-    other = classifier is not None and Path(classifier).resolve() != DEFAULT_WEIGHTS.resolve()
-    fix = "fit them with `stm-live train --model tipdomain" + (f" --weights {classifier}`" if other else "`")
-    if not path.is_file():
-        raise FileNotFoundError(f"tip classifier domain statistics not found at {path}; {fix}")
-    h = path.with_name(path.name + ".sha256")
-    if not h.is_file():
-        raise ValueError(f"tip classifier domain statistics: hash file {h} is missing; cannot verify {path}")
-    want, got = h.read_text().split()[0].strip(), _sha256(path)
-    if got != want:
-        raise ValueError(f"tip classifier domain statistics {path} are corrupt (sha256 {got[:12]}..., "
-                         f"expected {want[:12]}...)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            whiten, centres = np.array(z["whiten"]), np.array(z["centres"])
-            threshold, owner = float(z["threshold"]), str(z["classifier_sha256"])
-            meta = json.loads(str(z["meta"]))
-            # statistics fitted before the action limits have none: their verdicts are acted on as before
-            limits = np.array(z["action_limits"]) if "action_limits" in z.files else None
-    except Exception as exc:
-        raise ValueError(f"tip classifier domain statistics {path}: unreadable ({exc})") from exc
-    d = whiten.shape[0]
-    if whiten.shape != (d, d) or centres.ndim != 2 or centres.shape[1] != d or not math.isfinite(threshold):
-        raise ValueError(f"tip classifier domain statistics {path}: field shapes whiten {whiten.shape}, "
-                         f"centres {centres.shape}, threshold {threshold} do not fit together")
-    if limits is not None and (limits.ndim != 1 or centres.shape[0] % max(len(limits), 1)):
-        raise ValueError(f"tip classifier domain statistics {path}: {limits.shape} action limits do not fit "
-                         f"{centres.shape[0]} class means")
-    if classifier_sha256 is not None and owner != classifier_sha256:
-        raise ValueError(f"tip classifier domain statistics {path} were fitted for the checkpoint with sha256 "
-                         f"{owner[:12]}..., not {classifier_sha256[:12]}... ({classifier}); {fix}")
-    return DomainModel(whiten, centres, threshold, owner, meta, limits)
 
 
 def fit_statistics(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, *,
@@ -427,8 +308,6 @@ def action_limits(judged: list, threshold: float) -> np.ndarray:
     (``judged``: :func:`_judged` of each source, pooled) labelled that class and inside
     ``threshold`` (the threshold itself when fewer than :data:`ACTION_MIN_FRAMES`), at most
     the threshold; NaN for good classes, which lead to no action."""
-    from stm_live.models.tipstate import GOOD_CLASSES, TIP_CLASSES
-
     labels, score, class_score = (np.concatenate(parts) for parts in zip(*judged))
     limits = np.full(len(TIP_CLASSES), np.nan)
     for c, name in enumerate(TIP_CLASSES):
@@ -454,20 +333,11 @@ def _network_view(clf, inputs: list, chunk: int = 64) -> tuple[np.ndarray, np.nd
     return np.concatenate(feats), np.concatenate(spectra), np.concatenate(labels)
 
 
-def _class_distance(d2: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
-    """Distance to each frame's labelled class: the nearest of that class's means (one per
-    source of frames; centre j belongs to class j mod ``n_classes``), (n,)."""
-    own = (np.arange(d2.shape[1])[None, :] % n_classes) == np.asarray(labels, np.int64)[:, None]
-    return np.where(own, d2, np.inf).min(axis=1)
-
-
 def _judged(clf, inputs: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(labels, domain scores, class scores)`` of prepared inputs under ``clf.domain``."""
-    from stm_live.models.tipstate import TIP_CLASSES
-
     feats, spectra, labels = _network_view(clf, inputs)
     d2 = clf.domain.distances(feats, spectra)
-    return labels, d2.min(axis=1), _class_distance(d2, labels, len(TIP_CLASSES))
+    return labels, d2.min(axis=1), class_distance(d2, labels, len(TIP_CLASSES))
 
 
 def _recipe_inputs(n_renders: int, seed: int, finishes: int, cfg) -> tuple[list, np.ndarray]:
@@ -477,8 +347,6 @@ def _recipe_inputs(n_renders: int, seed: int, finishes: int, cfg) -> tuple[list,
     (``MIN_VERDICT_HEIGHT_NM``). Training also cuts to a quarter of the frame (1.3 nm), where
     the rows often hold no molecule and the classes are a guess (accuracy 0.52, its card): as
     domain, such frames would admit any featureless frame (bare substrate, noise)."""
-    from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, PARTIAL_SHARE, WINDOW_SHARE, build_bank, finish
-
     least = min(cfg.size, int(np.ceil(MIN_VERDICT_HEIGHT_NM / cfg.pixel_size_nm)))
     bank = build_bank(n_renders, seed, cfg, quiet=True)
     rng = np.random.default_rng([seed, 1])
@@ -517,22 +385,12 @@ def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
     'unstable'), constant height at z 0.45-0.6 nm or (1/3) constant current with the Z map
     through ``current_from_z``, white/pink noise and line offsets of 0.03/0.02/0.01 of the
     image's std; then the first 2.5 nm or more of lines, or a window of them from mid-frame."""
-    from stm_live.interpret import current_from_z
-    from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, TIP_CLASSES
-    from stm_live.simulators import artifacts as art
-    from stm_live.simulators.imaging import (ScanFrame, Substrate, constant_current_image, constant_height_image,
-                                             scatter_molecules)
-    from stm_live.simulators.orbitals import MOLECULE_NAMES
-    from stm_live.simulators.tip import tip_preset
-
     width = float(rng.uniform(6.0, 8.0))
     pixels = max(int(rng.integers(48, 97)), int(np.ceil(width / PITCH_NM[1])))
     lines = pixels if rng.random() < 0.7 else int(rng.integers(pixels // 2, pixels + 1))
     height = width * lines / pixels if rng.random() < 0.5 else width * float(rng.uniform(0.6, 1.0))
     height = min(height, lines * PITCH_NM[1])
     if rng.random() < 0.5:
-        from stm_live.simulators.scenario import load_scenario
-
         cx, cy = (float(v) for v in rng.uniform(-0.5, 0.5, size=2))
         place = list(load_scenario("default").molecules)
     else:
@@ -570,32 +428,26 @@ def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
 
 def _scene_inputs(n: int, seed: int, cfg) -> tuple[list, np.ndarray]:
     """``n`` prepared inputs of :func:`controller_scene` and their classes."""
-    from stm_live.models.tipstate import _prepare
-
     rng = np.random.default_rng([seed, 3])
     xs, ys = [], []
     for _ in range(n):
         img, pnm, lnm, label = controller_scene(rng)
-        xs.append(_prepare(img, pnm, cfg, lnm))
+        xs.append(prepare(img, pnm, cfg, lnm))
         ys.append(label)
     return xs, np.array(ys, dtype=np.int64)
 
 
 def family_inputs(name: str, n: int, seed: int = FAMILY_SEED, cfg=None) -> list:
     """``n`` prepared network inputs of out-of-domain family ``name`` (fixed by ``seed``)."""
-    from stm_live.models.tipstate import TipNetConfig, _prepare
-
     cfg = cfg or TipNetConfig()
     rng = np.random.default_rng([seed, OOD_FAMILIES.index(name)])
     frames = [ood_family(name, rng) for _ in range(n)]
-    return [_prepare(f.image, f.pixel_size_nm, cfg, f.line_spacing_nm) for f in frames]
+    return [prepare(f.image, f.pixel_size_nm, cfg, f.line_spacing_nm) for f in frames]
 
 
 def roc_auc(negative: np.ndarray, positive: np.ndarray) -> float:
     """ROC AUC of a score meant to be higher on ``positive``: P(pos > neg) + ½ P(tie)
     (Mann-Whitney U / (n_pos n_neg))."""
-    from scipy.stats import rankdata
-
     neg, pos = np.asarray(negative, np.float64), np.asarray(positive, np.float64)
     ranks = rankdata(np.concatenate([neg, pos]))
     u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
@@ -606,8 +458,6 @@ def _monitor_crops(n: int, seed: int) -> list[tuple[np.ndarray, float, float]]:
     """What the live monitor classifies on the simulated controller: ``simulate_scan`` frames
     (7 nm, 64 px, the default scene's three molecules) with a random preset tip, cut to the
     first 2.5 nm of lines (the first verdict) or whole."""
-    from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, simulate_scan
-
     rng = np.random.default_rng([seed, 77])
     tips = ("co", "s", "mixed", "tilted_co", "double", "blunt", "coherent_co", "asymmetric")
     out = []
@@ -624,8 +474,6 @@ def _outcomes(judged, dom) -> dict:
     ``unknown`` (above the threshold), ``bad`` (a bad class, inside), ``held`` (bad, inside,
     held back by its class's action limit) and ``acted`` (bad, inside, not held back: what
     a policy may act on)."""
-    from stm_live.models.tipstate import GOOD_CLASSES, TIP_CLASSES
-
     labels, score, class_score = judged
     unknown = ~(score <= dom.threshold)
     bad = ~unknown & ~np.isin(labels, [TIP_CLASSES.index(c) for c in GOOD_CLASSES])
@@ -643,8 +491,6 @@ def domain_report(clf, *, frames: int = 100, samples: int = 40, seed: int = FAMI
     back); and per in-domain set (that mix, full frames of the recipe and of the broadened
     recipe, controller scenes, the closed loop's monitor crops) the share called unknown and
     the share of its bad verdicts held back by the action limits."""
-    from stm_live.models.tipstate import TIP_CLASSES, _prepare, make_batch
-
     if clf.domain is None:
         raise ValueError("domain_report: the classifier has no domain model")
     dom, cfg = clf.domain, clf.cfg
@@ -652,7 +498,7 @@ def domain_report(clf, *, frames: int = 100, samples: int = 40, seed: int = FAMI
     mix, _ = _recipe_inputs(samples * k, seed + 10, 1, cfg)
     full, _, _ = make_batch(samples * k, np.random.default_rng([seed, 6]), cfg, partial=False)
     broad, _, _ = make_batch(samples * k, np.random.default_rng([seed, 7]), cfg, partial=False, scenery=True)
-    live = [_prepare(im, p, cfg, l) for im, p, l in _monitor_crops(samples * 2, seed)]
+    live = [prepare(im, pixel_nm, cfg, line_nm) for im, pixel_nm, line_nm in _monitor_crops(samples * 2, seed)]
     scenes, _ = _scene_inputs(samples * k, seed, cfg)
     indomain = {"training mix (partial >= 2.5 nm, coarser)": _judged(clf, mix),
                 "full frames of the recipe": _judged(clf, list(full)),
@@ -687,9 +533,11 @@ def format_domain_report(rep: dict) -> list[str]:
             "score of a bad verdict: " + (", ".join(f"{c} {v:.0f}" for c, v in limits.items()) or "none"), "",
             "| out-of-domain family | n | ROC AUC | called unknown | acted on (bad, within its limit) | median score |",
             "|---|---|---|---|---|---|"]
-    rows += [f"| {name} | {m['n']} | {m['auc']:.3f} | {m['unknown_share']:.3f} | {m.get('acted_share', float('nan')):.3f} "
-             f"| {m['median_score']:.0f} |" for name, m in rep["families"].items()]
-    rows += ["", "| in-domain set | n | called unknown | bad verdicts held back | median score |", "|---|---|---|---|---|"]
+    rows += [f"| {name} | {m['n']} | {m['auc']:.3f} | {m['unknown_share']:.3f} | "
+             f"{m.get('acted_share', float('nan')):.3f} | {m['median_score']:.0f} |"
+             for name, m in rep["families"].items()]
+    rows += ["", "| in-domain set | n | called unknown | bad verdicts held back | median score |",
+             "|---|---|---|---|---|"]
     rows += [f"| {name} | {m['n']} | {m['unknown_share']:.3f} | {m.get('held_share', float('nan')):.3f} "
              f"| {m['median_score']:.0f} |" for name, m in rep["in_domain"].items()]
     return rows
@@ -715,10 +563,6 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     ``family_frames`` per family and ``report_samples`` per class in domain), which goes into
     the model card. Writes ``out`` (default: beside ``weights``, see :func:`domain_path`) with
     its ``.sha256`` and a section of the classifier's model card."""
-    import torch
-
-    from stm_live.models.tipstate import DEFAULT_WEIGHTS, MODEL_CARD, TIP_CLASSES, load_tip_classifier
-
     for name, value, least in (("renders", renders, len(TIP_CLASSES) * 10), ("finishes", finishes, 1),
                                ("scenes", scenes, 0), ("calibration_renders", calibration_renders, 50),
                                ("calibration_scenes", calibration_scenes, 0), ("family_frames", family_frames, 2),
@@ -729,7 +573,7 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     weights = Path(weights) if weights is not None else DEFAULT_WEIGHTS
     out = Path(out) if out is not None else domain_path(weights)
     clf = load_tip_classifier(device, weights, domain=None)
-    sha = _sha256(weights)
+    sha = sha256_of(weights)
     t0 = time.perf_counter()
     xs, ys = _recipe_inputs(renders, seed, finishes, clf.cfg)
     xv, yv = _scene_inputs(scenes, seed, clf.cfg)
@@ -738,8 +582,8 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     k = len(TIP_CLASSES)
     feats, spectra, _ = _network_view(clf, xs + xv)
     whiten, centres = fit_statistics(describe(feats, spectra), np.concatenate([ys, yv + k]), 2 * k if len(xv) else k)
-    print(f"fitted class means and shared covariance on {len(xs)} + {len(xv)} frames "
-          f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    logger.info("fitted class means and shared covariance on %d + %d frames (%.0f s)", len(xs), len(xv),
+                time.perf_counter() - t0)
     xc, _ = _recipe_inputs(calibration_renders, seed + 1, finishes, clf.cfg)
     xcv, _ = _scene_inputs(calibration_scenes, seed + 1, clf.cfg)
     clf.domain = DomainModel(whiten, centres, 0.0, sha)
@@ -757,16 +601,15 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
             "action_min_frames": ACTION_MIN_FRAMES, "fit_seconds": round(fit_s, 1)}
     model = DomainModel(whiten, centres, threshold, sha, meta, limits)
     clf.domain = model
-    print(f"threshold {threshold:.1f} (the larger {CALIBRATION_QUANTILE:.0%} quantile of {len(xc)} recipe and "
-          f"{len(xcv)} scene calibration frames); action limits "
-          + ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, limits) if np.isfinite(v))
-          + "; measuring on the out-of-domain families", flush=True)
+    logger.info("threshold %.1f (the larger %.0f%% quantile of %d recipe and %d scene calibration frames); action "
+                "limits %s; measuring on the out-of-domain families", threshold, 100 * CALIBRATION_QUANTILE, len(xc),
+                len(xcv), ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, limits) if np.isfinite(v)))
     report = domain_report(clf, frames=family_frames, samples=report_samples)
     wall = time.perf_counter() - t0
     model.meta["report"] = report
     model.save(out)
-    print("\n".join(format_domain_report(report)))
-    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KiB) after {wall:.0f} s")
+    logger.info("%s", "\n".join(format_domain_report(report)))
+    logger.info("saved %s (%.0f KiB) after %.0f s", out, out.stat().st_size / 1024, wall)
     # The shipped card gets the section only for the shipped statistics; a candidate gets its own card.
     shipped = weights.resolve() == DEFAULT_WEIGHTS.resolve() and out.resolve() == domain_path(weights).resolve()
     card = MODEL_CARD if shipped else out.with_name(out.stem + "_MODEL_CARD.md")
@@ -777,11 +620,6 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
 def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Path, wall: float,
                         threads: int) -> None:
     """Replace (or append) the domain section at the end of the classifier's model card."""
-    import platform
-
-    from stm_live.models.tipstate import TIP_CLASSES
-    from stm_live.models.training import card_command
-
     m = model.meta
     text = card.read_text() if card.is_file() else ""
     if CARD_SECTION in text:
@@ -816,7 +654,7 @@ def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Pa
         "threshold alone let through frames between the classes' clouds, mostly called a bad class)"
         % (100 * m["action_quantile"], ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, model.action_limits)
                                                  if np.isfinite(v))),
-        f"- `{out.name}` {out.stat().st_size / 1024:.0f} KiB, sha256 `{_sha256(out)}`, for the classifier "
+        f"- `{out.name}` {out.stat().st_size / 1024:.0f} KiB, sha256 `{sha256_of(out)}`, for the classifier "
         f"with sha256 `{model.classifier_sha256}`",
         f"- Wall time: {wall / 60:.1f} min (fit and calibration {m['fit_seconds'] / 60:.1f} min) on "
         f"{platform.machine()}, {threads} torch thread(s)",

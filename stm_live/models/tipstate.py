@@ -1,36 +1,40 @@
-"""Tip-state classifier: a small CNN trained on the physics simulator.
+"""Tip-state classifier: a small CNN trained on the physics simulator, as it is loaded and run.
 
 Input: one image (lines, pixels), possibly a partial frame (rows not yet scanned are NaN),
 resampled to the training pixel size and robustly normalised over the scanned rows, plus a
-mask channel (1 = scanned). Output: probabilities over :data:`TIP_CLASSES` and a regressed
-s-wave share of the tip (``TipState.s_fraction``).
+mask channel (1 = scanned) (:func:`prepare`). Output: probabilities over :data:`TIP_CLASSES`
+and a regressed s-wave share of the tip (``TipState.s_fraction``).
 
-Training data come on the fly from ``stm_live.simulators`` (orbitals + tip presets +
-``constant_height_image`` + artifacts); see :func:`make_batch` for the recipe.
+The classifier loads with its domain statistics (:class:`DomainModel`, fitted by
+:mod:`stm_live.models.tipdomain`): a frame outside what it was trained and benchmarked on gets
+the verdict :data:`UNKNOWN`, which is neither good nor bad (:func:`is_known_bad` is what a
+policy may act on).
 
-The classifier loads with its domain statistics (:mod:`stm_live.models.tipdomain`): a frame
-outside what it was trained and benchmarked on gets the verdict :data:`UNKNOWN`, which is
-neither good nor bad (:func:`is_known_bad` is what a policy may act on).
+The training data recipe is :mod:`stm_live.models.tipdata`; training, evaluation and the
+model card :mod:`stm_live.models.tiptrain`; the checkpoint convention (hash, device, save)
+:mod:`stm_live.models.checkpoint`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage
 from torch import nn
 from torch.nn import functional as F
+
+from stm_live.models.checkpoint import WEIGHTS_DIR, load_checkpoint, resolve_device, verify, write_hash
 
 __all__ = [
     "TIP_CLASSES",
     "GOOD_CLASSES",
     "UNKNOWN",
+    "MIN_VERDICT_HEIGHT_NM",
     "bad_probability",
     "is_known_bad",
     "is_held_back",
@@ -38,11 +42,12 @@ __all__ = [
     "TipVerdict",
     "TipNetConfig",
     "TipNet",
+    "prepare",
+    "DomainModel",
+    "domain_path",
+    "load_domain",
     "TipClassifier",
     "load_tip_classifier",
-    "make_batch",
-    "train_main",
-    "evaluate_main",
     "DEFAULT_WEIGHTS",
 ]
 
@@ -50,7 +55,7 @@ TIP_CLASSES = ("co_sharp", "metal_s", "mixed", "asymmetric", "double", "blunt", 
 # Tips fit for imaging (as the simulated controller's good tips): sharp CO, sharp metal, CO with
 # a larger s share (STM-Net separates s and p); the rest call for reconditioning.
 GOOD_CLASSES = ("co_sharp", "metal_s", "mixed")
-# The verdict on a frame outside what the classifier knows (tipdomain.py): neither good nor
+# The verdict on a frame outside what the classifier knows (DomainModel): neither good nor
 # bad, so nothing acts on it; the probabilities stay visible but mean little.
 UNKNOWN = "unknown"
 # Fewest nanometres of frame height a live verdict should rest on: on the held-out set the
@@ -97,7 +102,6 @@ def is_known_bad(verdict) -> bool:
     return _bad_class(verdict, get) and not is_held_back(verdict)
 
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 DEFAULT_WEIGHTS = WEIGHTS_DIR / "tipstate.pt"
 MODEL_CARD = WEIGHTS_DIR / "TIPSTATE_MODEL_CARD.md"
 
@@ -107,7 +111,7 @@ class TipVerdict:
     """What the classifier says about the tip that took an image.
 
     ``in_domain`` false (label :data:`UNKNOWN`): the frame is outside what the classifier was
-    trained on (``domain_score`` above ``domain_threshold``, :mod:`stm_live.models.tipdomain`);
+    trained on (``domain_score`` above ``domain_threshold``, :class:`DomainModel`);
     the probabilities are kept for the record. A classifier without a domain model reports
     ``in_domain`` true and a NaN score. ``class_score`` is the distance to the label's own
     class and ``action_limit`` that class's limit for acting on a bad verdict (NaN: none);
@@ -206,13 +210,18 @@ class TipNet(nn.Module):
         return out[:, :-1], torch.sigmoid(out[:, -1]), pooled
 
 
+def _build(weights: dict, config: dict) -> TipNet:
+    """The network of a checkpoint (``checkpoint.load_checkpoint``)."""
+    net = TipNet(TipNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+    net.load_state_dict(weights)
+    return net
+
+
 # --------------------------------------------------------------------------- preprocessing
-def _prepare(image: np.ndarray, pixel_size_nm: float, cfg: TipNetConfig,
-             line_spacing_nm: float | None = None) -> np.ndarray:
+def prepare(image: np.ndarray, pixel_size_nm: float, cfg: TipNetConfig,
+            line_spacing_nm: float | None = None) -> np.ndarray:
     """(H, W) image with NaN rows -> (2, h, w) float32 [normalised image, mask] at cfg pixel
     size (rows resampled by ``line_spacing_nm`` when lines are not square with pixels)."""
-    from scipy import ndimage
-
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2:
         raise ValueError(f"tip classifier: image must be 2-D (lines, pixels), got shape {img.shape}")
@@ -241,281 +250,141 @@ def _prepare(image: np.ndarray, pixel_size_nm: float, cfg: TipNetConfig,
     return np.stack([np.clip(norm, -5, 5), mask.astype(np.float64)]).astype(np.float32)
 
 
-# --------------------------------------------------------------------------- data recipe
-def _class_tip(label: str, rng: np.random.Generator):
-    """A TipState for one class: a tip.py preset with jitter."""
-    from stm_live.simulators.tip import tip_preset
-
-    def co(s_lo=0.05, s_hi=0.22):
-        sf = float(rng.uniform(s_lo, s_hi))
-        if rng.random() < 0.3:  # coherent s-p_z CO (the coherent_co preset: a good tip)
-            pz = float(rng.uniform(0.0, 0.1))
-            return tip_preset("coherent_co").with_(s=sf, px=(1 - sf - pz) / 2, py=(1 - sf - pz) / 2, pz=pz)
-        return tip_preset("co").with_(s=sf, px=(1 - sf) / 2, py=(1 - sf) / 2, pz=0.0)
-
-    if label == "co_sharp":
-        return co()
-    if label == "metal_s":
-        return tip_preset("s").with_(pz=float(rng.uniform(0.0, 0.05)))
-    if label == "mixed":
-        sf = float(rng.uniform(0.32, 0.6))
-        return tip_preset("mixed").with_(s=sf, px=(1 - sf) / 2, py=(1 - sf) / 2)
-    if label == "asymmetric":
-        if rng.random() < 0.7:  # tilted CO
-            return co().with_(tilt_deg=float(rng.uniform(15, 35)), tilt_azimuth_deg=float(rng.uniform(0, 360)),
-                              name="tilted_co")
-        sf, big = float(rng.uniform(0.05, 0.22)), float(rng.uniform(0.68, 0.85))
-        px, py = (1 - sf) * big, (1 - sf) * (1 - big)
-        if rng.random() < 0.5:
-            px, py = py, px
-        return tip_preset("asymmetric").with_(s=sf, px=px, py=py)
-    if label == "double":
-        r, a = float(rng.uniform(0.35, 0.9)), float(rng.uniform(0, 2 * np.pi))
-        base = co() if rng.random() < 0.6 else tip_preset("s")
-        return base.with_(double_offset_nm=(r * np.cos(a), r * np.sin(a)),
-                          double_strength=float(rng.uniform(0.4, 1.0)), name="double")
-    if label == "blunt":
-        t = tip_preset("blunt")
-        return t.with_(apex_width_nm=float(t.apex_width_nm * rng.uniform(0.8, 1.6)),
-                       s=float(rng.uniform(0.4, 0.8)))
-    raise ValueError(f"unknown tip class {label!r}")
+# --------------------------------------------------------------------------- the domain gate
+# What is scored: the classifier's pooled penultimate features, square-rooted, joined by the
+# frame's fast-axis power spectrum in bands of physical frequency (log of each band's share);
+# why, and what else was measured, is in tipdomain (above SHRINKAGE). The statistics are
+# class-conditional Gaussians with one shared covariance (Lee et al., NeurIPS 2018), fitted by
+# tipdomain.fit_domain_main.
+BANDS_PER_NM = tuple(float(b) for b in np.geomspace(0.15, 6.25, 13))  # 12 bands up to Nyquist at 0.08 nm/px
 
 
-def _scene(rng: np.random.Generator, cfg: TipNetConfig, *, scenery: bool = False, steps: bool = False):
-    """Random scene: 1-3 library molecules (one orbital side for the frame, random position
-    and rotation, the first near the centre, none overlapping another) on an optional
-    NaCl-like substrate, in a frame of cfg.size pixels at cfg.pixel_size_nm. With ``scenery``
-    (the broadened recipe, :mod:`stm_live.simulators.scenery`) some frames put them on a
-    Au(111)/Cu(111) terrace instead (with ``steps``: 1-2 step edges) and add adsorbates and
-    small molecules beside them. Returns (placements, frame, bias, substrate, surface)."""
-    from stm_live.simulators import scenery as sc
-    from stm_live.simulators.imaging import CubePlacement, ScanFrame, Substrate, scatter_molecules
-    from stm_live.simulators.orbitals import MOLECULE_NAMES, molecule
-
-    span = cfg.size * cfg.pixel_size_nm
-    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=span, height_nm=span,
-                      pixels=cfg.size, lines=cfg.size)
-    orbital = "HOMO" if rng.random() < 0.5 else "LUMO"
-    names = [MOLECULE_NAMES[k] for k in rng.integers(len(MOLECULE_NAMES), size=int(rng.integers(1, 4)))]
-    place = scatter_molecules(rng, names, lambda i: (span * (0.15 if i == 0 else 0.35),) * 2, orbital=orbital)
-    substrate = surface = None
-    metal = scenery and rng.random() < METAL_SHARE
-    if not metal and rng.random() < 0.7:
-        substrate = Substrate(corrugation=float(rng.uniform(0.0, 0.1)), angle_deg=float(rng.uniform(0, 90)))
-    if scenery and rng.random() < SMALL_THINGS_SHARE:
-        taken = [(p.x_nm, p.y_nm, molecule(p.molecule).radius_nm) for p in place]
-        for _ in range(int(rng.integers(1, 5))):
-            thing, radius, amplitude = sc.random_small_thing(rng, orbital)
-            x, y = rng.uniform(-0.45 * span, 0.45 * span, size=2)
-            if all(np.hypot(x - tx, y - ty) > radius + tr + 0.3 for tx, ty, tr in taken):
-                place.append(CubePlacement(thing, float(x), float(y), float(rng.uniform(0, 360)), amplitude))
-                taken.append((float(x), float(y), radius))
-    if metal:  # a metal terrace conducts everywhere: a flat background under its apparent height
-        substrate = Substrate()
-        surface = sc.random_surface(rng, span, [(p.x_nm, p.y_nm) for p in place], steps=steps)
-    return place, frame, (-1.0 if orbital == "HOMO" else 1.0), substrate, surface
-
-
-def _degrade(img: np.ndarray, rng: np.random.Generator, unstable: bool, other=None) -> np.ndarray:
-    """Noise (all classes) and instability artifacts (class 'unstable')."""
-    a = np.asarray(img, dtype=np.float32)
-    scale = float(np.percentile(a, 99) - np.percentile(a, 1)) or 1.0
-    a = a + rng.normal(0.0, rng.uniform(0.005, 0.05) * scale, a.shape).astype(np.float32)
-    if rng.random() < 0.5:
-        a = a + (rng.normal(0.0, rng.uniform(0.0, 0.03) * scale, (a.shape[0], 1))).astype(np.float32)
-    if unstable:
-        n = a.shape[0]
-        kind = rng.integers(3)
-        if kind == 0 and other is not None:  # tip changes mid-frame
-            cut = int(rng.integers(n // 4, 3 * n // 4))  # as artifacts.tip_change: rows >= cut new tip
-            a = a.copy()
-            a[cut:] = np.asarray(other, dtype=np.float32)[cut:] + (a[cut:] - np.asarray(img)[cut:])
-        # jumps: blocks of lines shifted in offset and gain
-        for _ in range(int(rng.integers(2, 6))):
-            r0 = int(rng.integers(0, n - 1))
-            r1 = min(n, r0 + int(rng.integers(1, 4)))
-            a[r0:r1] = a[r0:r1] * rng.uniform(0.3, 1.8) + rng.choice([-1, 1]) * rng.uniform(0.3, 1.0) * scale
-        if kind == 2:  # streaks: spikes along the fast axis
-            for _ in range(int(rng.integers(2, 6))):
-                r = int(rng.integers(0, n))
-                c0 = int(rng.integers(0, a.shape[1] - 4))
-                a[r, c0:c0 + int(rng.integers(3, a.shape[1] // 2))] += rng.uniform(0.5, 2.0) * scale
-    return a
-
-
-@dataclass
-class Render:
-    """One simulated frame before noise: what :func:`finish` turns into a network input."""
-
-    image: np.ndarray  # current (A) at constant height, or current_from_z of a constant-current Z map
-    other: np.ndarray | None  # class 'unstable': the same scene after a mid-frame tip change
-    label: int
-    s_fraction: float
-    mode: str  # "height" | "current"
-
-
-CURRENT_SHARE = 1 / 3  # share of constant-current frames in the recipe
-# The broadened recipe: what real frames of molecules show beyond the library on NaCl.
-METAL_SHARE = 0.45  # frames on a Au(111) or Cu(111) terrace (herringbone, standing waves)
-STEP_SHARE = 0.3  # of the metal constant-current frames: step edges cross the frame
-SMALL_THINGS_SHARE = 0.4  # frames with adsorbates and small molecules beside the library's
-LOW_TIP_SHARE = 0.2  # constant-height frames at bond-resolving heights, z 0.3-0.45 nm
-
-
-def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, mode: str | None = None,
-                  scenery: bool = False) -> Render:
-    """A random class (uniform), its tip (:func:`_class_tip`) and scene (:func:`_scene`), imaged
-    at constant height (z 0.45-0.8 nm; with ``scenery`` :data:`LOW_TIP_SHARE` at 0.3-0.45 nm)
-    or at constant current (setpoint 0.3-0.9 of the constant-height peak at that z); Z maps
-    become current-like with ``current_from_z``, as the TipMonitor does. A metal surface's
-    apparent height h multiplies the current by exp(2κh) (raises Z by h). 'unstable' uses a
-    random stable tip and a second render after a tip change. ``scenery=False`` (default, the
-    shipped checkpoint's recipe): library molecules on a NaCl-like film or none;
-    ``scenery=True``: the broadened recipe (``stm-live train --model tipstate --broad-recipe``)."""
-    from stm_live.interpret import current_from_z
-    from stm_live.simulators.imaging import constant_current_image, constant_height_image
-    from stm_live.simulators.orbitals import KAPPA_PER_NM
-
-    k = int(rng.integers(len(TIP_CLASSES)))
-    unstable = TIP_CLASSES[k] == "unstable"
-    tip = _class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))] if unstable else TIP_CLASSES[k], rng)
-    after = _class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))], rng) if unstable else None
-    if mode is None:
-        mode = "current" if rng.random() < CURRENT_SHARE else "height"
-    steps = scenery and mode == "current" and rng.random() < STEP_SHARE  # no tip crosses a step at constant height
-    place, frame, bias, sub, surface = _scene(rng, cfg, scenery=scenery, steps=steps)
-    low = scenery and mode == "height" and rng.random() < LOW_TIP_SHARE
-    z = float(rng.uniform(0.3, 0.45) if low else rng.uniform(0.45, 0.8))
-    h = 0.0 if surface is None else surface.apparent_height_nm(*frame.grid())
-
-    def image(t):
-        ch = constant_height_image(place, frame, t, z_nm=z, bias_V=bias, substrate=sub)
-        if mode == "height":
-            return ch * np.exp(2 * KAPPA_PER_NM * h)
-        setpoint = float(ch.max()) * float(rng.uniform(0.3, 0.9))
-        return current_from_z(constant_current_image(place, frame, t, setpoint_A=setpoint, bias_V=bias,
-                                                     substrate=sub) + h, unit="nm")
-
-    return Render(np.asarray(image(tip), np.float32), None if after is None else np.asarray(image(after), np.float32),
-                  k, float(tip.s_fraction), mode)
-
-
-# Half the training frames are re-sampled as coarser scans of the same area (pixel and line
-# spacing drawn independently up to this many nm): live frames come at whatever resolution the
-# operator chose, and a verification frame is often short and non-square.
-COARSE_SHARE, COARSEST_NM = 0.5, 0.15
-# A fifth of the others are finer scans (pixels and lines 0.02 nm up to the training pitch),
-# as real frames of molecules often are: the noise is drawn at the fine pitch, then resampled.
-FINE_SHARE, FINEST_NM = 0.2, 0.02
-# 60 % of training frames are partial (>= a quarter of the rows); half of those are windows
-# starting mid-frame, as the monitor judges the lines since a tip change or the latest lines.
-PARTIAL_SHARE, WINDOW_SHARE = 0.6, 0.5
-
-
-def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, partial: bool = True,
-           rows: int | None = None, middle: bool = False, flip: bool = False, coarse: bool | None = None
-           ) -> np.ndarray:
-    """Render -> (2, S, S) network input: optional random flips (labels are flip-invariant;
-    flips keep rows as scan lines), a coarser scan (``coarse``; None = :data:`COARSE_SHARE` of
-    frames; else :data:`FINE_SHARE` of frames a finer one), a partial frame (``rows`` of S scanned, from the top or the ``middle`` of the
-    frame; or with ``partial`` :data:`PARTIAL_SHARE` of frames cut to >= S/4 rows, some of them
-    windows from mid-frame), fresh noise and artifacts (:func:`_degrade`) at the scan's own
-    pixels, resampled back to the training pixel size as at inference (:func:`_prepare`)."""
-    from scipy import ndimage
-
-    img, other = r.image, r.other
-    if flip:
-        axes = tuple(a for a in (0, 1) if rng.random() < 0.5)
-        if axes:
-            img = np.flip(img, axes)
-            other = None if other is None else np.flip(other, axes)
-    line_nm = pixel_nm = cfg.pixel_size_nm
-    if coarse or (coarse is None and rng.random() < COARSE_SHARE):
-        line_nm, pixel_nm = rng.uniform(cfg.pixel_size_nm, COARSEST_NM, size=2)
-    elif coarse is None and rng.random() < FINE_SHARE:
-        line_nm, pixel_nm = rng.uniform(FINEST_NM, cfg.pixel_size_nm, size=2)
-    if (line_nm, pixel_nm) != (cfg.pixel_size_nm,) * 2:
-        zoom = (cfg.pixel_size_nm / line_nm, cfg.pixel_size_nm / pixel_nm)
-        img = ndimage.zoom(img, zoom, order=1)  # the tip samples points: linear interpolation
-        other = None if other is None else ndimage.zoom(other, zoom, order=1)
-    n, first = img.shape[0], 0
-    if rows is not None:
-        rows = max(3, round(rows * n / cfg.size))
-        first = (n - rows) // 2 if middle else 0
-    elif partial and rng.random() < PARTIAL_SHARE:
-        rows = int(rng.integers(max(3, n // 4), n + 1))
-        if rng.random() < WINDOW_SHARE:
-            first = int(rng.integers(0, n - rows + 1))
-    if first:  # a window from mid-frame: its first line cuts through the scene
-        img = img[first:first + rows]
-        other = None if other is None else other[first:first + rows]
-    img = _degrade(img, rng, TIP_CLASSES[r.label] == "unstable", other)
-    n = img.shape[0]
-    if rows is not None and rows < n:
-        img = img.copy()
-        img[rows:] = np.nan
-    return _fit(_prepare(img, pixel_nm, cfg, line_nm), cfg.size)
-
-
-def _fit(x: np.ndarray, size: int) -> np.ndarray:
-    """Crop or zero-pad (mask 0 = not scanned) a prepared (2, h, w) input to (2, size, size)."""
-    out = np.zeros((2, size, size), np.float32)
-    h, w = min(size, x.shape[1]), min(size, x.shape[2])
-    out[:, :h, :w] = x[:, :h, :w]
+def line_spectra(inputs, pixel_size_nm: float) -> np.ndarray:
+    """Fast-axis power spectra of prepared classifier inputs ((2, h, w): image, mask), (n, 12):
+    per scanned line minus its mean, Hann-windowed, |FFT|² averaged over lines, summed in
+    :data:`BANDS_PER_NM` (cycles/nm at ``pixel_size_nm``), log of each band's share."""
+    bands = np.asarray(BANDS_PER_NM)
+    out = np.zeros((len(inputs), len(bands) - 1))
+    for i, x in enumerate(inputs):
+        x = np.asarray(x)
+        mask = x[1] > 0.5
+        a = x[0][mask.any(axis=1)][:, mask.any(axis=0)].astype(np.float64)
+        a = a - a.mean(axis=1, keepdims=True)
+        power = (np.abs(np.fft.rfft(a * np.hanning(a.shape[1]), axis=1)) ** 2).mean(axis=0)
+        which = np.digitize(np.fft.rfftfreq(a.shape[1], d=pixel_size_nm), bands)
+        share = np.bincount(which, weights=power, minlength=len(bands) + 1)[1:len(bands)]
+        out[i] = np.log(share / (power[1:].sum() + 1e-30) + 1e-6)
     return out
 
 
-def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line: int | None = None,
-                  pixels: int = 64, lines: int = 64, width_nm: float = 7.0, height_nm: float | None = None,
-                  z_nm: float = 0.5, molecules: int = 3, noise: float = 1.0, bias_V: float = -0.5) -> np.ndarray:
-    """A simulator-like constant-height frame (current, A), as the simulated controller
-    renders its default scene: ``molecules`` random library molecules on NaCl-like substrate
-    (corrugation 0.05), white/pink noise and line offsets (0.03/0.02/0.01 of the image std,
-    times ``noise``). Lines are square with pixels unless ``height_nm`` is given. With
-    ``tip_after`` the tip changes at ``change_line`` (``artifacts.tip_change``). Tips are
-    TipStates or preset names.
-    """
-    from stm_live.simulators import artifacts as art
-    from stm_live.simulators.imaging import ScanFrame, Substrate, constant_height_image, scatter_molecules
-    from stm_live.simulators.orbitals import MOLECULE_NAMES
-    from stm_live.simulators.tip import tip_preset
-
-    def as_tip(t):
-        return tip_preset(t) if isinstance(t, str) else t
-
-    if height_nm is None:
-        height_nm = width_nm * lines / pixels
-    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=width_nm, height_nm=height_nm,
-                      pixels=pixels, lines=lines)
-    names = [MOLECULE_NAMES[k] for k in rng.integers(len(MOLECULE_NAMES), size=molecules)]
-    place = scatter_molecules(rng, names, lambda i: (0.32 * width_nm, 0.32 * height_nm))
-    sub = Substrate(corrugation=0.05)
-    img = constant_height_image(place, frame, as_tip(tip), z_nm=z_nm, bias_V=bias_V, substrate=sub)
-    if tip_after is not None:
-        after = constant_height_image(place, frame, as_tip(tip_after), z_nm=z_nm, bias_V=bias_V, substrate=sub)
-        img = art.tip_change(img, after, int(change_line))
-    sd = float(np.std(img)) * noise
-    if sd > 0:
-        img = art.white_noise(img, 0.03 * sd, rng)
-        img = art.pink_noise(img, 0.02 * sd, rng)
-        img = art.line_offsets(img, 0.01 * sd, rng)
-    return np.asarray(img, dtype=np.float32)
+def describe(features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
+    """What the Gaussians model: [sqrt(features), line spectra], (n, D + 12)."""
+    return np.hstack([np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0.0)),
+                      np.asarray(spectra, dtype=np.float64)])
 
 
-def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *,
-               partial: bool = True, rows: int | None = None, middle: bool = False, mode: str | None = None,
-               coarse: bool | None = None, scenery: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Fresh simulated batch: inputs (n, 2, S, S), labels (n,), s-fraction targets (n,).
+@dataclass(frozen=True)
+class DomainModel:
+    """Class-conditional Gaussians with one shared covariance over :func:`describe` of a
+    frame (a mean per class and source of frames: centre j belongs to class j mod the
+    number of classes). ``whiten`` W satisfies W Wᵀ = Σ⁻¹ and ``centres`` are the means
+    times W, so score = min_c |d W − centre_c|² = min_c Mahalanobis² to mean c.
 
-    Each sample is :func:`render_sample` then :func:`finish` (see those for the recipe).
-    """
-    xs = np.zeros((n, 2, cfg.size, cfg.size), np.float32)
-    ys = np.zeros(n, np.int64)
-    sf = np.zeros(n, np.float32)
-    for i in range(n):
-        r = render_sample(rng, cfg, mode=mode, scenery=scenery)
-        xs[i], ys[i], sf[i] = finish(r, rng, cfg, partial=partial, rows=rows, middle=middle, coarse=coarse), r.label, r.s_fraction
-    return xs, ys, sf
+    ``action_limits`` (one per class, NaN: none) bound the *class score*, the distance to the
+    verdict's own class, for a verdict a policy may act on (``tipdomain.action_limits``)."""
+
+    whiten: np.ndarray  # (D, D)
+    centres: np.ndarray  # (K, D)
+    threshold: float
+    classifier_sha256: str
+    meta: dict = field(default_factory=dict)
+    action_limits: np.ndarray | None = None  # (classes,)
+
+    def distances(self, features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distances to every centre, (n, K), for pooled features (n, F)
+        and :func:`line_spectra` (n, 12) of the same frames."""
+        g = describe(features, spectra) @ self.whiten.astype(np.float64)
+        c = self.centres.astype(np.float64)
+        return np.maximum((g * g).sum(1)[:, None] - 2 * g @ c.T + (c * c).sum(1)[None, :], 0.0)
+
+    def score(self, features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
+        """The domain score: squared Mahalanobis distance to the nearest class, (n,)."""
+        return self.distances(features, spectra).min(axis=1)
+
+    def score_inputs(self, features: np.ndarray, inputs, pixel_size_nm: float) -> np.ndarray:
+        """:meth:`score` of prepared inputs given their pooled features."""
+        return self.score(features, line_spectra(inputs, pixel_size_nm))
+
+    def judge(self, features: np.ndarray, inputs, pixel_size_nm: float, labels) -> tuple:
+        """``(score, class_score, action_limit)``, each (n,), of prepared inputs given their
+        pooled features and the class each is labelled: the domain score, the distance to
+        the labelled class (the nearer of its means), and that class's action limit (NaN
+        for statistics without limits)."""
+        d2 = self.distances(features, line_spectra(inputs, pixel_size_nm))
+        labels = np.asarray(labels, dtype=np.int64)
+        if self.action_limits is None:
+            nan = np.full(len(d2), np.nan)
+            return d2.min(axis=1), nan, nan
+        return (d2.min(axis=1), class_distance(d2, labels, len(self.action_limits)),
+                np.asarray(self.action_limits, np.float64)[labels])
+
+    def save(self, path: Path) -> Path:
+        """npz (no pickled objects) + ``<name>.sha256`` beside it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        extra = {} if self.action_limits is None else {"action_limits": np.asarray(self.action_limits, np.float64)}
+        np.savez(tmp, whiten=self.whiten.astype(np.float32), centres=self.centres.astype(np.float32),
+                 threshold=np.float64(self.threshold), classifier_sha256=np.str_(self.classifier_sha256),
+                 meta=np.str_(json.dumps(self.meta)), **extra)
+        tmp.replace(path)
+        write_hash(path)
+        return path
+
+
+def class_distance(d2: np.ndarray, labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """Distance to each frame's labelled class: the nearest of that class's means (one per
+    source of frames; centre j belongs to class j mod ``n_classes``), (n,)."""
+    own = (np.arange(d2.shape[1])[None, :] % n_classes) == np.asarray(labels, np.int64)[:, None]
+    return np.where(own, d2, np.inf).min(axis=1)
+
+
+def domain_path(classifier_path) -> Path:
+    """Where the domain statistics of a classifier checkpoint live: ``tipdomain.npz`` beside
+    the shipped weights, ``<stem>_domain.npz`` beside any other checkpoint."""
+    p = Path(classifier_path)
+    if p.resolve() == DEFAULT_WEIGHTS.resolve():
+        return WEIGHTS_DIR / "tipdomain.npz"
+    return p.with_name(p.stem + "_domain.npz")
+
+
+def load_domain(path, *, classifier=None, classifier_sha256: str | None = None) -> DomainModel:
+    """Domain statistics from ``path``, verified by their SHA-256 file and, when
+    ``classifier_sha256`` is given, checked to belong to that classifier checkpoint."""
+    path = Path(path)
+    other = classifier is not None and Path(classifier).resolve() != DEFAULT_WEIGHTS.resolve()
+    fix = "fit them with `stm-live train --model tipdomain" + (f" --weights {classifier}`" if other else "`")
+    verify(path, what="tip classifier domain statistics", fix=fix)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            whiten, centres = np.array(z["whiten"]), np.array(z["centres"])
+            threshold, owner = float(z["threshold"]), str(z["classifier_sha256"])
+            meta = json.loads(str(z["meta"]))
+            # statistics fitted before the action limits have none: their verdicts are acted on as before
+            limits = np.array(z["action_limits"]) if "action_limits" in z.files else None
+    except Exception as exc:
+        raise ValueError(f"tip classifier domain statistics {path}: unreadable ({exc})") from exc
+    d = whiten.shape[0]
+    if whiten.shape != (d, d) or centres.ndim != 2 or centres.shape[1] != d or not math.isfinite(threshold):
+        raise ValueError(f"tip classifier domain statistics {path}: field shapes whiten {whiten.shape}, "
+                         f"centres {centres.shape}, threshold {threshold} do not fit together")
+    if limits is not None and (limits.ndim != 1 or centres.shape[0] % max(len(limits), 1)):
+        raise ValueError(f"tip classifier domain statistics {path}: {limits.shape} action limits do not fit "
+                         f"{centres.shape[0]} class means")
+    if classifier_sha256 is not None and owner != classifier_sha256:
+        raise ValueError(f"tip classifier domain statistics {path} were fitted for the checkpoint with sha256 "
+                         f"{owner[:12]}..., not {classifier_sha256[:12]}... ({classifier}); {fix}")
+    return DomainModel(whiten, centres, threshold, owner, meta, limits)
 
 
 # --------------------------------------------------------------------------- inference
@@ -524,23 +393,17 @@ def _bucket(n: int, size: int) -> int:
     return max(size, -(-n // 32) * 32)
 
 
-def _pick_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class TipClassifier:
     """Inference wrapper: ``classify(image, pixel_size_nm) -> TipVerdict``."""
 
-    def __init__(self, net: TipNet, device: torch.device, domain=None):
+    def __init__(self, net: TipNet, device: torch.device, domain: DomainModel | None = None, *,
+                 info: dict | None = None):
         self.net = net.to(device).eval()
         self.device = device
         self.cfg = net.cfg
-        self.domain = domain  # tipdomain.DomainModel, or None: every frame counts as in domain
+        self.info = info or {}  # checkpoint metadata, with its sha256
+        self.domain = domain  # or None: every frame counts as in domain
         if domain is not None:
-            from stm_live.models.tipdomain import BANDS_PER_NM
-
             want = 2 * self.cfg.widths[-1] + len(BANDS_PER_NM) - 1
             if domain.whiten.shape[0] != want:
                 raise ValueError(f"tip classifier: domain statistics have {domain.whiten.shape[0]} dimensions, this "
@@ -600,7 +463,7 @@ class TipClassifier:
                       line_spacing_nm: float | None = None) -> list[TipVerdict]:
         """Verdicts on several images of one scan (e.g. the lines since a change and the
         latest few), in one pass through the network."""
-        x = [_prepare(im, pixel_size_nm, self.cfg, line_spacing_nm) for im in images]
+        x = [prepare(im, pixel_size_nm, self.cfg, line_spacing_nm) for im in images]
         if self.domain is None:
             probs, s = self.predict(x)
             scores = class_scores = limits = np.full(len(x), np.nan)
@@ -621,314 +484,23 @@ class TipClassifier:
                                        action_limit=float(limit)))
         return verdicts
 
-    @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device, domain=None) -> "TipClassifier":
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        cfg = json.loads(state["config"])
-        cfg = TipNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()})
-        net = TipNet(cfg)
-        net.load_state_dict(state["model"])
-        return cls(net, device, domain)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
 
 def load_tip_classifier(device: str | None = "auto", path=None, *, domain="auto") -> TipClassifier:
     """The tip classifier from ``path`` (default: shipped weights), verified by SHA-256, with
-    its domain model (:mod:`stm_live.models.tipdomain`), which turns frames outside what the
-    classifier knows into "unknown" verdicts.
+    its domain model (:class:`DomainModel`), which turns frames outside what the classifier
+    knows into "unknown" verdicts.
 
     The hash lives beside the checkpoint as ``<name>.sha256``. ``domain``: "auto" = the
-    statistics beside the checkpoint (``tipdomain.domain_path``), required; a path; or None
+    statistics beside the checkpoint (:func:`domain_path`), required; a path; or None
     for the bare network (training and evaluation only: every frame then counts as inside).
     Raises ``FileNotFoundError`` when a file is missing and ``ValueError`` when a hash does
     not match, a file is unreadable, or the domain statistics belong to another checkpoint.
     """
     p = Path(path) if path is not None else DEFAULT_WEIGHTS
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"tip classifier weights not found at {p}; train them with "
-            "`stm-live train --model tipstate`")
-    h = p.with_suffix(p.suffix + ".sha256")
-    if not h.is_file():
-        raise ValueError(f"tip classifier: hash file {h} is missing; cannot verify {p}")
-    want = h.read_text().split()[0].strip()
-    got = _sha256(p)
-    if got != want:
-        raise ValueError(f"tip classifier: checkpoint {p} is corrupt (sha256 {got[:12]}..., expected {want[:12]}...)")
+    net, info = load_checkpoint(p, _build, what="tip classifier weights",
+                                fix="train them with `stm-live train --model tipstate`")
     model = None
     if domain is not None:
-        from stm_live.models.tipdomain import domain_path, load_domain
-
         model = load_domain(domain_path(p) if domain == "auto" else Path(domain), classifier=p,
-                            classifier_sha256=got)
-    try:
-        return TipClassifier.from_checkpoint(p, _pick_device(device), model)
-    except Exception as exc:  # unreadable / wrong layout
-        raise ValueError(f"tip classifier: cannot load {p}: {exc}") from exc
-
-
-# --------------------------------------------------------------------------- training
-def _save(path: Path, net: TipNet, extra: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-             "config": json.dumps(asdict(net.cfg))}
-    state.update(extra)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    path.with_suffix(path.suffix + ".sha256").write_text(f"{_sha256(path)}  {path.name}\n")
-
-
-def build_bank(n: int, seed: int, cfg: TipNetConfig = TipNetConfig(), *, quiet: bool = False,
-               scenery: bool = False) -> list[Render]:
-    """``n`` renders from the training recipe (``scenery``: the broadened one), deterministic
-    in ``seed``. Rendering is the
-    costly part (constant current solves per pixel), so training renders once and draws fresh
-    noise, artifacts, flips and partial cuts from this bank at every step."""
-    rng = np.random.default_rng([seed, 10**9])
-    t0, bank = time.perf_counter(), []
-    for i in range(n):
-        bank.append(render_sample(rng, cfg, scenery=scenery))
-        if not quiet and ((i + 1) % 2000 == 0 or i + 1 == n):
-            print(f"rendered {i + 1}/{n} training frames ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return bank
-
-
-def train_main(steps: int = 6000, out=None, device: str = "auto", seed: int = 0, resume: bool = False,
-               batch: int = 32, lr: float = 2e-3, threads: int = 1, bank_size: int = 12000,
-               init: Path | None = None, broad_recipe: bool = False) -> Path:
-    """Train on a bank of simulated renders (:func:`build_bank`; ``broad_recipe``: the broadened
-    one) with fresh noise, artifacts, flips and partial cuts per step; checkpoints every 100
-    steps; writes the model card.
-    ``init``: warm start from a (hash-verified) classifier checkpoint of the same architecture;
-    the new checkpoint and card record the lineage (``init_sha256``, ``total_steps``)."""
-    if bank_size < 1:
-        raise ValueError(f"bank_size must be at least 1 rendered frame, got {bank_size}")
-    torch.set_num_threads(threads)  # shared machines: 1 thread by default
-    torch.manual_seed(seed)
-    out = Path(out) if out is not None else DEFAULT_WEIGHTS
-    dev = _pick_device(device)
-    cfg = TipNetConfig()
-    net = TipNet(cfg).to(dev)
-    lineage = {"total_steps": steps}
-    if init is not None:
-        parent = load_tip_classifier("cpu", init, domain=None)
-        if parent.cfg != cfg:
-            raise ValueError(f"--init: {init} has architecture {asdict(parent.cfg)}, not {asdict(cfg)}")
-        net.load_state_dict(parent.net.state_dict())
-        st = torch.load(init, map_location="cpu", weights_only=True)
-        parent_steps = int(st.get("total_steps", st.get("steps", 0)))
-        lineage = {"init_sha256": _sha256(Path(init)), "init_steps": parent_steps, "total_steps": parent_steps + steps}
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    start, wall_before = 0, 0.0
-    ckpt = out.with_suffix(".ckpt")
-    out.parent.mkdir(parents=True, exist_ok=True)  # the resume state is written there from step 100
-    if resume:
-        if not ckpt.is_file():
-            raise ValueError(f"--resume: no training state at {ckpt}; start without --resume")
-        st = torch.load(ckpt, map_location="cpu", weights_only=True)
-        if int(st["steps"]) != steps:
-            raise ValueError(f"--resume: saved run was for --steps {int(st['steps'])}, not {steps}")
-        net.load_state_dict(st["model"])
-        opt.load_state_dict(st["optim"])
-        sched.load_state_dict(st["sched"])
-        start, wall_before = int(st["step"]), float(st["wall_s"])
-        print(f"resumed from step {start}")
-    t0 = time.perf_counter()
-    bank = build_bank(min(bank_size, steps * batch), seed, cfg, scenery=broad_recipe)  # a short run draws fewer
-    run_acc, run_loss = 0.0, 0.0
-    for step in range(start, steps):
-        net.train()
-        rng = np.random.default_rng([seed, step])  # each step's batch depends on (seed, step) only
-        picks = rng.integers(len(bank), size=batch)
-        x = np.stack([finish(bank[i], rng, cfg, flip=True) for i in picks])
-        y = np.array([bank[i].label for i in picks], np.int64)
-        s = np.array([bank[i].s_fraction for i in picks], np.float32)
-        x, y, s = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev), torch.from_numpy(s).to(dev)
-        logits, s_hat = net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=0.02) + 2.0 * F.mse_loss(s_hat, s)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        run_loss = 0.95 * run_loss + 0.05 * loss.item() if step > start else loss.item()
-        acc = float((logits.argmax(1) == y).float().mean())
-        run_acc = 0.95 * run_acc + 0.05 * acc if step > start else acc
-        if (step + 1) % 100 == 0 or step + 1 == steps:
-            el = wall_before + time.perf_counter() - t0
-            print(f"step {step + 1}/{steps} loss {run_loss:.3f} acc {run_acc:.3f} ({el:.0f} s)", flush=True)
-            torch.save({"model": net.state_dict(), "optim": opt.state_dict(), "sched": sched.state_dict(),
-                        "step": step + 1, "steps": steps, "wall_s": el}, ckpt)
-    wall = wall_before + time.perf_counter() - t0
-    _save(out, net.cpu(), {"steps": steps, "seed": seed, **lineage})
-    ckpt.unlink(missing_ok=True)  # the resume state is not shipped
-    print(f"saved {out} ({out.stat().st_size / 1024:.0f} KiB) after {wall:.0f} s; its domain statistics are "
-          "fitted by `stm-live train --model tipdomain` (the classifier does not load without them)")
-    # the new weights have no domain statistics yet (`stm-live train --model tipdomain` fits them)
-    report = evaluate_report(load_tip_classifier("cpu", out, domain=None), samples=min(40, max(2, steps // 100)))
-    print(format_report(report))
-    # The card goes beside whichever checkpoint was written, shipped or not.
-    card = MODEL_CARD if out.resolve() == DEFAULT_WEIGHTS.resolve() else out.with_name(out.stem + "_MODEL_CARD.md")
-    _write_card(card, steps=steps, seed=seed, batch=batch, lr=lr, bank_size=len(bank), wall=wall,
-                threads=threads, device=str(dev), report=report, lineage=lineage, broad=broad_recipe)
-    return out
-
-
-# --------------------------------------------------------------------------- evaluation
-def evaluate(clf: TipClassifier, samples: int = 20, seed: int = 1234, *, partial: bool = False,
-             rows: int | None = None, middle: bool = False, mode: str | None = None, coarse: bool = False,
-             scenery: bool = False) -> dict:
-    """Fresh held-out simulated set (own seed, never a training stream): ``samples`` x 7
-    frames, classes drawn uniformly, at the training pixel size unless ``coarse`` (every frame
-    a coarser scan, :func:`finish`). Full frames unless ``partial`` (the training mix of
-    partial frames) or ``rows`` (every frame cut to that many of S rows, from the top or the
-    ``middle`` of the frame); ``scenery``: the broadened recipe (metal terraces, adsorbates,
-    small molecules) instead of the default one. Class metrics score the network's most probable class; with a
-    domain model, ``unknown_share`` is the share of these in-domain frames it calls unknown
-    (NaN without one)."""
-    rng = np.random.default_rng([seed, 10_000_019, rows or 0, len(mode or "")] + ([1] if scenery else []))
-    n = samples * len(TIP_CLASSES)
-    x, y, s = make_batch(n, rng, clf.cfg, partial=partial, rows=rows, middle=middle, mode=mode, coarse=coarse,
-                         scenery=scenery)
-    unknown = float("nan")
-    if getattr(clf, "domain", None) is None:
-        probs, s_hat = clf.predict(torch.from_numpy(x))
-    else:  # the seven classes are scored as before; the gate's "unknown" share on the side
-        probs, s_hat, feats = clf.predict(torch.from_numpy(x), features=True)
-        scores = clf.domain.score_inputs(feats.cpu().numpy(), x, clf.cfg.pixel_size_nm)
-        unknown = float(np.mean(~(scores <= clf.domain.threshold)))
-    pred = probs.argmax(1).cpu().numpy()
-    k = len(TIP_CLASSES)
-    conf = np.zeros((k, k), np.int64)
-    for t, p in zip(y, pred):
-        conf[t, p] += 1
-    good = np.array([TIP_CLASSES.index(c) for c in GOOD_CLASSES])
-    gb_true, gb_pred = np.isin(y, good), np.isin(pred, good)
-    f1 = []
-    for c in range(k):
-        tp, fp, fn = conf[c, c], conf[:, c].sum() - conf[c, c], conf[c, :].sum() - conf[c, c]
-        f1.append(2 * tp / max(2 * tp + fp + fn, 1))
-    return {"n": int(n), "accuracy": float((pred == y).mean()), "good_vs_bad": float((gb_true == gb_pred).mean()),
-            "macro_f1": float(np.mean(f1)), "per_class_f1": dict(zip(TIP_CLASSES, map(float, f1))),
-            "s_fraction_mae": float(np.abs(s_hat.cpu().numpy() - s).mean()), "confusion": conf.tolist(),
-            "unknown_share": unknown}
-
-
-def evaluate_report(clf: TipClassifier, samples: int = 40, seed: int = 1234) -> dict:
-    """The evaluation the card and benchmark print: full frames (headline; the recipe's mix of
-    constant height and current), each imaging mode alone, the same frames scanned coarser,
-    frames cut to fewer rows, and half frames from the middle (a window that starts mid-scene,
-    as the monitor judges the lines since a tip change)."""
-    size = clf.cfg.size
-    report = {"full frames": evaluate(clf, samples, seed),
-              "broadened recipe (metal terraces, adsorbates, small molecules)": evaluate(clf, samples, seed,
-                                                                                         scenery=True)}
-    for mode in ("height", "current"):
-        report[f"{mode} only"] = evaluate(clf, samples, seed, mode=mode)
-    report[f"coarser scans ({clf.cfg.pixel_size_nm}-{COARSEST_NM} nm)"] = evaluate(clf, samples, seed, coarse=True)
-    for rows in (size // 4, size // 2, 3 * size // 4):
-        report[f"first {rows}/{size} rows"] = evaluate(clf, samples, seed, rows=rows)
-    report[f"middle {size // 2}/{size} rows"] = evaluate(clf, samples, seed, rows=size // 2, middle=True)
-    return report
-
-
-def _format_metrics(m: dict) -> str:
-    lines = [f"n={m['n']}  accuracy {m['accuracy']:.3f}  good-vs-bad "
-             f"{m['good_vs_bad']:.3f}  macro-F1 {m['macro_f1']:.3f}  s-share MAE {m['s_fraction_mae']:.3f}",
-             "confusion (rows true, cols predicted):",
-             " " * 12 + " ".join(f"{c[:7]:>7}" for c in TIP_CLASSES)]
-    for c, row in zip(TIP_CLASSES, m["confusion"]):
-        lines.append(f"{c:>12}" + " ".join(f"{v:7d}" for v in row))
-    return "\n".join(lines)
-
-
-def report_table(report: dict) -> list[str]:
-    """Markdown rows: one per evaluation set of :func:`evaluate_report`."""
-    gated = any(np.isfinite(m.get("unknown_share", np.nan)) for m in report.values())
-    rows = ["| set | n | good-vs-bad | macro-F1 | accuracy | s-share MAE |" + (" called unknown |" if gated else ""),
-            "|---|---|---|---|---|---|" + ("---|" if gated else "")]
-    rows += [f"| {name} | {m['n']} | {m['good_vs_bad']:.3f} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} | "
-             f"{m['s_fraction_mae']:.3f} |" + (f" {m['unknown_share']:.3f} |" if gated else "")
-             for name, m in report.items()]
-    return rows
-
-
-def format_report(report: dict) -> str:
-    full = report["full frames"]
-    return "\n".join(["held-out simulated set, full frames: " + _format_metrics(full), "", *report_table(report)])
-
-
-def evaluate_main(device: str = "auto", samples: int = 40, seed: int = 1234) -> dict:
-    """`stm-live evaluate --model tipstate`: print metrics on held-out simulated sets."""
-    clf = load_tip_classifier(device)
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    report = evaluate_report(clf, samples=samples, seed=seed)
-    print(format_report(report))
-    return report
-
-
-def _write_card(card: Path, *, steps, seed, batch, lr, bank_size, wall, threads, device, report,
-                lineage: dict, broad: bool = False) -> None:
-    import platform
-
-    from stm_live.models.training import card_command
-
-    cfg = TipNetConfig()
-    full = report["full frames"]
-    card.write_text("\n".join([
-        "# Tip-state classifier (`tipstate.pt`)",
-        "",
-        f"CNN ({len(cfg.widths)} conv stages of widths {', '.join(map(str, cfg.widths))}, masked mean+max "
-        "pooling, class + s-share heads), "
-        f"{sum(p.numel() for p in TipNet().parameters()):,} parameters; classes {', '.join(TIP_CLASSES)}; "
-        f"good = {', '.join(GOOD_CLASSES)}.",
-        "",
-        f"- Command: `{card_command()}`",
-        *([f"- Warm start: from the checkpoint with sha256 `{lineage['init_sha256']}` ({lineage['init_steps']} "
-           f"steps; its card is in the project history), {lineage['total_steps']} steps in all"]
-          if "init_sha256" in lineage else []),
-        f"- Data recipe (`stm_live.models.tipstate.render_sample` + `finish`): {bank_size} simulated frames "
-        f"rendered once (`build_bank`), {cfg.size}x{cfg.size} px at {cfg.pixel_size_nm} nm/px: 1-3 random "
-        "library molecules (HOMO or LUMO side, the first near the centre, random rotation, none overlapping "
-        "another: `scatter_molecules`) on an optional NaCl-like substrate (corrugation 0-0.1)"
-        + ((f" or, in {METAL_SHARE:.0%} of frames, a Au(111) or Cu(111) terrace (broadened recipe, "
-            "`simulators.scenery`: herringbone ridges 0.01-0.025 nm on 80 % of Au frames, surface-state standing "
-            f"waves around every scatterer, and on {STEP_SHARE:.0%} of the metal constant-current frames 1-2 "
-            f"monatomic step edges); in {SMALL_THINGS_SHARE:.0%} of frames 1-4 adsorbates and small molecules "
-            "beside them (adatoms, polyenes, random closed-shell polyhexes of 1-4 rings); molecules, lattices, "
-            "tip tilts and second apexes at random angles to the scan lines (a rotated frame is inside); "
-            f"constant height z 0.45-0.8 nm ({LOW_TIP_SHARE:.0%} of them at bond-resolving heights 0.3-0.45 nm)")
-           if broad else "; constant height z 0.45-0.8 nm")
-        + " (2/3) or constant current "
-        "(1/3, setpoint 0.3-0.9 of the constant-height peak, Z map through `current_from_z`); per class a "
-        "tip preset with jitter (CO s share 5-22 %, 30 % of CO tips coherent; mixed s 32-60 %; tilt "
-        "15-35 deg or p imbalance 0.68-0.85; second apex 0.35-0.9 nm away at strength 0.4-1; blunt "
-        "width x0.8-1.6). Every step draws random flips, a coarser scan of the same area for "
-        f"{COARSE_SHARE:.0%} of frames (pixel and line spacing each {cfg.pixel_size_nm}-{COARSEST_NM} nm, "
-        "resampled back as at inference; "
-        f"{FINE_SHARE:.0%} of the others finer, {FINEST_NM}-{cfg.pixel_size_nm} nm), fresh white + per-line "
-        "noise, 'unstable' artifacts (mid-frame "
-        f"tip change, line jumps, streaks) and partial frames ({PARTIAL_SHARE:.0%}, >= a quarter of the rows; "
-        f"{WINDOW_SHARE:.0%} of them windows that start mid-frame).",
-        f"- Steps: {steps}, batch {batch}, AdamW lr {lr} one-cycle, seed {seed}",
-        f"- Wall time: {wall / 60:.1f} min (rendering the bank included) on {device}, "
-        f"{platform.machine()} {platform.processor() or ''}, {threads} torch thread(s), torch {torch.__version__}",
-        "",
-        "## Held-out metrics",
-        "",
-        "Fresh frames from the same recipe with their own seed (`stm-live evaluate --model tipstate`, "
-        f"{full['n'] // len(TIP_CLASSES)} per class, seed 1234). "
-        "Targets: good-vs-bad >= 0.99, macro-F1 >= 0.95 on full frames.",
-        "",
-        *report_table(report),
-        "",
-        "Per-class F1 (full frames): " + ", ".join(f"{k} {v:.2f}" for k, v in full["per_class_f1"].items()),
-        "",
-        "Limits: trained and scored on simulation only; a partial frame whose rows hold no molecule "
-        "carries little tip information, which the rows curve shows. Real-tip validation pending.",
-        "",
-    ]))
+                            classifier_sha256=info["sha256"])
+    return TipClassifier(net, resolve_device(device), model, info=info)

@@ -9,17 +9,15 @@ All physics comes from ``stm_live.simulators`` (one forward model for the whole 
   random CO-like tips (s share 0-0.6, p_x/p_y imbalance, a little p_z; 30 % coherent s-p_z,
   30 % tilted 5-25 deg), half the frames with a NaCl-like substrate pattern; constant height
   (2/3, current in A) or constant current (1/3, tip height z in nm, turned into a current-like
-  image with ``interpret.current_from_z(z, unit="nm")`` as users do with a Z channel);
+  image with ``vacuum.current_from_z(z, unit="nm")`` as users do with a Z channel);
   ``CLEAN_SHARE`` of the frames clean, the rest with white + 1/f + row-offset noise at a
   level drawn from ``TRAIN_NOISE`` (fraction of the input's peak-to-peak).
-  Inputs are normalised with ``stmnet.normalise`` (what the ``Reconstructor`` does);
+  Inputs are normalised with ``inputs.normalise`` (what the ``Reconstructor`` does);
   targets are the sampler's s-wave Σ|ψ|² at the same height, max 1.
 - validation during training: 32 frames of ``HELD_OUT_MOLECULES`` from the same sampler
   recipe with a fixed seed (monitoring only: nothing is selected on it).
-- evaluation cells (``eval_cells``/``make_eval_pairs``, used by ``stm-live evaluate``, the
-  benchmark and the tests): exact ``imaging.constant_height_image`` /
-  ``constant_current_image`` / ``s_wave_image`` renders with ``tip.TIP_PRESETS`` tips and
-  fixed seeds.
+- final evaluation, and ``stm-live evaluate`` (:func:`evaluate_main`): the evaluation
+  frames of ``metrics`` (``eval_cells``/``make_eval_pairs``).
 
 Each training step's batch depends only on ``(seed, step)`` (the sampler is reseeded per
 step), so ``--resume`` continues the same data stream, and worker processes can build the
@@ -30,32 +28,41 @@ On a GPU (``--device cuda``) pairs come from ``workers`` processes (a ``DataLoad
 and shared by fork), batches are ``GPU_BATCH`` crops of ``GPU_CROP`` px, the network runs
 under bf16 autocast with a fused AdamW, and ``minutes`` bounds the run by wall-clock time (the
 learning-rate cycle spans the budget). ``throughput`` measures both rates.
+
+Progress (a line per validation) goes to this module's logger at INFO; a command shows it
+with ``stm_live.models.console_progress()``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import platform
 import queue
-import shlex
-import sys
 import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
 
-from stm_live.interpret import STMNET_PIXEL_NM, current_from_z
-from stm_live.models.stmnet import (
-    DEFAULT_CHECKPOINT, STMNet, STMNetConfig, hash_path, normalise, resolve_device, sha256_of, sync_device,
+from stm_live.interpret import STMNET_PIXEL_NM
+from stm_live.models.checkpoint import card_command, hash_path, resolve_device, save_checkpoint
+from stm_live.models.inputs import normalise
+from stm_live.models.metrics import (
+    cube_quality, latency_by_views, latency_ms, minmax, quality_tables, ssim_torch,
 )
+from stm_live.models.stmnet import DEFAULT_CHECKPOINT, STMNet, STMNetConfig, load_stmnet, sync_device
 from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES, PairBatch, PairSampler
+from stm_live.simulators.vacuum import current_from_z
+
+logger = logging.getLogger(__name__)
 
 TRAIN_PIXEL_SIZE_NM = STMNET_PIXEL_NM  # one number: STM-Net's scope (interpret.py) is set around it
 ORBITAL_LABELS = ("HOMO-2", "HOMO-1", "HOMO", "LUMO", "LUMO+1", "LUMO+2")
@@ -104,113 +111,9 @@ def sample_batch(sampler: PairSampler, seed_seq, n: int) -> tuple[np.ndarray, np
     return np.stack(inputs), np.stack(targets)
 
 
-# --------------------------------------------------------------------------- evaluation cells
-EVAL_TIPS = ("co", "co_s40", "coherent_co", "tilted_co")
-
-
-def eval_tip(name: str):
-    """A ``tip.TIP_PRESETS`` tip, or ``co_s40`` (the CO preset with a 40 % s share)."""
-    from stm_live.simulators.tip import TipState, tip_preset
-
-    if name == "co_s40":
-        return TipState(0.4, 0.3, 0.3, 0.0, name="co_s40")
-    return tip_preset(name)
-
-
-def eval_cells(split: str) -> list[dict]:
-    """Fixed (molecule, orbital, tip, mode) cells for ``stm-live evaluate`` and the benchmark."""
-    if split == "held-out":
-        mols, tips = HELD_OUT_MOLECULES, EVAL_TIPS
-    elif split == "in-distribution":
-        mols, tips = ("naphthalene", "pyrene", "h2pc", "ptcda"), ("co", "tilted_co")
-    else:
-        raise ValueError(f"split must be 'in-distribution' or 'held-out', got {split!r}")
-    cells = [{"molecule": m, "orbital": o, "tip": t, "mode": "height"}
-             for m in mols for o in ("HOMO", "LUMO") for t in tips]
-    cells += [{"molecule": m, "orbital": "HOMO", "tip": "co", "mode": "current"} for m in mols]
-    return cells
-
-
-def cube_cells(paths, *, mo: int = 0, vacuum_from_nm: float | None = None) -> list[dict]:
-    """Evaluation cells for orbitals read from cube files (e.g. DFT): each cube under every
-    evaluation tip, at constant height (a cube's ψ has its own arbitrary scale, so the
-    substrate a constant-current image needs has no meaningful weight beside it).
-    ``vacuum_from_nm``: where the cube is continued into vacuum (``io.cube``; None = its
-    default, 0 = sample the cube as it is)."""
-    from stm_live.io.cube import VACUUM_FROM_NM
-
-    vacuum = VACUUM_FROM_NM if vacuum_from_nm is None else float(vacuum_from_nm)
-    cells = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"cube file {path} does not exist")
-        cells += [{"molecule": path.name, "orbital": f"MO {mo}", "tip": t, "mode": "height", "cube": str(path),
-                   "mo": mo, "vacuum_from_nm": vacuum} for t in EVAL_TIPS]
-    return cells
-
-
-@lru_cache(maxsize=1)  # cube_cells lists a cube's cells together; a continued orbital holds ~100 MB
-def _cube_orbital(path: str, mo: int, vacuum_from_nm: float):
-    from stm_live.io.cube import CubeOrbital, read_cube
-
-    return CubeOrbital(read_cube(path), mo=mo, vacuum_from_nm=vacuum_from_nm or None)
-
-
-def _eval_placement(cell: dict, x_nm: float, y_nm: float, rotation_deg: float):
-    """The cell's molecule (library name, or a cube file's orbital) placed in the frame."""
-    from stm_live.simulators.imaging import CubePlacement, Placement
-
-    if "cube" in cell:
-        return CubePlacement(_cube_orbital(cell["cube"], cell["mo"], cell["vacuum_from_nm"]), x_nm, y_nm, rotation_deg)
-    return Placement(cell["molecule"], x_nm, y_nm, rotation_deg, cell["orbital"])
-
-
-def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
-                    pixel_size_nm: float = TRAIN_PIXEL_SIZE_NM, noise: float = 0.0):
-    """``n`` frames of one cell rendered with ``simulators.imaging``: one molecule near the
-    centre, random rotation, z 0.3-0.5 nm. Returns normalised inputs and max-1 targets.
-
-    ``noise``: constant height: white noise sigma = noise x the image's 99.5th percentile;
-    constant current: height noise sigma = noise x 0.02 nm on the Z map (then ``current_from_z``).
-    """
-    from stm_live.simulators.imaging import (
-        ScanFrame, Substrate, constant_current_image, constant_height_image, s_wave_image,
-    )
-
-    key = sum(ord(ch) for ch in "|".join(str(v) for v in cell.values()))
-    rng = np.random.default_rng([seed, key, int(noise * 1000)])
-    tip = eval_tip(cell["tip"])
-    bias = -1.0 if cell["orbital"].startswith("HOMO") else 1.0
-    fov = size * pixel_size_nm
-    frame = ScanFrame(0.0, 0.0, fov, fov, pixels=size, lines=size)
-    ins, tgs = [], []
-    for _ in range(n):
-        place = [_eval_placement(cell, float(rng.uniform(-0.05, 0.05) * fov), float(rng.uniform(-0.05, 0.05) * fov),
-                                 float(rng.uniform(0, 360)))]
-        z = float(rng.uniform(0.3, 0.5))
-        target = s_wave_image(place, frame, z_nm=z, bias_V=bias).astype(np.float64)
-        if cell["mode"] == "current":
-            peak = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias, substrate=Substrate()).max()
-            z_map = constant_current_image(place, frame, tip, setpoint_A=float(peak) * rng.uniform(0.3, 0.9),
-                                           bias_V=bias).astype(np.float64)
-            if noise:
-                z_map = z_map + rng.normal(0, noise * 0.02, z_map.shape)
-            image = current_from_z(z_map, unit="nm")
-        else:
-            image = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias).astype(np.float64)
-            if noise:
-                image = image + rng.normal(0, noise * np.percentile(image, 99.5), image.shape)
-        ins.append(normalise(np.asarray(image, dtype=np.float32)))
-        tgs.append((target / max(float(target.max()), 1e-30)).astype(np.float32))
-    return np.stack(ins), np.stack(tgs)
-
-
 # --------------------------------------------------------------------------- the loop
 def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """L1 + (1 - SSIM) on max-normalised targets."""
-    from stm_live.models.metrics import ssim_torch
-
     return (pred - target).abs().mean() + 0.5 * (1 - ssim_torch(pred, target)).mean()
 
 
@@ -260,8 +163,6 @@ class _WorkerBatches:
     processes; ``pin``: in page-locked memory, for asynchronous copies to the GPU."""
 
     def __init__(self, seed: int, start: int, stop: int | None, batch: int, crop: int, workers: int, pin: bool):
-        from torch.utils.data import DataLoader
-
         sampler = make_sampler(size=crop, seed=seed)
         if workers > 1:  # fill the field cache once, before the fork, rather than once per worker
             sampler.warm_up()
@@ -372,8 +273,6 @@ def throughput(configs: dict[str, STMNetConfig], *, device: str = "auto", batch:
 
 
 def _validate_net(net: STMNet, device, val) -> tuple[float, float]:
-    from stm_live.models.metrics import minmax, ssim_torch
-
     net.eval()
     with torch.inference_mode():
         x = torch.from_numpy(val[0])[:, None].to(device)
@@ -403,8 +302,6 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
     ``batch``, ``crop``: default 12 x 64 px on CPU, ``GPU_BATCH`` x ``GPU_CROP`` on CUDA;
     ``workers``: data processes (``default_workers``).
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     if steps is None and minutes is None:
         raise ValueError("give a number of steps or a time budget (minutes)")
     if steps is not None and steps < 1:
@@ -426,14 +323,12 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
     torch.manual_seed(seed)
     parent_steps, init_sha = 0, None
     if init is not None:
-        from stm_live.models.stmnet import load_stmnet
-
         parent = load_stmnet(device="cpu", path=init)
         if config is not None and config != parent.net.config:
             raise ValueError(f"--init: {init} has architecture {asdict(parent.net.config)}, not {asdict(config)}")
         net = parent.net.train().to(dev)
         parent_steps = int(parent.info.get("total_steps", parent.info.get("steps", 0)))
-        init_sha = sha256_of(Path(init))
+        init_sha = parent.info["sha256"]
     else:
         net = STMNet(config or STMNetConfig()).to(dev)
     opt = _optimizer(net, lr, dev)
@@ -483,9 +378,7 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
         fold_losses()
         p, s = _validate_net(net, dev, val)
         history.append((done, loss_ema, p, s))
-        progress.console.print(f"step {done}: loss {loss_ema:.4f}, val PSNR {p:.2f} dB, SSIM {s:.4f}, "
-                               f"{elapsed():.0f} s")
-        sys.stdout.flush()
+        logger.info("step %d: loss %.4f, val PSNR %.2f dB, SSIM %.4f, %.0f s", done, loss_ema, p, s, elapsed())
 
     timed = budget_s is not None
     progress = Progress(TextColumn("[bold]STM-Net"), BarColumn(),
@@ -538,23 +431,17 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
     lineage = ({"init_sha256": init_sha, "init_steps": parent_steps, "total_steps": parent_steps + done}
                if init_sha else {"total_steps": done})
     net.eval()
-    torch.save(net.cpu().checkpoint(pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=done, seed=seed, **lineage), out)
-    digest = sha256_of(out)
-    hash_path(out).write_text(f"{digest}  {out.name}\n")
+    digest = save_checkpoint(out, net.cpu(), asdict(net.config), pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=done,
+                             seed=seed, **lineage)
     summary = {"steps": done, **lineage, "wall_s": wall, "data_wait_s": wait_s, "history": history, "sha256": digest,
                "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""),
                "params": sum(p.numel() for p in net.parameters()), "config": asdict(net.config),
                "minutes": minutes, "workers": workers, "bf16": cuda, "pairs_per_s": done * batch / max(wall, 1e-9)}
     # final metrics with the Reconstructor exactly as users run it
-    from stm_live.models.metrics import quality_tables
-    from stm_live.models.stmnet import load_stmnet
-
     rec = load_stmnet(device=dev.type, path=out)
     if final_eval_samples is None:  # frames per cell: 4 for a real run, 1 for a smoke run
         final_eval_samples = min(4, max(1, done // 2500))
     summary["quality"] = quality_tables(rec, samples=final_eval_samples, seed=1234, noise_levels=(0.0, 0.05, 0.1))
-    from stm_live.models.metrics import latency_ms
-
     summary["latency_ms"] = {size: latency_ms(rec, size) for size in (128, 256, 512)}
     summary["symmetry_views"] = rec.views
     summary["inference"] = f"{rec.acceleration.precision}, {'fast path' if rec.acceleration.fast else 'reference path'}"
@@ -564,18 +451,18 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
     return summary
 
 
-def card_command() -> str:
-    """The training command as a model card records it: this process's command line, without
-    ``--out`` (a candidate path is machine-specific: the card names the default location)."""
-    argv = sys.argv[:]
-    if not argv:
-        return "?"
-    if argv[0].endswith("stm-live") or argv[0].endswith("cli.py"):
-        argv[0] = "stm-live"
-    if "--out" in argv[:-1]:
-        i = argv.index("--out")
-        del argv[i: i + 2]
-    return " ".join(shlex.quote(a) for a in ([os.path.basename(argv[0])] + argv[1:]))
+def evaluate_main(device: str = "auto", samples: int = 8, seed: int = 1234, cubes=(), cube_mo: int = 0,
+                  vacuum_from_nm: float | None = None) -> dict:
+    """``stm-live evaluate --model stmnet``: quality tables, noise curve and latency by symmetry
+    views (``result["latency"]``) of the shipped checkpoint; with ``cubes``, the quality table on
+    those cube files' orbitals instead. The command prints ``metrics.format_quality(result)``
+    and, when there, ``metrics.format_latency(result["latency"])``."""
+    rec = load_stmnet(device=device)
+    if cubes:
+        return cube_quality(rec, cubes, samples=samples, seed=seed, mo=cube_mo, vacuum_from_nm=vacuum_from_nm)
+    result = quality_tables(rec, samples=samples, seed=seed)
+    result["latency"] = latency_by_views(rec)
+    return result
 
 
 def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
@@ -584,7 +471,8 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
     lines = [
         "# STM-Net model card",
         "",
-        f"- file: `{out.name}` ({out.stat().st_size / 1e6:.2f} MB), sha256 `{s['sha256']}` (also in `{hash_path(out).name}`)",
+        f"- file: `{out.name}` ({out.stat().st_size / 1e6:.2f} MB), sha256 `{s['sha256']}` "
+        f"(also in `{hash_path(out).name}`)",
         f"- architecture: U-Net `{s['config']}`, {s['params']:,} parameters, "
         "GroupNorm/ReLU, max-pool encoder, bilinear decoder, softplus(residual) output",
         f"- trained with: `{command}`",
@@ -614,7 +502,7 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         "frames; constant height (2/3) and constant current (1/3, Z map in nm converted with "
         "`current_from_z(z, unit=\"nm\")`); 30 % clean, the rest white + 1/f + row-offset noise at "
         f"{TRAIN_NOISE[0]:g}-{TRAIN_NOISE[1]:g} of the input's peak-to-peak. Inputs normalised with "
-        "`stmnet.normalise`; targets: s-wave sum |psi|^2 at the same height, max 1.",
+        "`inputs.normalise`; targets: s-wave sum |psi|^2 at the same height, max 1.",
         "",
         f"**Held-out molecules (never used in training): {', '.join(HELD_OUT_MOLECULES)}.**",
         "",
@@ -629,7 +517,8 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
     rec_views = s["symmetry_views"]
     lines += ["", f"## Final metrics (clean inputs, min-max normalised, SSIM Gaussian 11/1.5; output averaged over "
               f"{rec_views} symmetry views, `stmnet.SYMMETRY_VIEWS`)", "",
-              "| set | n | STM-Net PSNR | STM-Net SSIM | identity PSNR | identity SSIM | classical PSNR | classical SSIM |",
+              "| set | n | STM-Net PSNR | STM-Net SSIM | identity PSNR | identity SSIM | classical PSNR "
+              "| classical SSIM |",
               "|---|---|---|---|---|---|---|---|"]
     for split, r in q["summary"].items():
         lines.append(f"| {split} | {r['stmnet'][2]} | {r['stmnet'][0]:.2f} | {r['stmnet'][1]:.4f} | "
@@ -641,7 +530,7 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
     for level, r in q["noise_curve"]:
         lines.append(f"| {level:.2f} | " + " | ".join(f"{r[k][0]:.2f} / {r[k][1]:.4f}"
                                                       for k in ("stmnet", "identity", "classical")) + " |")
-    lines += ["", "Evaluation frames: `training.make_eval_pairs` (exact `simulators.imaging` renders, "
+    lines += ["", "Evaluation frames: `metrics.make_eval_pairs` (exact `simulators.imaging` renders, "
               "`tip.TIP_PRESETS` tips co / coherent_co / tilted_co plus co with s = 0.4, one molecule, "
               "z 0.3-0.5 nm, 96x96 px, fixed seeds).", ""]
     if s.get("latency_ms"):

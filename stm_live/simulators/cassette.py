@@ -50,6 +50,7 @@ from typing import Any, Callable
 import msgpack
 
 from stm_live.devices import protocol as P
+from stm_live.simulators.server import start_server_thread
 
 __all__ = ["CassetteError", "Cassette", "Pair", "Recording", "RecordingWriter", "REDACTED_FIELDS",
            "read_recording", "redact", "replay_test", "FORMAT_VERSION", "MAGIC"]
@@ -451,8 +452,6 @@ def replay_test(path: str | os.PathLike, client: Callable[[str, int], Any], *, e
     (default) each by a recorded reply to the same bytes, as when the client replays the
     recorded session; otherwise by a reply of the same command. ``server_options`` go to
     ``start_server_thread`` (``faults=``, for one)."""
-    from stm_live.simulators.server import start_server_thread
-
     cassette = Cassette(path)
     server_options.setdefault("nanonis_release", cassette.release)
     with start_server_thread(cassette=cassette, **server_options) as srv:

@@ -40,10 +40,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from stm_live.io.spectroscopy import split_unit
+from stm_live.io.sxm import scan_from_frames, write_sxm
+from stm_live.simulators.modules import (
+    MOTOR_AMPLITUDE_V,
+    Z_GAIN,
+    Z_TOP_M,
+    ControllerError,
+    ModuleState,
+    drift_offset,
+    experiment_tick,
+)
 from stm_live.simulators.renderer import (
     BIAS_INDEX,
     CURRENT_INDEX,
@@ -57,11 +69,13 @@ from stm_live.simulators.renderer import (
     RenderSettings,
     lockin_outputs,
 )
+from stm_live.simulators.replay import open_replay
 from stm_live.simulators.scenario import (
     TIP_HAZARDS,
     Scenario,
     load_scenario,
 )
+from stm_live.simulators.tip import tip_preset
 from stm_live.validation import finite
 
 __all__ = [
@@ -71,7 +85,6 @@ __all__ = [
     "X_INDEX",
     "Y_INDEX",
     "Z_INDEX",
-    "ControllerError",
     "LineEventInfo",
     "SimulatedController",
 ]
@@ -114,17 +127,12 @@ DEFAULT_RECONDITION = {
     "shaper": {"repair": 0.6, "co": 0.1, "blunt": 0.05},
     "poke": {"co": 0.5, "s": 0.25, "blunt": 0.2},
 }
-Z_TOP_M = 200e-9  # top of the simulated piezo range (withdrawn)
 WITHDRAW_TIME_S = 0.05
 MOTOR_STEP_M = 100e-9  # one coarse step at the default amplitude
 MAX_PIXELS = 2048
 MAX_LINES = 2048
 MAX_BUFFER_BYTES = 256 << 20  # all channels, both directions
 RENDER_AHEAD_S = 1.0  # background rendering keeps the rows of the next second of scan ready
-
-
-class ControllerError(ValueError):
-    """A command the controller refuses; its text goes into the reply's error section."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +177,6 @@ class SimulatedController:
         self._render_pool: ThreadPoolExecutor | None = None  # see render_in_background
 
         if replay is not None:
-            from stm_live.simulators.replay import open_replay
-
             self.replay = open_replay(replay)
             self.scenario = load_scenario(scenario) if scenario is not None else Scenario(name="replay")
         else:
@@ -205,16 +211,12 @@ class SimulatedController:
             "lift_time_1": 0.1, "bias_lift": 2.0, "bias_settling_time": 0.05, "lift_height": 1.0e-9,
             "lift_time_2": 0.1, "end_wait_time": 0.05, "restore_feedback": 1}
         self.motor_position = [0.0, 0.0, 0.0]
-        from stm_live.simulators.modules import ModuleState
-
         self.modules = ModuleState()  # the other modules' settings (simulators/modules.py)
 
         if self.replay is not None:
             self.replay.configure(self)
 
         # Tip
-        from stm_live.simulators.tip import tip_preset
-
         self._tip_preset = tip_preset
         self.tip_name = sc.tip
         self.tip = tip_preset(sc.tip)
@@ -373,8 +375,6 @@ class SimulatedController:
         """Where the piezo origin sits on the sample (m): the coarse motor's X/Y plus the
         drift compensation's accumulated displacement (Piezo.DriftCompSet), so motor moves
         reach another area and compensation moves the image."""
-        from stm_live.simulators.modules import drift_offset
-
         dx, dy, _ = drift_offset(self.modules, self.sim_time_s)
         return (self.motor_position[0] + dx, self.motor_position[1] + dy)
 
@@ -403,8 +403,6 @@ class SimulatedController:
         constant is T/P = 1/I, and the default gains' (1 ms, about a pixel at the default
         speed) is in every image already (renderer._feedback). Faster gains track as the
         default ones do (the loop's ringing is not simulated)."""
-        from stm_live.simulators.modules import Z_GAIN
-
         p, t = self.modules.z_gain
         tau = t / p if p > 0 else math.inf
         return max(0.0, tau - Z_GAIN[1] / Z_GAIN[0])
@@ -470,7 +468,8 @@ class SimulatedController:
     # ------------------------------------------------------------------ scan settings
 
     def frame_set(self, cx, cy, w, h, angle) -> None:
-        vals = [_finite(v, n) for v, n in zip((cx, cy, w, h, angle), ("centre X", "centre Y", "width", "height", "angle"))]
+        vals = [_finite(v, n) for v, n in zip((cx, cy, w, h, angle),
+                                               ("centre X", "centre Y", "width", "height", "angle"))]
         if vals[2] <= 0 or vals[3] <= 0 or vals[2] > 1e-5 or vals[3] > 1e-5:
             raise ControllerError(f"frame size {vals[2]} x {vals[3]} m must be in (0, 10 um]")
         with self._lock:
@@ -635,8 +634,6 @@ class SimulatedController:
         """
         with self._lock:
             if self.modules.experiment is not None:
-                from stm_live.simulators.modules import experiment_tick
-
                 experiment_tick(self, self.modules)
             if self._state != "scanning":
                 return 0
@@ -708,10 +705,6 @@ class SimulatedController:
 
     def save(self):
         """Write the current buffer as .sxm into ``save_dir``; returns the path."""
-        from pathlib import Path
-
-        from stm_live.io.sxm import scan_from_frames, write_sxm
-
         with self._lock:
             if self.save_dir is None:
                 raise ControllerError("no save folder configured for the simulator")
@@ -720,7 +713,7 @@ class SimulatedController:
             g = self._scan
             channels, units, idx = {}, {}, {}
             for c, (fw, bw) in self._buffers.items():
-                name, unit = _split_name(self.signal_names[c])
+                name, unit = split_unit(self.signal_names[c])
                 channels[name] = {"forward": fw.copy(), "backward": bw[:, ::-1].copy()}
                 units[name], idx[name] = unit, c
             cx, cy, w, h, ang = g["frame"]
@@ -735,8 +728,6 @@ class SimulatedController:
     def next_save_path(self, base: str, suffix: str):
         """Nanonis naming: ``<base>NNN<suffix>`` in the session folder, a 3-digit counter per
         base and suffix from 001 that never overwrites a file already there."""
-        from pathlib import Path
-
         if self.save_dir is None:
             raise ControllerError("no save folder configured for the simulator")
         folder = Path(self.save_dir)
@@ -884,8 +875,6 @@ class SimulatedController:
 
     def motor_step_m(self, axis: int) -> float:
         """One coarse step along ``axis`` (0 X, 1 Y, 2 Z) at its present amplitude (m)."""
-        from stm_live.simulators.modules import MOTOR_AMPLITUDE_V
-
         return MOTOR_STEP_M * self.modules.motor_freq_amp[axis + 1][1] / MOTOR_AMPLITUDE_V
 
     # ------------------------------------------------------------------ tip
@@ -996,14 +985,6 @@ class SimulatedController:
                 self.z_ctrl_on = False
             return sum(max(0.0, p[k]) for k in ("switch_off_delay", "lift_time_1", "bias_settling_time",
                                                  "lift_time_2", "end_wait_time"))
-
-
-def _split_name(signal: str) -> tuple[str, str]:
-    """"Current (A)" -> ("Current", "A")."""
-    if signal.endswith(")") and " (" in signal:
-        name, unit = signal[:-1].rsplit(" (", 1)
-        return name, unit
-    return signal, ""
 
 
 def _finite(value, what: str) -> float:

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from stm_live.simulators.orbitals import KAPPA_PER_NM, OrbitalLevel, molecule, orbital_fields, orbital_level
-from stm_live.simulators.tip import TipState, tip_preset, tip_signal
+from stm_live.simulators.orbitals import OrbitalLevel, molecule, orbital_fields, orbital_level
+from stm_live.simulators.tip import TipState, as_tip, tip_signal
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 CURRENT_SCALE_A_PER_V = 2.2e-7
 # substrate background signal at z = 0 (dimensionless, same units as the tip signal)
@@ -114,7 +115,7 @@ class Placement:
 
 @dataclass(frozen=True)
 class CubePlacement:
-    """An orbital from a cube file (``io.cube.CubeOrbital``, e.g. from DFT) at (x, y) nm,
+    """An orbital from a cube file (``orbitals.CubeOrbital``, e.g. from DFT) at (x, y) nm,
     rotated counter-clockwise; it is imaged whatever the bias sign, as the one orbital given.
     ``amplitude`` multiplies ψ (cube values have their own units; see :func:`cube_amplitude`)."""
 
@@ -196,7 +197,8 @@ def orbital_for_bias(bias_V: float) -> str:
     return "HOMO" if bias_V < 0 else "LUMO"
 
 
-def _check_placements(placements) -> list[Placement]:
+def check_placements(placements) -> list[Placement]:
+    """``placements`` (one, or an iterable of them) as a non-empty list; ValueError otherwise."""
     if isinstance(placements, (Placement, CubePlacement)):
         return [placements]
     items = list(placements)
@@ -208,16 +210,8 @@ def _check_placements(placements) -> list[Placement]:
     return items
 
 
-def _as_tip(tip) -> TipState:
-    """A TipState, or a preset name for convenience."""
-    if isinstance(tip, str):
-        return tip_preset(tip)
-    if not isinstance(tip, TipState):
-        raise ValueError(f"tip must be a TipState or a preset name, got {type(tip).__name__}")
-    return tip
-
-
-def _check_height(z_nm) -> None:
+def check_height(z_nm) -> None:
+    """ValueError unless every height in ``z_nm`` is finite and positive."""
     if not np.all(np.isfinite(z_nm)) or np.any(np.asarray(z_nm) <= 0):
         raise ValueError(f"z_nm must be a positive height in nm, got {z_nm}")
 
@@ -255,9 +249,9 @@ def _blur(image: np.ndarray, frame: ScanFrame, tip: TipState) -> np.ndarray:
 def signal_image(placements, frame: ScanFrame, tip: TipState, *, z_nm, bias_V: float,
                  substrate: Substrate | None = None) -> np.ndarray:
     """Dimensionless tunnelling signal S (float64) at height z_nm (scalar or per pixel)."""
-    items = _check_placements(placements)
-    _check_height(z_nm)
-    tip = _as_tip(tip)
+    items = check_placements(placements)
+    check_height(z_nm)
+    tip = as_tip(tip)
     x, y = frame.grid()
     total = _scene_signal(items, x, y, z_nm, tip, bias_V)
     if substrate is not None:
@@ -289,8 +283,8 @@ def constant_current_image(placements, frame: ScanFrame, tip: TipState, *, setpo
     orbital_for_bias(bias_V)
     if not math.isfinite(setpoint_A) or setpoint_A <= 0:
         raise ValueError(f"setpoint_A must be a positive current in A, got {setpoint_A}")
-    items = _check_placements(placements)
-    tip = _as_tip(tip)
+    items = check_placements(placements)
+    tip = as_tip(tip)
     substrate = substrate or Substrate()
     scale = CURRENT_SCALE_A_PER_V * abs(bias_V)
     target = math.log(setpoint_A)
@@ -342,18 +336,3 @@ def cube_amplitude(orbital) -> float:
         raise ValueError(f"the cube orbital is zero {CALIBRATION_HEIGHT_NM} nm above its plane: it cannot be scaled "
                          "(does the cube reach that height, or continue it into vacuum?)")
     return math.sqrt(reference / own)
-
-
-def current_from_height(z_nm, *, current_ref_A: float = 1e-10, z_ref_nm: float = 0.0,
-                        kappa_per_nm: float = KAPPA_PER_NM) -> np.ndarray:
-    """I = I_ref · exp(−2κ (z − z_ref)): Tersoff–Hamann vacuum decay of the current."""
-    return current_ref_A * np.exp(-2 * kappa_per_nm * (np.asarray(z_nm, dtype=float) - z_ref_nm))
-
-
-def height_from_current(current_A, *, current_ref_A: float = 1e-10, z_ref_nm: float = 0.0,
-                        kappa_per_nm: float = KAPPA_PER_NM) -> np.ndarray:
-    """Inverse of ``current_from_height``: z = z_ref − ln(I / I_ref) / (2κ)."""
-    current = np.asarray(current_A, dtype=float)
-    if np.any(current <= 0):
-        raise ValueError("current_A must be positive to convert to a height")
-    return z_ref_nm - np.log(current / current_ref_A) / (2 * kappa_per_nm)

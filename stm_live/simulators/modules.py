@@ -21,27 +21,45 @@ may read and write controller attributes directly. Values out of range raise
 
 from __future__ import annotations
 
+import ast
 import copy
 import datetime as dt
 import logging
 import math
-import time
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from stm_live.simulators.controller import Z_TOP_M, ControllerError, _split_name
-from stm_live.simulators.renderer import (BIAS_INDEX, CURRENT_INDEX, LI_X_INDEX, LI_Y_INDEX, X_INDEX, Y_INDEX,
-                                          Z_INDEX, lockin_outputs, submit_or_run)
+from stm_live.io.spectroscopy import SpectroscopyFileError, make_grid, make_spectrum, split_unit, write_3ds, write_dat
+from stm_live.io.sxm import nanonis_float
+from stm_live.simulators import artifacts
+from stm_live.simulators.imaging import ScanFrame
+from stm_live.simulators.renderer import (
+    BIAS_INDEX,
+    CURRENT_INDEX,
+    LI_X_INDEX,
+    LI_Y_INDEX,
+    X_INDEX,
+    Y_INDEX,
+    Z_INDEX,
+    lockin_outputs,
+    submit_or_run,
+)
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CHECKS", "DEFAULTS", "FIXED_PARAMETERS", "HANDLERS", "HEADER_PARAMETERS", "PARAMETERS", "PLAIN",
-           "SWEEP_SIGNAL", "ModuleState", "PatternExperiment", "SweepPlan", "backward_name", "bias_spectr_start",
-           "drift_offset", "experiment_tick", "header_parameters", "osci_traces", "sweep_plan"]
+           "SWEEP_SIGNAL", "Z_TOP_M", "ControllerError", "ModuleState", "PatternExperiment", "SweepPlan",
+           "backward_name", "bias_spectr_start", "drift_offset", "experiment_tick", "header_parameters",
+           "osci_traces", "sweep_plan"]
+
+
+class ControllerError(ValueError):
+    """A command the controller refuses; its text goes into the reply's error section."""
+
 
 # -------------------------------------------------------------- plain settings (data)
 
@@ -51,6 +69,7 @@ _DEMOD = {"signal": 0, "harmonic": 1, "order": 0, "cutoff": 100.0, "phase_regist
 _USEROUT = {"mode": 0, "signal": 0, "value": 0.0, "calibration": 1.0, "offset": 0.0, "name": "",
             "signal_1": 0, "operation": 0, "signal_2": 0}
 N_MODULATORS, N_DEMODULATORS, N_OUTPUTS = 2, 2, 8
+Z_TOP_M = 200e-9  # top of the simulated piezo range (withdrawn)
 Z_GAIN = (0.1, 1e-4)  # default Z-loop P gain and time constant (s): I = P/T; today's images
 MOTOR_FREQUENCY_HZ, MOTOR_AMPLITUDE_V = 1000.0, 100.0  # default coarse step frequency and amplitude
 
@@ -1168,8 +1187,6 @@ def h_Util_SettingsSave(c, m, path, use_session):
 
 @_h
 def h_Util_SettingsLoad(c, m, path, use_session):
-    import ast
-
     p = _ini_path(c, path, use_session, "settings")
     if not p.is_file():
         raise ControllerError(f"{p}: no such settings file")
@@ -1258,9 +1275,6 @@ def osci_traces(c, m, channels, t) -> list[np.ndarray]:
     the junction's 1/f noise is taken out by the loop, so it shows in Z (δz = δI/I / 2κ); at
     constant height both are in the current. The lock-in's bias modulation (modulator 1 on
     the bias) is in the bias and, as A dI/dV, in the current."""
-    from stm_live.simulators import artifacts
-    from stm_live.simulators.orbitals import KAPPA_PER_NM
-
     noise = c.scenario.artifacts
     n = len(t)
     white = noise.white_noise / math.sqrt(OSCI_SAMPLES[m.plain["osci.oversampl"]["index"]]) \
@@ -1309,7 +1323,7 @@ TIME_INDEX = 37
 
 def backward_name(name: str) -> str:
     """"Current (A)" -> "Current [bwd] (A)": the backward sweep's column, as Nanonis names it."""
-    base, unit = _split_name(name)
+    base, unit = split_unit(name)
     return f"{base} [bwd] ({unit})" if unit else f"{base} [bwd]"
 
 
@@ -1472,9 +1486,7 @@ def sweep_plan(c, m) -> SweepPlan:
 
 
 def _number_text(value) -> str:
-    from stm_live.io.sxm import _e
-
-    return _e(float(value)) if math.isfinite(float(value)) else ("Inf" if value > 0 else "NaN")
+    return nanonis_float(float(value)) if math.isfinite(float(value)) else ("Inf" if value > 0 else "NaN")
 
 
 def _file_header(plan: SweepPlan) -> dict[str, str]:
@@ -1484,8 +1496,6 @@ def _file_header(plan: SweepPlan) -> dict[str, str]:
 def _sweep_here(c, m):
     """BiasSpectr.Start at the tip: (names, sweep, rows, params, simulated seconds); saves
     the .dat when autosave is on and the simulator has a session folder."""
-    from stm_live.io.spectroscopy import make_spectrum, write_dat
-
     plan = sweep_plan(c, m)
     x, y = c.tip_position()
     sx, sy = c.sample_shift_m()
@@ -1623,8 +1633,6 @@ class PatternExperiment:
     def finish(self, c, m) -> str:
         """End it (at its end, or stopped): the tip stays at the last point measured; the
         points done are saved as a .3ds (none done: no file). Returns the path or ""."""
-        from stm_live.io.spectroscopy import SpectroscopyFileError, make_grid, write_3ds
-
         done = self.points_done(c.sim_time_s)
         for _where, fut in self._chunks:
             fut.cancel()
@@ -1656,8 +1664,6 @@ class PatternExperiment:
 
 def _physics_frame(cx, cy, w, h, angle, nx):
     """One grid row as the physics frame (nm) of its nx points (a zero-width grid still has a size)."""
-    from stm_live.simulators.imaging import ScanFrame
-
     return ScanFrame.from_si(cx, cy, max(w, 1e-12), max(h, 1e-12), angle, int(nx), 1, "up")
 
 

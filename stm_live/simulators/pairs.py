@@ -35,8 +35,9 @@ from scipy.ndimage import gaussian_filter, map_coordinates
 
 from stm_live.simulators import artifacts
 from stm_live.simulators.imaging import CURRENT_SCALE_A_PER_V, SUBSTRATE_SIGNAL, Z_MIN_NM, clear_of_others
-from stm_live.simulators.orbitals import KAPPA_PER_NM, MOLECULE_NAMES, levels_fields, molecule, orbital_level
+from stm_live.simulators.orbitals import MOLECULE_NAMES, levels_fields, molecule, orbital_level
 from stm_live.simulators.tip import TipState
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 HELD_OUT_MOLECULES: tuple[str, ...] = ("perylene", "triphenylene", "h2nc")
 TRAIN_MOLECULES: tuple[str, ...] = tuple(n for n in MOLECULE_NAMES if n not in HELD_OUT_MOLECULES)

@@ -221,7 +221,7 @@ class PhysicsRenderer:
             if not z_offset_nm:
                 return held
             z_nm = held.z_nm
-        from stm_live.simulators.orbitals import KAPPA_PER_NM
+        from stm_live.simulators.vacuum import KAPPA_PER_NM
 
         z_nm = np.asarray(z_nm, dtype=float) + z_offset_nm
         z_eval = np.clip(z_nm, imaging.Z_MIN_NM, imaging.Z_MAX_NM)
@@ -344,7 +344,7 @@ def _model_height(z_nm):
     """(the height the model is evaluated at, the factor e^{-2κΔz} beyond its range): beyond
     the model's heights the current just keeps decaying. Scalar or per pixel."""
     from stm_live.simulators.imaging import Z_MAX_NM, Z_MIN_NM
-    from stm_live.simulators.orbitals import KAPPA_PER_NM
+    from stm_live.simulators.vacuum import KAPPA_PER_NM
 
     if np.ndim(z_nm) == 0:
         z_eval = min(max(z_nm, Z_MIN_NM), Z_MAX_NM)
@@ -361,7 +361,7 @@ def _feedback(z_nm, g, setpoint_A, loop_lag_s):
     axis with time constant ``loop_lag_s`` (what gains below the defaults add), and the
     current is the setpoint times e^{2κ(target − Z)} with Z read one pixel behind (the
     default loop's lag: today's images at lag 0)."""
-    from stm_live.simulators.orbitals import KAPPA_PER_NM
+    from stm_live.simulators.vacuum import KAPPA_PER_NM
 
     cur, zimg = {}, {}
     for d, lag in ((0, 1), (1, -1)):

@@ -33,6 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
+from stm_live.io.spectroscopy import SpectroscopyFileError, read_3ds, split_unit
+from stm_live.io.sxm import SxmError, parse_data_info, read_sxm
+from stm_live.simulators.modules import ControllerError
+
 __all__ = ["GridReplaySource", "ReplayError", "ReplaySource", "is_grid", "not_a_scan", "open_replay"]
 
 log = logging.getLogger(__name__)
@@ -125,8 +129,6 @@ class ReplaySource:
 
     @classmethod
     def from_file(cls, path) -> "ReplaySource":
-        from stm_live.io.sxm import SxmError, read_sxm
-
         path = Path(path)
         why = not_a_scan(path)
         if why is not None:
@@ -143,15 +145,13 @@ class ReplaySource:
     def declared_indexes(self) -> dict[str, int]:
         """Channel name -> the usable signal index DATA_INFO declares for it; every
         unusable one is logged with the reason and left to the name-based fallback."""
-        from stm_live.io.sxm import SxmError, _parse_data_info
-
         table = self.scan.header.get("DATA_INFO", "")
         if not table.strip():
             log.warning("%s: no DATA_INFO table; serving channels %s by name", self.name,
                         list(self.scan.channels))
             return {}
         try:
-            rows = _parse_data_info(Path(self.name), table)
+            rows = parse_data_info(Path(self.name), table)
         except SxmError as exc:
             log.warning("%s; serving every channel by name", exc)
             return {}
@@ -185,14 +185,12 @@ class ReplaySource:
 
     def configure(self, controller) -> None:
         """Put the recording's frame, buffer, timing and channel names into ``controller``."""
-        from stm_live.simulators.controller import _split_name
-
         s = self.scan
         names = list(controller.signal_names)
         defaults = list(names)
         declared = self.declared_indexes()
         used = set(declared.values())
-        by_base = {_split_name(n)[0].lower(): i for i, n in enumerate(names)}
+        by_base = {split_unit(n)[0].lower(): i for i, n in enumerate(names)}
         index_of: dict[str, int] = {}
         for ch in s.channels:  # DATA_INFO order, as Scan.BufferGet lists them
             idx = declared.get(ch)
@@ -263,13 +261,11 @@ def _rename(names: list[str], served: dict[str, tuple[int, str]], used: set[int]
     """Signals.NamesGet shows each replayed channel, ``{base: (index, unit)}``, at its index as
     "base (unit)"; a client that looks channels up by name must find each one once, so
     another signal of the same name becomes "Internal N"."""
-    from stm_live.simulators.controller import _split_name
-
     for base, (idx, unit) in served.items():
         names[idx] = f"{base} ({unit})" if unit else base
     replayed = {base.lower() for base in served}
     for i, n in enumerate(names):
-        if i not in used and _split_name(n)[0].lower() in replayed:
+        if i not in used and split_unit(n)[0].lower() in replayed:
             names[i] = f"Internal {i} (V)"
 
 
@@ -277,8 +273,6 @@ class GridReplaySource:
     """A recorded .3ds grid, served point by point (see the module docstring)."""
 
     def __init__(self, grid, name: str = "<grid>"):
-        from stm_live.io.spectroscopy import SpectroscopyFileError, split_unit
-
         self.grid, self.name = grid, name
         try:
             self.sweep = grid.sweep.astype(np.float64)  # raises for a grid with no measured point
@@ -306,8 +300,6 @@ class GridReplaySource:
 
     @classmethod
     def from_file(cls, path) -> "GridReplaySource":
-        from stm_live.io.spectroscopy import SpectroscopyFileError, read_3ds
-
         path = Path(path)
         try:
             grid = read_3ds(path)
@@ -357,8 +349,6 @@ class GridReplaySource:
     def sweep_at(self, x_m: float, y_m: float):
         """(sweep V, {channel name: values}, {experiment parameter: value}) recorded at the grid
         point under the tip; ControllerError when there is none, or it was not measured."""
-        from stm_live.simulators.controller import ControllerError
-
         d = np.hypot(self.x - x_m, self.y - y_m)
         iy, ix = np.unravel_index(int(np.argmin(d)), d.shape)
         near = f"({self.x[iy, ix] * 1e9:.4g}, {self.y[iy, ix] * 1e9:.4g}) nm"

@@ -44,9 +44,13 @@ from typing import Any
 
 import yaml
 
+from stm_live.devices.protocol import LAYOUTS
+from stm_live.io.cube import read_cube
 from stm_live.simulators.faults import FAULT_KEYS, FAULT_KINDS, Fault
 from stm_live.simulators.imaging import CubePlacement, Placement, cube_amplitude
+from stm_live.simulators.orbitals import MOLECULE_NAMES, VACUUM_FROM_NM, CubeOrbital, orbital_level
 from stm_live.simulators.spectra import LINESHAPES, SpectralModel
+from stm_live.simulators.tip import TIP_PRESETS
 
 __all__ = [
     "ARTIFACT_NAMES",
@@ -219,24 +223,10 @@ class _Ctx:
         return value
 
 
-def _molecule_names() -> tuple[str, ...]:
-    from stm_live.simulators.orbitals import MOLECULE_NAMES
-
-    return tuple(MOLECULE_NAMES)
-
-
-def _tip_names() -> tuple[str, ...]:
-    from stm_live.simulators.tip import TIP_PRESETS
-
-    return tuple(TIP_PRESETS)
-
-
 def _cube_placement(c: _Ctx, m: dict, key: str, source: str, where: dict) -> CubePlacement:
     """A ``{cube: FILE, mo: K}`` entry: the cube's orbital K continued into vacuum and put on
     the library's current scale (``imaging.cube_amplitude``). FILE is relative to the
     scenario file's folder."""
-    from stm_live.io.cube import VACUUM_FROM_NM, CubeOrbital, read_cube
-
     for other in ("molecule", "orbital"):
         if other in m:
             c.fail(f"{key}.{other}", "a cube entry names no library molecule or orbital: the cube holds its orbital")
@@ -260,8 +250,6 @@ def _probabilities(c: _Ctx, value, key: str, allowed: tuple[str, ...]) -> dict[s
 
 
 def _fault(c: _Ctx, value, key: str) -> Fault:
-    from stm_live.devices.protocol import LAYOUTS
-
     if not isinstance(value, dict):
         c.fail(key, f"expected a mapping such as {{kind: drop, line: 10}}, got {value!r}")
     raw = value
@@ -304,8 +292,6 @@ def _fault(c: _Ctx, value, key: str) -> Fault:
 
 def _energies(c: _Ctx, value, key: str, name: str | None) -> dict[str, float]:
     """{label: V} of one molecule's levels (``name``: its library molecule, which checks the labels)."""
-    from stm_live.simulators.orbitals import orbital_level
-
     m = value if isinstance(value, dict) else c.fail(key, f"expected a mapping of orbital labels to biases "
                                                           f"in V, e.g. {{HOMO: -2.2}}, got {value!r}")
     if not m:
@@ -329,7 +315,6 @@ def _spectra(c: _Ctx, value, placed: dict) -> SpectralModel:
     placement index -> {label: V} or V)."""
     d = c.mapping(value, "spectra", ("width_V", "shape", "levels_each_side", "midgap_V", "gap_scale",
                                      "charging_V", "energies"))
-    names = _molecule_names()
     kw: dict[str, Any] = {}
     if "width_V" in d:
         kw["width_V"] = c.number(d["width_V"], "spectra.width_V", lo=0.0, lo_open=True, hi=10.0)
@@ -347,7 +332,7 @@ def _spectra(c: _Ctx, value, placed: dict) -> SpectralModel:
         c.fail("spectra.energies", f"expected a mapping of molecule names to {{label: V}}, got {raw!r}")
     for name, levels in raw.items():
         key = f"spectra.energies.{name}"
-        name = c.string(name, key, names)
+        name = c.string(name, key, MOLECULE_NAMES)
         energies[name] = _energies(c, levels, key, name)
     energies.update(placed)
     try:
@@ -384,15 +369,13 @@ def _molecules(c: _Ctx, raw, list_key: str, source: str, placed: dict, first: in
             c.fail(f"{key}.energy_V", "only for a cube entry; a library molecule takes energies: {HOMO: V, ...}")
         if "molecule" not in m:
             c.fail(f"{key}.molecule", "missing (or give cube: FILE)")
-        name = c.string(m["molecule"], f"{key}.molecule", _molecule_names())
+        name = c.string(m["molecule"], f"{key}.molecule", MOLECULE_NAMES)
         orbital = m.get("orbital")
         if orbital is not None:
             orbital = c.string(orbital, f"{key}.orbital")
             base = orbital.split("+")[0].split("-")[0]
             if base not in ("HOMO", "LUMO"):
                 c.fail(f"{key}.orbital", f"expected HOMO, LUMO, HOMO-n or LUMO+n, got {orbital!r}")
-            from stm_live.simulators.orbitals import orbital_level
-
             try:
                 orbital_level(name, orbital)
             except ValueError as exc:
@@ -467,7 +450,7 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
     if "angle_deg" in sub:
         substrate["angle_deg"] = c.number(sub["angle_deg"], "substrate.angle_deg")
 
-    tip_names = _tip_names()
+    tip_names = tuple(TIP_PRESETS)
     tip_raw = d.get("tip", {})
     if isinstance(tip_raw, str):  # shorthand: just a preset name
         tip_raw = {"preset": tip_raw}

@@ -5,7 +5,7 @@ The tip classifier's data recipe draws these so that its domain reaches the fram
 groups record (molecules on Au(111) and Cu(111), steps, adsorbates, small molecules of many
 shapes). Surfaces act as an apparent height h(x, y) added to the tip's path: at constant
 height the current scales by exp(2κh), at constant current the Z map rises by h; both are the
-same factor once Z becomes current-like (``interpret.current_from_z``). Standing waves are an
+same factor once Z becomes current-like (``vacuum.current_from_z``). Standing waves are an
 LDOS modulation, written as the apparent height that gives the same factor. The surface term
 does not pass through the tip's orbitals (a double tip does not double a step): a background
 the classifier must look past, not a tip signature.
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import j0
 
-from stm_live.simulators.orbitals import (CC_BOND_NM, KAPPA_PER_NM, Molecule, OrbitalLevel, orbital_fields,
-                                          orbital_level)
+from stm_live.simulators.orbitals import CC_BOND_NM, Molecule, OrbitalLevel, benzenoid, orbital_fields, orbital_level
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 # Au(111) 22 x sqrt(3) reconstruction: pairs of soliton ridges 6.3 nm apart, 2.5 nm (the hcp
 # stripe) within a pair, about 0.02 nm high (Barth et al., PRB 42, 9307 (1990)).
@@ -135,15 +135,13 @@ def _molecule(name: str, xy: np.ndarray) -> Molecule:
     return Molecule(name=name, symbols=("C",) * n, xyz_nm=xyz, pi_atoms=tuple(range(n)), pi_types=("C",) * n)
 
 
-# Axial neighbours of a hexagon in the (a1, a2) lattice of orbitals._benzenoid.
+# Axial neighbours of a hexagon in the (a1, a2) lattice of orbitals.benzenoid.
 _HEX_NEIGHBOURS = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, -1), (-1, 1))
 
 
 def random_polyhex(rng: np.random.Generator, rings: int) -> Molecule:
     """A closed-shell fused-hexagon hydrocarbon of ``rings`` rings grown at random (shapes the
     library lacks: bent, branched, compact); redraws open-shell or odd-electron shapes."""
-    from stm_live.simulators.orbitals import _benzenoid
-
     for _ in range(50):
         cells = [(0, 0)]
         while len(cells) < rings:
@@ -151,7 +149,7 @@ def random_polyhex(rng: np.random.Generator, rings: int) -> Molecule:
             di, dj = _HEX_NEIGHBOURS[int(rng.integers(6))]
             if (i + di, j + dj) not in cells:
                 cells.append((i + di, j + dj))
-        mol = _molecule(f"polyhex{rings}", _benzenoid(cells))
+        mol = _molecule(f"polyhex{rings}", benzenoid(cells))
         try:
             orbital_level(mol, "HOMO")
             return mol

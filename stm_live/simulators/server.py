@@ -42,7 +42,6 @@ import asyncio
 import concurrent.futures
 import contextvars
 import logging
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -52,10 +51,11 @@ import numpy as np
 
 from stm_live.devices import protocol as P
 from stm_live.simulators import modules as M
-from stm_live.simulators.controller import ControllerError, SimulatedController
+from stm_live.simulators.controller import SimulatedController
 from stm_live.simulators.faults import Fault, FaultLayer
+from stm_live.simulators.modules import ControllerError
 
-__all__ = ["MAX_CONNECTIONS", "RunningServer", "SimServer", "serve_forever", "start_server_thread"]
+__all__ = ["MAX_CONNECTIONS", "RunningServer", "SimServer", "start_server_thread"]
 
 log = logging.getLogger(__name__)
 
@@ -684,59 +684,3 @@ def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale
     if isinstance(started, BaseException):  # a bind error
         raise OSError(f"cannot serve the simulated controller on {host}:{port}: {started}") from started
     return RunningServer(server.host, server.port, ctrl, server, loop, thread)
-
-
-def serve_forever(host: str = "127.0.0.1", port: int = 6501, scenario=None, replay=None,
-                  time_scale: float = 1.0, seed: int = 0, props_layout: str | None = None,
-                  nanonis_release: int = P.DEFAULT_RELEASE, session_dir=None, cassette=None) -> None:
-    """Serve until Ctrl-C (``stm-live sim serve``); prints the address.
-
-    ``nanonis_release``: the release to emulate (``--nanonis-release``, one of
-    ``protocol.RELEASES``); ``session_dir``: the session folder (``--session-dir``, created if
-    missing) where autosave and Scan.Save write .sxm files and Util.SessionPathGet points;
-    ``cassette``: a recorded session that answers first (``cassette.Cassette``).
-    """
-    if nanonis_release not in P.RELEASES:
-        raise ValueError(f"--nanonis-release {nanonis_release}: the simulator emulates "
-                         f"{', '.join(map(str, P.RELEASES))}")
-    if session_dir is not None:
-        from pathlib import Path
-
-        try:
-            Path(session_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ValueError(f"--session-dir {session_dir}: cannot create it: {exc.strerror or exc}") from None
-    ctrl = _make_controller(scenario, replay, seed, time_scale)
-    if session_dir is not None:
-        ctrl.save_dir = str(session_dir)
-
-    async def main() -> None:
-        server = SimServer(ctrl, props_layout=props_layout, nanonis_release=nanonis_release, cassette=cassette)
-        try:
-            await server.start(host, port)
-        except OSError as exc:  # port taken, bad address: a message, not a traceback
-            raise ValueError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-        source = f"replaying {ctrl.replay.name}" if ctrl.replay is not None else f"scenario {ctrl.scenario.name!r}"
-        if cassette is not None:
-            source = f"{cassette.describe()}; {source}"
-        if server.faults:
-            source += f", {len(server.faults.faults)} faults armed"
-        print(f"simulated Nanonis controller on {server.host}:{server.port} ({source}, "
-              f"time scale {time_scale:g}, seed {seed}, Nanonis release R{nanonis_release}); Ctrl-C stops", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C and `kill`: close cleanly
-            try:
-                loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows
-                pass
-        try:
-            await stop.wait()
-        finally:
-            await server.close()
-        print("stopped", flush=True)
-
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        print("stopped", flush=True)

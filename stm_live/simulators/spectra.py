@@ -50,7 +50,8 @@ from scipy.special import erf
 
 from stm_live.simulators import imaging
 from stm_live.simulators.imaging import CubePlacement, Placement, ScanFrame, Substrate
-from stm_live.simulators.orbitals import _levels, molecule, orbital_level
+from stm_live.simulators.orbitals import huckel_levels, molecule, orbital_level
+from stm_live.simulators.tip import as_tip
 
 __all__ = ["CHARGING_V", "GAP_SCALE", "LEVEL_WEIGHT_V", "MIDGAP_V", "LINESHAPES", "Resonance",
            "SpectralModel", "Spectra", "level_energies", "lineshape", "resonances", "simulate"]
@@ -162,7 +163,7 @@ def _sorted(levels: dict[str, float]) -> dict[str, float]:
 
 
 def _default_levels(model: SpectralModel, name: str) -> dict[str, float]:
-    energies, _blocks, homo, lumo = _levels(molecule(name))
+    energies, _blocks, homo, lumo = huckel_levels(molecule(name))
     mid = 0.5 * (energies[homo] + energies[lumo])
     out = {}
     for base, index, sign, step in (("HOMO", homo, -1, -1), ("LUMO", lumo, +1, +1)):
@@ -193,7 +194,7 @@ class Resonance:
 def resonances(placements, model: SpectralModel | None = None) -> tuple[Resonance, ...]:
     """Every level ``simulate`` includes for a scene, in placement order."""
     model = model or SpectralModel()
-    return tuple(Resonance(i, label, volts) for i, p in enumerate(imaging._check_placements(placements))
+    return tuple(Resonance(i, label, volts) for i, p in enumerate(imaging.check_placements(placements))
                  for label, volts, _item in model.placement_levels(p, i))
 
 
@@ -299,8 +300,8 @@ def simulate(placements, tip, at, bias_V, *, z_nm: float | None = None, setpoint
     to the map's bias: a constant-current dI/dV map). ``substrate=None``: none at constant
     height, a flat ``Substrate()`` under feedback (as imaging does).
     """
-    items = imaging._check_placements(placements)
-    tip = imaging._as_tip(tip)
+    items = imaging.check_placements(placements)
+    tip = as_tip(tip)
     model = model or SpectralModel()
     volts, sweep = _biases(bias_V)
     frames, shape = _frames(at)
@@ -333,7 +334,7 @@ def simulate(placements, tip, at, bias_V, *, z_nm: float | None = None, setpoint
                                                   bias_V=setpoint_bias_V, substrate=substrate).astype(float)
                    for f in frames]
     else:
-        imaging._check_height(z_nm)
+        imaging.check_height(z_nm)
         try:
             z_all = np.broadcast_to(np.asarray(z_nm, dtype=float), shape).reshape(len(frames), -1)
         except ValueError:

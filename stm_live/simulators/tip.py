@@ -25,7 +25,7 @@ from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
-from stm_live.simulators.orbitals import KAPPA_PER_NM
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 # distance from the tilt pivot (metal–C bond) to the O apex of a CO tip
 CO_PIVOT_NM = 0.30
@@ -122,6 +122,15 @@ def tip_preset(name: str) -> TipState:
         return TIP_PRESETS[name]
     except (KeyError, TypeError):
         raise ValueError(f"unknown tip preset {name!r}; valid names: {', '.join(TIP_PRESETS)}") from None
+
+
+def as_tip(tip) -> TipState:
+    """A TipState, or a preset name for convenience."""
+    if isinstance(tip, str):
+        return tip_preset(tip)
+    if not isinstance(tip, TipState):
+        raise ValueError(f"tip must be a TipState or a preset name, got {type(tip).__name__}")
+    return tip
 
 
 def tip_gradients(fields_lab: np.ndarray, tip: TipState) -> np.ndarray:

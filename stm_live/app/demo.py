@@ -31,10 +31,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from bluesky.utils import RunEngineInterrupted
+from PIL import Image, ImageDraw, ImageFont
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
+from stm_live.config import load_profile
+from stm_live.console import LOG_NAME, LogFile, describe, migrated_note, quiet_suspensions
+from stm_live.devices.stm import NanonisSTM
+from stm_live.io.sxm import write_sxm
 from stm_live.models.tipstate import is_held_back
-from stm_live.session import DerivedCollector
-from stm_live.viewer import json_number
+from stm_live.plans import live_frame
+from stm_live.report import save_frame_png
+from stm_live.session import AcquisitionSession, DerivedCollector, LineProgress, load_models
+from stm_live.simulators.scenario import load_scenario
+from stm_live.simulators.server import start_server_thread
+from stm_live.store import read_journal, run_data, scan_from_run
+from stm_live.viewer import Viewer, ViewerState, json_number
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +70,6 @@ _CLASS_COLOURS = {
 def _demo_scenario(lines: int):
     """The shipped degrading scenario with its scheduled tip change scaled to the frame
     height, so a small (quick) frame still sees the change mid-frame."""
-    from stm_live.simulators.scenario import load_scenario
-
     sc = load_scenario(DEMO_SCENARIO)
     events = tuple(dataclasses.replace(e, line=max(4, round(e.line * lines / 128)))
                    for e in sc.evolution.events)
@@ -110,17 +122,12 @@ class _VerdictPrinter:
 
 def _sxm_for_run(path: Path, run) -> Path:
     """Write one journaled frame run as .sxm (what `stm-live runs export` writes)."""
-    from stm_live.io.sxm import write_sxm
-    from stm_live.store import scan_from_run
-
     return write_sxm(path, scan_from_run(run, comment=f"stm-live demo run {run.uid}"))
 
 
 def _timeline_png(path: Path, frames: list[dict], events: list[dict]) -> Path:
     """Tip-state timeline: one row per frame, each verdict a coloured span of the lines it
     judged, reconditioning actions marked; legend of the classes."""
-    from PIL import Image, ImageDraw, ImageFont
-
     font = ImageFont.load_default()
     left, right, row_h, top = 110, 20, 26, 28
     width = 760
@@ -210,17 +217,13 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
     (``link.max_outage_s`` of the profile); details and tracebacks go to
     ``data_dir/stm-live.log``, named on screen once.
     """
-    from rich.console import Console
-
-    from stm_live.console import LogFile, quiet_suspensions
-
     t_start = time.perf_counter()
     console = console or Console()
     frames = int(frames)
     if frames < 1:
         raise ValueError(f"frames must be >= 1, got {frames}")
     with LogFile(data_dir) as log, quiet_suspensions():
-        console.print(f"log: {log.path} (details and tracebacks of anything that goes wrong)")
+        console.print(log.note)
         return _session(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick,
                         device=device, time_scale=time_scale, tiled_uri=tiled_uri, console=console,
                         t_start=t_start)
@@ -229,18 +232,6 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
 def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, device: str,
              time_scale: float | None, tiled_uri: str | None, console, t_start: float) -> dict[str, Any]:
     """The demo proper (see :func:`run_demo`)."""
-    from rich.markup import escape
-
-    from bluesky.utils import RunEngineInterrupted
-
-    from stm_live.config import load_profile
-    from stm_live.console import describe
-    from stm_live.devices.stm import NanonisSTM
-    from stm_live.plans import live_frame
-    from stm_live.replay_cli import _load_models
-    from stm_live.session import AcquisitionSession, LineProgress
-    from stm_live.simulators.server import start_server_thread
-
     size = 48 if quick else 128
     frames = min(frames, 2) if quick else frames
     # Simulated line = 0.1 s forward + 0.1 s backward; this keeps a frame to seconds
@@ -250,15 +241,13 @@ def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, 
     out.mkdir(parents=True, exist_ok=True)
 
     profile = load_profile("sim")
-    reconstructor, classifier = _load_models(device, tip=True)
+    reconstructor, classifier = load_models(device, tip=True)
     scenario = _demo_scenario(size)
     server = start_server_thread(scenario=scenario, seed=seed, time_scale=time_scale)
     console.print(f"simulated controller on {server.host}:{server.port}: scenario "
                   f"{scenario.name!r} ({scenario.description}), time scale {time_scale:g}")
     viewer = state = None
     if view:
-        from stm_live.viewer import Viewer, ViewerState
-
         state = ViewerState()
         viewer = Viewer(state)
         console.print(f"viewer: [bold]{viewer.url}[/]")
@@ -320,8 +309,7 @@ def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, 
         if viewer is not None:
             viewer.close()
     if migrated:
-        console.print(f"tiled: {len(migrated)} run(s) stored in stm-live's own layout were rewritten "
-                      "in the BlueskyRun layout (once)")
+        console.print(migrated_note(migrated))
     tiled = tiled_uri.split("?")[0] if tiled_uri else str(data_dir / "tiled")  # no API key on screen
 
     summary = _report(out=out, data_dir=data_dir, runs=runs, operator=operator,
@@ -342,8 +330,6 @@ def _operator_resumes(RE, server, policy, console, operator: list[dict]) -> None
     no operator at the keyboard, so it plays one: the simulated tip is replaced by a
     fresh CO tip (what a person would do by hand) and the RunEngine resumes; the frame
     then finishes. Recorded in summary.json under ``tip.operator``."""
-    from bluesky.utils import RunEngineInterrupted
-
     for _ in range(MAX_OPERATOR_RESUMES):
         if RE.state != "paused":
             return
@@ -366,10 +352,6 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
             collector: DerivedCollector, live,
             tip, policy, ingested, tiled, tiled_error, errors, server, scenario, size, seed,
             time_scale, t_start, link) -> dict[str, Any]:
-    from stm_live.console import LOG_NAME
-    from stm_live.report import save_frame_png
-    from stm_live.store import read_journal, run_data
-
     frames_out = []
     journal_dir = data_dir / "journal"
     timeline = list(tip.timeline)
@@ -552,8 +534,6 @@ def _jsonable(obj):
 
 
 def _print_where(console, summary: dict, out: Path) -> None:
-    from rich.table import Table
-
     table = Table(title=f"stm-live demo: {summary['frames_acquired']} frames, "
                         f"{summary['lines']} lines in {summary['wall_time_s']:.0f} s")
     for column in ("frame", "lines", "status", "tip verdicts", "picture", "sxm"):

@@ -30,10 +30,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import bluesky.preprocessors as bpp
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
 from stm_live.console import caused_by, describe
-from stm_live.session import Consumers
+from stm_live.devices.spectroscopy import BiasSpectroscopy
+from stm_live.devices.stm import ControllerLost, NanonisSTM
+from stm_live.interpret import from_scan, scan_pitch
+from stm_live.io.sxm import SxmError, read_sxm
+from stm_live.plans import grid_spectroscopy, live_frame
+from stm_live.report import save_frame_png
+from stm_live.session import AcquisitionSession, Consumers, load_models
+from stm_live.simulators.replay import GridReplaySource, is_grid, not_a_scan
+from stm_live.simulators.server import start_server_thread
+from stm_live.store import read_journal, run_data
+from stm_live.viewer import Viewer, ViewerState
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +104,6 @@ def collect_files(paths: Iterable[os.PathLike | str], skipped: list[str] | None 
     ``skipped`` receives one line per folder naming the other files it holds, which a
     folder replay passes over.
     """
-    from stm_live.simulators.replay import is_grid, not_a_scan
-
     files: list[Path] = []
     bad: list[ReplayResult] = []
     for raw in paths:
@@ -140,10 +151,6 @@ def _replay_plan(stm, scan, *, channels: dict[str, int], z_controller: str, md: 
     frame and buffer, so those two settings are dropped from the plan; everything else
     (configuration, run, one event per line) is live_frame unchanged.
     """
-    import bluesky.preprocessors as bpp
-
-    from stm_live.plans import live_frame
-
     frame = {"center_x_m": scan.offset_m[0], "center_y_m": scan.offset_m[1],
              "width_m": scan.range_m[0], "height_m": scan.range_m[1],
              "angle_deg": scan.angle_deg}
@@ -214,8 +221,6 @@ class _ExpectedStopFilter(logging.Filter):
     (partial, or failed with its cause) and reports it in one line of its own."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from stm_live.devices.stm import ControllerLost
-
         exc = record.exc_info[1] if record.exc_info else None
         args = record.args if isinstance(record.args, tuple) else ()
         return not (caused_by(exc, ControllerLost)
@@ -225,8 +230,6 @@ class _ExpectedStopFilter(logging.Filter):
 def _save_reconstruction(out: Path, stem: str, image: np.ndarray, source, raw: np.ndarray
                          ) -> tuple[Path, Path]:
     """``<stem>_reconstruction.npy`` and an annotated raw | reconstruction PNG."""
-    from stm_live.report import save_frame_png
-
     out.mkdir(parents=True, exist_ok=True)
     npy = out / f"{stem}_reconstruction.npy"
     np.save(npy, image)
@@ -245,13 +248,6 @@ def _key_of(run, channel: str, direction: str) -> str:
 
 def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, time_scale: float,
                 out: Path, stem: str) -> ReplayResult:
-    from stm_live.devices.stm import ControllerLost, NanonisSTM
-    from stm_live.io.sxm import SxmError, read_sxm
-    from stm_live.interpret import from_scan, scan_pitch
-    from stm_live.simulators.replay import not_a_scan
-    from stm_live.simulators.server import start_server_thread
-    from stm_live.store import read_journal, run_data
-
     result = ReplayResult(path)
     t0 = time.perf_counter()
     why = not_a_scan(path)
@@ -395,13 +391,6 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
 def _replay_grid(path: Path, *, session, time_scale: float) -> ReplayResult:
     """One .3ds grid through the simulator, the ophyd device and grid_spectroscopy; every
     journaled sweep checked against the recording."""
-    from stm_live.devices.spectroscopy import BiasSpectroscopy
-    from stm_live.devices.stm import NanonisSTM
-    from stm_live.plans import grid_spectroscopy
-    from stm_live.simulators.replay import GridReplaySource
-    from stm_live.simulators.server import start_server_thread
-    from stm_live.store import read_journal
-
     result = ReplayResult(path)
     t0 = time.perf_counter()
     try:
@@ -462,17 +451,7 @@ def _replay_grid(path: Path, *, session, time_scale: float) -> ReplayResult:
     return result
 
 
-def _load_models(device: str, *, tip: bool):
-    """STM-Net (the offline check, shared with live reconstruction) and, in-process, the
-    tip classifier; a missing checkpoint raises FileNotFoundError naming the fix."""
-    from stm_live.models import load_stmnet, load_tip_classifier
-
-    return load_stmnet(device=device), load_tip_classifier(device=device) if tip else None
-
-
 def _summary_table(results: Sequence[ReplayResult], out: Path):
-    from rich.table import Table
-
     table = Table(title=f"replay summary: {len(results)} file(s); reconstructions in {out}")
     for column in ("file", "status", "lines", "frame", "tip: last (not sharp/n)",
                    "reconstruction"):
@@ -522,10 +501,6 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
     ReplayFailed
         After the table, when any file failed (the CLI exits non-zero).
     """
-    from rich.console import Console
-
-    from stm_live.session import AcquisitionSession
-
     if not time_scale or time_scale <= 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale!r}")
     console = console or Console()
@@ -534,15 +509,11 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
     paths, results = collect_files(files, skipped=skipped)
     viewer = state = None
     if view:
-        from stm_live.viewer import Viewer, ViewerState
-
         state = ViewerState()
         viewer = Viewer(state)
         console.print(f"viewer: {viewer.url}")
     for line in skipped:
         console.print(f"[yellow]{line}[/]")
-    from stm_live.simulators.replay import is_grid
-
     grids = [p for p in paths if is_grid(p)]
     paths = [p for p in paths if not is_grid(p)]
     stack = contextlib.ExitStack()
@@ -553,7 +524,7 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
                     console.print(f"replaying {path} (grid)")
                     results.append(_replay_grid(path, session=session, time_scale=time_scale))
         if paths:
-            reconstructor, classifier = _load_models(device, tip=worker is None)
+            reconstructor, classifier = load_models(device, tip=worker is None)
             stems: set[str] = set()
             quiet = _ExpectedStopFilter()
             for name in ("bluesky", "stm_live.devices.stm"):
