@@ -5,7 +5,7 @@ TORCH ?= torch==2.13.0
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test lint bench venv clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The rules and their reasons are in pyproject.toml ([tool.ruff]).
+lint: venv
+	$(VENV)/bin/ruff check stm_live tests benchmarks docs
+	$(VENV)/bin/ruff format --check stm_live tests benchmarks docs
 
 bench: venv
 	$(PY) -m benchmarks

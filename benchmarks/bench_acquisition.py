@@ -46,10 +46,10 @@ CHANNELS = ["Current", "Z"]
 def _controller(time_scale: float):
     """The simulated controller in its own process, as a real one is another machine
     (in-process, its physics and encoding would compete with acquisition for the GIL)."""
-    code = ("from stm_live.app.sim import serve; "
-            f"serve(host='127.0.0.1', port=0, time_scale={time_scale!r}, seed=0)")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    code = f"from stm_live.app.sim import serve; serve(host='127.0.0.1', port=0, time_scale={time_scale!r}, seed=0)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    )
     try:
         line = proc.stdout.readline()  # "simulated Nanonis controller on HOST:PORT (...)"
         match = re.search(r" on ([\d.]+):(\d+) ", line)
@@ -82,14 +82,12 @@ def _acquire_with(stm, lines, line_time_s, data_dir, fsync):
 
     def after_journal(name, doc):  # subscribed after the journal: the event is on disk
         if name == "event":
-            durable.append((time.time(), doc["timestamps"]["stm_line_index"],
-                            doc["data"]["stm_line_index"]))
+            durable.append((time.time(), doc["timestamps"]["stm_line_index"], doc["data"]["stm_line_index"]))
 
     RE.subscribe(after_journal)
     stm.client.scan_speed_set(0.0, 0.0, line_time_s, line_time_s, "time", 1.0)
     t0 = time.perf_counter()
-    (uid,) = RE(live_frame(stm, frame=(0, 0, 10e-9, 10e-9, 0), pixels=PIXELS,
-                           lines=lines, channels=CHANNELS))
+    (uid,) = RE(live_frame(stm, frame=(0, 0, 10e-9, 10e-9, 0), pixels=PIXELS, lines=lines, channels=CHANNELS))
     wall = time.perf_counter() - t0
     data = run_data(read_journal(journal.path_for(uid)))
     return durable, data, wall
@@ -136,8 +134,7 @@ def _baselines() -> tuple[np.ndarray, np.ndarray]:
     soft = Soft(name="soft")
     RE = RunEngine({})
     stamps = []
-    RE.subscribe(lambda name, doc: stamps.append(time.perf_counter()) if name == "event"
-                 else None)
+    RE.subscribe(lambda name, doc: stamps.append(time.perf_counter()) if name == "event" else None)
 
     @bpp.run_decorator()
     def bare():
@@ -165,25 +162,38 @@ def _synthetic_journal(data_dir, pixels: int = PIXELS, lines: int = PIXELS, chan
 
     names = [f"ch{k}" for k in range(channels)]
     keys = {n: {"forward": f"stm_{n}_fwd", "backward": f"stm_{n}_bwd"} for n in names}
-    meta = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 25e-9, "height_m": 25e-9,
-                      "angle_deg": 0.0}, "pixels": pixels, "lines": lines, "pixel_size_nm": 25 / pixels,
-            "scan_direction": "down", "bias_V": -1.0, "setpoint_A": 1e-11,
-            "z_controller": "constant_height", "line_key": "stm_line_index",
-            "channels": [{"name": n, "index": k, "units": "A", "keys": keys[n]} for k, n in enumerate(names)]}
+    meta = {
+        "frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 25e-9, "height_m": 25e-9, "angle_deg": 0.0},
+        "pixels": pixels,
+        "lines": lines,
+        "pixel_size_nm": 25 / pixels,
+        "scan_direction": "down",
+        "bias_V": -1.0,
+        "setpoint_A": 1e-11,
+        "z_controller": "constant_height",
+        "line_key": "stm_line_index",
+        "channels": [{"name": n, "index": k, "units": "A", "keys": keys[n]} for k, n in enumerate(names)],
+    }
     run = compose_run(metadata={"plan_name": "live_frame", "stm_live": meta})
     data_keys = {"stm_line_index": {"source": "bench", "dtype": "integer", "shape": []}}
-    data_keys.update({key: {"source": "bench", "dtype": "array", "shape": [pixels], "dtype_numpy": "<f4"}
-                      for n in names for key in keys[n].values()})
+    data_keys.update(
+        {
+            key: {"source": "bench", "dtype": "array", "shape": [pixels], "dtype_numpy": "<f4"}
+            for n in names
+            for key in keys[n].values()
+        }
+    )
     desc = run.compose_descriptor(name="primary", data_keys=data_keys)
     writer = JournalWriter(data_dir, fsync=False)
     writer("start", run.start_doc)
     writer("descriptor", desc.descriptor_doc)
     rng = np.random.default_rng(0)
     for row in range(lines):
-        data = {"stm_line_index": row, **{k: rng.random(pixels, dtype=np.float32) for k in data_keys
-                                          if k != "stm_line_index"}}
-        writer("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, time.time()),
-                                           validate=False))
+        data = {
+            "stm_line_index": row,
+            **{k: rng.random(pixels, dtype=np.float32) for k in data_keys if k != "stm_line_index"},
+        }
+        writer("event", desc.compose_event(data=data, timestamps=dict.fromkeys(data, time.time()), validate=False))
     writer("stop", run.compose_stop())
     return writer.path_for(run.start_doc["uid"])
 
@@ -208,8 +218,9 @@ def _ingestion_s(repeats: int = 2) -> np.ndarray:
             server.close()
 
 
-def _frames_beside_ingestion(lines: int, data_dir, *, time_scale: float, line_time_s: float,
-                             runs: int = 1, pairs: int = 2):
+def _frames_beside_ingestion(
+    lines: int, data_dir, *, time_scale: float, line_time_s: float, runs: int = 1, pairs: int = 2
+):
     """Frames through one session with tiled (the embedded server), alternately with nothing to
     ingest and while ``runs`` 512 x 512 x 4-channel runs are ingested beside them on the
     session's ingestion thread. Returns, quiet and beside ingestion, the intervals between
@@ -240,11 +251,17 @@ def _frames_beside_ingestion(lines: int, data_dir, *, time_scale: float, line_ti
                     ingested_at: list[float] = []
                     for path in big if beside else ():
                         session.ingestor.submit(path)
-                    watcher = threading.Thread(target=lambda t=t0, box=ingested_at: (  # when it ends
-                        session.ingestor.join(600), box.append(time.perf_counter() - t)), daemon=True)
+                    watcher = threading.Thread(
+                        target=lambda t=t0, box=ingested_at: (  # when it ends
+                            session.ingestor.join(600),
+                            box.append(time.perf_counter() - t),
+                        ),
+                        daemon=True,
+                    )
                     watcher.start()
-                    session(live_frame(stm, frame=(0, 0, 10e-9, 10e-9, 0), pixels=PIXELS, lines=lines,
-                                       channels=CHANNELS))
+                    session(
+                        live_frame(stm, frame=(0, 0, 10e-9, 10e-9, 0), pixels=PIXELS, lines=lines, channels=CHANNELS)
+                    )
                     frame_s = time.perf_counter() - t0
                     t = np.array(durable)
                     found[beside][0].append(np.diff(t[:, 0]) * 1e3)
@@ -261,8 +278,7 @@ def _frames_beside_ingestion(lines: int, data_dir, *, time_scale: float, line_ti
 
 
 def _stats(ms: np.ndarray) -> str:
-    return (f"median {np.median(ms):6.2f} ms   p99 {np.percentile(ms, 99):6.2f} ms   "
-            f"max {ms.max():6.2f} ms")
+    return f"median {np.median(ms):6.2f} ms   p99 {np.percentile(ms, 99):6.2f} ms   max {ms.max():6.2f} ms"
 
 
 def main() -> dict:
@@ -283,8 +299,7 @@ def main() -> dict:
         per_line = np.diff(t) * 1e3
         print(f"saturated, {PIXELS} px x {lines} lines, {len(CHANNELS)} channels x 2 dirs:")
         print(f"  per-line overhead (RE + TCP + journal): {_stats(per_line)}")
-        print(f"  frame wall {wall:.2f} s incl. configuration; "
-              f"lines journaled {len(set(data.lines_read))}/{lines}")
+        print(f"  frame wall {wall:.2f} s incl. configuration; lines journaled {len(set(data.lines_read))}/{lines}")
         results["overhead_median_ms"] = float(np.median(per_line))
         results["overhead_p99_ms"] = float(np.percentile(per_line, 99))
         durable, data, wall = _acquire(2000.0, lines, 0.1, tmp, fsync=False)
@@ -299,16 +314,18 @@ def main() -> dict:
         rate = (len(t) - 1) / (t[-1] - t[0])
         lost = lines - len(set(data.lines_read))
         print(f"paced at 50 lines/s, {PIXELS} px x {lines} lines:")
-        print(f"  sustained {rate:5.1f} lines/s, lost lines {lost}, "
-              f"exit_status {data.exit_status}")
+        print(f"  sustained {rate:5.1f} lines/s, lost lines {lost}, exit_status {data.exit_status}")
         print(f"  line in hand -> durable: {_stats(lat)}")
-        results.update(rate_lines_s=float(rate), lost_lines=int(lost),
-                       durable_latency_p99_ms=float(np.percentile(lat, 99)))
+        results.update(
+            rate_lines_s=float(rate), lost_lines=int(lost), durable_latency_p99_ms=float(np.percentile(lat, 99))
+        )
 
     ingest = _ingestion_s()
     print("tiled (BlueskyRun layout through bluesky's TiledWriter; the embedded server, in a process of its own):")
-    print(f"  ingestion of one {PIXELS} x {PIXELS} run, 4 channels x 2 directions: "
-          f"{', '.join(f'{t:.2f}' for t in ingest)} s ({np.median(ingest) / PIXELS * 1e3:.1f} ms a line)")
+    print(
+        f"  ingestion of one {PIXELS} x {PIXELS} run, 4 channels x 2 directions: "
+        f"{', '.join(f'{t:.2f}' for t in ingest)} s ({np.median(ingest) / PIXELS * 1e3:.1f} ms a line)"
+    )
     results["tiled_ingest_s"] = float(np.median(ingest))
     lines = PIXELS
     for label, time_scale, line_time_s in (("saturated", 2000.0, 0.1), ("paced at 50 lines/s", 1.0, 0.01)):

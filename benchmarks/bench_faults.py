@@ -154,16 +154,27 @@ def _session(frames: int, n: int, time_scale: float, data_dir: Path) -> dict:
         for k in range(frames):
             journaled = len(timeline.lines)
             try:
-                (uid,) = session(live_frame(stm, frame=frame, pixels=SIZE, lines=SIZE, channels=list(CHANNELS),
-                                            md={"purpose": "bench_faults", "frame": k}))
+                (uid,) = session(
+                    live_frame(
+                        stm,
+                        frame=frame,
+                        pixels=SIZE,
+                        lines=SIZE,
+                        channels=list(CHANNELS),
+                        md={"purpose": "bench_faults", "frame": k},
+                    )
+                )
             except Exception as exc:  # reported in the table; the session goes on, as the demo's
                 errors.append(f"frame {k}: {type(exc).__name__}: {exc}")
                 if len(timeline.lines) == journaled:
                     errors.append("not one line of that frame came: stopping")
                     break
                 continue
-            truth = {(ch, fwd): server.controller.frame_data(idx, fwd)[1]
-                     for ch, idx in CHANNELS.items() for fwd in (True, False)}
+            truth = {
+                (ch, fwd): server.controller.frame_data(idx, fwd)[1]
+                for ch, idx in CHANNELS.items()
+                for fwd in (True, False)
+            }
             run = run_data(read_journal(data_dir / "journal" / f"{uid}.journal"))
             wrong = np.zeros(SIZE, bool)
             for (ch, fwd), wire in truth.items():
@@ -171,8 +182,9 @@ def _session(frames: int, n: int, time_scale: float, data_dir: Path) -> dict:
                 got = run.images[key] if fwd else run.images[key][:, ::-1]
                 wrong |= ~np.all((got == wire) | (np.isnan(got) & np.isnan(wire)), axis=1)
             wrong |= ~np.isin(np.arange(SIZE), run.lines_read)
-            results.append({"status": run.exit_status, "lost": int(wrong.sum()),
-                            "doubled": run.events - len(set(run.lines_read))})
+            results.append(
+                {"status": run.exit_status, "lost": int(wrong.sum()), "doubled": run.events - len(set(run.lines_read))}
+            )
     finally:
         wall = time.perf_counter() - t0
         session.close()
@@ -180,11 +192,28 @@ def _session(frames: int, n: int, time_scale: float, data_dir: Path) -> dict:
         server.stop()
     planned = {k: kinds.count(k) for k in KINDS}
     planned["refuse"] //= 2  # a refusal and its drop are one fault
-    fired = {k: len({f["fault"] for f in server.server.faults.fired if kinds[f["fault"]] == k
-                     and (k != "refuse" or f["kind"] == "refuse")}) for k in KINDS}
-    return {"frames": frames, "results": results, "errors": errors, "planned": planned, "fired": fired,
-            "kinds": kinds, "recoveries": timeline.recoveries(), "outages": stm.link.outages,
-            "outage_s": stm.link.outage_total_s, "wall_s": wall}
+    fired = {
+        k: len(
+            {
+                f["fault"]
+                for f in server.server.faults.fired
+                if kinds[f["fault"]] == k and (k != "refuse" or f["kind"] == "refuse")
+            }
+        )
+        for k in KINDS
+    }
+    return {
+        "frames": frames,
+        "results": results,
+        "errors": errors,
+        "planned": planned,
+        "fired": fired,
+        "kinds": kinds,
+        "recoveries": timeline.recoveries(),
+        "outages": stm.link.outages,
+        "outage_s": stm.link.outage_total_s,
+        "wall_s": wall,
+    }
 
 
 def _demo_under_hogs(tmp: Path) -> dict:
@@ -193,8 +222,12 @@ def _demo_under_hogs(tmp: Path) -> dict:
     out, data = tmp / "demo_output", tmp / "demo_data"
     try:
         t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "stm_live.cli", "demo", "--quick", "--out", str(out),
-                               "--data-dir", str(data)], capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", "stm_live.cli", "demo", "--quick", "--out", str(out), "--data-dir", str(data)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         wall = time.perf_counter() - t0
     finally:
         for hog in hogs:
@@ -202,12 +235,21 @@ def _demo_under_hogs(tmp: Path) -> dict:
             hog.wait(10)
     summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else {}
     frames = summary.get("frames", [])
-    complete = (proc.returncode == 0 and bool(frames) and
-                all(f["exit_status"] == "success" and f["lines"] == f["lines_total"] for f in frames))
+    complete = (
+        proc.returncode == 0
+        and bool(frames)
+        and all(f["exit_status"] == "success" and f["lines"] == f["lines_total"] for f in frames)
+    )
     tail = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] if proc.returncode else []
-    return {"returncode": proc.returncode, "complete": complete, "wall_s": wall, "frames": frames,
-            "outages": summary.get("link", {}).get("outages"), "errors": summary.get("errors", []),
-            "tail": tail[0] if tail else ""}
+    return {
+        "returncode": proc.returncode,
+        "complete": complete,
+        "wall_s": wall,
+        "frames": frames,
+        "outages": summary.get("link", {}).get("outages"),
+        "errors": summary.get("errors", []),
+        "tail": tail[0] if tail else "",
+    }
 
 
 def _ms(values) -> str:
@@ -215,10 +257,9 @@ def _ms(values) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from stm_live.console import table_console
     from rich.table import Table
 
-    from stm_live.console import quiet_suspensions
+    from stm_live.console import quiet_suspensions, table_console
 
     quick = os.environ.get("STM_BENCH_FAULTS_QUICK", "") not in ("", "0")
     parser = argparse.ArgumentParser(prog="python -m benchmarks faults", description=__doc__.splitlines()[0])
@@ -232,24 +273,30 @@ def main(argv: list[str] | None = None) -> dict:
     n = args.faults if args.faults is not None else (1 if args.quick else 2)
     scale = args.time_scale or (2.0 if args.quick else 1.0)
     console = table_console()
-    print(f"{frames} frames {SIZE} x {SIZE} (Current + Z), 20 lines/s simulated, time scale {scale:g} "
-          f"({20 * scale:g} lines/s wall); {n} fault(s) of each kind; load average "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores", flush=True)
+    print(
+        f"{frames} frames {SIZE} x {SIZE} (Current + Z), 20 lines/s simulated, time scale {scale:g} "
+        f"({20 * scale:g} lines/s wall); {n} fault(s) of each kind; load average "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores",
+        flush=True,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         with quiet_suspensions():  # bluesky's five lines per suspension
             s = _session(frames, n, scale, Path(tmp) / "session")
         demo = None if args.no_demo else _demo_under_hogs(Path(tmp))
 
     rec = s["recoveries"]
-    t = Table(title=f"Session under injected faults: {frames} frames, {SIZE}x{SIZE}, 20 lines/s "
-                    f"(time scale {scale:g}); recovery = link back -> first new line, median / max ms")
+    t = Table(
+        title=f"Session under injected faults: {frames} frames, {SIZE}x{SIZE}, 20 lines/s "
+        f"(time scale {scale:g}); recovery = link back -> first new line, median / max ms"
+    )
     for col in ("fault", "injected", "fired", "outages it began", "recovery ms"):
         t.add_column(col)
     for kind in KINDS:
         times = [dt for i, dt in rec if i is not None and s["kinds"][i] == kind]
         t.add_row(kind, str(s["planned"][kind]), str(s["fired"][kind]), str(len(times)), _ms(times))
-    t.add_row("all", str(sum(s["planned"].values())), str(sum(s["fired"].values())), str(len(rec)),
-              _ms([dt for _, dt in rec]))
+    t.add_row(
+        "all", str(sum(s["planned"].values())), str(sum(s["fired"].values())), str(len(rec)), _ms([dt for _, dt in rec])
+    )
     console.print(t)
     res = s["results"]
     lost, doubled = sum(r["lost"] for r in res), sum(r["doubled"] for r in res)
@@ -257,21 +304,32 @@ def main(argv: list[str] | None = None) -> dict:
     t = Table(title="Lines and frames (targets: 0 lost, 0 doubled, every frame)")
     for col in ("lines lost", "lines doubled", "frames completed", "link outages", "time down s", "session wall s"):
         t.add_column(col)
-    t.add_row(str(lost), str(doubled), f"{done} / {frames}", str(s["outages"]), f"{s['outage_s']:.1f}",
-              f"{s['wall_s']:.1f}")
+    t.add_row(
+        str(lost), str(doubled), f"{done} / {frames}", str(s["outages"]), f"{s['outage_s']:.1f}", f"{s['wall_s']:.1f}"
+    )
     console.print(t)
     for err in s["errors"]:
         print(f"  {err}")
-    out = {"lines_lost": lost, "lines_doubled": doubled, "frames_completed": done, "frames": frames,
-           "recovery_median_s": float(np.median([dt for _, dt in rec])) if rec else None,
-           "recovery_max_s": max((dt for _, dt in rec), default=None), "outages": s["outages"]}
+    out = {
+        "lines_lost": lost,
+        "lines_doubled": doubled,
+        "frames_completed": done,
+        "frames": frames,
+        "recovery_median_s": float(np.median([dt for _, dt in rec])) if rec else None,
+        "recovery_max_s": max((dt for _, dt in rec), default=None),
+        "outages": s["outages"],
+    }
     if demo is not None:
         t = Table(title="stm-live demo --quick beside two CPU hogs")
         for col in ("completes", "frames success / lines in", "link outages", "wall s"):
             t.add_column(col)
         frames_ok = ", ".join(f"{f['exit_status']} {f['lines']}/{f['lines_total']}" for f in demo["frames"]) or "-"
-        t.add_row("yes" if demo["complete"] else f"NO (exit {demo['returncode']})", frames_ok,
-                  str(demo["outages"]), f"{demo['wall_s']:.1f}")
+        t.add_row(
+            "yes" if demo["complete"] else f"NO (exit {demo['returncode']})",
+            frames_ok,
+            str(demo["outages"]),
+            f"{demo['wall_s']:.1f}",
+        )
         console.print(t)
         if demo["tail"]:
             print(f"  demo: {demo['tail']}")

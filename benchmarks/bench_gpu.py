@@ -76,13 +76,34 @@ class Plan:
     train_workers: int | None  # None: training.default_workers
 
     @classmethod
-    def for_run(cls, smoke: bool) -> "Plan":
+    def for_run(cls, smoke: bool) -> Plan:
         if smoke:
-            return cls(device="cpu", sizes=(32, 64), repeats=5, quality_samples=1, quality_size=48, live_size=64,
-                       live_seconds=0.5, train_seconds=0.5, train_batch=2, train_crop=32, train_workers=1)
-        return cls(device="cuda", sizes=(128, 256, 512), repeats=100, quality_samples=2, quality_size=96,
-                   live_size=512, live_seconds=3.0, train_seconds=5.0, train_batch=None, train_crop=None,
-                   train_workers=None)
+            return cls(
+                device="cpu",
+                sizes=(32, 64),
+                repeats=5,
+                quality_samples=1,
+                quality_size=48,
+                live_size=64,
+                live_seconds=0.5,
+                train_seconds=0.5,
+                train_batch=2,
+                train_crop=32,
+                train_workers=1,
+            )
+        return cls(
+            device="cuda",
+            sizes=(128, 256, 512),
+            repeats=100,
+            quality_samples=2,
+            quality_size=96,
+            live_size=512,
+            live_seconds=3.0,
+            train_seconds=5.0,
+            train_batch=None,
+            train_crop=None,
+            train_workers=None,
+        )
 
 
 VIEWS = (1, 2, 4)
@@ -185,8 +206,9 @@ def latency_section(base, plan: Plan, report: Report) -> None:
     variants = {
         "reference path fp32": two.with_acceleration(fast=False, precision="fp32"),
         "bf16 without CUDA graphs": two.with_acceleration(fast=True, precision="bf16", graphs=False),
-        "bf16 other layout": two.with_acceleration(fast=True, precision="bf16",
-                                                   channels_last=not base.acceleration.channels_last),
+        "bf16 other layout": two.with_acceleration(
+            fast=True, precision="bf16", channels_last=not base.acceleration.channels_last
+        ),
     }
     for label, rec in variants.items():
         r = _latency(rec, big, max(5, plan.repeats // 2))
@@ -199,8 +221,10 @@ def latency_section(base, plan: Plan, report: Report) -> None:
 
 def _describe(rec) -> str:
     a = rec.acceleration
-    return (f"{a.precision}, {'fast' if a.fast else 'reference'}, {'NHWC' if a.channels_last else 'NCHW'}, "
-            f"graphs {'on' if a.graphs else 'off'}")
+    return (
+        f"{a.precision}, {'fast' if a.fast else 'reference'}, {'NHWC' if a.channels_last else 'NCHW'}, "
+        f"graphs {'on' if a.graphs else 'off'}"
+    )
 
 
 def quality_section(base, plan: Plan, report: Report) -> None:
@@ -209,13 +233,22 @@ def quality_section(base, plan: Plan, report: Report) -> None:
     check = bf16_check(base.with_views(2), samples=plan.quality_samples, size=plan.quality_size)
     for precision in PRECISIONS:
         r = check[precision]
-        report.row("quality", precision, f"PSNR {r['psnr_db']:6.2f} dB  SSIM {r['ssim']:.4f}  "
-                                         f"({check['frames']} held-out frames, 2 views)", **r)
-    report.row("quality", "bf16 vs fp32", f"drop {check['drop_db']:+.3f} dB (fallback above "
-                                          f"{check['max_drop_db']:g})  SSIM drop {check['ssim_drop']:+.5f}  "
-                                          f"agreement {check['agreement_db']:.1f} dB  -> "
-                                          f"{'bf16' if check['ok'] else 'fp32'}",
-               drop_db=check["drop_db"], ok=check["ok"])
+        report.row(
+            "quality",
+            precision,
+            f"PSNR {r['psnr_db']:6.2f} dB  SSIM {r['ssim']:.4f}  ({check['frames']} held-out frames, 2 views)",
+            **r,
+        )
+    report.row(
+        "quality",
+        "bf16 vs fp32",
+        f"drop {check['drop_db']:+.3f} dB (fallback above "
+        f"{check['max_drop_db']:g})  SSIM drop {check['ssim_drop']:+.5f}  "
+        f"agreement {check['agreement_db']:.1f} dB  -> "
+        f"{'bf16' if check['ok'] else 'fp32'}",
+        drop_db=check["drop_db"],
+        ok=check["ok"],
+    )
     report.section("quality", check)
 
 
@@ -232,8 +265,13 @@ def live_section(base, plan: Plan, report: Report) -> None:
 
     def show(name, r):
         results[name] = r
-        report.row("live", name, f"p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  lines {r['n']}  updates "
-                                 f"{r['updates']}  lost {r['lost']}  final {'ok' if r['final'] else 'MISSING'}", **r)
+        report.row(
+            "live",
+            name,
+            f"p50 {r['p50']:7.1f} ms  p99 {r['p99']:7.1f} ms  lines {r['n']}  updates "
+            f"{r['updates']}  lost {r['lost']}  final {'ok' if r['final'] else 'MISSING'}",
+            **r,
+        )
 
     for name, band in (("in-process full-frame", None), ("in-process band 32", 32)):
         show(f"{size}x{size} {name}", bench_inprocess(net, size, rate, timed, band))
@@ -253,15 +291,30 @@ def training_section(plan: Plan, report: Report) -> None:
     from stm_live.models.stmnet import WIDE_CONFIG, STMNetConfig
     from stm_live.models.training import throughput
 
-    r = throughput({"default": STMNetConfig(), "wide": WIDE_CONFIG}, device=plan.device, batch=plan.train_batch,
-                   crop=plan.train_crop, workers=plan.train_workers, seconds=plan.train_seconds)
-    report.row("training", "pairs/s", f"{r['pairs_per_s']:8.0f} pairs/s  ({r['workers']} worker process{'es' * (r['workers'] != 1)}, "
-                                      f"{r['batch']} x {r['crop']}^2 px)", pairs_per_s=r["pairs_per_s"])
+    r = throughput(
+        {"default": STMNetConfig(), "wide": WIDE_CONFIG},
+        device=plan.device,
+        batch=plan.train_batch,
+        crop=plan.train_crop,
+        workers=plan.train_workers,
+        seconds=plan.train_seconds,
+    )
+    report.row(
+        "training",
+        "pairs/s",
+        f"{r['pairs_per_s']:8.0f} pairs/s  ({r['workers']} worker process{'es' * (r['workers'] != 1)}, "
+        f"{r['batch']} x {r['crop']}^2 px)",
+        pairs_per_s=r["pairs_per_s"],
+    )
     for name, c in r["configs"].items():
-        report.row("training", f"{name} steps/s",
-                   f"{c['steps_per_s']:8.1f} steps/s on the device  {c['end_to_end_steps_per_s']:8.1f} fed by the "
-                   f"workers  ({c['params'] / 1e6:.2f} M parameters; needs "
-                   f"{c['steps_per_s'] * r['batch']:.0f} pairs/s)", **c)
+        report.row(
+            "training",
+            f"{name} steps/s",
+            f"{c['steps_per_s']:8.1f} steps/s on the device  {c['end_to_end_steps_per_s']:8.1f} fed by the "
+            f"workers  ({c['params'] / 1e6:.2f} M parameters; needs "
+            f"{c['steps_per_s'] * r['batch']:.0f} pairs/s)",
+            **c,
+        )
     report.section("training", r)
 
 
@@ -275,8 +328,10 @@ def main(argv: list[str] | None = None) -> None:
 
     plan = Plan.for_run(args.smoke)
     if plan.device == "cuda" and not torch.cuda.is_available():
-        print(f"no CUDA device (torch {torch.__version__}): nothing measured; `python -m benchmarks gpu --smoke` "
-              "runs the same code on CPU")
+        print(
+            f"no CUDA device (torch {torch.__version__}): nothing measured; `python -m benchmarks gpu --smoke` "
+            "runs the same code on CPU"
+        )
         return
     from stm_live.models.stmnet import load_stmnet
 
@@ -285,18 +340,31 @@ def main(argv: list[str] | None = None) -> None:
     if plan.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
     name = torch.cuda.get_device_name() if plan.device == "cuda" else platform.processor() or platform.machine()
-    header = {"device": plan.device, "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "cpu_count": os.cpu_count(), "smoke": args.smoke, "plan": vars(plan),
-              "loaded_acceleration": _describe(base), "load_s": time.perf_counter() - started}
+    header = {
+        "device": plan.device,
+        "device_name": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cpu_count": os.cpu_count(),
+        "smoke": args.smoke,
+        "plan": vars(plan),
+        "loaded_acceleration": _describe(base),
+        "load_s": time.perf_counter() - started,
+    }
     report = Report(args.json, header)
-    print(f"STM-Net on {plan.device} ({name}), torch {torch.__version__}; loaded in {header['load_s']:.1f} s as "
-          f"{_describe(base)}{'; SMOKE: toy sizes on CPU' if args.smoke else ''}", flush=True)
+    print(
+        f"STM-Net on {plan.device} ({name}), torch {torch.__version__}; loaded in {header['load_s']:.1f} s as "
+        f"{_describe(base)}{'; SMOKE: toy sizes on CPU' if args.smoke else ''}",
+        flush=True,
+    )
     report.write()
     failed = []
-    for key, run in (("latency", lambda: latency_section(base, plan, report)),
-                     ("quality", lambda: quality_section(base, plan, report)),
-                     ("live", lambda: live_section(base, plan, report)),
-                     ("training", lambda: training_section(plan, report))):
+    for key, run in (
+        ("latency", lambda: latency_section(base, plan, report)),
+        ("quality", lambda: quality_section(base, plan, report)),
+        ("live", lambda: live_section(base, plan, report)),
+        ("training", lambda: training_section(plan, report)),
+    ):
         t0 = time.perf_counter()
         try:
             run()
@@ -326,11 +394,15 @@ def _targets(plan: Plan, report: Report) -> None:
     live = [r for (s, name), r in rows.items() if s == "live" and name.startswith(f"{LIVE_TARGET[0]}x")]
     verdict = lambda ok: "met" if ok else "NOT met"  # noqa: E731
     if lat:
-        print(f"target: <= {limit:g} ms at {size}^2 ({views} views, {precision}): {lat['median_ms']:.2f} ms, "
-              f"{verdict(lat['median_ms'] <= limit)}")
+        print(
+            f"target: <= {limit:g} ms at {size}^2 ({views} views, {precision}): {lat['median_ms']:.2f} ms, "
+            f"{verdict(lat['median_ms'] <= limit)}"
+        )
     for r in live:
-        print(f"target: live p50 <= {LIVE_TARGET[1]:g} ms at {LIVE_TARGET[0]}^2, {r['row']}: {r['p50']:.1f} ms, "
-              f"{verdict(r['p50'] <= LIVE_TARGET[1])}")
+        print(
+            f"target: live p50 <= {LIVE_TARGET[1]:g} ms at {LIVE_TARGET[0]}^2, {r['row']}: {r['p50']:.1f} ms, "
+            f"{verdict(r['p50'] <= LIVE_TARGET[1])}"
+        )
 
 
 if __name__ == "__main__":

@@ -50,17 +50,37 @@ def _docs(size: int, pixel_size_nm: float, seed: int):
 
     rng = np.random.default_rng(seed)
     image = rng.random((size, size), dtype=np.float32) * 1e-10
-    block = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": size * pixel_size_nm * 1e-9,
-                       "height_m": size * pixel_size_nm * 1e-9, "angle_deg": 0.0},
-             "pixels": size, "lines": size, "pixel_size_nm": pixel_size_nm, "scan_direction": "down",
-             "bias_V": -2.5, "setpoint_A": 1e-11, "z_controller": "constant_height",
-             "line_key": "stm_line_index",
-             "channels": [{"name": "Current", "index": 0, "units": "A",
-                           "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}}]}
+    block = {
+        "frame": {
+            "center_x_m": 0.0,
+            "center_y_m": 0.0,
+            "width_m": size * pixel_size_nm * 1e-9,
+            "height_m": size * pixel_size_nm * 1e-9,
+            "angle_deg": 0.0,
+        },
+        "pixels": size,
+        "lines": size,
+        "pixel_size_nm": pixel_size_nm,
+        "scan_direction": "down",
+        "bias_V": -2.5,
+        "setpoint_A": 1e-11,
+        "z_controller": "constant_height",
+        "line_key": "stm_line_index",
+        "channels": [
+            {
+                "name": "Current",
+                "index": 0,
+                "units": "A",
+                "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"},
+            }
+        ],
+    }
     run = compose_run(metadata={"plan_name": "bench_live", "stm_live": block})
-    keys = {"stm_line_index": {"dtype": "integer", "shape": [], "source": "bench"},
-            "stm_current_fwd": {"dtype": "array", "shape": [size], "source": "bench"},
-            "stm_current_bwd": {"dtype": "array", "shape": [size], "source": "bench"}}
+    keys = {
+        "stm_line_index": {"dtype": "integer", "shape": [], "source": "bench"},
+        "stm_current_fwd": {"dtype": "array", "shape": [size], "source": "bench"},
+        "stm_current_bwd": {"dtype": "array", "shape": [size], "source": "bench"},
+    }
     desc = run.compose_descriptor(name="primary", data_keys=keys)
     events = []
     for row in range(size):
@@ -89,17 +109,25 @@ def _feed(send, docs, rate: float, timed: int, sent_at: dict, settle) -> None:
 
 def _summary(latencies, lost, updates, final_ok) -> dict:
     lat = np.asarray(latencies, dtype=float) * 1e3
-    return {"p50": float(np.percentile(lat, 50)) if lat.size else float("nan"),
-            "p99": float(np.percentile(lat, 99)) if lat.size else float("nan"),
-            "n": int(lat.size), "updates": updates, "lost": lost, "final": final_ok}
+    return {
+        "p50": float(np.percentile(lat, 50)) if lat.size else float("nan"),
+        "p99": float(np.percentile(lat, 99)) if lat.size else float("nan"),
+        "n": int(lat.size),
+        "updates": updates,
+        "lost": lost,
+        "final": final_ok,
+    }
 
 
 def bench_inprocess(net, size: int, rate: float, timed: int, band_margin) -> dict:
     from stm_live.callbacks.live import LiveReconstruction
 
     finals = []
-    live = LiveReconstruction(net, band_margin=band_margin,
-                              emit=lambda n, d: finals.append(d) if n == "event" and d["data"].get("final") else None)
+    live = LiveReconstruction(
+        net,
+        band_margin=band_margin,
+        emit=lambda n, d: finals.append(d) if n == "event" and d["data"].get("final") else None,
+    )
     docs = _docs(size, net.pixel_size_nm, seed=size)
     sent_at: dict[int, float] = {}
     try:
@@ -125,9 +153,18 @@ class _ZmqRig:
         self.receiver = ResultReceiver()
         self.recv_at: list[tuple[float, list[int], bool, int]] = []
         self.receiver.subscribe(self._on_result, source="live")
-        cmd = [sys.executable, "-m", "stm_live.app.worker", "--connect", self.proxy.out_address,
-               "--results", self.receiver.address, "--no-tip-monitor",
-               "--band-margin", str(-1 if band_margin is None else band_margin)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "stm_live.app.worker",
+            "--connect",
+            self.proxy.out_address,
+            "--results",
+            self.receiver.address,
+            "--no-tip-monitor",
+            "--band-margin",
+            str(-1 if band_margin is None else band_margin),
+        ]
         if reconstructor_path:
             cmd += ["--reconstructor", reconstructor_path]
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -139,7 +176,9 @@ class _ZmqRig:
     def _on_result(self, name, doc):
         if name == "event" and "lines" in doc["data"]:  # the reconstruction stream, not the consistency one
             d = doc["data"]
-            self.recv_at.append((time.perf_counter(), [int(r) for r in d["lines"]], bool(d["final"]), int(d["lines_done"])))
+            self.recv_at.append(
+                (time.perf_counter(), [int(r) for r in d["lines"]], bool(d["final"]), int(d["lines_done"]))
+            )
 
     def run(self, size: int, pixel_size_nm: float, rate: float, timed: int) -> dict:
         docs = _docs(size, pixel_size_nm, seed=size + 1)
@@ -148,7 +187,8 @@ class _ZmqRig:
         self.recv_at.clear()
         burst_last = size - timed - 1
         settle = lambda: self.receiver.wait_for(  # noqa: E731
-            lambda r: any(burst_last in rows for _, rows, _, _ in self.recv_at), timeout=120)
+            lambda r: any(burst_last in rows for _, rows, _, _ in self.recv_at), timeout=120
+        )
         _feed(self.publisher, docs, rate, timed, sent_at, settle)
         final = self.receiver.wait_final(uid, timeout=120)
         latencies, seen = [], set()
@@ -189,9 +229,11 @@ def main(argv: list[str] | None = None) -> None:
     band = None if args.band_margin < 0 else args.band_margin
     net, weights, path = _reconstructor()
     device = "cuda" if str(getattr(net, "device", "cpu")).startswith("cuda") else "cpu"
-    print(f"STM-Net: {weights}; device {device}"
-          f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}; torch threads "
-          f"{torch.get_num_threads()}; band_margin {band}; pixel size {net.pixel_size_nm:.3f} nm (no resampling)")
+    print(
+        f"STM-Net: {weights}; device {device}"
+        f"{' (' + torch.cuda.get_device_name() + ')' if device == 'cuda' else ''}; torch threads "
+        f"{torch.get_num_threads()}; band_margin {band}; pixel size {net.pixel_size_nm:.3f} nm (no resampling)"
+    )
     rows = []
     for size in sizes:
         warm = np.random.default_rng(0).random((size, size), dtype=np.float32)
@@ -219,8 +261,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fmt(mode, size, rate, s) -> str:
-    return (f"{mode:11s} {size:4d}x{size:<4d} {rate:5.0f} lines/s  p50 {s['p50']:7.1f} ms  p99 {s['p99']:7.1f} ms"
-            f"  lines {s['n']:3d}  updates {s['updates']:3d}  lost {s['lost']}  final {'ok' if s['final'] else 'MISSING'}")
+    return (
+        f"{mode:11s} {size:4d}x{size:<4d} {rate:5.0f} lines/s  p50 {s['p50']:7.1f} ms  p99 {s['p99']:7.1f} ms"
+        f"  lines {s['n']:3d}  updates {s['updates']:3d}  lost {s['lost']}  final {'ok' if s['final'] else 'MISSING'}"
+    )
 
 
 if __name__ == "__main__":

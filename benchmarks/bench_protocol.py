@@ -96,34 +96,58 @@ def bench_proxy(host: str, port: int, repeats: int, pace_s: float = 0.02) -> lis
     one every ``pace_s``. The proxy runs as `stm-live sim record` does, in its own process."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.nrec"
-        proc = subprocess.Popen([sys.executable, "-m", "stm_live.cli", "sim", "record", "--upstream",
-                                 f"{host}:{port}", "--listen", "127.0.0.1:0", "--out", str(out)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stm_live.cli",
+                "sim",
+                "record",
+                "--upstream",
+                f"{host}:{port}",
+                "--listen",
+                "127.0.0.1:0",
+                "--out",
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             line = proc.stdout.readline()
             found = re.search(r"127\.0\.0\.1:(\d+) ->", line)
             if not found:
                 raise RuntimeError(f"sim record did not start: {line}{proc.stderr.read()[-2000:]}")
             rows = []
-            with NanonisClient(host, port, timeout=30) as direct, \
-                    NanonisClient(host, int(found.group(1)), timeout=30) as proxied:
+            with (
+                NanonisClient(host, port, timeout=30) as direct,
+                NanonisClient(host, int(found.group(1)), timeout=30) as proxied,
+            ):
                 direct.scan_action("stop")
                 direct.scan_buffer_set([0, 30], SIZE, SIZE)
                 # warm-up, and the same frame both ways
-                np.testing.assert_array_equal(proxied.scan_frame_data_grab(30).data,
-                                              direct.scan_frame_data_grab(30).data)
+                np.testing.assert_array_equal(
+                    proxied.scan_frame_data_grab(30).data, direct.scan_frame_data_grab(30).data
+                )
                 for pattern, pace in (("back to back", 0.0), (f"one every {pace_s * 1e3:.0f} ms", pace_s)):
                     times: dict[str, list[float]] = {"direct": [], "proxied": []}
                     for i in range(repeats):
-                        for name, c in ((("direct", direct), ("proxied", proxied))[::1 if i % 2 else -1]):
+                        for name, c in (("direct", direct), ("proxied", proxied))[:: 1 if i % 2 else -1]:
                             t0 = time.perf_counter()
                             c.scan_frame_data_grab(30)
                             times[name].append(time.perf_counter() - t0)
                             if pace:
                                 time.sleep(max(0.0, pace - (time.perf_counter() - t0)))
                     diff = [p - d for p, d in zip(times["proxied"], times["direct"])]
-                    rows.append((pattern, statistics.median(times["direct"]) * 1e3,
-                                 statistics.median(times["proxied"]) * 1e3, statistics.median(diff) * 1e3))
+                    rows.append(
+                        (
+                            pattern,
+                            statistics.median(times["direct"]) * 1e3,
+                            statistics.median(times["proxied"]) * 1e3,
+                            statistics.median(diff) * 1e3,
+                        )
+                    )
         finally:
             proc.terminate()
             proc.communicate(timeout=30)
@@ -135,8 +159,15 @@ def bench_proxy(host: str, port: int, repeats: int, pace_s: float = 0.02) -> lis
     return rows
 
 
-def bench_lines(host: str, port: int, n_clients: int = 4, pixels: int = 256, lines: int = 128,
-                line_time_s: float = 0.0005, limit_s: float = 60.0):
+def bench_lines(
+    host: str,
+    port: int,
+    n_clients: int = 4,
+    pixels: int = 256,
+    lines: int = 128,
+    line_time_s: float = 0.0005,
+    limit_s: float = 60.0,
+):
     """``n_clients`` connections follow one frame live: each waits for an end of line,
     grabs the frame and takes every row completed since its last grab (as LineFollower
     does). Returns (seconds from start to last row per client, rows per client)."""
@@ -265,14 +296,21 @@ def _serve_times(sock, name: str, values, repeats: int, seconds: float | None = 
         times.append(time.perf_counter() - t0)
         errors += P.decode_response_body(name, body, cmd)[1] != 0
     times.sort()
-    return (statistics.median(times) * 1e3, times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3, errors,
-            len(times))
+    return (
+        statistics.median(times) * 1e3,
+        times[min(len(times) - 1, int(0.99 * len(times)))] * 1e3,
+        errors,
+        len(times),
+    )
 
 
 # Cheap commands timed while a frame renders: Bias.Get is answered on the server's loop,
 # Current.Get and Scan.FrameDataGrab go through the controller.
-WHILE_RENDERING = (("Bias.Get", {}), ("Current.Get", {}),
-                   ("Scan.FrameDataGrab", {"channel_index": 30, "data_direction": 1}))
+WHILE_RENDERING = (
+    ("Bias.Get", {}),
+    ("Current.Get", {}),
+    ("Scan.FrameDataGrab", {"channel_index": 30, "data_direction": 1}),
+)
 
 
 def bench_while_rendering(host: str, port: int, seconds: float) -> list[tuple[str, float, float, int, int, int]]:
@@ -327,13 +365,17 @@ def main(argv: list[str] | None = None) -> None:
     for name, ms, note in rows:
         print(f"{name:26s} {ms:11.3f} {ms / ours:19.1f}  {note}")
     ntcp = next(ms for n, ms, _ in rows if n.startswith("nanonisTCP"))
-    print(f"targets: ours <= 1 ms: {'PASS' if ours <= 1.0 else 'FAIL'} ({ours:.3f} ms); "
-          f">= 100x nanonisTCP: {'PASS' if ntcp / ours >= 100 else 'FAIL'} ({ntcp / ours:.0f}x)")
+    print(
+        f"targets: ours <= 1 ms: {'PASS' if ours <= 1.0 else 'FAIL'} ({ours:.3f} ms); "
+        f">= 100x nanonisTCP: {'PASS' if ntcp / ours >= 100 else 'FAIL'} ({ntcp / ours:.0f}x)"
+    )
 
     with start_server_thread(seed=0, time_scale=1.0) as server:
         proxy_rows = bench_proxy(server.host, server.port, repeats)
-    print(f"\nThrough the recording proxy (`stm-live sim record`, own process, writing the file): "
-          f"{SIZE}x{SIZE} FrameDataGrab, {repeats} of each, interleaved")
+    print(
+        f"\nThrough the recording proxy (`stm-live sim record`, own process, writing the file): "
+        f"{SIZE}x{SIZE} FrameDataGrab, {repeats} of each, interleaved"
+    )
     print(f"{'pattern':22s} {'direct ms':>10s} {'proxied ms':>11s} {'added ms':>9s}  target <= 0.5 ms added")
     for pattern, d, p, added in proxy_rows:
         print(f"{pattern:22s} {d:10.3f} {p:11.3f} {added:9.3f}  {'PASS' if added <= 0.5 else 'FAIL'}")
@@ -355,23 +397,29 @@ def main(argv: list[str] | None = None) -> None:
 
     with start_server_thread(seed=0, time_scale=1.0) as server:
         busy = bench_while_rendering(server.host, server.port, 0.5 if args.quick else 3.0)
-    print(f"\nServe time while a {SIZE}x{SIZE} frame renders (1 ms lines, continuous: the scan waits on "
-          "the renderer throughout), each command back to back")
+    print(
+        f"\nServe time while a {SIZE}x{SIZE} frame renders (1 ms lines, continuous: the scan waits on "
+        "the renderer throughout), each command back to back"
+    )
     print(f"{'command':32s} {'median ms':>10s} {'p99 ms':>8s} {'errors':>7s} {'calls':>7s} {'lines meanwhile':>16s}")
     for name, med, p99, errs, calls, lines in busy:
         print(f"{name:32s} {med:10.3f} {p99:8.3f} {errs:7d} {calls:7d} {lines:16d}")
 
     with start_server_thread(seed=0, time_scale=1.0) as server:
         cmd_rows = bench_commands(server.host, server.port, 20 if args.quick else 200)
-    print(f"\nServe time per command, R14718 layouts, {20 if args.quick else 200} calls each "
-          "(round trip on loopback; waits-by-design excluded)")
+    print(
+        f"\nServe time per command, R14718 layouts, {20 if args.quick else 200} calls each "
+        "(round trip on loopback; waits-by-design excluded)"
+    )
     print(f"{'command':32s} {'median ms':>10s} {'p99 ms':>8s} {'errors':>7s}")
     for name, med, p99, errs in cmd_rows:
         print(f"{name:32s} {med:10.3f} {p99:8.3f} {errs:7d}")
     slow = [r for r in cmd_rows if r[1] > 1.0]
-    print(f"{len(cmd_rows)} commands; median <= 1 ms: {len(cmd_rows) - len(slow)}/{len(cmd_rows)} "
-          f"{'PASS' if not slow else 'FAIL: ' + ', '.join(r[0] for r in slow)}; "
-          f"worst p99 {max(r[2] for r in cmd_rows):.3f} ms ({max(cmd_rows, key=lambda r: r[2])[0]})")
+    print(
+        f"{len(cmd_rows)} commands; median <= 1 ms: {len(cmd_rows) - len(slow)}/{len(cmd_rows)} "
+        f"{'PASS' if not slow else 'FAIL: ' + ', '.join(r[0] for r in slow)}; "
+        f"worst p99 {max(r[2] for r in cmd_rows):.3f} ms ({max(cmd_rows, key=lambda r: r[2])[0]})"
+    )
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import torch
 
 def main() -> None:
     from stm_live.console import table_console
-
     from stm_live.models.metrics import format_latency, format_quality, latency_by_views, quality_tables
     from stm_live.models.stmnet import SYMMETRY_VIEWS, load_stmnet
 
@@ -25,8 +24,10 @@ def main() -> None:
     samples = int(os.environ.get("STM_LIVE_BENCH_SAMPLES", "4"))
     rec = load_stmnet(device="cpu")
     console = table_console()
-    print(f"checkpoint: {rec.info.get('steps')} steps, training pixel size {rec.pixel_size_nm} nm; "
-          f"{samples} frames per cell, 96x96 px; torch threads {threads}")
+    print(
+        f"checkpoint: {rec.info.get('steps')} steps, training pixel size {rec.pixel_size_nm} nm; "
+        f"{samples} frames per cell, 96x96 px; torch threads {threads}"
+    )
     for views in sorted(SYMMETRY_VIEWS):
         t = time.perf_counter()
         print(f"\n== output averaged over {views} symmetry view(s){' (default)' if views == rec.views else ''} ==")

@@ -48,8 +48,15 @@ def molecule_checks(rec, cells, samples: int, seed: int) -> list[dict]:
             exact = check_reconstruction(image, target, PIXEL_NM)
             # the reference s share: p_z folded in with the true orbital's (κ_eff/κ)²
             expected = effective_s_share(tip, exact.pz_factor)
-            rows.append({"cell": cell, "net": net.summary(), "exact": exact.summary(), "expected_w_s": expected,
-                         "nominal_w_s": tip.s_fraction})
+            rows.append(
+                {
+                    "cell": cell,
+                    "net": net.summary(),
+                    "exact": exact.summary(),
+                    "expected_w_s": expected,
+                    "nominal_w_s": tip.s_fraction,
+                }
+            )
     return rows
 
 
@@ -65,8 +72,9 @@ def pitch_agreement(rec, pitches=(0.05, 0.08, 0.1, 0.13), samples: int = 1, seed
     for pitch in pitches:
         network, measured = [], []
         for cell in cells:
-            for image in make_eval_pairs(cell, samples, seed=seed, size=round(96 * PIXEL_NM / pitch),
-                                         pixel_size_nm=pitch)[0]:
+            for image in make_eval_pairs(
+                cell, samples, seed=seed, size=round(96 * PIXEL_NM / pitch), pixel_size_nm=pitch
+            )[0]:
                 detailed = rec.reconstruct_detailed(image, pitch)
                 network.append(check_reconstruction(image, detailed.image, pitch, network=detailed.network).agreement)
                 measured.append(check_reconstruction(image, detailed.image, pitch).agreement)
@@ -83,8 +91,9 @@ def probe_checks(rec, per_family: int, seed: int) -> dict[str, list[dict]]:
     for name in PROBES:
         for _ in range(per_family):
             image = scope_probe(name, rng, size=96, pixel_size_nm=PIXEL_NM)
-            out.setdefault(name, []).append(check_reconstruction(image, rec.reconstruct(image, PIXEL_NM),
-                                                                 PIXEL_NM).summary())
+            out.setdefault(name, []).append(
+                check_reconstruction(image, rec.reconstruct(image, PIXEL_NM), PIXEL_NM).summary()
+            )
     try:
         from stm_live.models.tipdomain import OOD_FAMILIES, ood_family
     except ImportError:  # the tip-domain module is optional here
@@ -94,7 +103,8 @@ def probe_checks(rec, per_family: int, seed: int) -> dict[str, list[dict]]:
             frame = ood_family(name, rng)
             rho = rec.reconstruct(frame.image, frame.pixel_size_nm)
             out.setdefault(f"tipdomain:{name}", []).append(
-                check_reconstruction(frame.image, rho, frame.pixel_size_nm, frame.line_spacing_nm).summary())
+                check_reconstruction(frame.image, rho, frame.pixel_size_nm, frame.line_spacing_nm).summary()
+            )
     return out
 
 
@@ -117,8 +127,13 @@ def cost_ms(rec, size: int = 256, repeats: int = 5) -> tuple[float, float]:
         return 1e3 * float(np.median(times))
 
     # interleave so both see the same machine load
-    pairs = [(median(lambda: rec.reconstruct(image, PIXEL_NM), 1),
-              median(lambda: check_reconstruction(image, rho, PIXEL_NM), 3)) for _ in range(repeats)]
+    pairs = [
+        (
+            median(lambda: rec.reconstruct(image, PIXEL_NM), 1),
+            median(lambda: check_reconstruction(image, rho, PIXEL_NM), 3),
+        )
+        for _ in range(repeats)
+    ]
     return float(np.median([p[0] for p in pairs])), float(np.median([p[1] for p in pairs]))
 
 
@@ -128,8 +143,12 @@ def calibration_cells() -> list[dict]:
     from stm_live.models.metrics import EVAL_TIPS
     from stm_live.simulators.pairs import TRAIN_MOLECULES
 
-    cells = [{"molecule": m, "orbital": o, "tip": t, "mode": "height"}
-             for m in TRAIN_MOLECULES for o in ("HOMO", "LUMO") for t in EVAL_TIPS]
+    cells = [
+        {"molecule": m, "orbital": o, "tip": t, "mode": "height"}
+        for m in TRAIN_MOLECULES
+        for o in ("HOMO", "LUMO")
+        for t in EVAL_TIPS
+    ]
     return cells + [{"molecule": m, "orbital": "HOMO", "tip": "co", "mode": "current"} for m in TRAIN_MOLECULES]
 
 
@@ -142,19 +161,21 @@ def calibrate(samples: int = 3, seed: int = 4321, quantile: float = 5.0) -> floa
     rec = load_stmnet(device="cpu")
     scores = [r["net"]["agreement"] for r in molecule_checks(rec, calibration_cells(), samples, seed)]
     value = float(np.percentile(scores, quantile))
-    print(f"calibration: {len(scores)} in-distribution frames; agreement percentiles "
-          f"1/5/10/50 = {np.round(np.percentile(scores, [1, 5, 10, 50]), 3).tolist()}; "
-          f"{quantile:g}th percentile = {value:.3f}")
+    print(
+        f"calibration: {len(scores)} in-distribution frames; agreement percentiles "
+        f"1/5/10/50 = {np.round(np.percentile(scores, [1, 5, 10, 50]), 3).tolist()}; "
+        f"{quantile:g}th percentile = {value:.3f}"
+    )
     return value
 
 
 def main() -> None:
-    from stm_live.console import table_console
     from rich.table import Table
 
+    from stm_live.console import table_console
     from stm_live.models.consistency import AGREEMENT_THRESHOLD
-    from stm_live.models.stmnet import load_stmnet
     from stm_live.models.metrics import EVAL_TIPS, eval_cells
+    from stm_live.models.stmnet import load_stmnet
 
     threads = int(os.environ.get("STM_LIVE_BENCH_THREADS", "2"))
     torch.set_num_threads(threads)
@@ -162,14 +183,27 @@ def main() -> None:
     per_family = int(os.environ.get("STM_LIVE_BENCH_PROBES", "12"))
     console = table_console()
     rec = load_stmnet(device="cpu")
-    print(f"held-out molecules: {samples} frame(s) per cell, 96x96 px at {PIXEL_NM} nm; threshold "
-          f"{AGREEMENT_THRESHOLD}; torch threads {threads}")
+    print(
+        f"held-out molecules: {samples} frame(s) per cell, 96x96 px at {PIXEL_NM} nm; threshold "
+        f"{AGREEMENT_THRESHOLD}; torch threads {threads}"
+    )
 
     rows = molecule_checks(rec, eval_cells("held-out"), samples, seed=1234)
-    t = Table(title="Self-consistency on held-out molecules, by tip "
-                    "(mean; w_s error = fitted - effective s share)")
-    for col in ("tip", "mode", "n", "w_s (tip)", "eff. w_s", "agreement", "explained R2", "in scope",
-                "w_s err (STM-Net)", "|w_s err| max", "w_s err (exact rho)", "agreement (exact rho)"):
+    t = Table(title="Self-consistency on held-out molecules, by tip (mean; w_s error = fitted - effective s share)")
+    for col in (
+        "tip",
+        "mode",
+        "n",
+        "w_s (tip)",
+        "eff. w_s",
+        "agreement",
+        "explained R2",
+        "in scope",
+        "w_s err (STM-Net)",
+        "|w_s err| max",
+        "w_s err (exact rho)",
+        "agreement (exact rho)",
+    ):
         t.add_column(col)
     for tip in EVAL_TIPS:
         for mode in ("height", "current"):
@@ -178,39 +212,59 @@ def main() -> None:
                 continue
             err = np.array([r["net"]["w_s"] - r["expected_w_s"] for r in sel])
             err_exact = np.array([r["exact"]["w_s"] - r["expected_w_s"] for r in sel])
-            t.add_row(tip, mode, str(len(sel)), f"{sel[0]['nominal_w_s']:.2f}",
-                      f"{np.mean([r['expected_w_s'] for r in sel]):.3f}",
-                      f"{np.mean([r['net']['agreement'] for r in sel]):.3f}",
-                      f"{np.mean([r['net']['explained'] for r in sel]):.3f}",
-                      f"{np.mean([r['net']['in_scope'] for r in sel]):.0%}",
-                      f"{np.nanmean(err):+.3f}", f"{np.nanmax(np.abs(err)):.3f}", f"{np.nanmean(err_exact):+.3f}",
-                      f"{np.mean([r['exact']['agreement'] for r in sel]):.3f}")
+            t.add_row(
+                tip,
+                mode,
+                str(len(sel)),
+                f"{sel[0]['nominal_w_s']:.2f}",
+                f"{np.mean([r['expected_w_s'] for r in sel]):.3f}",
+                f"{np.mean([r['net']['agreement'] for r in sel]):.3f}",
+                f"{np.mean([r['net']['explained'] for r in sel]):.3f}",
+                f"{np.mean([r['net']['in_scope'] for r in sel]):.0%}",
+                f"{np.nanmean(err):+.3f}",
+                f"{np.nanmax(np.abs(err)):.3f}",
+                f"{np.nanmean(err_exact):+.3f}",
+                f"{np.mean([r['exact']['agreement'] for r in sel]):.3f}",
+            )
     console.print(t)
     molecules = {}
     for r in rows:
         molecules.setdefault(f"{r['cell']['molecule']} {r['cell']['orbital']}", []).append(r["net"]["agreement"])
-    print("agreement by molecule level: " + "; ".join(f"{k} {np.mean(v):.2f} (min {np.min(v):.2f})"
-                                                      for k, v in molecules.items()))
+    print(
+        "agreement by molecule level: "
+        + "; ".join(f"{k} {np.mean(v):.2f} (min {np.min(v):.2f})" for k, v in molecules.items())
+    )
 
     positive = [r["net"]["agreement"] for r in rows]
     positive_r2 = [r["net"]["explained"] for r in rows]
     probes = probe_checks(rec, per_family, seed=99)
-    t = Table(title=f"Out of scope: ROC AUC, held-out molecules (n={len(positive)}) vs each family (target >= 0.95; "
-                    "plain R2 for comparison)")
-    for col in ("family", "n", "agreement mean", "agreement max", "passes threshold", "ROC AUC",
-                "ROC AUC of plain R2"):
+    t = Table(
+        title=f"Out of scope: ROC AUC, held-out molecules (n={len(positive)}) vs each family (target >= 0.95; "
+        "plain R2 for comparison)"
+    )
+    for col in ("family", "n", "agreement mean", "agreement max", "passes threshold", "ROC AUC", "ROC AUC of plain R2"):
         t.add_column(col)
     own = [v for k, vals in probes.items() if ":" not in k for v in vals]
     everything = [v for vals in probes.values() for v in vals]
-    for name, vals in list(probes.items()) + [("probes pooled (noise, adatoms, step)", own),
-                                               ("all families pooled", everything)]:
+    for name, vals in list(probes.items()) + [
+        ("probes pooled (noise, adatoms, step)", own),
+        ("all families pooled", everything),
+    ]:
         score = np.array([v["agreement"] for v in vals])
-        t.add_row(name, str(len(vals)), f"{score.mean():.3f}", f"{score.max():.3f}",
-                  f"{np.mean(score >= AGREEMENT_THRESHOLD):.0%}", f"{roc_auc(positive, score):.3f}",
-                  f"{roc_auc(positive_r2, [v['explained'] for v in vals]):.3f}")
+        t.add_row(
+            name,
+            str(len(vals)),
+            f"{score.mean():.3f}",
+            f"{score.max():.3f}",
+            f"{np.mean(score >= AGREEMENT_THRESHOLD):.0%}",
+            f"{roc_auc(positive, score):.3f}",
+            f"{roc_auc(positive_r2, [v['explained'] for v in vals]):.3f}",
+        )
     console.print(t)
-    print(f"held-out molecule frames below the threshold (called out of scope): "
-          f"{np.mean(np.asarray(positive) < AGREEMENT_THRESHOLD):.0%}")
+    print(
+        f"held-out molecule frames below the threshold (called out of scope): "
+        f"{np.mean(np.asarray(positive) < AGREEMENT_THRESHOLD):.0%}"
+    )
 
     t = Table(title="Agreement on held-out molecules at coarser pixels (median, constant height, every tip)")
     for col in ("pixel nm", "n", "on the network's grid (used)", "on the measured grid"):
@@ -220,8 +274,7 @@ def main() -> None:
     console.print(t)
 
     infer, check = cost_ms(rec)
-    t = Table(title=f"Cost per 256x256 frame, median ms (cpu, torch threads {threads}; STM-Net with "
-                    f"{rec.views} views)")
+    t = Table(title=f"Cost per 256x256 frame, median ms (cpu, torch threads {threads}; STM-Net with {rec.views} views)")
     for col in ("STM-Net reconstruct", "consistency check", "check / inference (target <= 20 %)"):
         t.add_column(col)
     t.add_row(f"{infer:.1f}", f"{check:.1f}", f"{100 * check / infer:.1f} %")

@@ -37,8 +37,16 @@ import time
 
 import numpy as np
 
-CHANGE_PAIRS = (("co", "s"), ("co", "double"), ("co", "blunt"), ("co", "tilted_co"), ("co", "asymmetric"),
-                ("s", "double"), ("s", "blunt"), ("co", "mixed"))
+CHANGE_PAIRS = (
+    ("co", "s"),
+    ("co", "double"),
+    ("co", "blunt"),
+    ("co", "tilted_co"),
+    ("co", "asymmetric"),
+    ("s", "double"),
+    ("s", "blunt"),
+    ("co", "mixed"),
+)
 
 
 def _visible_rows(before: np.ndarray, after: np.ndarray, noise_sd: float) -> np.ndarray:
@@ -55,8 +63,8 @@ def change_detection(frames: int = 100, seed: int = 17, size: int = 128, **watch
     substrate cannot be seen until a molecule is reached, so the clock starts at the first
     visible line).
     """
-    from stm_live.models.tipdata import simulate_scan
     from stm_live.callbacks.tipwatch import detect_changes
+    from stm_live.models.tipdata import simulate_scan
 
     rng = np.random.default_rng(seed)
     false_alarms, delays, missed = 0, [], 0
@@ -70,7 +78,7 @@ def change_detection(frames: int = 100, seed: int = 17, size: int = 128, **watch
         before = simulate_scan(np.random.default_rng(s), a, pixels=size, lines=size, noise=0.0)
         after = simulate_scan(np.random.default_rng(s), b, pixels=size, lines=size, noise=0.0)
         noise_sd = 0.03 * float(np.std(before))
-        vis = np.flatnonzero(_visible_rows(before, after, noise_sd)[size // 8: size - 8]) + size // 8
+        vis = np.flatnonzero(_visible_rows(before, after, noise_sd)[size // 8 : size - 8]) + size // 8
         if vis.size == 0:
             continue
         c = int(vis[rng.integers(vis.size)])
@@ -83,13 +91,18 @@ def change_detection(frames: int = 100, seed: int = 17, size: int = 128, **watch
         false_alarms += len([x for x in detect_changes(img, **watch_kwargs) if x.flagged_at < c])
     d = np.array(delays) if delays else np.array([np.nan])
     n_change = len(delays) + missed
-    return {"clean_frames": frames, "change_frames": n_change, "false_alarms_per_100": 100 * false_alarms / (2 * frames),
-            "detected": len(delays) / max(n_change, 1), "median_delay": float(np.nanmedian(d)),
-            "p90_delay": float(np.nanpercentile(d, 90)), "within_3": float(np.mean(d <= 3)) if delays else 0.0}
+    return {
+        "clean_frames": frames,
+        "change_frames": n_change,
+        "false_alarms_per_100": 100 * false_alarms / (2 * frames),
+        "detected": len(delays) / max(n_change, 1),
+        "median_delay": float(np.nanmedian(d)),
+        "p90_delay": float(np.nanpercentile(d, 90)),
+        "within_3": float(np.mean(d <= 3)) if delays else 0.0,
+    }
 
 
-def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int = 64,
-                time_scale: float = 10.0) -> dict:
+def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int = 64, time_scale: float = 10.0) -> dict:
     """20 frames against the simulated controller, tip degrading at random, auto policy.
     ``time_scale`` 10: a line every 10 ms instead of the scenario's 0.1 s, twice the time the
     monitor's verdict takes on one core (about 40 ms every 8 lines); much faster and verdicts
@@ -124,7 +137,7 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
         rec.install(RE)
         frame = {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 7e-9, "height_m": 7e-9, "angle_deg": 0.0}
         try:
-            for i in range(frames):
+            for _ in range(frames):
                 bad = ("double", "blunt", "tilted_co")[rng.integers(3)] if rng.random() < 0.6 else None
                 line = int(rng.integers(8, lines - 16))
                 stop = _degrade_at(ctrl, bad, line) if bad else None
@@ -141,25 +154,42 @@ def closed_loop(frames: int = 20, seed: int = 11, pixels: int = 64, lines: int =
                     stop.set()
                 mon.flush(30)
                 tripped = any(e["what"] == "suspend" for e in rec.events[n_before:])
-                unknown_frames += any(e["what"].startswith("unknown verdict") or
-                                      e.get("verdict") == "unknown" for e in rec.events[n_before:])
+                unknown_frames += any(
+                    e["what"].startswith("unknown verdict") or e.get("verdict") == "unknown"
+                    for e in rec.events[n_before:]
+                )
                 held_frames += any(e["what"].startswith("held-back bad verdict") for e in rec.events[n_before:])
                 suspended += tripped
                 needless += tripped and bad is None and tip_before in good_tips
                 if finished and ctrl.tip_label in good_tips:
                     ok += 1
-                details.append({"degraded_to": bad, "at_line": line if bad else None, "finished": finished,
-                                "final_tip": ctrl.tip_label,
-                                "policy": [e["what"] + (f":{e.get('verdict', '')}" if "verdict" in e else "")
-                                           for e in rec.events[n_before:]]})
+                details.append(
+                    {
+                        "degraded_to": bad,
+                        "at_line": line if bad else None,
+                        "finished": finished,
+                        "final_tip": ctrl.tip_label,
+                        "policy": [
+                            e["what"] + (f":{e.get('verdict', '')}" if "verdict" in e else "")
+                            for e in rec.events[n_before:]
+                        ],
+                    }
+                )
         finally:
             stm.stop_scan()
             stm.close()
             mon.close()
             loop.call_soon_threadsafe(loop.stop)
-    return {"frames": frames, "good_and_unattended": ok / frames, "suspensions": suspended,
-            "needless_suspensions": needless, "unknown_frames": unknown_frames, "held_frames": held_frames,
-            "operator_needed": operator, "details": details}
+    return {
+        "frames": frames,
+        "good_and_unattended": ok / frames,
+        "suspensions": suspended,
+        "needless_suspensions": needless,
+        "unknown_frames": unknown_frames,
+        "held_frames": held_frames,
+        "operator_needed": operator,
+        "details": details,
+    }
 
 
 def _degrade_at(ctrl, tip: str, line: int):
@@ -228,24 +258,27 @@ def main() -> None:
     from stm_live.models.tiptrain import evaluate_report, format_report
 
     torch.set_num_threads(1)
-    only = {p.strip() for p in
-            os.environ.get("STM_BENCH_TIP_ONLY", "classifier,change,domain,policy,loop").split(",")}
+    only = {p.strip() for p in os.environ.get("STM_BENCH_TIP_ONLY", "classifier,change,domain,policy,loop").split(",")}
     samples = int(os.environ.get("STM_BENCH_TIP_SAMPLES", "100"))
     if "classifier" in only:
         t = time.perf_counter()
         report = evaluate_report(load_tip_classifier("cpu"), samples=samples, seed=4321)
         print(format_report(report))
         m = report["full frames"]
-        print(f"classifier (full frames): good-vs-bad {m['good_vs_bad']:.3f} (target >= 0.99), macro-F1 "
-              f"{m['macro_f1']:.3f} (target >= 0.95); the seven classes scored on the network's most probable "
-              f"class, the gate's unknown share beside  [{time.perf_counter() - t:.0f} s]")
+        print(
+            f"classifier (full frames): good-vs-bad {m['good_vs_bad']:.3f} (target >= 0.99), macro-F1 "
+            f"{m['macro_f1']:.3f} (target >= 0.95); the seven classes scored on the network's most probable "
+            f"class, the gate's unknown share beside  [{time.perf_counter() - t:.0f} s]"
+        )
     if "change" in only:
         t = time.perf_counter()
         c = change_detection(frames=int(os.environ.get("STM_BENCH_TIP_FRAMES", "100")))
-        print(f"change detector: {c['change_frames']} visible changes, detected {c['detected']:.2f}, median delay "
-              f"{c['median_delay']:.1f} lines, p90 {c['p90_delay']:.1f}, within 3 lines {c['within_3']:.2f} "
-              f"(target <= 3); false alarms {c['false_alarms_per_100']:.2f} per 100 frames (target <= 1)  "
-              f"[{time.perf_counter() - t:.0f} s]")
+        print(
+            f"change detector: {c['change_frames']} visible changes, detected {c['detected']:.2f}, median delay "
+            f"{c['median_delay']:.1f} lines, p90 {c['p90_delay']:.1f}, within 3 lines {c['within_3']:.2f} "
+            f"(target <= 3); false alarms {c['false_alarms_per_100']:.2f} per 100 frames (target <= 1)  "
+            f"[{time.perf_counter() - t:.0f} s]"
+        )
     if "domain" in only:
         t = time.perf_counter()
         d = domain_gate(frames=int(os.environ.get("STM_BENCH_TIP_OOD", "200")), samples=samples)
@@ -254,26 +287,32 @@ def main() -> None:
         worst_in = max(v["unknown_share"] for v in d["in_domain"].values())
         acted = {k: v["acted_share"] for k, v in d["families"].items()}
         held = max(v["held_share"] for v in d["in_domain"].values())
-        print(f"out-of-domain gate: ROC AUC per family {', '.join(f'{k} {v:.3f}' for k, v in aucs.items())} "
-              f"(target >= 0.95; {sum(v >= 0.95 for v in aucs.values())}/{len(aucs)} met); in-domain frames "
-              f"called unknown at most {worst_in:.3f} per set (target <= 0.03); out-of-domain frames a policy "
-              f"could act on {', '.join(f'{k} {v:.3f}' for k, v in acted.items())}; in-domain bad verdicts held "
-              f"back at most {held:.3f} per set  [{time.perf_counter() - t:.0f} s]")
+        print(
+            f"out-of-domain gate: ROC AUC per family {', '.join(f'{k} {v:.3f}' for k, v in aucs.items())} "
+            f"(target >= 0.95; {sum(v >= 0.95 for v in aucs.values())}/{len(aucs)} met); in-domain frames "
+            f"called unknown at most {worst_in:.3f} per set (target <= 0.03); out-of-domain frames a policy "
+            f"could act on {', '.join(f'{k} {v:.3f}' for k, v in acted.items())}; in-domain bad verdicts held "
+            f"back at most {held:.3f} per set  [{time.perf_counter() - t:.0f} s]"
+        )
     if "policy" in only:
         t = time.perf_counter()
         n = int(os.environ.get("STM_BENCH_TIP_POLICY", "30"))
         weights = os.environ.get("STM_BENCH_TIP_WEIGHTS")  # another checkpoint (its domain file beside it)
         acted = policy_on_families(frames=n, classifier=load_tip_classifier("cpu", weights) if weights else None)
-        print(f"auto policy on whole out-of-domain frames ({n} per family, a verdict every 8 lines): frames acted on "
-              f"{', '.join(f'{k} {v:.2f}' for k, v in acted.items())} (target 0)  [{time.perf_counter() - t:.0f} s]")
+        print(
+            f"auto policy on whole out-of-domain frames ({n} per family, a verdict every 8 lines): frames acted on "
+            f"{', '.join(f'{k} {v:.2f}' for k, v in acted.items())} (target 0)  [{time.perf_counter() - t:.0f} s]"
+        )
     if "loop" in only:
         t = time.perf_counter()
         r = closed_loop(frames=int(os.environ.get("STM_BENCH_TIP_LOOP", "20")))
-        print(f"closed loop: {r['frames']} frames, good tip and no operator input {r['good_and_unattended']:.2f} "
-              f"(target >= 0.90), operator needed {r['operator_needed']}, {r['suspensions']} suspensions, "
-              f"{r['needless_suspensions']} of them on a frame whose tip stayed good; {r['unknown_frames']} frames "
-              f"with an unknown verdict and {r['held_frames']} with a held-back bad verdict (no action on "
-              f"either)  [{time.perf_counter() - t:.0f} s]")
+        print(
+            f"closed loop: {r['frames']} frames, good tip and no operator input {r['good_and_unattended']:.2f} "
+            f"(target >= 0.90), operator needed {r['operator_needed']}, {r['suspensions']} suspensions, "
+            f"{r['needless_suspensions']} of them on a frame whose tip stayed good; {r['unknown_frames']} frames "
+            f"with an unknown verdict and {r['held_frames']} with a held-back bad verdict (no action on "
+            f"either)  [{time.perf_counter() - t:.0f} s]"
+        )
 
 
 if __name__ == "__main__":

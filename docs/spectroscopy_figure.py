@@ -26,7 +26,10 @@ SCENE = {
     "tip": "co",
     "artifacts": {"white_noise": 0.02},
     "spectra": {"width_V": 0.2, "shape": "lorentzian"},
-    "bias_V": -0.5, "setpoint_A": 5e-12, "z_nm": 0.45, "z_controller": True,
+    "bias_V": -0.5,
+    "setpoint_A": 5e-12,
+    "z_nm": 0.45,
+    "z_controller": True,
 }
 MAP_FRAME = (0.0, 0.0, 4.8e-9, 4.8e-9, 0.0)  # lock-in map: 64 px, 0.075 nm each
 GRID = (40, 40)  # grid points over the same frame: 0.12 nm apart
@@ -36,6 +39,7 @@ def main(out: Path) -> None:
     from bluesky import RunEngine
 
     from stm_live.app.reconstruct import reconstruct_files
+    from stm_live.app.runs import runs_export
     from stm_live.devices.client import NanonisClient
     from stm_live.devices.spectroscopy import BiasSpectroscopy
     from stm_live.devices.stm import NanonisSTM
@@ -45,16 +49,19 @@ def main(out: Path) -> None:
     from stm_live.simulators.scenario import parse_scenario
     from stm_live.simulators.server import start_server_thread
     from stm_live.simulators.spectra import level_energies
-    from stm_live.store import JournalWriter, read_journal, runs_export
+    from stm_live.store import JournalWriter, read_journal
 
     levels = level_energies("pentacene")
     homo, lumo = levels["HOMO"], levels["LUMO"]
     work = Path(tempfile.mkdtemp(prefix="stm_live_spectroscopy_"))
     (work / "session").mkdir()
     t0 = time.perf_counter()
-    with start_server_thread(scenario=parse_scenario(SCENE), seed=1, time_scale=1000.0,
-                             save_dir=work / "session") as srv, \
-            NanonisClient(srv.host, srv.port, timeout=30.0) as c:
+    with (
+        start_server_thread(
+            scenario=parse_scenario(SCENE), seed=1, time_scale=1000.0, save_dir=work / "session"
+        ) as srv,
+        NanonisClient(srv.host, srv.port, timeout=30.0) as c,
+    ):
         RE = RunEngine({})
         journal = JournalWriter(work / "data")
         RE.subscribe(journal)
@@ -64,8 +71,15 @@ def main(out: Path) -> None:
         c.call("BiasSpectr.TimingSet", (0.0, 0.0, 0.0, 10.0, 0.0, 1e-3, 0.0, 0.0))
 
         # (a) point spectra: over the molecule's end, and over bare substrate
-        (uid,) = RE(grid_spectroscopy(stm, spec, points=[(-0.55e-9, -0.15e-9), (2.2e-9, 2.0e-9)],
-                                      sweep=(-3.0, 3.0, 241), channels=["Current", "LI Demod 1 X"]))
+        (uid,) = RE(
+            grid_spectroscopy(
+                stm,
+                spec,
+                points=[(-0.55e-9, -0.15e-9), (2.2e-9, 2.0e-9)],
+                sweep=(-3.0, 3.0, 241),
+                channels=["Current", "LI Demod 1 X"],
+            )
+        )
         spectra = [d["data"] for n, d in read_journal(journal.path_for(uid)) if n == "event"]
 
         # (b) a constant-height lock-in map at the HOMO resonance, as a live frame
@@ -73,8 +87,17 @@ def main(out: Path) -> None:
         c.call("LockIn.ModAmpSet", (1, 0.02))
         stm.z_controller.put(0)
         stm.z.put(0.45e-9)
-        (uid,) = RE(live_frame(stm, frame=MAP_FRAME, pixels=64, lines=64, channels={"Current": 0, "LI Demod 1 X": 35},
-                               z_controller="constant_height", bias=homo))
+        (uid,) = RE(
+            live_frame(
+                stm,
+                frame=MAP_FRAME,
+                pixels=64,
+                lines=64,
+                channels={"Current": 0, "LI Demod 1 X": 35},
+                z_controller="constant_height",
+                bias=homo,
+            )
+        )
         sxm = runs_export(uid, sxm=work / "didv_homo.sxm", data_dir=work / "data")  # stm-live runs export
         c.call("LockIn.ModOnOffSet", (1, 0))
 
@@ -104,8 +127,12 @@ def main(out: Path) -> None:
     from stm_live.io.sxm import read_sxm
 
     didv = read_sxm(sxm).image("LI Demod 1 X", "forward")
-    truth = s_wave_image([Placement("pentacene", 0.0, 0.0, 15.0, "HOMO")],
-                         ScanFrame(0.0, 0.0, 4.8, 4.8, pixels=64, lines=64), z_nm=0.45, bias_V=-1.0)
+    truth = s_wave_image(
+        [Placement("pentacene", 0.0, 0.0, 15.0, "HOMO")],
+        ScanFrame(0.0, 0.0, 4.8, 4.8, pixels=64, lines=64),
+        z_nm=0.45,
+        bias_V=-1.0,
+    )
     grid = read_3ds(grid_path)
     _figure(out, spectra, didv, np.load(work / "didv_psi.npy"), truth, stack, grid, homo, lumo)
     print(f"simulated in {simulated:.1f} s; wrote {out} (work files in {work})")
@@ -127,15 +154,23 @@ def _figure(out, spectra, didv, recon, truth, stack, grid, homo, lumo) -> None:
     ax.set(xlabel="sample bias (V)", ylabel="LI Demod 1 X (pA)", title="(a) BiasSpectr, CO tip")
     ax.legend(fontsize=8, loc="upper center")
     extent = [-2.4, 2.4, -2.4, 2.4]
-    panels = [(axes[0, 1], didv, "upper", f"(b) dI/dV map {homo:+.1f} V\n(constant height, CO tip)"),
-              (axes[0, 2], recon, "upper", "(c) STM-Net of (b)"),
-              (axes[0, 3], truth, "upper", "(d) HOMO |psi|^2 (s-wave truth)")]
+    panels = [
+        (axes[0, 1], didv, "upper", f"(b) dI/dV map {homo:+.1f} V\n(constant height, CO tip)"),
+        (axes[0, 2], recon, "upper", "(c) STM-Net of (b)"),
+        (axes[0, 3], truth, "upper", "(d) HOMO |psi|^2 (s-wave truth)"),
+    ]
     k_h, k_l = (int(np.argmin(np.abs(stack["bias_V"] - v))) for v in (homo, lumo))
     for col, (k, name) in enumerate(((k_h, "HOMO"), (k_l, "LUMO"))):
         v = float(stack["bias_V"][k])
-        panels += [(axes[1, 2 * col], stack["input"][k], "lower", f"({'eg'[col]}) grid {grid.shape[1]}x{grid.shape[0]}, "
-                                                                   f"{name} {v:+.2f} V"),
-                   (axes[1, 2 * col + 1], stack["reconstruction"][k], "lower", f"({'fh'[col]}) STM-Net of the map")]
+        panels += [
+            (
+                axes[1, 2 * col],
+                stack["input"][k],
+                "lower",
+                f"({'eg'[col]}) grid {grid.shape[1]}x{grid.shape[0]}, {name} {v:+.2f} V",
+            ),
+            (axes[1, 2 * col + 1], stack["reconstruction"][k], "lower", f"({'fh'[col]}) STM-Net of the map"),
+        ]
     for ax, image, origin, title in panels:
         ax.imshow(image, origin=origin, extent=extent, cmap="magma")
         ax.set_title(title, fontsize=9)

@@ -10,17 +10,31 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
+
 from stm_live.devices.client import DEFAULT_MAX_OUTAGE_S
 from stm_live.validation import finite
 
-__all__ = ["Profile", "Limits", "ChannelSpec", "Recondition", "ReconditionAction", "Link",
-           "ProfileError", "LimitError", "load_profile", "profile_path", "PROFILE_DIR",
-           "TIP_POLICIES", "ACTION_KINDS"]
+__all__ = [
+    "Profile",
+    "Limits",
+    "ChannelSpec",
+    "Recondition",
+    "ReconditionAction",
+    "Link",
+    "ProfileError",
+    "LimitError",
+    "load_profile",
+    "profile_path",
+    "PROFILE_DIR",
+    "TIP_POLICIES",
+    "ACTION_KINDS",
+]
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 TIP_POLICIES = ("off", "prompt", "auto")
@@ -29,8 +43,7 @@ ACTION_KINDS: dict[str, dict[str, tuple[bool, tuple[float, float]]]] = {
     # Bias.Pulse: a short voltage pulse with the feedback held.
     "bias_pulse": {"bias_V": (True, (-10.0, 10.0)), "width_s": (True, (1e-4, 5.0))},
     # TipShaper: approach by depth_m (into the surface) at bias_V, wait, retract.
-    "poke": {"depth_m": (True, (0.0, 5e-9)), "bias_V": (False, (-10.0, 10.0)),
-             "lift_time_s": (False, (0.0, 10.0))},
+    "poke": {"depth_m": (True, (0.0, 5e-9)), "bias_V": (False, (-10.0, 10.0)), "lift_time_s": (False, (0.0, 10.0))},
 }
 
 
@@ -60,14 +73,14 @@ class Limits:
 
 @dataclass(frozen=True)
 class ReconditionAction:
-    kind: str                      # one of ACTION_KINDS
+    kind: str  # one of ACTION_KINDS
     params: dict[str, float]
 
 
 @dataclass(frozen=True)
 class Recondition:
     clean_site_m: tuple[float, float]
-    actions: tuple[ReconditionAction, ...]   # escalating: gentlest first
+    actions: tuple[ReconditionAction, ...]  # escalating: gentlest first
     max_attempts: int
 
 
@@ -110,56 +123,67 @@ class Profile:
     def check_bias(self, bias_V: float) -> float:
         v = _finite("bias", bias_V)
         if abs(v) > self.limits.max_abs_bias_V:
-            raise LimitError(f"bias {v:g} V exceeds limits.max_abs_bias_V = "
-                             f"{self.limits.max_abs_bias_V:g} V (profile {self.name!r})")
+            raise LimitError(
+                f"bias {v:g} V exceeds limits.max_abs_bias_V = {self.limits.max_abs_bias_V:g} V (profile {self.name!r})"
+            )
         return v
 
     def check_setpoint(self, setpoint_A: float) -> float:
         v = _finite("setpoint", setpoint_A)
         if v <= 0 or v > self.limits.max_setpoint_A:
-            raise LimitError(f"setpoint {v:g} A outside (0, limits.max_setpoint_A = "
-                             f"{self.limits.max_setpoint_A:g} A] (profile {self.name!r})")
+            raise LimitError(
+                f"setpoint {v:g} A outside (0, limits.max_setpoint_A = "
+                f"{self.limits.max_setpoint_A:g} A] (profile {self.name!r})"
+            )
         return v
 
-    def check_frame(self, center_x: float, center_y: float, width: float, height: float
-                    ) -> None:
+    def check_frame(self, center_x: float, center_y: float, width: float, height: float) -> None:
         """Frame in metres: size within max_frame_size_m, centre inside the scan area."""
         for label, v in (("width", width), ("height", height)):
             v = _finite(f"frame {label}", v)
             if v <= 0 or v > self.limits.max_frame_size_m:
-                raise LimitError(f"frame {label} {v:g} m outside (0, limits.max_frame_size_m = "
-                                 f"{self.limits.max_frame_size_m:g} m] (profile {self.name!r})")
-        for label, v, (lo, hi) in (("x", center_x, self.limits.center_x_range_m),
-                                   ("y", center_y, self.limits.center_y_range_m)):
+                raise LimitError(
+                    f"frame {label} {v:g} m outside (0, limits.max_frame_size_m = "
+                    f"{self.limits.max_frame_size_m:g} m] (profile {self.name!r})"
+                )
+        for label, v, (lo, hi) in (
+            ("x", center_x, self.limits.center_x_range_m),
+            ("y", center_y, self.limits.center_y_range_m),
+        ):
             v = _finite(f"frame centre {label}", v)
             if not lo <= v <= hi:
-                raise LimitError(f"frame centre {label} {v:g} m outside "
-                                 f"limits.scan_area.{label}_m = [{lo:g}, {hi:g}] m "
-                                 f"(profile {self.name!r})")
+                raise LimitError(
+                    f"frame centre {label} {v:g} m outside "
+                    f"limits.scan_area.{label}_m = [{lo:g}, {hi:g}] m "
+                    f"(profile {self.name!r})"
+                )
 
     def check_pixels(self, pixels: int, lines: int) -> None:
         for label, v in (("pixels", pixels), ("lines", lines)):
             if isinstance(v, bool) or int(v) != v or not 1 <= int(v) <= self.limits.max_pixels:
-                raise LimitError(f"{label} {v!r} outside [1, limits.max_pixels = "
-                                 f"{self.limits.max_pixels}] (profile {self.name!r})")
+                raise LimitError(
+                    f"{label} {v!r} outside [1, limits.max_pixels = {self.limits.max_pixels}] (profile {self.name!r})"
+                )
 
-    def check_site(self, x: float, y: float, *, away_from: tuple[float, float, float, float]
-                   | None = None) -> None:
+    def check_site(self, x: float, y: float, *, away_from: tuple[float, float, float, float] | None = None) -> None:
         """A tip-conditioning site: inside the scan area and, given ``away_from`` =
         (center_x, center_y, width, height) of the imaged frame, outside that frame."""
         x, y = _finite("site x", x), _finite("site y", y)
-        for label, v, (lo, hi) in (("x", x, self.limits.center_x_range_m),
-                                   ("y", y, self.limits.center_y_range_m)):
+        for label, v, (lo, hi) in (("x", x, self.limits.center_x_range_m), ("y", y, self.limits.center_y_range_m)):
             if not lo <= v <= hi:
-                raise LimitError(f"site {label} {v:g} m outside limits.scan_area.{label}_m = "
-                                 f"[{lo:g}, {hi:g}] m (profile {self.name!r})")
+                raise LimitError(
+                    f"site {label} {v:g} m outside limits.scan_area.{label}_m = "
+                    f"[{lo:g}, {hi:g}] m (profile {self.name!r})"
+                )
         if away_from is not None:
             cx, cy, w, h = (float(a) for a in away_from)
             # Axis-aligned bound of the frame; a rotated frame fits inside its half-diagonal.
             if abs(x - cx) <= w / 2 and abs(y - cy) <= h / 2:
-                raise LimitError(f"site ({x:g}, {y:g}) m lies inside the imaged frame centred "
-                                 f"({cx:g}, {cy:g}) m, {w:g} x {h:g} m; poking there would "
-                                 "damage the area being measured")
+                raise LimitError(
+                    f"site ({x:g}, {y:g}) m lies inside the imaged frame centred "
+                    f"({cx:g}, {cy:g}) m, {w:g} x {h:g} m; poking there would "
+                    "damage the area being measured"
+                )
 
 
 def _finite(label: str, value: Any) -> float:
@@ -167,6 +191,7 @@ def _finite(label: str, value: Any) -> float:
 
 
 # ------------------------------------------------------------------------------ loading
+
 
 def profile_path(path_or_name: str | os.PathLike) -> Path:
     """A bare name (no suffix, no slash) is a shipped profile; anything else a path."""
@@ -181,8 +206,9 @@ def load_profile(path_or_name: str | os.PathLike = "sim") -> Profile:
     path = profile_path(path_or_name)
     if not path.is_file():
         shipped = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-        raise ProfileError(f"profile {os.fspath(path_or_name)!r} not found (looked for {path}); "
-                           f"shipped profiles: {shipped}")
+        raise ProfileError(
+            f"profile {os.fspath(path_or_name)!r} not found (looked for {path}); shipped profiles: {shipped}"
+        )
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
@@ -201,8 +227,7 @@ def _where(key: str, msg: str) -> _Bad:
     return _Bad(f"{key}: {msg}" if key else msg)
 
 
-def _mapping(value: Any, key: str, required: set[str], optional: set[str] = frozenset()
-             ) -> dict:
+def _mapping(value: Any, key: str, required: set[str], optional: set[str] = frozenset()) -> dict:
     if not isinstance(value, dict):
         raise _where(key, f"expected a mapping, got {_show(value)}")
     unknown = set(value) - required - set(optional)
@@ -221,8 +246,7 @@ def _show(value: Any) -> str:
     return repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
 
 
-def _number(value: Any, key: str, lo: float | None = None, hi: float | None = None,
-            *, positive: bool = False) -> float:
+def _number(value: Any, key: str, lo: float | None = None, hi: float | None = None, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         # PyYAML reads '1e-9' (no dot) as a string: accept what float() accepts.
         if isinstance(value, str):
@@ -264,8 +288,9 @@ def _pair(value: Any, key: str, names: tuple[str, str], check: Callable) -> tupl
 
 
 def _build(doc: Any, path: Path) -> Profile:
-    top = _mapping(doc, "", {"name", "host", "ports", "channels", "limits", "recondition"},
-                   {"timeout_s", "tip_policy", "link"})
+    top = _mapping(
+        doc, "", {"name", "host", "ports", "channels", "limits", "recondition"}, {"timeout_s", "tip_policy", "link"}
+    )
     name = _string(top["name"], "name")
     host = _string(top["host"], "host")
     ports = top["ports"]
@@ -278,20 +303,21 @@ def _build(doc: Any, path: Path) -> Profile:
 
     chans = top["channels"]
     if not isinstance(chans, dict) or not chans:
-        raise _where("channels", f"expected a non-empty mapping of name -> {{index, units}}, "
-                                 f"got {_show(chans)}")
+        raise _where("channels", f"expected a non-empty mapping of name -> {{index, units}}, got {_show(chans)}")
     channels = {}
     for cname, spec in chans.items():
         key = f"channels.{cname}"
         spec = _mapping(spec, key, {"index", "units"})
-        channels[str(cname)] = ChannelSpec(index=_integer(spec["index"], f"{key}.index", 0, 1023),
-                                           units=_string(spec["units"], f"{key}.units"))
+        channels[str(cname)] = ChannelSpec(
+            index=_integer(spec["index"], f"{key}.index", 0, 1023), units=_string(spec["units"], f"{key}.units")
+        )
     indexes = [c.index for c in channels.values()]
     if len(set(indexes)) != len(indexes):
         raise _where("channels", f"two channels share a signal index: {indexes}")
 
-    lim = _mapping(top["limits"], "limits", {"max_abs_bias_V", "max_setpoint_A",
-                                             "max_frame_size_m", "max_pixels", "scan_area"})
+    lim = _mapping(
+        top["limits"], "limits", {"max_abs_bias_V", "max_setpoint_A", "max_frame_size_m", "max_pixels", "scan_area"}
+    )
     area = _mapping(lim["scan_area"], "limits.scan_area", {"x_m", "y_m"})
     ranges = []
     for axis in ("x_m", "y_m"):
@@ -304,25 +330,23 @@ def _build(doc: Any, path: Path) -> Profile:
             raise _where(key, f"min {lo:g} must be below max {hi:g}")
         ranges.append((lo, hi))
     limits = Limits(
-        max_abs_bias_V=_number(lim["max_abs_bias_V"], "limits.max_abs_bias_V", 0.0, 10.0,
-                               positive=True),
-        max_setpoint_A=_number(lim["max_setpoint_A"], "limits.max_setpoint_A", 0.0, 1e-6,
-                               positive=True),
-        max_frame_size_m=_number(lim["max_frame_size_m"], "limits.max_frame_size_m", 0.0, 1e-4,
-                                 positive=True),
+        max_abs_bias_V=_number(lim["max_abs_bias_V"], "limits.max_abs_bias_V", 0.0, 10.0, positive=True),
+        max_setpoint_A=_number(lim["max_setpoint_A"], "limits.max_setpoint_A", 0.0, 1e-6, positive=True),
+        max_frame_size_m=_number(lim["max_frame_size_m"], "limits.max_frame_size_m", 0.0, 1e-4, positive=True),
         max_pixels=_integer(lim["max_pixels"], "limits.max_pixels", 1, 16384),
-        center_x_range_m=ranges[0], center_y_range_m=ranges[1],
+        center_x_range_m=ranges[0],
+        center_y_range_m=ranges[1],
     )
 
     tip_policy = _string(top.get("tip_policy", "prompt"), "tip_policy", TIP_POLICIES)
 
     rec = _mapping(top["recondition"], "recondition", {"clean_site", "actions", "max_attempts"})
-    site = _pair(rec["clean_site"], "recondition.clean_site", ("x_m", "y_m"),
-                 lambda v, k: _number(v, k, -1e-3, 1e-3))
+    site = _pair(rec["clean_site"], "recondition.clean_site", ("x_m", "y_m"), lambda v, k: _number(v, k, -1e-3, 1e-3))
     for label, v, (lo, hi) in (("x_m", site[0], ranges[0]), ("y_m", site[1], ranges[1])):
         if not lo <= v <= hi:
-            raise _where(f"recondition.clean_site.{label}",
-                         f"{v:g} m lies outside limits.scan_area.{label} [{lo:g}, {hi:g}]")
+            raise _where(
+                f"recondition.clean_site.{label}", f"{v:g} m lies outside limits.scan_area.{label} [{lo:g}, {hi:g}]"
+            )
     acts = rec["actions"]
     if not isinstance(acts, list) or not acts:
         raise _where("recondition.actions", f"expected a non-empty list, got {_show(acts)}")
@@ -333,21 +357,38 @@ def _build(doc: Any, path: Path) -> Profile:
             raise _where(key, f"expected a mapping with a 'kind', got {_show(act)}")
         kind = _string(act["kind"], f"{key}.kind", tuple(ACTION_KINDS))
         spec = ACTION_KINDS[kind]
-        _mapping(act, key, {"kind"} | {p for p, (req, _) in spec.items() if req},
-                 {p for p, (req, _) in spec.items() if not req})
+        _mapping(
+            act,
+            key,
+            {"kind"} | {p for p, (req, _) in spec.items() if req},
+            {p for p, (req, _) in spec.items() if not req},
+        )
         params = {p: _number(act[p], f"{key}.{p}", *spec[p][1]) for p in spec if p in act}
         if "bias_V" in params and abs(params["bias_V"]) > limits.max_abs_bias_V:
-            raise _where(f"{key}.bias_V", f"{params['bias_V']:g} V exceeds "
-                                          f"limits.max_abs_bias_V = {limits.max_abs_bias_V:g} V")
+            raise _where(
+                f"{key}.bias_V", f"{params['bias_V']:g} V exceeds limits.max_abs_bias_V = {limits.max_abs_bias_V:g} V"
+            )
         actions.append(ReconditionAction(kind=kind, params=params))
     recondition = Recondition(
-        clean_site_m=site, actions=tuple(actions),
-        max_attempts=_integer(rec["max_attempts"], "recondition.max_attempts", 1, 100))
+        clean_site_m=site,
+        actions=tuple(actions),
+        max_attempts=_integer(rec["max_attempts"], "recondition.max_attempts", 1, 100),
+    )
 
     link = _mapping(top.get("link", {}), "link", set(), {"max_outage_s"})
-    link = Link(max_outage_s=_number(link.get("max_outage_s", Link.max_outage_s), "link.max_outage_s",
-                                     0.0, MAX_OUTAGE_LIMIT_S))
+    link = Link(
+        max_outage_s=_number(link.get("max_outage_s", Link.max_outage_s), "link.max_outage_s", 0.0, MAX_OUTAGE_LIMIT_S)
+    )
 
-    return Profile(name=name, host=host, ports=ports, timeout_s=timeout_s, channels=channels,
-                   limits=limits, tip_policy=tip_policy, recondition=recondition, link=link,
-                   source=path)
+    return Profile(
+        name=name,
+        host=host,
+        ports=ports,
+        timeout_s=timeout_s,
+        channels=channels,
+        limits=limits,
+        tip_policy=tip_policy,
+        recondition=recondition,
+        link=link,
+        source=path,
+    )

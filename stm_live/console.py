@@ -18,8 +18,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-__all__ = ["caused_by", "chain", "describe", "LinkReporter", "LogFile", "LOG_NAME",
-           "migrated_note", "quiet_suspensions"]
+__all__ = [
+    "caused_by",
+    "chain",
+    "describe",
+    "LinkReporter",
+    "LogFile",
+    "LOG_NAME",
+    "migrated_note",
+    "quiet_suspensions",
+]
 
 LOG_NAME = "stm-live.log"
 logger = logging.getLogger(__name__)
@@ -61,8 +69,7 @@ def table_console():
 
 def migrated_note(uids) -> str:
     """The line saying runs stored in stm-live's old tiled layout were rewritten (once)."""
-    return (f"tiled: {len(uids)} run(s) stored in stm-live's own layout were rewritten "
-            "in the BlueskyRun layout (once)")
+    return f"tiled: {len(uids)} run(s) stored in stm-live's own layout were rewritten in the BlueskyRun layout (once)"
 
 
 class LinkReporter:
@@ -100,15 +107,21 @@ class LinkReporter:
         if event.kind == "down":
             self.say(f"link to {event.address} lost{self._where()} ({event.reason}); reconnecting…")
         elif event.kind == "back":
-            resumes = (f"; frame {self.frame} resumes at line {self.stm.lines.resume_line}"
-                       if self._open is not None else "")
+            resumes = (
+                f"; frame {self.frame} resumes at line {self.stm.lines.resume_line}" if self._open is not None else ""
+            )
             tries = "" if event.attempts == 1 else f", {event.attempts} attempts"
             self.say(f"link back after {event.outage_s:.1f} s{tries}{resumes}")
         elif event.kind == "spent":
-            ends = (f": frame {self.frame} ends \"fail\" at line {self.stm.lines.resume_line}; the next frame "
-                    "starts when the controller answers" if self._open is not None else "")
-            self.say(f"link to {event.address} not back within {self.stm.max_outage_s:g} s "
-                     f"(profile link.max_outage_s){ends}")
+            ends = (
+                f': frame {self.frame} ends "fail" at line {self.stm.lines.resume_line}; the next frame '
+                "starts when the controller answers"
+                if self._open is not None
+                else ""
+            )
+            self.say(
+                f"link to {event.address} not back within {self.stm.max_outage_s:g} s (profile link.max_outage_s){ends}"
+            )
 
     def close(self) -> None:
         self.stm.link.unsubscribe(self)
@@ -138,7 +151,7 @@ class LogFile:
         self.handler.close()
         self._ours.setLevel(self._level)
 
-    def __enter__(self) -> "LogFile":
+    def __enter__(self) -> LogFile:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -163,8 +176,8 @@ def quiet_suspensions():
     """Within: bluesky's suspend/resume printout goes to the log instead of the terminal
     (its other messages still print). For console sessions that report faults themselves."""
     # here: bluesky (0.5 s) only for the sessions that run it, not for `stm-live reconstruct`
-    import bluesky.run_engine
-    import bluesky.suspenders
+    import bluesky.run_engine  # noqa: PLC0415 - bluesky: 0.5 s that reconstruct does not need
+    import bluesky.suspenders  # noqa: PLC0415 - bluesky: 0.5 s that reconstruct does not need
 
     modules = (bluesky.run_engine, bluesky.suspenders)
     saved = [m.__dict__.get("print") for m in modules]

@@ -40,11 +40,13 @@ def render_gallery(out_dir, *, pixels: int = 96, setpoint_A: float = 10e-12) -> 
         frame = ScanFrame(0.0, 0.0, side, side, pixels=pixels, lines=pixels)
         scene = [(f"{name} {orbital} |psi|^2", s_wave_image(placement, frame, z_nm=z, bias_V=bias))]
         for tip_name in GALLERY_TIPS:
-            image = constant_height_image(placement, frame, tip_preset(tip_name), z_nm=z, bias_V=bias,
-                                          substrate=substrate)
+            image = constant_height_image(
+                placement, frame, tip_preset(tip_name), z_nm=z, bias_V=bias, substrate=substrate
+            )
             scene.append((f"{tip_name} I z={z:.2f}", image))
-        z_map = constant_current_image(placement, frame, tip_preset("co"), setpoint_A=setpoint_A, bias_V=bias,
-                                       substrate=substrate)
+        z_map = constant_current_image(
+            placement, frame, tip_preset("co"), setpoint_A=setpoint_A, bias_V=bias, substrate=substrate
+        )
         scene.append((f"co Z @{setpoint_A * 1e12:.0f}pA", z_map))
         # data rows -> display rows (the frame's top at the top of each tile)
         panels.extend((title, display_rows(image, frame.direction)) for title, image in scene)

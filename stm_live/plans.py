@@ -12,8 +12,10 @@ from typing import Any
 
 import bluesky.plan_stubs as bps
 import bluesky.preprocessors as bpp
+import numpy as np
 from bluesky.utils import FailedStatus, MsgGenerator
 
+from stm_live.devices.spectroscopy import grid_points
 from stm_live.devices.stm import NanonisSTM
 
 __all__ = ["live_frame", "recondition_tip", "survey", "bias_series", "grid_spectroscopy", "frame_tuple", "Z_MODES"]
@@ -134,8 +136,7 @@ def live_frame(
     # a scan the last frame's cleanup could not reach (its link was lost) would refuse the buffer
     yield from _stop_scan(stm)
     # configuration: each one round trip, off the RunEngine loop (Status in a thread)
-    yield from bps.configure(stm.lines, {"channels": channels, "pixels": pixels,
-                                         "lines": lines})
+    yield from bps.configure(stm.lines, {"channels": channels, "pixels": pixels, "lines": lines})
     indexes = [c["index"] for c in stm.lines.channel_info()]
     yield from bps.mv(stm.scan_direction, direction)
     yield from bps.mv(stm.frame, (cx, cy, width, height, angle))
@@ -148,8 +149,7 @@ def live_frame(
 
     # what the controller actually holds (float32 on the wire) goes into the start doc
     got = []
-    for sig in (stm.frame.center_x, stm.frame.center_y, stm.frame.width, stm.frame.height,
-                stm.frame.angle):
+    for sig in (stm.frame.center_x, stm.frame.center_y, stm.frame.width, stm.frame.height, stm.frame.angle):
         got.append(float((yield from bps.rd(sig))))
     bias_V = float((yield from bps.rd(stm.bias)))
     setpoint_A = float((yield from bps.rd(stm.setpoint)))
@@ -168,9 +168,14 @@ def live_frame(
     _md = {
         "plan_name": "live_frame",
         "detectors": [stm.name],
-        "plan_args": {"frame": list(got), "pixels": pixels, "lines": lines,
-                      "channels": [c["name"] for c in block["channels"]],
-                      "direction": direction, "z_controller": z_controller},
+        "plan_args": {
+            "frame": list(got),
+            "pixels": pixels,
+            "lines": lines,
+            "channels": [c["name"] for c in block["channels"]],
+            "direction": direction,
+            "z_controller": z_controller,
+        },
         "controller": f"{stm.host}:{stm.port}",
         "stm_live": block,
     }
@@ -191,12 +196,21 @@ def live_frame(
         return (yield from bpp.contingency_wrapper(scan_lines(), except_plan=_status_cause))
 
     # the device learns which lines' events went out, so a rewind does not send one twice
-    return (yield from bpp.subs_wrapper(bpp.finalize_wrapper(acquire(), _stop_scan(stm)),
-                                        {"event": [stm.lines.note_document]}))
+    return (
+        yield from bpp.subs_wrapper(
+            bpp.finalize_wrapper(acquire(), _stop_scan(stm)), {"event": [stm.lines.note_document]}
+        )
+    )
 
 
-def check_recondition(stm: NanonisSTM, *, site: Sequence[float], method: str = "bias_pulse",
-                      frame_to_avoid: Mapping[str, float] | Sequence[float] | None = None, **params: float) -> None:
+def check_recondition(
+    stm: NanonisSTM,
+    *,
+    site: Sequence[float],
+    method: str = "bias_pulse",
+    frame_to_avoid: Mapping[str, float] | Sequence[float] | None = None,
+    **params: float,
+) -> None:
     """Raise ValueError if :func:`recondition_tip` with these arguments would be refused
     (site inside the imaged frame or outside the scan area, bias beyond the profile's limits,
     unknown method or parameters). Plain function: callers decide before yielding a plan."""
@@ -212,8 +226,7 @@ def _recondition_action(stm, site, method, frame_to_avoid, params):
         avoid = (cx, cy, w, h)
     if stm.profile is not None:
         stm.profile.check_site(x, y, away_from=avoid)
-    elif avoid is not None and abs(x - avoid[0]) <= avoid[2] / 2 and abs(
-            y - avoid[1]) <= avoid[3] / 2:
+    elif avoid is not None and abs(x - avoid[0]) <= avoid[2] / 2 and abs(y - avoid[1]) <= avoid[3] / 2:
         raise ValueError(f"site ({x:g}, {y:g}) m lies inside the imaged frame {avoid}")
     if method in ("bias_pulse", "pulse"):
         unknown = set(params) - {"bias_V", "width_s"}
@@ -279,10 +292,17 @@ def recondition_tip(
     """
     x, y, avoid, action_plan = _recondition_action(stm, site, method, frame_to_avoid, params)
     stm.link.rearm()  # a fresh outage budget, as for a frame
-    _md = {"plan_name": "recondition_tip", "detectors": [stm.name],
-           "plan_args": {"site": [x, y], "method": method, "params": dict(params),
-                         "frame_to_avoid": list(avoid) if avoid else None},
-           "controller": f"{stm.host}:{stm.port}"}
+    _md = {
+        "plan_name": "recondition_tip",
+        "detectors": [stm.name],
+        "plan_args": {
+            "site": [x, y],
+            "method": method,
+            "params": dict(params),
+            "frame_to_avoid": list(avoid) if avoid else None,
+        },
+        "controller": f"{stm.host}:{stm.port}",
+    }
     _md.update(md or {})
     record = [stm.last_action, stm.tip, stm.bias, stm.z_controller]
 
@@ -317,8 +337,11 @@ def _pulse(stm: NanonisSTM, width_s: float, bias_V: float) -> MsgGenerator[None]
     yield from bps.mv(stm.bias_pulse, (float(width_s), float(bias_V)))
 
 
-_SHAPER_ALIASES = {"depth_m": ("tip_lift", lambda v: -abs(float(v))),
-                   "bias_V": ("bias", float), "lift_time_s": ("lift_time_1", float)}
+_SHAPER_ALIASES = {
+    "depth_m": ("tip_lift", lambda v: -abs(float(v))),
+    "bias_V": ("bias", float),
+    "lift_time_s": ("lift_time_1", float),
+}
 
 
 def _shaper_settings(stm: NanonisSTM, params: Mapping[str, float]) -> dict[str, float]:
@@ -331,8 +354,7 @@ def _shaper_settings(stm: NanonisSTM, params: Mapping[str, float]) -> dict[str, 
         elif key in fields:
             out[key] = float(value)
         else:
-            raise ValueError(f"unknown tip shaper parameter {key!r}; use "
-                             f"{sorted(_SHAPER_ALIASES)} or {sorted(fields)}")
+            raise ValueError(f"unknown tip shaper parameter {key!r}; use {sorted(_SHAPER_ALIASES)} or {sorted(fields)}")
     return out
 
 
@@ -385,9 +407,14 @@ def survey(
             stm.profile.check_frame(cx, cy, width_m, height_m)
     for i, (cx, cy) in enumerate(centres):
         yield from live_frame(
-            stm, frame=(cx, cy, width_m, height_m, 0.0), pixels=pixels, lines=lines,
-            channels=channels, direction=direction,
-            md={**(md or {}), "survey_index": i, "survey_size": len(centres)})
+            stm,
+            frame=(cx, cy, width_m, height_m, 0.0),
+            pixels=pixels,
+            lines=lines,
+            channels=channels,
+            direction=direction,
+            md={**(md or {}), "survey_index": i, "survey_size": len(centres)},
+        )
 
 
 # --------------------------------------------------------------------------- spectroscopy
@@ -442,13 +469,23 @@ def bias_series(
     def name_source(msg):
         if msg.command != "open_run" or "stm_live" not in msg.kwargs:
             return msg
-        return msg._replace(kwargs={**msg.kwargs, "stm_live": {**msg.kwargs["stm_live"],
-                                                               "source_channel": source_channel}})
+        return msg._replace(
+            kwargs={**msg.kwargs, "stm_live": {**msg.kwargs["stm_live"], "source_channel": source_channel}}
+        )
 
     for i, v in enumerate(biases):
-        frame_plan = live_frame(stm, frame=frame, pixels=pixels, lines=lines, channels=channels,
-                                direction=direction, z_controller=z_controller, bias=v, setpoint=setpoint,
-                                md={**(md or {}), "bias_series_index": i, "bias_series_V": biases})
+        frame_plan = live_frame(
+            stm,
+            frame=frame,
+            pixels=pixels,
+            lines=lines,
+            channels=channels,
+            direction=direction,
+            z_controller=z_controller,
+            bias=v,
+            setpoint=setpoint,
+            md={**(md or {}), "bias_series_index": i, "bias_series_V": biases},
+        )
         yield from (bpp.msg_mutator(frame_plan, name_source) if source_channel is not None else frame_plan)
     return len(biases)
 
@@ -501,9 +538,6 @@ def grid_spectroscopy(
     suspended run measures the interrupted point again (consumers keep the last event of a
     ``point_index``).
     """
-    import numpy as np
-
-    from stm_live.devices.spectroscopy import grid_points
 
     spec = spectroscopy if spectroscopy is not None else stm.spectroscopy
     geometry = None
@@ -558,9 +592,13 @@ def grid_spectroscopy(
         "bias_V": float((yield from bps.rd(stm.bias))),
         "setpoint_A": float((yield from bps.rd(stm.setpoint))),
     }
-    _md = {"plan_name": "grid_spectroscopy", "detectors": [spec.name],
-           "plan_args": {"points": len(positions), "shape": block["shape"], "sweep": list(sweep) if sweep else None},
-           "controller": f"{stm.host}:{stm.port}", "spectroscopy": block}
+    _md = {
+        "plan_name": "grid_spectroscopy",
+        "detectors": [spec.name],
+        "plan_args": {"points": len(positions), "shape": block["shape"], "sweep": list(sweep) if sweep else None},
+        "controller": f"{stm.host}:{stm.port}",
+        "spectroscopy": block,
+    }
     _md.update(md or {})
 
     @bpp.run_decorator(md=_md)

@@ -47,21 +47,25 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from bluesky import plan_stubs as bps
 from bluesky import preprocessors as bpp
+from bluesky.run_engine import PAUSE_MSG
 from bluesky.suspenders import SuspenderBase
 from ophyd import Component as Cpt
 from ophyd import Device, Signal
 
 from stm_live.devices.signals import run_in_thread
 from stm_live.interpret import CONSTANT_CURRENT, CONSTANT_HEIGHT, network_input
+from stm_live.models import load_tip_classifier
+
 # at import, not in the verdict callback: the first verdict must not wait for torch to load
-from stm_live.models.tipstate import (MIN_VERDICT_HEIGHT_NM, bad_probability, is_held_back, is_known_bad,
-                                      is_unknown)
+from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, bad_probability, is_held_back, is_known_bad, is_unknown
+from stm_live.plans import check_recondition, recondition_tip
 from stm_live.suspenders import put_on_loop
 
 log = logging.getLogger(__name__)
@@ -185,11 +189,23 @@ class TipReconditioner:
         Told where the new tip starts, so stale lines do not re-trip the policy.
     """
 
-    def __init__(self, stm, *, policy: str | None = None, classifier=None,
-                 ask: Callable[[str], bool] | None = None, ask_timeout_s: float = 30.0,
-                 site: tuple[float, float] | None = None, actions=None, max_attempts: int | None = None,
-                 verify_lines: int = 32, verify_timeout_s: float = 60.0, consecutive: int = 1,
-                 min_bad_probability: float = 0.6, monitor=None):
+    def __init__(
+        self,
+        stm,
+        *,
+        policy: str | None = None,
+        classifier=None,
+        ask: Callable[[str], bool] | None = None,
+        ask_timeout_s: float = 30.0,
+        site: tuple[float, float] | None = None,
+        actions=None,
+        max_attempts: int | None = None,
+        verify_lines: int = 32,
+        verify_timeout_s: float = 60.0,
+        consecutive: int = 1,
+        min_bad_probability: float = 0.6,
+        monitor=None,
+    ):
         profile = getattr(stm, "profile", None)
         policy = policy or (profile.tip_policy if profile is not None else "prompt")
         if policy not in POLICIES:
@@ -213,8 +229,9 @@ class TipReconditioner:
         self.policy = policy
         self.site = (float(site[0]), float(site[1]))
         self.actions = actions
-        self.max_attempts = int(max_attempts if max_attempts is not None else
-                                (rec.max_attempts if rec is not None else len(actions)))
+        self.max_attempts = int(
+            max_attempts if max_attempts is not None else (rec.max_attempts if rec is not None else len(actions))
+        )
         self._classifier = classifier
         self.ask = ask
         self.ask_timeout_s = float(ask_timeout_s)
@@ -245,8 +262,6 @@ class TipReconditioner:
     @property
     def classifier(self):
         if self._classifier is None:
-            from stm_live.models import load_tip_classifier
-
             self._classifier = load_tip_classifier()
         return self._classifier
 
@@ -289,19 +304,24 @@ class TipReconditioner:
             if unknown:
                 self._bad_in_row = 0
                 ask = self._unknown(record)
-            elif (not is_known_bad(record)
-                  or bad_probability(record.get("probabilities", {})) < self.min_bad_probability):
+            elif (
+                not is_known_bad(record) or bad_probability(record.get("probabilities", {})) < self.min_bad_probability
+            ):
                 self._bad_in_row = 0
                 return
         if unknown:
             if ask:
-                threading.Thread(target=self._prompt, args=(record, self._unknown_message(record)),
-                                 name="tip-prompt", daemon=True).start()
+                threading.Thread(
+                    target=self._prompt, args=(record, self._unknown_message(record)), name="tip-prompt", daemon=True
+                ).start()
             return
         with self._lock:
             # "end of frame; the latest 20 lines" is an end-of-frame verdict too
-            if (self._busy or str(record.get("reason", "")).startswith("end of frame")
-                    or (self.RE is not None and record.get("run_uid") != self._open_run)):
+            if (
+                self._busy
+                or str(record.get("reason", "")).startswith("end of frame")
+                or (self.RE is not None and record.get("run_uid") != self._open_run)
+            ):
                 # Already handling it, or the verdict's frame is over: a suspend between
                 # runs would record into a closed run.
                 return
@@ -310,8 +330,11 @@ class TipReconditioner:
                 # These lines were judged outside the domain before: a verdict on them that slips
                 # under the threshold is no evidence to act on. Lines after them (a new tip's
                 # segment, the latest lines) may still show a bad tip.
-                log.debug("tip policy: bad verdict at line %s rests on lines judged unknown (to line %s)",
-                          record.get("line"), judged_unknown)
+                log.debug(
+                    "tip policy: bad verdict at line %s rests on lines judged unknown (to line %s)",
+                    record.get("line"),
+                    judged_unknown,
+                )
                 return
             self._bad_in_row += 1
             if self._bad_in_row < self.consecutive:
@@ -322,10 +345,12 @@ class TipReconditioner:
                 return
             self._busy = True
         kind, params = self.actions[0]
-        msg = (f"Tip looks {record['label']!r} (p = {record['probabilities'][record['label']]:.2f}, "
-               f"s share {record['s_fraction']:.2f}) at line {record.get('line')}. Proposed: suspend the "
-               f"frame and recondition at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, "
-               f"starting with {kind} {params}. Recondition now?")
+        msg = (
+            f"Tip looks {record['label']!r} (p = {record['probabilities'][record['label']]:.2f}, "
+            f"s share {record['s_fraction']:.2f}) at line {record.get('line')}. Proposed: suspend the "
+            f"frame and recondition at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, "
+            f"starting with {kind} {params}. Recondition now?"
+        )
         if self.policy == "auto":
             self._trip(record, "auto")
         else:
@@ -347,24 +372,36 @@ class TipReconditioner:
             return True
         held = is_held_back(record)
         kind = "held-back bad verdict" if held else "unknown verdict"
-        never = ("auto never acts on a bad verdict beyond its class's action limit" if held
-                 else "auto never acts outside the classifier's domain")
-        what = {"off": f"{kind} (policy off: recorded)", "auto": f"{kind}: no action ({never})",
-                "prompt": f"{kind}: not asked (busy, or the frame is over)"}[self.policy]
+        never = (
+            "auto never acts on a bad verdict beyond its class's action limit"
+            if held
+            else "auto never acts outside the classifier's domain"
+        )
+        what = {
+            "off": f"{kind} (policy off: recorded)",
+            "auto": f"{kind}: no action ({never})",
+            "prompt": f"{kind}: not asked (busy, or the frame is over)",
+        }[self.policy]
         self._note(what, verdict=record.get("label"), nearest=_nearest(record), line=record.get("line"), why=why)
         return False
 
     def _unknown_message(self, record: dict) -> str:
         kind, params = self.actions[0]
         if is_held_back(record):
-            doubt = (f"the tip looks {record.get('label')!r}, but the frame lies farther from that class's "
-                     f"training frames than it acts on ({_domain_why(record)})")
+            doubt = (
+                f"the tip looks {record.get('label')!r}, but the frame lies farther from that class's "
+                f"training frames than it acts on ({_domain_why(record)})"
+            )
         else:
-            doubt = (f"the frame is outside what it knows ({_domain_why(record)}), so its probabilities "
-                     f"(nearest class {_nearest(record)!r}) cannot be trusted")
-        return (f"The tip classifier cannot judge the tip at line {record.get('line')}: {doubt}, and nothing "
-                f"is done automatically. Recondition anyway at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, starting with {kind} "
-                f"{params}?")
+            doubt = (
+                f"the frame is outside what it knows ({_domain_why(record)}), so its probabilities "
+                f"(nearest class {_nearest(record)!r}) cannot be trusted"
+            )
+        return (
+            f"The tip classifier cannot judge the tip at line {record.get('line')}: {doubt}, and nothing "
+            f"is done automatically. Recondition anyway at the clean site ({self.site[0]:.3g}, {self.site[1]:.3g}) m, "
+            f"starting with {kind} {params}?"
+        )
 
     def _prompt(self, record: dict, msg: str) -> None:
         answer: list = []
@@ -393,7 +430,8 @@ class TipReconditioner:
         self._trigger_verdict = record
         self.suspender.justification = (
             f"tip monitor: tip {record['label']!r} at line {record.get('line')} "
-            f"(change at line {record.get('change_line')}); reconditioning ({by})")
+            f"(change at line {record.get('change_line')}); reconditioning ({by})"
+        )
         self._note("suspend", verdict=record["label"], line=record.get("line"), by=by)
         put_on_loop(self.RE, self.state, "bad")  # called from the monitor's thread
 
@@ -403,8 +441,17 @@ class TipReconditioner:
             getattr(self.record, k).put(v)
 
     def _rec(self, step: str, **values):
-        defaults = {"attempt": 0, "action": "", "params": "{}", "verdict": "", "probabilities": "{}",
-                    "good": False, "message": "", "site_x": self.site[0], "site_y": self.site[1]}
+        defaults = {
+            "attempt": 0,
+            "action": "",
+            "params": "{}",
+            "verdict": "",
+            "probabilities": "{}",
+            "good": False,
+            "message": "",
+            "site_x": self.site[0],
+            "site_y": self.site[1],
+        }
         defaults.update(values)
         self._write(step=step, **defaults)
         if self._open_run is None and self.RE is not None:  # the frame's run already closed
@@ -420,10 +467,17 @@ class TipReconditioner:
             z_on = bool(c.z_ctrl_on_off_get())
             z_m = float(c.z_ctrl_z_pos_get())
             bias = float(c.bias_get())
-        return {"z_on": z_on, "z_m": z_m, "bias_V": bias,"frame": (f.center_x, f.center_y, f.width, f.height, f.angle_deg),
-                "channels": list(b.channel_indexes), "pixels": int(b.pixels), "lines": int(b.lines),
-                "direction": stm.scan_direction.get(),
-                "resume_line": int(stm.lines.resume_line)}
+        return {
+            "z_on": z_on,
+            "z_m": z_m,
+            "bias_V": bias,
+            "frame": (f.center_x, f.center_y, f.width, f.height, f.angle_deg),
+            "channels": list(b.channel_indexes),
+            "pixels": int(b.pixels),
+            "lines": int(b.lines),
+            "direction": stm.scan_direction.get(),
+            "resume_line": int(stm.lines.resume_line),
+        }
 
     @contextlib.contextmanager
     def _client(self):
@@ -473,10 +527,14 @@ class TipReconditioner:
         image[n:] = np.nan
         pixel_nm = geo["frame"][2] / geo["pixels"] * 1e9
         # read as every other frame is (stm_live.interpret): Z levelled and converted, |I|
-        net_in = network_input(image, channel="Z" if channel == 30 else "Current",
-                               mode=CONSTANT_CURRENT if channel == 30 else CONSTANT_HEIGHT,
-                               unit="m" if channel == 30 else "A", pixel_size_nm=pixel_nm,
-                               line_spacing_nm=line_nm)
+        net_in = network_input(
+            image,
+            channel="Z" if channel == 30 else "Current",
+            mode=CONSTANT_CURRENT if channel == 30 else CONSTANT_HEIGHT,
+            unit="m" if channel == 30 else "A",
+            pixel_size_nm=pixel_nm,
+            line_spacing_nm=line_nm,
+        )
         self.last_verify_image = net_in.image[:n]  # for the record / viewer
         return self.classifier.classify(net_in.image, pixel_nm, line_spacing_nm=line_nm)
 
@@ -500,7 +558,6 @@ class TipReconditioner:
         return (yield from bpp.finalize_wrapper(self._recondition(), self._rearm()))
 
     def _rearm(self):
-        from bluesky.run_engine import PAUSE_MSG
 
         if self.RE is not None and self.give_up_reason and self.RE.pause_msg == self.give_up_reason:
             self.RE.pause_msg = PAUSE_MSG
@@ -511,7 +568,6 @@ class TipReconditioner:
         yield from bps.null()
 
     def _recondition(self):
-        from stm_live.plans import check_recondition, recondition_tip
 
         verdict = self._trigger_verdict or {}
         self._rescanned = 0
@@ -519,9 +575,12 @@ class TipReconditioner:
         yield from bps.trigger(job, wait=True)
         geo = job.result
         cx, cy, w, h, ang = geo["frame"]
-        yield from self._rec("suspended", verdict=str(verdict.get("label", "")),
-                             probabilities=json.dumps(verdict.get("probabilities", {})),
-                             message=self.suspender.justification)
+        yield from self._rec(
+            "suspended",
+            verdict=str(verdict.get("label", "")),
+            probabilities=json.dumps(verdict.get("probabilities", {})),
+            message=self.suspender.justification,
+        )
         yield from self._stop_scan()
 
         success, stopped, attempt = False, "", 0
@@ -533,24 +592,37 @@ class TipReconditioner:
                 check_recondition(self.stm, **action)
             except ValueError as exc:  # a limit refuses the action: record it, try the next
                 self.attempts.append(Attempt(attempt, kind, params, "", False))
-                yield from self._rec("refused", attempt=attempt, action=kind, params=json.dumps(params),
-                                     message=f"refused: {exc}")
+                yield from self._rec(
+                    "refused", attempt=attempt, action=kind, params=json.dumps(params), message=f"refused: {exc}"
+                )
                 continue
             yield from bpp.set_run_key_wrapper(
                 recondition_tip(self.stm, md={"purpose": "tip reconditioning", "attempt": attempt}, **action),
-                "recondition")
+                "recondition",
+            )
             job = _Job("verify", lambda: self._verify(geo))
             yield from bps.trigger(job, wait=True)
             v = job.result
             self.attempts.append(Attempt(attempt, kind, params, v.label, v.good, dict(v.probabilities)))
             unknown = is_unknown(v) or v.held_back
-            detail = (f"unknown: the verification frame is outside what the classifier knows "
-                      f"({_domain_why(v.to_dict())}; nearest {v.nearest} {v.confidence:.2f})" if is_unknown(v)
-                      else f"{v.label} ({v.confidence:.2f}), held back: {_domain_why(v.to_dict())}" if unknown
-                      else f"{v.label} ({v.confidence:.2f})")
-            yield from self._rec("verified", attempt=attempt, action=kind, params=json.dumps(params),
-                                 verdict=v.label, probabilities=json.dumps(v.probabilities), good=v.good,
-                                 message=f"{kind} then verify: {detail}")
+            detail = (
+                f"unknown: the verification frame is outside what the classifier knows "
+                f"({_domain_why(v.to_dict())}; nearest {v.nearest} {v.confidence:.2f})"
+                if is_unknown(v)
+                else f"{v.label} ({v.confidence:.2f}), held back: {_domain_why(v.to_dict())}"
+                if unknown
+                else f"{v.label} ({v.confidence:.2f})"
+            )
+            yield from self._rec(
+                "verified",
+                attempt=attempt,
+                action=kind,
+                params=json.dumps(params),
+                verdict=v.label,
+                probabilities=json.dumps(v.probabilities),
+                good=v.good,
+                message=f"{kind} then verify: {detail}",
+            )
             self._note("verify", attempt=attempt, verdict=v.label, good=v.good)
             if v.good:
                 success = True
@@ -562,13 +634,17 @@ class TipReconditioner:
         if not success:
             tried = ", ".join(f"{a.action}->{a.verdict or 'refused'}" for a in self.attempts[-attempt:])
             if stopped:
-                reason = (f"Tip reconditioning stopped after attempt {attempt} ({tried}): {stopped}, so it cannot "
-                          f"tell whether the tip is good, and no further action is taken on that. Check the tip "
-                          f"by hand, then RE.resume() to finish the frame (or RE.abort()).")
+                reason = (
+                    f"Tip reconditioning stopped after attempt {attempt} ({tried}): {stopped}, so it cannot "
+                    f"tell whether the tip is good, and no further action is taken on that. Check the tip "
+                    f"by hand, then RE.resume() to finish the frame (or RE.abort())."
+                )
             else:
-                reason = (f"Tip reconditioning gave up after {self.max_attempts} attempts ({tried}); the tip is "
-                          f"still bad. Fix the tip by hand, then RE.resume() to finish the frame "
-                          f"(or RE.abort()).")
+                reason = (
+                    f"Tip reconditioning gave up after {self.max_attempts} attempts ({tried}); the tip is "
+                    f"still bad. Fix the tip by hand, then RE.resume() to finish the frame "
+                    f"(or RE.abort())."
+                )
             self.give_up_reason = reason
             self._note("give up", reason=reason)
             yield from self._rec("gave up", message=reason)

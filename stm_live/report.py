@@ -24,11 +24,24 @@ from PIL.PngImagePlugin import PngInfo
 _ANCHORS: dict[str, list[tuple[float, tuple[int, int, int]]]] = {
     "gray": [(0.0, (0, 0, 0)), (1.0, (255, 255, 255))],
     # afmhot: r = 2x, g = 2x − 0.5, b = 2x − 1, clipped (the classic STM "gold")
-    "afmhot": [(0.0, (0, 0, 0)), (0.25, (128, 0, 0)), (0.5, (255, 128, 0)), (0.75, (255, 255, 128)),
-               (1.0, (255, 255, 255))],
-    "viridis": [(0.0, (68, 1, 84)), (0.13, (71, 44, 122)), (0.25, (59, 81, 139)), (0.38, (44, 113, 142)),
-                (0.5, (33, 144, 141)), (0.63, (39, 173, 129)), (0.75, (92, 200, 99)), (0.88, (170, 220, 50)),
-                (1.0, (253, 231, 37))],
+    "afmhot": [
+        (0.0, (0, 0, 0)),
+        (0.25, (128, 0, 0)),
+        (0.5, (255, 128, 0)),
+        (0.75, (255, 255, 128)),
+        (1.0, (255, 255, 255)),
+    ],
+    "viridis": [
+        (0.0, (68, 1, 84)),
+        (0.13, (71, 44, 122)),
+        (0.25, (59, 81, 139)),
+        (0.38, (44, 113, 142)),
+        (0.5, (33, 144, 141)),
+        (0.63, (39, 173, 129)),
+        (0.75, (92, 200, 99)),
+        (0.88, (170, 220, 50)),
+        (1.0, (253, 231, 37)),
+    ],
 }
 NAN_GREY = (128, 128, 128)
 
@@ -95,8 +108,9 @@ def montage(panels, *, ncols: int = 4, tile: int = 192, cmap: str = "afmhot") ->
         rgb = a if (a.ndim == 3 and a.shape[2] == 3 and a.dtype == np.uint8) else image_to_rgb(a, cmap)
         h, w = rgb.shape[:2]
         scale = tile / max(h, w)
-        thumb = Image.fromarray(rgb).resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST
-                                            if scale >= 1 else Image.BILINEAR)
+        thumb = Image.fromarray(rgb).resize(
+            (max(1, round(w * scale)), max(1, round(h * scale))), Image.NEAREST if scale >= 1 else Image.BILINEAR
+        )
         col, row = k % ncols, k // ncols
         x0, y0 = col * tile, row * (tile + title_h)
         draw.text((x0 + 3, y0 + 2), str(title)[: tile // 6], fill=(0, 0, 0), font=font)
@@ -107,22 +121,47 @@ def montage(panels, *, ncols: int = 4, tile: int = 192, cmap: str = "afmhot") ->
 # ---------------------------------------------------------------- annotated frames
 
 SCAN_DIRECTIONS = ("down", "up")
-MIN_DISPLAY_PX = 256   # shorter side of a panel at least this (small frames are upscaled)
+MIN_DISPLAY_PX = 256  # shorter side of a panel at least this (small frames are upscaled)
 MAX_DISPLAY_PX = 2048  # longer side of a panel at most this (bounded memory for any frame)
 _MARGIN = 10
-_GAP = 14             # between a panel's colour bar labels and the next panel
-_BAR_W = 14           # colour bar width
-_SCALE_BAR_H = 5      # scale bar thickness
+_GAP = 14  # between a panel's colour bar labels and the next panel
+_BAR_W = 14  # colour bar width
+_SCALE_BAR_H = 5  # scale bar thickness
 _FONT_SIZE = 13
 _INK = (0, 0, 0)
 _PAPER = (255, 255, 255)
 # SI units that take a prefix in labels (a value in A is shown in pA, nA ...)
 _SI_UNITS = {"A", "V", "m", "S", "s", "Hz", "N", "W", "F", "Ohm"}
-_PREFIXES = ((1e-15, "f"), (1e-12, "p"), (1e-9, "n"), (1e-6, "u"), (1e-3, "m"), (1.0, ""),
-             (1e3, "k"), (1e6, "M"), (1e9, "G"))
+_PREFIXES = (
+    (1e-15, "f"),
+    (1e-12, "p"),
+    (1e-9, "n"),
+    (1e-6, "u"),
+    (1e-3, "m"),
+    (1.0, ""),
+    (1e3, "k"),
+    (1e6, "M"),
+    (1e9, "G"),
+)
 # The bundled font has ASCII glyphs only; common symbols are spelled out.
-_ASCII = {"µ": "u", "μ": "u", "ψ": "psi", "Ψ": "Psi", "²": "^2", "³": "^3", "×": "x", "Å": "A",
-          "−": "-", "±": "+/-", "°": " deg", "Ω": "Ohm", "κ": "kappa", "·": ".", "–": "-", "—": "-"}
+_ASCII = {
+    "µ": "u",
+    "μ": "u",
+    "ψ": "psi",
+    "Ψ": "Psi",
+    "²": "^2",
+    "³": "^3",
+    "×": "x",
+    "Å": "A",
+    "−": "-",
+    "±": "+/-",
+    "°": " deg",
+    "Ω": "Ohm",
+    "κ": "kappa",
+    "·": ".",
+    "–": "-",
+    "—": "-",
+}
 
 
 def display_rows(image, scan_direction: str = "down") -> np.ndarray:
@@ -207,8 +246,9 @@ def _nearest_index(n_src: int, n_dst: int) -> np.ndarray:
     return np.clip(np.where(k <= n_dst, lower, upper), 0, n_src - 1)
 
 
-def _display_shape(lines: int, pixels: int, pixel_size_nm: float, line_spacing_nm: float,
-                   min_px: int, max_px: int) -> tuple[int, int]:
+def _display_shape(
+    lines: int, pixels: int, pixel_size_nm: float, line_spacing_nm: float, min_px: int, max_px: int
+) -> tuple[int, int]:
     """(height, width) in display pixels: the same nm per display pixel on both axes; the
     finer axis at least at its native sampling; shorter side >= min_px, longer <= max_px."""
     width_nm, height_nm = pixels * pixel_size_nm, lines * line_spacing_nm
@@ -230,10 +270,10 @@ def _scale_bar_nm(width_nm: float) -> float:
     """A round length (1, 2 or 5 × 10^k nm) of about a fifth to a half of the frame width."""
     target = width_nm * 0.3
     exponent = math.floor(math.log10(target))
-    best = 10.0 ** exponent
+    best = 10.0**exponent
     for mantissa in (1.0, 2.0, 5.0, 10.0):
-        if mantissa * 10.0 ** exponent <= target * 1.5:
-            best = mantissa * 10.0 ** exponent
+        if mantissa * 10.0**exponent <= target * 1.5:
+            best = mantissa * 10.0**exponent
     return best
 
 
@@ -303,10 +343,18 @@ def _wrap(font, text: str, width: int) -> list[str]:
     return out
 
 
-def render_frame(panels, *, pixel_size_nm: float, line_spacing_nm: float | None = None,
-                 scan_direction: str = "down", units=None, caption: str = "",
-                 cmap="afmhot", min_display_px: int = MIN_DISPLAY_PX,
-                 max_display_px: int = MAX_DISPLAY_PX) -> tuple[np.ndarray, FrameLayout]:
+def render_frame(
+    panels,
+    *,
+    pixel_size_nm: float,
+    line_spacing_nm: float | None = None,
+    scan_direction: str = "down",
+    units=None,
+    caption: str = "",
+    cmap="afmhot",
+    min_display_px: int = MIN_DISPLAY_PX,
+    max_display_px: int = MAX_DISPLAY_PX,
+) -> tuple[np.ndarray, FrameLayout]:
     """Annotated picture of one frame's panels; see :func:`save_frame_png`.
     Returns (uint8 RGB array, layout)."""
     panels = [(str(t), np.asarray(a)) for t, a in panels]
@@ -319,8 +367,9 @@ def render_frame(panels, *, pixel_size_nm: float, line_spacing_nm: float | None 
         if not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
             raise ValueError(f"panel {title!r}: image must be real numbers, got dtype {a.dtype}")
         if a.shape != shape:
-            raise ValueError(f"panel {title!r} has shape {a.shape}, the first panel {shape}; "
-                             "all panels must show the same frame")
+            raise ValueError(
+                f"panel {title!r} has shape {a.shape}, the first panel {shape}; all panels must show the same frame"
+            )
     pixel_size_nm = float(pixel_size_nm)
     line_spacing_nm = pixel_size_nm if line_spacing_nm is None else float(line_spacing_nm)
     for name, value in (("pixel_size_nm", pixel_size_nm), ("line_spacing_nm", line_spacing_nm)):
@@ -340,8 +389,7 @@ def render_frame(panels, *, pixel_size_nm: float, line_spacing_nm: float | None 
         raise ValueError(f"need 1 <= min_display_px <= max_display_px, got {min_display_px}, {max_display_px}")
 
     lines, pixels = shape
-    dh, dw = _display_shape(lines, pixels, pixel_size_nm, line_spacing_nm,
-                            int(min_display_px), int(max_display_px))
+    dh, dw = _display_shape(lines, pixels, pixel_size_nm, line_spacing_nm, int(min_display_px), int(max_display_px))
     rows, cols = _nearest_index(lines, dh), _nearest_index(pixels, dw)
     width_nm, height_nm = pixels * pixel_size_nm, lines * line_spacing_nm
     px_per_nm = (dw / width_nm, dh / height_nm)
@@ -372,8 +420,7 @@ def render_frame(panels, *, pixel_size_nm: float, line_spacing_nm: float | None 
         draw.text((_MARGIN, _MARGIN + k * line_h), text, fill=_INK, font=font)
     layouts = []
     x = _MARGIN
-    for (title, a), unit, c, (lo, hi, dmin, dmax), lab, bw in zip(panels, units, cmaps, ranges, labels,
-                                                                   block_w):
+    for (title, a), unit, c, (lo, hi, dmin, dmax), lab, bw in zip(panels, units, cmaps, ranges, labels, block_w):
         # resample first, then colour: memory scales with the picture, not the frame
         shown = display_rows(a, scan_direction)[rows][:, cols].astype(np.float32)
         canvas.paste(Image.fromarray(image_to_rgb(shown, c, vrange=(lo, hi))), (x, image_top))
@@ -384,29 +431,49 @@ def render_frame(panels, *, pixel_size_nm: float, line_spacing_nm: float | None 
         # colour bar: top = vmax, bottom = vmin, the panel's height
         cx = x + dw + 6
         ramp = _lut(c)[np.linspace(255, 0, dh).round().astype(int)]
-        canvas.paste(Image.fromarray(np.ascontiguousarray(np.repeat(ramp[:, None, :], _BAR_W, axis=1))),
-                     (cx, image_top))
+        canvas.paste(
+            Image.fromarray(np.ascontiguousarray(np.repeat(ramp[:, None, :], _BAR_W, axis=1))), (cx, image_top)
+        )
         draw.rectangle([cx - 1, image_top - 1, cx + _BAR_W, image_top + dh], outline=_INK)
         tx = cx + _BAR_W + 4
         draw.text((tx, image_top), lab[0], fill=_INK, font=font)
         draw.text((tx, image_top + dh - line_h + 2), lab[1], fill=_INK, font=font)
         if dh >= 3 * line_h:
             draw.text((tx, image_top + (dh - line_h) // 2), lab[2], fill=_INK, font=font)
-        layouts.append(PanelLayout(title=str(title), units=unit, cmap=c,
-                                   image_box=(x, image_top, x + dw, image_top + dh),
-                                   colorbar_box=(cx, image_top, cx + _BAR_W, image_top + dh),
-                                   vmin=lo, vmax=hi, labels=lab, data_min=dmin, data_max=dmax))
+        layouts.append(
+            PanelLayout(
+                title=str(title),
+                units=unit,
+                cmap=c,
+                image_box=(x, image_top, x + dw, image_top + dh),
+                colorbar_box=(cx, image_top, cx + _BAR_W, image_top + dh),
+                vmin=lo,
+                vmax=hi,
+                labels=lab,
+                data_min=dmin,
+                data_max=dmax,
+            )
+        )
         x += bw + _GAP
     # scale bar under the first panel, in the paper strip (not over the data)
     x0 = layouts[0].image_box[0]
     draw.rectangle([x0, bar_top, x0 + bar_px - 1, bar_top + _SCALE_BAR_H - 1], fill=_INK)
     draw.text((x0, bar_top + _SCALE_BAR_H + 3), bar_label, fill=_INK, font=font)
     layout = FrameLayout(
-        size=(width, height), panels=tuple(layouts), pixel_size_nm=pixel_size_nm,
-        line_spacing_nm=line_spacing_nm, scan_direction=scan_direction, display_shape=(dh, dw),
-        px_per_nm=px_per_nm, scale_bar_nm=bar_nm, scale_bar_px=bar_px,
+        size=(width, height),
+        panels=tuple(layouts),
+        pixel_size_nm=pixel_size_nm,
+        line_spacing_nm=line_spacing_nm,
+        scan_direction=scan_direction,
+        display_shape=(dh, dw),
+        px_per_nm=px_per_nm,
+        scale_bar_nm=bar_nm,
+        scale_bar_px=bar_px,
         scale_bar_box=(x0, bar_top, x0 + bar_px, bar_top + _SCALE_BAR_H),
-        scale_bar_label=bar_label, caption=str(caption), caption_lines=tuple(caption_lines))
+        scale_bar_label=bar_label,
+        caption=str(caption),
+        caption_lines=tuple(caption_lines),
+    )
     return np.asarray(canvas), layout
 
 
@@ -421,22 +488,44 @@ def frame_png_bytes(panels, **kwargs) -> tuple[bytes, FrameLayout]:
     info = PngInfo()
     info.add_itxt("Description", layout.caption)
     info.add_text("Software", "stm-live")
-    meta = {"pixel_size_nm": layout.pixel_size_nm, "line_spacing_nm": layout.line_spacing_nm,
-            "scan_direction": layout.scan_direction, "scale_bar_nm": layout.scale_bar_nm,
-            "scale_bar_px": layout.scale_bar_px, "px_per_nm": list(layout.px_per_nm),
-            "panels": [{"title": p.title, "units": p.units, "vmin": _finite_or_none(p.vmin),
-                        "vmax": _finite_or_none(p.vmax), "data_min": _finite_or_none(p.data_min),
-                        "data_max": _finite_or_none(p.data_max)} for p in layout.panels]}
+    meta = {
+        "pixel_size_nm": layout.pixel_size_nm,
+        "line_spacing_nm": layout.line_spacing_nm,
+        "scan_direction": layout.scan_direction,
+        "scale_bar_nm": layout.scale_bar_nm,
+        "scale_bar_px": layout.scale_bar_px,
+        "px_per_nm": list(layout.px_per_nm),
+        "panels": [
+            {
+                "title": p.title,
+                "units": p.units,
+                "vmin": _finite_or_none(p.vmin),
+                "vmax": _finite_or_none(p.vmax),
+                "data_min": _finite_or_none(p.data_min),
+                "data_max": _finite_or_none(p.data_max),
+            }
+            for p in layout.panels
+        ],
+    }
     info.add_itxt("stm-live", json.dumps(meta))
     buffer = io.BytesIO()
     Image.fromarray(rgb, mode="RGB").save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue(), layout
 
 
-def save_frame_png(path, panels, *, pixel_size_nm: float, line_spacing_nm: float | None = None,
-                   scan_direction: str = "down", units=None, caption: str = "", cmap="afmhot",
-                   min_display_px: int = MIN_DISPLAY_PX,
-                   max_display_px: int = MAX_DISPLAY_PX) -> FrameLayout:
+def save_frame_png(
+    path,
+    panels,
+    *,
+    pixel_size_nm: float,
+    line_spacing_nm: float | None = None,
+    scan_direction: str = "down",
+    units=None,
+    caption: str = "",
+    cmap="afmhot",
+    min_display_px: int = MIN_DISPLAY_PX,
+    max_display_px: int = MAX_DISPLAY_PX,
+) -> FrameLayout:
     """Write one frame's panels side by side as an annotated PNG; return the layout used.
 
     Parameters
@@ -467,9 +556,17 @@ def save_frame_png(path, panels, *, pixel_size_nm: float, line_spacing_nm: float
     1–99 % percentiles, as coloured); a scale bar of a round length in nm is drawn under the
     first panel.
     """
-    data, layout = frame_png_bytes(panels, pixel_size_nm=pixel_size_nm, line_spacing_nm=line_spacing_nm,
-                                   scan_direction=scan_direction, units=units, caption=caption, cmap=cmap,
-                                   min_display_px=min_display_px, max_display_px=max_display_px)
+    data, layout = frame_png_bytes(
+        panels,
+        pixel_size_nm=pixel_size_nm,
+        line_spacing_nm=line_spacing_nm,
+        scan_direction=scan_direction,
+        units=units,
+        caption=caption,
+        cmap=cmap,
+        min_display_px=min_display_px,
+        max_display_px=max_display_px,
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)

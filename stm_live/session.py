@@ -31,15 +31,21 @@ from stm_live.callbacks.tipmonitor import TipMonitor
 from stm_live.console import LinkReporter
 from stm_live.models import load_stmnet, load_tip_classifier
 from stm_live.reconditioning import POLICIES, TipReconditioner
-from stm_live.store import (JournalWriter, TiledIngestor, journals_to_ingest, migrate_old_layout,
-                            open_tiled)
+from stm_live.store import JournalWriter, TiledIngestor, journals_to_ingest, migrate_old_layout, open_tiled
 from stm_live.streaming import DocumentProxy, ResultReceiver, make_publisher
 from stm_live.suspenders import LinkSuspender
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AcquisitionSession", "Consumers", "build_consumers", "ThreadedCallback", "LineProgress",
-           "DerivedCollector", "load_models"]
+__all__ = [
+    "AcquisitionSession",
+    "Consumers",
+    "build_consumers",
+    "ThreadedCallback",
+    "LineProgress",
+    "DerivedCollector",
+    "load_models",
+]
 
 Callback = Callable[[str, dict], Any]
 
@@ -57,8 +63,8 @@ class ThreadedCallback:
         self.errors: list[Exception] = []
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(
-            target=self._work, name=name or f"cb-{getattr(callback, '__name__', 'callback')}",
-            daemon=True)
+            target=self._work, name=name or f"cb-{getattr(callback, '__name__', 'callback')}", daemon=True
+        )
         self._thread.start()
 
     def __call__(self, name: str, doc: dict) -> None:
@@ -91,13 +97,18 @@ class LineProgress:
     """A rich progress bar: one task per frame, advanced per line (cheap on the loop)."""
 
     def __init__(self, console=None):
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeRemainingColumn(),
-                                 console=console, transient=False)
-        self._tasks: dict[str, int] = {}          # frame run uid -> progress task
-        self._line_keys: dict[str, str] = {}      # frame run uid -> line index key
-        self._lines: dict[str, set[int]] = {}     # frame run uid -> distinct lines seen
-        self._streams: dict[str, str] = {}        # primary descriptor uid -> frame run uid
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self._tasks: dict[str, int] = {}  # frame run uid -> progress task
+        self._line_keys: dict[str, str] = {}  # frame run uid -> line index key
+        self._lines: dict[str, set[int]] = {}  # frame run uid -> distinct lines seen
+        self._streams: dict[str, str] = {}  # primary descriptor uid -> frame run uid
         self._started = False
 
     def __call__(self, name: str, doc: dict) -> None:
@@ -108,8 +119,7 @@ class LineProgress:
             if not self._started:
                 self.progress.start()
                 self._started = True
-            self._tasks[doc["uid"]] = self.progress.add_task(
-                f"frame {doc['uid'][:8]}", total=meta["lines"])
+            self._tasks[doc["uid"]] = self.progress.add_task(f"frame {doc['uid'][:8]}", total=meta["lines"])
             self._line_keys[doc["uid"]] = meta.get("line_key", "stm_line_index")
             self._lines[doc["uid"]] = set()
         elif name == "descriptor" and doc.get("run_start") in self._tasks and doc.get("name") == "primary":
@@ -122,8 +132,7 @@ class LineProgress:
                 self.progress.update(self._tasks[run], completed=len(self._lines[run]))
         elif name == "stop" and doc["run_start"] in self._tasks:
             task = self._tasks.pop(doc["run_start"])
-            self.progress.update(task, description=f"frame {doc['run_start'][:8]} "
-                                                   f"{doc['exit_status']}")
+            self.progress.update(task, description=f"frame {doc['run_start'][:8]} {doc['exit_status']}")
 
     def close(self) -> None:
         if self._started:
@@ -230,8 +239,7 @@ def parse_worker(address: str) -> tuple[str, str]:
     if not results:
         host, _, port = out.rpartition(":")
         if not port.isdigit():
-            raise ValueError(f"--worker {address!r}: expected "
-                             "tcp://127.0.0.1:PORT[,tcp://127.0.0.1:PORT]")
+            raise ValueError(f"--worker {address!r}: expected tcp://127.0.0.1:PORT[,tcp://127.0.0.1:PORT]")
         results = f"{host}:{int(port) + 2}"
     elif "://" not in results:
         results = "tcp://" + results.strip()
@@ -280,8 +288,7 @@ class Consumers:
     def start_tiled(self, tiled_uri: str | None) -> None:
         # Starting tiled takes seconds: do it beside the first frame, not before it.
         self._tiled_ready.clear()
-        threading.Thread(target=self._start_tiled, args=(tiled_uri,), name="tiled-start",
-                         daemon=True).start()
+        threading.Thread(target=self._start_tiled, args=(tiled_uri,), name="tiled-start", daemon=True).start()
 
     def _start_tiled(self, tiled_uri: str | None) -> None:
         try:
@@ -300,8 +307,11 @@ class Consumers:
             self.ingestor = ingestor
             # crash recovery: journals of earlier sessions that never reached tiled
             try:
-                recover = journals_to_ingest(client, self.data_dir, skip=[
-                    uid for w in self._writers for uid in w.open_runs] + [p.stem for p in self._waiting])
+                recover = journals_to_ingest(
+                    client,
+                    self.data_dir,
+                    skip=[uid for w in self._writers for uid in w.open_runs] + [p.stem for p in self._waiting],
+                )
             except Exception as exc:
                 logger.error("cannot list journals to recover: %s", exc)
                 recover = []
@@ -323,7 +333,7 @@ class Consumers:
         """What a RunEngine subscribes, in order."""
         return ([self.journal] if self.journal is not None else []) + self.inline + self.threaded
 
-    def attach(self, RE) -> "Consumers":
+    def attach(self, RE) -> Consumers:
         self._RE = RE
         self._tokens = [RE.subscribe(cb) for cb in self.callbacks()]
         if self.policy is not None:
@@ -375,18 +385,33 @@ class Consumers:
             self.tiled_server = None
 
 
-def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True, fsync: bool = True,
-                    tiled: bool = False, tiled_uri: str | None = None,
-                    live: bool = False, reconstructor=None, device: str = "auto",
-                    live_options: dict | None = None,
-                    worker: str | None = None, worker_wait_s: float = 60.0,
-                    tip: bool | Callable = False, classifier=None, tip_options: dict | None = None,
-                    on_verdict: Callable[[dict], Any] | None = None,
-                    stm=None, tip_policy: str = "off", policy_options: dict | None = None,
-                    emit: Callable[[str], Callback] | None = None, viewer_state=None,
-                    progress: bool | LineProgress = False, inline: Iterable[Callback] = (),
-                    callbacks: Iterable[Callback] = (), say: Callable[[str], Any] | None = None,
-                    ) -> Consumers:
+def build_consumers(
+    data_dir: str | os.PathLike | None,
+    *,
+    journal: bool = True,
+    fsync: bool = True,
+    tiled: bool = False,
+    tiled_uri: str | None = None,
+    live: bool = False,
+    reconstructor=None,
+    device: str = "auto",
+    live_options: dict | None = None,
+    worker: str | None = None,
+    worker_wait_s: float = 60.0,
+    tip: bool | Callable = False,
+    classifier=None,
+    tip_options: dict | None = None,
+    on_verdict: Callable[[dict], Any] | None = None,
+    stm=None,
+    tip_policy: str = "off",
+    policy_options: dict | None = None,
+    emit: Callable[[str], Callback] | None = None,
+    viewer_state=None,
+    progress: bool | LineProgress = False,
+    inline: Iterable[Callback] = (),
+    callbacks: Iterable[Callback] = (),
+    say: Callable[[str], Any] | None = None,
+) -> Consumers:
     """The one wiring of a session's consumers; every command that acquires or reconstructs
     (demo, scan, replay, the remote worker, the queue server's profile) builds them here.
 
@@ -433,28 +458,29 @@ def build_consumers(data_dir: str | os.PathLike | None, *, journal: bool = True,
             c.journal = JournalWriter(c.data_dir, fsync=fsync, on_stop=[c._run_finished])
             c._writers.append(c.journal)
         if emit is None:
+
             def emit(kind):  # each emitter calls from its own thread: a journal writer each
                 return fan_out(c.journal_writer(), c.collector, viewer_state)
+
         c.inline.extend(inline)
         if viewer_state is not None:
             c.inline.append(viewer_state)
         if live:
-            c.live = LiveReconstruction(reconstructor, device=device, emit=emit("live"),
-                                        **(live_options or {}))
+            c.live = LiveReconstruction(reconstructor, device=device, emit=emit("live"), **(live_options or {}))
             c.inline.append(c.live)  # copies and queues on the loop; the work is on its thread
             c._closers.append(c.live.close)
         if worker is not None:
             _connect_worker(c, worker, emit("worker"), worker_wait_s, say)
         if stm is not None and tip_policy != "off":
-            c.policy = TipReconditioner(stm, policy=tip_policy, classifier=classifier,
-                                        **(policy_options or {}))
+            c.policy = TipReconditioner(stm, policy=tip_policy, classifier=classifier, **(policy_options or {}))
         if tip or c.policy is not None:
             if callable(tip):
                 c.tip = tip(emit("tip"))
             else:
                 listeners = [f for f in (on_verdict, c.policy and c.policy.on_verdict) if f]
-                c.tip = TipMonitor(classifier, on_verdict=_each(listeners) if listeners else None,
-                                   **(tip_options or {}))
+                c.tip = TipMonitor(
+                    classifier, on_verdict=_each(listeners) if listeners else None, **(tip_options or {})
+                )
                 c.tip.subscribe(emit("tip"))
             if c.tip is not None:
                 c.inline.append(c.tip)  # hands classification to its own thread
@@ -485,6 +511,7 @@ def _each(listeners: list[Callable[[dict], Any]]) -> Callable[[dict], None]:
     def call(record: dict) -> None:
         for listener in listeners:
             listener(record)
+
     return call
 
 
@@ -496,13 +523,16 @@ def _connect_worker(c: Consumers, worker: str, sink: Callback, wait_s: float, sa
     c.receiver = ResultReceiver(results)
     c._closers.append(c.receiver.close)
     c.receiver.subscribe(sink)  # called on one thread: one journal writer suffices
-    say(f"waiting up to {wait_s:.0f} s for a worker: stm-live worker "
-        f"--connect {c.proxy.out_address} --results {c.receiver.address}")
+    say(
+        f"waiting up to {wait_s:.0f} s for a worker: stm-live worker "
+        f"--connect {c.proxy.out_address} --results {c.receiver.address}"
+    )
     if not c.receiver.wait_ready(1, timeout=wait_s):
         raise ValueError(
             f"--worker {worker}: no worker said hello on {c.receiver.address} within "
             f"{wait_s:.0f} s; start one with: stm-live worker --connect "
-            f"{c.proxy.out_address} --results {c.receiver.address}")
+            f"{c.proxy.out_address} --results {c.receiver.address}"
+        )
     c.publisher = make_publisher(c.proxy.in_address)
     c._closers.append(c.publisher.close)
     c.inline.append(c.publisher)
@@ -526,19 +556,40 @@ class AcquisitionSession:
         ``worker``, ``tip``, ``stm`` and ``tip_policy``, ...
     """
 
-    def __init__(self, data_dir: str | os.PathLike, *, callbacks: Iterable[Callback] = (),
-                 inline_callbacks: Iterable[Callback] = (), RE: RunEngine | None = None, **options):
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        *,
+        callbacks: Iterable[Callback] = (),
+        inline_callbacks: Iterable[Callback] = (),
+        RE: RunEngine | None = None,
+        **options,
+    ):
         self.data_dir = Path(data_dir)
         self.RE = RE if RE is not None else RunEngine({})
-        self.consumers = build_consumers(self.data_dir, callbacks=callbacks, inline=inline_callbacks,
-                                         **options).attach(self.RE)
+        self.consumers = build_consumers(self.data_dir, callbacks=callbacks, inline=inline_callbacks, **options).attach(
+            self.RE
+        )
         self._unwatch: list[Callable[[], Any]] = []  # undoes watch()
 
     def __getattr__(self, name: str):
         # the consumers' parts: journal, ingestor, live, tip, policy, collector, receiver,
         # recovered, migrated, tiled_error, progress, threaded
-        if name in ("journal", "ingestor", "live", "tip", "policy", "collector", "receiver",
-                    "recovered", "migrated", "tiled_error", "progress", "threaded", "tiled_server"):
+        if name in (
+            "journal",
+            "ingestor",
+            "live",
+            "tip",
+            "policy",
+            "collector",
+            "receiver",
+            "recovered",
+            "migrated",
+            "tiled_error",
+            "progress",
+            "threaded",
+            "tiled_server",
+        ):
             return getattr(self.__dict__["consumers"], name)
         raise AttributeError(name)
 
@@ -571,7 +622,7 @@ class AcquisitionSession:
             self._unwatch.pop()()
         self.consumers.close(timeout)
 
-    def __enter__(self) -> "AcquisitionSession":
+    def __enter__(self) -> AcquisitionSession:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -33,9 +33,10 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 from event_model import sanitize_doc
@@ -46,9 +47,25 @@ from stm_live.packing import PackingError, pack, unpack
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "Journal", "JournalWriter", "JournalError", "RunData", "read_journal", "run_data",
-    "TiledIngestor", "open_tiled", "EmbeddedTiled", "ingest_journal", "run_documents", "run_from_tiled", "derived_runs",
-    "journals_to_ingest", "migrate_old_layout", "journal_dir", "find_journal", "find_tiled_run", "scan_from_run",
+    "Journal",
+    "JournalWriter",
+    "JournalError",
+    "RunData",
+    "read_journal",
+    "run_data",
+    "TiledIngestor",
+    "open_tiled",
+    "EmbeddedTiled",
+    "ingest_journal",
+    "run_documents",
+    "run_from_tiled",
+    "derived_runs",
+    "journals_to_ingest",
+    "migrate_old_layout",
+    "journal_dir",
+    "find_journal",
+    "find_tiled_run",
+    "scan_from_run",
 ]
 
 _HEADER = struct.Struct(">II")
@@ -93,8 +110,7 @@ class Journal:
             n = self._fh.write(view)
             view = view[n:]
         if self._fsync:
-            os.fdatasync(self._fh.fileno()) if hasattr(os, "fdatasync") else os.fsync(
-                self._fh.fileno())
+            os.fdatasync(self._fh.fileno()) if hasattr(os, "fdatasync") else os.fsync(self._fh.fileno())
         self.records += 1
 
     def close(self) -> None:
@@ -103,7 +119,7 @@ class Journal:
                 os.fsync(self._fh.fileno())
             self._fh.close()
 
-    def __enter__(self) -> "Journal":
+    def __enter__(self) -> Journal:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -119,13 +135,12 @@ class JournalWriter:
     (used to hand the journal to tiled ingestion on another thread).
     """
 
-    def __init__(self, data_dir: str | os.PathLike, *, fsync: bool = True,
-                 on_stop: Iterable = ()):
+    def __init__(self, data_dir: str | os.PathLike, *, fsync: bool = True, on_stop: Iterable = ()):
         self.directory = Path(data_dir) / "journal"
         self.directory.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
-        self._runs: dict[str, Journal] = {}          # start uid -> journal
-        self._descriptors: dict[str, str] = {}       # descriptor uid -> start uid
+        self._runs: dict[str, Journal] = {}  # start uid -> journal
+        self._descriptors: dict[str, str] = {}  # descriptor uid -> start uid
         self.on_stop = list(on_stop)
         self.last_path: Path | None = None
 
@@ -203,16 +218,22 @@ def read_journal(path: str | os.PathLike) -> list[tuple[str, dict]]:
             if length > _MAX_RECORD or end > len(data):
                 defect = f"a record of {len(data) - pos - _HEADER.size} of its {length} bytes"
             else:
-                payload = data[pos + _HEADER.size:end]
+                payload = data[pos + _HEADER.size : end]
                 if zlib.crc32(payload) != crc:
                     defect = "a record whose checksum fails"
         if defect:
             # A crash tears only the last record: an intact one after it means damage.
             if _intact_record_after(data, pos + 1):
-                raise JournalError(f"{path}: record {len(docs)} at byte {pos} is damaged ({defect}), "
-                                   "and intact records follow it")
-            logger.warning("%s: ends in %s at byte %d (cut off while being written); kept %d documents",
-                           path, defect, pos, len(docs))
+                raise JournalError(
+                    f"{path}: record {len(docs)} at byte {pos} is damaged ({defect}), and intact records follow it"
+                )
+            logger.warning(
+                "%s: ends in %s at byte %d (cut off while being written); kept %d documents",
+                path,
+                defect,
+                pos,
+                len(docs),
+            )
             break
         try:
             name, doc = unpack(payload)
@@ -229,7 +250,7 @@ def _intact_record_after(data: bytes, start: int) -> bool:
         at = match.start() - _HEADER.size
         length, crc = _HEADER.unpack_from(data, at)
         end = match.start() + length
-        if end <= len(data) and zlib.crc32(data[match.start():end]) == crc:
+        if end <= len(data) and zlib.crc32(data[match.start() : end]) == crc:
             return True
     return False
 
@@ -241,7 +262,7 @@ class RunData:
     start: dict
     stop: dict | None
     images: dict[str, np.ndarray] = field(default_factory=dict)  # data key -> (lines, pixels)
-    lines_read: list[int] = field(default_factory=list)          # line indexes, in order
+    lines_read: list[int] = field(default_factory=list)  # line indexes, in order
     events: int = 0
 
     @property
@@ -309,7 +330,7 @@ def open_tiled(data_dir: str | os.PathLike | None = None, tiled_uri: str | None 
     server (:class:`EmbeddedTiled`: stored in ``data_dir/tiled``, loopback only, able to read
     ``data_dir/assets``) that the caller closes.
     """
-    from tiled.client import from_uri  # heavy: see the module's note
+    from tiled.client import from_uri  # noqa: PLC0415 - heavy: see the module's note
 
     if tiled_uri:
         return from_uri(tiled_uri), None
@@ -325,9 +346,11 @@ class EmbeddedTiled:
     for a third of a second). It ends with this process: it exits when its stdin closes.
     ``uri`` (with the API key), ``close()``."""
 
-    _CODE = ("import sys; from tiled.server import SimpleTiledServer; "
-             "s = SimpleTiledServer(directory=sys.argv[1], readable_storage=sys.argv[2:]); "
-             "print('URI', s.uri, flush=True); sys.stdin.read(); s.close()")
+    _CODE = (
+        "import sys; from tiled.server import SimpleTiledServer; "
+        "s = SimpleTiledServer(directory=sys.argv[1], readable_storage=sys.argv[2:]); "
+        "print('URI', s.uri, flush=True); sys.stdin.read(); s.close()"
+    )
 
     def __init__(self, directory: Path, readable: list[Path], *, timeout_s: float = 120.0):
         for folder in (directory, *readable):
@@ -337,10 +360,17 @@ class EmbeddedTiled:
             # its own session: a Ctrl-C at the terminal is for the acquisition, which ends it in order
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", self._CODE, str(directory), *map(str, readable)],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                start_new_session=True,
+            )
         found: list[str] = []
-        reader = threading.Thread(target=lambda: found.extend(
-            line.split()[1] for line in self._proc.stdout if line.startswith("URI ")), daemon=True)
+        reader = threading.Thread(
+            target=lambda: found.extend(line.split()[1] for line in self._proc.stdout if line.startswith("URI ")),
+            daemon=True,
+        )
         reader.start()
         deadline = time.monotonic() + timeout_s
         while not found and self._proc.poll() is None and time.monotonic() < deadline:
@@ -348,8 +378,10 @@ class EmbeddedTiled:
         if not found:
             self.close()
             last = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["no message"]
-            raise OSError(f"embedded tiled server in {directory} did not start within {timeout_s:.0f} s "
-                          f"({last[0]}; see {self.log})")
+            raise OSError(
+                f"embedded tiled server in {directory} did not start within {timeout_s:.0f} s "
+                f"({last[0]}; see {self.log})"
+            )
         self.uri = found[0]
 
     def close(self, timeout: float = 10.0) -> None:
@@ -387,7 +419,7 @@ def ingest_journal(client, path: str | os.PathLike, *, assets: str | os.PathLike
 
 
 def _write_run(client, docs: list[tuple[str, dict]], assets: Path, metadata: dict) -> None:
-    from bluesky.callbacks.tiled_writer import TiledWriter  # heavy: see the module's note
+    from bluesky.callbacks.tiled_writer import TiledWriter  # noqa: PLC0415 - heavy: see the module's note
 
     uid = docs[0][1]["uid"]
     if uid in client:
@@ -409,8 +441,9 @@ def _write_run(client, docs: list[tuple[str, dict]], assets: Path, metadata: dic
             try:
                 node[stream][key][:1]
             except Exception as exc:
-                raise JournalError(f"run {uid}: the tiled server cannot read {assets} ({exc}); add that "
-                                   "folder to its readable storage") from exc
+                raise JournalError(
+                    f"run {uid}: the tiled server cannot read {assets} ({exc}); add that folder to its readable storage"
+                ) from exc
 
 
 def _image_keys(docs) -> dict[str, dict[str, tuple[list[int], str]]]:
@@ -431,7 +464,7 @@ def _writer_documents(docs, assets: Path):
     if not images:
         yield from docs
         return
-    import h5py  # heavy: see the module's note
+    import h5py  # noqa: PLC0415 - heavy: see the module's note
 
     run_uid = docs[0][1]["uid"]
     resources: dict[str, dict[str, str]] = {}  # descriptor uid -> {key: stream resource uid}
@@ -449,28 +482,52 @@ def _writer_documents(docs, assets: Path):
                 try:
                     stack = np.stack(stack).astype(dtype, copy=False)
                 except ValueError as exc:
-                    raise JournalError(f"run {run_uid}: {doc['name']} events' {key!r} images differ "
-                                       f"in shape ({exc})") from exc
+                    raise JournalError(
+                        f"run {run_uid}: {doc['name']} events' {key!r} images differ in shape ({exc})"
+                    ) from exc
                 assets.mkdir(parents=True, exist_ok=True)
                 file = assets / f"{doc['name']}_{key}_{doc['uid'][:8]}.h5"
                 with h5py.File(file, "w") as h5:
                     h5.create_dataset("data", data=stack)
-                resource = {"uid": str(uuid.uuid4()), "run_start": run_uid, "data_key": key,
-                            "mimetype": "application/x-hdf5", "uri": file.resolve().as_uri(),
-                            "parameters": {"dataset": "/data", "chunk_shape": [1, *shape],
-                                           "join_method": "stack", "swmr": False}}
+                resource = {
+                    "uid": str(uuid.uuid4()),
+                    "run_start": run_uid,
+                    "data_key": key,
+                    "mimetype": "application/x-hdf5",
+                    "uri": file.resolve().as_uri(),
+                    "parameters": {
+                        "dataset": "/data",
+                        "chunk_shape": [1, *shape],
+                        "join_method": "stack",
+                        "swmr": False,
+                    },
+                }
                 resources[doc["uid"]][key] = resource["uid"]
                 yield "stream_resource", resource
         elif name == "event" and keys:
-            yield name, {**doc, **{part: {k: v for k, v in doc.get(part, {}).items() if k not in keys}
-                                   for part in ("data", "timestamps", "filled")}}
+            yield (
+                name,
+                {
+                    **doc,
+                    **{
+                        part: {k: v for k, v in doc.get(part, {}).items() if k not in keys}
+                        for part in ("data", "timestamps", "filled")
+                    },
+                },
+            )
             row, seq = rows[doc["descriptor"]], doc["seq_num"]
             rows[doc["descriptor"]] = row + 1
-            for key, resource in resources[doc["descriptor"]].items():
-                yield "stream_datum", {"uid": f"{resource}/{row}", "stream_resource": resource,
-                                       "descriptor": doc["descriptor"],
-                                       "indices": {"start": row, "stop": row + 1},
-                                       "seq_nums": {"start": seq, "stop": seq + 1}}
+            for _key, resource in resources[doc["descriptor"]].items():
+                yield (
+                    "stream_datum",
+                    {
+                        "uid": f"{resource}/{row}",
+                        "stream_resource": resource,
+                        "descriptor": doc["descriptor"],
+                        "indices": {"start": row, "stop": row + 1},
+                        "seq_nums": {"start": seq, "stop": seq + 1},
+                    },
+                )
         else:
             yield name, doc
 
@@ -485,10 +542,10 @@ def run_documents(node) -> list[tuple[str, dict]]:
     for stream in node:
         table = node[stream]
         meta = dict(table.metadata)
-        data_keys = {k: {f: v for f, v in key.items() if f != "external"}
-                     for k, key in meta.get("data_keys", {}).items()}
-        docs.append(("descriptor", {**meta, "name": stream, "run_start": start["uid"],
-                                    "data_keys": data_keys}))
+        data_keys = {
+            k: {f: v for f, v in key.items() if f != "external"} for k, key in meta.get("data_keys", {}).items()
+        }
+        docs.append(("descriptor", {**meta, "name": stream, "run_start": start["uid"], "data_keys": data_keys}))
         columns = set(table)
         if "seq_num" not in columns:
             continue  # a stream without events
@@ -496,11 +553,22 @@ def run_documents(node) -> list[tuple[str, dict]]:
         stamps = {key: table[f"ts_{key}"].read() for key in data_keys if f"ts_{key}" in columns}
         for i, seq in enumerate(values["seq_num"]):
             data = {key: _item(values[key][i]) for key in data_keys if key in values}
-            docs.append(("event", {"uid": f"{meta['uid']}/{int(seq)}", "descriptor": meta["uid"],
-                                   "seq_num": int(seq), "time": float(values["time"][i]), "data": data,
-                                   "timestamps": {k: float(stamps[k][i]) if k in stamps
-                                                  else float(values["time"][i]) for k in data},
-                                   "filled": {}}))
+            docs.append(
+                (
+                    "event",
+                    {
+                        "uid": f"{meta['uid']}/{int(seq)}",
+                        "descriptor": meta["uid"],
+                        "seq_num": int(seq),
+                        "time": float(values["time"][i]),
+                        "data": data,
+                        "timestamps": {
+                            k: float(stamps[k][i]) if k in stamps else float(values["time"][i]) for k in data
+                        },
+                        "filled": {},
+                    },
+                )
+            )
     if metadata.get("stop"):
         docs.append(("stop", dict(metadata["stop"])))
     return docs
@@ -520,7 +588,7 @@ def run_from_tiled(client, uid: str) -> RunData:
 
 def derived_runs(client, uid: str) -> dict[str, str]:
     """The derived runs (reconstruction, tip verdicts) of acquisition run ``uid``: kind -> uid."""
-    from tiled.queries import Key  # heavy: see the module's note
+    from tiled.queries import Key  # noqa: PLC0415 - heavy: see the module's note
 
     found = {}
     for key, node in client.search(Key("start.parent_uid") == uid).items():
@@ -531,26 +599,27 @@ def derived_runs(client, uid: str) -> dict[str, str]:
     return found
 
 
-def journals_to_ingest(client, data_dir: str | os.PathLike,
-                       skip: Iterable[str] = ()) -> list[Path]:
+def journals_to_ingest(client, data_dir: str | os.PathLike, skip: Iterable[str] = ()) -> list[Path]:
     """Journals whose tiled copy is missing or stale (e.g. the process was killed before
     the run's stop, or tiled was down): the crash-recovery list. ``skip``: start uids of
     runs still being written."""
     out = []
     skip = set(skip)
-    for path in sorted(journal_dir(data_dir).glob("*.journal"),
-                       key=lambda p: p.stat().st_mtime):
+    for path in sorted(journal_dir(data_dir).glob("*.journal"), key=lambda p: p.stat().st_mtime):
         if path.stem in skip:
             continue
-        if path.stem not in client or (client[path.stem].metadata.get(INGESTED_FROM) or {}).get(
-                "bytes") != path.stat().st_size:
+        if (
+            path.stem not in client
+            or (client[path.stem].metadata.get(INGESTED_FROM) or {}).get("bytes") != path.stat().st_size
+        ):
             out.append(path)
     return out
 
 
 def _old_layout(node) -> bool:
-    return (all(k in node.metadata for k in _OLD_LAYOUT_KEYS)
-            and not any(spec.name == "BlueskyRun" for spec in node.specs))
+    return all(k in node.metadata for k in _OLD_LAYOUT_KEYS) and not any(
+        spec.name == "BlueskyRun" for spec in node.specs
+    )
 
 
 def migrate_old_layout(client, data_dir: str | os.PathLike | None = None) -> list[str]:
@@ -560,7 +629,7 @@ def migrate_old_layout(client, data_dir: str | os.PathLike | None = None) -> lis
     From the run's journal where ``data_dir`` has it (every document, exactly), else from the
     stored arrays: the lines in the order they were read, the last reading of each.
     """
-    from tiled.queries import Key  # heavy: see the module's note
+    from tiled.queries import Key  # noqa: PLC0415 - heavy: see the module's note
 
     migrated = []
     for uid, node in list(client.search(Key("journal_bytes") >= 0).items()):
@@ -575,8 +644,11 @@ def migrate_old_layout(client, data_dir: str | os.PathLike | None = None) -> lis
             _write_run(client, docs, assets, {INGESTED_FROM: {"migrated": "stm-live layout 1"}})
         migrated.append(uid)
     if migrated:
-        logger.warning("tiled: %d run(s) stored in stm-live's own layout rewritten once in the "
-                       "BlueskyRun layout (%s)", len(migrated), ", ".join(u[:8] for u in migrated))
+        logger.warning(
+            "tiled: %d run(s) stored in stm-live's own layout rewritten once in the BlueskyRun layout (%s)",
+            len(migrated),
+            ", ".join(u[:8] for u in migrated),
+        )
     return migrated
 
 
@@ -588,17 +660,39 @@ def _old_layout_documents(node) -> list[tuple[str, dict]]:
     if meta and "stm_line_index" in node:
         line_key = meta.get("line_key", "stm_line_index")
         images = {k: node[k].read() for k in node if k != "stm_line_index"}
-        desc = {"uid": str(uuid.uuid4()), "run_start": start["uid"], "name": "primary",
-                "time": start["time"], "configuration": {}, "hints": {}, "object_keys": {},
-                "data_keys": {line_key: {"source": "stm-live", "dtype": "integer", "shape": []},
-                              **{k: {"source": "stm-live", "dtype": "array", "shape": [int(v.shape[1])],
-                                     "dtype_numpy": v.dtype.str} for k, v in images.items()}}}
+        desc = {
+            "uid": str(uuid.uuid4()),
+            "run_start": start["uid"],
+            "name": "primary",
+            "time": start["time"],
+            "configuration": {},
+            "hints": {},
+            "object_keys": {},
+            "data_keys": {
+                line_key: {"source": "stm-live", "dtype": "integer", "shape": []},
+                **{
+                    k: {"source": "stm-live", "dtype": "array", "shape": [int(v.shape[1])], "dtype_numpy": v.dtype.str}
+                    for k, v in images.items()
+                },
+            },
+        }
         docs.append(("descriptor", desc))
         for seq, row in enumerate(node["stm_line_index"].read().tolist(), 1):
             data = {line_key: int(row), **{k: v[row] for k, v in images.items()}}
-            docs.append(("event", {"uid": str(uuid.uuid4()), "descriptor": desc["uid"], "seq_num": seq,
-                                   "time": start["time"], "data": data, "filled": {},
-                                   "timestamps": dict.fromkeys(data, start["time"])}))
+            docs.append(
+                (
+                    "event",
+                    {
+                        "uid": str(uuid.uuid4()),
+                        "descriptor": desc["uid"],
+                        "seq_num": seq,
+                        "time": start["time"],
+                        "data": data,
+                        "filled": {},
+                        "timestamps": dict.fromkeys(data, start["time"]),
+                    },
+                )
+            )
     if stop:
         docs.append(("stop", dict(stop)))
     return docs
@@ -683,21 +777,20 @@ def find_journal(run: str, data_dir: str | os.PathLike) -> Path:
         return paths[index]
     matches = [p for p in paths if p.stem.startswith(run)]
     if len(matches) != 1:
-        raise JournalError(
-            f"run {run!r} matches {len(matches)} runs in {directory}; give more of the uid")
+        raise JournalError(f"run {run!r} matches {len(matches)} runs in {directory}; give more of the uid")
     return matches[0]
 
 
 def find_tiled_run(client, run: str) -> str:
     """The uid of ``run`` in tiled, found as :func:`find_journal` finds a journal: a uid or
     unique prefix, ``latest``, or -1/-2... (acquired frames, most recent first)."""
-    from tiled.queries import Key  # heavy: see the module's note
+    from tiled.queries import Key  # noqa: PLC0415 - heavy: see the module's note
 
     if run == "latest":
         run = "-1"
     if run.lstrip("-").isdigit() and run.startswith("-"):
         frames = client.search(Key("start.stm_live.lines") > 0).sort(("start.time", -1))
-        uids = list(frames.keys()[:-int(run)])
+        uids = list(frames.keys()[: -int(run)])
         if len(uids) < -int(run):
             raise JournalError(f"run {run}: only {len(uids)} frame runs in tiled at {client.uri}")
         return uids[-1]
@@ -705,12 +798,11 @@ def find_tiled_run(client, run: str) -> str:
         return run
     matches = [uid for uid in client.keys() if uid.startswith(run)]
     if len(matches) != 1:
-        raise JournalError(f"run {run!r} matches {len(matches)} runs in tiled at {client.uri}; "
-                           "give more of the uid")
+        raise JournalError(f"run {run!r} matches {len(matches)} runs in tiled at {client.uri}; give more of the uid")
     return matches[0]
 
 
-def scan_from_run(data: "RunData", *, comment: str | None = None):
+def scan_from_run(data: RunData, *, comment: str | None = None):
     """One journaled frame run as an :class:`~stm_live.io.sxm.SxmScan`: geometry, bias,
     setpoint, Z-controller mode, and each channel under the signal index it was acquired
     from, so the file replays under the controller's own indexes."""
@@ -724,7 +816,13 @@ def scan_from_run(data: "RunData", *, comment: str | None = None):
         if int(ch.get("index", -1)) >= 0:
             indexes[ch["name"]] = int(ch["index"])
     return scan_from_frames(
-        channels, units=units, **meta["frame"], direction=meta["scan_direction"],
-        bias_V=meta["bias_V"], setpoint_A=meta.get("setpoint_A"),
+        channels,
+        units=units,
+        **meta["frame"],
+        direction=meta["scan_direction"],
+        bias_V=meta["bias_V"],
+        setpoint_A=meta.get("setpoint_A"),
         z_controller=meta.get("z_controller", "constant_current"),
-        comment=comment or f"stm-live run {data.uid}", signal_indexes=indexes)
+        comment=comment or f"stm-live run {data.uid}",
+        signal_indexes=indexes,
+    )

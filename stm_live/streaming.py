@@ -36,9 +36,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import zmq
@@ -52,9 +53,18 @@ from stm_live.store import read_journal
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "serializer", "deserializer", "SerializationError", "make_publisher", "DocumentProxy",
-    "ResultReceiver", "ResultSender", "make_dispatcher", "check_loopback", "generate_curve_keys",
-    "CurveKeys", "JournalCatchUp",
+    "serializer",
+    "deserializer",
+    "SerializationError",
+    "make_publisher",
+    "DocumentProxy",
+    "ResultReceiver",
+    "ResultSender",
+    "make_dispatcher",
+    "check_loopback",
+    "generate_curve_keys",
+    "CurveKeys",
+    "JournalCatchUp",
 ]
 
 LOOPBACK = "tcp://127.0.0.1"
@@ -91,7 +101,7 @@ class CurveKeys:
     folder: Path
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> "CurveKeys":
+    def load(cls, folder: str | os.PathLike) -> CurveKeys:
         keys = cls(Path(folder))
         for p in (keys.server_secret, keys.server_public, keys.client_secret, keys.authorized):
             if not p.exists():
@@ -161,8 +171,15 @@ class DocumentProxy:
     forwarding runs in ``zmq.proxy_steerable`` with a TERMINATE control socket.
     """
 
-    def __init__(self, in_address: str = f"{LOOPBACK}:0", out_address: str = f"{LOOPBACK}:0", *,
-                 curve_keys=None, hwm: int = DOC_HWM, allow_remote: bool = False):
+    def __init__(
+        self,
+        in_address: str = f"{LOOPBACK}:0",
+        out_address: str = f"{LOOPBACK}:0",
+        *,
+        curve_keys=None,
+        hwm: int = DOC_HWM,
+        allow_remote: bool = False,
+    ):
         check_loopback(in_address, "proxy inbound", False)
         check_loopback(out_address, "proxy outbound", allow_remote)
         keys = _as_keys(curve_keys)
@@ -174,7 +191,8 @@ class DocumentProxy:
         self._front, self.in_address = Proxy.configure_server_socket(self._ctx, zmq.SUB, in_addr, None, bind=True)
         self._front.setsockopt(zmq.SUBSCRIBE, b"")
         self._back, self.out_address = Proxy.configure_server_socket(
-            self._ctx, zmq.PUB, out_addr, keys.server_curve() if keys else None, bind=True)
+            self._ctx, zmq.PUB, out_addr, keys.server_curve() if keys else None, bind=True
+        )
         self._ctl_address = f"inproc://stm-live-proxy-{uuid.uuid4().hex}"
         self._ctl = self._ctx.socket(zmq.PAIR)
         self._ctl.bind(self._ctl_address)
@@ -211,8 +229,14 @@ def _random_port(address: str) -> str:
 
 
 # --------------------------------------------------------------------------- publisher
-def make_publisher(address: str, *, hwm: int = DOC_HWM, send_timeout_ms: int = SEND_TIMEOUT_MS,
-                   wait_subscribed_s: float = 5.0, prefix: bytes = b""):
+def make_publisher(
+    address: str,
+    *,
+    hwm: int = DOC_HWM,
+    send_timeout_ms: int = SEND_TIMEOUT_MS,
+    wait_subscribed_s: float = 5.0,
+    prefix: bytes = b"",
+):
     """bluesky ``Publisher`` to the proxy at ``address``, safe for live frames.
 
     The serializer is msgpack; the PUB socket is swapped for an XPUB (same send API)
@@ -265,8 +289,16 @@ class SafePublisher:
 class ResultSender:
     """Thread-safe PUSH of result documents to a ``ResultReceiver``."""
 
-    def __init__(self, address: str, *, source: str, curve_keys=None, hwm: int = RESULT_HWM,
-                 send_timeout_ms: int = SEND_TIMEOUT_MS, allow_remote: bool = False):
+    def __init__(
+        self,
+        address: str,
+        *,
+        source: str,
+        curve_keys=None,
+        hwm: int = RESULT_HWM,
+        send_timeout_ms: int = SEND_TIMEOUT_MS,
+        allow_remote: bool = False,
+    ):
         check_loopback(address, "results", allow_remote)
         keys = _as_keys(curve_keys)
         self._ctx = zmq.Context()
@@ -313,8 +345,9 @@ class ResultReceiver:
     reconstruction event data) and ``finals`` (scan uid -> final reconstruction).
     """
 
-    def __init__(self, address: str = f"{LOOPBACK}:0", *, curve_keys=None, hwm: int = RESULT_HWM,
-                 allow_remote: bool = False):
+    def __init__(
+        self, address: str = f"{LOOPBACK}:0", *, curve_keys=None, hwm: int = RESULT_HWM, allow_remote: bool = False
+    ):
         check_loopback(address, "result receiver", allow_remote)
         keys = _as_keys(curve_keys)
         self._ctx = zmq.Context()
@@ -378,8 +411,14 @@ class ResultReceiver:
             elif name == "event" and "reconstruction" in doc.get("data", {}):
                 parent = self._parents.get(self._descriptors.get(doc["descriptor"], ""), "")
                 data = doc["data"]
-                self.latest = {"run": parent, "image": data["reconstruction"], "lines": list(data["lines"]),
-                               "lines_done": data["lines_done"], "final": data["final"], "time": time.time()}
+                self.latest = {
+                    "run": parent,
+                    "image": data["reconstruction"],
+                    "lines": list(data["lines"]),
+                    "lines_done": data["lines_done"],
+                    "final": data["final"],
+                    "time": time.time(),
+                }
                 if data["final"]:
                     self.finals[parent] = data["reconstruction"]
                     while len(self.finals) > 16:
@@ -406,7 +445,7 @@ class ResultReceiver:
         ok = self._wait(lambda: scan_uid in self.finals, timeout)
         return self.finals.get(scan_uid) if ok else None
 
-    def wait_for(self, predicate: Callable[["ResultReceiver"], bool], timeout: float = 30.0) -> bool:
+    def wait_for(self, predicate: Callable[[ResultReceiver], bool], timeout: float = 30.0) -> bool:
         return self._wait(lambda: predicate(self), timeout)
 
     def _wait(self, predicate, timeout: float) -> bool:
@@ -475,8 +514,9 @@ class JournalCatchUp:
                 logger.warning("seq_num jumped %d -> %d; catching up from the journal", last, doc["seq_num"])
                 self._replay(self.journal_dir / f"{run}.journal")
                 # do not re-read the journal for every later event if it lacked the gap
-                state["max_seq"][doc["descriptor"]] = max(state["max_seq"].get(doc["descriptor"], 0),
-                                                          int(doc["seq_num"]) - 1)
+                state["max_seq"][doc["descriptor"]] = max(
+                    state["max_seq"].get(doc["descriptor"], 0), int(doc["seq_num"]) - 1
+                )
         self._feed(name, doc)
 
     def _run_of(self, name: str, doc: dict) -> str | None:
@@ -571,5 +611,9 @@ def make_dispatcher(address: str, *, curve_keys=None, hwm: int = DOC_HWM):
             if self._task is not None and not self.loop.is_closed():
                 self.loop.call_soon_threadsafe(self._task.cancel)
 
-    return Dispatcher(address, deserializer=deserializer, curve_config=keys.client_curve() if keys else None,
-                      loop=asyncio.new_event_loop())
+    return Dispatcher(
+        address,
+        deserializer=deserializer,
+        curve_config=keys.client_curve() if keys else None,
+        loop=asyncio.new_event_loop(),
+    )

@@ -71,12 +71,14 @@ class LinkSuspender(SuspenderBase):
 
     def _should_suspend(self, value):
         RE = self.RE
-        return (value == "down" and RE is not None and RE.rewindable and self.stm.lines.in_frame)
+        return value == "down" and RE is not None and RE.rewindable and self.stm.lines.in_frame
 
     def _should_resume(self, value):
         return value != "down"
 
     def _get_justification(self):
         link = self.stm.link
-        return (f"link to {link.address} lost at line {self.stm.lines.resume_line} ({link.reason}); "
-                f"reconnecting for up to {self.stm.max_outage_s:g} s")
+        return (
+            f"link to {link.address} lost at line {self.stm.lines.resume_line} ({link.reason}); "
+            f"reconnecting for up to {self.stm.max_outage_s:g} s"
+        )

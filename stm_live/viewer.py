@@ -56,8 +56,10 @@ def _geometry(block: dict) -> dict[str, Any]:
     (page layout only: a missing or odd value falls back, it never stops the viewer)."""
     direction = block.get("scan_direction", "down")
     if direction not in ("down", "up"):
-        logger.warning("start['stm_live']['scan_direction'] = %r; expected 'down' or 'up'; "
-                       "drawing the frame as a down-scan", direction)
+        logger.warning(
+            "start['stm_live']['scan_direction'] = %r; expected 'down' or 'up'; drawing the frame as a down-scan",
+            direction,
+        )
         direction = "down"
     try:
         frame = block["frame"]
@@ -151,10 +153,22 @@ class _Results:
             elif orbital is None:
                 text = ""
             else:
-                text = ("a CO-tip orbital image so far" if orbital
-                        else f"{NOT_ORBITAL} so far (agreement below the threshold)")
-            return {"agreement": c["agreement"], "w_s": c["w_s"], "orbital": orbital, "spread": None,
-                    "explained": None, "reason": "", "final": False, "text": text, "line": self.recon_line}
+                text = (
+                    "a CO-tip orbital image so far"
+                    if orbital
+                    else f"{NOT_ORBITAL} so far (agreement below the threshold)"
+                )
+            return {
+                "agreement": c["agreement"],
+                "w_s": c["w_s"],
+                "orbital": orbital,
+                "spread": None,
+                "explained": None,
+                "reason": "",
+                "final": False,
+                "text": text,
+                "line": self.recon_line,
+            }
         return None
 
 
@@ -241,7 +255,7 @@ class ViewerState:
         """The derived results of scan ``scan_uid`` (created; the oldest others dropped)."""
         if scan_uid not in self._results:
             self._results[scan_uid] = _Results()
-            for old in [u for u in self._results if u not in (scan_uid, self.run)][:-MAX_RESULTS or None]:
+            for old in [u for u in self._results if u not in (scan_uid, self.run)][: -MAX_RESULTS or None]:
                 del self._results[old]
         return self._results[scan_uid]
 
@@ -270,17 +284,22 @@ class ViewerState:
         result.updates += 1
         if "agreement" in data:  # per-update self-consistency (absent in older runs)
             orbital = data.get("orbital")
-            result.live = {"agreement": json_number(data.get("agreement")), "w_s": json_number(data.get("w_s")),
-                           "orbital": None if orbital is None else bool(orbital)}
+            result.live = {
+                "agreement": json_number(data.get("agreement")),
+                "w_s": json_number(data.get("w_s")),
+                "orbital": None if orbital is None else bool(orbital),
+            }
             self.check_version += 1
         self.recon_version += 1
 
     def _on_check_event(self, parent: str, data: dict) -> None:
         result = self._result(parent)
         orbital = data.get("orbital")
-        result.check = {**{k: json_number(data.get(k)) for k in ("agreement", "w_s", "spread", "explained")},
-                        "orbital": None if orbital is None else bool(orbital),
-                        "reason": str(data.get("reason") or "")}
+        result.check = {
+            **{k: json_number(data.get(k)) for k in ("agreement", "w_s", "spread", "explained")},
+            "orbital": None if orbital is None else bool(orbital),
+            "reason": str(data.get("reason") or ""),
+        }
         result.residual = _image(data.get("residual"))
         spread = _image(data.get("view_spread"))
         # a reconstructor without symmetry views sends an all-NaN map: nothing to show
@@ -320,8 +339,7 @@ class ViewerState:
             "class_score": json_number(data.get("class_score")),
             "action_limit": json_number(data.get("action_limit")),
         }
-        self.timeline.append({"run": parent or self.run or "", "line": int(data.get("line", -1)),
-                              "label": str(label)})
+        self.timeline.append({"run": parent or self.run or "", "line": int(data.get("line", -1)), "label": str(label)})
         self.timeline = self.timeline[-MAX_TIMELINE:]
 
     # ------------------------------------------------------------------ page data
@@ -451,8 +469,9 @@ class Viewer:
         self.state = state or ViewerState()
         self.httpd = ThreadingHTTPServer((host, port), _handler_for(self.state))
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
-                                       kwargs={"poll_interval": 0.2}, name="stm-live-viewer")
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, daemon=True, kwargs={"poll_interval": 0.2}, name="stm-live-viewer"
+        )
         self.thread.start()
 
     @property
@@ -465,7 +484,7 @@ class Viewer:
         self.httpd.server_close()
         self.thread.join(timeout=5)
 
-    def __enter__(self) -> "Viewer":
+    def __enter__(self) -> Viewer:
         return self
 
     def __exit__(self, *exc) -> None:

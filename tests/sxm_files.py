@@ -26,8 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["write_raw_sxm", "scene", "stopped", "file_blocks", "nanonispy_scan", "quirky_files",
-           "write_grid_3ds", "write_spectrum_dat"]
+__all__ = [
+    "write_raw_sxm",
+    "scene",
+    "stopped",
+    "file_blocks",
+    "nanonispy_scan",
+    "quirky_files",
+    "write_grid_3ds",
+    "write_spectrum_dat",
+]
 
 CHANNEL_UNITS = {"z": "m", "current": "A", "lockin": "A", "df": "Hz"}
 
@@ -42,12 +50,24 @@ def _cols(values, width: int = 22, digits: int = 6) -> str:
     return "".join(_e(v, digits).rjust(width) for v in values)
 
 
-def write_raw_sxm(path, *, channels: Mapping[str, tuple], range_m, offset_m=(0.0, 0.0),
-                  angle_deg: float = 0.0, direction: str = "down", bias_V: float = 0.1,
-                  feedback_on: bool | None = True, setpoint_A: float | None = 1e-10,
-                  scan_time_s: tuple[float, float] | None = (0.1, 0.1),
-                  acq_time_s: float | None = None, old_header: bool = False, comment: str = "",
-                  encoding: str = "utf-8", extra_header: Mapping[str, str] | None = None) -> Path:
+def write_raw_sxm(
+    path,
+    *,
+    channels: Mapping[str, tuple],
+    range_m,
+    offset_m=(0.0, 0.0),
+    angle_deg: float = 0.0,
+    direction: str = "down",
+    bias_V: float = 0.1,
+    feedback_on: bool | None = True,
+    setpoint_A: float | None = 1e-10,
+    scan_time_s: tuple[float, float] | None = (0.1, 0.1),
+    acq_time_s: float | None = None,
+    old_header: bool = False,
+    comment: str = "",
+    encoding: str = "utf-8",
+    extra_header: Mapping[str, str] | None = None,
+) -> Path:
     """Write a .sxm the way a Nanonis controller does; returns the path.
 
     ``channels`` maps name -> ``(index, unit, forward, backward)``: ``index`` goes into
@@ -68,39 +88,51 @@ def write_raw_sxm(path, *, channels: Mapping[str, tuple], range_m, offset_m=(0.0
         acq_time_s = lines_for_time * float(sum(scan_time_s))
     now = dt.datetime(2024, 3, 5, 14, 7, 31)
 
-    rows: list[tuple[str, str]] = [("NANONIS_VERSION", "1" if old_header else "2"),
-                                   ("SCANIT_TYPE", "              FLOAT            MSBFIRST"),
-                                   ("REC_DATE", now.strftime(" %d.%m.%Y")),
-                                   ("REC_TIME", now.strftime("%H:%M:%S")),
-                                   ("REC_TEMP", "      290.0000000000")]
+    rows: list[tuple[str, str]] = [
+        ("NANONIS_VERSION", "1" if old_header else "2"),
+        ("SCANIT_TYPE", "              FLOAT            MSBFIRST"),
+        ("REC_DATE", now.strftime(" %d.%m.%Y")),
+        ("REC_TIME", now.strftime("%H:%M:%S")),
+        ("REC_TEMP", "      290.0000000000"),
+    ]
     if acq_time_s is not None:
         rows.append(("ACQ_TIME", f"{acq_time_s:12.1f}"))
-    rows += [("SCAN_PIXELS", f"{pixels:>10d}{lines:>10d}"),
-             ("SCAN_FILE", "C:\\Data\\2024\\tests\\scan_001.sxm")]
+    rows += [("SCAN_PIXELS", f"{pixels:>10d}{lines:>10d}"), ("SCAN_FILE", "C:\\Data\\2024\\tests\\scan_001.sxm")]
     if scan_time_s is not None and not old_header:
         rows.append(("SCAN_TIME", _cols(scan_time_s, 21, 3)))
-    rows += [("SCAN_RANGE", _cols(range_m)), ("SCAN_OFFSET", _cols(offset_m)),
-             ("SCAN_ANGLE", _cols([angle_deg], 20, 3)), ("SCAN_DIR", direction),
-             ("BIAS", _cols([bias_V], 20, 3))]
+    rows += [
+        ("SCAN_RANGE", _cols(range_m)),
+        ("SCAN_OFFSET", _cols(offset_m)),
+        ("SCAN_ANGLE", _cols([angle_deg], 20, 3)),
+        ("SCAN_DIR", direction),
+        ("BIAS", _cols([bias_V], 20, 3)),
+    ]
     if feedback_on is not None and not old_header:
         sp = "" if setpoint_A is None else f"{_e(setpoint_A, 3)} A"
-        rows.append(("Z-CONTROLLER",
-                     "\tName\ton\tSetpoint\tP-gain\tI-gain\tT-const\n"
-                     f"\tlog Current\t{1 if feedback_on else 0}\t{sp}\t1.000E-11 m\t"
-                     "3.000E-8 m/s\t3.333E-4 s"))
+        rows.append(
+            (
+                "Z-CONTROLLER",
+                "\tName\ton\tSetpoint\tP-gain\tI-gain\tT-const\n"
+                f"\tlog Current\t{1 if feedback_on else 0}\t{sp}\t1.000E-11 m\t"
+                "3.000E-8 m/s\t3.333E-4 s",
+            )
+        )
     rows.append(("COMMENT", comment))
-    rows += [("NanonisMain>Session Path", "C:\\Data\\2024"),
-             ("NanonisMain>SW Version", "Generic 5e" if not old_header else "Generic 4"),
-             ("Bias>Bias (V)", _e(bias_V, 3)),
-             ("Scan>channels", ";".join(f"{n} ({c[1]})" for n, c in channels.items()))]
+    rows += [
+        ("NanonisMain>Session Path", "C:\\Data\\2024"),
+        ("NanonisMain>SW Version", "Generic 5e" if not old_header else "Generic 4"),
+        ("Bias>Bias (V)", _e(bias_V, 3)),
+        ("Scan>channels", ";".join(f"{n} ({c[1]})" for n, c in channels.items())),
+    ]
     for key, value in (extra_header or {}).items():
         rows.append((key, value))
 
     info = ["\tChannel\tName\tUnit\tDirection\tCalibration\tOffset"]
     blocks = []
     for name, (index, unit, fwd, bwd) in channels.items():
-        word = {(True, True): "both", (True, False): "forward",
-                (False, True): "backward"}[(fwd is not None, bwd is not None)]
+        word = {(True, True): "both", (True, False): "forward", (False, True): "backward"}[
+            (fwd is not None, bwd is not None)
+        ]
         info.append(f"\t{index}\t{name}\t{unit}\t{word}\t1.000E-9\t0.000E+0")
         if fwd is not None:
             blocks.append(np.asarray(fwd, np.float32))
@@ -110,8 +142,7 @@ def write_raw_sxm(path, *, channels: Mapping[str, tuple], range_m, offset_m=(0.0
     text += ":DATA_INFO:\n" + "\n".join(info) + "\n\n:SCANIT_END:\n\n\n"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(text.encode(encoding) + b"\x1a\x04"
-                     + b"".join(b.astype(">f4").tobytes() for b in blocks))
+    path.write_bytes(text.encode(encoding) + b"\x1a\x04" + b"".join(b.astype(">f4").tobytes() for b in blocks))
     return path
 
 
@@ -122,9 +153,19 @@ def file_blocks(forward, backward):
     return f, b
 
 
-def scene(quantity: str = "z", *, pixels: int = 32, lines: int = 32, range_m=(5e-9, 5e-9),
-          direction: str = "down", bias_V: float = 0.1, blobs=None, tilt=(0.02, -0.01),
-          seed: int = 0, noise: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+def scene(
+    quantity: str = "z",
+    *,
+    pixels: int = 32,
+    lines: int = 32,
+    range_m=(5e-9, 5e-9),
+    direction: str = "down",
+    bias_V: float = 0.1,
+    blobs=None,
+    tilt=(0.02, -0.01),
+    seed: int = 0,
+    noise: float = 0.01,
+) -> tuple[np.ndarray, np.ndarray]:
     """A plausible (forward, backward) pair, float32, acquisition order, columns left to right.
 
     The surface is defined in frame coordinates (fractions of the frame, so the same scene
@@ -138,15 +179,13 @@ def scene(quantity: str = "z", *, pixels: int = 32, lines: int = 32, range_m=(5e
     if quantity not in CHANNEL_UNITS:
         raise ValueError(f"quantity must be one of {sorted(CHANNEL_UNITS)}, not {quantity!r}")
     rng = np.random.default_rng(seed)
-    blobs = blobs if blobs is not None else [(0.3, 0.35, 0.08, 1.0), (0.7, 0.6, 0.06, 0.6),
-                                             (0.45, 0.8, 0.05, 0.8)]
+    blobs = blobs if blobs is not None else [(0.3, 0.35, 0.08, 1.0), (0.7, 0.6, 0.06, 0.6), (0.45, 0.8, 0.05, 0.8)]
     x = (np.arange(pixels) + 0.5) / pixels
     v = (np.arange(lines) + 0.5) / lines  # fraction from the first scanned line
     y = v if direction == "down" else 1.0 - v  # fraction from the top of the frame
     xx, yy = np.meshgrid(x, y)
     aspect = range_m[1] / range_m[0]  # blobs round in physical space
-    g = sum(a * np.exp(-((xx - bx) ** 2 + ((yy - by) * aspect) ** 2) / (2 * s * s))
-            for bx, by, s, a in blobs)
+    g = sum(a * np.exp(-((xx - bx) ** 2 + ((yy - by) * aspect) ** 2) / (2 * s * s)) for bx, by, s, a in blobs)
     w, h = range_m
     if quantity == "z":
         base = 2e-9 + tilt[0] * xx * w + tilt[1] * (1 - yy) * h + 1e-10 * g
@@ -184,14 +223,27 @@ def write_grid_3ds(path, *, points: int = 8, grid=(2, 2)) -> Path:
     then big-endian float32 per pixel (parameters, then the sweep)."""
     nx, ny = grid
     params = ["Sweep Start", "Sweep End", "X (m)", "Y (m)", "Z (m)"]
-    header = "\r\n".join([
-        f'Grid dim="{nx} x {ny}"', "Grid settings=0.000000E+0;0.000000E+0;2.000000E-9;"
-        "2.000000E-9;0.000000E+0", 'Sweep Signal="Bias (V)"', 'Fixed parameters="Sweep Start;'
-        'Sweep End"', 'Experiment parameters="X (m);Y (m);Z (m)"', f"# Parameters (4 byte)={len(params)}",
-        f"Experiment size (bytes)={points * 4}", f"Points={points}", 'Channels="Current (A)"',
-        "Delay before measuring (s)=0.000000E+0", 'Experiment="Grid Spectroscopy"',
-        'Start time="05.03.2024 14:07:31"', 'End time="05.03.2024 14:09:02"', 'User=""',
-        'Comment=""', ":HEADER_END:", ""])
+    header = "\r\n".join(
+        [
+            f'Grid dim="{nx} x {ny}"',
+            "Grid settings=0.000000E+0;0.000000E+0;2.000000E-9;2.000000E-9;0.000000E+0",
+            'Sweep Signal="Bias (V)"',
+            'Fixed parameters="Sweep Start;Sweep End"',
+            'Experiment parameters="X (m);Y (m);Z (m)"',
+            f"# Parameters (4 byte)={len(params)}",
+            f"Experiment size (bytes)={points * 4}",
+            f"Points={points}",
+            'Channels="Current (A)"',
+            "Delay before measuring (s)=0.000000E+0",
+            'Experiment="Grid Spectroscopy"',
+            'Start time="05.03.2024 14:07:31"',
+            'End time="05.03.2024 14:09:02"',
+            'User=""',
+            'Comment=""',
+            ":HEADER_END:",
+            "",
+        ]
+    )
     pixel = np.concatenate([[-1.0, 1.0, 0.0, 0.0, 2e-9], np.linspace(-1e-10, 1e-10, points)])
     data = np.tile(pixel, nx * ny).astype(">f4").tobytes()
     path = Path(path)
@@ -203,9 +255,11 @@ def write_spectrum_dat(path, *, points: int = 8) -> Path:
     """A small Nanonis bias-spectroscopy (.dat) file: tab-separated header, [DATA], columns."""
     v = np.linspace(-1.0, 1.0, points)
     rows = "".join(f"{a:.6E}\t{b:.6E}\r\n" for a, b in zip(v, 1e-10 * v))
-    text = ("Experiment\tbias spectroscopy\r\nDate\t05.03.2024 14:07:31\r\n"
-            "User\t\r\nX (m)\t0.000000E+0\r\nY (m)\t0.000000E+0\r\nZ (m)\t2.000000E-9\r\n"
-            "\r\n[DATA]\r\nBias calc (V)\tCurrent (A)\r\n" + rows)
+    text = (
+        "Experiment\tbias spectroscopy\r\nDate\t05.03.2024 14:07:31\r\n"
+        "User\t\r\nX (m)\t0.000000E+0\r\nY (m)\t0.000000E+0\r\nZ (m)\t2.000000E-9\r\n"
+        "\r\n[DATA]\r\nBias calc (V)\tCurrent (A)\r\n" + rows
+    )
     path = Path(path)
     path.write_text(text, encoding="ascii")
     return path
@@ -252,37 +306,71 @@ def quirky_files(folder) -> dict[str, dict]:
         bias = kw.setdefault("bias_V", 0.1)
         channels = {}
         for k, (ch, (index, quantity, dirs)) in enumerate(quantities.items()):
-            f, b = scene(quantity, pixels=px, lines=ln, range_m=rng_m, direction=direction,
-                         bias_V=bias, seed=k + 7 * len(out))
+            f, b = scene(
+                quantity, pixels=px, lines=ln, range_m=rng_m, direction=direction, bias_V=bias, seed=k + 7 * len(out)
+            )
             if stop is not None:
                 f, b = stopped(f, b, stop[0], mid_backward=stop[1])
-            channels[ch] = (index, CHANNEL_UNITS[quantity], f if "f" in dirs else None,
-                            b if "b" in dirs else None)
+            channels[ch] = (index, CHANNEL_UNITS[quantity], f if "f" in dirs else None, b if "b" in dirs else None)
         path = write_raw_sxm(folder / f"{name}.sxm", channels=channels, **kw)
-        out[name] = dict(path=path, channels=channels, nanonispy=nanonispy, pixels=px,
-                         lines=ln, **kw)
+        out[name] = dict(path=path, channels=channels, nanonispy=nanonispy, pixels=px, lines=ln, **kw)
 
     # New header, constant current, Z at 14 first (as Nanonis lists it), lock-in at 86.
-    add("cc_lockin_down", quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb"),
-                                      "LI Demod 1 X": (86, "lockin", "fb")},
-        feedback_on=True, setpoint_A=1e-10, bias_V=0.5, comment="CO tip, Au(111)")
+    add(
+        "cc_lockin_down",
+        quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb"), "LI Demod 1 X": (86, "lockin", "fb")},
+        feedback_on=True,
+        setpoint_A=1e-10,
+        bias_V=0.5,
+        comment="CO tip, Au(111)",
+    )
     # Constant height at negative bias (negative current), up scan, rotated, AFM channel.
-    add("ch_negative_up_rotated", quantities={"Current": (0, "current", "fb"),
-                                              "Z": (14, "z", "fb"),
-                                              "OC M1 Freq. Shift": (73, "df", "fb")},
-        feedback_on=False, setpoint_A=5e-11, bias_V=-0.8, direction="up", angle_deg=32.5,
-        offset_m=(1.25e-8, -3.5e-9))
+    add(
+        "ch_negative_up_rotated",
+        quantities={"Current": (0, "current", "fb"), "Z": (14, "z", "fb"), "OC M1 Freq. Shift": (73, "df", "fb")},
+        feedback_on=False,
+        setpoint_A=5e-11,
+        bias_V=-0.8,
+        direction="up",
+        angle_deg=32.5,
+        offset_m=(1.25e-8, -3.5e-9),
+    )
     # Non-square pixels: 6 x 4 nm frame, 48 x 40 px (0.125 nm x 0.1 nm pitch).
-    add("non_square", quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb")},
-        pixels=48, lines=40, range_m=(6e-9, 4e-9), feedback_on=True)
+    add(
+        "non_square",
+        quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb")},
+        pixels=48,
+        lines=40,
+        range_m=(6e-9, 4e-9),
+        feedback_on=True,
+    )
     # Old header (no Z-CONTROLLER, no SCAN_TIME), latin-1 comment, forward-only channel.
-    add("old_header_latin1", quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "f")},
-        old_header=True, feedback_on=None, scan_time_s=None, acq_time_s=6.4,
-        comment="Probe \xe9tch\xe9e, 4.2 K, \xb5-scan", encoding="latin-1", nanonispy=False)
+    add(
+        "old_header_latin1",
+        quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "f")},
+        old_header=True,
+        feedback_on=None,
+        scan_time_s=None,
+        acq_time_s=6.4,
+        comment="Probe \xe9tch\xe9e, 4.2 K, \xb5-scan",
+        encoding="latin-1",
+        nanonispy=False,
+    )
     # A 2 um overview with 64 px, up scan, stopped after 40 lines.
-    add("overview_partial", quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb")},
-        pixels=64, lines=64, range_m=(2e-6, 2e-6), direction="up", stop=(40, False))
+    add(
+        "overview_partial",
+        quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb")},
+        pixels=64,
+        lines=64,
+        range_m=(2e-6, 2e-6),
+        direction="up",
+        stop=(40, False),
+    )
     # Stopped during the backward sweep of line 20: that row has forward data only.
-    add("aborted_backward", quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb")},
-        stop=(20, True), feedback_on=True)
+    add(
+        "aborted_backward",
+        quantities={"Z": (14, "z", "fb"), "Current": (0, "current", "fb")},
+        stop=(20, True),
+        feedback_on=True,
+    )
     return out

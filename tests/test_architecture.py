@@ -114,7 +114,7 @@ def _private(attribute):
 
 
 def _dotted(node):
-    """"a.b.c" for an attribute chain of plain names, else None."""
+    """ "a.b.c" for an attribute chain of plain names, else None."""
     parts = []
     while isinstance(node, ast.Attribute):
         parts.append(node.attr)
@@ -127,8 +127,11 @@ def _private_uses(modules):
     found = []
     for name in modules:
         hits = _imports(modules, name)
-        found += [f"{name} (line {line}) imports {imported} from {target}"
-                  for target, imported, line, _ in hits if imported and _private(imported)]
+        found += [
+            f"{name} (line {line}) imports {imported} from {target}"
+            for target, imported, line, _ in hits
+            if imported and _private(imported)
+        ]
         bound = dict(hit[3] for hit in hits if hit[3])
         reads = []
         for node in ast.walk(_tree(modules, name)):
@@ -172,8 +175,11 @@ def test_the_reader_finds_every_kind_of_import(tmp_path):
     }
     assert _cycles(graph) == [["pkg.a", "pkg.c", "pkg.sub", "pkg.sub.b"]]
     assert _one_loop(graph, _cycles(graph)[0]) == ["pkg.a", "pkg.sub.b", "pkg.c", "pkg.a"]
-    assert _private_uses(modules) == ["pkg.d (line 4) reads _x off pkg.e", "pkg.d (line 4) reads _y off pkg.e",
-                                      "pkg.sub.b (line 2) imports _hidden from pkg.d"]
+    assert _private_uses(modules) == [
+        "pkg.d (line 4) reads _x off pkg.e",
+        "pkg.d (line 4) reads _y off pkg.e",
+        "pkg.sub.b (line 2) imports _hidden from pkg.d",
+    ]
     assert len(PACKAGE) > 40 and "stm_live.devices" in PACKAGE
 
 

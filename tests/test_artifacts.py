@@ -15,12 +15,15 @@ def _blob():
     return np.exp(-((rows - 32.0) ** 2 + (cols - 32.0) ** 2) / 20.0).astype(np.float32)
 
 
-@pytest.mark.parametrize("make", [
-    lambda rng: artifacts.white_noise(FLAT, 0.1, rng),
-    lambda rng: artifacts.pink_noise(FLAT, 0.1, rng),
-    lambda rng: artifacts.line_offsets(FLAT, 0.1, rng),
-    lambda rng: artifacts.spikes(FLAT, 0.01, 1.0, rng),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: artifacts.white_noise(FLAT, 0.1, rng),
+        lambda rng: artifacts.pink_noise(FLAT, 0.1, rng),
+        lambda rng: artifacts.line_offsets(FLAT, 0.1, rng),
+        lambda rng: artifacts.spikes(FLAT, 0.01, 1.0, rng),
+    ],
+)
 def test_random_artifacts_are_seeded_and_reproducible(make):
     first, again, other = make(np.random.default_rng(7)), make(np.random.default_rng(7)), make(8)
     np.testing.assert_array_equal(first, again)

@@ -14,7 +14,13 @@ import torch
 
 from stm_live.models import console_progress
 from stm_live.models.checkpoint import (
-    card_command, hash_path, load_checkpoint, resolve_device, save_checkpoint, sha256_of, verify,
+    card_command,
+    hash_path,
+    load_checkpoint,
+    resolve_device,
+    save_checkpoint,
+    sha256_of,
+    verify,
 )
 from stm_live.models.stmnet import DEFAULT_CHECKPOINT, load_stmnet
 from stm_live.models.tipstate import DEFAULT_WEIGHTS

@@ -29,8 +29,13 @@ def _invoke(*args: str):
 
 def _serve(*args: str, pattern: str, timeout_s: float = 60.0):
     """Start `stm-live ...` as a subprocess and wait for the line matching ``pattern``."""
-    proc = subprocess.Popen([sys.executable, "-m", "stm_live.cli", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stm_live.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + timeout_s
     seen = []
     while time.monotonic() < deadline:
@@ -54,14 +59,26 @@ def _stop(proc) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         rest = proc.communicate(timeout=10)[0] or ""
-        raise AssertionError(f"`{' '.join(proc.args[2:])}` did not stop within 20 s of Ctrl-C; its output: "
-                             f"{rest[-800:]!r}") from None
+        raise AssertionError(
+            f"`{' '.join(proc.args[2:])}` did not stop within 20 s of Ctrl-C; its output: {rest[-800:]!r}"
+        ) from None
 
 
 def test_help_lists_every_command():
     out = _invoke("--help").output
-    for command in ("demo", "sim", "scan", "replay", "reconstruct", "train", "evaluate", "bench",
-                    "runs", "worker", "view"):
+    for command in (
+        "demo",
+        "sim",
+        "scan",
+        "replay",
+        "reconstruct",
+        "train",
+        "evaluate",
+        "bench",
+        "runs",
+        "worker",
+        "view",
+    ):
         assert command in out
 
 
@@ -69,8 +86,17 @@ def test_sim_serve_speaks_nanonis_and_stops_on_ctrl_c():
     from stm_live.devices.client import NanonisClient
 
     scenario = REPO / "stm_live/simulators/scenarios/degrading.yaml"
-    proc, match = _serve("sim", "serve", "--port", "0", "--scenario", str(scenario),
-                         "--time-scale", "5", pattern=r"on 127\.0\.0\.1:(\d+)")
+    proc, match = _serve(
+        "sim",
+        "serve",
+        "--port",
+        "0",
+        "--scenario",
+        str(scenario),
+        "--time-scale",
+        "5",
+        pattern=r"on 127\.0\.0\.1:(\d+)",
+    )
     try:
         with NanonisClient("127.0.0.1", int(match.group(1)), timeout=10) as client:
             client.bias_set(-0.7)
@@ -90,9 +116,23 @@ def test_sim_serve_bad_scenario_is_a_clear_error(tmp_path):
 
 def test_scan_runs_list_export_and_reconstruct(tmp_path, sim_server):
     data = tmp_path / "data"
-    result = _invoke("scan", "--host", sim_server.host, "--port", str(sim_server.port),
-                     "--pixels", "32", "--lines", "24", "--width-nm", "3",
-                     "--tip-policy", "off", "--data-dir", str(data))
+    result = _invoke(
+        "scan",
+        "--host",
+        sim_server.host,
+        "--port",
+        str(sim_server.port),
+        "--pixels",
+        "32",
+        "--lines",
+        "24",
+        "--width-nm",
+        "3",
+        "--tip-policy",
+        "off",
+        "--data-dir",
+        str(data),
+    )
     assert result.exit_code == 0, result.output
 
     listing = _invoke("runs", "list", "--data-dir", str(data))
@@ -118,8 +158,21 @@ def test_scan_runs_list_export_and_reconstruct(tmp_path, sim_server):
 
 def test_scan_without_a_controller_is_one_line_not_a_traceback(tmp_path):
     port = _free_port()  # nothing listens there
-    result = _invoke("scan", "--host", "127.0.0.1", "--port", str(port), "--pixels", "8", "--lines", "4",
-                     "--tip-policy", "off", "--data-dir", str(tmp_path / "data"))
+    result = _invoke(
+        "scan",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--pixels",
+        "8",
+        "--lines",
+        "4",
+        "--tip-policy",
+        "off",
+        "--data-dir",
+        str(tmp_path / "data"),
+    )
     assert result.exit_code == 2
     assert f"cannot connect to 127.0.0.1:{port}" in result.output and "stm-live sim serve" in result.output
     assert "Traceback" not in result.output
@@ -140,17 +193,18 @@ def test_reconstruct_npy_without_pixel_size_names_the_problem(tmp_path):
     result = runner.invoke(app, ["reconstruct", str(image), "-o", str(tmp_path / "o.npy")])
     assert result.exit_code != 0
     assert "pixel" in result.output.lower()
-    result = runner.invoke(app, ["reconstruct", str(image), "--pixel-size", "0.05", "--views", "3",
-                                 "-o", str(tmp_path / "o.npy")])
+    result = runner.invoke(
+        app, ["reconstruct", str(image), "--pixel-size", "0.05", "--views", "3", "-o", str(tmp_path / "o.npy")]
+    )
     assert result.exit_code == 2 and "symmetry views must be one of [1, 2, 4], got 3" in result.output
-    result = runner.invoke(app, ["reconstruct", str(image), "--pixel-size", "0.05", "--views", "1",
-                                 "-o", str(tmp_path / "o.npy")])
+    result = runner.invoke(
+        app, ["reconstruct", str(image), "--pixel-size", "0.05", "--views", "1", "-o", str(tmp_path / "o.npy")]
+    )
     assert result.exit_code == 0 and np.load(tmp_path / "o.npy").shape == (32, 32)
 
 
 def test_view_serves_the_page_following_a_data_dir(tmp_path):
-    proc, match = _serve("view", "--port", "0", "--data-dir", str(tmp_path),
-                         pattern=r"(http://127\.0\.0\.1:\d+/)")
+    proc, match = _serve("view", "--port", "0", "--data-dir", str(tmp_path), pattern=r"(http://127\.0\.0\.1:\d+/)")
     try:
         with urllib.request.urlopen(match.group(1) + "state.json", timeout=10) as reply:
             state = json.load(reply)
@@ -165,8 +219,7 @@ def test_view_serves_the_page_following_a_data_dir(tmp_path):
 @pytest.mark.parametrize("model", ["stmnet", "tipstate"])
 def test_train_writes_a_checkpoint_and_card_that_load(tmp_path, model):
     out = tmp_path / f"{model}.pt"
-    result = _invoke("train", "--model", model, "--steps", "2", "--out", str(out), "--device", "cpu",
-                     "--threads", "1")
+    result = _invoke("train", "--model", model, "--steps", "2", "--out", str(out), "--device", "cpu", "--threads", "1")
     assert result.exit_code == 0, result.output
     assert out.exists()
     cards = list(tmp_path.glob("*MODEL_CARD*.md")) + list(tmp_path.glob("*.md"))
@@ -185,8 +238,9 @@ def test_train_writes_a_checkpoint_and_card_that_load(tmp_path, model):
 
 def test_train_bank_size_sets_the_tip_classifier_bank_and_is_refused_for_stmnet(tmp_path):
     out = tmp_path / "tipstate.pt"
-    result = _invoke("train", "--model", "tipstate", "--steps", "1", "--bank-size", "3", "--out", str(out),
-                     "--device", "cpu")
+    result = _invoke(
+        "train", "--model", "tipstate", "--steps", "1", "--bank-size", "3", "--out", str(out), "--device", "cpu"
+    )
     assert result.exit_code == 0, result.output
     assert "3 simulated frames rendered once" in (tmp_path / "tipstate_MODEL_CARD.md").read_text()
     refused = _invoke("train", "--model", "stmnet", "--steps", "1", "--bank-size", "3", "--out", str(out))
@@ -210,13 +264,45 @@ def test_scan_with_a_worker_process_gets_the_reconstruction_back(tmp_path, sim_s
 
     out, results = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
     data = tmp_path / "data"
-    worker = subprocess.Popen([sys.executable, "-m", "stm_live.cli", "worker", "--connect", out,
-                               "--results", results, "--device", "cpu", "--journal", str(data)],
-                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stm_live.cli",
+            "worker",
+            "--connect",
+            out,
+            "--results",
+            results,
+            "--device",
+            "cpu",
+            "--journal",
+            str(data),
+        ],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
-        result = _invoke("scan", "--host", sim_server.host, "--port", str(sim_server.port),
-                         "--pixels", "32", "--lines", "16", "--width-nm", "2", "--tip-policy", "off",
-                         "--data-dir", str(data), "--worker", f"{out},{results}")
+        result = _invoke(
+            "scan",
+            "--host",
+            sim_server.host,
+            "--port",
+            str(sim_server.port),
+            "--pixels",
+            "32",
+            "--lines",
+            "16",
+            "--width-nm",
+            "2",
+            "--tip-policy",
+            "off",
+            "--data-dir",
+            str(data),
+            "--worker",
+            f"{out},{results}",
+        )
         assert result.exit_code == 0, result.output
     finally:
         worker.send_signal(signal.SIGTERM)
@@ -224,8 +310,11 @@ def test_scan_with_a_worker_process_gets_the_reconstruction_back(tmp_path, sim_s
             worker.wait(timeout=20)
         except subprocess.TimeoutExpired:
             worker.kill()
-    derived = [docs for docs in map(read_journal, (data / "journal").glob("*.journal"))
-               if docs and docs[0][1].get("stm_live_derived") == "reconstruction"]
+    derived = [
+        docs
+        for docs in map(read_journal, (data / "journal").glob("*.journal"))
+        if docs and docs[0][1].get("stm_live_derived") == "reconstruction"
+    ]
     assert derived, "no reconstruction came back from the worker"
     events = [doc for name, doc in derived[0] if name == "event" and "reconstruction" in doc["data"]]
     assert events and events[-1]["data"]["reconstruction"].shape == (16, 32)

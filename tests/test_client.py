@@ -46,7 +46,7 @@ class ScriptedPeer:
         while len(buf) < n and not self._stop.is_set():
             try:
                 chunk = conn.recv(n - len(buf))
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if not chunk:
                 raise ConnectionError
@@ -73,7 +73,7 @@ class ScriptedPeer:
         while not self._stop.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -295,8 +295,9 @@ def test_line_follower_matches_final_grab(sim_server):
 def test_line_follower_polling_fallback(sim_server):
     with NanonisClient(sim_server.host, sim_server.port, timeout=5) as ctl:
         _start_small_scan(ctl, 16, 8)
-        with LineFollower(sim_server.host, sim_server.port, [0], directions=("forward",),
-                          use_wait=False, timeout=5) as lf:
+        with LineFollower(
+            sim_server.host, sim_server.port, [0], directions=("forward",), use_wait=False, timeout=5
+        ) as lf:
             rows = []
             for _ in range(20):
                 line = lf.next_line(3.0)
@@ -391,8 +392,7 @@ def test_line_follower_regrabs_when_the_buffer_changes_between_grabs(peer_factor
         return P.pack_response(name, (f"ch{args['channel_index']}", data, 0))
 
     peer = peer_factory(reply)
-    with LineFollower("127.0.0.1", peer.port, [0, 30], directions=("forward",), use_wait=False,
-                      timeout=2) as lf:
+    with LineFollower("127.0.0.1", peer.port, [0, 30], directions=("forward",), use_wait=False, timeout=2) as lf:
         line = lf.next_line(1.0)
         assert line is not None and line.index == 0 and lf.next_line(0.05) is None
         np.testing.assert_array_equal(line.data[(30, "forward")], np.ones(16, np.float32))

@@ -25,8 +25,9 @@ TIMEOUT_S = 10.0
 def servers(tmp_path_factory):
     out = {}
     for release in (13742, 14718):
-        out[release] = start_server_thread(seed=0, time_scale=50.0, nanonis_release=release,
-                                           save_dir=tmp_path_factory.mktemp(f"session{release}"))
+        out[release] = start_server_thread(
+            seed=0, time_scale=50.0, nanonis_release=release, save_dir=tmp_path_factory.mktemp(f"session{release}")
+        )
     yield out
     for s in out.values():
         s.stop()
@@ -44,8 +45,11 @@ class Raw:
             cmd = P.command_for(name, self.release)
         except P.UnknownCommandError:  # not in this release: send it anyway
             cmd = P.Command(name)
-        msg = P.pack_request(name, values, command=cmd) if body is None else (
-            struct.pack(">32siHH", name.encode(), len(body), 1, 0) + body)
+        msg = (
+            P.pack_request(name, values, command=cmd)
+            if body is None
+            else (struct.pack(">32siHH", name.encode(), len(body), 1, 0) + body)
+        )
         self.sock.sendall(msg)
         head = self._read(40)
         _, size = P.parse_response_header(head)
@@ -76,11 +80,24 @@ def raw(request, servers):
 
 
 def _sample(f: P.Field, n=2):
-    return {"u16": 1, "u32": 1, "i32": 1, "f32": 1e-9, "f64": 1e-9, "str": "", "strarr": ["a"],
-            "i32[]": np.arange(n, dtype=np.int32), "u32[]": np.ones(n, np.uint32),
-            "f32[]": np.full(n, 1e-9, np.float32), "f64[]": np.zeros(n), "strs": ["a"] * n,
-            "strcnt": ["a"] * n, "strbytes": ["a"] * n, "str_2d": [["a"]], "f32_2d": np.zeros((1, 1), np.float32),
-            }[f.type]
+    return {
+        "u16": 1,
+        "u32": 1,
+        "i32": 1,
+        "f32": 1e-9,
+        "f64": 1e-9,
+        "str": "",
+        "strarr": ["a"],
+        "i32[]": np.arange(n, dtype=np.int32),
+        "u32[]": np.ones(n, np.uint32),
+        "f32[]": np.full(n, 1e-9, np.float32),
+        "f64[]": np.zeros(n),
+        "strs": ["a"] * n,
+        "strcnt": ["a"] * n,
+        "strbytes": ["a"] * n,
+        "str_2d": [["a"]],
+        "f32_2d": np.zeros((1, 1), np.float32),
+    }[f.type]
 
 
 ACTIONS_SKIPPED = {"Util.Quit"}  # closes the connection (tested below)
@@ -89,8 +106,16 @@ ACTIONS_SKIPPED = {"Util.Quit"}  # closes the connection (tested below)
 def test_table_has_every_reference_command_and_safe_flags():
     assert len(P.COMMANDS) == 246  # NANONIS_PROTOCOL_EXT.md §4 total
     assert P.COMMANDS["Bias.Get"].safe and P.COMMANDS["ZCtrl.LimitsSet"].safe
-    for name in ("Bias.Pulse", "Motor.StartMove", "ZCtrl.Withdraw", "Scan.Action", "Marks.PointDraw",
-                 "TipShaper.Start", "Motor.StepCounterGet", "Util.Quit"):
+    for name in (
+        "Bias.Pulse",
+        "Motor.StartMove",
+        "ZCtrl.Withdraw",
+        "Scan.Action",
+        "Marks.PointDraw",
+        "TipShaper.Start",
+        "Motor.StepCounterGet",
+        "Util.Quit",
+    ):
         assert not P.COMMANDS[name].safe, name
 
 
@@ -156,16 +181,32 @@ def test_plain_set_changes_get(raw, set_name):
     assert changed, f"{set_name} changed nothing that {get_name} reports"
 
 
-@pytest.mark.parametrize("name,values,match", [
-    ("ZCtrl.SwitchOffDelaySet", {"delay": -1.0}, "outside"),
-    ("LockIn.ModAmpSet", {"modulator": 9, "amplitude": 0.1}, "modulator 9"),
-    ("Piezo.RangeSet", {"range_x": -1.0, "range_y": 1e-6, "range_z": 1e-7}, "piezo ranges"),
-    ("Motor.FreqAmpSet", {"frequency": 0.0, "amplitude": 10.0, "axis": 0}, "frequency"),
-    ("Pattern.GridSet", {"make_active": 1, "points_x": 0, "points_y": 5, "use_scan_frame": 0, "center_x": 0,
-                         "center_y": 0, "width": 1e-8, "height": 1e-8, "angle": 0}, "points"),
-    ("Bias.RangeSet", {"range_index": 7}, "bias range"),
-    ("SafeTip.OnOffSet", {"on": 5}, "no change"),
-])
+@pytest.mark.parametrize(
+    "name,values,match",
+    [
+        ("ZCtrl.SwitchOffDelaySet", {"delay": -1.0}, "outside"),
+        ("LockIn.ModAmpSet", {"modulator": 9, "amplitude": 0.1}, "modulator 9"),
+        ("Piezo.RangeSet", {"range_x": -1.0, "range_y": 1e-6, "range_z": 1e-7}, "piezo ranges"),
+        ("Motor.FreqAmpSet", {"frequency": 0.0, "amplitude": 10.0, "axis": 0}, "frequency"),
+        (
+            "Pattern.GridSet",
+            {
+                "make_active": 1,
+                "points_x": 0,
+                "points_y": 5,
+                "use_scan_frame": 0,
+                "center_x": 0,
+                "center_y": 0,
+                "width": 1e-8,
+                "height": 1e-8,
+                "angle": 0,
+            },
+            "points",
+        ),
+        ("Bias.RangeSet", {"range_index": 7}, "bias range"),
+        ("SafeTip.OnOffSet", {"on": 5}, "no change"),
+    ],
+)
 def test_out_of_range_values_get_error_replies(raw, name, values, match):
     _, status, text = raw.call(name, values)
     assert status == 1 and match in text
@@ -269,117 +310,207 @@ ntcp_mod = pytest.importorskip("nanonisTCP")
 
 # (module class, method, args, check on the returned value or None)
 NTCP_CALLS = [
-    ("Bias", "Set", (0.5,), None), ("Bias", "Get", (), lambda v: v == pytest.approx(0.5)),
-    ("Current", "Get", (), None), ("Current", "BEEMGet", (), None),
+    ("Bias", "Set", (0.5,), None),
+    ("Bias", "Get", (), lambda v: v == pytest.approx(0.5)),
+    ("Current", "Get", (), None),
+    ("Current", "BEEMGet", (), None),
     ("ZController", "GainSet", (0.2, 1e-3), None),
     ("ZController", "GainGet", (), lambda v: v[0] == pytest.approx(0.2)),
     ("ZController", "SwitchOffDelaySet", (0.1,), None),
     ("ZController", "SwitchOffDelayGet", (), lambda v: v == pytest.approx(0.1)),
-    ("ZController", "TipLiftSet", (1e-10,), None), ("ZController", "TipLiftGet", (), None),
-    ("ZController", "HomePropsGet", (), None), ("ZController", "CtrlListGet", (), None),
+    ("ZController", "TipLiftSet", (1e-10,), None),
+    ("ZController", "TipLiftGet", (), None),
+    ("ZController", "HomePropsGet", (), None),
+    ("ZController", "CtrlListGet", (), None),
     ("ZController", "WithdrawRateSet", (2e-7,), None),
     ("ZController", "WithdrawRateGet", (), lambda v: v == pytest.approx(2e-7)),
-    ("ZController", "LimitsEnabledSet", (1,), None), ("ZController", "LimitsSet", (5e-8, 1e-9), None),
-    ("ZController", "LimitsGet", (), None), ("ZController", "StatusGet", (), None),
-    ("Piezo", "RangeGet", (), lambda v: v[0] > 0), ("Piezo", "TiltSet", (1.0, 2.0), None),
+    ("ZController", "LimitsEnabledSet", (1,), None),
+    ("ZController", "LimitsSet", (5e-8, 1e-9), None),
+    ("ZController", "LimitsGet", (), None),
+    ("ZController", "StatusGet", (), None),
+    ("Piezo", "RangeGet", (), lambda v: v[0] > 0),
+    ("Piezo", "TiltSet", (1.0, 2.0), None),
     ("Piezo", "TiltGet", (), lambda v: list(v) == pytest.approx([1.0, 2.0])),
     ("Piezo", "DriftCompGet", (), None),
-    ("FolMe", "OversamplSet", (4,), None), ("FolMe", "OversamplGet", (), None),
-    ("FolMe", "PSOnOffSet", (1,), None), ("FolMe", "PSOnOffGet", (), None), ("FolMe", "Stop", (), None),
-    ("Motor", "FreqAmpSet", (800.0, 50.0), None), ("Motor", "FreqAmpGet", (), None),
-    ("Motor", "StepCounterGet", (), None), ("Motor", "PosGet", (), None), ("Motor", "StopMove", (), None),
-    ("AutoApproach", "Open", (), None), ("AutoApproach", "OnOffGet", (), None),
+    ("FolMe", "OversamplSet", (4,), None),
+    ("FolMe", "OversamplGet", (), None),
+    ("FolMe", "PSOnOffSet", (1,), None),
+    ("FolMe", "PSOnOffGet", (), None),
+    ("FolMe", "Stop", (), None),
+    ("Motor", "FreqAmpSet", (800.0, 50.0), None),
+    ("Motor", "FreqAmpGet", (), None),
+    ("Motor", "StepCounterGet", (), None),
+    ("Motor", "PosGet", (), None),
+    ("Motor", "StopMove", (), None),
+    ("AutoApproach", "Open", (), None),
+    ("AutoApproach", "OnOffGet", (), None),
     ("Pattern", "GridSet", (7, 9, 1e-9, 2e-9, 2e-8, 3e-8, 0.0), None),
     ("Pattern", "GridGet", (), None),
-    ("Pattern", "LineSet", (11, 0.0, 0.0, 1e-8, 1e-8), None), ("Pattern", "LineGet", (), None),
-    ("Pattern", "CloudSet", ([1e-9, 2e-9], [1e-9, 3e-9]), None), ("Pattern", "CloudGet", (), None),
-    ("Pattern", "PropsSet", ("Bias Spectroscopy ASCII", "grid", 0.1), None), ("Pattern", "PropsGet", (), None),
+    ("Pattern", "LineSet", (11, 0.0, 0.0, 1e-8, 1e-8), None),
+    ("Pattern", "LineGet", (), None),
+    ("Pattern", "CloudSet", ([1e-9, 2e-9], [1e-9, 3e-9]), None),
+    ("Pattern", "CloudGet", (), None),
+    ("Pattern", "PropsSet", ("Bias Spectroscopy ASCII", "grid", 0.1), None),
+    ("Pattern", "PropsGet", (), None),
     ("Pattern", "ExpStatusGet", (), None),
-    ("Marks", "PointDraw", ([1e-9, 1e-9], "x"), None), ("Marks", "LineDraw", ([0, 0], [1e-9, 1e-9]), None),
-    ("Marks", "PointsErase", (), None), ("Marks", "LinesErase", (), None),
-    ("SafeTip", "OnOffSet", (1,), None), ("SafeTip", "OnOffGet", (), None), ("SafeTip", "SignalGet", (), None),
-    ("SafeTip", "PropsSet", (1, 0, 2e-8), None), ("SafeTip", "PropsGet", (), None),
-    ("TipRec", "BufferSizeSet", (500,), None), ("TipRec", "BufferSizeGet", (), lambda v: v == 500),
-    ("TipRec", "BufferClear", (), None), ("TipRec", "DataGet", (), None),
-    ("UserOut", "ModeSet", (1, 1), None), ("UserOut", "ModeGet", (1,), lambda v: v == 1),
-    ("UserOut", "MonitorChSet", (1, 30), None), ("UserOut", "MonitorChGet", (1,), lambda v: v == 30),
-    ("UserOut", "ValSet", (1, 0.5), None), ("UserOut", "CalibrSet", (1, 2.0, 0.1), None),
-    ("UserOut", "CalcSignalNameSet", (1, "sum"), None), ("UserOut", "CalcSignalNameGet", (1,), None),
-    ("UserOut", "CalcSignalConfigSet", (1, 0, 1, 24), None), ("UserOut", "CalcSignalConfigGet", (1,), None),
-    ("UserOut", "LimitsSet", (1, 5.0, -5.0), None), ("UserOut", "LimitsGet", (1,), None),
+    ("Marks", "PointDraw", ([1e-9, 1e-9], "x"), None),
+    ("Marks", "LineDraw", ([0, 0], [1e-9, 1e-9]), None),
+    ("Marks", "PointsErase", (), None),
+    ("Marks", "LinesErase", (), None),
+    ("SafeTip", "OnOffSet", (1,), None),
+    ("SafeTip", "OnOffGet", (), None),
+    ("SafeTip", "SignalGet", (), None),
+    ("SafeTip", "PropsSet", (1, 0, 2e-8), None),
+    ("SafeTip", "PropsGet", (), None),
+    ("TipRec", "BufferSizeSet", (500,), None),
+    ("TipRec", "BufferSizeGet", (), lambda v: v == 500),
+    ("TipRec", "BufferClear", (), None),
+    ("TipRec", "DataGet", (), None),
+    ("UserOut", "ModeSet", (1, 1), None),
+    ("UserOut", "ModeGet", (1,), lambda v: v == 1),
+    ("UserOut", "MonitorChSet", (1, 30), None),
+    ("UserOut", "MonitorChGet", (1,), lambda v: v == 30),
+    ("UserOut", "ValSet", (1, 0.5), None),
+    ("UserOut", "CalibrSet", (1, 2.0, 0.1), None),
+    ("UserOut", "CalcSignalNameSet", (1, "sum"), None),
+    ("UserOut", "CalcSignalNameGet", (1,), None),
+    ("UserOut", "CalcSignalConfigSet", (1, 0, 1, 24), None),
+    ("UserOut", "CalcSignalConfigGet", (1,), None),
+    ("UserOut", "LimitsSet", (1, 5.0, -5.0), None),
+    ("UserOut", "LimitsGet", (1,), None),
     ("Util", "SessionPathGet", (), None),
-    ("Osci2T", "ChsSet", (0, 24), None), ("Osci2T", "ChsGet", (), None), ("Osci2T", "TimebaseGet", (), None),
-    ("Osci2T", "OversamplSet", (2,), None), ("Osci2T", "OversamplGet", (), None),
-    ("Osci2T", "TrigSet", (1, 0, 1, 0.0, 0.0, 0.0), None), ("Osci2T", "TrigGet", (), None),
-    ("Osci2T", "Run", (), None), ("LockIn", "ModAmpSet", (1, 0.02), None),
+    ("Osci2T", "ChsSet", (0, 24), None),
+    ("Osci2T", "ChsGet", (), None),
+    ("Osci2T", "TimebaseGet", (), None),
+    ("Osci2T", "OversamplSet", (2,), None),
+    ("Osci2T", "OversamplGet", (), None),
+    ("Osci2T", "TrigSet", (1, 0, 1, 0.0, 0.0, 0.0), None),
+    ("Osci2T", "TrigGet", (), None),
+    ("Osci2T", "Run", (), None),
+    ("LockIn", "ModAmpSet", (1, 0.02), None),
     ("LockIn", "ModAmpGet", (1,), lambda v: v == pytest.approx(0.02)),
-    ("LockIn", "DemodHPFilterSet", (1, 2, 10.0), None), ("LockIn", "ModPhasFreqGet", (1,), None),
-    ("Signals", "CalibrGet", (0,), None), ("Signals", "RangeGet", (30,), None),
+    ("LockIn", "DemodHPFilterSet", (1, 2, 10.0), None),
+    ("LockIn", "ModPhasFreqGet", (1,), None),
+    ("Signals", "CalibrGet", (0,), None),
+    ("Signals", "RangeGet", (30,), None),
     ("Bias", "RangeGet", (), lambda v: list(v[0]) == ["+-10 V", "+-1 V"]),
-    ("Bias", "RangeSet", (1,), None), ("Bias", "CalibrSet", (0.5, 0.01), None),
-    ("Bias", "CalibrGet", (), lambda v: v[0] == pytest.approx(0.5)), ("Bias", "RangeSet", (0,), None),
+    ("Bias", "RangeSet", (1,), None),
+    ("Bias", "CalibrSet", (0.5, 0.01), None),
+    ("Bias", "CalibrGet", (), lambda v: v[0] == pytest.approx(0.5)),
+    ("Bias", "RangeSet", (0,), None),
     ("Bias", "Pulse", (0.01, 1.0, 1, 0, True), None),
-    ("Current", "GainSet", (2,), None), ("Current", "GainsGet", (), None), ("Current", "Get100", (), None),
-    ("Current", "CalibrSet", (2e-8, 0.0), None), ("Current", "CalibrGet", (), None),
-    ("ZController", "ActiveCtrlSet", (1,), None), ("ZController", "LimitsEnabledGet", (), lambda v: v == 1),
-    ("ZController", "HomePropsSet", (1, 3e-9), None), ("ZController", "OnOffGet", (), None),
-    ("ZController", "SetpntSet", (5e-11,), None), ("ZController", "SetpntGet", (), None),
-    ("ZController", "OnOffSet", (False,), None), ("ZController", "ZPosSet", (5e-9,), None),
+    ("Current", "GainSet", (2,), None),
+    ("Current", "GainsGet", (), None),
+    ("Current", "Get100", (), None),
+    ("Current", "CalibrSet", (2e-8, 0.0), None),
+    ("Current", "CalibrGet", (), None),
+    ("ZController", "ActiveCtrlSet", (1,), None),
+    ("ZController", "LimitsEnabledGet", (), lambda v: v == 1),
+    ("ZController", "HomePropsSet", (1, 3e-9), None),
+    ("ZController", "OnOffGet", (), None),
+    ("ZController", "SetpntSet", (5e-11,), None),
+    ("ZController", "SetpntGet", (), None),
+    ("ZController", "OnOffSet", (False,), None),
+    ("ZController", "ZPosSet", (5e-9,), None),
     ("ZController", "ZPosGet", (), lambda v: v == pytest.approx(5e-9)),
     ("ZController", "Withdraw", (True, 2), None),
-    ("Motor", "StartMove", ("X+", 3), None), ("Motor", "StartClosedLoop", (0, 1e-7, 0.0, 0.0, True), None),
-    ("AutoApproach", "OnOffSet", (1,), None), ("ZController", "OnOffSet", (True,), None),
-    ("Piezo", "RangeSet", (8e-6, 8e-6, 2e-7), None), ("Piezo", "DriftCompSet", (True, 0.0, 0.0, 0.0, 10.0), None),
-    ("Pattern", "ExpOpen", (), None), ("Pattern", "ExpStart", (1,), None), ("Pattern", "ExpPause", (1,), None),
+    ("Motor", "StartMove", ("X+", 3), None),
+    ("Motor", "StartClosedLoop", (0, 1e-7, 0.0, 0.0, True), None),
+    ("AutoApproach", "OnOffSet", (1,), None),
+    ("ZController", "OnOffSet", (True,), None),
+    ("Piezo", "RangeSet", (8e-6, 8e-6, 2e-7), None),
+    ("Piezo", "DriftCompSet", (True, 0.0, 0.0, 0.0, 10.0), None),
+    ("Pattern", "ExpOpen", (), None),
+    ("Pattern", "ExpStart", (1,), None),
+    ("Pattern", "ExpPause", (1,), None),
     ("Pattern", "ExpStop", (), None),
-    ("FolMe", "SpeedSet", (2e-8, True), None), ("FolMe", "SpeedGet", (), None),
-    ("FolMe", "XYPosSet", (1e-9, 1e-9, True), None), ("FolMe", "XYPosGet", (True,), None),
-    ("Scan", "BufferSet", ([0, 30], 16, 16), None), ("Scan", "BufferGet", (), None),
-    ("Scan", "FrameSet", (0.0, 0.0, 2e-9, 2e-9), None), ("Scan", "FrameGet", (), None),
-    ("Scan", "SpeedSet", (), None), ("Scan", "SpeedGet", (), None),
-    ("Scan", "PropsSet", (), None), ("Scan", "PropsGet", (), None),
-    ("Scan", "Start", (), None), ("Scan", "Pause", (), None), ("Scan", "Resume", (), None),
-    ("Scan", "Stop", (), None), ("Scan", "WaitEndOfScan", (10,), None),
-    ("Scan", "Action", ("stop",), None), ("Scan", "StatusGet", (), None), ("Scan", "WaitEndOfLine", (10,), None),
-    ("Scan", "FrameDataGrab", (30, 1), None), ("ZController", "Home", (), None),
+    ("FolMe", "SpeedSet", (2e-8, True), None),
+    ("FolMe", "SpeedGet", (), None),
+    ("FolMe", "XYPosSet", (1e-9, 1e-9, True), None),
+    ("FolMe", "XYPosGet", (True,), None),
+    ("Scan", "BufferSet", ([0, 30], 16, 16), None),
+    ("Scan", "BufferGet", (), None),
+    ("Scan", "FrameSet", (0.0, 0.0, 2e-9, 2e-9), None),
+    ("Scan", "FrameGet", (), None),
+    ("Scan", "SpeedSet", (), None),
+    ("Scan", "SpeedGet", (), None),
+    ("Scan", "PropsSet", (), None),
+    ("Scan", "PropsGet", (), None),
+    ("Scan", "Start", (), None),
+    ("Scan", "Pause", (), None),
+    ("Scan", "Resume", (), None),
+    ("Scan", "Stop", (), None),
+    ("Scan", "WaitEndOfScan", (10,), None),
+    ("Scan", "Action", ("stop",), None),
+    ("Scan", "StatusGet", (), None),
+    ("Scan", "WaitEndOfLine", (10,), None),
+    ("Scan", "FrameDataGrab", (30, 1), None),
+    ("ZController", "Home", (), None),
     ("TipShaper", "PropsSet", (), None),
-    ("Signals", "NamesGet", (), None), ("Signals", "ValGet", (24,), None),
-    ("Signals", "InSlotSet", (0, 24), None), ("Signals", "InSlotsGet", (), None),
-    ("TipRec", "DataSave", ("tiprec", True), None), ("Util", "SessionPathSet", ("/nonexistent/folder",), None),
-    ("Osci2T", "TimebaseSet", (1,), None), ("Osci2T", "DataGet", (0,), None),
-    ("TipShaper", "PropsGet", (), None), ("TipShaper", "Start", (True, 5000), None),
-    ("BiasSpectr", "Open", (), None), ("BiasSpectr", "ChsSet", ([0, 30],), None), ("BiasSpectr", "ChsGet", (), None),
-    ("BiasSpectr", "PropsSet", (0, 2, 0, 64, 0, 2, 2), None), ("BiasSpectr", "PropsGet", (), None),
-    ("BiasSpectr", "AdvPropsSet", (1, 1, 2, 2), None), ("BiasSpectr", "AdvPropsGet", (), None),
-    ("BiasSpectr", "LimitsSet", (-0.5, 0.5), None), ("BiasSpectr", "LimitsGet", (), None),
+    ("Signals", "NamesGet", (), None),
+    ("Signals", "ValGet", (24,), None),
+    ("Signals", "InSlotSet", (0, 24), None),
+    ("Signals", "InSlotsGet", (), None),
+    ("TipRec", "DataSave", ("tiprec", True), None),
+    ("Util", "SessionPathSet", ("/nonexistent/folder",), None),
+    ("Osci2T", "TimebaseSet", (1,), None),
+    ("Osci2T", "DataGet", (0,), None),
+    ("TipShaper", "PropsGet", (), None),
+    ("TipShaper", "Start", (True, 5000), None),
+    ("BiasSpectr", "Open", (), None),
+    ("BiasSpectr", "ChsSet", ([0, 30],), None),
+    ("BiasSpectr", "ChsGet", (), None),
+    ("BiasSpectr", "PropsSet", (0, 2, 0, 64, 0, 2, 2), None),
+    ("BiasSpectr", "PropsGet", (), None),
+    ("BiasSpectr", "AdvPropsSet", (1, 1, 2, 2), None),
+    ("BiasSpectr", "AdvPropsGet", (), None),
+    ("BiasSpectr", "LimitsSet", (-0.5, 0.5), None),
+    ("BiasSpectr", "LimitsGet", (), None),
     ("BiasSpectr", "TimingSet", (0.1, 0.0, 0.01, 10.0, 0.001, 0.01, 0.01, 0.1), None),
-    ("BiasSpectr", "TimingGet", (), None), ("BiasSpectr", "AltZCtrlSet", (1, 1e-10, 0.1), None),
-    ("BiasSpectr", "AltZCtrlGet", (), None), ("BiasSpectr", "MLSLockinPerSegSet", (1,), None),
-    ("BiasSpectr", "MLSLockinPerSegGet", (), None), ("BiasSpectr", "MLSModeSet", ("MLS",), None),
+    ("BiasSpectr", "TimingGet", (), None),
+    ("BiasSpectr", "AltZCtrlSet", (1, 1e-10, 0.1), None),
+    ("BiasSpectr", "AltZCtrlGet", (), None),
+    ("BiasSpectr", "MLSLockinPerSegSet", (1,), None),
+    ("BiasSpectr", "MLSLockinPerSegGet", (), None),
+    ("BiasSpectr", "MLSModeSet", ("MLS",), None),
     # nanonisTCP decodes the rest of the body (the error section too) as the text
     ("BiasSpectr", "MLSModeGet", (), lambda v: v.rstrip("\x00") == "MLS"),
     ("BiasSpectr", "MLSValsSet", ([-1.0], [1.0], [0.01], [0.001], [0.01], [64], [0]), None),
-    ("BiasSpectr", "MLSValsGet", (), None), ("BiasSpectr", "StatusGet", (), None),
-    ("BiasSpectr", "Start", (1,), None), ("BiasSpectr", "Stop", (), None),
-    *[("LockIn", f"Mod{w}Set", (1, a), None) for w, a in (("OnOff", 1), ("Signal", 24), ("PhasReg", 2),
-                                                          ("Harmonic", 2), ("Phas", 10.0), ("PhasFreq", 500.0))],
+    ("BiasSpectr", "MLSValsGet", (), None),
+    ("BiasSpectr", "StatusGet", (), None),
+    ("BiasSpectr", "Start", (1,), None),
+    ("BiasSpectr", "Stop", (), None),
+    *[
+        ("LockIn", f"Mod{w}Set", (1, a), None)
+        for w, a in (("OnOff", 1), ("Signal", 24), ("PhasReg", 2), ("Harmonic", 2), ("Phas", 10.0), ("PhasFreq", 500.0))
+    ],
     *[("LockIn", f"Mod{w}Get", (1,), None) for w in ("OnOff", "Signal", "PhasReg", "Harmonic", "Phas")],
-    *[("LockIn", f"Demod{w}Set", (1, *a), None) for w, a in (("Signal", (0,)), ("Harmonic", (2,)),
-                                                               ("LPFilter", (4, 50.0)), ("PhasReg", (2,)),
-                                                               ("Phas", (5.0,)), ("SyncFilter", (1,)),
-                                                               ("RTSignals", (1,)))],
-    *[("LockIn", f"Demod{w}Get", (1,), None) for w in ("Signal", "Harmonic", "HPFilter", "LPFilter", "PhasReg",
-                                                       "Phas", "SyncFilter", "RTSignals")],
+    *[
+        ("LockIn", f"Demod{w}Set", (1, *a), None)
+        for w, a in (
+            ("Signal", (0,)),
+            ("Harmonic", (2,)),
+            ("LPFilter", (4, 50.0)),
+            ("PhasReg", (2,)),
+            ("Phas", (5.0,)),
+            ("SyncFilter", (1,)),
+            ("RTSignals", (1,)),
+        )
+    ],
+    *[
+        ("LockIn", f"Demod{w}Get", (1,), None)
+        for w in ("Signal", "Harmonic", "HPFilter", "LPFilter", "PhasReg", "Phas", "SyncFilter", "RTSignals")
+    ],
 ]
 
 # nanonisTCP 1.1.5 deviations (NANONIS_PROTOCOL_EXT.md §1.2, §2.2, §4): calls that raise in
 # the client although the server answers as the manuals say, by nanonisTCP version
 NTCP_RAISES = {
-    ("Scan", "StatusGet"): lambda version: version < 14000,        # refused before sending
-    ("Current", "GainsGet"): lambda version: version <= 14000,     # counts the error section as surplus
-    ("Signals", "InSlotSet"): lambda version: version > 14000,     # R10862 only: error reply (garbled)
-    ("Signals", "InSlotsGet"): lambda version: True,               # error-only reply (Scanbot falls back)
-    ("Util", "SessionPathSet"): lambda version: version > 14000,   # refused: the folder does not exist
+    ("Scan", "StatusGet"): lambda version: version < 14000,  # refused before sending
+    ("Current", "GainsGet"): lambda version: version <= 14000,  # counts the error section as surplus
+    ("Signals", "InSlotSet"): lambda version: version > 14000,  # R10862 only: error reply (garbled)
+    ("Signals", "InSlotsGet"): lambda version: True,  # error-only reply (Scanbot falls back)
+    ("Util", "SessionPathSet"): lambda version: version > 14000,  # refused: the folder does not exist
 }
 
 
@@ -449,13 +580,29 @@ def test_nanonistcp_scan_props_by_release(servers):
 nanonis_spm = pytest.importorskip("nanonis_spm")
 
 SPM_CALLS = [
-    ("Piezo_RangeGet", ()), ("Piezo_SensGet", ()), ("Piezo_CalibrGet", ()), ("Piezo_HVAInfoGet", ()),
-    ("Piezo_XYZLimitsGet", ()), ("Piezo_HystOnOffGet", ()), ("Scan_XYPosGet", (np.uint32(0),)),
-    ("FolMe_PSExpGet", ()), ("FolMe_PSPropsGet", ()), ("Marks_PointsGet", ()), ("Marks_LinesGet", ()),
-    ("Signals_MeasNamesGet", ()), ("Signals_AddRTGet", ()), ("Util_RTFreqGet", ()), ("Util_AcqPeriodGet", ()),
-    ("Util_RTOversamplGet", ()), ("Current_GainsGet", ()), ("Current_CalibrGet", (np.int32(-1),)),
-    ("UserOut_LimitsGet", (np.int32(1), np.uint32(0))), ("Motor_FreqAmpGet", (np.uint16(1),)),
-    ("BiasSpectr_LimitsGet", ()), ("BiasSpectr_TimingGet", ()), ("LockIn_DemodLPFilterGet", (np.int32(1),)),
+    ("Piezo_RangeGet", ()),
+    ("Piezo_SensGet", ()),
+    ("Piezo_CalibrGet", ()),
+    ("Piezo_HVAInfoGet", ()),
+    ("Piezo_XYZLimitsGet", ()),
+    ("Piezo_HystOnOffGet", ()),
+    ("Scan_XYPosGet", (np.uint32(0),)),
+    ("FolMe_PSExpGet", ()),
+    ("FolMe_PSPropsGet", ()),
+    ("Marks_PointsGet", ()),
+    ("Marks_LinesGet", ()),
+    ("Signals_MeasNamesGet", ()),
+    ("Signals_AddRTGet", ()),
+    ("Util_RTFreqGet", ()),
+    ("Util_AcqPeriodGet", ()),
+    ("Util_RTOversamplGet", ()),
+    ("Current_GainsGet", ()),
+    ("Current_CalibrGet", (np.int32(-1),)),
+    ("UserOut_LimitsGet", (np.int32(1), np.uint32(0))),
+    ("Motor_FreqAmpGet", (np.uint16(1),)),
+    ("BiasSpectr_LimitsGet", ()),
+    ("BiasSpectr_TimingGet", ()),
+    ("LockIn_DemodLPFilterGet", (np.int32(1),)),
 ]
 
 
@@ -482,6 +629,7 @@ def test_nanonis_spm_wrappers(servers):
 
 
 # ------------------------------------------------------------------ scripted automation session
+
 
 def test_scripted_survey_session(servers, tmp_path):
     """What automation programs do: grid settings, bias series with frames, area moves,
@@ -511,7 +659,7 @@ def test_scripted_survey_session(servers, tmp_path):
         scan.FrameSet(0.0, 0.0, 4e-9, 4e-9, 0.0)
         scan.PropsSet(continuous_scan=2, bouncy_scan=2, autosave=1, series_name="survey_")
         paths = []
-        for area, v in enumerate((0.5, -0.5)):
+        for _area, v in enumerate((0.5, -0.5)):
             bias.Set(v)
             zc.OnOffSet(True)
             scan.Action("start", "down")
@@ -542,6 +690,7 @@ def test_scripted_survey_session(servers, tmp_path):
 
 
 # ------------------------------------------------------------------ sample area and drift in images
+
 
 def _frame(r, timeout_ms=20000):
     r.ok("Scan.Action", {"action": 0, "direction": 0})
@@ -645,9 +794,14 @@ def _spm_args(method):
 
 # nanonis_spm 1.0.9 deviations (NANONIS_PROTOCOL_EXT.md §4 and base §5): wrappers that send
 # another command's name, or cannot parse the documented reply
-SPM_BROKEN = {"Osci2T.TimebaseSet", "Osci2T.TimebaseGet", "Osci2T.OversamplGet",  # send other names
-              "Scan.PropsGet", "Util.VersionGet",                                  # parsers fail on every layout
-              "Osci2T.TrigGet"}  # sends TrigSet's 6 fields as the request (refused: 30 bytes, needs 0)
+SPM_BROKEN = {
+    "Osci2T.TimebaseSet",
+    "Osci2T.TimebaseGet",
+    "Osci2T.OversamplGet",  # send other names
+    "Scan.PropsGet",
+    "Util.VersionGet",  # parsers fail on every layout
+    "Osci2T.TrigGet",
+}  # sends TrigSet's 6 fields as the request (refused: 30 bytes, needs 0)
 SPM_SKIP = {"Util.Quit"}  # closes the connection (tested above)
 
 

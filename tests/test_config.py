@@ -51,22 +51,30 @@ def _write(tmp_path, edit):
     return path
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["limits"].update(max_abs_bias_V="ten"),
-     "limits.max_abs_bias_V: expected a number, got 'ten'"),
-    (lambda d: d["limits"].update(max_bias="5"), "limits.max_bias: unknown key"),
-    (lambda d: d.update(ports=[6501, 6502, 6503, 6504, 6505]), "ports: expected a list of 1 to 4"),
-    (lambda d: d.update(ports=[6501, 99999]), r"ports\[1\]: 99999 outside"),
-    (lambda d: d["channels"]["Z"].update(index="thirty"), "channels.Z.index: expected an integer"),
-    (lambda d: d.update(tip_policy="sometimes"), "tip_policy: expected one of off, prompt, auto"),
-    (lambda d: d["limits"].pop("max_pixels"), "limits.max_pixels: missing"),
-    (lambda d: d["recondition"]["actions"][0].update(kind="zap"),
-     r"recondition.actions\[0\].kind: expected one of bias_pulse, poke"),
-    (lambda d: d["recondition"]["actions"][1].update(bias_V=8.0),
-     r"recondition.actions\[1\].bias_V: 8 V exceeds limits.max_abs_bias_V"),
-    (lambda d: d["recondition"]["clean_site"].update(x_m=1e-6),
-     "recondition.clean_site.x_m: 1e-06 m lies outside limits.scan_area.x_m"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["limits"].update(max_abs_bias_V="ten"), "limits.max_abs_bias_V: expected a number, got 'ten'"),
+        (lambda d: d["limits"].update(max_bias="5"), "limits.max_bias: unknown key"),
+        (lambda d: d.update(ports=[6501, 6502, 6503, 6504, 6505]), "ports: expected a list of 1 to 4"),
+        (lambda d: d.update(ports=[6501, 99999]), r"ports\[1\]: 99999 outside"),
+        (lambda d: d["channels"]["Z"].update(index="thirty"), "channels.Z.index: expected an integer"),
+        (lambda d: d.update(tip_policy="sometimes"), "tip_policy: expected one of off, prompt, auto"),
+        (lambda d: d["limits"].pop("max_pixels"), "limits.max_pixels: missing"),
+        (
+            lambda d: d["recondition"]["actions"][0].update(kind="zap"),
+            r"recondition.actions\[0\].kind: expected one of bias_pulse, poke",
+        ),
+        (
+            lambda d: d["recondition"]["actions"][1].update(bias_V=8.0),
+            r"recondition.actions\[1\].bias_V: 8 V exceeds limits.max_abs_bias_V",
+        ),
+        (
+            lambda d: d["recondition"]["clean_site"].update(x_m=1e-6),
+            "recondition.clean_site.x_m: 1e-06 m lies outside limits.scan_area.x_m",
+        ),
+    ],
+)
 def test_bad_profiles_name_the_key_and_the_file(tmp_path, edit, message):
     with pytest.raises(ProfileError, match=message) as info:
         load_profile(_write(tmp_path, edit))

@@ -11,10 +11,20 @@ import pytest
 import torch
 
 from stm_live.models.consistency import (
-    AGREEMENT_THRESHOLD, PROBES, check_reconstruction, effective_s_share, p_basis, predicted_image, scope_probe,
+    AGREEMENT_THRESHOLD,
+    PROBES,
+    check_reconstruction,
+    effective_s_share,
+    p_basis,
+    predicted_image,
+    scope_probe,
 )
 from stm_live.simulators.imaging import (
-    CURRENT_SCALE_A_PER_V, Placement, ScanFrame, constant_height_image, s_wave_image,
+    CURRENT_SCALE_A_PER_V,
+    Placement,
+    ScanFrame,
+    constant_height_image,
+    s_wave_image,
 )
 from stm_live.simulators.orbitals import orbital_level
 from stm_live.simulators.tip import TipState, tip_preset
@@ -37,11 +47,14 @@ def _rendered(tip, frame, placements=PENTACENE_HOMO, z_nm=0.45, bias_V=-1.0):
     return image, rho
 
 
-@pytest.mark.parametrize("pixel_nm, line_nm, rms_tol, max_tol", [
-    (0.025, None, 0.003, 0.08),   # fine pitch: the finite-difference floor is small
-    (0.05, None, 0.01, 0.25),     # STM-Net's training pitch
-    (0.03, 0.045, 0.01, 0.20),    # non-square pixels: each axis its own pitch
-])
+@pytest.mark.parametrize(
+    "pixel_nm, line_nm, rms_tol, max_tol",
+    [
+        (0.025, None, 0.003, 0.08),  # fine pitch: the finite-difference floor is small
+        (0.05, None, 0.01, 0.25),  # STM-Net's training pitch
+        (0.03, 0.045, 0.01, 0.20),  # non-square pixels: each axis its own pitch
+    ],
+)
 def test_predicted_image_from_exact_density_is_the_forward_models_co_image(pixel_nm, line_nm, rms_tol, max_tol):
     """Tolerance (fraction of the image's peak): RMS and worst pixel, where two nodes in one
     5-point stencil make the sign choice of sqrt(rho) ambiguous."""
@@ -49,8 +62,9 @@ def test_predicted_image_from_exact_density_is_the_forward_models_co_image(pixel
     frame = _frame(int(round(4.8 / pixel_nm)), int(round(4.8 / (line_nm or pixel_nm))), pixel_nm, line_nm)
     co = tip_preset("co")
     image, rho = _rendered(co, frame)
-    pred = predicted_image(rho, co.s_fraction, frame.pixel_size_nm, frame.line_spacing_nm,
-                           a=CURRENT_SCALE_A_PER_V * 1.0)  # imaging: I = scale |V| S
+    pred = predicted_image(
+        rho, co.s_fraction, frame.pixel_size_nm, frame.line_spacing_nm, a=CURRENT_SCALE_A_PER_V * 1.0
+    )  # imaging: I = scale |V| S
     assert pred.shape == image.shape and np.isfinite(pred).all()
     err = (pred - image) / image.max()
     assert np.sqrt(np.mean(err**2)) < rms_tol
@@ -98,10 +112,16 @@ def test_fitted_s_share_recovers_the_simulated_tip(w_s):
     assert again.w_s == pytest.approx(res.w_s, abs=1e-6) and again.agreement == pytest.approx(res.agreement, abs=1e-6)
 
 
-@pytest.mark.parametrize("tip", [TipState(0.13, 0.40, 0.40, 0.07, name="pz"), tip_preset("coherent_co"),
-                                 TipState(0.3, 0.2, 0.2, 0.3, name="much_pz"),
-                                 TipState(0.3, 0.3, 0.3, 0.1, coherent=True, name="coherent_s30")],
-                         ids=lambda t: t.name)
+@pytest.mark.parametrize(
+    "tip",
+    [
+        TipState(0.13, 0.40, 0.40, 0.07, name="pz"),
+        tip_preset("coherent_co"),
+        TipState(0.3, 0.2, 0.2, 0.3, name="much_pz"),
+        TipState(0.3, 0.3, 0.3, 0.1, coherent=True, name="coherent_s30"),
+    ],
+    ids=lambda t: t.name,
+)
 def test_p_z_and_coherent_tips_fit_their_effective_s_share(tip):
     """p_z images like s scaled by (kappa_eff/kappa)^2 = pz_factor; a coherent s-p_z tip cancels
     its s part (coherent_co: effective s share ~ 0 although 13 % of the tip is s)."""
@@ -172,24 +192,39 @@ def test_summary_is_json_ready():
     image, rho = _rendered(tip_preset("co"), frame)
     res = check_reconstruction(image, rho, 0.05)
     back = json.loads(json.dumps(res.summary()))
-    assert set(back) >= {"agreement", "explained", "explained_s", "w_s", "a", "b", "shift_nm", "pz_factor",
-                         "in_scope", "reason", "pixels"}
+    assert set(back) >= {
+        "agreement",
+        "explained",
+        "explained_s",
+        "w_s",
+        "a",
+        "b",
+        "shift_nm",
+        "pz_factor",
+        "in_scope",
+        "reason",
+        "pixels",
+    }
     assert isinstance(back["in_scope"], bool) and back["pixels"] > 0
     assert res.line().startswith("self-consistency: agreement") and "a CO-tip orbital image" in res.line()
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 9)), 0.05), "rho shape (8, 9) differs"),
-    (lambda: check_reconstruction(np.ones(8), np.ones(8), 0.05), "measured must be a 2-D image"),
-    (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 8)), 0.0), "pixel_size_nm must be finite and > 0"),
-    (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 8)), 0.05, -1.0), "line_spacing_nm must be"),
-    (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 8)), 0.05, threshold=2.0), "threshold must be in"),
-    (lambda: predicted_image(np.ones((8, 8)), 1.5, 0.05), "w_s must be in [0, 1]"),
-    (lambda: scope_probe("cluster", np.random.default_rng(0)), "unknown probe 'cluster'"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 9)), 0.05), "rho shape (8, 9) differs"),
+        (lambda: check_reconstruction(np.ones(8), np.ones(8), 0.05), "measured must be a 2-D image"),
+        (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 8)), 0.0), "pixel_size_nm must be finite and > 0"),
+        (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 8)), 0.05, -1.0), "line_spacing_nm must be"),
+        (lambda: check_reconstruction(np.ones((8, 8)), np.ones((8, 8)), 0.05, threshold=2.0), "threshold must be in"),
+        (lambda: predicted_image(np.ones((8, 8)), 1.5, 0.05), "w_s must be in [0, 1]"),
+        (lambda: scope_probe("cluster", np.random.default_rng(0)), "unknown probe 'cluster'"),
+    ],
+)
 def test_bad_input_gets_a_clear_error(call, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")
-                       .replace("]", r"\]")):
+    with pytest.raises(
+        ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]")
+    ):
         call()
 
 

@@ -11,16 +11,15 @@ from stm_live.simulators.imaging import CubePlacement, Placement, ScanFrame, con
 from stm_live.simulators.orbitals import CubeOrbital, extend_into_vacuum, molecule, orbital_fields, orbital_level
 from stm_live.simulators.vacuum import KAPPA_PER_NM
 
-A_NM = 0.3            # Gaussian width of the test orbital
-PLANE_NM = 0.25       # molecular plane height in the cube frame
+A_NM = 0.3  # Gaussian width of the test orbital
+PLANE_NM = 0.25  # molecular plane height in the cube frame
 
 
 def _pz(x, y, z):
     """psi = z exp(-r^2/a^2) about (0, 0, PLANE_NM), with its exact gradient."""
     zz = z - PLANE_NM
     e = np.exp(-(x**2 + y**2 + zz**2) / A_NM**2)
-    return np.stack([zz * e, zz * e * (-2 * x / A_NM**2), zz * e * (-2 * y / A_NM**2),
-                     e * (1 - 2 * zz**2 / A_NM**2)])
+    return np.stack([zz * e, zz * e * (-2 * x / A_NM**2), zz * e * (-2 * y / A_NM**2), e * (1 - 2 * zz**2 / A_NM**2)])
 
 
 def _cube(n=(44, 40, 48), step_nm=0.045, mo=False):
@@ -30,8 +29,7 @@ def _cube(n=(44, 40, 48), step_nm=0.045, mo=False):
     blank = Cube(("test", "pz"), np.array([6, 6]), atoms, origin, axes, np.zeros((1, *n)))
     psi = _pz(*blank.positions_nm())[0]
     data = np.stack([psi, -psi]) if mo else psi[None]
-    return Cube(("test", "pz"), np.array([6, 6]), atoms, origin, axes, data,
-                mo_indices=(41, 42) if mo else ())
+    return Cube(("test", "pz"), np.array([6, 6]), atoms, origin, axes, data, mo_indices=(41, 42) if mo else ())
 
 
 def test_write_read_round_trip_in_nm(tmp_path):
@@ -45,14 +43,15 @@ def test_write_read_round_trip_in_nm(tmp_path):
 
 
 def test_negative_counts_mean_angstrom_and_mo_line_is_read(tmp_path):
-    text = ("c1\nc2\n"
-            "   -1    0.0 0.0 0.0\n"           # NATOMS < 0: an MO line follows the atoms
-            "   -2    0.5 0.0 0.0\n"           # negative count: lengths in Angstrom
-            "   -2    0.0 0.5 0.0\n"
-            "   -2    0.0 0.0 0.5\n"
-            "    6    6.0  1.0 2.0 3.0\n"
-            "    2   7 8\n"
-            + " ".join(str(float(v)) for v in range(16)) + "\n")
+    text = (
+        "c1\nc2\n"
+        "   -1    0.0 0.0 0.0\n"  # NATOMS < 0: an MO line follows the atoms
+        "   -2    0.5 0.0 0.0\n"  # negative count: lengths in Angstrom
+        "   -2    0.0 0.5 0.0\n"
+        "   -2    0.0 0.0 0.5\n"
+        "    6    6.0  1.0 2.0 3.0\n"
+        "    2   7 8\n" + " ".join(str(float(v)) for v in range(16)) + "\n"
+    )
     path = tmp_path / "ang.cube"
     path.write_text(text)
     cube = read_cube(path)
@@ -76,24 +75,29 @@ def test_cube_orbital_matches_analytic_values_and_gradients(tmp_path):
     ref = _pz(x, y, z + PLANE_NM)
     # Errors relative to the largest psi and the largest gradient component sampled.
     err = np.abs(f[0] - ref).max(axis=(1, 2))
-    assert err[0] < 1e-3 * np.abs(ref[0]).max()         # psi: cubic spline, smooth input
+    assert err[0] < 1e-3 * np.abs(ref[0]).max()  # psi: cubic spline, smooth input
     assert np.all(err[1:] < 2e-3 * np.abs(ref[1:]).max())  # 4th-order differences, h/a=0.15
     # The second orbital is -psi; a point beyond the box reads zero.
     np.testing.assert_allclose(CubeOrbital(cube, mo=1).fields(x, y, z), -f, atol=1e-12)
     assert np.all(orb.fields(np.array([5.0]), np.array([0.0]), np.array([0.2])) == 0)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t: "\n".join(t.splitlines()[:4]), "only 4 lines"),
-    (lambda t: t.replace("    6    6.0", "    6    six", 1), r"line 7: atom 1 is not numeric"),
-    (lambda t: t.rstrip().rsplit(" ", 1)[0] + "\n", "expected 8 voxel values"),
-    (lambda t: t.rstrip() + " 1.0x\n", r"line 8: voxel value '1.0x' is not numeric"),
-    (lambda t: t.replace("    2    0.0 1.0", "    2.5  0.0 1.0"), "line 5: voxel count"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t: "\n".join(t.splitlines()[:4]), "only 4 lines"),
+        (lambda t: t.replace("    6    6.0", "    6    six", 1), r"line 7: atom 1 is not numeric"),
+        (lambda t: t.rstrip().rsplit(" ", 1)[0] + "\n", "expected 8 voxel values"),
+        (lambda t: t.rstrip() + " 1.0x\n", r"line 8: voxel value '1.0x' is not numeric"),
+        (lambda t: t.replace("    2    0.0 1.0", "    2.5  0.0 1.0"), "line 5: voxel count"),
+    ],
+)
 def test_malformed_cube_names_the_line(tmp_path, edit, message):
-    good = ("c1\nc2\n    1    0.0 0.0 0.0\n    2    1.0 0.0 0.0\n    2    0.0 1.0 0.0\n"
-            "    2    0.0 0.0 1.0\n    6    6.0 0.0 0.0 0.0\n"
-            "1 2 3 4 5 6 7 8\n")
+    good = (
+        "c1\nc2\n    1    0.0 0.0 0.0\n    2    1.0 0.0 0.0\n    2    0.0 1.0 0.0\n"
+        "    2    0.0 0.0 1.0\n    6    6.0 0.0 0.0 0.0\n"
+        "1 2 3 4 5 6 7 8\n"
+    )
     path = tmp_path / "ok.cube"
     path.write_text(good)
     assert read_cube(path).shape == (2, 2, 2)
@@ -155,8 +159,14 @@ def test_continuation_refuses_what_it_cannot_do():
     cube = _grid_cube(lambda x, y, z: _vacuum_solution(x, y, z)[0], SOURCES[:, :2], top_nm=0.3, step_nm=0.05)
     with pytest.raises(ValueError, match=r"must hold the plane 0.5 nm above the molecule"):
         extend_into_vacuum(cube, from_nm=0.5)
-    sheared = Cube(cube.comment, cube.atomic_numbers, cube.atoms_nm, cube.origin_nm,
-                   cube.axes_nm + np.array([[0, 0.01, 0], [0, 0, 0], [0, 0, 0]]), cube.data)
+    sheared = Cube(
+        cube.comment,
+        cube.atomic_numbers,
+        cube.atoms_nm,
+        cube.origin_nm,
+        cube.axes_nm + np.array([[0, 0.01, 0], [0, 0, 0], [0, 0, 0]]),
+        cube.data,
+    )
     with pytest.raises(ValueError, match="axes run along"):
         extend_into_vacuum(sheared)
     with pytest.raises(ValueError, match="from_nm < top_nm"):
@@ -195,8 +205,11 @@ def test_evaluate_stmnet_on_a_cube_file(tmp_path):
     from stm_live.models.stmnet import load_stmnet
 
     path = write_cube(tmp_path / "perylene_lumo.cube", _library_cube("perylene", "LUMO", top_nm=0.35, step_nm=0.03))
-    result = CliRunner().invoke(app, ["evaluate", "--model", "stmnet", "--device", "cpu", "--cube", str(path),
-                                      "--samples", "1"], catch_exceptions=False)
+    result = CliRunner().invoke(
+        app,
+        ["evaluate", "--model", "stmnet", "--device", "cpu", "--cube", str(path), "--samples", "1"],
+        catch_exceptions=False,
+    )
     assert result.exit_code == 0, result.output
     assert "perylene_lumo.cube" in result.output and "cube orbitals" in result.output
     summary = cube_quality(load_stmnet("cpu"), [path], samples=2)["summary"]["cube orbitals"]
@@ -204,9 +217,11 @@ def test_evaluate_stmnet_on_a_cube_file(tmp_path):
     assert summary["stmnet"][0] > summary["identity"][0] + 8.0  # dB
     assert summary["stmnet"][1] > 0.97
 
-    for args, message in ((["--cube", str(tmp_path / "none.cube")], "none.cube does not exist"),
-                          (["--vacuum-from", "0.3"], "apply to cube files"),
-                          (["--model", "tipstate", "--cube", str(path)], "STM-Net only")):
+    for args, message in (
+        (["--cube", str(tmp_path / "none.cube")], "none.cube does not exist"),
+        (["--vacuum-from", "0.3"], "apply to cube files"),
+        (["--model", "tipstate", "--cube", str(path)], "STM-Net only"),
+    ):
         bad = CliRunner().invoke(app, ["evaluate", *args])
         assert bad.exit_code == 2 and message in bad.output, bad.output
 
@@ -220,12 +235,16 @@ def test_a_scenario_scans_a_cube_orbital_over_the_protocol(tmp_path):
     from stm_live.simulators.server import start_server_thread
 
     write_cube(tmp_path / "naphthalene_homo.cube", _library_cube(top_nm=0.3, step_nm=0.03))
-    common = ("tip: {preset: co}\nartifacts: {}\nz_controller: false\nz_nm: 0.45\nbias_V: -1.0\n"
-              "frame: {width_nm: 2.4, height_nm: 2.4, pixels: 32, lines: 32}\n")
+    common = (
+        "tip: {preset: co}\nartifacts: {}\nz_controller: false\nz_nm: 0.45\nbias_V: -1.0\n"
+        "frame: {width_nm: 2.4, height_nm: 2.4, pixels: 32, lines: 32}\n"
+    )
     (tmp_path / "cube.yaml").write_text(
-        "molecules:\n  - {cube: naphthalene_homo.cube, x_nm: 0.1, rotation_deg: 30}\n" + common)
+        "molecules:\n  - {cube: naphthalene_homo.cube, x_nm: 0.1, rotation_deg: 30}\n" + common
+    )
     (tmp_path / "library.yaml").write_text(
-        "molecules:\n  - {molecule: naphthalene, orbital: HOMO, x_nm: 0.1, rotation_deg: 30}\n" + common)
+        "molecules:\n  - {molecule: naphthalene, orbital: HOMO, x_nm: 0.1, rotation_deg: 30}\n" + common
+    )
     scenario = load_scenario(tmp_path / "cube.yaml")
     (placed,) = scenario.molecules
     assert isinstance(placed, CubePlacement) and placed.amplitude == pytest.approx(cube_amplitude(placed.orbital))
@@ -245,15 +264,18 @@ def test_a_scenario_scans_a_cube_orbital_over_the_protocol(tmp_path):
     from stm_live.simulators.imaging import s_wave_image
 
     def s_peak(placement):
-        return s_wave_image([placement], ScanFrame(0.0, 0.0, 3.0, 3.0, pixels=75, lines=75), z_nm=0.45,
-                            bias_V=-1.0).max()
+        return s_wave_image(
+            [placement], ScanFrame(0.0, 0.0, 3.0, 3.0, pixels=75, lines=75), z_nm=0.45, bias_V=-1.0
+        ).max()
 
     assert s_peak(placed) == pytest.approx(s_peak(Placement("pentacene", orbital="HOMO")), rel=0.02)
     assert s_peak(CubePlacement(placed.orbital)) > 2 * s_peak(placed)  # the cube's own scale differs
 
-    bad = {"{cube: none.cube}": r"molecules\[0\]\.cube: .*none.cube",
-           "{cube: naphthalene_homo.cube, molecule: naphthalene}": r"molecules\[0\]\.molecule: a cube entry",
-           "{molecule: naphthalene, mo: 2}": r"molecules\[0\]\.mo: only for a cube entry"}
+    bad = {
+        "{cube: none.cube}": r"molecules\[0\]\.cube: .*none.cube",
+        "{cube: naphthalene_homo.cube, molecule: naphthalene}": r"molecules\[0\]\.molecule: a cube entry",
+        "{molecule: naphthalene, mo: 2}": r"molecules\[0\]\.mo: only for a cube entry",
+    }
     for entry, message in bad.items():
         (tmp_path / "bad.yaml").write_text(f"molecules:\n  - {entry}\n")
         with pytest.raises(ScenarioError, match=message):

@@ -12,8 +12,7 @@ from stm_live.plans import live_frame
 
 @pytest.fixture()
 def stm(sim_server):
-    device = NanonisSTM(sim_server.host, sim_server.port, name="stm",
-                        profile=load_profile("sim"))
+    device = NanonisSTM(sim_server.host, sim_server.port, name="stm", profile=load_profile("sim"))
     yield device
     device.stop_scan()
     device.close()
@@ -82,8 +81,7 @@ def test_unsafe_values_are_refused_before_anything_is_sent(RE, stm, sim_server, 
 
 def test_malformed_profile_names_the_bad_key(tmp_path):
     bad = tmp_path / "bad.yaml"
-    text = (load_profile("sim").source.read_text()
-            .replace("max_abs_bias_V: 5.0", "max_abs_bias_V: lots"))
+    text = load_profile("sim").source.read_text().replace("max_abs_bias_V: 5.0", "max_abs_bias_V: lots")
     bad.write_text(text)
     with pytest.raises(ProfileError, match="max_abs_bias_V"):
         load_profile(bad)
@@ -93,8 +91,7 @@ def test_line_reader_streams_lines_outside_a_plan(stm, sim_server):
     lines = stm.lines
     lines.configure({"channels": ["Current"], "pixels": 16, "lines": 5})
     desc = lines.describe()
-    assert desc["stm_current_bwd"] == {**desc["stm_current_bwd"], "dtype": "array",
-                                       "shape": [16], "units": "A"}
+    assert desc["stm_current_bwd"] == {**desc["stm_current_bwd"], "dtype": "array", "shape": [16], "units": "A"}
     with pytest.raises(RuntimeError, match="not staged"):
         lines.trigger().wait(1)
     stm.frame.set((0.0, 0.0, 3e-9, 3e-9, 0.0)).wait(5)
@@ -137,8 +134,7 @@ def test_pause_resume_redelivers_the_last_triggered_line(stm, sim_server):
         lines.trigger().wait(10)
         again = lines.read()
         assert again["stm_line_index"]["value"] == 2
-        np.testing.assert_array_equal(again["stm_current_fwd"]["value"],
-                                      first["stm_current_fwd"]["value"])
+        np.testing.assert_array_equal(again["stm_current_fwd"]["value"], first["stm_current_fwd"]["value"])
         lines.trigger().wait(10)
         assert lines.read()["stm_line_index"]["value"] == 3
     finally:
@@ -158,9 +154,9 @@ def test_a_trigger_pending_at_a_suspend_does_not_skip_its_line(stm, sim_server):
         lines.trigger().wait(10)
         assert lines.read()["stm_line_index"]["value"] == 0
         stale = lines.trigger()  # waiting for line 1 ...
-        lines.pause()            # ... when the suspender trips
+        lines.pause()  # ... when the suspender trips
         lines.resume()
-        stale.wait(10)           # line 1 arrives and completes the stale trigger
+        stale.wait(10)  # line 1 arrives and completes the stale trigger
         lines.trigger().wait(10)  # the RunEngine replays from its checkpoint
         assert lines.read()["stm_line_index"]["value"] == 1
         lines.trigger().wait(10)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
+
 import numpy as np
 import pytest
 
@@ -67,8 +68,9 @@ def _journaled(tmp_path, uid):
 
     docs = read_journal(tmp_path / "journal" / f"{uid}.journal")
     streams = {d["uid"]: d["name"] for n, d in docs if n == "descriptor"}
-    suspended = [d["data"]["interruption"] for n, d in docs
-                 if n == "event" and streams[d["descriptor"]] == "interruptions"]
+    suspended = [
+        d["data"]["interruption"] for n, d in docs if n == "event" and streams[d["descriptor"]] == "interruptions"
+    ]
     return run_data(docs), suspended
 
 
@@ -202,23 +204,42 @@ def test_reconditioning_rides_through_stalls_and_a_drop_during_its_verification(
     from stm_live.store import read_journal
 
     lines, bad_at = 32, 8
-    server = served(Fault("delay", commands=("ZCtrl.ZPosSet",), seconds=3.0, nth=1),
-                    Fault("stall", line=2, frame=1, seconds=3.0), Fault("drop", line=13, frame=1),
-                    time_scale=1.0)
+    server = served(
+        Fault("delay", commands=("ZCtrl.ZPosSet",), seconds=3.0, nth=1),
+        Fault("stall", line=2, frame=1, seconds=3.0),
+        Fault("drop", line=13, frame=1),
+        time_scale=1.0,
+    )
     stm, session, said = _session(RE, tmp_path, server, profile=load_profile("sim"))
     assert stm.max_outage_s == 30.0  # the profile's link.max_outage_s
     clf = _GoodTip()
-    rec = TipReconditioner(stm, policy="auto", classifier=clf, verify_lines=16, max_attempts=1,
-                           actions=[("bias_pulse", {"bias_V": 2.0, "width_s": 0.05})])
+    rec = TipReconditioner(
+        stm,
+        policy="auto",
+        classifier=clf,
+        verify_lines=16,
+        max_attempts=1,
+        actions=[("bias_pulse", {"bias_V": 2.0, "width_s": 0.05})],
+    )
     rec.install(RE)
 
     def tip_goes_bad(name, doc):  # as the tip monitor reports a double tip at line 8
         if name == "event" and doc["data"].get("stm_line_index") == bad_at and rec._open_run:
             probs = dict.fromkeys(TIP_CLASSES, 0.01)
             probs["double"] = 0.94
-            rec.on_verdict({"run_uid": rec._open_run, "line": bad_at, "first_line": 0, "change_line": bad_at,
-                            "label": "double", "probabilities": probs, "s_fraction": 0.2, "good": False,
-                            "reason": "test"})
+            rec.on_verdict(
+                {
+                    "run_uid": rec._open_run,
+                    "line": bad_at,
+                    "first_line": 0,
+                    "change_line": bad_at,
+                    "label": "double",
+                    "probabilities": probs,
+                    "s_fraction": 0.2,
+                    "good": False,
+                    "reason": "test",
+                }
+            )
 
     RE.subscribe(tip_goes_bad)
     try:
@@ -238,8 +259,11 @@ def test_reconditioning_rides_through_stalls_and_a_drop_during_its_verification(
     # the frame: every line once; those from the checkpoint on are the verification scan's
     run, _ = _journaled(tmp_path, uid)
     _assert_every_line_once(run, lines, _controller_frame(server), rows=slice(resume["from_line"], None))
-    steps = [d["data"][f"{RECORD_STREAM}_step"] for n, d in read_journal(tmp_path / "journal" / f"{uid}.journal")
-             if n == "event" and f"{RECORD_STREAM}_step" in d["data"]]
+    steps = [
+        d["data"][f"{RECORD_STREAM}_step"]
+        for n, d in read_journal(tmp_path / "journal" / f"{uid}.journal")
+        if n == "event" and f"{RECORD_STREAM}_step" in d["data"]
+    ]
     assert steps[0] == "suspended" and "verified" in steps and steps[-1] == "resumed", steps
     lost = [s for s in said if " lost at line " in s]
     assert any("ZCtrl.ZPosSet: no reply" in s for s in lost), said  # the delay, re-sent (an absolute set)

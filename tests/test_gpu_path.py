@@ -100,8 +100,11 @@ def test_torch_normalisation_matches_numpy():
     np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
     np.testing.assert_allclose(got, ref, atol=1e-6, equal_nan=True)
     values = rng.random(1001).astype(np.float32)
-    np.testing.assert_allclose(quantiles(torch.from_numpy(values), (0.005, 0.5, 0.999)).numpy(),
-                               np.percentile(values, [0.5, 50, 99.9]), rtol=1e-6)
+    np.testing.assert_allclose(
+        quantiles(torch.from_numpy(values), (0.005, 0.5, 0.999)).numpy(),
+        np.percentile(values, [0.5, 50, 99.9]),
+        rtol=1e-6,
+    )
 
 
 def test_bf16_gives_the_reference_reconstruction_within_tolerance(rec, held_out):
@@ -173,8 +176,19 @@ def test_training_with_a_time_budget_writes_weights_and_card(tmp_path):
     from stm_live.models.training import train_main
 
     out = tmp_path / "budget.pt"
-    summary = train_main(steps=None, minutes=0.02, out=out, device="cpu", seed=2, batch=2, crop=32, threads=1,
-                         workers=1, final_eval_samples=1, quiet=True)
+    summary = train_main(
+        steps=None,
+        minutes=0.02,
+        out=out,
+        device="cpu",
+        seed=2,
+        batch=2,
+        crop=32,
+        threads=1,
+        workers=1,
+        final_eval_samples=1,
+        quiet=True,
+    )
     assert summary["steps"] >= 1 and summary["wall_s"] >= 0.02 * 60 and summary["history"][-1][0] == summary["steps"]
     child = load_stmnet(device="cpu", path=out)  # hash verified
     assert child.info["steps"] == summary["steps"]
@@ -192,8 +206,12 @@ def test_train_cli_passes_the_budget_and_the_wide_network(monkeypatch, tmp_path)
     monkeypatch.setattr(training, "train_main", lambda **kw: calls.append(kw))
     runner = CliRunner()
     assert runner.invoke(cli.app, ["train", "--model", "wide", "--minutes", "2", "--device", "cpu"]).exit_code == 0
-    assert runner.invoke(cli.app, ["train", "--minutes", "2", "--steps", "50", "--workers", "3",
-                                   "--out", str(tmp_path / "x.pt")]).exit_code == 0
+    assert (
+        runner.invoke(
+            cli.app, ["train", "--minutes", "2", "--steps", "50", "--workers", "3", "--out", str(tmp_path / "x.pt")]
+        ).exit_code
+        == 0
+    )
     wide, capped = calls
     assert wide["steps"] is None and wide["minutes"] == 2 and wide["config"] == stmnet.WIDE_CONFIG
     assert wide["out"] == stmnet.WIDE_CHECKPOINT and "workers" not in wide
@@ -209,8 +227,13 @@ def test_gpu_benchmark_smoke_prints_every_row(tmp_path):
     from benchmarks.bench_gpu import Plan, expected_rows
 
     out = tmp_path / "bench_gpu.json"
-    proc = subprocess.run([sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "gpu", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     for section, row in expected_rows(Plan.for_run(smoke=True)):

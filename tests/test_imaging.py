@@ -48,8 +48,9 @@ def test_s_image_is_psi_squared_and_p_image_is_lateral_gradient_squared():
     scale = CURRENT_SCALE_A_PER_V * 1.0
     s_img = constant_height_image(placement, frame, S_TIP, z_nm=0.35, bias_V=-1.0) / scale
     np.testing.assert_allclose(s_img, psi**2, rtol=1e-5, atol=1e-6 * psi.max() ** 2)
-    np.testing.assert_allclose(s_wave_image(placement, frame, z_nm=0.35, bias_V=-1.0), psi**2, rtol=1e-5,
-                               atol=1e-6 * psi.max() ** 2)
+    np.testing.assert_allclose(
+        s_wave_image(placement, frame, z_nm=0.35, bias_V=-1.0), psi**2, rtol=1e-5, atol=1e-6 * psi.max() ** 2
+    )
     p_img = constant_height_image(placement, frame, P_TIP, z_nm=0.35, bias_V=-1.0) / scale
     expected = 0.5 * (dpsi_dx**2 + dpsi_dy**2) / KAPPA_PER_NM**2
     inner = (slice(2, -2), slice(2, -2))  # np.gradient is first order at the border
@@ -142,8 +143,7 @@ def test_constant_current_and_constant_height_are_consistent():
     tip = tip_preset("co")
     placement = Placement("pentacene", rotation_deg=20.0)
     z_map = constant_current_image(placement, frame, tip, setpoint_A=20e-12, bias_V=-1.0, substrate=substrate)
-    current = constant_height_image(placement, frame, tip, z_nm=z_map.astype(float), bias_V=-1.0,
-                                    substrate=substrate)
+    current = constant_height_image(placement, frame, tip, z_nm=z_map.astype(float), bias_V=-1.0, substrate=substrate)
     np.testing.assert_allclose(current, 20e-12, rtol=1e-3)
     assert np.ptp(z_map) > 0.05  # the molecule stands out of the substrate
     # far from the molecule a 10x setpoint brings the tip closer by ln(10) / 2κ
@@ -195,6 +195,7 @@ def test_bad_imaging_input_raises():
 
 # ------------------------------------------------------------------------------ pairs
 
+
 def test_held_out_molecules_are_never_trained_on():
     assert set(HELD_OUT_MOLECULES) >= {"perylene", "triphenylene", "h2nc"}
     assert not set(HELD_OUT_MOLECULES) & set(TRAIN_MOLECULES)
@@ -225,8 +226,13 @@ def test_pair_sampler_matches_the_forward_model():
     placed = [("naphthalene", "HOMO", 0.3, -0.2, 35.0)]
     frame = ScanFrame(0, 0, 48 * 0.05, 48 * 0.05, pixels=48, lines=48)
     placement = Placement("naphthalene", 0.3, -0.2, 35.0, "HOMO")
-    for tip in (tip_preset("co"), tip_preset("tilted_co"), tip_preset("coherent_co"), tip_preset("double"),
-                tip_preset("blunt")):
+    for tip in (
+        tip_preset("co"),
+        tip_preset("tilted_co"),
+        tip_preset("coherent_co"),
+        tip_preset("double"),
+        tip_preset("blunt"),
+    ):
         fast = sampler._render(placed, tip, [0.4], 0.05)[0]
         exact = constant_height_image(placement, frame, tip, z_nm=0.4, bias_V=-1.0) / CURRENT_SCALE_A_PER_V
         assert np.max(np.abs(fast - exact)) < 0.05 * exact.max(), tip.name
@@ -236,22 +242,34 @@ def test_pair_sampler_matches_the_forward_model():
 
 
 def test_pair_sampler_current_mode_holds_the_setpoint():
-    sampler = PairSampler(["benzene", "naphthalene"], size=32, pixel_size_nm=0.06, seed=2, modes=("current",),
-                          noise=0.0, substrate_prob=0.0, heights=(0.4, 0.4))
+    sampler = PairSampler(
+        ["benzene", "naphthalene"],
+        size=32,
+        pixel_size_nm=0.06,
+        seed=2,
+        modes=("current",),
+        noise=0.0,
+        substrate_prob=0.0,
+        heights=(0.4, 0.4),
+    )
     batch = sampler.sample(2)
     for item, z_map in zip(batch.meta, batch.inputs):
         assert item["mode"] == "current" and item["z_nm"] == pytest.approx(0.4)
         side = 32 * item["pixel_size_nm"]
         frame = ScanFrame(0, 0, side, side, pixels=32, lines=32)
-        placements = [Placement(m, x, y, r, o) for m, o, (x, y), r in
-                      zip(item["molecules"], item["orbitals"], item["positions_nm"], item["rotations_deg"])]
+        placements = [
+            Placement(m, x, y, r, o)
+            for m, o, (x, y), r in zip(item["molecules"], item["orbitals"], item["positions_nm"], item["rotations_deg"])
+        ]
         tip = TipState(**item["tip_state"])
-        exact = constant_current_image(placements, frame, tip, setpoint_A=item["setpoint_A"], bias_V=item["bias_V"],
-                                       substrate=Substrate())
+        exact = constant_current_image(
+            placements, frame, tip, setpoint_A=item["setpoint_A"], bias_V=item["bias_V"], substrate=Substrate()
+        )
         # the cached, interpolated fields put the isocurrent surface within 0.01 nm of the exact one
         assert np.max(np.abs(z_map - exact)) < 0.01
-        current = constant_height_image(placements, frame, tip, z_nm=z_map.astype(float), bias_V=item["bias_V"],
-                                        substrate=Substrate())
+        current = constant_height_image(
+            placements, frame, tip, z_nm=z_map.astype(float), bias_V=item["bias_V"], substrate=Substrate()
+        )
         assert np.median(np.abs(current / item["setpoint_A"] - 1)) < 0.03
         assert np.ptp(z_map) > 0.02
 
@@ -276,9 +294,15 @@ def test_scattered_molecules_never_overlap_and_one_without_room_is_left_out():
         for i, a in enumerate(placed):
             assert abs(a.x_nm) <= 2.0 and abs(a.y_nm) <= 2.0 and a.orbital == "HOMO"
             for b in placed[:i]:
-                gap = np.hypot(a.x_nm - b.x_nm, a.y_nm - b.y_nm) - molecule(a.molecule).radius_nm - molecule(b.molecule).radius_nm
+                gap = (
+                    np.hypot(a.x_nm - b.x_nm, a.y_nm - b.y_nm)
+                    - molecule(a.molecule).radius_nm
+                    - molecule(b.molecule).radius_nm
+                )
                 assert gap > MOLECULE_GAP_NM
     again = scatter_molecules(np.random.default_rng(3), names, lambda i: (2.0, 2.0))
     assert again == scatter_molecules(np.random.default_rng(3), names, lambda i: (2.0, 2.0))
     # a box the size of one molecule holds only the first
-    assert [p.molecule for p in scatter_molecules(np.random.default_rng(0), names, lambda i: (0.1, 0.1))] == ["pentacene"]
+    assert [p.molecule for p in scatter_molecules(np.random.default_rng(0), names, lambda i: (0.1, 0.1))] == [
+        "pentacene"
+    ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sxm_files import scene, write_raw_sxm
 
 from stm_live.interpret import (
     CONSTANT_CURRENT,
@@ -18,7 +19,6 @@ from stm_live.interpret import (
 )
 from stm_live.io.sxm import read_sxm
 from stm_live.simulators.vacuum import current_from_z
-from sxm_files import scene, write_raw_sxm
 
 
 def test_constant_current_picks_z_constant_height_picks_current():
@@ -28,7 +28,9 @@ def test_constant_current_picks_z_constant_height_picks_current():
     assert choose_channel(names, feedback_on=False, units=units)[:2] == ("Current", CONSTANT_HEIGHT)
     # the user's channel wins, matched without case or unit suffix
     assert choose_channel(names, feedback_on=True, units=units, requested="li demod 1 x")[:2] == (
-        "LI_Demod_1_X", SIGNAL)
+        "LI_Demod_1_X",
+        SIGNAL,
+    )
     assert choose_channel(["Current (A)", "Z (m)"], feedback_on=True)[0] == "Z (m)"
 
 
@@ -53,10 +55,8 @@ def test_the_other_mode_s_channel_is_refused_not_used():
 def test_current_sign_does_not_change_the_network_input():
     current, _ = scene("current", pixels=48, lines=40, range_m=(4e-9, 4e-9), bias_V=-1.0)
     assert np.nansum(current) < 0  # negative bias: negative tunnelling current
-    a = network_input(current, channel="Current", mode=CONSTANT_HEIGHT, unit="A", bias_V=-1.0,
-                      pixel_size_nm=0.1)
-    b = network_input(-current, channel="Current", mode=CONSTANT_HEIGHT, unit="A", bias_V=-1.0,
-                      pixel_size_nm=0.1)
+    a = network_input(current, channel="Current", mode=CONSTANT_HEIGHT, unit="A", bias_V=-1.0, pixel_size_nm=0.1)
+    b = network_input(-current, channel="Current", mode=CONSTANT_HEIGHT, unit="A", bias_V=-1.0, pixel_size_nm=0.1)
     np.testing.assert_array_equal(a.image, b.image)
     assert np.nanmin(a.image) >= 0 and any("-I" in n for n in a.notes)
     assert any("opposite to the bias" in n for n in b.notes)
@@ -68,8 +68,7 @@ def test_tilted_z_is_levelled_before_the_conversion():
     tilt = 8e-12 * xx + 5e-12 * yy  # 0.5 nm across the frame: e^11 without levelling
     levelled = plane_level(bump + tilt)
     assert np.ptp(levelled[:8, :8]) < 2e-12 and abs(levelled[0, 0] - levelled[-1, -1]) < 2e-12
-    image = network_input(bump + tilt, channel="Z", mode=CONSTANT_CURRENT, unit="m",
-                          pixel_size_nm=0.1).image
+    image = network_input(bump + tilt, channel="Z", mode=CONSTANT_CURRENT, unit="m", pixel_size_nm=0.1).image
     flat = current_from_z(bump)
     # every corner keeps the background level, as on the untilted frame
     assert np.allclose([image[0, 0], image[-1, -1], image[0, -1]], flat[0, 0], rtol=0.05)
@@ -88,8 +87,9 @@ def test_scope_bounds_pitch_and_size_and_says_which_tool():
 
 def test_from_scan_reads_geometry_and_names_the_file_on_bad_ranges(tmp_path):
     z, _ = scene("z", pixels=32, lines=16, range_m=(4e-9, 3e-9))
-    path = write_raw_sxm(tmp_path / "ns.sxm", channels={"Z": (14, "m", z, z)}, range_m=(4e-9, 3e-9),
-                         direction="up", feedback_on=True)
+    path = write_raw_sxm(
+        tmp_path / "ns.sxm", channels={"Z": (14, "m", z, z)}, range_m=(4e-9, 3e-9), direction="up", feedback_on=True
+    )
     net_in = from_scan(read_sxm(path), name=path.name)
     assert (net_in.channel, net_in.mode, net_in.scan_direction) == ("Z", CONSTANT_CURRENT, "up")
     assert net_in.pixel_size_nm == pytest.approx(0.125) and net_in.line_spacing_nm == pytest.approx(0.1875)

@@ -45,8 +45,14 @@ def test_sigkill_mid_frame_loses_no_read_line(tmp_path):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], cwd=root,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     uid, lines = None, []
     deadline = time.monotonic() + 60
     try:

@@ -51,7 +51,7 @@ class Peer:
         while len(buf) < n:
             try:
                 chunk = conn.recv(n - len(buf))
-            except socket.timeout:
+            except TimeoutError:
                 if self._stop.is_set():
                     raise ConnectionError from None
                 continue
@@ -80,7 +80,7 @@ class Peer:
         while not self._stop.is_set():
             try:
                 conn, _ = self.listener.accept()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -277,9 +277,11 @@ def test_the_outage_budget_is_a_profile_setting(tmp_path, sim_server):
         path.write_text(text.replace(old, new))
         return path
 
-    for bad, message in (("max_outage_s: -1", r"link.max_outage_s: -1 outside the allowed range \[0, 3600\]"),
-                         ("max_outage_s: soon", "link.max_outage_s: expected a number, got 'soon'"),
-                         ("max_outages: 5", "link.max_outages: unknown key")):
+    for bad, message in (
+        ("max_outage_s: -1", r"link.max_outage_s: -1 outside the allowed range \[0, 3600\]"),
+        ("max_outage_s: soon", "link.max_outage_s: expected a number, got 'soon'"),
+        ("max_outages: 5", "link.max_outages: unknown key"),
+    ):
         with pytest.raises(ProfileError, match=message):
             load_profile(variant("max_outage_s: 30.0", bad))
     no_block = variant("link:\n  max_outage_s: 30.0", "")
@@ -323,7 +325,7 @@ class FaultyLink:
             try:
                 listener.settimeout(0.05)
                 conn, _ = listener.accept()
-            except (socket.timeout, OSError):
+            except (TimeoutError, OSError):
                 continue
             try:
                 up = socket.create_connection(self.upstream, timeout=10)
@@ -342,7 +344,7 @@ class FaultyLink:
             while not self._stop.is_set():
                 try:
                     data = src.recv(1 << 16)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 if not data:
                     break
@@ -538,7 +540,7 @@ def test_a_scan_stopped_during_the_outage_is_scanned_again(RE, relayed, tmp_path
     # the lines after the outage are the new scan's (those before were kept, not rescanned)
     fwd, _ = _controller_frame(server)
     last_old = max(i for i, row in enumerate(run.lines_read) if row <= 8)
-    later = sorted(run.lines_read[last_old + 1:])
+    later = sorted(run.lines_read[last_old + 1 :])
     assert later and later[-1] == lines - 1
     np.testing.assert_array_equal(run.images["stm_current_fwd"][later], fwd[later])
 
@@ -587,11 +589,15 @@ def test_reconditioning_rides_through_stalls_and_never_doubles_a_pulse(RE, relay
     verify = {"frame": FRAME, "pixels": 16, "lines": 12, "channels": ["Current"]}
     _at_line(RE, 3, relay.drop)  # and the verification frame loses its link
     try:
-        uids = session(recondition_tip(stm, site=(20e-9, 20e-9), method="bias_pulse", bias_V=1.5,
-                                       width_s=0.01, verify_frame=verify))
+        uids = session(
+            recondition_tip(
+                stm, site=(20e-9, 20e-9), method="bias_pulse", bias_V=1.5, width_s=0.01, verify_frame=verify
+            )
+        )
         # the policy's own verification scan (a grab loop) stalls longer than its deadline
-        rec = TipReconditioner(stm, policy="auto", classifier=_Verdict(), site=(20e-9, 20e-9),
-                               verify_lines=8, verify_timeout_s=5.0)
+        rec = TipReconditioner(
+            stm, policy="auto", classifier=_Verdict(), site=(20e-9, 20e-9), verify_lines=8, verify_timeout_s=5.0
+        )
         geo = rec._geometry()
         stalled = threading.Timer(0.2, relay.stall, args=(7.0,))
         stalled.start()

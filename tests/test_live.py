@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from event_model import compose_run, schema_validators, DocumentNames
+from event_model import DocumentNames, compose_run, schema_validators
 
 from stm_live.callbacks.frames import FrameAssembler, FrameError
 from stm_live.callbacks.live import STREAM, LiveReconstruction
@@ -34,25 +34,41 @@ class BoxBlur:
         x = np.where(nan, np.nanmedian(img), img)
         x = (x - x.min()) / (np.ptp(x) or 1.0)
         p = np.pad(x, 1, mode="edge")
-        out = sum(p[i:i + x.shape[0], j:j + x.shape[1]] for i in range(3) for j in range(3)) / 9
+        out = sum(p[i : i + x.shape[0], j : j + x.shape[1]] for i in range(3) for j in range(3)) / 9
         out = out.astype(np.float32)
         out[nan] = np.nan
         return out
 
 
-def frame_docs(image: np.ndarray, *, mode="constant_height", order=None, rewind_at=None, z=None,
-               pitch_nm=PITCH_NM):
+def frame_docs(image: np.ndarray, *, mode="constant_height", order=None, rewind_at=None, z=None, pitch_nm=PITCH_NM):
     """Documents of a live frame as the RunEngine emits them (interfaces.md layout)."""
     lines, pixels = image.shape
-    block = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": pixels * pitch_nm * 1e-9,
-                       "height_m": lines * pitch_nm * 1e-9,
-                       "angle_deg": 0.0},
-             "pixels": pixels, "lines": lines, "pixel_size_nm": pitch_nm, "scan_direction": "down",
-             "bias_V": -2.5, "setpoint_A": 1e-11, "z_controller": mode, "line_key": "stm_line_index",
-             "channels": [{"name": "Current", "index": 0, "units": "A",
-                           "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}},
-                          {"name": "Z", "index": 30, "units": "m",
-                           "keys": {"forward": "stm_z_fwd", "backward": "stm_z_bwd"}}]}
+    block = {
+        "frame": {
+            "center_x_m": 0.0,
+            "center_y_m": 0.0,
+            "width_m": pixels * pitch_nm * 1e-9,
+            "height_m": lines * pitch_nm * 1e-9,
+            "angle_deg": 0.0,
+        },
+        "pixels": pixels,
+        "lines": lines,
+        "pixel_size_nm": pitch_nm,
+        "scan_direction": "down",
+        "bias_V": -2.5,
+        "setpoint_A": 1e-11,
+        "z_controller": mode,
+        "line_key": "stm_line_index",
+        "channels": [
+            {
+                "name": "Current",
+                "index": 0,
+                "units": "A",
+                "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"},
+            },
+            {"name": "Z", "index": 30, "units": "m", "keys": {"forward": "stm_z_fwd", "backward": "stm_z_bwd"}},
+        ],
+    }
     run = compose_run(metadata={"plan_name": "live_frame", "stm_live": block})
     keys = {"stm_line_index": {"dtype": "integer", "shape": [], "source": "sim"}}
     for k in ("stm_current_fwd", "stm_current_bwd", "stm_z_fwd", "stm_z_bwd"):
@@ -61,13 +77,17 @@ def frame_docs(image: np.ndarray, *, mode="constant_height", order=None, rewind_
     docs = [("start", run.start_doc), ("descriptor", desc.descriptor_doc)]
     zimg = z if z is not None else np.zeros_like(image)
     seq = 0
-    for row in (order if order is not None else range(lines)):
+    for row in order if order is not None else range(lines):
         seq += 1
         if rewind_at is not None and row == rewind_at[0]:
             seq -= rewind_at[1]  # a rewind re-sends seq_nums
-        data = {"stm_line_index": row, "stm_current_fwd": image[row].copy(),
-                "stm_current_bwd": image[row, ::-1].copy(), "stm_z_fwd": zimg[row].copy(),
-                "stm_z_bwd": zimg[row, ::-1].copy()}
+        data = {
+            "stm_line_index": row,
+            "stm_current_fwd": image[row].copy(),
+            "stm_current_bwd": image[row, ::-1].copy(),
+            "stm_z_fwd": zimg[row].copy(),
+            "stm_z_bwd": zimg[row, ::-1].copy(),
+        }
         docs.append(("event", desc.compose_event(data=data, timestamps={k: 0.0 for k in data}, seq_num=seq)))
     docs.append(("stop", run.compose_stop()))
     return docs
@@ -78,8 +98,12 @@ def test_assembler_rewind_keeps_last_line_and_picks_the_source_channel():
     image = rng.random((LINES, PIXELS), dtype=np.float32)
     docs = frame_docs(image)
     # a suspender rewind: line 10 arrives again with new data and a repeated seq_num
-    redo = dict(docs[2 + 10][1], uid="redo", seq_num=11,
-                data=dict(docs[2 + 10][1]["data"], stm_current_fwd=np.full(PIXELS, 7.0, np.float32)))
+    redo = dict(
+        docs[2 + 10][1],
+        uid="redo",
+        seq_num=11,
+        data=dict(docs[2 + 10][1]["data"], stm_current_fwd=np.full(PIXELS, 7.0, np.float32)),
+    )
     docs.insert(2 + 11, ("event", redo))
     asm = FrameAssembler()
     for name, doc in docs[:-1]:
@@ -159,7 +183,9 @@ def test_slow_network_coalesces_updates_and_keeps_every_raw_line():
     image = np.random.default_rng(3).random((LINES, PIXELS), dtype=np.float32)
     net = BoxBlur(delay_s=0.05)
     events = []
-    live = LiveReconstruction(net, emit=lambda n, d: events.append(d) if n == "event" and "reconstruction" in d["data"] else None)
+    live = LiveReconstruction(
+        net, emit=lambda n, d: events.append(d) if n == "event" and "reconstruction" in d["data"] else None
+    )
     try:
         docs = frame_docs(image)
         worst = 0.0
@@ -188,15 +214,16 @@ def test_a_rewound_line_replaces_the_first_copy_in_the_live_result():
     redo["data"]["stm_current_fwd"] = np.full(PIXELS, 3.0, np.float32)
     docs.insert(2 + 12, ("event", redo))
     events = []
-    live = LiveReconstruction(BoxBlur(), emit=lambda n, d: events.append(d) if n == "event" and "reconstruction" in d["data"] else None)
+    live = LiveReconstruction(
+        BoxBlur(), emit=lambda n, d: events.append(d) if n == "event" and "reconstruction" in d["data"] else None
+    )
     try:
         _run_live(live, docs, pause_s=0.002)
     finally:
         live.close()
     expected = image.copy()
     expected[10] = 3.0
-    np.testing.assert_allclose(events[-1]["data"]["reconstruction"], BoxBlur().reconstruct(expected, 1.0),
-                               rtol=1e-6)
+    np.testing.assert_allclose(events[-1]["data"]["reconstruction"], BoxBlur().reconstruct(expected, 1.0), rtol=1e-6)
     assert live.lines_received == LINES + 1 and events[-1]["data"]["lines_done"] == LINES
 
 
@@ -240,8 +267,16 @@ def test_live_reconstruction_during_a_simulated_scan(RE, sim_server, stmnet):
     stm = NanonisSTM(sim_server.host, sim_server.port, name="stm")
     try:
         stm.wait_for_connection(timeout=10) if hasattr(stm, "wait_for_connection") else None
-        (uid,) = RE(live_frame(stm, frame=(0.0, 0.0, 4e-9, 4e-9, 0.0), pixels=64, lines=64,
-                               channels=("Current", "Z"), z_controller="constant_height"))
+        (uid,) = RE(
+            live_frame(
+                stm,
+                frame=(0.0, 0.0, 4e-9, 4e-9, 0.0),
+                pixels=64,
+                lines=64,
+                channels=("Current", "Z"),
+                z_controller="constant_height",
+            )
+        )
         assert live.flush(timeout=30)
     finally:
         live.close()
@@ -275,8 +310,16 @@ def test_constant_current_scan_reconstructs_the_converted_z_map(RE, sim_server):
     RE.subscribe(live)
     stm = NanonisSTM(sim_server.host, sim_server.port, name="stm")
     try:
-        RE(live_frame(stm, frame=(0.0, 0.0, 4e-9, 4e-9, 0.0), pixels=32, lines=32,
-                      channels=("Current", "Z"), z_controller="constant_current"))
+        RE(
+            live_frame(
+                stm,
+                frame=(0.0, 0.0, 4e-9, 4e-9, 0.0),
+                pixels=32,
+                lines=32,
+                channels=("Current", "Z"),
+                z_controller="constant_current",
+            )
+        )
         assert live.flush(timeout=30)
     finally:
         live.close()
@@ -288,8 +331,9 @@ def test_constant_current_scan_reconstructs_the_converted_z_map(RE, sim_server):
     frame[rows] = z
     assert np.isfinite(frame).all() and np.ptp(frame) > 0
     final = [d for n, d in derived if n == "event" and "reconstruction" in d["data"]][-1]["data"]
-    np.testing.assert_allclose(final["reconstruction"],
-                               BoxBlur().reconstruct(current_from_z(plane_level(frame)), 1.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        final["reconstruction"], BoxBlur().reconstruct(current_from_z(plane_level(frame)), 1.0), rtol=1e-5
+    )
     assert final["lines_done"] == 32 and derived[-1][1]["exit_status"] == "success"
 
 
@@ -302,8 +346,11 @@ def test_live_image_before_stop_tracks_the_final_one(stmnet):
     image = sampler.sample(1).inputs[0]
     docs = frame_docs(image.astype(np.float32), pitch_nm=stmnet.pixel_size_nm)
     events, checks = [], []
-    live = LiveReconstruction(stmnet, band_margin=32, emit=lambda n, d: (
-        n == "event" and (events if "reconstruction" in d["data"] else checks).append(d)))
+    live = LiveReconstruction(
+        stmnet,
+        band_margin=32,
+        emit=lambda n, d: n == "event" and (events if "reconstruction" in d["data"] else checks).append(d),
+    )
     try:
         _run_live(live, docs[:-1], pause_s=0.004)
         before = events[-1]["data"]["reconstruction"].copy()

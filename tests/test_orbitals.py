@@ -19,9 +19,20 @@ def test_kappa_is_the_5eV_vacuum_decay():
 
 @pytest.mark.parametrize(
     "name, pi_atoms, pi_electrons",
-    [("benzene", 6, 6), ("naphthalene", 10, 10), ("pentacene", 22, 22), ("pyrene", 16, 16),
-     ("perylene", 20, 20), ("coronene", 24, 24), ("triphenylene", 18, 18), ("azulene", 10, 10),
-     ("ptcda", 30, 32), ("porphine", 24, 26), ("h2pc", 40, 42), ("h2nc", 56, 58)],
+    [
+        ("benzene", 6, 6),
+        ("naphthalene", 10, 10),
+        ("pentacene", 22, 22),
+        ("pyrene", 16, 16),
+        ("perylene", 20, 20),
+        ("coronene", 24, 24),
+        ("triphenylene", 18, 18),
+        ("azulene", 10, 10),
+        ("ptcda", 30, 32),
+        ("porphine", 24, 26),
+        ("h2pc", 40, 42),
+        ("h2nc", 56, 58),
+    ],
 )
 def test_library_atom_and_electron_counts(name, pi_atoms, pi_electrons):
     mol = molecule(name)

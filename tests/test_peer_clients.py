@@ -160,7 +160,8 @@ def test_nanonistcp_sees_controller_errors(ntcp, ours):
 
     zc = ZController(ntcp)
     ours.z_ctrl_on_off_set(True)
-    with pytest.raises(Exception):  # message garbled by nanonisTCP's own parser (§6.1)
+    # nanonisTCP raises a bare Exception, its message's start garbled by its own parser (§6.1)
+    with pytest.raises(Exception, match="while the Z-controller is off"):
         zc.ZPosSet(1e-9)  # refused by the controller while the Z loop is on
     with pytest.raises(NanonisError):
         ours.z_ctrl_z_pos_set(1e-9)
@@ -180,8 +181,15 @@ def test_nanonistcp_props_and_motor_against_extended_layout():
         conn = nanonisTCP(server.host, server.port)
         conn.s.settimeout(PEER_TIMEOUT_S)
         try:
-            Scan(conn).PropsSet(continuous_scan=1, bouncy_scan=2, autosave=3, series_name="peer",
-                                comment="c", modules_names=["Bias"], autopaste="next")
+            Scan(conn).PropsSet(
+                continuous_scan=1,
+                bouncy_scan=2,
+                autosave=3,
+                series_name="peer",
+                comment="c",
+                modules_names=["Bias"],
+                autopaste="next",
+            )
             cont, bouncy, autosave, name, comment, modules, _autopaste = Scan(conn).PropsGet()
             x, y, z = Motor(conn).PosGet()
         finally:

@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-
 from bluesky.suspenders import SuspendBoolHigh
 from bluesky.utils import RunEngineInterrupted
 from ophyd import Signal
@@ -18,10 +17,19 @@ from stm_live.plans import check_recondition, live_frame, recondition_tip, surve
 from stm_live.store import JournalWriter, read_journal, run_data
 
 PIXELS, LINES = 32, 12
-FRAME = {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 4e-9, "height_m": 4e-9,
-         "angle_deg": 0.0}
-START_KEYS = {"frame", "pixels", "lines", "pixel_size_nm", "scan_direction", "bias_V",
-              "setpoint_A", "z_controller", "line_key", "channels"}
+FRAME = {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 4e-9, "height_m": 4e-9, "angle_deg": 0.0}
+START_KEYS = {
+    "frame",
+    "pixels",
+    "lines",
+    "pixel_size_nm",
+    "scan_direction",
+    "bias_V",
+    "setpoint_A",
+    "z_controller",
+    "line_key",
+    "channels",
+}
 
 
 @pytest.fixture()
@@ -48,8 +56,17 @@ def _pause_soon(RE):
 
 def test_full_frame_every_line_and_start_doc(RE, stm, sim_server, tmp_path):
     docs, journal = _collect(RE, tmp_path)
-    (uid,) = RE(live_frame(stm, frame=FRAME, pixels=PIXELS, lines=LINES,
-                           channels=["Current", "Z"], bias=-0.8, md={"sample": "pentacene"}))
+    (uid,) = RE(
+        live_frame(
+            stm,
+            frame=FRAME,
+            pixels=PIXELS,
+            lines=LINES,
+            channels=["Current", "Z"],
+            bias=-0.8,
+            md={"sample": "pentacene"},
+        )
+    )
     start = docs[0][1]
     meta = start["stm_live"]
     assert set(meta) == START_KEYS and start["sample"] == "pentacene"
@@ -57,8 +74,12 @@ def test_full_frame_every_line_and_start_doc(RE, stm, sim_server, tmp_path):
     assert meta["pixel_size_nm"] == pytest.approx(4.0 / PIXELS, rel=1e-6)
     assert meta["bias_V"] == pytest.approx(-0.8) and meta["z_controller"] == "constant_current"
     assert meta["line_key"] == "stm_line_index"
-    assert meta["channels"][0] == {"name": "Current", "index": 0, "units": "A", "keys": {
-        "forward": "stm_current_fwd", "backward": "stm_current_bwd"}}
+    assert meta["channels"][0] == {
+        "name": "Current",
+        "index": 0,
+        "units": "A",
+        "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"},
+    }
     assert meta["channels"][1]["keys"]["backward"] == "stm_z_bwd"
     (desc,) = [d for n, d in docs if n == "descriptor"]
     assert desc["data_keys"]["stm_current_fwd"]["shape"] == [PIXELS]
@@ -172,8 +193,7 @@ def test_controller_dropped_mid_scan_fails_run_and_keeps_lines(RE, tmp_path):
     RE.subscribe(drop)
     try:
         with pytest.raises(Exception) as info:
-            RE(live_frame(device, frame=FRAME, pixels=PIXELS, lines=LINES,
-                          channels=["Current"]))
+            RE(live_frame(device, frame=FRAME, pixels=PIXELS, lines=LINES, channels=["Current"]))
     finally:
         server.stop()
         device.close()
@@ -202,19 +222,24 @@ def test_check_recondition_refuses_what_the_plan_refuses_before_any_plan_runs(st
 def test_recondition_refuses_site_in_frame_and_records_actions(RE, stm, sim_server, tmp_path):
     docs, _ = _collect(RE, tmp_path)
     with pytest.raises(ValueError, match="inside the imaged frame"):
-        RE(recondition_tip(stm, site=(1e-9, 0.0), method="bias_pulse", frame_to_avoid=FRAME,
-                           bias_V=1.5, width_s=0.01))
+        RE(recondition_tip(stm, site=(1e-9, 0.0), method="bias_pulse", frame_to_avoid=FRAME, bias_V=1.5, width_s=0.01))
     assert docs == []
     before = len(sim_server.controller.recondition_log)
-    RE(recondition_tip(stm, site=(20e-9, 20e-9), method="bias_pulse", frame_to_avoid=FRAME,
-                       bias_V=1.5, width_s=0.01,
-                       verify_frame={"frame": FRAME, "pixels": 16, "lines": 4,
-                                     "channels": ["Current"]}))
+    RE(
+        recondition_tip(
+            stm,
+            site=(20e-9, 20e-9),
+            method="bias_pulse",
+            frame_to_avoid=FRAME,
+            bias_V=1.5,
+            width_s=0.01,
+            verify_frame={"frame": FRAME, "pixels": 16, "lines": 4, "channels": ["Current"]},
+        )
+    )
     assert len(sim_server.controller.recondition_log) == before + 1
     starts = [d for n, d in docs if n == "start"]
     assert [s["plan_name"] for s in starts] == ["recondition_tip", "live_frame"]
-    actions = [d["data"]["stm_last_action"] for n, d in docs
-               if n == "event" and d["descriptor"] == docs[1][1]["uid"]]
+    actions = [d["data"]["stm_last_action"] for n, d in docs if n == "event" and d["descriptor"] == docs[1][1]["uid"]]
     assert actions == ["start", "withdrawn", "at clean site", "bias_pulse", "returned"]
     tip_at_pulse = [d["data"] for n, d in docs if n == "event"][3]
     assert tip_at_pulse["stm_tip_x"] == pytest.approx(20e-9, abs=1e-12)
@@ -222,8 +247,7 @@ def test_recondition_refuses_site_in_frame_and_records_actions(RE, stm, sim_serv
 
 def test_survey_runs_one_frame_per_grid_point(RE, stm, tmp_path):
     docs, _ = _collect(RE, tmp_path)
-    uids = RE(survey(stm, [(0.0, 0.0), (5e-9, 0.0)], width_m=3e-9, pixels=16, lines=3,
-                     channels=["Current"]))
+    uids = RE(survey(stm, [(0.0, 0.0), (5e-9, 0.0)], width_m=3e-9, pixels=16, lines=3, channels=["Current"]))
     assert len(uids) == 2
     starts = [d for n, d in docs if n == "start"]
     assert [s["survey_index"] for s in starts] == [0, 1]

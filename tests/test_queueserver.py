@@ -16,8 +16,9 @@ from stm_live.store import read_journal, run_data
 
 pytest.importorskip("bluesky_queueserver", reason="the queue extra is not installed: pip install -e '.[queue]'")
 pytest.importorskip("bluesky_queueserver_api", reason="the queue extra is not installed: pip install -e '.[queue]'")
-needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None,
-                                 reason="redis-server not found (Debian's redis-server; .ci/run installs it)")
+needs_redis = pytest.mark.skipif(
+    shutil.which("redis-server") is None, reason="redis-server not found (Debian's redis-server; .ci/run installs it)"
+)
 
 LINES, PIXELS = 40, 32
 
@@ -52,8 +53,15 @@ def queue(controller, tmp_path_factory):
     profile = yaml.safe_load((PROFILE_DIR / "sim.yaml").read_text())
     profile["ports"] = [controller.port]
     (folder / "lab.yaml").write_text(yaml.safe_dump(profile))
-    services = QueueServices(folder / "lab.yaml", data_dir=folder / "data", control_port=0, info_port=0,
-                             live=False, tip_policy="off", timeout_s=90.0)
+    services = QueueServices(
+        folder / "lab.yaml",
+        data_dir=folder / "data",
+        control_port=0,
+        info_port=0,
+        live=False,
+        tip_policy="off",
+        timeout_s=90.0,
+    )
     services.start()
     RM = services.api()
     try:
@@ -83,9 +91,11 @@ def test_invalid_parameter_is_refused_before_the_controller_hears_of_it(queue, c
 
     services, RM = queue
     frame_before = controller.controller.scan_end_count, controller.server.connections
-    for kwargs, says in ((dict(pixels=5000), r"(?s)key='pixels'.*5000 is out of range \[1, 1024\]"),
-                         (dict(direction="sideways"), r"(?s)direction\n.*should be 'down' or 'up'"),
-                         (dict(width_m="wide"), r"(?s)width_m\n.*valid number")):
+    for kwargs, says in (
+        (dict(pixels=5000), r"(?s)key='pixels'.*5000 is out of range \[1, 1024\]"),
+        (dict(direction="sideways"), r"(?s)direction\n.*should be 'down' or 'up'"),
+        (dict(width_m="wide"), r"(?s)width_m\n.*valid number"),
+    ):
         with pytest.raises(RequestFailedError, match=says):
             RM.item_add(BPlan("survey", grid=[[0.0, 0.0]], **{"width_m": 4e-9, "lines": 16, **kwargs}))
     assert RM.queue_get()["items"] == []
@@ -124,8 +134,11 @@ def test_survey_paused_and_resumed_mid_frame_lands_in_tiled(queue, controller):
     uids = item["result"]["run_uids"]
     assert len(uids) == 2
     client = from_uri(services.tiled_uri)
-    _until(lambda: all(u in client and client[u].metadata.get("stop") for u in uids), 90,
-           "both runs in tiled with their stop documents")
+    _until(
+        lambda: all(u in client and client[u].metadata.get("stop") for u in uids),
+        90,
+        "both runs in tiled with their stop documents",
+    )
     for k, uid in enumerate(uids):
         journal = read_journal(data_dir / "journal" / f"{uid}.journal")
         expected = run_data(journal)
@@ -136,8 +149,7 @@ def test_survey_paused_and_resumed_mid_frame_lands_in_tiled(queue, controller):
         assert set(lines) == set(range(LINES)), f"frame {k}: lines {sorted(set(lines))}"
         events = [d for n, d in journal if n == "event"]
         for key in ("stm_current_fwd", "stm_z_fwd", "stm_z_bwd"):
-            np.testing.assert_array_equal(run["primary"][key].read(),
-                                          np.stack([e["data"][key] for e in events]))
+            np.testing.assert_array_equal(run["primary"][key].read(), np.stack([e["data"][key] for e in events]))
             assert not np.isnan(expected.images[key]).any()
 
 
@@ -177,14 +189,21 @@ def test_prompt_policy_pauses_the_plan_says_why_and_resume_reconditions(RE, tmp_
     repair = parse_scenario({"tip": {"preset": "co", "recondition": {"pulse": {"repair": 1.0}}}}, source="t.yaml")
     said: list[str] = []
     reasons = PauseReasons(RE, said.append)
-    with start_server_thread(scenario=dataclasses.replace(base, evolution=repair.evolution), seed=3,
-                             time_scale=5.0) as server:
+    with start_server_thread(
+        scenario=dataclasses.replace(base, evolution=repair.evolution), seed=3, time_scale=5.0
+    ) as server:
         stm = NanonisSTM(server.host, server.port, name="stm", profile=load_profile("sim"))
         stm.lines.line_timeout = 20.0
         session = AcquisitionSession(tmp_path, RE=RE)  # the journal
         # the verdicts come from the test, not a monitor: exactly one question
-        policy = TipReconditioner(stm, policy="prompt", classifier=_Truth(server.controller),
-                                  ask=OperatorPrompt(RE, reasons), ask_timeout_s=120.0, verify_lines=32)
+        policy = TipReconditioner(
+            stm,
+            policy="prompt",
+            classifier=_Truth(server.controller),
+            ask=OperatorPrompt(RE, reasons),
+            ask_timeout_s=120.0,
+            verify_lines=32,
+        )
         policy.install(RE)
         asked = threading.Event()
 
@@ -193,17 +212,30 @@ def test_prompt_policy_pauses_the_plan_says_why_and_resume_reconditions(RE, tmp_
                 asked.set()
                 server.controller.set_tip("double", cause="test")
                 probabilities = {c: 0.94 if c == "double" else 0.01 for c in TIP_CLASSES}
-                threading.Thread(target=policy.on_verdict, daemon=True, args=({
-                    "run_uid": doc_run[0], "line": 10, "first_line": 0, "change_line": 9, "label": "double",
-                    "probabilities": probabilities, "s_fraction": 0.2, "good": False, "reason": "test"},)).start()
+                threading.Thread(
+                    target=policy.on_verdict,
+                    daemon=True,
+                    args=(
+                        {
+                            "run_uid": doc_run[0],
+                            "line": 10,
+                            "first_line": 0,
+                            "change_line": 9,
+                            "label": "double",
+                            "probabilities": probabilities,
+                            "s_fraction": 0.2,
+                            "good": False,
+                            "reason": "test",
+                        },
+                    ),
+                ).start()
 
         doc_run: list[str] = []
         RE.subscribe(lambda n, d: doc_run.append(d["uid"]) if n == "start" and "stm_live" in d else None)
         RE.subscribe(bad_tip_at_line_10)
         try:
             with pytest.raises(RunEngineInterrupted):
-                RE(live_frame(stm, frame=(0, 0, 7e-9, 7e-9, 0), pixels=64, lines=48,
-                              z_controller="constant_height"))
+                RE(live_frame(stm, frame=(0, 0, 7e-9, 7e-9, 0), pixels=64, lines=48, z_controller="constant_height"))
             assert RE.state == "paused"
             assert "'double'" in RE.md[PAUSED_KEY] and "Resume the plan to recondition" in RE.md[PAUSED_KEY]
             assert said and said[-1].startswith("paused: Tip looks 'double'")
@@ -221,6 +253,5 @@ def test_prompt_policy_pauses_the_plan_says_why_and_resume_reconditions(RE, tmp_
     docs = read_journal(tmp_path / "journal" / f"{doc_run[0]}.journal")
     data = run_data(docs)
     assert data.exit_status == "success" and set(data.lines_read) == set(range(48))
-    steps = [d["data"]["tip_recondition_step"] for n, d in docs
-             if n == "event" and "tip_recondition_step" in d["data"]]
+    steps = [d["data"]["tip_recondition_step"] for n, d in docs if n == "event" and "tip_recondition_step" in d["data"]]
     assert steps[0] == "suspended" and steps[-1] == "resumed"

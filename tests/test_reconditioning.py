@@ -17,8 +17,17 @@ PIXELS, LINES = 64, 48
 def _bad(line=20, label="double"):
     probs = {c: 0.01 for c in ("co_sharp", "metal_s", "mixed", "asymmetric", "double", "blunt", "unstable")}
     probs[label] = 0.94
-    return {"run_uid": "r1", "line": line, "first_line": 0, "change_line": 17, "label": label,
-            "probabilities": probs, "s_fraction": 0.2, "good": False, "reason": "test"}
+    return {
+        "run_uid": "r1",
+        "line": line,
+        "first_line": 0,
+        "change_line": 17,
+        "label": label,
+        "probabilities": probs,
+        "s_fraction": 0.2,
+        "good": False,
+        "reason": "test",
+    }
 
 
 class _FakeSTM:
@@ -72,8 +81,9 @@ def test_actions_outside_limits_are_refused():
 
 
 def _scenario(recondition):
-    from stm_live.simulators.scenario import load_scenario, parse_scenario
     import dataclasses
+
+    from stm_live.simulators.scenario import load_scenario, parse_scenario
 
     base = load_scenario("default")
     sc = parse_scenario({"tip": {"preset": "co", "recondition": recondition}}, source="test.yaml")
@@ -103,7 +113,9 @@ def rig(request):
     from stm_live.simulators.server import start_server_thread
 
     recondition = request.param
-    server = start_server_thread(scenario=_scenario(recondition), seed=3, time_scale=5.0)  # the monitor keeps up on a loaded machine
+    server = start_server_thread(
+        scenario=_scenario(recondition), seed=3, time_scale=5.0
+    )  # the monitor keeps up on a loaded machine
     stm = NanonisSTM(server.host, server.port, name="stm", profile=load_profile("sim"))
     stm.lines.line_timeout = 20.0
     clf = load_tip_classifier("cpu")
@@ -126,8 +138,7 @@ def _wire(RE, stm, clf, TipMonitor, **kw):
     return rec, mon, docs
 
 
-@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}],
-                         indirect=True)
+@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}], indirect=True)
 def test_auto_suspends_reconditions_and_resumes(RE, rig):
     from stm_live.plans import live_frame
 
@@ -142,8 +153,11 @@ def test_auto_suspends_reconditions_and_resumes(RE, rig):
     descs = {d["uid"]: d["name"] for n, d in docs if n == "descriptor" and d["run_start"] == frame_start["uid"]}
     lines = {d["data"]["stm_line_index"] for n, d in docs if n == "event" and descs.get(d["descriptor"]) == "primary"}
     assert lines == set(range(LINES))  # the frame completed
-    steps = [d["data"]["tip_recondition_step"] for n, d in docs
-             if n == "event" and descs.get(d["descriptor"]) == "tip_recondition"]
+    steps = [
+        d["data"]["tip_recondition_step"]
+        for n, d in docs
+        if n == "event" and descs.get(d["descriptor"]) == "tip_recondition"
+    ]
     assert steps[0] == "suspended" and "verified" in steps and steps[-1] == "resumed"
     assert rec.attempts and rec.attempts[-1].good and rec.give_up_reason is None
     # the actions ran on the controller, at the clean site, and were recorded as runs of their own
@@ -154,8 +168,7 @@ def test_auto_suspends_reconditions_and_resumes(RE, rig):
     assert rec_runs and rec_runs[0]["plan_args"]["site"] == list(load_profile("sim").recondition.clean_site_m)
 
 
-@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}],
-                         indirect=True)
+@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}], indirect=True)
 def test_resumed_frame_rescans_the_lines_the_old_tip_took_ahead(RE, rig):
     """Slow callbacks make the RunEngine lag the controller, which finishes the frame with the
     bad tip before the suspension. After the repair the frame resumes at its checkpoint with
@@ -172,8 +185,11 @@ def test_resumed_frame_rescans_the_lines_the_old_tip_took_ahead(RE, rig):
     resume = next(e for e in rec.events if e["what"] == "resume")
     assert resume["success"] and resume["rescanned_lines"] > 0, rec.events
     frame_start = next(d for n, d in docs if n == "start" and "stm_live" in d)
-    primary = {d["uid"] for n, d in docs if n == "descriptor" and d["run_start"] == frame_start["uid"]
-               and d["name"] == "primary"}
+    primary = {
+        d["uid"]
+        for n, d in docs
+        if n == "descriptor" and d["run_start"] == frame_start["uid"] and d["name"] == "primary"
+    }
     acquired = {}  # line -> when its last delivered copy left the controller
     for n, d in docs:
         if n == "event" and d["descriptor"] in primary:
@@ -185,8 +201,9 @@ def test_resumed_frame_rescans_the_lines_the_old_tip_took_ahead(RE, rig):
     assert all(acquired[i] > suspended_at for i in range(first_new, LINES)), (first_new, acquired)
 
 
-@pytest.mark.parametrize("rig", [{"pulse": {"blunt": 1.0}, "poke": {"blunt": 1.0}, "shaper": {"blunt": 1.0}}],
-                         indirect=True)
+@pytest.mark.parametrize(
+    "rig", [{"pulse": {"blunt": 1.0}, "poke": {"blunt": 1.0}, "shaper": {"blunt": 1.0}}], indirect=True
+)
 def test_gives_up_and_pauses_with_reason(RE, rig):
     from bluesky.utils import RunEngineInterrupted
 
@@ -207,7 +224,6 @@ def test_gives_up_and_pauses_with_reason(RE, rig):
     frame_start = next(d for n, d in docs if n == "start" and "stm_live" in d)
     (stop,) = [d for n, d in docs if n == "stop" and d["run_start"] == frame_start["uid"]]
     assert stop["exit_status"] == "abort", stop
-
 
 
 def _unknown(line=20, label_near="blunt"):
@@ -262,8 +278,9 @@ def test_bad_verdicts_beyond_their_class_limit_are_never_acted_on():
         auto.on_verdict(_held_back(line))
     assert auto.state.get() == "good" and not auto._busy
     (note,) = auto.events  # noted once per frame, saying why
-    assert note["what"] == ("held-back bad verdict: no action (auto never acts on a bad verdict beyond its "
-                            "class's action limit)")
+    assert note["what"] == (
+        "held-back bad verdict: no action (auto never acts on a bad verdict beyond its class's action limit)"
+    )
     assert note["why"] == "class score 260 > blunt's action limit 240"
     # within its limit (or with no limit recorded) the same verdict is acted on
     within = _held_back()
@@ -334,11 +351,11 @@ def test_out_of_domain_frame_through_monitor_and_auto_policy_takes_no_action(shi
     # first, held back by its class's action limit)
     assert [e["what"] for e in rec.events] in (
         ["unknown verdict: no action (auto never acts outside the classifier's domain)"],
-        ["held-back bad verdict: no action (auto never acts on a bad verdict beyond its class's action limit)"]), seen
+        ["held-back bad verdict: no action (auto never acts on a bad verdict beyond its class's action limit)"],
+    ), seen
 
 
-@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}],
-                         indirect=True)
+@pytest.mark.parametrize("rig", [{"pulse": {"repair": 1.0}, "poke": {"co": 1.0}, "shaper": {"co": 1.0}}], indirect=True)
 def test_unknown_verification_stops_the_escalation(RE, rig):
     """The tip went bad (a verdict inside the domain): the policy reconditions once; the
     verification frame is judged outside the domain (a domain model whose threshold nothing

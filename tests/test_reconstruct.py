@@ -39,15 +39,31 @@ def frames():
     records it at negative bias) and a constant-current Z map (metres) of the same scene."""
     frame = ScanFrame(0.0, 0.0, PIXELS * PITCH_NM, PIXELS * PITCH_NM, pixels=PIXELS, lines=PIXELS)
     current = -constant_height_image(MOLECULE, frame, tip_preset("co"), z_nm=0.4, bias_V=-1.0)
-    z_nm = constant_current_image(MOLECULE, frame, tip_preset("co"), setpoint_A=2e-11, bias_V=-1.0,
-                                  substrate=Substrate())
+    z_nm = constant_current_image(
+        MOLECULE, frame, tip_preset("co"), setpoint_A=2e-11, bias_V=-1.0, substrate=Substrate()
+    )
     return current.astype(np.float32), (z_nm * 1e-9).astype(np.float32)
 
 
-def _write(path, channels, *, feedback_on, bias_V=-1.0, pixels=PIXELS, lines=PIXELS,
-           range_m=(PIXELS * PITCH_NM * 1e-9,) * 2, **kw):
-    return write_raw_sxm(path, channels={k: (i, u, a, a) for k, (i, u, a) in channels.items()},
-                         range_m=range_m, bias_V=bias_V, feedback_on=feedback_on, **kw)
+def _write(
+    path,
+    channels,
+    *,
+    feedback_on,
+    bias_V=-1.0,
+    pixels=PIXELS,
+    lines=PIXELS,
+    range_m=(PIXELS * PITCH_NM * 1e-9,) * 2,
+    **kw,
+):
+    return write_raw_sxm(
+        path,
+        channels={k: (i, u, a, a) for k, (i, u, a) in channels.items()},
+        range_m=range_m,
+        bias_V=bias_V,
+        feedback_on=feedback_on,
+        **kw,
+    )
 
 
 def _rms(a, b):
@@ -70,8 +86,11 @@ def test_constant_current_file_is_reconstructed_from_z_not_the_feedback_error(tm
     [named] = reconstruct_files([src], tmp_path / "z.npy", channel="Z", load=lambda: net)
     np.testing.assert_array_equal(via_z, np.load(named.output))
     # the Z result shows the same orbital as the constant-height frame of the scene
-    [ch] = reconstruct_files([_write(tmp_path / "ch.sxm", {"Current": (0, "A", current)}, feedback_on=False)],
-                             tmp_path / "ch.npy", load=lambda: net)
+    [ch] = reconstruct_files(
+        [_write(tmp_path / "ch.sxm", {"Current": (0, "A", current)}, feedback_on=False)],
+        tmp_path / "ch.npy",
+        load=lambda: net,
+    )
     assert np.corrcoef(via_z.ravel(), np.load(ch.output).ravel())[0, 1] > 0.8
 
 
@@ -89,8 +108,9 @@ def test_result_is_unchanged_when_the_current_sign_flips(tmp_path, frames, net):
 
 def test_overview_is_skipped_in_one_line_without_loading_the_network(tmp_path):
     big = np.random.default_rng(1).normal(2e-9, 1e-10, (256, 256)).astype(np.float32)
-    src = _write(tmp_path / "overview.sxm", {"Z": (14, "m", big)}, feedback_on=True, pixels=256, lines=256,
-                 range_m=(2e-6, 2e-6))
+    src = _write(
+        tmp_path / "overview.sxm", {"Z": (14, "m", big)}, feedback_on=True, pixels=256, lines=256, range_m=(2e-6, 2e-6)
+    )
 
     def never():
         raise AssertionError("the network must not be loaded for an out-of-scope frame")
@@ -110,7 +130,7 @@ def test_folder_goes_on_past_bad_files_and_sxm_output_keeps_every_channel(tmp_pa
     _write(folder / "a.sxm", {"Current": (0, "A", current), "Z": (14, "m", z)}, feedback_on=False)
     (folder / "b.sxm").write_bytes((folder / "a.sxm").read_bytes()[:-100])  # truncated
     _write(folder / "c.sxm", {"Z": (14, "m", z)}, feedback_on=True, range_m=(4e-9, 0.0))
-    (folder / "grid.3ds").write_text("Grid dim=\"2 x 2\"\n")
+    (folder / "grid.3ds").write_text('Grid dim="2 x 2"\n')
     results = reconstruct_files([folder], tmp_path / "out", fmt="sxm", load=lambda: net)
     by_name = {r.source.name: r for r in results}
     assert set(by_name) == {"a.sxm", "b.sxm", "c.sxm", "grid.3ds"}  # a folder is read for its scans and grids
@@ -181,9 +201,13 @@ def test_grid_maps_are_reconstructed_at_each_bias_and_match_the_s_wave_images(tm
     sweep = np.round(np.linspace(-3.0, 3.0, 61), 6)
     sim = spectra.simulate(scene, tip_preset("co"), frame, sweep, z_nm=z)
     x, y = frame.grid()
-    grid = make_grid({"LI Demod 1 X (A)": sim.didv_A_per_V, "Current (A)": sim.current_A}, sweep=sweep,
-                     center_m=(0.0, 0.0), size_m=(points * pitch * 1e-9,) * 2,
-                     parameters={"X (m)": x * 1e-9, "Y (m)": y * 1e-9, "Z (m)": np.full(x.shape, z * 1e-9)})
+    grid = make_grid(
+        {"LI Demod 1 X (A)": sim.didv_A_per_V, "Current (A)": sim.current_A},
+        sweep=sweep,
+        center_m=(0.0, 0.0),
+        size_m=(points * pitch * 1e-9,) * 2,
+        parameters={"X (m)": x * 1e-9, "Y (m)": y * 1e-9, "Z (m)": np.full(x.shape, z * 1e-9)},
+    )
     path = write_3ds(tmp_path / "Grid Spectroscopy001.3ds", grid)
 
     (result,) = reconstruct_files([path], tmp_path / "out", load=lambda: net)
@@ -195,8 +219,9 @@ def test_grid_maps_are_reconstructed_at_each_bias_and_match_the_s_wave_images(tm
     levels = spectra.level_energies("pentacene")
     for label in ("HOMO", "LUMO"):
         k = int(np.argmin(np.abs(sweep - levels[label])))
-        truth = s_wave_image([Placement("pentacene", 0.0, 0.0, 10.0, label)], frame, z_nm=z,
-                             bias_V=-1.0 if label == "HOMO" else 1.0)
+        truth = s_wave_image(
+            [Placement("pentacene", 0.0, 0.0, 10.0, label)], frame, z_nm=z, bias_V=-1.0 if label == "HOMO" else 1.0
+        )
         assert _rms(stack["reconstruction"][k], truth) < 0.1, label
         assert stack["agreement"][k] > 0.35, label
     png = result.output.with_suffix(".png")

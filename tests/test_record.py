@@ -180,8 +180,10 @@ def test_recorded_bytes_are_the_bytes_sent_and_the_cassette_replays_them(tmp_pat
         pytest.importorskip("nanonisTCP")
     path = tmp_path / "session.nrec"
     tap, taps = SentTap(), []
-    with start_server_thread(scenario=_scenario(), seed=0, faults=tap) as srv, \
-            start_proxy_thread([(srv.host, srv.port)], path) as px:
+    with (
+        start_server_thread(scenario=_scenario(), seed=0, faults=tap) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path) as px,
+    ):
         result = session(px.host, px.port, taps)
         _closed(px)
         live = read_recording(path)  # flushed as it goes: readable while the proxy runs
@@ -210,8 +212,11 @@ def test_recorded_bytes_are_the_bytes_sent_and_the_cassette_replays_them(tmp_pat
 
 def test_replay_test_fails_on_a_request_the_recording_never_saw(tmp_path):
     path = tmp_path / "short.nrec"
-    with start_server_thread(seed=0) as srv, start_proxy_thread([(srv.host, srv.port)], path) as px, \
-            socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock:
+    with (
+        start_server_thread(seed=0) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path) as px,
+        socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock,
+    ):
         _ok(sock, "Bias.Get")
 
     def script(host, port):
@@ -228,15 +233,20 @@ def test_replay_test_fails_on_a_request_the_recording_never_saw(tmp_path):
 
 def test_cassette_answers_exact_then_by_command_then_errors_or_falls_back(tmp_path):
     path = tmp_path / "bias.nrec"
-    with start_server_thread(seed=0) as srv, start_proxy_thread([(srv.host, srv.port)], path) as px, \
-            socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock:
+    with (
+        start_server_thread(seed=0) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path) as px,
+        socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock,
+    ):
         for v in (0.1, 0.2):
             _ok(sock, "Bias.Set", v)
             assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(v)
 
     cassette = Cassette(path)
-    with start_server_thread(seed=0, cassette=cassette) as srv, \
-            socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock:
+    with (
+        start_server_thread(seed=0, cassette=cassette) as srv,
+        socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock,
+    ):
         _ok(sock, "Bias.Set", 0.5)  # no such bytes: the first unused Bias.Set reply (0.1's)
         _ok(sock, "Bias.Set", 0.1)  # its reply is used: the last reply to these bytes
         assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(0.1)  # exact, in recorded order
@@ -250,8 +260,10 @@ def test_cassette_answers_exact_then_by_command_then_errors_or_falls_back(tmp_pa
     assert dict(cassette.counts) == {"exact": 2, "repeated": 2, "command": 1, "simulator": 0, "missed": 2}
     assert cassette.misses == ["Current.Get", "Util.VersionGet"]
 
-    with start_server_thread(seed=0, cassette=Cassette(path, fallback=True)) as srv, \
-            socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock:
+    with (
+        start_server_thread(seed=0, cassette=Cassette(path, fallback=True)) as srv,
+        socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock,
+    ):
         assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(0.1)  # from the recording
         assert _ok(sock, "Current.Get")["current"] != 0  # from the physics simulator
         assert _ok(sock, "Scan.BufferGet")["pixels"] == srv.controller.pixels
@@ -259,17 +271,35 @@ def test_cassette_answers_exact_then_by_command_then_errors_or_falls_back(tmp_pa
 
 def test_sim_serve_cassette_cli(tmp_path):
     path = tmp_path / "cli.nrec"
-    with start_server_thread(seed=0) as srv, start_proxy_thread([(srv.host, srv.port)], path) as px, \
-            NanonisClient(px.host, px.port, timeout=TIMEOUT) as c:
+    with (
+        start_server_thread(seed=0) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path) as px,
+        NanonisClient(px.host, px.port, timeout=TIMEOUT) as c,
+    ):
         c.negotiate()
         c.bias_set(0.125)
         c.bias_get()
     result = CliRunner().invoke(app, ["sim", "serve", "--port", "0", "--cassette-only"])
     assert result.exit_code == 2 and "--cassette-only needs --cassette" in result.output
 
-    proc = subprocess.Popen([sys.executable, "-m", "stm_live.cli", "sim", "serve", "--port", "0",
-                             "--cassette", str(path), "--cassette-only"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stm_live.cli",
+            "sim",
+            "serve",
+            "--port",
+            "0",
+            "--cassette",
+            str(path),
+            "--cassette-only",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = proc.stdout.readline()
         assert "cassette cli.nrec: 3 replies to 3 commands, nothing else" in line, line
@@ -291,8 +321,10 @@ def test_sim_serve_cassette_cli(tmp_path):
 def test_a_dropped_upstream_closes_the_client_cleanly_and_the_file_keeps_everything(tmp_path):
     path = tmp_path / "dropped.nrec"
     tap = SentTap([Fault("drop", line=3, frame=0)])  # the controller's side drops the link
-    with start_server_thread(scenario=_scenario(), seed=0, faults=tap) as srv, \
-            start_proxy_thread([(srv.host, srv.port)], path) as px:
+    with (
+        start_server_thread(scenario=_scenario(), seed=0, faults=tap) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path) as px,
+    ):
         sock = SocketTap(socket.create_connection((px.host, px.port), timeout=TIMEOUT))
         try:
             _ok(sock, "Scan.Action", 0, 0)
@@ -322,8 +354,10 @@ def test_faults_on_the_proxys_client_side(tmp_path):
     """The simulator's fault layer in front of the controller: a delay, then a drop at line 2."""
     path = tmp_path / "faulty.nrec"
     faults = [Fault("delay", commands=("Bias.Get",), seconds=0.4, nth=1), Fault("drop", line=2, frame=0)]
-    with start_server_thread(scenario=_scenario(), seed=0) as srv, \
-            start_proxy_thread([(srv.host, srv.port)], path, faults=faults) as px:
+    with (
+        start_server_thread(scenario=_scenario(), seed=0) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path, faults=faults) as px,
+    ):
         with NanonisClient(px.host, px.port, timeout=TIMEOUT, max_outage_s=0) as c:
             t0 = time.monotonic()
             c.bias_get()
@@ -342,15 +376,21 @@ def test_faults_on_the_proxys_client_side(tmp_path):
     bias = next(p for p in rec.pairs if p.name == "Bias.Get")
     assert bias.reply_s < 0.4  # the controller's reply time; the delay was the proxy's
     assert rec.connections[0]["by"] == "fault" and rec.connections[1]["by"] == "client"
-    lines = [P.decode_response_body(p.name, p.reply[P.HEADER_SIZE:])[0]["line"]
-             for p in rec.pairs if p.name == "Scan.WaitEndOfLine" and p.reply]
+    lines = [
+        P.decode_response_body(p.name, p.reply[P.HEADER_SIZE :])[0]["line"]
+        for p in rec.pairs
+        if p.name == "Scan.WaitEndOfLine" and p.reply
+    ]
     assert max(lines) == 2  # recorded as the controller sent it, though the client never got it
 
 
 def test_ports_map_to_upstreams_and_a_fifth_connection_is_closed(tmp_path):
     path = tmp_path / "two.nrec"
-    with start_server_thread(seed=0) as a, start_server_thread(seed=0) as b, \
-            start_proxy_thread([(a.host, a.port), (b.host, b.port)], path) as px:
+    with (
+        start_server_thread(seed=0) as a,
+        start_server_thread(seed=0) as b,
+        start_proxy_thread([(a.host, a.port), (b.host, b.port)], path) as px,
+    ):
         assert len(set(px.ports)) == 2
         socks = [socket.create_connection((px.host, port), timeout=TIMEOUT) for port in px.ports + px.ports]
         try:
@@ -386,8 +426,11 @@ def _record_offsets(data: bytes) -> list[int]:
 def recorded(tmp_path):
     """A small recording: 8 request/reply pairs on one connection."""
     path = tmp_path / "small.nrec"
-    with start_server_thread(seed=0) as srv, start_proxy_thread([(srv.host, srv.port)], path) as px, \
-            socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock:
+    with (
+        start_server_thread(seed=0) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path) as px,
+        socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock,
+    ):
         for k in range(4):
             _ok(sock, "Bias.Set", 0.1 * k)
             _ok(sock, "Bias.Get")
@@ -403,7 +446,7 @@ def test_a_recording_cut_off_mid_record_loads_with_one_warning(tmp_path, recorde
     k = max(i for i, kind in enumerate(kinds) if kind == "pair")  # the last pair's record
     start = starts[k + 1]  # +1: the session record
     cut = tmp_path / "cut.nrec"
-    cut.write_bytes(data[:start + (5 if where == "in its header" else 20)])
+    cut.write_bytes(data[: start + (5 if where == "in its header" else 20)])
     with caplog.at_level(logging.WARNING):
         rec = read_recording(cut)
     assert rec.records == full.records[:k]
@@ -417,9 +460,25 @@ def test_sim_record_killed_keeps_what_it_forwarded(tmp_path):
     """kill -9 of `stm-live sim record` while 256x256 frames stream through it."""
     path = tmp_path / "killed.nrec"
     with start_server_thread(seed=0) as srv:
-        proc = subprocess.Popen([sys.executable, "-m", "stm_live.cli", "sim", "record", "--upstream",
-                                 f"{srv.host}:{srv.port}", "--listen", "127.0.0.1:0", "--out", str(path)],
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stm_live.cli",
+                "sim",
+                "record",
+                "--upstream",
+                f"{srv.host}:{srv.port}",
+                "--listen",
+                "127.0.0.1:0",
+                "--out",
+                str(path),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         grabs, stop = [0], threading.Event()
         try:
             line = proc.stdout.readline()
@@ -453,7 +512,7 @@ def test_sim_record_killed_keeps_what_it_forwarded(tmp_path):
     replies = [p.reply for p in rec.pairs if p.name == "Scan.FrameDataGrab"]
     assert len(replies) >= on_disk >= 20 and grabs[0] > 0
     for reply in replies:  # every kept reply is whole
-        assert P.decode_response_body("Scan.FrameDataGrab", reply[P.HEADER_SIZE:])[0]["data"].shape == (256, 256)
+        assert P.decode_response_body("Scan.FrameDataGrab", reply[P.HEADER_SIZE :])[0]["data"].shape == (256, 256)
 
 
 @pytest.mark.parametrize("damage", ["a byte of a payload", "a length field"])
@@ -497,10 +556,13 @@ def test_inspect_and_redact(tmp_path):
     session_dir.mkdir()
     path, shared = tmp_path / "lab.nrec", tmp_path / "shared.nrec"
     secret = "sample 7 from the other group"
-    with start_server_thread(scenario=_scenario(pixels=16, lines=8, line_s=0.02), seed=0,
-                             save_dir=str(session_dir)) as srv, \
-            start_proxy_thread([(srv.host, srv.port)], path) as px, \
-            NanonisClient(px.host, px.port, timeout=TIMEOUT) as c:
+    with (
+        start_server_thread(
+            scenario=_scenario(pixels=16, lines=8, line_s=0.02), seed=0, save_dir=str(session_dir)
+        ) as srv,
+        start_proxy_thread([(srv.host, srv.port)], path) as px,
+        NanonisClient(px.host, px.port, timeout=TIMEOUT) as c,
+    ):
         c.negotiate()
         c.bias_set(0.2)
         with pytest.raises(NanonisError):
@@ -519,8 +581,9 @@ def test_inspect_and_redact(tmp_path):
     out = result.output
     assert f"release R{P.DEFAULT_RELEASE} (RT {P.DEFAULT_RELEASE}; Nanonis SPM Control Software" in out
     assert "8 requests on 1 connections" in out
-    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()
-            if line.startswith(("Bias.", "Scan.", "Util."))}
+    rows = {
+        line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith(("Bias.", "Scan.", "Util."))
+    }
     assert rows["Bias.Set"][:3] == ["2", "0", "1"]  # calls, without reply, errors
     assert rows["Scan.WaitEndOfScan"][:3] == ["1", "0", "0"]
     assert all(float(r[3]) <= float(r[4]) for r in rows.values())  # median <= max
@@ -539,9 +602,9 @@ def test_inspect_and_redact(tmp_path):
             side = "request" if name == "Scan.PropsSet" else "reply"
             msg = getattr(b, side)
             if side == "request":
-                values = P.decode_request_strict(name, msg[P.HEADER_SIZE:])[1]
+                values = P.decode_request_strict(name, msg[P.HEADER_SIZE :])[1]
             else:
-                values, status, _ = P.decode_response_body(name, msg[P.HEADER_SIZE:])
+                values, status, _ = P.decode_response_body(name, msg[P.HEADER_SIZE :])
                 assert status == 0
             assert values.get("comment", values.get("path")) == ""
             assert values.get("series_name", "probe") == "probe"  # only the redacted fields go

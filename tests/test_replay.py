@@ -10,12 +10,19 @@ import time
 import numpy as np
 import pytest
 from rich.console import Console
+from sxm_files import (
+    file_blocks,
+    nanonispy_scan,
+    quirky_files,
+    scene,
+    write_grid_3ds,
+    write_raw_sxm,  # raw .sxm writer, not stm_live.io
+    write_spectrum_dat,
+)
 
-from stm_live.io.sxm import read_sxm, scan_from_frames, write_sxm
 from stm_live.app.replay import ReplayFailed, run_replay
+from stm_live.io.sxm import read_sxm, scan_from_frames, write_sxm
 from stm_live.store import read_journal, run_data
-from sxm_files import (file_blocks, nanonispy_scan, quirky_files, scene, write_grid_3ds,
-                       write_raw_sxm, write_spectrum_dat)  # raw .sxm writer, not stm_live.io
 
 LINES, PIXELS = 24, 32
 TIME_SCALE = 20.0  # recorded 0.2 s per line -> 10 ms per line
@@ -26,24 +33,39 @@ def _recording(direction: str = "up"):
     from forward (and are not mirror-symmetric), so any orientation slip shows."""
     rng = np.random.default_rng(7)
     yy, xx = np.mgrid[0:LINES, 0:PIXELS].astype(np.float64)
-    blob = np.exp(-((xx - 11) ** 2 + (yy - 9) ** 2) / 20.0) + 0.5 * np.exp(
-        -((xx - 22) ** 2 + (yy - 16) ** 2) / 8.0)
+    blob = np.exp(-((xx - 11) ** 2 + (yy - 9) ** 2) / 20.0) + 0.5 * np.exp(-((xx - 22) ** 2 + (yy - 16) ** 2) / 8.0)
     current = (2e-11 * blob + 2e-13 * rng.standard_normal(blob.shape)).astype(np.float32)
     z = (5e-11 * blob + xx * 1e-13).astype(np.float32)
     channels = {
         "Current": {"forward": current, "backward": (current * 1.02 + 1e-13).astype(np.float32)},
         "Z": {"forward": z, "backward": (z + 3e-12).astype(np.float32)},
     }
-    return scan_from_frames(channels, units={"Current": "A", "Z": "m"}, center_x_m=1e-9,
-                            center_y_m=-2e-9, width_m=3.2e-9, height_m=2.4e-9,
-                            direction=direction, bias_V=-0.5, setpoint_A=5e-12,
-                            z_controller="constant_height", acq_time_s=LINES * 0.2,
-                            signal_indexes={"Current": 0, "Z": 30})
+    return scan_from_frames(
+        channels,
+        units={"Current": "A", "Z": "m"},
+        center_x_m=1e-9,
+        center_y_m=-2e-9,
+        width_m=3.2e-9,
+        height_m=2.4e-9,
+        direction=direction,
+        bias_V=-0.5,
+        setpoint_A=5e-12,
+        z_controller="constant_height",
+        acq_time_s=LINES * 0.2,
+        signal_indexes={"Current": 0, "Z": 30},
+    )
 
 
 def _replay(tmp_path, files, worker=None, **kw):
-    return run_replay(files=files, time_scale=TIME_SCALE, worker=worker,
-                      data_dir=tmp_path / "data", out=tmp_path / "out", view=False, **kw)
+    return run_replay(
+        files=files,
+        time_scale=TIME_SCALE,
+        worker=worker,
+        data_dir=tmp_path / "data",
+        out=tmp_path / "out",
+        view=False,
+        **kw,
+    )
 
 
 def test_replay_is_bit_exact_and_matches_offline_reconstruction(tmp_path):
@@ -70,8 +92,10 @@ def test_replay_is_bit_exact_and_matches_offline_reconstruction(tmp_path):
     np.testing.assert_allclose(final, offline, rtol=1e-4, atol=1e-5 * np.abs(offline).max())
     assert result.reconstruction_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The derived runs are journaled beside the raw one, linked by parent_uid.
-    parents = {docs[0][1].get("parent_uid") for docs in
-               (read_journal(p) for p in (tmp_path / "data" / "journal").glob("*.journal"))}
+    parents = {
+        docs[0][1].get("parent_uid")
+        for docs in (read_journal(p) for p in (tmp_path / "data" / "journal").glob("*.journal"))
+    }
     assert run.uid in parents
 
 
@@ -111,8 +135,7 @@ def test_partial_and_single_direction_recordings(tmp_path):
     run = run_data(read_journal(part.journal))
     assert sorted(run.lines_read) == list(range(15))
     assert np.isnan(run.images["stm_current_fwd"][15:]).all()
-    assert run.images["stm_current_fwd"][:15].tobytes() == stopped.channels["Current"][
-        "forward"][:15].tobytes()
+    assert run.images["stm_current_fwd"][:15].tobytes() == stopped.channels["Current"]["forward"][:15].tobytes()
     final = np.load(part.reconstruction_npy)
     assert np.isfinite(final[:15]).all() and np.isnan(final[15:]).all()
 
@@ -139,13 +162,13 @@ def test_replay_with_remote_worker(tmp_path):
     connect = f"tcp://127.0.0.1:{_free_port()}"
     results = f"tcp://127.0.0.1:{_free_port()}"
     stop = threading.Event()
-    worker = threading.Thread(target=run_worker, daemon=True, kwargs=dict(
-        connect=connect, results=results, stop_event=stop))
+    worker = threading.Thread(
+        target=run_worker, daemon=True, kwargs=dict(connect=connect, results=results, stop_event=stop)
+    )
     worker.start()
     try:
         path = write_sxm(tmp_path / "remote.sxm", _recording("down"))
-        (result,) = _replay(tmp_path, [path], worker=f"{connect},{results}",
-                            worker_wait_s=30.0)
+        (result,) = _replay(tmp_path, [path], worker=f"{connect},{results}", worker_wait_s=30.0)
     finally:
         stop.set()
         worker.join(15)
@@ -153,8 +176,10 @@ def test_replay_with_remote_worker(tmp_path):
     assert result.frame_identical and result.reconstruction_matches
     assert result.tip_verdicts >= 1
     # the worker's derived runs were journaled by the acquisition side
-    parents = {docs[0][1].get("parent_uid") for docs in
-               (read_journal(p) for p in (tmp_path / "data" / "journal").glob("*.journal"))}
+    parents = {
+        docs[0][1].get("parent_uid")
+        for docs in (read_journal(p) for p in (tmp_path / "data" / "journal").glob("*.journal"))
+    }
     assert result.run_uid in parents
 
 
@@ -210,14 +235,22 @@ def _expected_wire(case, name, path):
     index, unit, fwd, bwd = case["channels"][name]
     if case["nanonispy"]:
         theirs = nanonispy_scan(path).signals[name]
-        return (np.asarray(theirs["forward"], np.float32),
-                np.asarray(theirs["backward"], np.float32))
+        return (np.asarray(theirs["forward"], np.float32), np.asarray(theirs["backward"], np.float32))
     return file_blocks(fwd, bwd)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("name", ["cc_lockin_down", "ch_negative_up_rotated", "non_square",
-                                  "old_header_latin1", "overview_partial", "aborted_backward"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cc_lockin_down",
+        "ch_negative_up_rotated",
+        "non_square",
+        "old_header_latin1",
+        "overview_partial",
+        "aborted_backward",
+    ],
+)
 def test_replay_serves_every_channel_under_its_declared_index(quirky, name):
     from nanonisTCP import nanonisTCP
     from nanonisTCP.Scan import Scan
@@ -228,8 +261,10 @@ def test_replay_serves_every_channel_under_its_declared_index(quirky, name):
     case = quirky[name]
     path = case["path"]
     declared = {ch: spec[0] for ch, spec in case["channels"].items()}
-    with start_server_thread(replay=path, time_scale=REPLAY_CLOCK, seed=0) as server, \
-            NanonisClient(server.host, server.port, timeout=5) as ours:
+    with (
+        start_server_thread(replay=path, time_scale=REPLAY_CLOCK, seed=0) as server,
+        NanonisClient(server.host, server.port, timeout=5) as ours,
+    ):
         buffer = ours.scan_buffer_get()
         assert list(buffer.channel_indexes) == list(declared.values())  # DATA_INFO order
         assert (buffer.pixels, buffer.lines) == (case["pixels"], case["lines"])
@@ -241,7 +276,9 @@ def test_replay_serves_every_channel_under_its_declared_index(quirky, name):
         np.testing.assert_allclose(
             (frame.center_x, frame.center_y, frame.width, frame.height, frame.angle_deg),
             (*case.get("offset_m", (0.0, 0.0)), *case["range_m"], case.get("angle_deg", 0.0)),
-            rtol=1e-6, atol=1e-15)  # float32 on the wire
+            rtol=1e-6,
+            atol=1e-15,
+        )  # float32 on the wire
 
         _run_to_end(ours)
         peer = nanonisTCP(server.host, server.port)
@@ -257,8 +294,7 @@ def test_replay_serves_every_channel_under_its_declared_index(quirky, name):
                         continue
                     assert grab.data.dtype == np.float32
                     assert grab.data.tobytes() == want_data.tobytes(), (ch, idx, direction)
-                    peer_name, peer_data, peer_dir = Scan(peer).FrameDataGrab(
-                        idx, 1 if direction == "forward" else 0)
+                    peer_name, peer_data, peer_dir = Scan(peer).FrameDataGrab(idx, 1 if direction == "forward" else 0)
                     assert peer_name == grab.name and peer_dir == case["direction"]
                     assert peer_data.astype(np.float32).tobytes() == want_data.tobytes()
         finally:
@@ -270,9 +306,17 @@ def test_replay_falls_back_by_name_only_for_unusable_indexes(tmp_path, caplog):
 
     f, b = scene("z", pixels=16, lines=8)
     i, _ = scene("current", pixels=16, lines=8)
-    path = write_raw_sxm(tmp_path / "damaged.sxm", range_m=(2e-9, 1e-9), channels={
-        "Z": (14, "m", f, b), "Current": ("x", "A", i, i), "LI Demod 1 X": (200, "A", i, i),
-        "Input 3": (14, "V", i, i), "Bias": (24, "V", i, None)})
+    path = write_raw_sxm(
+        tmp_path / "damaged.sxm",
+        range_m=(2e-9, 1e-9),
+        channels={
+            "Z": (14, "m", f, b),
+            "Current": ("x", "A", i, i),
+            "LI Demod 1 X": (200, "A", i, i),
+            "Input 3": (14, "V", i, i),
+            "Bias": (24, "V", i, None),
+        },
+    )
     with caplog.at_level(logging.WARNING, logger="stm_live.simulators.replay"):
         c = SimulatedController(replay=path, time_scale=REPLAY_CLOCK)
     index_of = c.replay.index_of
@@ -293,8 +337,8 @@ def test_cyclic_exception_chain_is_described_without_looping():
     and context form a cycle; walking it must end (it looped at 100 % CPU)."""
     from bluesky.utils import FailedStatus
 
-    from stm_live.devices.stm import ControllerLost
     from stm_live.console import caused_by, describe
+    from stm_live.devices.stm import ControllerLost
 
     try:
         try:
@@ -303,14 +347,14 @@ def test_cyclic_exception_chain_is_described_without_looping():
             except ControllerLost as lost:
                 raise FailedStatus("status failed") from lost
         except FailedStatus as failed:
-            raise failed.__cause__
+            # no `from`: as in plans._status_cause, the context (not a cause) links back to the FailedStatus
+            raise failed.__cause__  # noqa: B904
     except ControllerLost as exc:
         caught = exc
     assert caught.__context__.__cause__ is caught  # the cycle
     for exc in (caught, caught.__context__):
         assert caused_by(exc, ControllerLost) and not caused_by(exc, KeyError)
-        assert describe(exc) == ("ControllerLost: controller stopped the scan after 19 of "
-                                  "32 lines")
+        assert describe(exc) == ("ControllerLost: controller stopped the scan after 19 of 32 lines")
 
 
 @pytest.mark.timeout(90)
@@ -342,7 +386,7 @@ def test_folder_with_bad_files_replays_the_rest(tmp_path, quirky, capsys):
     good = folder / "a_good.sxm"
     good.write_bytes(quirky["cc_lockin_down"]["path"].read_bytes())
     raw = quirky["non_square"]["path"].read_bytes()
-    (folder / "b_truncated.sxm").write_bytes(raw[:len(raw) // 2])
+    (folder / "b_truncated.sxm").write_bytes(raw[: len(raw) // 2])
     write_grid_3ds(folder / "c_grid.3ds")
     write_spectrum_dat(folder / "d_spectrum.dat")
     write_grid_3ds(folder / "e_renamed_grid.sxm")  # a grid saved as .sxm
@@ -351,17 +395,16 @@ def test_folder_with_bad_files_replays_the_rest(tmp_path, quirky, capsys):
     with pytest.raises(ReplayFailed) as info:
         _replay(tmp_path, [stray, folder], console=Console(width=400))
     by_name = {r.file.name: r for r in info.value.results}
-    assert set(by_name) == {"given_by_mistake.dat", "a_good.sxm", "b_truncated.sxm",
-                            "e_renamed_grid.sxm"}
+    assert set(by_name) == {"given_by_mistake.dat", "a_good.sxm", "b_truncated.sxm", "e_renamed_grid.sxm"}
     assert by_name["a_good.sxm"].status == "ok", by_name["a_good.sxm"].message
     assert by_name["a_good.sxm"].frame_identical
     trunc = by_name["b_truncated.sxm"]
     assert trunc.status == "failed" and "truncated" in trunc.message
     grid = by_name["e_renamed_grid.sxm"].message
-    assert grid == f"{folder / 'e_renamed_grid.sxm'}: a Nanonis grid-spectroscopy file (.3ds); " \
-                   "replay takes .sxm scans"
+    assert grid == f"{folder / 'e_renamed_grid.sxm'}: a Nanonis grid-spectroscopy file (.3ds); replay takes .sxm scans"
     assert by_name["given_by_mistake.dat"].message.endswith(
-        "given_by_mistake.dat: a Nanonis spectroscopy file (.dat); replay takes .sxm scans")
+        "given_by_mistake.dat: a Nanonis spectroscopy file (.dat); replay takes .sxm scans"
+    )
     out = capsys.readouterr().out
     assert "not a Nanonis .sxm" not in out and "Traceback" not in out
     skipped = [line for line in out.splitlines() if "skipped" in line]
@@ -373,6 +416,9 @@ def test_other_nanonis_formats_are_named(tmp_path):
     from stm_live.simulators.replay import ReplayError, ReplaySource
 
     grid = write_grid_3ds(tmp_path / "map.3ds")
-    with pytest.raises(ReplayError, match=r"map\.3ds: a Nanonis grid-spectroscopy file \(\.3ds\); "
-                                          r"replay takes \.sxm scans$"):
+    with pytest.raises(
+        ReplayError,
+        match=r"map\.3ds: a Nanonis grid-spectroscopy file \(\.3ds\); "
+        r"replay takes \.sxm scans$",
+    ):
         ReplaySource.from_file(grid)

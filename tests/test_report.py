@@ -33,8 +33,9 @@ def _scene(direction: str, *, lines: int = 24, pixels: int = 32) -> np.ndarray:
     """A pentacene HOMO under a CO tip at constant height, scanned in ``direction``; an
     off-centre molecule, so that up and down differ on the page if drawn wrongly."""
     frame = ScanFrame(0.0, 0.0, 3.2, 2.4, pixels=pixels, lines=lines, direction=direction)
-    return constant_height_image(Placement("pentacene", x_nm=0.3, y_nm=0.5, orbital="HOMO"), frame,
-                                 tip_preset("co"), z_nm=0.45, bias_V=-2.0)
+    return constant_height_image(
+        Placement("pentacene", x_nm=0.3, y_nm=0.5, orbital="HOMO"), frame, tip_preset("co"), z_nm=0.45, bias_V=-2.0
+    )
 
 
 def test_display_rows_flips_up_scans_only_and_leaves_the_data():
@@ -86,8 +87,9 @@ def test_any_geometry_is_drawn_exactly_flipped_for_up_scans(lines, pixels, line_
 def test_scale_bar_is_as_long_as_the_nm_it_claims(pixel_size_nm):
     pixels = 64
     image = np.add.outer(np.linspace(0, 1, 40), np.sin(np.linspace(0, 9, pixels)))
-    data, layout = frame_png_bytes([("Z", image)], pixel_size_nm=pixel_size_nm, cmap="viridis",
-                                   units="m", caption="scale")
+    data, layout = frame_png_bytes(
+        [("Z", image)], pixel_size_nm=pixel_size_nm, cmap="viridis", units="m", caption="scale"
+    )
     rgb, _ = _decode(data)
     width_nm = pixels * pixel_size_nm
     # a round length: 1, 2 or 5 x 10^k nm, a sizeable part of the frame
@@ -101,7 +103,7 @@ def test_scale_bar_is_as_long_as_the_nm_it_claims(pixel_size_nm):
     image_px = int(np.argmax(np.all(row[x0:] == WHITE, axis=1)))  # first paper pixel after x0
     bar_row = rgb[(layout.scale_bar_box[1] + layout.scale_bar_box[3]) // 2]
     bar_px = int(np.argmax(np.any(bar_row[x0:] != (0, 0, 0), axis=1)))  # first non-black pixel
-    assert np.all(bar_row[x0:x0 + bar_px] == 0) and bar_px == layout.scale_bar_px
+    assert np.all(bar_row[x0 : x0 + bar_px] == 0) and bar_px == layout.scale_bar_px
     px_per_nm = image_px / width_nm
     assert abs(bar_px - layout.scale_bar_nm * px_per_nm) <= 1.0, (bar_px, px_per_nm)
 
@@ -110,8 +112,9 @@ def test_scale_bar_is_as_long_as_the_nm_it_claims(pixel_size_nm):
 def test_non_square_pixels_are_drawn_with_their_physical_aspect(line_spacing_nm):
     lines, pixels, pixel_size_nm = 32, 64, 0.1
     image = np.random.default_rng(1).normal(size=(lines, pixels))
-    data, layout = frame_png_bytes([("I", image)], pixel_size_nm=pixel_size_nm, cmap="viridis",
-                                   line_spacing_nm=line_spacing_nm)
+    data, layout = frame_png_bytes(
+        [("I", image)], pixel_size_nm=pixel_size_nm, cmap="viridis", line_spacing_nm=line_spacing_nm
+    )
     rgb, _ = _decode(data)
     x0, y0, x1, y1 = layout.panels[0].image_box
     column = rgb[y0:, (x0 + x1) // 2]
@@ -142,8 +145,14 @@ def test_small_frames_are_upscaled_and_huge_frames_bounded():
 def test_caption_colour_bars_and_metadata(tmp_path):
     image = np.linspace(10e-12, 200e-12, 48 * 48).reshape(48, 48)
     caption = "frame0: Current forward, bias -1.50 V, scan up, 0.10 x 0.10 nm/px"
-    layout = save_frame_png(tmp_path / "sub" / "f.png", [("raw", image), ("STM-Net", image ** 2)],
-                            pixel_size_nm=0.1, scan_direction="up", units=["A", "a.u."], caption=caption)
+    layout = save_frame_png(
+        tmp_path / "sub" / "f.png",
+        [("raw", image), ("STM-Net", image**2)],
+        pixel_size_nm=0.1,
+        scan_direction="up",
+        units=["A", "a.u."],
+        caption=caption,
+    )
     assert layout.path.is_file() and layout.caption == caption
     rgb, text = _decode(layout.path.read_bytes())
     assert rgb.shape[1::-1] == layout.size
@@ -214,8 +223,7 @@ def test_nearest_index_is_nearest_and_mirror_symmetric():
 def test_flat_and_empty_panels_are_labelled_sensibly():
     flat = np.full((8, 8), -3.2e-9)
     empty = np.full((8, 8), np.nan)
-    data, layout = frame_png_bytes([("flat Z", flat), ("nothing yet", empty)], pixel_size_nm=0.1,
-                                   units=["m", "a.u."])
+    data, layout = frame_png_bytes([("flat Z", flat), ("nothing yet", empty)], pixel_size_nm=0.1, units=["m", "a.u."])
     flat_panel, empty_panel = layout.panels
     assert flat_panel.labels == ("-3.200", "-3.200", "nm")
     assert flat_panel.data_min == flat_panel.data_max == -3.2e-9

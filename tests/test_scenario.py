@@ -29,25 +29,37 @@ tip: {preset: co}
 """)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(colour="red"), "colour: unknown key"),
-    (lambda d: d["molecules"][1].update(x_nm="far"), r"molecules\[1\]\.x_nm: expected a number, got 'far'"),
-    (lambda d: d["molecules"][0].update(molecule="unobtainium"), r"molecules\[0\]\.molecule: unknown value 'unobtainium'"),
-    (lambda d: d["molecules"][0].update(orbital="SOMO"), r"molecules\[0\]\.orbital"),
-    (lambda d: d["molecules"][0].update(orbital="HOMO-40"), r"molecules\[0\]\.orbital: .*HOMO-40"),
-    (lambda d: d.update(molecules=[]), r"molecules: at least one molecule"),
-    (lambda d: d["tip"].update(preset="sharp"), r"tip\.preset: unknown value 'sharp'"),
-    (lambda d: d["tip"].update(hazards={"co_loss": 0.7, "double": 0.5}), r"tip\.hazards: probabilities sum to 1\.2"),
-    (lambda d: d["tip"].update(hazards={"meteor": 0.1}), r"tip\.hazards\.meteor: unknown key"),
-    (lambda d: d["tip"].update(events=[{"frame": 0, "line": 3}]), r"tip\.events\[0\]\.to: missing"),
-    (lambda d: d["tip"].update(recondition={"pulse": {"repair": 1.5}}), r"tip\.recondition\.pulse\.repair: must be <= 1"),
-    (lambda d: d.update(frame={"pixels": 100}), r"frame\.pixels: must be a multiple of 16"),
-    (lambda d: d.update(frame={"direction": "sideways"}), r"frame\.direction: unknown value 'sideways'"),
-    (lambda d: d.update(setpoint_A=-1e-12), r"setpoint_A: must be > 0"),
-    (lambda d: d.update(artifacts={"white_noise": float("nan")}), r"artifacts\.white_noise: must be finite"),
-    (lambda d: d.update(channels=[0, 300]), r"channels\[1\]: must be <= 127"),
-    (lambda d: d.update(z_controller="yes"), r"z_controller: expected true or false"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.update(colour="red"), "colour: unknown key"),
+        (lambda d: d["molecules"][1].update(x_nm="far"), r"molecules\[1\]\.x_nm: expected a number, got 'far'"),
+        (
+            lambda d: d["molecules"][0].update(molecule="unobtainium"),
+            r"molecules\[0\]\.molecule: unknown value 'unobtainium'",
+        ),
+        (lambda d: d["molecules"][0].update(orbital="SOMO"), r"molecules\[0\]\.orbital"),
+        (lambda d: d["molecules"][0].update(orbital="HOMO-40"), r"molecules\[0\]\.orbital: .*HOMO-40"),
+        (lambda d: d.update(molecules=[]), r"molecules: at least one molecule"),
+        (lambda d: d["tip"].update(preset="sharp"), r"tip\.preset: unknown value 'sharp'"),
+        (
+            lambda d: d["tip"].update(hazards={"co_loss": 0.7, "double": 0.5}),
+            r"tip\.hazards: probabilities sum to 1\.2",
+        ),
+        (lambda d: d["tip"].update(hazards={"meteor": 0.1}), r"tip\.hazards\.meteor: unknown key"),
+        (lambda d: d["tip"].update(events=[{"frame": 0, "line": 3}]), r"tip\.events\[0\]\.to: missing"),
+        (
+            lambda d: d["tip"].update(recondition={"pulse": {"repair": 1.5}}),
+            r"tip\.recondition\.pulse\.repair: must be <= 1",
+        ),
+        (lambda d: d.update(frame={"pixels": 100}), r"frame\.pixels: must be a multiple of 16"),
+        (lambda d: d.update(frame={"direction": "sideways"}), r"frame\.direction: unknown value 'sideways'"),
+        (lambda d: d.update(setpoint_A=-1e-12), r"setpoint_A: must be > 0"),
+        (lambda d: d.update(artifacts={"white_noise": float("nan")}), r"artifacts\.white_noise: must be finite"),
+        (lambda d: d.update(channels=[0, 300]), r"channels\[1\]: must be <= 127"),
+        (lambda d: d.update(z_controller="yes"), r"z_controller: expected true or false"),
+    ],
+)
 def test_errors_name_the_bad_key(mutate, message):
     data = _base()
     mutate(data)

@@ -25,11 +25,13 @@ def test_herringbone_has_two_ridges_per_period():
     h = scenery.herringbone(x, np.zeros_like(x), angle_deg=90.0)  # ridges along y: the profile runs along x
     shift = round(scenery.HERRINGBONE_PERIOD_NM / pitch)
     assert np.allclose(h[shift:], h[:-shift], atol=1e-6)  # periodic in 6.3 nm
-    assert not np.allclose(h[shift // 2:], h[:-(shift // 2)], atol=0.1)  # and not in half of it
+    assert not np.allclose(h[shift // 2 :], h[: -(shift // 2)], atol=0.1)  # and not in half of it
     peaks = np.flatnonzero((h[1:-1] > h[:-2]) & (h[1:-1] >= h[2:]) & (h[1:-1] > 0.5)) + 1
     gaps = np.diff(x[peaks])
     assert sorted({round(g, 1) for g in gaps}) == [
-        round(scenery.HERRINGBONE_PAIR_NM, 1), round(scenery.HERRINGBONE_PERIOD_NM - scenery.HERRINGBONE_PAIR_NM, 1)]
+        round(scenery.HERRINGBONE_PAIR_NM, 1),
+        round(scenery.HERRINGBONE_PERIOD_NM - scenery.HERRINGBONE_PAIR_NM, 1),
+    ]
 
 
 @pytest.mark.parametrize("metal", ["cu111", "au111"])
@@ -59,7 +61,7 @@ def test_random_polyhex_is_closed_shell_and_fused():
         mol = scenery.random_polyhex(rng, rings)
         assert mol.pi_electrons % 2 == 0
         level = orbital_level(mol, "HOMO")
-        assert np.allclose((level.partners ** 2).sum(axis=1), 1.0)
+        assert np.allclose((level.partners**2).sum(axis=1), 1.0)
         # every carbon has a neighbour at the C-C bond length: one fused piece
         d = np.hypot(*(mol.xyz_nm[:, None, :2] - mol.xyz_nm[None, :, :2]).transpose(2, 0, 1))
         np.fill_diagonal(d, np.inf)

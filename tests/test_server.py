@@ -269,8 +269,9 @@ def test_scheduled_tip_change_mid_frame_switches_rows():
     sc = load_scenario("degrading")
     from dataclasses import replace
 
-    sc = replace(sc, evolution=replace(sc.evolution, hazards={}),
-                 frame=replace(sc.frame, pixels=32, lines=48), channels=(0, 30))
+    sc = replace(
+        sc, evolution=replace(sc.evolution, hazards={}), frame=replace(sc.frame, pixels=32, lines=48), channels=(0, 30)
+    )
     clock = FakeClock()
     ctrl = SimulatedController(sc, seed=3, time_scale=1.0, clock=clock)
     _run_frame(ctrl, clock)
@@ -280,8 +281,9 @@ def test_scheduled_tip_change_mid_frame_switches_rows():
     z = ctrl.frame_data(30, True)[1]
     assert np.isfinite(z).all()
     # reference: the same frame scanned with the double tip from the start
-    ref_ctrl = SimulatedController(replace(sc, tip="double", evolution=replace(sc.evolution, events=())),
-                                   seed=3, time_scale=1.0, clock=clock)
+    ref_ctrl = SimulatedController(
+        replace(sc, tip="double", evolution=replace(sc.evolution, events=())), seed=3, time_scale=1.0, clock=clock
+    )
     _run_frame(ref_ctrl, clock)
     z_ref = ref_ctrl.frame_data(30, True)[1]
     assert not np.allclose(z[:40], z_ref[:40], atol=2e-12)  # CO rows differ from double-tip rows
@@ -294,8 +296,12 @@ def test_hazards_degrade_the_tip_and_are_logged():
     from stm_live.simulators.scenario import load_scenario
 
     sc = load_scenario("degrading")
-    sc = replace(sc, evolution=replace(sc.evolution, events=(), hazards={"instability": 0.2, "co_loss": 0.05}),
-                 frame=replace(sc.frame, pixels=16, lines=40), channels=(0,))
+    sc = replace(
+        sc,
+        evolution=replace(sc.evolution, events=(), hazards={"instability": 0.2, "co_loss": 0.05}),
+        frame=replace(sc.frame, pixels=16, lines=40),
+        channels=(0,),
+    )
     clock = FakeClock()
     ctrl = SimulatedController(sc, seed=5, time_scale=1.0, clock=clock)
     _run_frame(ctrl, clock)
@@ -315,10 +321,18 @@ def test_replay_serves_the_recording_bit_for_bit(tmp_path):
     z_f[9:] = np.nan  # partial recording: 9 lines
     z_b[9:] = np.nan
     cur[9:] = np.nan
-    scan = scan_from_frames({"Z": {"forward": z_f, "backward": z_b}, "Current": {"forward": cur}},
-                            units={"Z": "m", "Current": "A"}, center_x_m=1e-9, center_y_m=0.0,
-                            width_m=5e-9, height_m=2e-9, direction="up", bias_V=-0.3, acq_time_s=0.6,
-                            signal_indexes={"Z": 30, "Current": 0})
+    scan = scan_from_frames(
+        {"Z": {"forward": z_f, "backward": z_b}, "Current": {"forward": cur}},
+        units={"Z": "m", "Current": "A"},
+        center_x_m=1e-9,
+        center_y_m=0.0,
+        width_m=5e-9,
+        height_m=2e-9,
+        direction="up",
+        bias_V=-0.3,
+        acq_time_s=0.6,
+        signal_indexes={"Z": 30, "Current": 0},
+    )
     path = write_sxm(tmp_path / "rec.sxm", scan)
     with start_server_thread(replay=path, time_scale=20.0) as srv:
         c = Conn(srv)
@@ -412,8 +426,7 @@ def test_instability_episode_adds_line_jumps_for_its_lines():
 
     base = load_scenario("default")
     base = replace(base, frame=replace(base.frame, pixels=16, lines=24), channels=(0, 30))
-    shaky = replace(base, evolution=replace(base.evolution, events=(TipEvent(0, 10, "unstable"),),
-                                            instability_lines=5))
+    shaky = replace(base, evolution=replace(base.evolution, events=(TipEvent(0, 10, "unstable"),), instability_lines=5))
     frames = []
     for sc in (base, shaky):
         clock = FakeClock()

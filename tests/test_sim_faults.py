@@ -121,8 +121,11 @@ def test_delay_of_the_nth_call_counts_over_connections_raw():
 
 def test_stall_holds_the_end_of_line_reply_of_line_k_once_per_frame():
     fault = Fault("stall", line=4, seconds=1.0, frame=0)
-    with _served(fault) as srv, NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as ctl, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c:
+    with (
+        _served(fault) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as ctl,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c,
+    ):
         ctl.scan_action("start")
         for _ in range(100):
             t0 = time.monotonic()
@@ -135,7 +138,7 @@ def test_stall_holds_the_end_of_line_reply_of_line_k_once_per_frame():
         assert (stall["frame"], stall["line"]) == (0, 4)
         # the scan went on during the stall: the rows are there for a grab to catch up
         rows = np.isfinite(ctl.scan_frame_data_grab(30).data[:, 0])
-        assert rows.sum() >= 4 + 3 and rows[:rows.sum()].all()
+        assert rows.sum() >= 4 + 3 and rows[: rows.sum()].all()
         _scan_done(ctl)
         ctl.scan_action("start")  # frame 1: no stall
         _scan_done(ctl)
@@ -171,9 +174,11 @@ def test_drop_resets_every_connection_at_line_k_of_every_frame_raw():
 
 
 def test_drop_of_one_connection_leaves_the_others_up():
-    with _served(Fault("drop", line=2, frame=0, connection=1)) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as ctl, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as follower:
+    with (
+        _served(Fault("drop", line=2, frame=0, connection=1)) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as ctl,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as follower,
+    ):
         ctl.scan_action("start")
         (drop,) = _fired(srv, "drop")
         assert drop["connections"] == [1]
@@ -191,8 +196,10 @@ def test_drop_of_one_connection_leaves_the_others_up():
 
 @pytest.mark.parametrize("trigger", [{"line": 2, "frame": 0}, {"at_s": 0.2}])
 def test_refuse_turns_connections_away_for_t_seconds(trigger):
-    with _served(Fault("refuse", seconds=3.0, **trigger)) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as ctl:
+    with (
+        _served(Fault("refuse", seconds=3.0, **trigger)) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as ctl,
+    ):
         if "line" in trigger:
             ctl.scan_action("start")
         (refuse,) = _fired(srv, "refuse")
@@ -227,7 +234,7 @@ def test_close_mid_reply_sends_part_of_the_reply_then_closes_raw():
             while chunk := sock.recv(4096):  # then EOF: closed, not reset
                 got += chunk
             assert len(got) == 100
-            name, size = P.parse_response_header(got[:P.HEADER_SIZE])
+            name, size = P.parse_response_header(got[: P.HEADER_SIZE])
             assert name == "Scan.FrameDataGrab" and size > 100 - P.HEADER_SIZE
         with _connect(srv) as sock:  # the 3rd call is whole again
             assert _call(sock, "Scan.FrameDataGrab", 30, 1)["data"].shape == (16, 32)
@@ -249,41 +256,59 @@ def test_close_mid_reply_through_the_client():
 
 def test_faults_from_a_scenario_file_arm_the_server(tmp_path):
     path = tmp_path / "flaky.yaml"
-    path.write_text("name: flaky\nframe: {pixels: 32, lines: 8}\n"
-                    "faults:\n  - {kind: delay, command: [Bias.Get], seconds: 0.2, nth: 1}\n"
-                    "  - {kind: drop, line: 5, frame: 2, connection: 0}\n", encoding="utf-8")
+    path.write_text(
+        "name: flaky\nframe: {pixels: 32, lines: 8}\n"
+        "faults:\n  - {kind: delay, command: [Bias.Get], seconds: 0.2, nth: 1}\n"
+        "  - {kind: drop, line: 5, frame: 2, connection: 0}\n",
+        encoding="utf-8",
+    )
     sc = load_scenario(path)
-    assert sc.faults == (Fault("delay", commands=("Bias.Get",), seconds=0.2, nth=1),
-                         Fault("drop", line=5, frame=2, connection=0))
+    assert sc.faults == (
+        Fault("delay", commands=("Bias.Get",), seconds=0.2, nth=1),
+        Fault("drop", line=5, frame=2, connection=0),
+    )
     with start_server_thread(scenario=path, seed=0) as srv, NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c:
         c.bias_get()
         assert _fired(srv, "delay")[0]["call"] == 1
     assert len(load_scenario("flaky_link").faults) == 5  # the shipped example stays valid
 
 
-@pytest.mark.parametrize("faults, message", [
-    ("drop", "faults: expected a list of faults"),
-    ([3], "faults[0]: expected a mapping"),
-    ([{"line": 3}], "faults[0].kind: missing (one of: delay, stall, drop, refuse, close_mid_reply)"),
-    ([{"kind": "cable_cut", "line": 3}], "faults[0].kind: unknown value 'cable_cut'"),
-    ([{"kind": "drop"}], "faults[0].line: missing (a drop fault needs line)"),
-    ([{"kind": "drop", "line": 3, "seconds": 2}],
-     "faults[0].seconds: unknown key (allowed: kind, line, frame, connection)"),
-    ([{"kind": "delay", "command": "Bias.Gte", "seconds": 1}], "faults[0].command: unknown command 'Bias.Gte'"),
-    ([{"kind": "delay", "command": ["Bias.Get", 7], "seconds": 1}], "faults[0].command[1]: expected a string"),
-    ([{"kind": "delay", "command": [], "seconds": 1}],
-     "faults[0].command: expected a command name or a non-empty list"),
-    ([{"kind": "delay", "command": "Bias.Get"}], "faults[0].seconds: missing (a delay fault needs command, seconds)"),
-    ([{"kind": "delay", "command": "Bias.Get", "seconds": 0}], "faults[0].seconds: must be > 0.0, got 0"),
-    ([{"kind": "delay", "command": "Bias.Get", "seconds": 1, "nth": 1, "every": 2}], "faults[0]: give nth or every"),
-    ([{"kind": "delay", "command": "Bias.Get", "seconds": 1, "nth": 0}], "faults[0].nth: must be >= 1, got 0"),
-    ([{"kind": "stall", "line": 3, "seconds": "5 s"}], "faults[0].seconds: expected a number, got '5 s'"),
-    ([{"kind": "stall", "line": -1, "seconds": 5}], "faults[0].line: must be >= 0, got -1"),
-    ([{"kind": "refuse", "seconds": 10}], "faults[0]: a refuse fault starts at a line (line: K) or a time"),
-    ([{"kind": "refuse", "seconds": 10, "line": 3, "at_s": 1}], "faults[0]: give line or at_s, not both"),
-    ([{"kind": "refuse", "seconds": 10, "at_s": 1, "frame": 0}], "faults[0].frame: only with line: K"),
-    ([{"kind": "close_mid_reply", "command": "Scan.FrameDataGrab", "bytes": 0}], "faults[0].bytes: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "faults, message",
+    [
+        ("drop", "faults: expected a list of faults"),
+        ([3], "faults[0]: expected a mapping"),
+        ([{"line": 3}], "faults[0].kind: missing (one of: delay, stall, drop, refuse, close_mid_reply)"),
+        ([{"kind": "cable_cut", "line": 3}], "faults[0].kind: unknown value 'cable_cut'"),
+        ([{"kind": "drop"}], "faults[0].line: missing (a drop fault needs line)"),
+        (
+            [{"kind": "drop", "line": 3, "seconds": 2}],
+            "faults[0].seconds: unknown key (allowed: kind, line, frame, connection)",
+        ),
+        ([{"kind": "delay", "command": "Bias.Gte", "seconds": 1}], "faults[0].command: unknown command 'Bias.Gte'"),
+        ([{"kind": "delay", "command": ["Bias.Get", 7], "seconds": 1}], "faults[0].command[1]: expected a string"),
+        (
+            [{"kind": "delay", "command": [], "seconds": 1}],
+            "faults[0].command: expected a command name or a non-empty list",
+        ),
+        (
+            [{"kind": "delay", "command": "Bias.Get"}],
+            "faults[0].seconds: missing (a delay fault needs command, seconds)",
+        ),
+        ([{"kind": "delay", "command": "Bias.Get", "seconds": 0}], "faults[0].seconds: must be > 0.0, got 0"),
+        (
+            [{"kind": "delay", "command": "Bias.Get", "seconds": 1, "nth": 1, "every": 2}],
+            "faults[0]: give nth or every",
+        ),
+        ([{"kind": "delay", "command": "Bias.Get", "seconds": 1, "nth": 0}], "faults[0].nth: must be >= 1, got 0"),
+        ([{"kind": "stall", "line": 3, "seconds": "5 s"}], "faults[0].seconds: expected a number, got '5 s'"),
+        ([{"kind": "stall", "line": -1, "seconds": 5}], "faults[0].line: must be >= 0, got -1"),
+        ([{"kind": "refuse", "seconds": 10}], "faults[0]: a refuse fault starts at a line (line: K) or a time"),
+        ([{"kind": "refuse", "seconds": 10, "line": 3, "at_s": 1}], "faults[0]: give line or at_s, not both"),
+        ([{"kind": "refuse", "seconds": 10, "at_s": 1, "frame": 0}], "faults[0].frame: only with line: K"),
+        ([{"kind": "close_mid_reply", "command": "Scan.FrameDataGrab", "bytes": 0}], "faults[0].bytes: must be >= 1"),
+    ],
+)
 def test_fault_section_errors_name_the_key(faults, message):
     with pytest.raises(ScenarioError) as err:
         parse_scenario({"faults": faults}, source="flaky.yaml")
@@ -300,8 +325,7 @@ def test_no_faults_section_means_no_faults():
 def test_commands_answer_while_a_512px_frame_is_rendering():
     """A render of the second block is held until the commands have answered: if any of
     them waited on rendering, it would never answer."""
-    with start_server_thread(seed=0, time_scale=1.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c:
+    with start_server_thread(seed=0, time_scale=1.0) as srv, NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c:
         renderer = srv.controller.renderer
         render, rendering, release = renderer.render_block, threading.Event(), threading.Event()
 
@@ -347,8 +371,10 @@ def test_rows_rendered_ahead_equal_rows_rendered_inline(scene):
         sc = replace(sc, evolution=replace(sc.evolution, events=(TipEvent(0, 21, "double"),)))
     else:  # whole-frame blocks
         sc = replace(sc, artifacts=replace(sc.artifacts, drift=0.5, creep=0.3))
-    with start_server_thread(scenario=sc, seed=5, time_scale=4.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c:
+    with (
+        start_server_thread(scenario=sc, seed=5, time_scale=4.0) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c,
+    ):
         c.scan_action("start")
         _scan_done(c)
         served = {(ch, fwd): c.scan_frame_data_grab(ch, fwd).data for ch in (0, 30) for fwd in (True, False)}

@@ -68,11 +68,13 @@ def test_areas_section_parses_and_names_bad_keys():
     assert (placed.x_nm, placed.y_nm) == (east.x_nm + east.molecules[0].x_nm, east.y_nm + east.molecules[0].y_nm)
     assert load_scenario("default").areas == ()  # no areas: the one area of `molecules`
     one = {"molecule": "pentacene"}
-    for bad, where in (({"areas": [{"x_nm": 1e3}]}, "areas[0].molecules: missing"),
-                       ({"areas": [{"molecules": [one]}, {"name": "area0", "molecules": [one]}]}, "areas[1].name"),
-                       ({"areas": [{"molecules": [{"molecule": "nope"}]}]}, "areas[0].molecules[0].molecule"),
-                       ({"molecules": [one], "areas": [{"molecules": [one]}]}, "molecules: with areas"),
-                       ({"areas": [{"molecules": [one], "z_nm": 1}]}, "areas[0].z_nm: unknown key")):
+    for bad, where in (
+        ({"areas": [{"x_nm": 1e3}]}, "areas[0].molecules: missing"),
+        ({"areas": [{"molecules": [one]}, {"name": "area0", "molecules": [one]}]}, "areas[1].name"),
+        ({"areas": [{"molecules": [{"molecule": "nope"}]}]}, "areas[0].molecules[0].molecule"),
+        ({"molecules": [one], "areas": [{"molecules": [one]}]}, "molecules: with areas"),
+        ({"areas": [{"molecules": [one], "z_nm": 1}]}, "areas[0].z_nm: unknown key"),
+    ):
         with pytest.raises(ScenarioError, match=r"^areas\.yaml: " + where.replace("[", r"\[").replace("]", r"\]")):
             parse_scenario(bad, source="areas.yaml")
 
@@ -85,15 +87,23 @@ def _area_image(scenario, area: str, pixels: int, width_nm: float) -> np.ndarray
     a = next(a for a in scenario.areas if a.name == area)
     placed = [m for m in scenario.molecules if math.hypot(m.x_nm - a.x_nm, m.y_nm - a.y_nm) < 100]
     frame = ScanFrame(a.x_nm, a.y_nm, width_nm, width_nm, pixels=pixels, lines=pixels)
-    return constant_current_image(placed, frame, tip_preset(scenario.tip), setpoint_A=scenario.setpoint_A,
-                                  bias_V=scenario.bias_V, substrate=Substrate(**scenario.substrate))
+    return constant_current_image(
+        placed,
+        frame,
+        tip_preset(scenario.tip),
+        setpoint_A=scenario.setpoint_A,
+        bias_V=scenario.bias_V,
+        substrate=Substrate(**scenario.substrate),
+    )
 
 
 def test_coarse_moves_image_another_area_and_come_back(ntcp_factory):
     from nanonisTCP.Motor import Motor
 
-    with start_server_thread(scenario="areas", seed=1, time_scale=200.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c:
+    with (
+        start_server_thread(scenario="areas", seed=1, time_scale=200.0) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c,
+    ):
         motor = Motor(ntcp_factory(srv))
         sc = srv.controller.scenario
         c.scan_buffer_set([0, 30], 32, 32)
@@ -134,7 +144,7 @@ def test_coarse_moves_image_another_area_and_come_back(ntcp_factory):
 
 def _plane(image):
     """Least-squares plane a x + b y + c of an image (x: column, y: row, in pixels)."""
-    rows, cols = np.mgrid[0:image.shape[0], 0:image.shape[1]]
+    rows, cols = np.mgrid[0 : image.shape[0], 0 : image.shape[1]]
     design = np.c_[cols.ravel(), rows.ravel(), np.ones(image.size)]
     coef, *_ = np.linalg.lstsq(design, image.ravel(), rcond=None)
     return coef, image.ravel() - design @ coef
@@ -146,8 +156,10 @@ def test_tilt_is_a_plane_in_z_and_a_current_gradient_at_constant_height(ntcp_fac
     px_m, pixels, tilt_deg = 6e-9 / 32, 32, 2.0
     slope = math.tan(math.radians(tilt_deg))
     quiet = parse_scenario({"artifacts": {}, "substrate": {"corrugation": 0.05}})  # noise would hide the far rows
-    with start_server_thread(scenario=quiet, seed=2, time_scale=200.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c:
+    with (
+        start_server_thread(scenario=quiet, seed=2, time_scale=200.0) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c,
+    ):
         piezo = Piezo(ntcp_factory(srv))
         c.scan_buffer_set([0, 30], pixels, pixels)
         c.scan_frame_set(0.0, 0.0, 6e-9, 6e-9, 0.0)
@@ -202,8 +214,10 @@ def test_z_gains_below_the_defaults_lag_along_the_fast_axis(ntcp_factory):
 
     pixels, t_line = 64, 0.1
     dt = t_line / pixels
-    with start_server_thread(seed=3, time_scale=200.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c:
+    with (
+        start_server_thread(seed=3, time_scale=200.0) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c,
+    ):
         zc = ZController(ntcp_factory(srv))
         c.scan_buffer_set([0, 30], pixels, 32)
         c.scan_frame_set(0.0, 0.0, 6e-9, 6e-9, 0.0)
@@ -243,8 +257,7 @@ def test_oscilloscope_traces_follow_the_tip_and_the_scenario_noise(ntcp_factory)
 
     sc = load_scenario("default")
     white, pink = sc.artifacts.white_noise, sc.artifacts.pink_noise
-    with start_server_thread(seed=4, time_scale=20.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c:
+    with start_server_thread(seed=4, time_scale=20.0) as srv, NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c:
         osci = Osci2T(ntcp_factory(srv))
         osci.ChsSet(0, 30)  # current, Z
         osci.Run()
@@ -281,8 +294,10 @@ def test_oscilloscope_traces_follow_the_tip_and_the_scenario_noise(ntcp_factory)
         assert abs(_corr(current, bias)) > 0.7
 
     quiet = parse_scenario({"artifacts": {}})
-    with start_server_thread(scenario=quiet, seed=4, time_scale=20.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c:
+    with (
+        start_server_thread(scenario=quiet, seed=4, time_scale=20.0) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c,
+    ):
         c.call("Osci2T.Run")
         _t0, _dt, current, z = _traces(c)
         assert np.ptp(current) == 0 and np.ptp(z) == 0  # a scenario without noise: clean traces
@@ -295,8 +310,10 @@ def test_oscilloscope_traces_follow_the_tip_and_the_scenario_noise(ntcp_factory)
 def test_props_get_lists_the_header_parameters_of_the_chosen_modules(release):
     from stm_live.simulators.modules import HEADER_PARAMETERS
 
-    with start_server_thread(seed=0, time_scale=20.0, nanonis_release=release) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c:
+    with (
+        start_server_thread(seed=0, time_scale=20.0, nanonis_release=release) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT_S) as c,
+    ):
         c.scan_props_set(modules=["Bias", "Z-Controller"])
         props = c.call("Scan.PropsGet")
     assert props["modules"] == ["Bias", "Z-Controller"]

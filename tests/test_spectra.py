@@ -5,11 +5,27 @@ import math
 import numpy as np
 import pytest
 
-from stm_live.simulators.imaging import (CURRENT_SCALE_A_PER_V, CubePlacement, Placement, ScanFrame, Substrate,
-                                         constant_current_image, constant_height_image)
+from stm_live.simulators.imaging import (
+    CURRENT_SCALE_A_PER_V,
+    CubePlacement,
+    Placement,
+    ScanFrame,
+    Substrate,
+    constant_current_image,
+    constant_height_image,
+)
 from stm_live.simulators.orbitals import orbital_fields, orbital_level
-from stm_live.simulators.spectra import (CHARGING_V, GAP_SCALE, LEVEL_WEIGHT_V, MIDGAP_V, SpectralModel,
-                                         level_energies, lineshape, resonances, simulate)
+from stm_live.simulators.spectra import (
+    CHARGING_V,
+    GAP_SCALE,
+    LEVEL_WEIGHT_V,
+    MIDGAP_V,
+    SpectralModel,
+    level_energies,
+    lineshape,
+    resonances,
+    simulate,
+)
 from stm_live.simulators.tip import tip_preset
 
 STEP_V = 0.02
@@ -33,7 +49,8 @@ def test_default_level_energies_follow_the_documented_mapping():
         assert list(mapped) == ["HOMO-1", "HOMO", "LUMO", "LUMO+1"]  # ascending
         # the gap is the Hückel gap scaled, opened by the charging energy; midgap at MIDGAP_V
         assert mapped["LUMO"] - mapped["HOMO"] == pytest.approx(
-            GAP_SCALE * (huckel["LUMO"] - huckel["HOMO"]) + CHARGING_V)
+            GAP_SCALE * (huckel["LUMO"] - huckel["HOMO"]) + CHARGING_V
+        )
         assert (mapped["LUMO"] + mapped["HOMO"]) / 2 == pytest.approx(MIDGAP_V)
         # spacings within the occupied and within the empty levels are the scaled Hückel ones
         assert mapped["HOMO"] - mapped["HOMO-1"] == pytest.approx(GAP_SCALE * (huckel["HOMO"] - huckel["HOMO-1"]))
@@ -69,9 +86,11 @@ def test_lineshapes_have_unit_area_and_the_stated_width():
         peak = lineshape(e, model)
         assert np.trapezoid(peak, e) == pytest.approx(1.0, abs=2e-3)
         assert lineshape(0.15, model) == pytest.approx(lineshape(0.0, model) / 2)  # FWHM 0.3 V
-        np.testing.assert_allclose(np.diff(lineshape(e[::1000], model, cumulative=True)),
-                                   [np.trapezoid(peak[i:i + 1001], e[i:i + 1001]) for i in range(0, 400000, 1000)],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            np.diff(lineshape(e[::1000], model, cumulative=True)),
+            [np.trapezoid(peak[i : i + 1001], e[i : i + 1001]) for i in range(0, 400000, 1000)],
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("name, tip", [("pentacene", "s"), ("pentacene", "co"), ("h2pc", "co")])
@@ -84,8 +103,7 @@ def test_spectrum_over_a_molecule_peaks_at_its_levels(name, tip):
     # over the brightest spot of each level's own image (a level is dark on its nodal planes)
     spots = []
     for label in levels:
-        image = constant_height_image(Placement(name, 0.3, -0.2, 25.0, orbital=label), frame, tip, z_nm=0.5,
-                                      bias_V=1.0)
+        image = constant_height_image(Placement(name, 0.3, -0.2, 25.0, orbital=label), frame, tip, z_nm=0.5, bias_V=1.0)
         k = np.unravel_index(np.argmax(image), image.shape)
         spots.append((x[k], y[k]))
     spectra = simulate(placement, tip, np.array(spots), SWEEP, z_nm=0.5, model=model, substrate=Substrate())
@@ -137,8 +155,9 @@ def test_didv_map_at_the_homo_is_the_homo_image(tip):
         model = SpectralModel(shape=shape)
         homo = level_energies("pentacene", model)["HOMO"]
         didv = simulate(placement, tip, frame, homo, z_nm=0.5, model=model).didv_A_per_V
-        image = constant_height_image(Placement("pentacene", 0.2, -0.1, 20.0, orbital="HOMO"), frame, tip,
-                                      z_nm=0.5, bias_V=homo)
+        image = constant_height_image(
+            Placement("pentacene", 0.2, -0.1, 20.0, orbital="HOMO"), frame, tip, z_nm=0.5, bias_V=homo
+        )
         assert didv.shape == image.shape
         on_resonance = CURRENT_SCALE_A_PER_V * LEVEL_WEIGHT_V * lineshape(0.0, model)
         reference = image / (CURRENT_SCALE_A_PER_V * abs(homo))
@@ -150,8 +169,10 @@ def test_maps_between_resonances_show_the_tails():
     placement = Placement("pentacene")
     frame = ScanFrame(0.0, 0.0, 3.0, 2.0, pixels=48, lines=32)
     levels = level_energies("pentacene")
-    own = {label: constant_height_image(Placement("pentacene", orbital=label), frame, "s", z_nm=0.5,
-                                        bias_V=1.0).ravel() for label in ("HOMO", "LUMO")}
+    own = {
+        label: constant_height_image(Placement("pentacene", orbital=label), frame, "s", z_nm=0.5, bias_V=1.0).ravel()
+        for label in ("HOMO", "LUMO")
+    }
 
     def didv_map(bias, shape="lorentzian"):
         return simulate(placement, "s", frame, bias, z_nm=0.5, model=SpectralModel(shape=shape)).didv_A_per_V.ravel()
@@ -206,8 +227,7 @@ def test_constant_current_map_holds_the_setpoint():
     assert held.z_nm.shape == (18, 30) and np.ptp(held.z_nm) > 0.02  # the molecules lift the tip
     np.testing.assert_allclose(np.abs(held.current_A), 2e-12, rtol=1e-3)
     # points on their own find the same heights as the frame
-    again = simulate(scene, "co", np.stack([a.ravel() for a in frame.grid()], axis=1)[:5], homo,
-                     setpoint_A=2e-12)
+    again = simulate(scene, "co", np.stack([a.ravel() for a in frame.grid()], axis=1)[:5], homo, setpoint_A=2e-12)
     np.testing.assert_allclose(again.z_nm, held.z_nm.ravel()[:5], atol=2e-5)
     # a sweep with the loop opened at a setpoint bias: I(setpoint bias) is the setpoint
     v = np.linspace(-3.0, -1.0, 41)
@@ -232,10 +252,12 @@ def test_a_cube_orbital_needs_and_takes_an_energy():
     assert np.abs(_peaks(SWEEP, spectrum.didv_A_per_V) + 1.8).min() <= STEP_V
     # the same as the library molecule with its HOMO put there
     library = Placement("naphthalene", 0.3, 0.1, 30.0)
-    same = simulate([library], "co", (0.6, 0.3), -1.8, z_nm=0.5,
-                    model=SpectralModel(shape="gaussian", energies={0: {"HOMO": -1.8}}))
-    cube_only = simulate([cube], "co", (0.6, 0.3), -1.8, z_nm=0.5,
-                         model=SpectralModel(shape="gaussian", energies={0: -1.8}))
+    same = simulate(
+        [library], "co", (0.6, 0.3), -1.8, z_nm=0.5, model=SpectralModel(shape="gaussian", energies={0: {"HOMO": -1.8}})
+    )
+    cube_only = simulate(
+        [cube], "co", (0.6, 0.3), -1.8, z_nm=0.5, model=SpectralModel(shape="gaussian", energies={0: -1.8})
+    )
     assert float(cube_only.didv_A_per_V) == pytest.approx(float(same.didv_A_per_V), rel=1e-9)
 
 

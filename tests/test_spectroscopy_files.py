@@ -3,18 +3,41 @@ from the format description, real data, partial grids and damaged files."""
 
 import numpy as np
 import pytest
+from spectroscopy_files import (
+    REAL_IV_HEADER_ENTRIES,
+    REAL_IV_ROWS,
+    grid_scene,
+    nanonispy_grid,
+    nanonispy_spec,
+    real_iv_dat,
+    write_raw_3ds,
+    write_raw_dat,
+)
 
-from spectroscopy_files import (REAL_IV_HEADER_ENTRIES, REAL_IV_ROWS, grid_scene, nanonispy_grid,
-                                nanonispy_spec, real_iv_dat, write_raw_3ds, write_raw_dat)
-from stm_live.io.spectroscopy import (SpectroscopyFileError, make_grid, make_spectrum, read_3ds, read_dat,
-                                      split_unit, write_3ds, write_dat)
+from stm_live.io.spectroscopy import (
+    SpectroscopyFileError,
+    make_grid,
+    make_spectrum,
+    read_3ds,
+    read_dat,
+    split_unit,
+    write_3ds,
+    write_dat,
+)
 
 
 def _grid(measured=None, **kw):
     channels, v, params = grid_scene(**kw)
-    return make_grid(channels, sweep=v, center_m=(1e-9, -2e-9), size_m=(2e-9, 1.5e-9), angle_deg=12.5,
-                     parameters=params, measured=measured,
-                     header={"Bias>Bias (V)": "-2.5E+0", "Comment": "CO tip; 4.3 K", "Lock-in>Amplitude": "10E-3"})
+    return make_grid(
+        channels,
+        sweep=v,
+        center_m=(1e-9, -2e-9),
+        size_m=(2e-9, 1.5e-9),
+        angle_deg=12.5,
+        parameters=params,
+        measured=measured,
+        header={"Bias>Bias (V)": "-2.5E+0", "Comment": "CO tip; 4.3 K", "Lock-in>Amplitude": "10E-3"},
+    )
 
 
 def _assert_grids_equal(a, b):
@@ -24,8 +47,7 @@ def _assert_grids_equal(a, b):
     for name in a.parameters:
         np.testing.assert_array_equal(a.parameters[name], b.parameters[name])
     assert (a.fixed_parameters, a.sweep_signal, a.header) == (b.fixed_parameters, b.sweep_signal, b.header)
-    np.testing.assert_allclose([*a.center_m, *a.size_m, a.angle_deg], [*b.center_m, *b.size_m, b.angle_deg],
-                               rtol=1e-15)
+    np.testing.assert_allclose([*a.center_m, *a.size_m, a.angle_deg], [*b.center_m, *b.size_m, b.angle_deg], rtol=1e-15)
 
 
 def test_grid_round_trip_and_nanonispy_reads_ours(tmp_path):
@@ -40,8 +62,9 @@ def test_grid_round_trip_and_nanonispy_reads_ours(tmp_path):
     other = nanonispy_grid(path)  # the independent reader
     assert other.header["dim_px"] == [4, 3] and other.header["channels"] == list(grid.channels)
     assert other.header["num_parameters"] == 2 + 8 and other.header["Bias>Bias (V)"] == "-2.5E+0"
-    np.testing.assert_allclose([float(v) for v in other.header["pos_xy"] + other.header["size_xy"]],
-                               [1e-9, -2e-9, 2e-9, 1.5e-9], rtol=1e-6)
+    np.testing.assert_allclose(
+        [float(v) for v in other.header["pos_xy"] + other.header["size_xy"]], [1e-9, -2e-9, 2e-9, 1.5e-9], rtol=1e-6
+    )
     for name, values in grid.channels.items():
         np.testing.assert_array_equal(other.signals[name], values)
     np.testing.assert_array_equal(other.signals["params"][:, :, 2], grid.parameters["X (m)"])
@@ -51,8 +74,7 @@ def test_grid_round_trip_and_nanonispy_reads_ours(tmp_path):
 
 def test_raw_grid_reads_equal(tmp_path):
     channels, v, params = grid_scene(nx=5, ny=2, points=24, seed=3)
-    grid = read_3ds(write_raw_3ds(tmp_path / "raw.3ds", channels=channels, sweep=v, parameters=params,
-                                  angle_deg=-30.0))
+    grid = read_3ds(write_raw_3ds(tmp_path / "raw.3ds", channels=channels, sweep=v, parameters=params, angle_deg=-30.0))
     assert list(grid.channels) == list(channels)
     for name, values in channels.items():
         np.testing.assert_array_equal(grid.channel(name), values)
@@ -74,8 +96,11 @@ def test_raw_grid_reads_equal(tmp_path):
     with pytest.raises(SpectroscopyFileError, match=r"raw\.3ds: unknown channel 'dI/dV'; channels: Current \(A\)"):
         grid.channel("dI/dV")
     # LF line ends and no Filetype (older versions) read the same
-    old = read_3ds(write_raw_3ds(tmp_path / "lf.3ds", channels=channels, sweep=v, parameters=params,
-                                 newline="\n", drop=("Filetype",)))
+    old = read_3ds(
+        write_raw_3ds(
+            tmp_path / "lf.3ds", channels=channels, sweep=v, parameters=params, newline="\n", drop=("Filetype",)
+        )
+    )
     np.testing.assert_array_equal(old.channels["Current (A)"], channels["Current (A)"])
     np.testing.assert_allclose(old.sweep, v, rtol=1e-6)
 
@@ -83,8 +108,9 @@ def test_raw_grid_reads_equal(tmp_path):
 @pytest.mark.parametrize("fill", [None, "zero", "nan"])
 def test_partial_grid(tmp_path, fill):
     channels, v, params = grid_scene(nx=4, ny=3, points=10)
-    path = write_raw_3ds(tmp_path / "stopped.3ds", channels=channels, sweep=v, parameters=params,
-                         stop_after=6, fill=fill)
+    path = write_raw_3ds(
+        tmp_path / "stopped.3ds", channels=channels, sweep=v, parameters=params, stop_after=6, fill=fill
+    )
     grid = read_3ds(path)
     expected = np.arange(12).reshape(3, 4) < 6
     np.testing.assert_array_equal(grid.measured, expected)
@@ -95,11 +121,12 @@ def test_partial_grid(tmp_path, fill):
     np.testing.assert_allclose(grid.sweep, v, rtol=1e-6)
     # ours writes it as Nanonis leaves a stopped grid (ending after the last point) ...
     ours = write_3ds(tmp_path / "ours.3ds", grid)
+
     def data(p):
         raw = p.read_bytes()
-        return raw[raw.index(b":HEADER_END:\r\n") + 14:]
+        return raw[raw.index(b":HEADER_END:\r\n") + 14 :]
 
-    written = data(path)[:len(data(ours))] if fill else data(path)
+    written = data(path)[: len(data(ours))] if fill else data(path)
     assert data(ours) == written and len(data(ours)) == 6 * (2 + 8 + 3 * 10) * 4
     again = read_3ds(ours)
     _assert_grids_equal(grid, again)
@@ -133,17 +160,20 @@ def test_grid_from_the_other_hand_written_file(tmp_path):
     np.testing.assert_allclose(grid.channels["Current (A)"][1, 0], np.linspace(-1e-10, 1e-10, 8), rtol=1e-6)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (dict(cut_bytes=6), r"not whole float32 values \(truncated\)"),
-    (dict(cut_bytes=8), r"truncated inside grid point 12 of 12 \(.* of its .* values\)"),
-    (dict(drop=("Channels",)), r"header has no 'Channels' entry"),
-    (dict(drop=("Points",)), r"header has no 'Points' entry"),
-    (dict(replace={"Grid dim": '"4 by 3"'}), r"bad 'Grid dim' '4 by 3': expected 'NX x NY'"),
-    (dict(replace={"Grid settings": "0;0;1E-9"}), r"bad 'Grid settings'"),
-    (dict(replace={"# Parameters (4 byte)": "7"}), r"'# Parameters \(4 byte\)' is 7 but 2 fixed and 8 experiment"),
-    (dict(replace={"Experiment size (bytes)": "100"}), r"'Experiment size \(bytes\)' 100 is not 4 x 16 points"),
-    (dict(replace={"Points": "-3"}), r"bad 'Points' '-3'"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (dict(cut_bytes=6), r"not whole float32 values \(truncated\)"),
+        (dict(cut_bytes=8), r"truncated inside grid point 12 of 12 \(.* of its .* values\)"),
+        (dict(drop=("Channels",)), r"header has no 'Channels' entry"),
+        (dict(drop=("Points",)), r"header has no 'Points' entry"),
+        (dict(replace={"Grid dim": '"4 by 3"'}), r"bad 'Grid dim' '4 by 3': expected 'NX x NY'"),
+        (dict(replace={"Grid settings": "0;0;1E-9"}), r"bad 'Grid settings'"),
+        (dict(replace={"# Parameters (4 byte)": "7"}), r"'# Parameters \(4 byte\)' is 7 but 2 fixed and 8 experiment"),
+        (dict(replace={"Experiment size (bytes)": "100"}), r"'Experiment size \(bytes\)' 100 is not 4 x 16 points"),
+        (dict(replace={"Points": "-3"}), r"bad 'Points' '-3'"),
+    ],
+)
 def test_damaged_grid_one_clear_line(tmp_path, damage, message):
     channels, v, params = grid_scene()
     path = write_raw_3ds(tmp_path / "bad.3ds", channels=channels, sweep=v, parameters=params, **damage)
@@ -166,8 +196,9 @@ def test_grid_files_that_are_not_grids(tmp_path):
     with pytest.raises(SpectroscopyFileError, match=r"missing\.3ds: cannot read \.3ds file"):
         read_3ds(tmp_path / "missing.3ds")
     channels, v, params = grid_scene()
-    path = write_raw_3ds(tmp_path / "long.3ds", channels=channels, sweep=v, parameters=params,
-                         replace={"Grid dim": '"4 x 2"'})
+    path = write_raw_3ds(
+        tmp_path / "long.3ds", channels=channels, sweep=v, parameters=params, replace={"Grid dim": '"4 x 2"'}
+    )
     with pytest.raises(SpectroscopyFileError, match=r"long\.3ds: data holds 12 points but 'Grid dim' is 4 x 2"):
         read_3ds(path)
 
@@ -175,13 +206,23 @@ def test_grid_files_that_are_not_grids(tmp_path):
 def test_grid_writer_refuses_what_it_cannot_write(tmp_path):
     channels, v, params = grid_scene()
     with pytest.raises(SpectroscopyFileError, match=r"lack \['Z \(m\)'\]"):
-        make_grid(channels, sweep=v, center_m=(0, 0), size_m=(1e-9, 1e-9),
-                  parameters={k: a for k, a in params.items() if k != "Z (m)"})
+        make_grid(
+            channels,
+            sweep=v,
+            center_m=(0, 0),
+            size_m=(1e-9, 1e-9),
+            parameters={k: a for k, a in params.items() if k != "Z (m)"},
+        )
     with pytest.raises(SpectroscopyFileError, match="sweep must be linear"):
-        make_grid(channels, sweep=v ** 3, center_m=(0, 0), size_m=(1e-9, 1e-9), parameters=params)
+        make_grid(channels, sweep=v**3, center_m=(0, 0), size_m=(1e-9, 1e-9), parameters=params)
     with pytest.raises(SpectroscopyFileError, match=r"empty grid: no points"):
-        make_grid({"Current (A)": np.zeros((0, 3, 16))}, sweep=v, center_m=(0, 0), size_m=(1e-9, 1e-9),
-                  parameters={k: np.zeros((0, 3)) for k in params})
+        make_grid(
+            {"Current (A)": np.zeros((0, 3, 16))},
+            sweep=v,
+            center_m=(0, 0),
+            size_m=(1e-9, 1e-9),
+            parameters={k: np.zeros((0, 3)) for k in params},
+        )
     grid = _grid()
     grid.channels["Bad;name (A)"] = grid.channels["Current (A)"]
     with pytest.raises(SpectroscopyFileError, match=r"bad\.3ds: channel 'Bad;name \(A\)' may not contain"):
@@ -195,11 +236,16 @@ def test_grid_writer_refuses_what_it_cannot_write(tmp_path):
 
 def _spectrum():
     v = np.linspace(-2.5, 2.0, 181)
-    return make_spectrum(v, {"Current (A)": 1e-11 * np.arctan((v + 1.5) / 0.1),
-                             "LI Demod 1 X (A)": 1e-12 / (1 + ((v + 1.5) / 0.1) ** 2),
-                             "Current [bwd] (A)": np.where(v > 1.9, np.nan, 1e-11 * v)},
-                         position_m=(1.25e-9, -5e-10, 1.2e-9),
-                         header={"Bias Spectroscopy>Sweep Start (V)": "-2.5E+0", "Comment01": "CO tip, 5 K"})
+    return make_spectrum(
+        v,
+        {
+            "Current (A)": 1e-11 * np.arctan((v + 1.5) / 0.1),
+            "LI Demod 1 X (A)": 1e-12 / (1 + ((v + 1.5) / 0.1) ** 2),
+            "Current [bwd] (A)": np.where(v > 1.9, np.nan, 1e-11 * v),
+        },
+        position_m=(1.25e-9, -5e-10, 1.2e-9),
+        header={"Bias Spectroscopy>Sweep Start (V)": "-2.5E+0", "Comment01": "CO tip, 5 K"},
+    )
 
 
 def test_spectrum_round_trip_and_nanonispy_reads_ours(tmp_path):
@@ -209,8 +255,11 @@ def test_spectrum_round_trip_and_nanonispy_reads_ours(tmp_path):
     assert list(back.data) == list(spectrum.data) and back.header == spectrum.header
     for name, values in spectrum.data.items():
         np.testing.assert_array_equal(back.data[name], values)  # exact: written with enough digits
-    assert back.sweep_signal == "Bias calc (V)" and back.channels == ("Current (A)", "LI Demod 1 X (A)",
-                                                                        "Current [bwd] (A)")
+    assert back.sweep_signal == "Bias calc (V)" and back.channels == (
+        "Current (A)",
+        "LI Demod 1 X (A)",
+        "Current [bwd] (A)",
+    )
     assert back.experiment == "bias spectroscopy" and back.position_m == (1.25e-9, -5e-10, 1.2e-9)
     np.testing.assert_array_equal(back.channel("LI Demod 1 X"), spectrum.data["LI Demod 1 X (A)"])
     other = nanonispy_spec(path)
@@ -222,7 +271,7 @@ def test_spectrum_round_trip_and_nanonispy_reads_ours(tmp_path):
 
 def test_raw_spectrum_reads_equal(tmp_path):
     v = np.linspace(1.0, -1.0, 41)  # a sweep may run downwards
-    columns = {"Bias calc (V)": v, "Current (A)": 3e-11 * v ** 3, "LI Demod 1 X (A)": 1e-12 + 0 * v}
+    columns = {"Bias calc (V)": v, "Current (A)": 3e-11 * v**3, "LI Demod 1 X (A)": 1e-12 + 0 * v}
     spectrum = read_dat(write_raw_dat(tmp_path / "raw.dat", columns=columns))
     for name, values in columns.items():
         np.testing.assert_allclose(spectrum.data[name], values, rtol=1e-9, atol=0)
@@ -239,8 +288,13 @@ def test_real_nanonis_spectrum_reads_without_loss(tmp_path, newline):
     assert len(spectrum.header) == REAL_IV_HEADER_ENTRIES
     assert spectrum.experiment == "bias spectroscopy" and spectrum.sweep_signal == "Bias calc (V)"
     assert spectrum.header["Bias Spectroscopy>Num Pixel"] == "201"
-    assert spectrum.header["Bias Spectroscopy>MultiLine Settings : Segment Start (V), Segment End (V), "
-                           "Settling (s), Integration (s), Steps (xn)"] == "-1E+0,1E+0,100E-6,100E-6,256"
+    assert (
+        spectrum.header[
+            "Bias Spectroscopy>MultiLine Settings : Segment Start (V), Segment End (V), "
+            "Settling (s), Integration (s), Steps (xn)"
+        ]
+        == "-1E+0,1E+0,100E-6,100E-6,256"
+    )
     assert len(spectrum.channels) == 14 and all(len(a) == REAL_IV_ROWS for a in spectrum.data.values())
     assert split_unit(spectrum.channels[-1]) == ("LIY 1 omega [bwd]", "A")
     # every value and header entry as the independent reader has them (it needs CRLF)
@@ -266,8 +320,10 @@ def test_damaged_spectra_one_clear_line(tmp_path):
     v = np.linspace(-1, 1, 11)
     columns = {"Bias calc (V)": v, "Current (A)": 1e-11 * v}
     cases = {
-        "cut.dat": (write_raw_dat(tmp_path / "cut.dat", columns=columns, cut_last_row=True),
-                    r"data line 30 has 1 values, expected 2 \(file truncated\?\)"),  # 16 header + 3 + 11 rows
+        "cut.dat": (
+            write_raw_dat(tmp_path / "cut.dat", columns=columns, cut_last_row=True),
+            r"data line 30 has 1 values, expected 2 \(file truncated\?\)",
+        ),  # 16 header + 3 + 11 rows
         "scan.dat": (tmp_path / "scan.dat", r"not a Nanonis spectrum file \(\.dat\): it does not start with"),
         "nodata.dat": (tmp_path / "nodata.dat", r"no \[DATA\] line \(file truncated or not a \.dat\)"),
         "nocols.dat": (tmp_path / "nocols.dat", r"no column names after \[DATA\]"),
@@ -317,10 +373,16 @@ def test_simulated_grid_and_spectrum_files_read_back_equal(tmp_path):
     sim = simulate(scene, "co", frame, sweep, setpoint_A=5e-12, setpoint_bias_V=-2.5, substrate=Substrate())
     x, y = frame.grid()
     done = np.arange(40).reshape(5, 8) < 29  # stopped during the fourth row
-    grid = make_grid({"Current (A)": sim.current_A, "LI Demod 1 X (A)": 0.01 * sim.didv_A_per_V},
-                     sweep=sweep, center_m=(0.5e-9, -0.3e-9), size_m=(3e-9, 2e-9), angle_deg=25.0,
-                     parameters={"X (m)": x * 1e-9, "Y (m)": y * 1e-9, "Z (m)": sim.z_nm * 1e-9},
-                     measured=done, header={"Bias>Bias (V)": "-2.5E+0", "Z-Controller>Setpoint": "5E-12"})
+    grid = make_grid(
+        {"Current (A)": sim.current_A, "LI Demod 1 X (A)": 0.01 * sim.didv_A_per_V},
+        sweep=sweep,
+        center_m=(0.5e-9, -0.3e-9),
+        size_m=(3e-9, 2e-9),
+        angle_deg=25.0,
+        parameters={"X (m)": x * 1e-9, "Y (m)": y * 1e-9, "Z (m)": sim.z_nm * 1e-9},
+        measured=done,
+        header={"Bias>Bias (V)": "-2.5E+0", "Z-Controller>Setpoint": "5E-12"},
+    )
     back = read_3ds(write_3ds(tmp_path / "Grid Spectroscopy001.3ds", grid))
     _assert_grids_equal(grid, back)
     np.testing.assert_array_equal(back.measured, done)
@@ -331,11 +393,15 @@ def test_simulated_grid_and_spectrum_files_read_back_equal(tmp_path):
     k = 17
     point = (float(x.flat[k]), float(y.flat[k]))
     one = simulate(scene, "co", point, sweep, setpoint_A=5e-12, setpoint_bias_V=-2.5, substrate=Substrate())
-    spectrum = make_spectrum(sweep, {"Current (A)": one.current_A, "LI Demod 1 X (A)": 0.01 * one.didv_A_per_V},
-                             position_m=(point[0] * 1e-9, point[1] * 1e-9, float(one.z_nm) * 1e-9))
+    spectrum = make_spectrum(
+        sweep,
+        {"Current (A)": one.current_A, "LI Demod 1 X (A)": 0.01 * one.didv_A_per_V},
+        position_m=(point[0] * 1e-9, point[1] * 1e-9, float(one.z_nm) * 1e-9),
+    )
     again = read_dat(write_dat(tmp_path / "Bias-Spectroscopy001.dat", spectrum))
     for name, values in spectrum.data.items():
         np.testing.assert_array_equal(again.data[name], values)
     # the point spectrum is the grid's spectrum at that point
-    np.testing.assert_allclose(again.channel("LI Demod 1 X"), back.channel("LI Demod 1 X").reshape(40, -1)[k],
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        again.channel("LI Demod 1 X"), back.channel("LI Demod 1 X").reshape(40, -1)[k], rtol=1e-5
+    )

@@ -14,8 +14,7 @@ from stm_live.devices.spectroscopy import BiasSpectroscopy, grid_points
 from stm_live.devices.stm import NanonisSTM
 from stm_live.io.spectroscopy import read_3ds, read_dat
 from stm_live.plans import bias_series, grid_spectroscopy
-from stm_live.simulators.imaging import (CURRENT_SCALE_A_PER_V, Placement, ScanFrame, Substrate,
-                                         constant_height_image)
+from stm_live.simulators.imaging import CURRENT_SCALE_A_PER_V, Placement, ScanFrame, Substrate, constant_height_image
 from stm_live.simulators.scenario import ScenarioError, parse_scenario
 from stm_live.simulators.server import start_server_thread
 from stm_live.simulators.spectra import LEVEL_WEIGHT_V, SpectralModel, lineshape, simulate
@@ -27,13 +26,23 @@ pytestmark = pytest.mark.timeout(180)
 HOMO_V, LUMO_V = -2.1, 1.6  # the scenario's own level energies (not the Hückel defaults)
 SCENE = {
     "name": "spectroscopy",
-    "molecules": [{"molecule": "pentacene", "x_nm": 0.0, "y_nm": 0.0, "rotation_deg": 0.0,
-                   "energies": {"HOMO": HOMO_V, "LUMO": LUMO_V}}],
+    "molecules": [
+        {
+            "molecule": "pentacene",
+            "x_nm": 0.0,
+            "y_nm": 0.0,
+            "rotation_deg": 0.0,
+            "energies": {"HOMO": HOMO_V, "LUMO": LUMO_V},
+        }
+    ],
     "tip": "co",  # no substrate: none at constant height, a flat one under feedback (as imaging)
     "artifacts": {},  # noise-free: spectra are compared with the physics exactly
     "spectra": {"width_V": 0.1, "shape": "gaussian", "levels_each_side": 1},
     "frame": {"width_nm": 4.0, "height_nm": 4.0, "pixels": 32, "lines": 32},
-    "bias_V": -0.5, "setpoint_A": 5e-12, "z_nm": 0.5, "z_controller": True,
+    "bias_V": -0.5,
+    "setpoint_A": 5e-12,
+    "z_nm": 0.5,
+    "z_controller": True,
 }
 MODEL = SpectralModel(width_V=0.1, shape="gaussian", levels_each_side=1)
 START, END, STEP = -3.0, 2.5, 0.02
@@ -81,8 +90,10 @@ def _peaks(v, didv):
 def _bright_spot():
     """(x, y) m where both the HOMO and the LUMO image are bright (neither on a nodal plane)."""
     frame = ScanFrame(0.0, 0.0, 3.0, 2.0, pixels=60, lines=40)
-    images = [constant_height_image(Placement("pentacene", orbital=label), frame, "co", z_nm=0.5, bias_V=1.0)
-              for label in ("HOMO", "LUMO")]
+    images = [
+        constant_height_image(Placement("pentacene", orbital=label), frame, "co", z_nm=0.5, bias_V=1.0)
+        for label in ("HOMO", "LUMO")
+    ]
     both = np.minimum(*(im / im.max() for im in images))
     k = np.unravel_index(np.argmax(both), both.shape)
     x, y = frame.grid()
@@ -123,8 +134,10 @@ def test_spectrum_over_a_molecule_peaks_at_the_scenario_levels_and_bare_substrat
 
 
 def test_sweep_timing_averaging_and_backward_sweep(tmp_path):
-    with start_server_thread(scenario=_scenario(artifacts={"white_noise": 0.05}), seed=3, time_scale=10.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c:
+    with (
+        start_server_thread(scenario=_scenario(artifacts={"white_noise": 0.05}), seed=3, time_scale=10.0) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c,
+    ):
         _sweep(c, channels=(0, 35), points=41, start=-2.5, end=-1.7, backward=True)
         c.call("BiasSpectr.TimingSet", (0.1, 0.0, 0.05, 0.0, 0.01, 0.04, 0.05, 0.1))  # 50 ms a point
         c.folme_xy_pos_set(*_bright_spot())
@@ -198,8 +211,12 @@ def test_lockin_map_at_the_homo_is_the_homo_image(server, client):
     client.bias_set(-1.8)  # between resonances, under feedback: the tail of the HOMO at the scan's heights
     client.z_ctrl_on_off_set(True)
     z, li = scan()
-    expected = amplitude * simulate([Placement("pentacene")], tip, frame, -1.8, z_nm=z * 1e9, model=MODEL,
-                                    substrate=Substrate()).didv_A_per_V
+    expected = (
+        amplitude
+        * simulate(
+            [Placement("pentacene")], tip, frame, -1.8, z_nm=z * 1e9, model=MODEL, substrate=Substrate()
+        ).didv_A_per_V
+    )
     np.testing.assert_allclose(li, expected, rtol=1e-4)
     assert client.signals_val_get(35) > 0  # the point value is there too
 
@@ -228,14 +245,33 @@ def test_bias_series_frames_each_with_its_live_reconstruction(RE, server, tmp_pa
     stm.lines.line_timeout = 30.0
     frame = (0.0, 0.0, 4e-9, 4e-9, 0.0)
     try:
-        RE(bias_series(stm, [HOMO_V, LUMO_V], frame=frame, pixels=32, lines=8, channels=["Current", "Z"],
-                       z_controller="constant_height", md={"sample": "pentacene"}))
+        RE(
+            bias_series(
+                stm,
+                [HOMO_V, LUMO_V],
+                frame=frame,
+                pixels=32,
+                lines=8,
+                channels=["Current", "Z"],
+                z_controller="constant_height",
+                md={"sample": "pentacene"},
+            )
+        )
         assert live.flush(60)
         with NanonisClient(server.host, server.port, timeout=TIMEOUT) as c:  # the lock-in's own map
             c.call("LockIn.ModOnOffSet", (1, 1))
-        RE(bias_series(stm, [HOMO_V], frame=frame, pixels=32, lines=8,
-                       channels={"Current": 0, "LI Demod 1 X": 35}, source_channel="LI Demod 1 X",
-                       z_controller="constant_height"))
+        RE(
+            bias_series(
+                stm,
+                [HOMO_V],
+                frame=frame,
+                pixels=32,
+                lines=8,
+                channels={"Current": 0, "LI Demod 1 X": 35},
+                source_channel="LI Demod 1 X",
+                z_controller="constant_height",
+            )
+        )
     finally:
         live.close()
         stm.stop_scan()
@@ -244,8 +280,7 @@ def test_bias_series_frames_each_with_its_live_reconstruction(RE, server, tmp_pa
     assert [s["stm_live"]["bias_V"] for s in starts] == pytest.approx([HOMO_V, LUMO_V, HOMO_V], abs=1e-6)
     assert [s["bias_series_index"] for s in starts] == [0, 1, 0] and starts[0]["sample"] == "pentacene"
     for start in starts:  # every line of every frame journaled
-        lines = [d["data"]["stm_line_index"] for n, d in read_journal(journal.path_for(start["uid"]))
-                 if n == "event"]
+        lines = [d["data"]["stm_line_index"] for n, d in read_journal(journal.path_for(start["uid"])) if n == "event"]
         assert sorted(lines) == list(range(8))
     # the first two frames each have their live reconstruction, of the frame's own channel
     recon = {d["parent_uid"]: d["reconstruction"] for n, d in derived if n == "start" and "reconstruction" in d}
@@ -273,8 +308,11 @@ def test_grid_spectroscopy_through_the_device_matches_the_simulators_grid_and_it
     frame, shape, sweep = (0.2e-9, -0.1e-9, 3e-9, 2e-9, 10.0), (4, 3), (-2.5, 2.0, 46)
     client.call("BiasSpectr.AdvPropsSet", (0, 0, 0, 1))
     try:
-        (uid,) = RE(grid_spectroscopy(stm, spec, frame=frame, shape=shape, sweep=sweep,
-                                      channels=["Current", "LI Demod 1 X"], backward=True))
+        (uid,) = RE(
+            grid_spectroscopy(
+                stm, spec, frame=frame, shape=shape, sweep=sweep, channels=["Current", "LI Demod 1 X"], backward=True
+            )
+        )
     finally:
         stm.close()
     start = docs[0][1]
@@ -284,8 +322,14 @@ def test_grid_spectroscopy_through_the_device_matches_the_simulators_grid_and_it
     positions = grid_points(frame, shape).reshape(-1, 2)
     got_xy = np.array([[e["data"]["spec_x"], e["data"]["spec_y"]] for e in events])
     np.testing.assert_allclose(got_xy, positions, rtol=1e-6, atol=1e-15)
-    assert set(events[0]["data"]) >= {"spec_bias", "spec_current_fwd", "spec_current_bwd",
-                                      "spec_li_demod_1_x_fwd", "spec_li_demod_1_x_bwd", "spec_z"}
+    assert set(events[0]["data"]) >= {
+        "spec_bias",
+        "spec_current_fwd",
+        "spec_current_bwd",
+        "spec_li_demod_1_x_fwd",
+        "spec_li_demod_1_x_bwd",
+        "spec_z",
+    }
 
     # the same grid as a Pattern experiment of the simulator: a .3ds in its session folder
     client.call("Pattern.GridSet", (1, 4, 3, 0, *frame))
@@ -305,8 +349,9 @@ def test_grid_spectroscopy_through_the_device_matches_the_simulators_grid_and_it
         for name, key in (("Current (A)", "spec_current_fwd"), ("LI Demod 1 X [bwd] (A)", "spec_li_demod_1_x_bwd")):
             # the plan's single-point feedback and the grid rows' converge to 1e-5 nm: 2 kappa dz < 1e-3
             np.testing.assert_allclose(grid.channels[name][iy, ix], event["data"][key], rtol=1e-3)
-        np.testing.assert_allclose([grid.parameter("X")[iy, ix], grid.parameter("Y")[iy, ix]], positions[k],
-                                   rtol=1e-6, atol=1e-15)
+        np.testing.assert_allclose(
+            [grid.parameter("X")[iy, ix], grid.parameter("Y")[iy, ix]], positions[k], rtol=1e-6, atol=1e-15
+        )
     # what the simulator wrote reads back equal, by our reader and by an independent one
     written = mods.last_experiment_grid
     for name, values in written.channels.items():
@@ -377,8 +422,10 @@ def test_replay_of_a_3ds_answers_the_recorded_sweeps(tmp_path):
 
     path = _raw_grid(tmp_path, stop_after=7)  # Nanonis' layout by an independent writer; stopped early
     grid = read_3ds(path)
-    with start_server_thread(replay=path, time_scale=100.0) as srv, \
-            NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c:
+    with (
+        start_server_thread(replay=path, time_scale=100.0) as srv,
+        NanonisClient(srv.host, srv.port, timeout=TIMEOUT) as c,
+    ):
         assert c.call("BiasSpectr.ChsGet")["channel_names"] == ["Current (A)", "LI Demod 1 X (A)"]
         for k in range(7):
             iy, ix = divmod(k, 4)
@@ -415,8 +462,13 @@ def test_stm_live_replay_of_a_3ds_runs_the_grid_through_the_pipeline(tmp_path):
     from stm_live.app.replay import run_replay
 
     whole = _raw_grid(tmp_path)
-    (result,) = run_replay([whole], time_scale=200.0, data_dir=tmp_path / "data", out=tmp_path / "out",
-                           console=Console(width=300, file=open(tmp_path / "console.txt", "w")))
+    (result,) = run_replay(
+        [whole],
+        time_scale=200.0,
+        data_dir=tmp_path / "data",
+        out=tmp_path / "out",
+        console=Console(width=300, file=open(tmp_path / "console.txt", "w")),
+    )
     assert result.status == "ok", result.message
     assert result.lines == 12 and "replayed 12 grid points x 16 sweep points, 3 channels, bit for bit" in result.message
     events = [d for n, d in read_journal(result.journal) if n == "event"]
@@ -424,9 +476,13 @@ def test_stm_live_replay_of_a_3ds_runs_the_grid_through_the_pipeline(tmp_path):
 
 
 def test_scenario_places_levels_by_molecule_and_by_placement():
-    scenario = _scenario(molecules=[{"molecule": "pentacene", "x_nm": -2.0},
-                                    {"molecule": "pentacene", "x_nm": 2.0, "energies": {"HOMO": -1.9}}],
-                         spectra={"width_V": 0.15, "energies": {"pentacene": {"LUMO": 1.2}}})
+    scenario = _scenario(
+        molecules=[
+            {"molecule": "pentacene", "x_nm": -2.0},
+            {"molecule": "pentacene", "x_nm": 2.0, "energies": {"HOMO": -1.9}},
+        ],
+        spectra={"width_V": 0.15, "energies": {"pentacene": {"LUMO": 1.2}}},
+    )
     model = scenario.spectra
     assert model.width_V == 0.15 and model.shape == "lorentzian"  # the section's defaults otherwise
     levels = [{label: v for label, v, _ in model.placement_levels(p, i)} for i, p in enumerate(scenario.molecules)]
@@ -440,12 +496,17 @@ def test_bad_input_gets_one_clear_line(RE, server, client):
     try:
         problems = []
         for plan, match in (
-                (grid_spectroscopy(stm, spec, points=[]), "empty grid: no points to measure"),
-                (grid_spectroscopy(stm, spec, frame=(0, 0, 1e-9, 1e-9), shape=(0, 3)), r"empty grid: 0 x 3 points"),
-                (grid_spectroscopy(stm, spec, points=[(0, 0)], sweep=(-1, 1, 1)),
-                 "a bias sweep needs at least 2 points, got 1"),
-                (grid_spectroscopy(stm, spec, points=[(0, 0)], channels=["Current", "Frequency drift"]),
-                 r"unknown channel 'Frequency drift'; the controller's signals include Current \(A\)")):
+            (grid_spectroscopy(stm, spec, points=[]), "empty grid: no points to measure"),
+            (grid_spectroscopy(stm, spec, frame=(0, 0, 1e-9, 1e-9), shape=(0, 3)), r"empty grid: 0 x 3 points"),
+            (
+                grid_spectroscopy(stm, spec, points=[(0, 0)], sweep=(-1, 1, 1)),
+                "a bias sweep needs at least 2 points, got 1",
+            ),
+            (
+                grid_spectroscopy(stm, spec, points=[(0, 0)], channels=["Current", "Frequency drift"]),
+                r"unknown channel 'Frequency drift'; the controller's signals include Current \(A\)",
+            ),
+        ):
             with pytest.raises(ValueError, match=match) as info:
                 RE(plan)
             problems.append(str(info.value))
@@ -464,11 +525,14 @@ def test_bad_input_gets_one_clear_line(RE, server, client):
     with pytest.raises(NanonisError, match="empty pattern: the point cloud has no points") as err:
         client.call("Pattern.ExpStart", (3,))
     problems.append(str(err.value))
-    for bad, match in (({"spectra": {"width_V": -0.1}}, "spectroscopy.yaml: spectra.width_V: must be > 0.0"),
-                       ({"spectra": {"energies": {"pentacene": {"HOMO-40": -4.0}}}},
-                        r"spectra.energies.pentacene.HOMO-40: orbital 'HOMO-40' out of range"),
-                       ({"molecules": [{"molecule": "h2pc", "energy_V": 1.0}]},
-                        r"molecules\[0\].energy_V: only for a cube")):
+    for bad, match in (
+        ({"spectra": {"width_V": -0.1}}, "spectroscopy.yaml: spectra.width_V: must be > 0.0"),
+        (
+            {"spectra": {"energies": {"pentacene": {"HOMO-40": -4.0}}}},
+            r"spectra.energies.pentacene.HOMO-40: orbital 'HOMO-40' out of range",
+        ),
+        ({"molecules": [{"molecule": "h2pc", "energy_V": 1.0}]}, r"molecules\[0\].energy_V: only for a cube"),
+    ):
         with pytest.raises(ScenarioError, match=match) as err:
             _scenario(**bad)
         problems.append(str(err.value))

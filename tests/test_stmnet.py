@@ -87,16 +87,17 @@ def test_no_seam_where_the_old_512_px_tiles_met(rec):
     and 512 (gradient 3.2x the frame's mean there); one pass must not."""
     lines, pixels = 96, 640
     frame = ScanFrame(0.0, 0.0, pixels * TRAIN_PIXEL_SIZE_NM, lines * TRAIN_PIXEL_SIZE_NM, pixels=pixels, lines=lines)
-    image = constant_height_image([Placement("perylene", -14.0, 0.0, 20.0, "HOMO")], frame, tip_preset("co"),
-                                  z_nm=0.4, bias_V=-1.0)
+    image = constant_height_image(
+        [Placement("perylene", -14.0, 0.0, 20.0, "HOMO")], frame, tip_preset("co"), z_nm=0.4, bias_V=-1.0
+    )
     out = rec.reconstruct(image, TRAIN_PIXEL_SIZE_NM)
     assert np.isfinite(out).all() and out.max() > 0.5
     step = np.abs(np.diff(out, axis=1)).mean(axis=0)  # mean |gradient| across each column boundary
     interior = np.ones(step.size, bool)
     for b in (128, 512):
-        interior[b - 8: b + 8] = False
+        interior[b - 8 : b + 8] = False
     for b in (128, 512):
-        assert step[b - 3: b + 2].max() <= 1.5 * step[interior].mean(), b
+        assert step[b - 3 : b + 2].max() <= 1.5 * step[interior].mean(), b
 
 
 def test_non_square_pixels_give_the_square_pixel_result(rec):
@@ -111,10 +112,15 @@ def test_non_square_pixels_give_the_square_pixel_result(rec):
 
     square = rec.reconstruct(render(96, 96), 0.05)
     for pixels, lines in ((96, 64), (64, 96)):
-        grid = torch.nn.functional.interpolate(torch.from_numpy(square)[None, None], size=(lines, pixels),
-                                               mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+        grid = torch.nn.functional.interpolate(
+            torch.from_numpy(square)[None, None],
+            size=(lines, pixels),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0, 0].numpy()
         image = render(pixels, lines)
-        rms = lambda a: float(np.sqrt(np.mean((a - grid) ** 2)) / grid.max())  # noqa: E731
+        rms = lambda a, grid=grid: float(np.sqrt(np.mean((a - grid) ** 2)) / grid.max())  # noqa: E731
         good = rms(rec.reconstruct(image, 4.8 / pixels, 4.8 / lines))
         ignored = rms(rec.reconstruct(image, 4.8 / pixels))
         assert good <= 0.01 and ignored > 2 * good, (pixels, lines, good, ignored)
@@ -132,8 +138,11 @@ def test_network_frame_is_bounded_before_anything_is_allocated(rec):
     # a 2 um overview, 512 px: resampling it would take 40000^2 floats (6.4 GB); it is refused at once
     overview = np.zeros((512, 512), np.float32)
     started = time.perf_counter()
-    with pytest.raises(ValueError, match=r"frame of 512x512 px \(lines x pixels\) at 3\.90625 nm/px resamples to "
-                                         r"40000x40000 px .*crop the frame.*coarser tool"):
+    with pytest.raises(
+        ValueError,
+        match=r"frame of 512x512 px \(lines x pixels\) at 3\.90625 nm/px resamples to "
+        r"40000x40000 px .*crop the frame.*coarser tool",
+    ):
         rec.reconstruct(overview, 2000 / 512)
     with pytest.raises(ValueError, match=r"0\.05 nm/px, 1 nm line spacing resamples to 1280x64 px"):  # slow axis
         rec.reconstruct_detailed(np.zeros((64, 64)), TRAIN_PIXEL_SIZE_NM, line_spacing_nm=1.0)
@@ -177,11 +186,17 @@ def test_symmetry_averaging_makes_the_output_equivariant(rec, perylene_pair):
     for r, views in ((rec, [rotate]), (four, [rotate, flip_left_right, flip_up_down])):
         y = r.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
         for view in views:
-            np.testing.assert_allclose(view(r.reconstruct(np.ascontiguousarray(view(x)), TRAIN_PIXEL_SIZE_NM)), y,
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                view(r.reconstruct(np.ascontiguousarray(view(x)), TRAIN_PIXEL_SIZE_NM)), y, atol=1e-5
+            )
     single = rec.with_views(1)
-    assert np.abs(single.reconstruct(x[::-1, ::-1].copy(), TRAIN_PIXEL_SIZE_NM)[::-1, ::-1]
-                  - single.reconstruct(x, TRAIN_PIXEL_SIZE_NM)).max() > 1e-3
+    assert (
+        np.abs(
+            single.reconstruct(x[::-1, ::-1].copy(), TRAIN_PIXEL_SIZE_NM)[::-1, ::-1]
+            - single.reconstruct(x, TRAIN_PIXEL_SIZE_NM)
+        ).max()
+        > 1e-3
+    )
     with pytest.raises(ValueError, match="symmetry views must be one of"):
         rec.with_views(3)
 
@@ -264,8 +279,7 @@ def test_constant_current_pairs_are_converted_with_current_from_z():
     from stm_live.models import training
     from stm_live.simulators.pairs import PairSampler
 
-    sampler = PairSampler("naphthalene", size=32, pixel_size_nm=TRAIN_PIXEL_SIZE_NM, seed=1, modes="current",
-                          noise=0.0)
+    sampler = PairSampler("naphthalene", size=32, pixel_size_nm=TRAIN_PIXEL_SIZE_NM, seed=1, modes="current", noise=0.0)
     batch = sampler.sample(2)
     z_nm = batch.inputs  # tip height maps in nm
     x = training.network_inputs(batch)
@@ -280,13 +294,28 @@ def test_warm_start_keeps_the_architecture_and_records_the_lineage(tmp_path):
 
     parent = load_stmnet(device="cpu")
     out = tmp_path / "child.pt"
-    train_main(steps=2, out=out, device="cpu", seed=3, init=DEFAULT_CHECKPOINT, threads=1,
-               val_every=2, final_eval_samples=1, quiet=True)
+    train_main(
+        steps=2,
+        out=out,
+        device="cpu",
+        seed=3,
+        init=DEFAULT_CHECKPOINT,
+        threads=1,
+        val_every=2,
+        final_eval_samples=1,
+        quiet=True,
+    )
     child = load_stmnet(device="cpu", path=out)
     assert child.net.config == parent.net.config
     assert child.info["init_sha256"] == sha256_of(DEFAULT_CHECKPOINT)
     assert child.info["total_steps"] == int(parent.info.get("total_steps", parent.info["steps"])) + 2
     assert "warm start" in out.with_suffix(".md").read_text()
     with pytest.raises(ValueError, match="architecture"):
-        train_main(steps=1, out=tmp_path / "other.pt", device="cpu", init=DEFAULT_CHECKPOINT,
-                   config=STMNetConfig(channels=8), quiet=True)
+        train_main(
+            steps=1,
+            out=tmp_path / "other.pt",
+            device="cpu",
+            init=DEFAULT_CHECKPOINT,
+            config=STMNetConfig(channels=8),
+            quiet=True,
+        )

@@ -7,8 +7,14 @@ import pytest
 from event_model import compose_run
 
 from stm_live.store import (
-    JournalError, JournalWriter, find_journal, ingest_journal, journals_to_ingest,
-    read_journal, run_from_tiled, run_data,
+    JournalError,
+    JournalWriter,
+    find_journal,
+    ingest_journal,
+    journals_to_ingest,
+    read_journal,
+    run_data,
+    run_from_tiled,
 )
 
 PIXELS, LINES = 16, 6
@@ -16,29 +22,40 @@ PIXELS, LINES = 16, 6
 
 def _frame_docs(rng, *, lines_to_emit=LINES, stop=True, resend=None):
     """Documents shaped as interfaces.md says, built with event_model."""
-    meta = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 5e-9,
-                      "height_m": 5e-9, "angle_deg": 0.0},
-            "pixels": PIXELS, "lines": LINES, "pixel_size_nm": 5 / PIXELS,
-            "scan_direction": "down", "bias_V": -1.0, "setpoint_A": 1e-11,
-            "z_controller": "constant_current", "line_key": "stm_line_index",
-            "channels": [{"name": "Current", "index": 0, "units": "A",
-                          "keys": {"forward": "stm_current_fwd",
-                                   "backward": "stm_current_bwd"}}]}
+    meta = {
+        "frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 5e-9, "height_m": 5e-9, "angle_deg": 0.0},
+        "pixels": PIXELS,
+        "lines": LINES,
+        "pixel_size_nm": 5 / PIXELS,
+        "scan_direction": "down",
+        "bias_V": -1.0,
+        "setpoint_A": 1e-11,
+        "z_controller": "constant_current",
+        "line_key": "stm_line_index",
+        "channels": [
+            {
+                "name": "Current",
+                "index": 0,
+                "units": "A",
+                "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"},
+            }
+        ],
+    }
     run = compose_run(metadata={"plan_name": "live_frame", "stm_live": meta})
     docs = [("start", run.start_doc)]
     keys = {"stm_line_index": {"source": "sim", "dtype": "integer", "shape": []}}
     for k in ("stm_current_fwd", "stm_current_bwd"):
-        keys[k] = {"source": "sim", "dtype": "array", "shape": [PIXELS], "units": "A",
-                   "dtype_numpy": "<f4"}
+        keys[k] = {"source": "sim", "dtype": "array", "shape": [PIXELS], "units": "A", "dtype_numpy": "<f4"}
     desc = run.compose_descriptor(name="primary", data_keys=keys)
     docs.append(("descriptor", desc.descriptor_doc))
     order = list(range(lines_to_emit)) + ([resend] if resend is not None else [])
     for row in order:
-        data = {"stm_line_index": row,
-                "stm_current_fwd": rng.standard_normal(PIXELS).astype(np.float32),
-                "stm_current_bwd": rng.standard_normal(PIXELS).astype(np.float32)}
-        docs.append(("event", desc.compose_event(
-            data=data, timestamps={k: 0.0 for k in data})))
+        data = {
+            "stm_line_index": row,
+            "stm_current_fwd": rng.standard_normal(PIXELS).astype(np.float32),
+            "stm_current_bwd": rng.standard_normal(PIXELS).astype(np.float32),
+        }
+        docs.append(("event", desc.compose_event(data=data, timestamps={k: 0.0 for k in data})))
     if stop:
         docs.append(("stop", run.compose_stop()))
     return docs
@@ -124,8 +141,7 @@ def test_resent_line_keeps_last_and_unrouted_doc_is_refused(tmp_path):
     docs = _frame_docs(np.random.default_rng(4), resend=2)
     data = run_data(docs)
     assert data.lines_read.count(2) == 2
-    np.testing.assert_array_equal(data.images["stm_current_fwd"][2],
-                                  docs[-2][1]["data"]["stm_current_fwd"])
+    np.testing.assert_array_equal(data.images["stm_current_fwd"][2], docs[-2][1]["data"]["stm_current_fwd"])
     writer = JournalWriter(tmp_path)
     with pytest.raises(JournalError, match="event document"):
         writer("event", docs[2][1])
@@ -162,24 +178,25 @@ def test_tiled_gives_the_frame_back_bit_for_bit_and_reingests(tmp_path, tiled_cl
         assert got.images[key].dtype == np.float32
         assert got.images[key].tobytes() == image.tobytes()  # NaN rows included
     # the run finishes later (or is recovered): re-ingesting replaces the node
-    writer("stop", {"uid": "s" * 32, "run_start": uid, "time": 0.0,
-                    "exit_status": "fail", "reason": "dropped", "num_events": {}})
+    writer(
+        "stop",
+        {"uid": "s" * 32, "run_start": uid, "time": 0.0, "exit_status": "fail", "reason": "dropped", "num_events": {}},
+    )
     ingest_journal(tiled_client, path)
     assert tiled_client[uid].metadata["stop"]["exit_status"] == "fail"
     assert tiled_client[uid]["primary"]["stm_line_index"].read().tolist() == list(range(LINES - 2))
 
 
-def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tmp_path,
-                                                    capsys, monkeypatch):
+def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tmp_path, capsys, monkeypatch):
     """Real path: device -> TCP -> sim, RunEngine, journal, tiled ingestion thread,
     runs list/show/export."""
     import nanonispy.read as nap
 
+    from stm_live.app.runs import runs_export, runs_list, runs_show
     from stm_live.devices.stm import NanonisSTM
     from stm_live.io.sxm import read_sxm
     from stm_live.plans import live_frame
     from stm_live.session import AcquisitionSession
-    from stm_live.app.runs import runs_export, runs_list, runs_show
 
     client, server = tiled_server
     # a run from an earlier session that was killed before its stop: recovered at start
@@ -190,10 +207,10 @@ def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tm
     seen = []
     stm = NanonisSTM(sim_server.host, sim_server.port, name="stm")
     try:
-        with AcquisitionSession(tmp_path, tiled_uri=server.uri,
-                                callbacks=[lambda n, d: seen.append(n)]) as session:
-            (uid,) = session(live_frame(stm, frame=(0, 0, 4e-9, 4e-9, 0), pixels=32,
-                                        lines=6, channels=["Current", "Z"]))
+        with AcquisitionSession(tmp_path, tiled_uri=server.uri, callbacks=[lambda n, d: seen.append(n)]) as session:
+            (uid,) = session(
+                live_frame(stm, frame=(0, 0, 4e-9, 4e-9, 0), pixels=32, lines=6, channels=["Current", "Z"])
+            )
             assert session.wait(30)
             assert sorted(session.ingestor.ingested) == sorted([uid, crashed_uid])
             assert session.recovered == [crashed_uid] and not session.ingestor.errors
@@ -213,8 +230,7 @@ def test_session_run_lands_in_tiled_and_exports_sxm(tiled_server, sim_server, tm
     assert uid in capsys.readouterr().out
     out = runs_export("-1", sxm=tmp_path / "frame.sxm", data_dir=tmp_path)
     back = read_sxm(out)
-    np.testing.assert_array_equal(back.channels["Current"]["forward"],
-                                  journal.images["stm_current_fwd"])
+    np.testing.assert_array_equal(back.channels["Current"]["forward"], journal.images["stm_current_fwd"])
     # nanonispy 1.1 still uses the np.float / np.int aliases that numpy 1.24 removed.
     monkeypatch.setattr(np, "float", float, raising=False)
     monkeypatch.setattr(np, "int", int, raising=False)
@@ -228,9 +244,21 @@ def test_run_scan_as_the_cli_calls_it(tiled_server, sim_server, tmp_path):
     from stm_live.app.scan import run_scan
 
     client, server = tiled_server
-    uids = run_scan(profile="sim", host=sim_server.host, port=sim_server.port, width_nm=4.0,
-                    pixels=16, lines=4, direction="up", frames=2, data_dir=tmp_path,
-                    tiled_uri=server.uri, tip_policy="off", worker=None, view=False)
+    uids = run_scan(
+        profile="sim",
+        host=sim_server.host,
+        port=sim_server.port,
+        width_nm=4.0,
+        pixels=16,
+        lines=4,
+        direction="up",
+        frames=2,
+        data_dir=tmp_path,
+        tiled_uri=server.uri,
+        tip_policy="off",
+        worker=None,
+        view=False,
+    )
     assert len(uids) == 2
     for uid in uids:
         data = run_data(read_journal(tmp_path / "journal" / f"{uid}.journal"))

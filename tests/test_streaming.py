@@ -17,8 +17,14 @@ import pytest
 
 from stm_live.app.worker import run_worker
 from stm_live.streaming import (
-    DocumentProxy, ResultReceiver, ResultSender, SerializationError, deserializer,
-    generate_curve_keys, make_publisher, serializer,
+    DocumentProxy,
+    ResultReceiver,
+    ResultSender,
+    SerializationError,
+    deserializer,
+    generate_curve_keys,
+    make_publisher,
+    serializer,
 )
 
 TESTS = Path(__file__).parent
@@ -27,10 +33,20 @@ from test_live import BoxBlur, frame_docs  # noqa: E402
 
 
 def test_serializer_round_trip_with_arrays():
-    doc = {"uid": "u", "time": 1.5, "seq_num": np.int64(3), "flag": np.bool_(True),
-           "data": {"img": np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],  # non-contiguous
-                    "be": np.arange(3, dtype=">i2"), "c": np.array([1 + 2j]), "t": (1, 2),
-                    "empty": np.zeros((0, 5)), "nested": [{"x": np.float64(2.5)}]}}
+    doc = {
+        "uid": "u",
+        "time": 1.5,
+        "seq_num": np.int64(3),
+        "flag": np.bool_(True),
+        "data": {
+            "img": np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2],  # non-contiguous
+            "be": np.arange(3, dtype=">i2"),
+            "c": np.array([1 + 2j]),
+            "t": (1, 2),
+            "empty": np.zeros((0, 5)),
+            "nested": [{"x": np.float64(2.5)}],
+        },
+    }
     out = deserializer(serializer(doc))
     np.testing.assert_array_equal(out["data"]["img"], doc["data"]["img"])
     assert out["data"]["img"].dtype == np.float32 and out["data"]["img"].flags.writeable
@@ -81,9 +97,22 @@ class Link:
 
 def start_worker(link: Link, data_dir: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), str(TESTS.parent)]))
-    cmd = [sys.executable, "-m", "stm_live.app.worker", "--connect", link.proxy.out_address,
-           "--results", link.receiver.address, "--journal", str(data_dir), "--reconstructor",
-           "test_live:BoxBlur", "--band-margin", "8", "--no-tip-monitor"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stm_live.app.worker",
+        "--connect",
+        link.proxy.out_address,
+        "--results",
+        link.receiver.address,
+        "--journal",
+        str(data_dir),
+        "--reconstructor",
+        "test_live:BoxBlur",
+        "--band-margin",
+        "8",
+        "--no-tip-monitor",
+    ]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -122,23 +151,26 @@ def test_worker_process_results_come_back_and_survive_a_restart(tmp_path):
         image_b = rng.random((LINES, PIXELS), dtype=np.float32)
         docs_b = frame_docs(image_b)
         uid_b = docs_b[0][1]["uid"]
-        for name, doc in docs_b[:2 + 16]:
+        for name, doc in docs_b[: 2 + 16]:
             link(name, doc)
         assert link.receiver.wait_for(lambda r: r.latest and r.latest["run"] == uid_b, timeout=20)
         stop_worker(procs[0], signal.SIGKILL)
-        for name, doc in docs_b[2 + 16:2 + 30]:  # published while no worker listens
+        for name, doc in docs_b[2 + 16 : 2 + 30]:  # published while no worker listens
             link(name, doc)
         procs.append(start_worker(link, tmp_path))
         assert link.receiver.wait_ready(2, timeout=30), stop_worker(procs[1])
-        for name, doc in docs_b[2 + 30:]:
+        for name, doc in docs_b[2 + 30 :]:
             link(name, doc)
         final = link.receiver.wait_final(uid_b, timeout=20)
         log = stop_worker(procs[1])
         assert final is not None, log
         assert "catching up from journal" in log
         np.testing.assert_allclose(final, BoxBlur().reconstruct(image_b, 1.0), rtol=1e-6)
-        final_events = [d for s, n, d in link.receiver.history()
-                        if n == "event" and d["data"].get("final") and d["data"]["lines_done"] == LINES]
+        final_events = [
+            d
+            for s, n, d in link.receiver.history()
+            if n == "event" and d["data"].get("final") and d["data"]["lines_done"] == LINES
+        ]
         assert len(final_events) == 2
     finally:
         for proc in procs:
@@ -152,9 +184,18 @@ def test_curve_links_authenticate_and_carry_results(tmp_path):
     assert oct((tmp_path / "keys" / "server.key_secret").stat().st_mode & 0o777) == "0o600"
     link = Link(tmp_path, curve_keys=keys)
     stop = threading.Event()
-    worker = threading.Thread(target=run_worker, kwargs=dict(
-        connect=link.proxy.out_address, results=link.receiver.address, curve_keys=tmp_path / "keys",
-        reconstructor=BoxBlur(), tip_monitor=False, stop_event=stop), daemon=True)
+    worker = threading.Thread(
+        target=run_worker,
+        kwargs=dict(
+            connect=link.proxy.out_address,
+            results=link.receiver.address,
+            curve_keys=tmp_path / "keys",
+            reconstructor=BoxBlur(),
+            tip_monitor=False,
+            stop_event=stop,
+        ),
+        daemon=True,
+    )
     worker.start()
     try:
         assert link.receiver.wait_ready(1, timeout=15)

@@ -18,16 +18,25 @@ def _frames(lines=6, pixels=8, scanned=4):
     cur = (rng.random((lines, pixels)) * 1e-10).astype(np.float32)
     z[scanned:] = np.nan
     cur[scanned:] = np.nan
-    return {"Z": {"forward": z, "backward": z + 1e-12},
-            "Current": {"forward": cur, "backward": cur * 0.5}}
+    return {"Z": {"forward": z, "backward": z + 1e-12}, "Current": {"forward": cur, "backward": cur * 0.5}}
 
 
 def _scan(**kw):
-    args = dict(units={"Z": "m", "Current": "A"}, center_x_m=1.5e-9, center_y_m=-2.25e-9,
-                width_m=2e-8, height_m=1.5e-8, angle_deg=12.5, direction="up", bias_V=-0.1,
-                setpoint_A=1e-10, acq_time_s=12.0, comment="stm-live test",
-                signal_indexes={"Z": 30, "Current": 0},
-                recorded_at=dt.datetime(2026, 11, 24, 12, 0, 0))
+    args = dict(
+        units={"Z": "m", "Current": "A"},
+        center_x_m=1.5e-9,
+        center_y_m=-2.25e-9,
+        width_m=2e-8,
+        height_m=1.5e-8,
+        angle_deg=12.5,
+        direction="up",
+        bias_V=-0.1,
+        setpoint_A=1e-10,
+        acq_time_s=12.0,
+        comment="stm-live test",
+        signal_indexes={"Z": 30, "Current": 0},
+        recorded_at=dt.datetime(2026, 11, 24, 12, 0, 0),
+    )
     args.update(kw)
     return scan_from_frames(_frames(), **args)
 
@@ -64,7 +73,7 @@ def test_file_layout_is_acquisition_order_with_mirrored_backward(tmp_path):
     assert head.endswith(b"\n\n:SCANIT_END:\n\n\n")
     blocks = np.frombuffer(data, dtype=">f4").reshape(4, 6, 8)
     z = scan.channels["Z"]
-    np.testing.assert_array_equal(blocks[0], z["forward"])          # row 0 = first line
+    np.testing.assert_array_equal(blocks[0], z["forward"])  # row 0 = first line
     np.testing.assert_array_equal(blocks[1], z["backward"][:, ::-1])  # stored mirrored
 
 
@@ -83,10 +92,8 @@ def test_nanonispy_reads_our_files(tmp_path, monkeypatch):
     assert theirs.header["data_info"]["Name"] == ("Z", "Current")
     for name in ("Z", "Current"):
         # nanonispy returns file order: forward as is, backward still mirrored.
-        np.testing.assert_array_equal(theirs.signals[name]["forward"],
-                                      scan.channels[name]["forward"])
-        np.testing.assert_array_equal(theirs.signals[name]["backward"],
-                                      scan.channels[name]["backward"][:, ::-1])
+        np.testing.assert_array_equal(theirs.signals[name]["forward"], scan.channels[name]["forward"])
+        np.testing.assert_array_equal(theirs.signals[name]["backward"], scan.channels[name]["backward"][:, ::-1])
 
 
 def test_unknown_header_keys_and_single_direction_channels_round_trip(tmp_path):
@@ -106,22 +113,34 @@ def test_unknown_header_keys_and_single_direction_channels_round_trip(tmp_path):
 
 def test_plain_dataclass_construction_as_other_parts_use_it(tmp_path):
     img = np.ones((3, 5), np.float32)
-    scan = SxmScan(header={"COMMENT": "run x"}, channels={"Z": {"forward": img}}, pixels=5,
-                   lines=3, range_m=(1e-8, 6e-9), offset_m=(0.0, 0.0), angle_deg=0.0,
-                   direction="down", bias_V=0.5, units={"Z": "m"})
+    scan = SxmScan(
+        header={"COMMENT": "run x"},
+        channels={"Z": {"forward": img}},
+        pixels=5,
+        lines=3,
+        range_m=(1e-8, 6e-9),
+        offset_m=(0.0, 0.0),
+        angle_deg=0.0,
+        direction="down",
+        bias_V=0.5,
+        units={"Z": "m"},
+    )
     back = read_sxm(write_sxm(tmp_path / "p.sxm", scan))
     assert back.comment == "run x" and back.bias_V == 0.5
     np.testing.assert_array_equal(back.image("Z"), img)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda b: b.replace(b":SCANIT_END:", b":SCANIT_XXX:"), "no :SCANIT_END:"),
-    (lambda b: b.replace(b"\x1a\x04", b"\x00\x00", 1), "missing the"),
-    (lambda b: b[:-10], "file truncated"),
-    (lambda b: b.replace(b"         8         6", b"         8       abc"), "bad SCAN_PIXELS"),
-    (lambda b: b.replace(b"         8         6", b"         8         9"), "header promises"),
-    (lambda b: b"hello" + b, "not a Nanonis .sxm"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b.replace(b":SCANIT_END:", b":SCANIT_XXX:"), "no :SCANIT_END:"),
+        (lambda b: b.replace(b"\x1a\x04", b"\x00\x00", 1), "missing the"),
+        (lambda b: b[:-10], "file truncated"),
+        (lambda b: b.replace(b"         8         6", b"         8       abc"), "bad SCAN_PIXELS"),
+        (lambda b: b.replace(b"         8         6", b"         8         9"), "header promises"),
+        (lambda b: b"hello" + b, "not a Nanonis .sxm"),
+    ],
+)
 def test_damaged_files_raise_sxm_error_naming_file_and_problem(tmp_path, damage, message):
     good = write_sxm(tmp_path / "good.sxm", _scan()).read_bytes()
     bad = tmp_path / "bad.sxm"
@@ -138,32 +157,33 @@ def test_writer_refuses_inconsistent_scans(tmp_path):
         write_sxm(tmp_path / "x.sxm", scan)
     assert not (tmp_path / "x.sxm").exists()
     with pytest.raises(ValueError, match="no units given for channel"):
-        scan_from_frames(_frames(), units={"Z": "m"}, center_x_m=0, center_y_m=0,
-                         width_m=1e-8, height_m=1e-8, bias_V=0.1)
+        scan_from_frames(
+            _frames(), units={"Z": "m"}, center_x_m=0, center_y_m=0, width_m=1e-8, height_m=1e-8, bias_V=0.1
+        )
 
 
 def test_reads_a_file_laid_out_as_nanonis_writes_it(tmp_path):
     """Independent of our writer: a header in Nanonis' own layout, data built by hand."""
     header = (
-        ":NANONIS_VERSION:\n2\n:SCANIT_TYPE:\n              FLOAT            MSBFIRST\n"
-        ":REC_DATE:\n 21.11.2019\n:REC_TIME:\n15:35:09\n:REC_TEMP:\n      290.0000000000\n"
-        ":ACQ_TIME:\n       409.6\n:SCAN_PIXELS:\n         4         3\n"
-        ":SCAN_FILE:\nC:\\data\\img001.sxm\n"
-        ":SCAN_TIME:\n             8.000E-1             8.000E-1\n"
-        ":SCAN_RANGE:\n           2.000000E-8           1.500000E-8\n"
-        ":SCAN_OFFSET:\n             1.000000E-9         -3.000000E-9\n"
-        ":SCAN_ANGLE:\n            0.000E+0\n:SCAN_DIR:\nup\n:BIAS:\n            1.000E-1\n"
-        ":Z-CONTROLLER:\n\tName\ton\tSetpoint\tP-gain\tI-gain\tT-const\n"
-        "\tlog Current\t0\t1.000E-10 A\t6.000E-12 m\t1.000E-7 m/s\t6.000E-5 s\n"
-        ":COMMENT:\n\n:Bias>Bias (V):\n1E-1\n"
-        ":DATA_INFO:\n\tChannel\tName\tUnit\tDirection\tCalibration\tOffset\n"
-        "\t14\tZ\tm\tboth\t9.000E-9\t0.000E+0\n\t0\tCurrent\tA\tforward\t1.000E-9\t0.000E+0\n"
-        "\n:SCANIT_END:\n\n\n"
-    ).encode()
+        b":NANONIS_VERSION:\n2\n:SCANIT_TYPE:\n              FLOAT            MSBFIRST\n"
+        b":REC_DATE:\n 21.11.2019\n:REC_TIME:\n15:35:09\n:REC_TEMP:\n      290.0000000000\n"
+        b":ACQ_TIME:\n       409.6\n:SCAN_PIXELS:\n         4         3\n"
+        b":SCAN_FILE:\nC:\\data\\img001.sxm\n"
+        b":SCAN_TIME:\n             8.000E-1             8.000E-1\n"
+        b":SCAN_RANGE:\n           2.000000E-8           1.500000E-8\n"
+        b":SCAN_OFFSET:\n             1.000000E-9         -3.000000E-9\n"
+        b":SCAN_ANGLE:\n            0.000E+0\n:SCAN_DIR:\nup\n:BIAS:\n            1.000E-1\n"
+        b":Z-CONTROLLER:\n\tName\ton\tSetpoint\tP-gain\tI-gain\tT-const\n"
+        b"\tlog Current\t0\t1.000E-10 A\t6.000E-12 m\t1.000E-7 m/s\t6.000E-5 s\n"
+        b":COMMENT:\n\n:Bias>Bias (V):\n1E-1\n"
+        b":DATA_INFO:\n\tChannel\tName\tUnit\tDirection\tCalibration\tOffset\n"
+        b"\t14\tZ\tm\tboth\t9.000E-9\t0.000E+0\n\t0\tCurrent\tA\tforward\t1.000E-9\t0.000E+0\n"
+        b"\n:SCANIT_END:\n\n\n"
+    )
     z_fwd = np.arange(12, dtype=np.float32).reshape(3, 4)
-    z_bwd_file = 100 + z_fwd           # as the tip acquired it: column 0 = right edge
+    z_bwd_file = 100 + z_fwd  # as the tip acquired it: column 0 = right edge
     cur = -np.arange(12, dtype=np.float32).reshape(3, 4)
-    cur[2] = np.nan                    # last line never scanned
+    cur[2] = np.nan  # last line never scanned
     data = np.stack([z_fwd, z_bwd_file, cur]).astype(">f4").tobytes()
     path = tmp_path / "img001.sxm"
     path.write_bytes(header + b"\x1a\x04" + data)

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from stm_live.store import (JournalWriter, derived_runs, migrate_old_layout, read_journal, run_data,
-                            run_from_tiled)
 from test_live import BoxBlur
 from test_store import _frame_docs
+
+from stm_live.store import JournalWriter, derived_runs, migrate_old_layout, read_journal, run_data, run_from_tiled
 
 PIXELS, LINES = 32, 16
 
@@ -19,8 +18,9 @@ def tiled(tmp_path_factory):
     """A tiled server standing for a lab's: it reads the tests' data folders (their assets)."""
     from tiled.server import SimpleTiledServer
 
-    server = SimpleTiledServer(directory=tmp_path_factory.mktemp("tiled_server"),
-                               readable_storage=[tmp_path_factory.getbasetemp()])
+    server = SimpleTiledServer(
+        directory=tmp_path_factory.mktemp("tiled_server"), readable_storage=[tmp_path_factory.getbasetemp()]
+    )
     yield server
     server.close()
 
@@ -36,16 +36,17 @@ def test_tcp_run_reads_back_as_a_bluesky_run_with_its_reconstruction(tiled, sim_
     from tiled.client import from_uri
     from tiled.queries import Key
 
+    from stm_live.app.runs import runs_export, runs_list
     from stm_live.devices.stm import NanonisSTM
     from stm_live.plans import live_frame
     from stm_live.session import AcquisitionSession
-    from stm_live.app.runs import runs_export, runs_list
 
     stm = NanonisSTM(sim_server.host, sim_server.port, name="stm")
     try:
         with AcquisitionSession(tmp_path, tiled_uri=tiled.uri, live=True, reconstructor=BoxBlur()) as session:
-            (uid,) = session(live_frame(stm, frame=(0, 0, 4e-9, 2e-9, 0), pixels=PIXELS, lines=LINES,
-                                        channels=["Current", "Z"]))
+            (uid,) = session(
+                live_frame(stm, frame=(0, 0, 4e-9, 2e-9, 0), pixels=PIXELS, lines=LINES, channels=["Current", "Z"])
+            )
             assert session.wait(120), "consumers or ingestion did not finish within 120 s"
             assert not session.ingestor.errors, session.ingestor.errors
             final = session.collector.finals[uid]
@@ -70,8 +71,7 @@ def test_tcp_run_reads_back_as_a_bluesky_run_with_its_reconstruction(tiled, sim_
     assert primary["seq_num"].read().tolist() == [e["seq_num"] for e in events]
     assert sorted(primary["stm_line_index"].read().tolist()) == list(range(LINES))
     # the derived reconstruction run, found from the acquisition run, with the final image
-    found = {key: node.metadata["start"] for key, node in
-             client.search(Key("start.parent_uid") == uid).items()}
+    found = {key: node.metadata["start"] for key, node in client.search(Key("start.parent_uid") == uid).items()}
     (recon_uid,) = [k for k, start in found.items() if start.get("stm_live_derived") == "reconstruction"]
     assert derived_runs(client, uid)["reconstruction"] == recon_uid
     images = client[recon_uid]["reconstruction"]["reconstruction"].read()
@@ -83,7 +83,8 @@ def test_tcp_run_reads_back_as_a_bluesky_run_with_its_reconstruction(tiled, sim_
         assert run_from_tiled(client, uid).images[key].tobytes() == image.tobytes()
     rows = runs_list(data_dir=tmp_path, tiled_uri=tiled.uri)
     assert {"uid": uid, "lines_read": LINES, "exit_status": "success"}.items() <= next(
-        r for r in rows if r["uid"] == uid).items()
+        r for r in rows if r["uid"] == uid
+    ).items()
     from stm_live.io.sxm import read_sxm
 
     out = runs_export(uid[:8], sxm=tmp_path / "from_tiled.sxm", data_dir=tmp_path, tiled_uri=tiled.uri)
@@ -92,8 +93,8 @@ def test_tcp_run_reads_back_as_a_bluesky_run_with_its_reconstruction(tiled, sim_
 
 def test_viewer_shows_a_run_stored_in_tiled(tiled, tmp_path):
     """The viewer reads a stored run and its derived reconstruction through the standard layout."""
-    from tiled.client import from_uri
     from event_model import compose_run
+    from tiled.client import from_uri
 
     from stm_live.store import ingest_journal
     from stm_live.viewer import ViewerState, show_stored_run
@@ -103,13 +104,24 @@ def test_viewer_shows_a_run_stored_in_tiled(tiled, tmp_path):
     uid = docs[0][1]["uid"]
     image = np.arange(6 * 16, dtype=np.float32).reshape(6, 16)
     derived = compose_run(metadata={"parent_uid": uid, "stm_live_derived": "reconstruction"})
-    desc = derived.compose_descriptor(name="reconstruction", data_keys={
-        "reconstruction": {"source": "test", "dtype": "array", "shape": [6, 16], "dtype_numpy": "<f4"},
-        "lines_done": {"source": "test", "dtype": "integer", "shape": []}})
-    docs_derived = [("start", derived.start_doc), ("descriptor", desc.descriptor_doc),
-                    ("event", desc.compose_event(data={"reconstruction": image, "lines_done": 6},
-                                                 timestamps={"reconstruction": 0.0, "lines_done": 0.0})),
-                    ("stop", derived.compose_stop())]
+    desc = derived.compose_descriptor(
+        name="reconstruction",
+        data_keys={
+            "reconstruction": {"source": "test", "dtype": "array", "shape": [6, 16], "dtype_numpy": "<f4"},
+            "lines_done": {"source": "test", "dtype": "integer", "shape": []},
+        },
+    )
+    docs_derived = [
+        ("start", derived.start_doc),
+        ("descriptor", desc.descriptor_doc),
+        (
+            "event",
+            desc.compose_event(
+                data={"reconstruction": image, "lines_done": 6}, timestamps={"reconstruction": 0.0, "lines_done": 0.0}
+            ),
+        ),
+        ("stop", derived.compose_stop()),
+    ]
     for run_docs in (docs, docs_derived):
         writer = JournalWriter(tmp_path)
         for name, doc in run_docs:
@@ -127,9 +139,16 @@ def _old_layout_ingest(client, path):
     from event_model import sanitize_doc
 
     data = run_data(read_journal(path))
-    node = client.create_container(data.uid, metadata={
-        "start": sanitize_doc(data.start), "stop": sanitize_doc(data.stop), "exit_status": data.exit_status,
-        "lines_read": len(data.lines_read), "journal_bytes": path.stat().st_size})
+    node = client.create_container(
+        data.uid,
+        metadata={
+            "start": sanitize_doc(data.start),
+            "stop": sanitize_doc(data.stop),
+            "exit_status": data.exit_status,
+            "lines_read": len(data.lines_read),
+            "journal_bytes": path.stat().st_size,
+        },
+    )
     for key, image in data.images.items():
         node.write_array(image, key=key, dims=["line", "pixel"])
     node.write_array(np.asarray(data.lines_read, dtype=np.int64), key="stm_line_index")
@@ -142,7 +161,7 @@ def test_old_layout_runs_migrate_once(tiled, tmp_path, caplog):
     client = from_uri(tiled.uri)
     rng = np.random.default_rng(12)
     stored = {}
-    for k in range(2):
+    for _ in range(2):
         writer = JournalWriter(tmp_path)
         for name, doc in _frame_docs(rng, lines_to_emit=5, resend=1):
             writer(name, doc)

@@ -11,8 +11,18 @@ import numpy as np
 import pytest
 
 from stm_live.models.tipdomain import OOD_FAMILIES, family_inputs, ood_family
-from stm_live.models.tipstate import (DEFAULT_WEIGHTS, GOOD_CLASSES, TIP_CLASSES, UNKNOWN, TipVerdict, domain_path,
-                                      is_held_back, is_known_bad, load_domain, load_tip_classifier)
+from stm_live.models.tipstate import (
+    DEFAULT_WEIGHTS,
+    GOOD_CLASSES,
+    TIP_CLASSES,
+    UNKNOWN,
+    TipVerdict,
+    domain_path,
+    is_held_back,
+    is_known_bad,
+    load_domain,
+    load_tip_classifier,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +118,7 @@ def test_action_limits_are_each_bad_class_tail_inside_the_threshold():
     few = TIP_CLASSES.index("unstable")
     for labels, _, _ in sources:  # 'unstable' on too few frames to say anything of a tail
         labels[labels == few] = blunt
-        labels[:(ACTION_MIN_FRAMES - 1) // 2] = few
+        labels[: (ACTION_MIN_FRAMES - 1) // 2] = few
     limits = dict(zip(TIP_CLASSES, action_limits(sources, threshold=140.0)))
     assert all(np.isnan(limits[c]) for c in GOOD_CLASSES)
     labels, score, class_score = (np.concatenate(p) for p in zip(*sources))
@@ -135,8 +145,9 @@ def test_statistics_without_action_limits_still_load_and_act_as_before(tmp_path)
 
     v = clf.classify(simulate_scan(np.random.default_rng(8), "blunt", pixels=64, lines=64), 7.0 / 64)
     assert np.isnan(v.action_limit) and np.isnan(v.class_score) and not v.held_back
-    again = DomainModel(dom.whiten, dom.centres, dom.threshold, dom.classifier_sha256, dom.meta,
-                        np.full(3, 1.0)).save(tmp_path / "bad.npz")
+    again = DomainModel(dom.whiten, dom.centres, dom.threshold, dom.classifier_sha256, dom.meta, np.full(3, 1.0)).save(
+        tmp_path / "bad.npz"
+    )
     with pytest.raises(ValueError, match="action limits do not fit"):
         load_domain(again)
 
@@ -164,8 +175,18 @@ def test_fit_writes_verified_statistics_and_a_card(tmp_path):
     hash, loadable with the classifier, and a model card section with what was measured."""
     from stm_live.models.tipdomain import fit_domain_main
 
-    out = fit_domain_main(out=tmp_path / "dom.npz", renders=70, finishes=1, scenes=0, calibration_renders=50,
-                          calibration_scenes=0, family_frames=2, report_samples=1, device="cpu", threads=1)
+    out = fit_domain_main(
+        out=tmp_path / "dom.npz",
+        renders=70,
+        finishes=1,
+        scenes=0,
+        calibration_renders=50,
+        calibration_scenes=0,
+        family_frames=2,
+        report_samples=1,
+        device="cpu",
+        threads=1,
+    )
     assert out.stat().st_size < 1_000_000 and (tmp_path / "dom.npz.sha256").is_file()
     clf = load_tip_classifier("cpu", domain=out)
     assert clf.domain.meta["fit_frames"] == 70 and clf.domain.threshold > 0
@@ -220,9 +241,13 @@ def _write_current_sxm(path, image, pixel_nm, line_nm):
     from sxm_files import write_raw_sxm
 
     lines, pixels = image.shape
-    return write_raw_sxm(path, channels={"Current": (0, "A", image, image)},
-                         range_m=(pixels * pixel_nm * 1e-9, lines * line_nm * 1e-9),
-                         feedback_on=False, bias_V=0.5)
+    return write_raw_sxm(
+        path,
+        channels={"Current": (0, "A", image, image)},
+        range_m=(pixels * pixel_nm * 1e-9, lines * line_nm * 1e-9),
+        feedback_on=False,
+        bias_V=0.5,
+    )
 
 
 def _run(path, **kw):
@@ -244,8 +269,16 @@ def test_classify_in_domain_frame_prints_one_json_object(tmp_path):
     assert text.count("\n") == 1
     printed = json.loads(text)
     assert printed == result
-    assert set(printed) == {"label", "good", "probabilities", "s_fraction", "in_domain", "domain_score", "held_back",
-                            "reason"}
+    assert set(printed) == {
+        "label",
+        "good",
+        "probabilities",
+        "s_fraction",
+        "in_domain",
+        "domain_score",
+        "held_back",
+        "reason",
+    }
     assert printed["in_domain"] is True and printed["label"] in TIP_CLASSES and printed["held_back"] is False
     assert set(printed["probabilities"]) == set(TIP_CLASSES) and 0 <= printed["s_fraction"] <= 1
     _, line = _run(path, device="cpu")

@@ -26,8 +26,7 @@ def test_monitor_emits_verdict_run_and_timeline():
     after = simulate_scan(np.random.default_rng(seed), "double", pixels=N, lines=N, noise=0.0)
     rows = np.sqrt(((after.astype(float) - before) ** 2).mean(1)) > 0.3 * before.std()
     change = int(np.flatnonzero(rows[24:])[0]) + 24
-    image = simulate_scan(np.random.default_rng(seed), "co", tip_after="double", change_line=change,
-                          pixels=N, lines=N)
+    image = simulate_scan(np.random.default_rng(seed), "co", tip_after="double", change_line=change, pixels=N, lines=N)
     out, threads, verdicts = [], set(), []
 
     def on_verdict(rec):
@@ -110,8 +109,14 @@ class _UnknownMarker:
         odd = float(np.mean(image[np.isfinite(image).all(axis=1), 0] > 5.0)) > 0.5
         probs = {c: 0.01 for c in TIP_CLASSES}
         probs["double" if odd else "co_sharp"] = 0.94
-        return TipVerdict(UNKNOWN if odd else "co_sharp", probs, 0.1, in_domain=not odd,
-                          domain_score=900.0 if odd else 100.0, domain_threshold=400.0)
+        return TipVerdict(
+            UNKNOWN if odd else "co_sharp",
+            probs,
+            0.1,
+            in_domain=not odd,
+            domain_score=900.0 if odd else 100.0,
+            domain_threshold=400.0,
+        )
 
 
 def test_unknown_latest_lines_never_count_as_the_worse_verdict():

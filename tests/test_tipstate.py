@@ -117,8 +117,10 @@ def test_change_detector_flags_within_3_lines():
 
 def test_change_detector_quiet_on_clean_frames():
     rng = np.random.default_rng(99)
-    alarms = sum(len(detect_changes(simulate_scan(rng, tip, pixels=128, lines=128)))
-                 for tip in ("co", "s", "mixed", "co", "double", "co"))
+    alarms = sum(
+        len(detect_changes(simulate_scan(rng, tip, pixels=128, lines=128)))
+        for tip in ("co", "s", "mixed", "co", "double", "co")
+    )
     assert alarms == 0
 
 
@@ -138,8 +140,10 @@ def test_predict_pads_views_without_changing_the_verdict(clf):
     get alone: padding is outside the scanned area, which the pooling ignores; only the
     network's border cells see how much of it there is."""
     rng = np.random.default_rng(5)
-    images = [simulate_scan(rng, tip, pixels=p, lines=l)[:rows]
-              for tip, p, l, rows in (("co", 64, 64, 64), ("double", 80, 48, 30), ("blunt", 100, 100, 70))]
+    images = [
+        simulate_scan(rng, tip, pixels=p, lines=n_lines)[:rows]
+        for tip, p, n_lines, rows in (("co", 64, 64, 64), ("double", 80, 48, 30), ("blunt", 100, 100, 70))
+    ]
     together = clf.classify_many(images, 0.1)
     for image, verdict in zip(images, together):
         alone = clf.classify(image, 0.1)

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
+from browser import dump_dom, find_chromium, screenshot
 from event_model import compose_run
 
-from browser import dump_dom, find_chromium, screenshot
 from stm_live.callbacks.live import CHECK_STREAM
 from stm_live.viewer import IMAGES, JournalFollower, Viewer, ViewerState
 
@@ -24,8 +24,10 @@ def chromium():
     return path
 
 
-NOT_ORBITAL_REASON = ("not a CO-tip orbital image: the image shows no p-channel contrast, |psi|^2 alone "
-                      "explains 97 % of it (an s-like tip, or no orbital in the frame)")
+NOT_ORBITAL_REASON = (
+    "not a CO-tip orbital image: the image shows no p-channel contrast, |psi|^2 alone "
+    "explains 97 % of it (an s-like tip, or no orbital in the frame)"
+)
 
 
 class FakeFrame:
@@ -38,16 +40,29 @@ class FakeFrame:
     "in" or "out" (``in_domain``, ``domain_score``, ``domain_threshold``; label "unknown" out).
     """
 
-    def __init__(self, direction: str = "down", height_m: float = 3.2e-9, *, check: str | None = None,
-                 domain: str | None = None):
+    def __init__(
+        self, direction: str = "down", height_m: float = 3.2e-9, *, check: str | None = None, domain: str | None = None
+    ):
         self.check, self.domain = check, domain
-        block = {"frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 3.2e-9, "height_m": height_m,
-                           "angle_deg": 0.0},
-                 "pixels": PIXELS, "lines": LINES, "pixel_size_nm": 0.1, "scan_direction": direction,
-                 "bias_V": -1.0, "setpoint_A": 1e-10, "z_controller": "constant_height",
-                 "line_key": "stm_line_index",
-                 "channels": [{"name": "Current", "index": 0, "units": "A",
-                               "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"}}]}
+        block = {
+            "frame": {"center_x_m": 0.0, "center_y_m": 0.0, "width_m": 3.2e-9, "height_m": height_m, "angle_deg": 0.0},
+            "pixels": PIXELS,
+            "lines": LINES,
+            "pixel_size_nm": 0.1,
+            "scan_direction": direction,
+            "bias_V": -1.0,
+            "setpoint_A": 1e-10,
+            "z_controller": "constant_height",
+            "line_key": "stm_line_index",
+            "channels": [
+                {
+                    "name": "Current",
+                    "index": 0,
+                    "units": "A",
+                    "keys": {"forward": "stm_current_fwd", "backward": "stm_current_bwd"},
+                }
+            ],
+        }
         self.raw = compose_run(metadata={"stm_live": block})
         keys = {"stm_line_index": {"source": "sim", "dtype": "integer", "shape": []}}
         for key in ("stm_current_fwd", "stm_current_bwd"):
@@ -55,26 +70,38 @@ class FakeFrame:
         self.raw_desc = self.raw.compose_descriptor(name="primary", data_keys=keys)
         parent = self.raw.start_doc["uid"]
         self.recon = compose_run(metadata={"parent_uid": parent, "stm_live_derived": "reconstruction"})
-        recon_keys = {"reconstruction": {"source": "stmnet", "dtype": "array", "shape": [LINES, PIXELS]},
-                      "lines_done": {"source": "stmnet", "dtype": "integer", "shape": []}}
+        recon_keys = {
+            "reconstruction": {"source": "stmnet", "dtype": "array", "shape": [LINES, PIXELS]},
+            "lines_done": {"source": "stmnet", "dtype": "integer", "shape": []},
+        }
         if check:
             recon_keys |= {k: {"source": "stmnet", "dtype": "number", "shape": []} for k in ("agreement", "w_s")}
             recon_keys["orbital"] = {"source": "stmnet", "dtype": "boolean", "shape": []}
             map_key = {"source": "stmnet", "dtype": "array", "shape": [LINES, PIXELS]}
-            self.check_desc = self.recon.compose_descriptor(name=CHECK_STREAM, data_keys={
-                "residual": map_key, "view_spread": map_key,
-                **{k: {"source": "stmnet", "dtype": "number", "shape": []}
-                   for k in ("spread", "agreement", "w_s", "explained")},
-                "orbital": {"source": "stmnet", "dtype": "boolean", "shape": []},
-                "reason": {"source": "stmnet", "dtype": "string", "shape": []}})
+            self.check_desc = self.recon.compose_descriptor(
+                name=CHECK_STREAM,
+                data_keys={
+                    "residual": map_key,
+                    "view_spread": map_key,
+                    **{
+                        k: {"source": "stmnet", "dtype": "number", "shape": []}
+                        for k in ("spread", "agreement", "w_s", "explained")
+                    },
+                    "orbital": {"source": "stmnet", "dtype": "boolean", "shape": []},
+                    "reason": {"source": "stmnet", "dtype": "string", "shape": []},
+                },
+            )
         self.recon_desc = self.recon.compose_descriptor(name="reconstruction", data_keys=recon_keys)
         # The tip monitor's layout: probabilities in the order of the start's tip_classes.
-        self.tip = compose_run(metadata={"parent_uid": parent, "purpose": "tip_verdicts",
-                                         "tip_classes": ["co_sharp", "double"]})
+        self.tip = compose_run(
+            metadata={"parent_uid": parent, "purpose": "tip_verdicts", "tip_classes": ["co_sharp", "double"]}
+        )
         tip_keys = ("label", "probabilities", "s_fraction", "line") + (
-            ("in_domain", "domain_score", "domain_threshold") if domain else ())
-        self.tip_desc = self.tip.compose_descriptor(name="tip", data_keys={
-            k: {"source": "tipmonitor", "dtype": "string", "shape": []} for k in tip_keys})
+            ("in_domain", "domain_score", "domain_threshold") if domain else ()
+        )
+        self.tip_desc = self.tip.compose_descriptor(
+            name="tip", data_keys={k: {"source": "tipmonitor", "dtype": "string", "shape": []} for k in tip_keys}
+        )
         yy, xx = np.mgrid[:LINES, :PIXELS]
         # off-centre blob (rows in the frame's top-to-bottom order); an up-scan records
         # the same scene bottom line first
@@ -93,8 +120,7 @@ class FakeFrame:
 
     def lines(self, rows):
         for row in rows:
-            data = {"stm_line_index": row, "stm_current_fwd": self.image[row],
-                    "stm_current_bwd": self.image[row]}
+            data = {"stm_line_index": row, "stm_current_fwd": self.image[row], "stm_current_bwd": self.image[row]}
             yield "event", self.raw_desc.compose_event(data=data, timestamps={k: 0.0 for k in data})
 
     def results(self, lines_done):
@@ -104,15 +130,21 @@ class FakeFrame:
         orbital = self.check == "orbital"
         if self.check:  # NaN until enough lines are in, as models.consistency reports it
             early = lines_done < 8
-            data |= {"agreement": np.nan if early else (0.82 if orbital else 0.21),
-                     "w_s": np.nan if early else 0.13, "orbital": orbital and not early}
+            data |= {
+                "agreement": np.nan if early else (0.82 if orbital else 0.21),
+                "w_s": np.nan if early else 0.13,
+                "orbital": orbital and not early,
+            }
         yield "event", self.recon_desc.compose_event(data=data, timestamps={k: 0.0 for k in data})
-        verdict = {"label": "double", "probabilities": np.array([0.1, 0.9]),
-                   "s_fraction": 0.2, "line": lines_done}
+        verdict = {"label": "double", "probabilities": np.array([0.1, 0.9]), "s_fraction": 0.2, "line": lines_done}
         if self.domain:
             inside = self.domain == "in"
-            verdict |= {"label": "double" if inside else "unknown", "in_domain": inside,
-                        "domain_score": 12.0 if inside else 41.0, "domain_threshold": 30.0}
+            verdict |= {
+                "label": "double" if inside else "unknown",
+                "in_domain": inside,
+                "domain_score": 12.0 if inside else 41.0,
+                "domain_threshold": 30.0,
+            }
         yield "event", self.tip_desc.compose_event(data=verdict, timestamps={k: 0.0 for k in verdict})
 
     def final_check(self):
@@ -121,10 +153,17 @@ class FakeFrame:
         xx = np.mgrid[:LINES, :PIXELS][1]
         # signed, left-right ramp residual; spread bright where the scene is (rows as scanned)
         residual = ((xx - PIXELS / 2) * 1e-12).astype(np.float32)
-        spread = (0.05 * self.image ** 2).astype(np.float32)
-        data = {"residual": residual, "view_spread": spread, "spread": 0.034,
-                "agreement": 0.82 if orbital else 0.21, "w_s": 0.13, "explained": 0.97,
-                "orbital": orbital, "reason": "" if orbital else NOT_ORBITAL_REASON}
+        spread = (0.05 * self.image**2).astype(np.float32)
+        data = {
+            "residual": residual,
+            "view_spread": spread,
+            "spread": 0.034,
+            "agreement": 0.82 if orbital else 0.21,
+            "w_s": 0.13,
+            "explained": 0.97,
+            "orbital": orbital,
+            "reason": "" if orbital else NOT_ORBITAL_REASON,
+        }
         yield "event", self.check_desc.compose_event(data=data, timestamps={k: 0.0 for k in data})
 
 
@@ -201,7 +240,7 @@ def test_up_scan_is_drawn_with_the_frame_top_at_the_top():
     assert up.snapshot()["scan_direction"] == "up" and down.snapshot()["scan_direction"] == "down"
     # a partial up-scan: its unscanned lines (the frame's top) are grey at the top
     partial = _decoded(_fed(FakeFrame("up"), lines_done=20).png("raw"))
-    assert np.all(partial[:LINES - 20] == 128) and not np.any(np.all(partial[LINES - 20:] == 128, axis=2))
+    assert np.all(partial[: LINES - 20] == 128) and not np.any(np.all(partial[LINES - 20 :] == 128, axis=2))
 
 
 def test_page_shows_non_square_frames_with_their_physical_aspect(chromium):
@@ -226,8 +265,7 @@ def test_page_shows_the_check_and_the_domain_score(chromium, orbital):
     """raw | reconstruction | residual | uncertainty, the agreement line and the tip verdict
     with its domain score; a frame outside the check's scope says why, and a frame outside
     the classifier's domain is "unknown", not a tip class."""
-    frame = FakeFrame(height_m=1.6e-9, check="orbital" if orbital else "not_orbital",
-                      domain="in" if orbital else "out")
+    frame = FakeFrame(height_m=1.6e-9, check="orbital" if orbital else "not_orbital", domain="in" if orbital else "out")
     with Viewer(_fed(frame)) as viewer:
         page = dump_dom(chromium, viewer.url)
     for which in IMAGES:
@@ -359,8 +397,7 @@ def test_viewer_follows_a_real_live_scan(chromium, tmp_path):
     state = ViewerState()
     with start_server_thread(seed=0, time_scale=2.0) as server, Viewer(state) as viewer:
         stm = NanonisSTM(server.host, server.port, name="stm")
-        session = AcquisitionSession(tmp_path, live=True, reconstructor=load_stmnet(device="cpu"),
-                                     viewer_state=state)
+        session = AcquisitionSession(tmp_path, live=True, reconstructor=load_stmnet(device="cpu"), viewer_state=state)
         try:
             mid: list[str] = []
 
@@ -373,8 +410,7 @@ def test_viewer_follows_a_real_live_scan(chromium, tmp_path):
 
             reader = threading.Thread(target=read_page_mid_scan, daemon=True)
             reader.start()
-            session(live_frame(stm, frame=(0.0, 0.0, 6e-9, 6e-9, 0.0), pixels=48, lines=48,
-                               channels=["Current", "Z"]))
+            session(live_frame(stm, frame=(0.0, 0.0, 6e-9, 6e-9, 0.0), pixels=48, lines=48, channels=["Current", "Z"]))
             # the final reconstruction and its check run off the RunEngine loop
             assert session.wait(120), "no final reconstruction within 120 s"
             reader.join(timeout=60)

@@ -60,8 +60,12 @@ SNAPSHOT_FRACTIONS = (0.25, 0.5, 0.75)
 FINAL_TIMEOUT_S = 120.0
 # Verdict colours for the timeline (RGB), by tip class.
 _CLASS_COLOURS = {
-    "co_sharp": (46, 160, 67), "metal_s": (88, 166, 255), "mixed": (163, 113, 247),
-    "asymmetric": (210, 153, 34), "double": (248, 81, 73), "blunt": (139, 87, 42),
+    "co_sharp": (46, 160, 67),
+    "metal_s": (88, 166, 255),
+    "mixed": (163, 113, 247),
+    "asymmetric": (210, 153, 34),
+    "double": (248, 81, 73),
+    "blunt": (139, 87, 42),
     "unstable": (110, 118, 129),
     "unknown": (255, 160, 200),  # outside what the classifier knows: no policy acts on it
 }
@@ -71,8 +75,7 @@ def _demo_scenario(lines: int):
     """The shipped degrading scenario with its scheduled tip change scaled to the frame
     height, so a small (quick) frame still sees the change mid-frame."""
     sc = load_scenario(DEMO_SCENARIO)
-    events = tuple(dataclasses.replace(e, line=max(4, round(e.line * lines / 128)))
-                   for e in sc.evolution.events)
+    events = tuple(dataclasses.replace(e, line=max(4, round(e.line * lines / 128))) for e in sc.evolution.events)
     return dataclasses.replace(sc, evolution=dataclasses.replace(sc.evolution, events=events))
 
 
@@ -109,15 +112,20 @@ class _VerdictPrinter:
             self.console.print(
                 f"  tip verdict at line {record['line']}: [yellow]unknown[/] (domain score "
                 f"{record.get('domain_score', float('nan')):.0f} > {record.get('domain_threshold', float('nan')):.0f}; "
-                f"nearest {nearest}, p = {probs[nearest]:.2f}; {record['reason']})")
+                f"nearest {nearest}, p = {probs[nearest]:.2f}; {record['reason']})"
+            )
             return
         colour = "green" if record.get("good") else "red"
-        held = (f"; held back, no action: class score {record['class_score']:.0f} > limit "
-                f"{record['action_limit']:.0f}" if is_held_back(record) else "")
+        held = (
+            f"; held back, no action: class score {record['class_score']:.0f} > limit {record['action_limit']:.0f}"
+            if is_held_back(record)
+            else ""
+        )
         self.console.print(
             f"  tip verdict at line {record['line']}: [{colour}]{record['label']}[/] "
             f"(p = {probs.get(record['label'], float('nan')):.2f}, s share {record['s_fraction']:.2f}; "
-            f"{record['reason']}{held})")
+            f"{record['reason']}{held})"
+        )
 
 
 def _sxm_for_run(path: Path, run) -> Path:
@@ -135,15 +143,15 @@ def _timeline_png(path: Path, frames: list[dict], events: list[dict]) -> Path:
     height = top + row_h * max(1, len(frames)) + 30 + legend_h
     img = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(img)
-    draw.text((8, 6), "tip state per frame (verdict over the lines it judged); "
-                      "| = reconditioning", fill=(0, 0, 0), font=font)
+    draw.text(
+        (8, 6), "tip state per frame (verdict over the lines it judged); | = reconditioning", fill=(0, 0, 0), font=font
+    )
     span = width - left - right
     for k, frame in enumerate(frames):
         y = top + k * row_h
         lines = max(1, frame["lines_total"])
         draw.text((8, y + 6), f"frame {k} ({frame['uid'][:8]})", fill=(0, 0, 0), font=font)
-        draw.rectangle([left, y + 3, left + span, y + row_h - 5], outline=(180, 180, 180),
-                       fill=(240, 240, 240))
+        draw.rectangle([left, y + 3, left + span, y + row_h - 5], outline=(180, 180, 180), fill=(240, 240, 240))
         previous = -1
         for v in frame["verdicts"]:
             # each verdict colours the lines it judged that no earlier verdict covered
@@ -151,8 +159,7 @@ def _timeline_png(path: Path, frames: list[dict], events: list[dict]) -> Path:
             previous = max(previous, v["line"])
             x0 = left + span * first / lines
             x1 = left + span * (v["line"] + 1) / lines
-            draw.rectangle([x0, y + 4, max(x0 + 1, x1), y + row_h - 6],
-                           fill=_CLASS_COLOURS.get(v["label"], (0, 0, 0)))
+            draw.rectangle([x0, y + 4, max(x0 + 1, x1), y + row_h - 6], fill=_CLASS_COLOURS.get(v["label"], (0, 0, 0)))
         for e in frame["actions"]:
             if e.get("what") != "suspend" or e.get("line") is None:
                 continue  # mark where the frame was suspended for reconditioning
@@ -172,8 +179,7 @@ def _timeline_png(path: Path, frames: list[dict], events: list[dict]) -> Path:
     return path
 
 
-def _pick_snapshots(snapshots: list[tuple[int, np.ndarray]],
-                    lines: int) -> list[tuple[int, np.ndarray]]:
+def _pick_snapshots(snapshots: list[tuple[int, np.ndarray]], lines: int) -> list[tuple[int, np.ndarray]]:
     """The first live update past each fraction of the frame."""
     picked, used = [], set()
     for fraction in SNAPSHOT_FRACTIONS:
@@ -185,10 +191,19 @@ def _pick_snapshots(snapshots: list[tuple[int, np.ndarray]],
     return picked
 
 
-def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str = "stm_live_data",
-             frames: int = 3, seed: int = 0, view: bool = False, quick: bool = False, *,
-             device: str = "auto", time_scale: float | None = None, tiled_uri: str | None = None,
-             console=None) -> dict[str, Any]:
+def run_demo(
+    out: os.PathLike | str = "demo_output",
+    data_dir: os.PathLike | str = "stm_live_data",
+    frames: int = 3,
+    seed: int = 0,
+    view: bool = False,
+    quick: bool = False,
+    *,
+    device: str = "auto",
+    time_scale: float | None = None,
+    tiled_uri: str | None = None,
+    console=None,
+) -> dict[str, Any]:
     """Run the demo session; write the report folder; return the summary (also
     ``out/summary.json``).
 
@@ -224,13 +239,35 @@ def run_demo(out: os.PathLike | str = "demo_output", data_dir: os.PathLike | str
         raise ValueError(f"frames must be >= 1, got {frames}")
     with LogFile(data_dir) as log, quiet_suspensions():
         console.print(log.note)
-        return _session(out=out, data_dir=data_dir, frames=frames, seed=seed, view=view, quick=quick,
-                        device=device, time_scale=time_scale, tiled_uri=tiled_uri, console=console,
-                        t_start=t_start)
+        return _session(
+            out=out,
+            data_dir=data_dir,
+            frames=frames,
+            seed=seed,
+            view=view,
+            quick=quick,
+            device=device,
+            time_scale=time_scale,
+            tiled_uri=tiled_uri,
+            console=console,
+            t_start=t_start,
+        )
 
 
-def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, device: str,
-             time_scale: float | None, tiled_uri: str | None, console, t_start: float) -> dict[str, Any]:
+def _session(
+    *,
+    out,
+    data_dir,
+    frames: int,
+    seed: int,
+    view: bool,
+    quick: bool,
+    device: str,
+    time_scale: float | None,
+    tiled_uri: str | None,
+    console,
+    t_start: float,
+) -> dict[str, Any]:
     """The demo proper (see :func:`run_demo`)."""
     size = 48 if quick else 128
     frames = min(frames, 2) if quick else frames
@@ -244,8 +281,10 @@ def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, 
     reconstructor, classifier = load_models(device, tip=True)
     scenario = _demo_scenario(size)
     server = start_server_thread(scenario=scenario, seed=seed, time_scale=time_scale)
-    console.print(f"simulated controller on {server.host}:{server.port}: scenario "
-                  f"{scenario.name!r} ({scenario.description}), time scale {time_scale:g}")
+    console.print(
+        f"simulated controller on {server.host}:{server.port}: scenario "
+        f"{scenario.name!r} ({scenario.description}), time scale {time_scale:g}"
+    )
     viewer = state = None
     if view:
         state = ViewerState()
@@ -253,20 +292,34 @@ def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, 
         console.print(f"viewer: [bold]{viewer.url}[/]")
 
     runs = _FrameRuns()
-    stm = NanonisSTM(server.host, server.port, name="stm", profile=profile,
-                     timeout=profile.timeout_s)
+    stm = NanonisSTM(server.host, server.port, name="stm", profile=profile, timeout=profile.timeout_s)
     stm.lines.line_timeout = 60.0  # a verification scan or a busy CPU is not a stall
-    frame = (scenario.frame.center_x_nm * 1e-9, scenario.frame.center_y_nm * 1e-9,
-             scenario.frame.width_nm * 1e-9, scenario.frame.height_nm * 1e-9, 0.0)
+    frame = (
+        scenario.frame.center_x_nm * 1e-9,
+        scenario.frame.center_y_nm * 1e-9,
+        scenario.frame.width_nm * 1e-9,
+        scenario.frame.height_nm * 1e-9,
+        0.0,
+    )
     errors: list[str] = []
     operator: list[dict] = []
     session = AcquisitionSession(
-        data_dir, inline_callbacks=[runs], tiled=True, tiled_uri=tiled_uri, live=True,
+        data_dir,
+        inline_callbacks=[runs],
+        tiled=True,
+        tiled_uri=tiled_uri,
+        live=True,
         reconstructor=reconstructor,
-        tip=True, classifier=classifier, tip_options={"every_n_lines": 8 if quick else 16},
-        on_verdict=_VerdictPrinter(console), stm=stm, tip_policy="auto",
-        policy_options={"verify_lines": min(24, size // 2)}, viewer_state=state,
-        progress=LineProgress(console=console))
+        tip=True,
+        classifier=classifier,
+        tip_options={"every_n_lines": 8 if quick else 16},
+        on_verdict=_VerdictPrinter(console),
+        stm=stm,
+        tip_policy="auto",
+        policy_options={"verify_lines": min(24, size // 2)},
+        viewer_state=state,
+        progress=LineProgress(console=console),
+    )
     live, tip, policy, collector = session.live, session.tip, session.policy, session.collector
     try:
         # a stall or drop: the frame is suspended, reconnected, resumed; one line each
@@ -279,15 +332,26 @@ def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, 
                 errors.append(f"before frame {k}: {msg}; released")
                 console.print(f"[yellow]{msg}; releasing it[/]")
                 policy.state.put("good")
-            console.print(f"[bold]frame {k + 1}/{frames}[/]: {size} x {size}, constant current, "
-                          f"Current + Z")
+            console.print(f"[bold]frame {k + 1}/{frames}[/]: {size} x {size}, constant current, Current + Z")
             try:
                 try:
-                    session(live_frame(stm, frame=frame, pixels=size, lines=size,
-                                       channels=["Current", "Z"], direction="down",
-                                       z_controller="constant_current",
-                                       md={"purpose": "stm-live demo", "demo_frame": k,
-                                           "tip_policy": "auto", "scenario": scenario.name}))
+                    session(
+                        live_frame(
+                            stm,
+                            frame=frame,
+                            pixels=size,
+                            lines=size,
+                            channels=["Current", "Z"],
+                            direction="down",
+                            z_controller="constant_current",
+                            md={
+                                "purpose": "stm-live demo",
+                                "demo_frame": k,
+                                "tip_policy": "auto",
+                                "scenario": scenario.name,
+                            },
+                        )
+                    )
                 except RunEngineInterrupted:
                     _operator_resumes(session.RE, server, policy, console, operator)
             except Exception as exc:  # keep what was acquired; report, go on
@@ -312,12 +376,27 @@ def _session(*, out, data_dir, frames: int, seed: int, view: bool, quick: bool, 
         console.print(migrated_note(migrated))
     tiled = tiled_uri.split("?")[0] if tiled_uri else str(data_dir / "tiled")  # no API key on screen
 
-    summary = _report(out=out, data_dir=data_dir, runs=runs, operator=operator,
-                      collector=collector, live=live,
-                      tip=tip, policy=policy,
-                      ingested=ingested, tiled=tiled, tiled_error=tiled_error, errors=errors,
-                      server=server, scenario=scenario, size=size, seed=seed,
-                      time_scale=time_scale, t_start=t_start, link=stm.link)
+    summary = _report(
+        out=out,
+        data_dir=data_dir,
+        runs=runs,
+        operator=operator,
+        collector=collector,
+        live=live,
+        tip=tip,
+        policy=policy,
+        ingested=ingested,
+        tiled=tiled,
+        tiled_error=tiled_error,
+        errors=errors,
+        server=server,
+        scenario=scenario,
+        size=size,
+        seed=seed,
+        time_scale=time_scale,
+        t_start=t_start,
+        link=stm.link,
+    )
     _print_where(console, summary, out)
     return summary
 
@@ -334,11 +413,12 @@ def _operator_resumes(RE, server, policy, console, operator: list[dict]) -> None
         if RE.state != "paused":
             return
         reason = policy.give_up_reason or RE.pause_msg or "paused"
-        console.print(f"[yellow]{reason}[/]\n[yellow]demo operator: replacing the simulated "
-                      f"tip by hand (fresh CO tip) and resuming[/]")
+        console.print(
+            f"[yellow]{reason}[/]\n[yellow]demo operator: replacing the simulated "
+            f"tip by hand (fresh CO tip) and resuming[/]"
+        )
         server.controller.set_tip("co", cause="demo operator: tip replaced by hand")
-        operator.append({"time": time.time(), "what": "operator replaced the tip and resumed",
-                         "after": reason})
+        operator.append({"time": time.time(), "what": "operator replaced the tip and resumed", "after": reason})
         try:
             RE.resume()
         except RunEngineInterrupted:
@@ -348,10 +428,28 @@ def _operator_resumes(RE, server, policy, console, operator: list[dict]) -> None
         raise RuntimeError("tip still bad after the demo operator's repairs; frame aborted")
 
 
-def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict],
-            collector: DerivedCollector, live,
-            tip, policy, ingested, tiled, tiled_error, errors, server, scenario, size, seed,
-            time_scale, t_start, link) -> dict[str, Any]:
+def _report(
+    *,
+    out: Path,
+    data_dir: Path,
+    runs: _FrameRuns,
+    operator: list[dict],
+    collector: DerivedCollector,
+    live,
+    tip,
+    policy,
+    ingested,
+    tiled,
+    tiled_error,
+    errors,
+    server,
+    scenario,
+    size,
+    seed,
+    time_scale,
+    t_start,
+    link,
+) -> dict[str, Any]:
     frames_out = []
     journal_dir = data_dir / "journal"
     timeline = list(tip.timeline)
@@ -362,15 +460,18 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
         lines = int(meta["lines"])
         name = f"frame{k}"
         entry: dict[str, Any] = {
-            "uid": uid, "journal": str(journal), "exit_status": run.exit_status,
-            "lines_total": lines, "lines": len(set(run.lines_read)), "events": run.events,
+            "uid": uid,
+            "journal": str(journal),
+            "exit_status": run.exit_status,
+            "lines_total": lines,
+            "lines": len(set(run.lines_read)),
+            "events": run.events,
             "lines_resent": run.events - len(set(run.lines_read)),
         }
         entry["sxm"] = str(_sxm_for_run(out / f"{name}.sxm", run))
         source = "stm_current_fwd" if meta["z_controller"] == "constant_height" else "stm_z_fwd"
         raw = run.images[source]
-        collector.wait_stopped("reconstruction", uid,
-                               FINAL_TIMEOUT_S if uid in runs.stops else 5.0)
+        collector.wait_stopped("reconstruction", uid, FINAL_TIMEOUT_S if uid in runs.stops else 5.0)
         final = collector.finals.get(uid)
         geometry = _picture_geometry(meta)
         channel = next((c for c in meta["channels"] if c["keys"].get("forward") == source), {})
@@ -392,30 +493,36 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
             errors.append(f"{name}: no final reconstruction")
         entry["consistency"] = None if check is None else _check_summary(check)
         png = out / f"{name}.png"
-        cmaps = ["afmhot", "afmhot", "viridis", "viridis"][:len(panels)]
+        cmaps = ["afmhot", "afmhot", "viridis", "viridis"][: len(panels)]
         save_frame_png(png, panels, units=units, caption=caption, cmap=cmaps, **geometry)
         entry["png"] = str(png)
         entry["snapshots"] = []
         for n, image in _pick_snapshots(collector.snapshots.get(uid, []), lines):
             path = out / f"{name}_live_{n:03d}lines.png"
-            save_frame_png(path, [(f"STM-Net after {n} of {lines} lines", image)], units=["a.u."],
-                           caption=_picture_caption(name, meta, f"live reconstruction, {n}/{lines} lines"),
-                           **geometry)
+            save_frame_png(
+                path,
+                [(f"STM-Net after {n} of {lines} lines", image)],
+                units=["a.u."],
+                caption=_picture_caption(name, meta, f"live reconstruction, {n}/{lines} lines"),
+                **geometry,
+            )
             entry["snapshots"].append(str(path))
         entry["verdicts"] = [_verdict_entry(v) for v in timeline if v["run_uid"] == uid]
         stop_time = runs.stops.get(uid, {}).get("time", float("inf"))
-        entry["actions"] = [_jsonable(e) for e in policy.events
-                            if start["time"] <= e["time"] <= stop_time]
+        entry["actions"] = [_jsonable(e) for e in policy.events if start["time"] <= e["time"] <= stop_time]
         frames_out.append(entry)
     _timeline_png(out / "tip_timeline.png", frames_out, policy.events)
     stats = live.stats()
     truth = [dict(h) for h in server.controller.tip_history]
     summary = {
-        "scenario": scenario.name, "seed": seed, "frame_size": [size, size],
-        "time_scale": time_scale, "frames": frames_out, "frames_acquired": len(frames_out),
+        "scenario": scenario.name,
+        "seed": seed,
+        "frame_size": [size, size],
+        "time_scale": time_scale,
+        "frames": frames_out,
+        "frames_acquired": len(frames_out),
         "lines": int(sum(f["lines"] for f in frames_out)),
-        "reconstruction_latency_ms": {"p50": stats["p50_ms"], "p99": stats["p99_ms"],
-                                      "updates": stats["updates"]},
+        "reconstruction_latency_ms": {"p50": stats["p50_ms"], "p99": stats["p99_ms"], "updates": stats["updates"]},
         "tip": {
             "verdicts": len(timeline),
             "not_sharp": int(sum(v["label"] != "co_sharp" for v in timeline)),
@@ -429,13 +536,15 @@ def _report(*, out: Path, data_dir: Path, runs: _FrameRuns, operator: list[dict]
             "simulator_truth": truth,
             "simulator_recondition_log": [dict(r) for r in server.controller.recondition_log],
         },
-        "storage": {"journal": str(journal_dir), "tiled": tiled,
-                    "log": str(data_dir / LOG_NAME),
-                    "tiled_runs": ingested,
-                    "tiled_error": None if tiled_error is None else str(tiled_error)},
+        "storage": {
+            "journal": str(journal_dir),
+            "tiled": tiled,
+            "log": str(data_dir / LOG_NAME),
+            "tiled_runs": ingested,
+            "tiled_error": None if tiled_error is None else str(tiled_error),
+        },
         "report": {"folder": str(out), "timeline_png": str(out / "tip_timeline.png")},
-        "link": {"outages": link.outages, "outage_s": round(link.outage_total_s, 2),
-                 "state": link.state},
+        "link": {"outages": link.outages, "outage_s": round(link.outage_total_s, 2), "state": link.state},
         "errors": errors + list(live.errors) + list(tip.errors),
         "wall_time_s": round(time.perf_counter() - t_start, 2),
     }
@@ -448,13 +557,15 @@ def _verdict_entry(v: dict) -> dict[str, Any]:
     "unknown", which is no class; ``closest`` then names the most probable class); the domain
     fields when the classifier has a domain model."""
     probabilities = v["probabilities"]
-    entry = {key: v[key] for key in ("line", "first_line", "change_line", "label", "s_fraction",
-                                     "good", "reason")}
+    entry = {key: v[key] for key in ("line", "first_line", "change_line", "label", "s_fraction", "good", "reason")}
     entry["p"] = probabilities.get(v["label"])
     if entry["p"] is None and probabilities:
         entry["closest"] = max(probabilities, key=probabilities.get)
-    entry |= {key: v[key] for key in ("in_domain", "domain_score", "domain_threshold", "class_score", "action_limit")
-              if key in v}
+    entry |= {
+        key: v[key]
+        for key in ("in_domain", "domain_score", "domain_threshold", "class_score", "action_limit")
+        if key in v
+    }
     if is_held_back(v):
         entry["held_back"] = True
     return entry
@@ -464,8 +575,10 @@ def _check_panels(check: dict, shape: tuple[int, ...]) -> list[tuple[str, np.nda
     """Residual and view-spread panels of a final self-consistency check (live.CHECK_STREAM);
     a map that is missing, misshapen or all NaN (a reconstructor without symmetry views) is left out."""
     panels = []
-    for key, title in (("residual", "residual (measured - predicted)"),
-                       ("view_spread", "uncertainty (symmetry-view spread)")):
+    for key, title in (
+        ("residual", "residual (measured - predicted)"),
+        ("view_spread", "uncertainty (symmetry-view spread)"),
+    ):
         image = check.get(key)
         image = None if image is None else np.asarray(image, dtype=np.float32)
         if image is not None and image.shape == tuple(shape) and np.isfinite(image).any():
@@ -476,9 +589,14 @@ def _check_panels(check: dict, shape: tuple[int, ...]) -> list[tuple[str, np.nda
 def _check_summary(check: dict) -> dict[str, Any]:
     """The check's scalars for summary.json (NaN -> None)."""
     orbital = check.get("orbital")
-    return {"agreement": json_number(check.get("agreement")), "w_s": json_number(check.get("w_s")),
-            "orbital": None if orbital is None else bool(orbital), "reason": str(check.get("reason") or ""),
-            "spread": json_number(check.get("spread")), "explained": json_number(check.get("explained"))}
+    return {
+        "agreement": json_number(check.get("agreement")),
+        "w_s": json_number(check.get("w_s")),
+        "orbital": None if orbital is None else bool(orbital),
+        "reason": str(check.get("reason") or ""),
+        "spread": json_number(check.get("spread")),
+        "explained": json_number(check.get("explained")),
+    }
 
 
 def _check_line(check: dict) -> str:
@@ -488,9 +606,11 @@ def _check_line(check: dict) -> str:
     def number(value, fmt):
         return "n/a" if value is None else format(value, fmt)
 
-    head = (f"self-consistency: agreement {number(c['agreement'], '.2f')}, fitted tip s share "
-            f"{number(c['w_s'], '.2f')}, view spread "
-            + ("n/a" if c["spread"] is None else f"{100 * c['spread']:.1f} % of the bright level"))
+    head = (
+        f"self-consistency: agreement {number(c['agreement'], '.2f')}, fitted tip s share "
+        f"{number(c['w_s'], '.2f')}, view spread "
+        + ("n/a" if c["spread"] is None else f"{100 * c['spread']:.1f} % of the bright level")
+    )
     if c["orbital"] is None:
         return head
     if c["orbital"]:
@@ -504,19 +624,23 @@ def _check_line(check: dict) -> str:
 def _picture_geometry(meta: dict) -> dict[str, Any]:
     """Pixel pitch on both axes and scan direction of a live frame, for its pictures."""
     frame = meta["frame"]
-    return {"pixel_size_nm": float(frame["width_m"]) * 1e9 / int(meta["pixels"]),
-            "line_spacing_nm": float(frame["height_m"]) * 1e9 / int(meta["lines"]),
-            "scan_direction": meta.get("scan_direction", "down")}
+    return {
+        "pixel_size_nm": float(frame["width_m"]) * 1e9 / int(meta["pixels"]),
+        "line_spacing_nm": float(frame["height_m"]) * 1e9 / int(meta["lines"]),
+        "scan_direction": meta.get("scan_direction", "down"),
+    }
 
 
 def _picture_caption(name: str, meta: dict, what: str) -> str:
     """Caption of a frame picture: what it shows, bias, setpoint, mode, direction, geometry."""
     frame, g = meta["frame"], _picture_geometry(meta)
-    return (f"{name}: {what}; bias {meta['bias_V']:+.2f} V, setpoint {meta['setpoint_A'] * 1e12:.0f} pA, "
-            f"{meta['z_controller'].replace('_', ' ')}, scan {g['scan_direction']}; "
-            f"{frame['width_m'] * 1e9:.2f} x {frame['height_m'] * 1e9:.2f} nm, "
-            f"{meta['pixels']} x {meta['lines']} px, {g['pixel_size_nm']:.3f} x {g['line_spacing_nm']:.3f} nm/px, "
-            f"angle {frame.get('angle_deg', 0.0):g} deg")
+    return (
+        f"{name}: {what}; bias {meta['bias_V']:+.2f} V, setpoint {meta['setpoint_A'] * 1e12:.0f} pA, "
+        f"{meta['z_controller'].replace('_', ' ')}, scan {g['scan_direction']}; "
+        f"{frame['width_m'] * 1e9:.2f} x {frame['height_m'] * 1e9:.2f} nm, "
+        f"{meta['pixels']} x {meta['lines']} px, {g['pixel_size_nm']:.3f} x {g['line_spacing_nm']:.3f} nm/px, "
+        f"angle {frame.get('angle_deg', 0.0):g} deg"
+    )
 
 
 def _jsonable(obj):
@@ -534,33 +658,40 @@ def _jsonable(obj):
 
 
 def _print_where(console, summary: dict, out: Path) -> None:
-    table = Table(title=f"stm-live demo: {summary['frames_acquired']} frames, "
-                        f"{summary['lines']} lines in {summary['wall_time_s']:.0f} s")
+    table = Table(
+        title=f"stm-live demo: {summary['frames_acquired']} frames, "
+        f"{summary['lines']} lines in {summary['wall_time_s']:.0f} s"
+    )
     for column in ("frame", "lines", "status", "tip verdicts", "picture", "sxm"):
         table.add_column(column)
     for k, f in enumerate(summary["frames"]):
         labels = [v["label"] for v in f["verdicts"]]
         bad = sum(label != "co_sharp" for label in labels)
         tips = f"{labels[-1] if labels else '-'} ({bad}/{len(labels)} not sharp)"
-        table.add_row(str(k), f"{f['lines']}/{f['lines_total']}", f["exit_status"], tips,
-                      Path(f["png"]).name, Path(f["sxm"]).name)
+        table.add_row(
+            str(k), f"{f['lines']}/{f['lines_total']}", f["exit_status"], tips, Path(f["png"]).name, Path(f["sxm"]).name
+        )
     console.print(table)
     lat = summary["reconstruction_latency_ms"]
     tip = summary["tip"]
-    console.print(f"reconstruction latency per line: p50 {lat['p50']:.0f} ms, "
-                  f"p99 {lat['p99']:.0f} ms")
-    console.print(f"tip: {tip['verdicts']} verdicts, {tip['not_sharp']} not sharp; "
-                  f"{sum(e['what'] == 'action' for e in tip['actions'])} reconditioning action(s)"
-                  + (f"; policy gave up {len(tip['operator'])}x, the demo operator replaced "
-                     f"the tip by hand" if tip["operator"] else ""))
-    console.print(f"report:   {out}/ (frame*.png, frame*_live_*.png, frame*.sxm, "
-                  f"tip_timeline.png, summary.json)")
+    console.print(f"reconstruction latency per line: p50 {lat['p50']:.0f} ms, p99 {lat['p99']:.0f} ms")
+    console.print(
+        f"tip: {tip['verdicts']} verdicts, {tip['not_sharp']} not sharp; "
+        f"{sum(e['what'] == 'action' for e in tip['actions'])} reconditioning action(s)"
+        + (
+            f"; policy gave up {len(tip['operator'])}x, the demo operator replaced the tip by hand"
+            if tip["operator"]
+            else ""
+        )
+    )
+    console.print(f"report:   {out}/ (frame*.png, frame*_live_*.png, frame*.sxm, tip_timeline.png, summary.json)")
     link = summary["link"]
     if link["outages"]:
-        console.print(f"link:     {link['outages']} outage(s), {link['outage_s']:.1f} s in all, ridden "
-                      f"through (details: {summary['storage']['log']})")
+        console.print(
+            f"link:     {link['outages']} outage(s), {link['outage_s']:.1f} s in all, ridden "
+            f"through (details: {summary['storage']['log']})"
+        )
     console.print(f"journal:  {summary['storage']['journal']}")
-    console.print(f"tiled:    {summary['storage']['tiled']} "
-                  f"({len(summary['storage']['tiled_runs'])} runs ingested)")
+    console.print(f"tiled:    {summary['storage']['tiled']} ({len(summary['storage']['tiled_runs'])} runs ingested)")
     for err in summary["errors"]:
         console.print(f"[yellow]note: {err}[/]")

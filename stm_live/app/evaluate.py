@@ -16,8 +16,16 @@ from stm_live.models import check_device, metrics, tiptrain, training
 __all__ = ["main"]
 
 
-def main(*, model: str = "stmnet", device: str = "auto", samples: int | None = None, seed: int = 1234,
-         cube: list[Path] | None = None, cube_mo: int = 0, vacuum_from: float | None = None) -> None:
+def main(
+    *,
+    model: str = "stmnet",
+    device: str = "auto",
+    samples: int | None = None,
+    seed: int = 1234,
+    cube: list[Path] | None = None,
+    cube_mo: int = 0,
+    vacuum_from: float | None = None,
+) -> None:
     """Evaluate ``model`` with the options of ``stm-live evaluate`` (``samples`` None: the
     model's own default). Raises ValueError for an option the model does not take."""
     if model == "stmnet":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -55,8 +54,9 @@ stm-live view --data-dir DATA_DIR; the runs are in tiled in the BlueskyRun layou
 (stm-live runs list --tiled-uri URI, or any tiled client).
 """
 
-queue_app = typer.Typer(help="stm-live under the Bluesky queue server (bluesky-queueserver, Redis).",
-                        add_completion=False)
+queue_app = typer.Typer(
+    help="stm-live under the Bluesky queue server (bluesky-queueserver, Redis).", add_completion=False
+)
 
 
 class QueueServerError(OSError):
@@ -74,12 +74,13 @@ def queue_help(ctx: typer.Context) -> None:
 def start(
     profile: Path = typer.Option(..., "--profile", help="Controller profile (YAML) the plans run on."),
     data_dir: Path = typer.Option(Path("stm_live_data"), help="Journal, tiled, Redis data, logs."),
-    tiled_uri: Optional[str] = typer.Option(
-        None, help="A lab's tiled server for the runs (default: an embedded one in DATA_DIR/tiled)."),
+    tiled_uri: str | None = typer.Option(
+        None, help="A lab's tiled server for the runs (default: an embedded one in DATA_DIR/tiled)."
+    ),
     control_port: int = typer.Option(CONTROL_PORT, help="RE Manager's control port (127.0.0.1)."),
     info_port: int = typer.Option(INFO_PORT, help="RE Manager's console/info port (127.0.0.1)."),
     live: bool = typer.Option(True, "--live/--no-live", help="Live STM-Net reconstruction in the worker."),
-    tip_policy: Optional[str] = typer.Option(None, help="off | prompt | auto (default: the profile's)."),
+    tip_policy: str | None = typer.Option(None, help="off | prompt | auto (default: the profile's)."),
     device: str = typer.Option("auto", help="Torch device of the worker's networks."),
 ):
     """Start Redis, tiled and the RE Manager with stm-live's startup profile; Ctrl-C stops them."""
@@ -87,14 +88,24 @@ def start(
     import threading
 
     try:
-        services = QueueServices(profile, data_dir=data_dir, tiled_uri=tiled_uri, control_port=control_port,
-                                 info_port=info_port, live=live, tip_policy=tip_policy, device=device)
+        services = QueueServices(
+            profile,
+            data_dir=data_dir,
+            tiled_uri=tiled_uri,
+            control_port=control_port,
+            info_port=info_port,
+            live=live,
+            tip_policy=tip_policy,
+            device=device,
+        )
         services.start()
     except (ValueError, OSError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(code=2)
-    typer.echo(f"RE Manager on {services.control_address} (console {services.info_address}), Redis on "
-               f"127.0.0.1:{services.redis_port}; the RE Manager's log: {services.log_path}")
+        raise typer.Exit(code=2) from exc
+    typer.echo(
+        f"RE Manager on {services.control_address} (console {services.info_address}), Redis on "
+        f"127.0.0.1:{services.redis_port}; the RE Manager's log: {services.log_path}"
+    )
     typer.echo(f"runs go to tiled at {services.tiled_uri}")
     typer.echo("queue plans with qserver or REManagerAPI (`stm-live queue` says how); Ctrl-C stops")
     stop = threading.Event()
@@ -133,10 +144,19 @@ class QueueServices:
         Bound on each service's start.
     """
 
-    def __init__(self, profile: str | os.PathLike, *, data_dir: str | os.PathLike = "stm_live_data",
-                 tiled_uri: str | None = None, control_port: int = CONTROL_PORT, info_port: int = INFO_PORT,
-                 live: bool = True, tip_policy: str | None = None, device: str = "auto",
-                 timeout_s: float = 60.0):
+    def __init__(
+        self,
+        profile: str | os.PathLike,
+        *,
+        data_dir: str | os.PathLike = "stm_live_data",
+        tiled_uri: str | None = None,
+        control_port: int = CONTROL_PORT,
+        info_port: int = INFO_PORT,
+        live: bool = True,
+        tip_policy: str | None = None,
+        device: str = "auto",
+        timeout_s: float = 60.0,
+    ):
         from stm_live.config import load_profile
         from stm_live.queueserver.environment import QueueSettings
         from stm_live.reconditioning import POLICIES
@@ -146,9 +166,14 @@ class QueueServices:
         self.profile = load_profile(profile)  # a bad profile is one line now, not in the worker later
         self.data_dir = Path(data_dir).resolve()
         self.folder = self.data_dir / "queue"
-        self.settings = QueueSettings(profile=str(self.profile.source or Path(profile).resolve()),
-                                      data_dir=str(self.data_dir), tiled_uri=tiled_uri, live=live,
-                                      tip_policy=tip_policy, device=device)
+        self.settings = QueueSettings(
+            profile=str(self.profile.source or Path(profile).resolve()),
+            data_dir=str(self.data_dir),
+            tiled_uri=tiled_uri,
+            live=live,
+            tip_policy=tip_policy,
+            device=device,
+        )
         self.control_port, self.info_port = int(control_port) or _free_port(), int(info_port) or _free_port()
         self.timeout_s = float(timeout_s)
         self.log_path = self.folder / "re-manager.log"
@@ -169,7 +194,7 @@ class QueueServices:
         """The tiled server's URI (with the embedded server's API key)."""
         return self._tiled_uri
 
-    def start(self) -> "QueueServices":
+    def start(self) -> QueueServices:
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
             self._start_redis()
@@ -192,18 +217,41 @@ class QueueServices:
 
         exe = shutil.which("redis-server")
         if exe is None:
-            raise QueueServerError("redis-server not found: the queue server keeps its queue in Redis; "
-                                   "install Debian's redis-server (apt-get install redis-server)")
+            raise QueueServerError(
+                "redis-server not found: the queue server keeps its queue in Redis; "
+                "install Debian's redis-server (apt-get install redis-server)"
+            )
         folder = self.folder / "redis"
         folder.mkdir(parents=True, exist_ok=True)
         self.redis_port = _free_port()
         log = folder / "redis.log"
         self._redis = subprocess.Popen(
-            [exe, "--bind", "127.0.0.1", "--port", str(self.redis_port), "--dir", str(folder),
-             "--dbfilename", "queue.rdb", "--save", "60 1", "--appendonly", "no", "--protected-mode", "yes",
-             "--daemonize", "no", "--logfile", str(log)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True)  # a Ctrl-C is for `queue start`, which stops it in order
+            [
+                exe,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.redis_port),
+                "--dir",
+                str(folder),
+                "--dbfilename",
+                "queue.rdb",
+                "--save",
+                "60 1",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "yes",
+                "--daemonize",
+                "no",
+                "--logfile",
+                str(log),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )  # a Ctrl-C is for `queue start`, which stops it in order
         self._wait("redis-server", self._redis, log, self._redis_ready)
 
     def _redis_ready(self) -> bool:
@@ -220,8 +268,10 @@ class QueueServices:
         and their parameters (rewritten by the worker when the environment opens), and who may
         run what (everyone: everything but names starting with "_")."""
         import yaml
-        from bluesky_queueserver.manager.profile_ops import (existing_plans_and_devices_from_nspace,
-                                                             save_existing_plans_and_devices)
+        from bluesky_queueserver.manager.profile_ops import (
+            existing_plans_and_devices_from_nspace,
+            save_existing_plans_and_devices,
+        )
 
         from stm_live.queueserver.plans import queue_plans
 
@@ -229,17 +279,36 @@ class QueueServices:
             raise RuntimeError("plans listed without a controller")
 
         existing, devices, _, _ = existing_plans_and_devices_from_nspace(
-            nspace=queue_plans(self.profile, no_microscope))
-        save_existing_plans_and_devices(existing_plans=existing, existing_devices=devices,
-                                        file_dir=str(self.folder), file_name="existing_plans_and_devices.yaml",
-                                        overwrite=True)
-        everyone = {"allowed_plans": [None], "forbidden_plans": [":^_"],
-                    "allowed_devices": [None], "forbidden_devices": [":^_:?.*"],
-                    "allowed_functions": [None], "forbidden_functions": [":^_"]}
-        permissions = {"user_groups": {"root": everyone, "primary": {
-            "allowed_plans": [":.*"], "forbidden_plans": [None],
-            "allowed_devices": [":?.*:depth=5"], "forbidden_devices": [None],
-            "allowed_functions": [None], "forbidden_functions": [None]}}}
+            nspace=queue_plans(self.profile, no_microscope)
+        )
+        save_existing_plans_and_devices(
+            existing_plans=existing,
+            existing_devices=devices,
+            file_dir=str(self.folder),
+            file_name="existing_plans_and_devices.yaml",
+            overwrite=True,
+        )
+        everyone = {
+            "allowed_plans": [None],
+            "forbidden_plans": [":^_"],
+            "allowed_devices": [None],
+            "forbidden_devices": [":^_:?.*"],
+            "allowed_functions": [None],
+            "forbidden_functions": [":^_"],
+        }
+        permissions = {
+            "user_groups": {
+                "root": everyone,
+                "primary": {
+                    "allowed_plans": [":.*"],
+                    "forbidden_plans": [None],
+                    "allowed_devices": [":?.*:depth=5"],
+                    "forbidden_devices": [None],
+                    "allowed_functions": [None],
+                    "forbidden_functions": [None],
+                },
+            }
+        }
         path = self.folder / "user_group_permissions.yaml"
         path.write_text(yaml.safe_dump(permissions, sort_keys=False))
         return self.folder / "existing_plans_and_devices.yaml", path
@@ -250,18 +319,36 @@ class QueueServices:
 
         from stm_live.queueserver.environment import SETTINGS_ENV
 
-        command = [sys.executable, "-c", "from bluesky_queueserver.manager.start_manager import "
-                   "start_manager; start_manager()",  # the start-re-manager CLI of this interpreter
-                   "--startup-module", "stm_live.queueserver.startup",
-                   "--existing-plans-devices", str(plans), "--user-group-permissions", str(permissions),
-                   "--redis-addr", f"127.0.0.1:{self.redis_port}", "--redis-name-prefix", "stm_live",
-                   "--zmq-control-addr", self.control_address, "--zmq-info-addr", self.info_address,
-                   "--zmq-publish-console", "ON", "--update-existing-plans-devices", "ENVIRONMENT_OPEN"]
+        command = [
+            sys.executable,
+            "-c",
+            "from bluesky_queueserver.manager.start_manager import "
+            "start_manager; start_manager()",  # the start-re-manager CLI of this interpreter
+            "--startup-module",
+            "stm_live.queueserver.startup",
+            "--existing-plans-devices",
+            str(plans),
+            "--user-group-permissions",
+            str(permissions),
+            "--redis-addr",
+            f"127.0.0.1:{self.redis_port}",
+            "--redis-name-prefix",
+            "stm_live",
+            "--zmq-control-addr",
+            self.control_address,
+            "--zmq-info-addr",
+            self.info_address,
+            "--zmq-publish-console",
+            "ON",
+            "--update-existing-plans-devices",
+            "ENVIRONMENT_OPEN",
+        ]
         env = dict(os.environ, **{SETTINGS_ENV: self.settings.to_env()}, PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log:
             # its own session: the worker process it starts goes with it
-            self._manager = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
-                                             stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self._manager = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         self._wait("the RE Manager", self._manager, self.log_path, self._manager_ready)
 
     def api(self, **kwargs):
@@ -349,7 +436,7 @@ class QueueServices:
             self._tiled_server = None
         return problems
 
-    def __enter__(self) -> "QueueServices":
+    def __enter__(self) -> QueueServices:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -61,7 +61,7 @@ FINAL_TIMEOUT_S = 120.0  # bounded wait for the last reconstruction / verdict of
 class ReplayFailed(ValueError):
     """One or more recordings could not be replayed; ``results`` has every file's row."""
 
-    def __init__(self, message: str, results: list["ReplayResult"]):
+    def __init__(self, message: str, results: list[ReplayResult]):
         super().__init__(message)
         self.results = results
 
@@ -95,8 +95,10 @@ class ReplayResult:
         return self.status == "failed"
 
 
-def collect_files(paths: Iterable[os.PathLike | str], skipped: list[str] | None = None,
-                  ) -> tuple[list[Path], list[ReplayResult]]:
+def collect_files(
+    paths: Iterable[os.PathLike | str],
+    skipped: list[str] | None = None,
+) -> tuple[list[Path], list[ReplayResult]]:
     """Expand folders into their .sxm files (sorted); a .3ds grid given by name is kept (a
     grid replay); missing paths, and other files given by name that are not .sxm scans (a
     .dat spectrum, a grid saved as .sxm, ...), become failed rows.
@@ -114,9 +116,11 @@ def collect_files(paths: Iterable[os.PathLike | str], skipped: list[str] | None 
             others = [p for p in entries if p.suffix.lower() != ".sxm"]
             if others and skipped is not None:
                 shown = ", ".join(p.name for p in others[:8]) + (
-                    f", ... ({len(others) - 8} more)" if len(others) > 8 else "")
-                skipped.append(f"{path}: replaying its {len(found)} .sxm file(s); skipped "
-                               f"{len(others)} other file(s): {shown}")
+                    f", ... ({len(others) - 8} more)" if len(others) > 8 else ""
+                )
+                skipped.append(
+                    f"{path}: replaying its {len(found)} .sxm file(s); skipped {len(others)} other file(s): {shown}"
+                )
             if not found:
                 bad.append(ReplayResult(path, message=f"{path}: folder holds no .sxm files"))
             files.extend(found)
@@ -151,18 +155,31 @@ def _replay_plan(stm, scan, *, channels: dict[str, int], z_controller: str, md: 
     frame and buffer, so those two settings are dropped from the plan; everything else
     (configuration, run, one event per line) is live_frame unchanged.
     """
-    frame = {"center_x_m": scan.offset_m[0], "center_y_m": scan.offset_m[1],
-             "width_m": scan.range_m[0], "height_m": scan.range_m[1],
-             "angle_deg": scan.angle_deg}
+    frame = {
+        "center_x_m": scan.offset_m[0],
+        "center_y_m": scan.offset_m[1],
+        "width_m": scan.range_m[0],
+        "height_m": scan.range_m[1],
+        "angle_deg": scan.angle_deg,
+    }
     fixed = (stm.frame, stm.buffer)
 
     def drop_fixed(msg):
         return None if msg.command == "set" and msg.obj in fixed else msg
 
     return bpp.msg_mutator(
-        live_frame(stm, frame=frame, pixels=scan.pixels, lines=scan.lines, channels=channels,
-                   direction=scan.direction, z_controller=z_controller, md=md),
-        drop_fixed)
+        live_frame(
+            stm,
+            frame=frame,
+            pixels=scan.pixels,
+            lines=scan.lines,
+            channels=channels,
+            direction=scan.direction,
+            z_controller=z_controller,
+            md=md,
+        ),
+        drop_fixed,
+    )
 
 
 def _complete_lines(scan, directions: Sequence[str]) -> int:
@@ -183,8 +200,7 @@ def _forward_only_row(scan, row: int) -> bool:
     """The row holds forward data and no backward data in any channel."""
     fwd = [d["forward"][row] for d in scan.channels.values() if "forward" in d]
     bwd = [d["backward"][row] for d in scan.channels.values() if "backward" in d]
-    return (bool(bwd) and any(np.isfinite(r).any() for r in fwd)
-            and not any(np.isfinite(r).any() for r in bwd))
+    return bool(bwd) and any(np.isfinite(r).any() for r in fwd) and not any(np.isfinite(r).any() for r in bwd)
 
 
 def _compare_frames(run, scan, lines: int | None = None) -> list[str]:
@@ -210,8 +226,10 @@ def _compare_frames(run, scan, lines: int | None = None) -> list[str]:
             elif np.array_equal(got, want[::-1], equal_nan=True):
                 hint = " (it equals the recording upside down: row-order bug)"
             rows = np.flatnonzero(~np.all((got == want) | (np.isnan(got) & np.isnan(want)), axis=1))
-            problems.append(f"{ch['name']} {direction} differs from the recording in "
-                            f"{rows.size} rows (first {rows[:5].tolist()}){hint}")
+            problems.append(
+                f"{ch['name']} {direction} differs from the recording in "
+                f"{rows.size} rows (first {rows[:5].tolist()}){hint}"
+            )
     return problems
 
 
@@ -223,21 +241,24 @@ class _ExpectedStopFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         args = record.args if isinstance(record.args, tuple) else ()
-        return not (caused_by(exc, ControllerLost)
-                    or any(isinstance(a, ControllerLost) for a in args))
+        return not (caused_by(exc, ControllerLost) or any(isinstance(a, ControllerLost) for a in args))
 
 
-def _save_reconstruction(out: Path, stem: str, image: np.ndarray, source, raw: np.ndarray
-                         ) -> tuple[Path, Path]:
+def _save_reconstruction(out: Path, stem: str, image: np.ndarray, source, raw: np.ndarray) -> tuple[Path, Path]:
     """``<stem>_reconstruction.npy`` and an annotated raw | reconstruction PNG."""
     out.mkdir(parents=True, exist_ok=True)
     npy = out / f"{stem}_reconstruction.npy"
     np.save(npy, image)
     png = out / f"{stem}_reconstruction.png"
-    save_frame_png(png, [(f"{source.channel} ({source.direction}, replayed)", raw), ("STM-Net |psi|^2", image)],
-                   pixel_size_nm=source.pixel_size_nm, line_spacing_nm=source.line_spacing_nm,
-                   scan_direction=source.scan_direction, units=[source.unit, "a.u."],
-                   caption=source.caption(stem))
+    save_frame_png(
+        png,
+        [(f"{source.channel} ({source.direction}, replayed)", raw), ("STM-Net |psi|^2", image)],
+        pixel_size_nm=source.pixel_size_nm,
+        line_spacing_nm=source.line_spacing_nm,
+        scan_direction=source.scan_direction,
+        units=[source.unit, "a.u."],
+        caption=source.caption(stem),
+    )
     return png, npy
 
 
@@ -246,8 +267,9 @@ def _key_of(run, channel: str, direction: str) -> str:
     return next(ch["keys"][direction] for ch in run.start["stm_live"]["channels"] if ch["name"] == channel)
 
 
-def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, time_scale: float,
-                out: Path, stem: str) -> ReplayResult:
+def _replay_one(
+    path: Path, *, session, pipeline: Consumers, reconstructor, time_scale: float, out: Path, stem: str
+) -> ReplayResult:
     result = ReplayResult(path)
     t0 = time.perf_counter()
     why = not_a_scan(path)
@@ -263,8 +285,9 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
     result.recorded_lines = scan.lines_scanned
     directions = _directions(scan)
     if not directions:
-        result.message = (f"{path}: no direction is recorded for every channel "
-                          f"({ {n: sorted(d) for n, d in scan.channels.items()} })")
+        result.message = (
+            f"{path}: no direction is recorded for every channel ({ {n: sorted(d) for n, d in scan.channels.items()} })"
+        )
         return result
     try:
         scan_pitch(scan, name=str(path))
@@ -290,13 +313,17 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
         stm = NanonisSTM(server.host, server.port, name="stm", timeout=10.0)
         stm.lines.line_timeout = max(30.0, 5 * line_s)
         # live_frame keeps the directions configured here (it sets channels/pixels/lines).
-        stm.lines.configure({"channels": channels, "pixels": scan.pixels, "lines": scan.lines,
-                             "directions": directions})
+        stm.lines.configure(
+            {"channels": channels, "pixels": scan.pixels, "lines": scan.lines, "directions": directions}
+        )
         before = session.journal.last_path
         plan_error: Exception | None = None
         try:
-            session(_replay_plan(stm, scan, channels=channels, z_controller=z_mode,
-                                 md={"replay_of": str(path), "tip_policy": "off"}))
+            session(
+                _replay_plan(
+                    stm, scan, channels=channels, z_controller=z_mode, md={"replay_of": str(path), "tip_policy": "off"}
+                )
+            )
         except Exception as exc:  # judged below, once we know what was acquired
             plan_error = exc
         journal = session.journal.last_path
@@ -310,11 +337,10 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
             # A recording stopped mid-scan ends the replayed scan after its last line
             # (ControllerLost, wrapped by the RunEngine): expected when every complete
             # recorded line arrived; anything else is a real failure.
-            if not (complete < scan.lines and result.lines >= complete
-                    and caused_by(plan_error, ControllerLost)):
-                result.problems.append(f"acquisition stopped after {result.lines} of "
-                                       f"{complete} recorded lines: "
-                                       f"{describe(plan_error)}")
+            if not (complete < scan.lines and result.lines >= complete and caused_by(plan_error, ControllerLost)):
+                result.problems.append(
+                    f"acquisition stopped after {result.lines} of {complete} recorded lines: {describe(plan_error)}"
+                )
         result.problems += _compare_frames(run, scan, lines=result.lines)
         result.frame_identical = not result.problems
 
@@ -331,44 +357,52 @@ def _replay_one(path: Path, *, session, pipeline: "Consumers", reconstructor, ti
         if source is not None and not source.scope.ok:  # said once, not a failure
             result.notes.append(f"not reconstructed: {source.scope.reason}")
         elif final is None:
-            why = no_image if source is None else (
-                "timed out" if not done_recon else "the reconstruction failed (see log)")
+            why = (
+                no_image
+                if source is None
+                else ("timed out" if not done_recon else "the reconstruction failed (see log)")
+            )
             result.problems.append(f"no final reconstruction: {why}")
         else:
             # the rows the live side received, read as the live side reads them
-            offline_in = from_scan(scan, source.channel, source.direction, name=path.name,
-                                   lines=result.lines)
+            offline_in = from_scan(scan, source.channel, source.direction, name=path.name, lines=result.lines)
             raw = run.images[_key_of(run, source.channel, source.direction)]
             result.reconstruction_png, result.reconstruction_npy = _save_reconstruction(
-                out, stem, final, offline_in, raw)
-            offline = reconstructor.reconstruct(offline_in.image, offline_in.pixel_size_nm,
-                                                line_spacing_nm=offline_in.line_spacing_nm)
+                out, stem, final, offline_in, raw
+            )
+            offline = reconstructor.reconstruct(
+                offline_in.image, offline_in.pixel_size_nm, line_spacing_nm=offline_in.line_spacing_nm
+            )
             scale = float(np.nanmax(np.abs(offline))) if np.isfinite(offline).any() else 1.0
             same_nan = np.array_equal(np.isnan(final), np.isnan(offline))
             err = float(np.nanmax(np.abs(final - offline))) if same_nan else float("inf")
             result.reconstruction_max_error = err
             result.reconstruction_matches = same_nan and np.allclose(
-                final, offline, rtol=RECON_RTOL, atol=RECON_ATOL_FRACTION * scale, equal_nan=True)
+                final, offline, rtol=RECON_RTOL, atol=RECON_ATOL_FRACTION * scale, equal_nan=True
+            )
             if not result.reconstruction_matches:
-                result.problems.append(f"final reconstruction differs from the offline one "
-                                       f"(max |diff| {err:.3g}, scale {scale:.3g})")
+                result.problems.append(
+                    f"final reconstruction differs from the offline one (max |diff| {err:.3g}, scale {scale:.3g})"
+                )
             check = pipeline.collector.checks.get(run.uid)
             if check is not None:
                 result.notes.append(
                     f"self-consistency: agreement {check['agreement']:.2f}, fitted tip s share {check['w_s']:.2f}"
-                    + ("" if check["orbital"] else f"; not a CO-tip orbital image: {check['reason']}"))
+                    + ("" if check["orbital"] else f"; not a CO-tip orbital image: {check['reason']}")
+                )
         if result.problems:
             result.status = "failed"
             result.message = f"{path}: " + "; ".join(result.problems)
         elif result.lines < scan.lines:
             result.status = "partial"
-            result.message = (f"{path}: recording stopped mid-scan; replayed its "
-                              f"{result.lines} of {scan.lines} lines")
+            result.message = f"{path}: recording stopped mid-scan; replayed its {result.lines} of {scan.lines} lines"
             if result.recorded_lines > result.lines:  # a half line, not acquirable as one
-                where = ("during its backward sweep"
-                         if _forward_only_row(scan, result.recorded_lines - 1) else "mid-line")
-                result.message += (f"; line {result.recorded_lines}, stopped {where}, is in "
-                                   "the file but was never a finished line")
+                where = (
+                    "during its backward sweep" if _forward_only_row(scan, result.recorded_lines - 1) else "mid-line"
+                )
+                result.message += (
+                    f"; line {result.recorded_lines}, stopped {where}, is in the file but was never a finished line"
+                )
         else:
             result.status = "ok"
             result.message = f"{path}: replayed {result.lines} lines"
@@ -432,12 +466,17 @@ def _replay_grid(path: Path, *, session, time_scale: float) -> ReplayResult:
                 result.problems.append(f"the sweep at point ({ix}, {iy}) differs from the recording's")
         result.frame_identical = not result.problems
         if result.problems:
-            result.message = f"{path}: " + "; ".join(result.problems[:5]) + (
-                f"; ... ({len(result.problems)} problems)" if len(result.problems) > 5 else "")
+            result.message = (
+                f"{path}: "
+                + "; ".join(result.problems[:5])
+                + (f"; ... ({len(result.problems)} problems)" if len(result.problems) > 5 else "")
+            )
         else:
             result.status = "partial" if len(order) < nx * ny else "ok"
-            result.message = (f"{path}: replayed {len(order)} grid points x {grid.points} sweep points, "
-                              f"{len(grid.channels)} channels, bit for bit")
+            result.message = (
+                f"{path}: replayed {len(order)} grid points x {grid.points} sweep points, "
+                f"{len(grid.channels)} channels, bit for bit"
+            )
             if result.status == "partial":
                 result.message += f"; the recording stopped after {len(order)} of {nx * ny} points"
     except Exception as exc:  # one bad file must not stop the batch
@@ -453,8 +492,7 @@ def _replay_grid(path: Path, *, session, time_scale: float) -> ReplayResult:
 
 def _summary_table(results: Sequence[ReplayResult], out: Path):
     table = Table(title=f"replay summary: {len(results)} file(s); reconstructions in {out}")
-    for column in ("file", "status", "lines", "frame", "tip: last (not sharp/n)",
-                   "reconstruction"):
+    for column in ("file", "status", "lines", "frame", "tip: last (not sharp/n)", "reconstruction"):
         table.add_column(column, overflow="fold")
     colour = {"ok": "green", "partial": "yellow", "failed": "red"}
     for r in results:
@@ -465,16 +503,29 @@ def _summary_table(results: Sequence[ReplayResult], out: Path):
             if r.reconstruction_matches is False:
                 recon += " (!= offline)"
         tip = f"{r.tip_last or '-'} ({r.tip_not_sharp}/{r.tip_verdicts})"
-        table.add_row(r.file.name, f"[{colour[r.status]}]{r.status}[/]",
-                      f"{r.lines}/{r.total_lines}" if r.total_lines else "-", frame, tip, recon)
+        table.add_row(
+            r.file.name,
+            f"[{colour[r.status]}]{r.status}[/]",
+            f"{r.lines}/{r.total_lines}" if r.total_lines else "-",
+            frame,
+            tip,
+            recon,
+        )
     return table
 
 
-def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
-               worker: str | None = None, data_dir: os.PathLike | str = "stm_live_data",
-               out: os.PathLike | str = "replay_output", view: bool = False, *,
-               device: str = "auto", worker_wait_s: float = 60.0, console=None,
-               ) -> list[ReplayResult]:
+def run_replay(
+    files: Sequence[os.PathLike | str],
+    time_scale: float = 50.0,
+    worker: str | None = None,
+    data_dir: os.PathLike | str = "stm_live_data",
+    out: os.PathLike | str = "replay_output",
+    view: bool = False,
+    *,
+    device: str = "auto",
+    worker_wait_s: float = 60.0,
+    console=None,
+) -> list[ReplayResult]:
     """Replay recorded scans through the acquisition pipeline; print one summary table.
 
     Parameters
@@ -531,10 +582,18 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
                 logging.getLogger(name).addFilter(quiet)
                 stack.callback(logging.getLogger(name).removeFilter, quiet)
             # replay never acts on a tip: the monitor's verdicts only (in-process or the worker's)
-            with AcquisitionSession(data_dir, progress=True, live=worker is None,
-                                    reconstructor=reconstructor, tip=worker is None,
-                                    classifier=classifier, worker=worker, worker_wait_s=worker_wait_s,
-                                    viewer_state=state, say=console.print) as session:
+            with AcquisitionSession(
+                data_dir,
+                progress=True,
+                live=worker is None,
+                reconstructor=reconstructor,
+                tip=worker is None,
+                classifier=classifier,
+                worker=worker,
+                worker_wait_s=worker_wait_s,
+                viewer_state=state,
+                say=console.print,
+            ) as session:
                 pipeline = session.consumers
                 for path in paths:
                     stem, n = path.stem, 1
@@ -543,9 +602,15 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
                         stem = f"{path.stem}_{n}"
                     stems.add(stem)
                     console.print(f"replaying {path}")
-                    result = _replay_one(path, session=session, pipeline=pipeline,
-                                         reconstructor=reconstructor, time_scale=time_scale,
-                                         out=out, stem=stem)
+                    result = _replay_one(
+                        path,
+                        session=session,
+                        pipeline=pipeline,
+                        reconstructor=reconstructor,
+                        time_scale=time_scale,
+                        out=out,
+                        stem=stem,
+                    )
                     results.append(result)
     finally:
         stack.close()
@@ -557,6 +622,7 @@ def run_replay(files: Sequence[os.PathLike | str], time_scale: float = 50.0,
         console.print(f"[{colour[r.status]}]{r.message}[/]", soft_wrap=True)
     failed = [r for r in results if r.failed]
     if failed:
-        raise ReplayFailed(f"{len(failed)} of {len(results)} replays failed: "
-                           + " | ".join(r.message for r in failed), results)
+        raise ReplayFailed(
+            f"{len(failed)} of {len(results)} replays failed: " + " | ".join(r.message for r in failed), results
+        )
     return results

@@ -22,12 +22,23 @@ logger = logging.getLogger(__name__)
 __all__ = ["run_scan"]
 
 
-def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None = None,
-             width_nm: float = 5.0, pixels: int = 128, lines: int = 128,
-             direction: str = "down", frames: int = 1,
-             data_dir: str | os.PathLike = "stm_live_data", tiled_uri: str | None = None,
-             tip_policy: str = "prompt", worker: str | None = None, view: bool = False,
-             callbacks: Iterable[Callback] = ()) -> list[str]:
+def run_scan(
+    *,
+    profile: str = "sim",
+    host: str | None = None,
+    port: int | None = None,
+    width_nm: float = 5.0,
+    pixels: int = 128,
+    lines: int = 128,
+    direction: str = "down",
+    frames: int = 1,
+    data_dir: str | os.PathLike = "stm_live_data",
+    tiled_uri: str | None = None,
+    tip_policy: str = "prompt",
+    worker: str | None = None,
+    view: bool = False,
+    callbacks: Iterable[Callback] = (),
+) -> list[str]:
     """``stm-live scan``: acquire ``frames`` live frames centred where the controller's
     frame is, journaled and ingested into tiled. Returns the run uids.
 
@@ -42,13 +53,41 @@ def run_scan(*, profile: str = "sim", host: str | None = None, port: int | None 
     prof = load_profile(profile)
     with LogFile(data_dir) as log, quiet_suspensions():
         print(log.note, flush=True)
-        return _scan(prof, host=host, port=port, width_nm=width_nm, pixels=pixels, lines=lines,
-                     direction=direction, frames=frames, data_dir=data_dir, tiled_uri=tiled_uri,
-                     tip_policy=tip_policy, worker=worker, view=view, callbacks=callbacks)
+        return _scan(
+            prof,
+            host=host,
+            port=port,
+            width_nm=width_nm,
+            pixels=pixels,
+            lines=lines,
+            direction=direction,
+            frames=frames,
+            data_dir=data_dir,
+            tiled_uri=tiled_uri,
+            tip_policy=tip_policy,
+            worker=worker,
+            view=view,
+            callbacks=callbacks,
+        )
 
 
-def _scan(prof, *, host, port, width_nm, pixels, lines, direction, frames, data_dir, tiled_uri,
-          tip_policy, worker, view, callbacks) -> list[str]:
+def _scan(
+    prof,
+    *,
+    host,
+    port,
+    width_nm,
+    pixels,
+    lines,
+    direction,
+    frames,
+    data_dir,
+    tiled_uri,
+    tip_policy,
+    worker,
+    view,
+    callbacks,
+) -> list[str]:
     """`stm-live scan` proper (see :func:`run_scan`)."""
     host = host or prof.host
     port = int(port or prof.port)
@@ -66,19 +105,34 @@ def _scan(prof, *, host, port, width_nm, pixels, lines, direction, frames, data_
         centre = stm.client.scan_frame_get()
         # Live reconstruction in-process on its own thread, or on a remote worker over 0MQ
         # (its results journaled here); the tip monitor and policy in-process.
-        with AcquisitionSession(data_dir, callbacks=callbacks, tiled=True, tiled_uri=tiled_uri,
-                                progress=True, live=worker is None, worker=worker, stm=stm,
-                                tip_policy=tip_policy, viewer_state=state,
-                                say=lambda text: print(text, flush=True)) as session:
+        with AcquisitionSession(
+            data_dir,
+            callbacks=callbacks,
+            tiled=True,
+            tiled_uri=tiled_uri,
+            progress=True,
+            live=worker is None,
+            worker=worker,
+            stm=stm,
+            tip_policy=tip_policy,
+            viewer_state=state,
+            say=lambda text: print(text, flush=True),
+        ) as session:
             # a stall or drop: the frame is suspended, reconnected, resumed; one line each
             session.watch(stm, say=lambda text: print(text, flush=True))
             for k in range(frames):
                 try:
-                    uids += session(live_frame(
-                        stm, frame=(centre.center_x, centre.center_y, width_m, width_m,
-                                    centre.angle_deg),
-                        pixels=pixels, lines=lines, channels=list(prof.channel_indexes)[:2],
-                        direction=direction, md={"tip_policy": tip_policy}))
+                    uids += session(
+                        live_frame(
+                            stm,
+                            frame=(centre.center_x, centre.center_y, width_m, width_m, centre.angle_deg),
+                            pixels=pixels,
+                            lines=lines,
+                            channels=list(prof.channel_indexes)[:2],
+                            direction=direction,
+                            md={"tip_policy": tip_policy},
+                        )
+                    )
                 except ControllerLost as exc:
                     # the link stayed down past link.max_outage_s: that frame ends "fail" (its
                     # lines are journaled); the next one starts afresh. A controller that
@@ -90,11 +144,13 @@ def _scan(prof, *, host, port, width_nm, pixels, lines, direction, frames, data_
             if worker:  # bounded: the worker's final reconstructions, before closing the link
                 for uid in uids:
                     if session.receiver.wait_final(uid, timeout=60.0) is None:
-                        print(f"run {uid}: no final reconstruction from the worker within 60 s; "
-                              "the raw lines are in the journal", flush=True)
+                        print(
+                            f"run {uid}: no final reconstruction from the worker within 60 s; "
+                            "the raw lines are in the journal",
+                            flush=True,
+                        )
             if session.tiled_error is not None:
-                print(f"tiled unavailable ({session.tiled_error}); runs are in the journal",
-                      flush=True)
+                print(f"tiled unavailable ({session.tiled_error}); runs are in the journal", flush=True)
             if session.migrated:
                 print(migrated_note(session.migrated), flush=True)
     finally:

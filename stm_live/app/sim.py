@@ -45,10 +45,20 @@ async def _until_stopped() -> None:
     await stop.wait()
 
 
-def serve(host: str = "127.0.0.1", port: int = 6501, scenario=None, replay=None,
-          time_scale: float = 1.0, seed: int = 0, *, props_layout: str | None = None,
-          nanonis_release: int | None = None, session_dir=None, cassette: Path | None = None,
-          cassette_only: bool = False) -> None:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 6501,
+    scenario=None,
+    replay=None,
+    time_scale: float = 1.0,
+    seed: int = 0,
+    *,
+    props_layout: str | None = None,
+    nanonis_release: int | None = None,
+    session_dir=None,
+    cassette: Path | None = None,
+    cassette_only: bool = False,
+) -> None:
     """Serve until Ctrl-C (``stm-live sim serve``); prints the address.
 
     ``nanonis_release``: the release to emulate (``--nanonis-release``, one of
@@ -69,8 +79,9 @@ def serve(host: str = "127.0.0.1", port: int = 6501, scenario=None, replay=None,
         nanonis_release = nanonis_release or tape.recording.nanonis_release
     nanonis_release = nanonis_release or P.DEFAULT_RELEASE
     if nanonis_release not in P.RELEASES:
-        raise ValueError(f"--nanonis-release {nanonis_release}: the simulator emulates "
-                         f"{', '.join(map(str, P.RELEASES))}")
+        raise ValueError(
+            f"--nanonis-release {nanonis_release}: the simulator emulates {', '.join(map(str, P.RELEASES))}"
+        )
     if session_dir is not None:
         try:
             Path(session_dir).mkdir(parents=True, exist_ok=True)
@@ -91,8 +102,11 @@ def serve(host: str = "127.0.0.1", port: int = 6501, scenario=None, replay=None,
             source = f"{tape.describe()}; {source}"
         if server.faults:
             source += f", {len(server.faults.faults)} faults armed"
-        print(f"simulated Nanonis controller on {server.host}:{server.port} ({source}, "
-              f"time scale {time_scale:g}, seed {seed}, Nanonis release R{nanonis_release}); Ctrl-C stops", flush=True)
+        print(
+            f"simulated Nanonis controller on {server.host}:{server.port} ({source}, "
+            f"time scale {time_scale:g}, seed {seed}, Nanonis release R{nanonis_release}); Ctrl-C stops",
+            flush=True,
+        )
         try:
             await _until_stopped()
         finally:
@@ -120,15 +134,19 @@ def record(upstreams: list[str], listen: str, out: Path, faults: str | None = No
     async def run() -> None:
         proxy = await open_proxy(ups, out, host=host, port=port, faults=armed)
         links = ", ".join(f"{host}:{p} -> {h}:{u}" for p, (h, u) in zip(proxy.ports, ups))
-        print(f"recording {links} into {out}{f' ({len(armed)} faults armed)' if armed else ''}; "
-              "Ctrl-C stops", flush=True)
+        print(
+            f"recording {links} into {out}{f' ({len(armed)} faults armed)' if armed else ''}; Ctrl-C stops", flush=True
+        )
         try:
             await _until_stopped()
         finally:
             await proxy.close()
         failed = proxy.writer.error
-        print(f"stopped: {proxy.pairs} request/reply pairs on {proxy.writer.records} records in {out}"
-              + (f"; recording failed: {failed}" if failed else ""), flush=True)
+        print(
+            f"stopped: {proxy.pairs} request/reply pairs on {proxy.writer.records} records in {out}"
+            + (f"; recording failed: {failed}" if failed else ""),
+            flush=True,
+        )
 
     try:
         asyncio.run(run())
@@ -146,7 +164,7 @@ def command_table(recording) -> list[dict]:
             continue
         row["times"].append(pair.reply_s)
         try:
-            _, status, text = P.decode_response_body(pair.name, pair.reply[P.HEADER_SIZE:])
+            _, status, text = P.decode_response_body(pair.name, pair.reply[P.HEADER_SIZE :])
         except P.ProtocolError as exc:
             status, text = 1, f"unreadable reply: {exc}"
         if status:
@@ -155,10 +173,17 @@ def command_table(recording) -> list[dict]:
     for name in sorted(rows):
         r = rows[name]
         times = [t for t in r["times"] if t is not None]
-        out.append({"name": name, "calls": r["calls"], "replies": len(r["times"]),
-                    "errors": sum(r["errors"].values()), "error_texts": r["errors"],
-                    "median_ms": statistics.median(times) * 1e3 if times else float("nan"),
-                    "max_ms": max(times) * 1e3 if times else float("nan")})
+        out.append(
+            {
+                "name": name,
+                "calls": r["calls"],
+                "replies": len(r["times"]),
+                "errors": sum(r["errors"].values()),
+                "error_texts": r["errors"],
+                "median_ms": statistics.median(times) * 1e3 if times else float("nan"),
+                "max_ms": max(times) * 1e3 if times else float("nan"),
+            }
+        )
     return out
 
 
@@ -168,10 +193,15 @@ def inspect(path: Path, redact: Path | None = None) -> None:
     s = rec.session
     span = max((p.t for p in rec.pairs), default=0.0)
     rel = rec.release
-    release = (f"R{rel['host_release']} (RT {rel['rt_release']}; {rel['product']}, {rel['version']})"
-               if rel else "unknown (no client asked Util.VersionGet)")
-    print(f"{path}: format {s.get('format', '?')}, {s.get('recorder', '?')}, upstreams "
-          f"{', '.join(s.get('upstreams', [])) or '?'}{'; redacted' if s.get('redacted') else ''}")
+    release = (
+        f"R{rel['host_release']} (RT {rel['rt_release']}; {rel['product']}, {rel['version']})"
+        if rel
+        else "unknown (no client asked Util.VersionGet)"
+    )
+    print(
+        f"{path}: format {s.get('format', '?')}, {s.get('recorder', '?')}, upstreams "
+        f"{', '.join(s.get('upstreams', [])) or '?'}{'; redacted' if s.get('redacted') else ''}"
+    )
     print(f"release {release}; {len(rec.pairs)} requests on {len(rec.connections)} connections over {span:.1f} s")
     for conn, c in sorted(rec.connections.items()):
         ended = f"closed by {c['by']} at {c['closed']:.1f} s ({c['why']})" if "closed" in c else "open at the end"
@@ -179,8 +209,10 @@ def inspect(path: Path, redact: Path | None = None) -> None:
     rows = command_table(rec)
     print(f"{'command':32s} {'calls':>6s} {'no reply':>8s} {'errors':>6s} {'median ms':>10s} {'max ms':>9s}")
     for r in rows:
-        print(f"{r['name']:32s} {r['calls']:6d} {r['calls'] - r['replies']:8d} {r['errors']:6d} "
-              f"{r['median_ms']:10.3f} {r['max_ms']:9.3f}")
+        print(
+            f"{r['name']:32s} {r['calls']:6d} {r['calls'] - r['replies']:8d} {r['errors']:6d} "
+            f"{r['median_ms']:10.3f} {r['max_ms']:9.3f}"
+        )
     texts = [(r["name"], text, n) for r in rows for text, n in r["error_texts"].items()]
     if texts:
         print("error replies:")

@@ -12,16 +12,35 @@ from pathlib import Path
 
 from stm_live.app import given
 from stm_live.models import (  # a test patches a module's trainer: looked up at call time
-    check_device, console_progress, stmnet, tipdomain, tiptrain, training)
+    check_device,
+    console_progress,
+    stmnet,
+    tipdomain,
+    tiptrain,
+    training,
+)
 
 __all__ = ["main"]
 
 
-def main(*, model: str = "stmnet", steps: int | None = 4000, steps_given: bool = True,
-         out: Path | None = None, device: str = "auto", seed: int | None = None, resume: bool = False,
-         lr: float | None = None, threads: int | None = None, init: Path | None = None,
-         bank_size: int | None = None, weights: Path | None = None, minutes: float | None = None,
-         workers: int | None = None, broad_recipe: bool = False) -> None:
+def main(
+    *,
+    model: str = "stmnet",
+    steps: int | None = 4000,
+    steps_given: bool = True,
+    out: Path | None = None,
+    device: str = "auto",
+    seed: int | None = None,
+    resume: bool = False,
+    lr: float | None = None,
+    threads: int | None = None,
+    init: Path | None = None,
+    bank_size: int | None = None,
+    weights: Path | None = None,
+    minutes: float | None = None,
+    workers: int | None = None,
+    broad_recipe: bool = False,
+) -> None:
     """Train ``model`` with the options of ``stm-live train`` (None: the model's own default).
 
     ``steps_given``: whether ``steps`` was set by the user; with ``minutes`` an unset
@@ -53,11 +72,18 @@ def main(*, model: str = "stmnet", steps: int | None = 4000, steps_given: bool =
         if lr is not None or init is not None or bank_size is not None or resume:
             raise ValueError("--model tipdomain takes --weights, --out, --seed, --device and --threads only")
         with console_progress():
-            tipdomain.fit_domain_main(weights=weights, out=out, device=check_device(device),
-                                      **given(seed=seed, threads=threads))
+            tipdomain.fit_domain_main(
+                weights=weights, out=out, device=check_device(device), **given(seed=seed, threads=threads)
+            )
         return
     else:
         raise ValueError(f"unknown model {model!r}; choose stmnet, wide, tipstate or tipdomain")
     with console_progress():
-        train_main(steps=steps, out=out, device=check_device(device), resume=resume, **model_options,
-                   **given(seed=seed, lr=lr, threads=threads, init=init, bank_size=bank_size))
+        train_main(
+            steps=steps,
+            out=out,
+            device=check_device(device),
+            resume=resume,
+            **model_options,
+            **given(seed=seed, lr=lr, threads=threads, init=init, bank_size=bank_size),
+        )

@@ -12,14 +12,15 @@ from stm_live.viewer import JournalFollower, Viewer, ViewerState, show_stored_ru
 __all__ = ["run_viewer"]
 
 
-def run_viewer(*, port: int = 8765, data_dir: str | Path = "stm_live_data",
-               tiled_uri: str | None = None, run: str = "latest") -> None:
+def run_viewer(
+    *, port: int = 8765, data_dir: str | Path = "stm_live_data", tiled_uri: str | None = None, run: str = "latest"
+) -> None:
     """``stm-live view``: serve the page and follow the journals in ``data_dir``; given
     ``tiled_uri``, show ``run`` as stored in that tiled server instead."""
     state = ViewerState()
     follower = None
     if tiled_uri:
-        from tiled.client import from_uri  # 0.3 s: only to show a run stored in tiled
+        from tiled.client import from_uri  # noqa: PLC0415 - 0.3 s: only to show a run stored in tiled
 
         shown = show_stored_run(state, from_uri(tiled_uri), run)
         what = f"run {shown} from tiled at {tiled_uri.split('?')[0]}"

@@ -15,13 +15,12 @@ import os
 import signal
 import threading
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from stm_live.callbacks.tipmonitor import TipMonitor
 from stm_live.models import load_stmnet
 from stm_live.session import build_consumers
-from stm_live.streaming import (LOOPBACK, JournalCatchUp, ResultSender, check_loopback,
-                                make_dispatcher)
+from stm_live.streaming import LOOPBACK, JournalCatchUp, ResultSender, check_loopback, make_dispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +38,19 @@ def _default_tip_monitor(emit, device: str = "auto"):
         return None
 
 
-def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:5580", device: str = "auto",
-               curve_keys=None, *, journal: str | os.PathLike | None = None, reconstructor=None,
-               tip_monitor: bool | Callable = True, live_options: dict | None = None,
-               allow_remote: bool = False, stop_event: threading.Event | None = None) -> int:
+def run_worker(
+    connect: str = f"{LOOPBACK}:5578",
+    results: str = f"{LOOPBACK}:5580",
+    device: str = "auto",
+    curve_keys=None,
+    *,
+    journal: str | os.PathLike | None = None,
+    reconstructor=None,
+    tip_monitor: bool | Callable = True,
+    live_options: dict | None = None,
+    allow_remote: bool = False,
+    stop_event: threading.Event | None = None,
+) -> int:
     """Run live reconstruction (and the tip monitor) on documents from a 0MQ proxy.
 
     Parameters
@@ -91,9 +99,16 @@ def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:55
         def emit(kind):  # results go back over 0MQ, tagged with the consumer that made them
             return sender if kind == "live" else lambda name, doc: sender.send(name, doc, source=kind)
 
-        consumers = build_consumers(None, journal=False, live=True, reconstructor=reconstructor,
-                                    device=device, live_options=options, emit=emit,
-                                    tip=(lambda sink: factory(sink, device=device)) if tip_monitor else False)
+        consumers = build_consumers(
+            None,
+            journal=False,
+            live=True,
+            reconstructor=reconstructor,
+            device=device,
+            live_options=options,
+            emit=emit,
+            tip=(lambda sink: factory(sink, device=device)) if tip_monitor else False,
+        )
     except BaseException:  # e.g. no checkpoint: say so, leave no socket behind
         sender.close(linger_ms=0)
         raise
@@ -101,14 +116,17 @@ def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:55
     feeder = JournalCatchUp(callbacks, journal)
     dispatcher = make_dispatcher(connect, curve_keys=curve_keys)
     dispatcher.subscribe(feeder)
-    dispatcher.on_ready = lambda: sender.send("hello", {"worker": worker_id, "pid": os.getpid(),
-                                                         "callbacks": [type(c).__name__ for c in callbacks]},
-                                              source="worker")
+    dispatcher.on_ready = lambda: sender.send(
+        "hello",
+        {"worker": worker_id, "pid": os.getpid(), "callbacks": [type(c).__name__ for c in callbacks]},
+        source="worker",
+    )
     previous = {}
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: dispatcher.request_stop())
     if stop_event is not None:
+
         def _watch():
             # Repeat the request: one made before the dispatcher's task exists is a no-op.
             while not dispatcher.closed:
@@ -132,17 +150,25 @@ def run_worker(connect: str = f"{LOOPBACK}:5578", results: str = f"{LOOPBACK}:55
 def main(argv: list[str] | None = None) -> int:
     """``python -m stm_live.app.worker``: the worker with every option (the CLI's
     ``stm-live worker`` exposes the common ones)."""
-    parser = argparse.ArgumentParser(prog="python -m stm_live.app.worker",
-                                     description=run_worker.__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m stm_live.app.worker", description=run_worker.__doc__.splitlines()[0]
+    )
     parser.add_argument("--connect", default=f"{LOOPBACK}:5578")
     parser.add_argument("--results", default=f"{LOOPBACK}:5580")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--curve-keys", default=None)
     parser.add_argument("--journal", default=None, help="acquisition data_dir (journal catch-up)")
-    parser.add_argument("--reconstructor", default=None,
-                        help="module:factory returning an object with .reconstruct (default: shipped STM-Net)")
-    parser.add_argument("--band-margin", type=int, default=None,
-                        help="-1: full-frame updates (default: full-frame on CUDA, else 32 rows)")
+    parser.add_argument(
+        "--reconstructor",
+        default=None,
+        help="module:factory returning an object with .reconstruct (default: shipped STM-Net)",
+    )
+    parser.add_argument(
+        "--band-margin",
+        type=int,
+        default=None,
+        help="-1: full-frame updates (default: full-frame on CUDA, else 32 rows)",
+    )
     parser.add_argument("--no-tip-monitor", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
@@ -150,10 +176,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.reconstructor:
         module, _, attr = args.reconstructor.partition(":")
         reconstructor = getattr(importlib.import_module(module), attr)()
-    return run_worker(args.connect, args.results, args.device, args.curve_keys, journal=args.journal,
-                      reconstructor=reconstructor, tip_monitor=not args.no_tip_monitor,
-                      live_options=None if args.band_margin is None else
-                      {"band_margin": None if args.band_margin < 0 else args.band_margin})
+    return run_worker(
+        args.connect,
+        args.results,
+        args.device,
+        args.curve_keys,
+        journal=args.journal,
+        reconstructor=reconstructor,
+        tip_monitor=not args.no_tip_monitor,
+        live_options=None
+        if args.band_margin is None
+        else {"band_margin": None if args.band_margin < 0 else args.band_margin},
+    )
 
 
 if __name__ == "__main__":

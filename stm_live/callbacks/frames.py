@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from event_model import compose_run
+from event_model import compose_run, unpack_event_page
+
+from stm_live.interpret import choose_channel, from_block
 
 DIRECTIONS = ("forward", "backward")
 
@@ -78,15 +80,15 @@ class FrameAssembler:
         mode = _require(block, "z_controller")
         if mode not in ("constant_current", "constant_height"):
             raise FrameError(
-                f"start['stm_live']['z_controller'] = {mode!r}; expected "
-                "'constant_current' or 'constant_height'"
+                f"start['stm_live']['z_controller'] = {mode!r}; expected 'constant_current' or 'constant_height'"
             )
         channels = []
         for i, ch in enumerate(_require(block, "channels")):
             where = f"start['stm_live']['channels'][{i}]"
             keys = dict(_require(ch, "keys", where))
-            channels.append(ChannelSpec(str(_require(ch, "name", where)), int(ch.get("index", -1)),
-                                        str(ch.get("units", "")), keys))
+            channels.append(
+                ChannelSpec(str(_require(ch, "name", where)), int(ch.get("index", -1)), str(ch.get("units", "")), keys)
+            )
         if not channels:
             raise FrameError("start['stm_live']['channels'] is empty")
         self.run_uid = doc.get("uid")
@@ -94,14 +96,16 @@ class FrameAssembler:
         self.channels = channels
         self.frames = {
             (ch.name, d): np.full((lines, pixels), np.nan, dtype=np.float32)
-            for ch in channels for d in DIRECTIONS if d in ch.keys
+            for ch in channels
+            for d in DIRECTIONS
+            if d in ch.keys
         }
         self._acquired = np.zeros(lines, dtype=bool)
         self._descriptors.clear()
         self.events_seen = 0
         self.resent_lines = 0
         self.last_seq_num = {}
-        self.source  # validate now, so a bad run fails at start, not at the first line
+        _ = self.source  # validate now, so a bad run fails at start, not at the first line
 
     def descriptor(self, doc: dict) -> None:
         if doc.get("name") == self.stream and doc.get("run_start") == self.run_uid:
@@ -125,8 +129,7 @@ class FrameAssembler:
             values = np.asarray(data[key], dtype=np.float32).reshape(-1)
             if values.size != self.pixels:
                 raise FrameError(
-                    f"event {doc.get('seq_num')}: {key!r} has {values.size} values, "
-                    f"the frame has {self.pixels} pixels"
+                    f"event {doc.get('seq_num')}: {key!r} has {values.size} values, the frame has {self.pixels} pixels"
                 )
             frame[row] = values
         self.events_seen += 1
@@ -137,7 +140,6 @@ class FrameAssembler:
         return row
 
     def event_page(self, doc: dict) -> list[int]:
-        from event_model import unpack_event_page
 
         rows = [self.event(ev) for ev in unpack_event_page(doc)]
         return [r for r in rows if r is not None]
@@ -185,13 +187,16 @@ class FrameAssembler:
         """(channel name, direction) that feeds the networks, as :mod:`stm_live.interpret`
         chooses it: the plan's ``source_channel`` if it named one (e.g. a lock-in channel),
         else Z on constant current, Current on constant height."""
-        from stm_live.interpret import choose_channel
 
         names = [c.name for c in self.channels if "forward" in c.keys or "backward" in c.keys]
         units = {c.name: c.units for c in self.channels}
         try:
-            name, _, _ = choose_channel(names, feedback_on=self.z_controller == "constant_current",
-                                        units=units, requested=self.block.get("source_channel"))
+            name, _, _ = choose_channel(
+                names,
+                feedback_on=self.z_controller == "constant_current",
+                units=units,
+                requested=self.block.get("source_channel"),
+            )
         except ValueError as exc:
             raise FrameError(f"live reconstruction: {exc}") from None
         keys = next(c.keys for c in self.channels if c.name == name)
@@ -206,7 +211,6 @@ class FrameAssembler:
     def network_input(self):
         """The frame as the networks take it (:func:`stm_live.interpret.from_block`: channel,
         sign, levelling, pitch, scope), on a copy of the acquired data."""
-        from stm_live.interpret import from_block
 
         name, direction = self.source
         return from_block(self.block, {(name, direction): self.frame(name, direction).copy()})
@@ -216,8 +220,14 @@ class FrameAssembler:
         return self.network_input().image
 
 
-def frame_documents(image: np.ndarray, pixel_size_nm: float, line_spacing_nm: float | None = None, *,
-                    bias_V: float = 0.5, units: str = "A"):
+def frame_documents(
+    image: np.ndarray,
+    pixel_size_nm: float,
+    line_spacing_nm: float | None = None,
+    *,
+    bias_V: float = 0.5,
+    units: str = "A",
+):
     """The documents of one constant-height frame of ``image`` (lines, pixels) in the layout
     ``FrameAssembler`` reads (as ``plans.live_frame`` emits it; channel "Current", the same
     line both directions, one event per line): ``(name, doc)`` pairs, for feeding the live
@@ -225,19 +235,39 @@ def frame_documents(image: np.ndarray, pixel_size_nm: float, line_spacing_nm: fl
     lines, pixels = image.shape
     line_spacing_nm = pixel_size_nm if line_spacing_nm is None else line_spacing_nm
     keys = ("stm_line_index", "stm_current_fwd", "stm_current_bwd")
-    run = compose_run(metadata={"stm_live": {
-        "frame": {"center_x_m": 0, "center_y_m": 0, "width_m": pixels * pixel_size_nm * 1e-9,
-                  "height_m": lines * line_spacing_nm * 1e-9, "angle_deg": 0},
-        "pixels": pixels, "lines": lines, "pixel_size_nm": pixel_size_nm,
-        "scan_direction": "down", "bias_V": bias_V, "setpoint_A": 5e-12, "z_controller": "constant_height",
-        "line_key": keys[0],
-        "channels": [{"name": "Current", "index": 0, "units": units,
-                      "keys": {"forward": keys[1], "backward": keys[2]}}]}})
+    run = compose_run(
+        metadata={
+            "stm_live": {
+                "frame": {
+                    "center_x_m": 0,
+                    "center_y_m": 0,
+                    "width_m": pixels * pixel_size_nm * 1e-9,
+                    "height_m": lines * line_spacing_nm * 1e-9,
+                    "angle_deg": 0,
+                },
+                "pixels": pixels,
+                "lines": lines,
+                "pixel_size_nm": pixel_size_nm,
+                "scan_direction": "down",
+                "bias_V": bias_V,
+                "setpoint_A": 5e-12,
+                "z_controller": "constant_height",
+                "line_key": keys[0],
+                "channels": [
+                    {"name": "Current", "index": 0, "units": units, "keys": {"forward": keys[1], "backward": keys[2]}}
+                ],
+            }
+        }
+    )
     yield "start", run.start_doc
-    desc = run.compose_descriptor(name="primary", data_keys={
-        keys[0]: {"source": "stm_live", "dtype": "integer", "shape": []},
-        keys[1]: {"source": "stm_live", "dtype": "array", "shape": [pixels]},
-        keys[2]: {"source": "stm_live", "dtype": "array", "shape": [pixels]}})
+    desc = run.compose_descriptor(
+        name="primary",
+        data_keys={
+            keys[0]: {"source": "stm_live", "dtype": "integer", "shape": []},
+            keys[1]: {"source": "stm_live", "dtype": "array", "shape": [pixels]},
+            keys[2]: {"source": "stm_live", "dtype": "array", "shape": [pixels]},
+        },
+    )
     yield "descriptor", desc.descriptor_doc
     for i, row in enumerate(image):
         yield "event", desc.compose_event(data=dict(zip(keys, (i, row, row))), timestamps=dict.fromkeys(keys, 0.0))

@@ -26,13 +26,15 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from event_model import DocumentRouter, compose_run
+from event_model import DocumentRouter, compose_run, unpack_event_page
 
 from stm_live.callbacks.frames import FrameAssembler
 from stm_live.interpret import stmnet_scope
+from stm_live.models.consistency import check_reconstruction
 
 logger = logging.getLogger(__name__)
 
@@ -96,12 +98,21 @@ class LiveReconstruction(DocumentRouter):
         The scan's event stream holding the lines.
     """
 
-    def __init__(self, reconstructor=None, *, device: str = "auto", min_interval_s: float = 0.0,
-                 emit: Callable[[str, dict], Any] | None = None, snapshot_every: int | None = None,
-                 band_margin: int | None = 32, stream: str = "primary", history: int = 100_000):
+    def __init__(
+        self,
+        reconstructor=None,
+        *,
+        device: str = "auto",
+        min_interval_s: float = 0.0,
+        emit: Callable[[str, dict], Any] | None = None,
+        snapshot_every: int | None = None,
+        band_margin: int | None = 32,
+        stream: str = "primary",
+        history: int = 100_000,
+    ):
         super().__init__()  # emit handled here: DocumentRouter keeps only a weak reference
         if reconstructor is None:
-            from stm_live.models import load_stmnet
+            from stm_live.models import load_stmnet  # noqa: PLC0415 - torch: the viewer imports this module
 
             reconstructor = load_stmnet(device=device)
         if not callable(getattr(reconstructor, "reconstruct", None)):
@@ -186,7 +197,6 @@ class LiveReconstruction(DocumentRouter):
         return None
 
     def event_page(self, doc):
-        from event_model import unpack_event_page
 
         for event in unpack_event_page(doc):
             self.event(event)
@@ -207,8 +217,9 @@ class LiveReconstruction(DocumentRouter):
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
-                busy = self._busy or any(r.pending or (r.stop_doc is not None and not r.done)
-                                         for r in self._runs.values())
+                busy = self._busy or any(
+                    r.pending or (r.stop_doc is not None and not r.done) for r in self._runs.values()
+                )
                 if not busy:
                     return True
                 left = deadline - time.monotonic()
@@ -225,9 +236,13 @@ class LiveReconstruction(DocumentRouter):
     def stats(self) -> dict:
         with self._cond:  # the worker appends to history
             lat = [latency for _, latency in self.history]
-        return {"lines": self.lines_received, "updates": self.updates,
-                "p50_ms": percentile_ms(lat, 50), "p99_ms": percentile_ms(lat, 99),
-                "errors": len(self.errors)}
+        return {
+            "lines": self.lines_received,
+            "updates": self.updates,
+            "p50_ms": percentile_ms(lat, 50),
+            "p99_ms": percentile_ms(lat, 99),
+            "errors": len(self.errors),
+        }
 
     def frame(self, scan_uid: str) -> np.ndarray:
         """The reconstruction input of scan ``scan_uid``: as assembled so far while it runs,
@@ -305,20 +320,36 @@ class LiveReconstruction(DocumentRouter):
         run.in_scope, run.scope_reason = scope.ok, scope.reason
         if not scope.ok:
             logger.info("live reconstruction of run %s skipped: %s", run.uid[:8], scope.reason)
-        run.bundle = compose_run(metadata={
-            "parent_uid": run.uid,
-            "plan_name": "live_reconstruction",
-            "stm_live_derived": "reconstruction",
-            "reconstruction": {"source_channel": channel, "source_direction": direction,
-                               "z_controller": asm.z_controller, "pixel_size_nm": asm.pixel_size_nm,
-                               "lines": asm.lines, "pixels": asm.pixels, "band_margin": self.band_margin,
-                               "line_spacing_nm": net_in.line_spacing_nm, "in_scope": scope.ok,
-                               "scope_reason": scope.reason, "notes": net_in.notes},
-        })
+        run.bundle = compose_run(
+            metadata={
+                "parent_uid": run.uid,
+                "plan_name": "live_reconstruction",
+                "stm_live_derived": "reconstruction",
+                "reconstruction": {
+                    "source_channel": channel,
+                    "source_direction": direction,
+                    "z_controller": asm.z_controller,
+                    "pixel_size_nm": asm.pixel_size_nm,
+                    "lines": asm.lines,
+                    "pixels": asm.pixels,
+                    "band_margin": self.band_margin,
+                    "line_spacing_nm": net_in.line_spacing_nm,
+                    "in_scope": scope.ok,
+                    "scope_reason": scope.reason,
+                    "notes": net_in.notes,
+                },
+            }
+        )
         source = "stm_live.live"
         data_keys = {
-            "reconstruction": {"dtype": "array", "shape": [asm.lines, asm.pixels], "dtype_numpy": "<f4",
-                               "source": source, "units": "a.u.", "dims": ["line", "pixel"]},
+            "reconstruction": {
+                "dtype": "array",
+                "shape": [asm.lines, asm.pixels],
+                "dtype_numpy": "<f4",
+                "source": source,
+                "units": "a.u.",
+                "dims": ["line", "pixel"],
+            },
             "lines": {"dtype": "array", "shape": [None], "dtype_numpy": "<i8", "source": source},
             "lines_done": {"dtype": "integer", "shape": [], "source": source},
             "row_start": {"dtype": "integer", "shape": [], "source": source},
@@ -334,13 +365,24 @@ class LiveReconstruction(DocumentRouter):
         }
         desc = run.bundle.compose_descriptor(name=STREAM, data_keys=data_keys)
         run.event = desc.compose_event
-        image_key = {"dtype": "array", "shape": [asm.lines, asm.pixels], "dtype_numpy": "<f4",
-                     "source": source, "units": "a.u.", "dims": ["line", "pixel"]}
-        check_keys = {"residual": image_key, "view_spread": image_key,
-                      **{k: {"dtype": "number", "shape": [], "source": source}
-                         for k in ("spread", "agreement", "w_s", "explained")},
-                      "orbital": {"dtype": "boolean", "shape": [], "source": source},
-                      "reason": {"dtype": "string", "shape": [], "source": source}}
+        image_key = {
+            "dtype": "array",
+            "shape": [asm.lines, asm.pixels],
+            "dtype_numpy": "<f4",
+            "source": source,
+            "units": "a.u.",
+            "dims": ["line", "pixel"],
+        }
+        check_keys = {
+            "residual": image_key,
+            "view_spread": image_key,
+            **{
+                k: {"dtype": "number", "shape": [], "source": source}
+                for k in ("spread", "agreement", "w_s", "explained")
+            },
+            "orbital": {"dtype": "boolean", "shape": [], "source": source},
+            "reason": {"dtype": "string", "shape": [], "source": source},
+        }
         check_desc = run.bundle.compose_descriptor(name=CHECK_STREAM, data_keys=check_keys)
         run.check_event = check_desc.compose_event
         run.announced = True
@@ -357,8 +399,12 @@ class LiveReconstruction(DocumentRouter):
 
     def _reconstruct(self, net_in, rows: slice = slice(None)) -> np.ndarray:
         """STM-Net on ``net_in``'s image (or a band of its rows) at the frame's pitches."""
-        return np.asarray(self.reconstructor.reconstruct(
-            net_in.image[rows], net_in.pixel_size_nm, line_spacing_nm=net_in.line_spacing_nm), np.float32)
+        return np.asarray(
+            self.reconstructor.reconstruct(
+                net_in.image[rows], net_in.pixel_size_nm, line_spacing_nm=net_in.line_spacing_nm
+            ),
+            np.float32,
+        )
 
     def _update(self, run: _Run) -> None:
         rows, net_in, acquired, arrivals = self._take(run)
@@ -368,8 +414,11 @@ class LiveReconstruction(DocumentRouter):
         # A backlog (worker behind, or catching up) makes the band as big as the frame:
         # then one full-frame pass costs about the same and has all the context.
         backlog = rows[-1] - rows[0] + 1 + (self.band_margin or 0) > run.asm.lines // 2
-        full = self.band_margin is None or backlog or (
-            self.snapshot_every is not None and (run.updates + 1) % self.snapshot_every == 0)
+        full = (
+            self.band_margin is None
+            or backlog
+            or (self.snapshot_every is not None and (run.updates + 1) % self.snapshot_every == 0)
+        )
         if full:
             run.image = self._reconstruct(net_in)
             run.covered = acquired.copy()
@@ -378,8 +427,9 @@ class LiveReconstruction(DocumentRouter):
             start, stop = self._splice_band(run, net_in, rows)
         check = self._check(net_in, run.image)
         run.last_update = time.perf_counter()
-        self._publish(run, rows, arrivals, start, stop, full=full, final=False, check=check,
-                      compute_s=run.last_update - t0)
+        self._publish(
+            run, rows, arrivals, start, stop, full=full, final=False, check=check, compute_s=run.last_update - t0
+        )
 
     def _splice_band(self, run: _Run, net_in, rows: list[int]) -> tuple[int, int]:
         """Reconstruct the new rows plus context above them; splice into ``run.image``."""
@@ -424,13 +474,28 @@ class LiveReconstruction(DocumentRouter):
                 store[run.uid] = value
                 while len(store) > 8:
                     store.pop(next(iter(store)))
-            self._publish(run, rows, arrivals, 0, run.asm.lines, full=True, final=True, check=check,
-                          compute_s=time.perf_counter() - t0)
+            self._publish(
+                run,
+                rows,
+                arrivals,
+                0,
+                run.asm.lines,
+                full=True,
+                final=True,
+                check=check,
+                compute_s=time.perf_counter() - t0,
+            )
             summary = check.summary()
-            data = {"residual": check.residual, "view_spread": spread, "spread": spread_summary,
-                    "agreement": summary["agreement"], "w_s": summary["w_s"],
-                    "explained": summary["explained"], "orbital": bool(check.in_scope),
-                    "reason": check.reason}
+            data = {
+                "residual": check.residual,
+                "view_spread": spread,
+                "spread": spread_summary,
+                "agreement": summary["agreement"],
+                "w_s": summary["w_s"],
+                "explained": summary["explained"],
+                "orbital": bool(check.in_scope),
+                "reason": check.reason,
+            }
             now = time.time()
             self._send("event", run.check_event(data=data, timestamps={k: now for k in data}))
             reason = "" if check.in_scope else check.reason  # it says "not a CO-tip orbital image"
@@ -442,10 +507,8 @@ class LiveReconstruction(DocumentRouter):
     def _check(net_in, image: np.ndarray, network=None):
         """Whether the reconstruction predicts the measured CO-tip image (models/consistency.py);
         ``network``: the reconstruction on the network's finer grid, where there is one."""
-        from stm_live.models.consistency import check_reconstruction
 
-        return check_reconstruction(net_in.image, image, net_in.pixel_size_nm, net_in.line_spacing_nm,
-                                    network=network)
+        return check_reconstruction(net_in.image, image, net_in.pixel_size_nm, net_in.line_spacing_nm, network=network)
 
     def _publish(self, run: _Run, rows, arrivals, start, stop, *, full, final, check, compute_s) -> None:
         done = time.perf_counter()
@@ -454,17 +517,33 @@ class LiveReconstruction(DocumentRouter):
             self.history.extend(latencies)
         image = run.image.copy()
         n_lines = int(run.covered.sum())
-        data = {"reconstruction": image, "lines": np.asarray(rows, dtype=np.int64), "lines_done": n_lines,
-                "row_start": int(start), "row_stop": int(stop),
-                "latency_s": float(max((lat for _, lat in latencies), default=0.0)),
-                "compute_s": float(compute_s), "full_frame": bool(full), "final": bool(final),
-                "agreement": float(check.agreement), "w_s": float(check.w_s), "orbital": bool(check.in_scope)}
+        data = {
+            "reconstruction": image,
+            "lines": np.asarray(rows, dtype=np.int64),
+            "lines_done": n_lines,
+            "row_start": int(start),
+            "row_stop": int(stop),
+            "latency_s": float(max((lat for _, lat in latencies), default=0.0)),
+            "compute_s": float(compute_s),
+            "full_frame": bool(full),
+            "final": bool(final),
+            "agreement": float(check.agreement),
+            "w_s": float(check.w_s),
+            "orbital": bool(check.in_scope),
+        }
         now = time.time()
         event = run.event(data=data, timestamps={k: now for k in data})
         run.updates += 1
         self.updates += 1
-        self.latest = {"run": run.uid, "image": image, "lines": list(rows), "lines_done": n_lines,
-                       "latency_s": data["latency_s"], "final": final, "time": now}
+        self.latest = {
+            "run": run.uid,
+            "image": image,
+            "lines": list(rows),
+            "lines_done": n_lines,
+            "latency_s": data["latency_s"],
+            "final": final,
+            "time": now,
+        }
         self._send("event", event)
 
     def _finish(self, run: _Run, *, exit_status: str, reason: str = "") -> None:

@@ -27,13 +27,17 @@ import logging
 import queue
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from event_model import compose_run, unpack_event_page
 
 from stm_live.callbacks.frames import FrameAssembler
-from stm_live.interpret import classifier_scope
 from stm_live.callbacks.tipwatch import TipWatch
+from stm_live.interpret import classifier_scope
+from stm_live.models import load_tip_classifier
+from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM, TIP_CLASSES, bad_probability, is_known_bad, is_unknown
 
 log = logging.getLogger(__name__)
 
@@ -65,17 +69,24 @@ class TipMonitor:
         makes the per-frame change detector (default ``TipWatch``).
     """
 
-    def __init__(self, classifier=None, *, every_n_lines: int = 16, min_rows: int = 16,
-                 min_height_nm: float | None = None,
-                 on_verdict: Callable[[dict], Any] | None = None, stream: str = "primary",
-                 watch_factory: Callable[[], TipWatch] = TipWatch, device: str = "auto"):
+    def __init__(
+        self,
+        classifier=None,
+        *,
+        every_n_lines: int = 16,
+        min_rows: int = 16,
+        min_height_nm: float | None = None,
+        on_verdict: Callable[[dict], Any] | None = None,
+        stream: str = "primary",
+        watch_factory: Callable[[], TipWatch] = TipWatch,
+        device: str = "auto",
+    ):
         if every_n_lines < 1:
             raise ValueError(f"TipMonitor: every_n_lines must be >= 1, got {every_n_lines}")
         self._classifier = classifier
         self._device = device
         self.every_n_lines = int(every_n_lines)
         self.min_rows = int(min_rows)
-        from stm_live.models.tipstate import MIN_VERDICT_HEIGHT_NM
 
         self.min_height_nm = float(MIN_VERDICT_HEIGHT_NM if min_height_nm is None else min_height_nm)
         self.on_verdict = on_verdict
@@ -121,8 +132,6 @@ class TipMonitor:
     @property
     def classifier(self):
         if self._classifier is None:
-            from stm_live.models import load_tip_classifier
-
             self._classifier = load_tip_classifier(device=self._device)
         return self._classifier
 
@@ -134,7 +143,7 @@ class TipMonitor:
         self._warm = True
         try:
             rows = np.random.default_rng(0).random((asm.lines, asm.pixels))
-            rows[self._rows_needed():] = np.nan
+            rows[self._rows_needed() :] = np.nan
             self.classifier.classify(rows, asm.pixel_size_nm, line_spacing_nm=self._line_spacing_nm())
         except Exception as exc:  # the real verdicts report problems
             log.debug("TipMonitor warm-up: %s", exc)
@@ -167,9 +176,6 @@ class TipMonitor:
         # start while the frame is still open: they must not drop the frame being watched.
         if "stm_live" not in doc:
             return
-        from event_model import compose_run
-
-        from stm_live.models.tipstate import TIP_CLASSES
 
         asm = FrameAssembler(self.stream)
         asm.start(doc)
@@ -184,25 +190,34 @@ class TipMonitor:
             self._warm_up(asm)
         self._segment_start, self._last_classified, self._last_change = 0, -1, -1
         self._floor_request, self._pending_change = None, None
-        run = compose_run(metadata={"purpose": "tip_verdicts", "parent_uid": doc["uid"],
-                                    "tip_classes": list(TIP_CLASSES), "in_scope": self._scope.ok,
-                                    "scope_reason": self._scope.reason})
+        run = compose_run(
+            metadata={
+                "purpose": "tip_verdicts",
+                "parent_uid": doc["uid"],
+                "tip_classes": list(TIP_CLASSES),
+                "in_scope": self._scope.ok,
+                "scope_reason": self._scope.reason,
+            }
+        )
         self._compose = run
         self._emit("start", run.start_doc)
-        desc = run.compose_descriptor(name=VERDICT_STREAM, data_keys={
-            "label": {"source": "TipMonitor", "dtype": "string", "shape": []},
-            "probabilities": {"source": "TipMonitor", "dtype": "array", "shape": [len(TIP_CLASSES)]},
-            "s_fraction": {"source": "TipMonitor", "dtype": "number", "shape": []},
-            "good": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
-            "in_domain": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
-            "domain_score": {"source": "TipMonitor", "dtype": "number", "shape": []},
-            "domain_threshold": {"source": "TipMonitor", "dtype": "number", "shape": []},
-            "class_score": {"source": "TipMonitor", "dtype": "number", "shape": []},
-            "action_limit": {"source": "TipMonitor", "dtype": "number", "shape": []},
-            "line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
-            "change_line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
-            "reason": {"source": "TipMonitor", "dtype": "string", "shape": []},
-        })
+        desc = run.compose_descriptor(
+            name=VERDICT_STREAM,
+            data_keys={
+                "label": {"source": "TipMonitor", "dtype": "string", "shape": []},
+                "probabilities": {"source": "TipMonitor", "dtype": "array", "shape": [len(TIP_CLASSES)]},
+                "s_fraction": {"source": "TipMonitor", "dtype": "number", "shape": []},
+                "good": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
+                "in_domain": {"source": "TipMonitor", "dtype": "boolean", "shape": []},
+                "domain_score": {"source": "TipMonitor", "dtype": "number", "shape": []},
+                "domain_threshold": {"source": "TipMonitor", "dtype": "number", "shape": []},
+                "class_score": {"source": "TipMonitor", "dtype": "number", "shape": []},
+                "action_limit": {"source": "TipMonitor", "dtype": "number", "shape": []},
+                "line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
+                "change_line": {"source": "TipMonitor", "dtype": "integer", "shape": []},
+                "reason": {"source": "TipMonitor", "dtype": "string", "shape": []},
+            },
+        )
         self._desc = desc
         self._emit("descriptor", desc.descriptor_doc)
 
@@ -211,7 +226,6 @@ class TipMonitor:
             self._asm.descriptor(doc)
 
     def _on_event_page(self, doc: dict) -> None:
-        from event_model import unpack_event_page
 
         for ev in unpack_event_page(doc):
             self._on_event(ev)
@@ -292,43 +306,64 @@ class TipMonitor:
         image = self._image()
         need = self._rows_needed()
         start = self._segment_start if row + 1 - self._segment_start >= need else max(0, row + 1 - need)
-        crops = [(start, image[start:row + 1])]
+        crops = [(start, image[start : row + 1])]
         if row + 1 - start >= need + self.every_n_lines:
             # The line detector misses changes that alter the image without a jump in line
             # statistics (a second apex, a tilt): the latest lines alone show the tip now.
-            crops.append((row + 1 - need, image[row + 1 - need:row + 1]))
+            crops.append((row + 1 - need, image[row + 1 - need : row + 1]))
         crops = [(first, c) for first, c in crops if np.isfinite(c).all(axis=1).sum() >= 3]
         if not crops:
             return
-        from stm_live.models.tipstate import TIP_CLASSES, bad_probability, is_known_bad, is_unknown
 
         verdicts = self._verdicts([c for _, c in crops])
         start, verdict = crops[0][0], verdicts[0]
         # The latest lines win when they show a bad tip the whole segment does not: only a bad
         # verdict inside the classifier's domain counts, and "unknown" is never the worse one.
-        if len(crops) == 2 and is_known_bad(verdicts[1]) and (
-                is_unknown(verdict) or
-                bad_probability(verdicts[1].probabilities) > bad_probability(verdict.probabilities)):
+        if (
+            len(crops) == 2
+            and is_known_bad(verdicts[1])
+            and (
+                is_unknown(verdict)
+                or bad_probability(verdicts[1].probabilities) > bad_probability(verdict.probabilities)
+            )
+        ):
             start, verdict = crops[1][0], verdicts[1]
             reason = f"{reason}; the latest {row + 1 - start} lines"
         self._last_classified = row
 
         # A classifier without a domain model (a test double, an old one) says nothing of it.
-        gate = {"in_domain": bool(getattr(verdict, "in_domain", True)),
-                **{key: float(getattr(verdict, key, float("nan")))
-                   for key in ("domain_score", "domain_threshold", "class_score", "action_limit")}}
+        gate = {
+            "in_domain": bool(getattr(verdict, "in_domain", True)),
+            **{
+                key: float(getattr(verdict, key, float("nan")))
+                for key in ("domain_score", "domain_threshold", "class_score", "action_limit")
+            },
+        }
         record = {
-            "run_uid": self._asm.run_uid, "time": time.time(), "line": int(row),
-            "first_line": int(start), "change_line": int(self._last_change),
-            "label": verdict.label, "probabilities": dict(verdict.probabilities),
-            "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good), "reason": reason, **gate,
+            "run_uid": self._asm.run_uid,
+            "time": time.time(),
+            "line": int(row),
+            "first_line": int(start),
+            "change_line": int(self._last_change),
+            "label": verdict.label,
+            "probabilities": dict(verdict.probabilities),
+            "s_fraction": float(verdict.s_fraction),
+            "good": bool(verdict.good),
+            "reason": reason,
+            **gate,
         }
         with self._lock:
             self.timeline.append(record)
-        data = {"label": verdict.label,
-                "probabilities": [float(verdict.probabilities[c]) for c in TIP_CLASSES],
-                "s_fraction": float(verdict.s_fraction), "good": bool(verdict.good), **gate,
-                "line": int(row), "change_line": int(self._last_change), "reason": reason}
+        data = {
+            "label": verdict.label,
+            "probabilities": [float(verdict.probabilities[c]) for c in TIP_CLASSES],
+            "s_fraction": float(verdict.s_fraction),
+            "good": bool(verdict.good),
+            **gate,
+            "line": int(row),
+            "change_line": int(self._last_change),
+            "reason": reason,
+        }
         self._emit("event", self._desc.compose_event(data=data, timestamps={k: record["time"] for k in data}))
         if self.on_verdict is not None:
             try:

@@ -76,7 +76,7 @@ class TipWatch:
     _ehistory: list = field(default_factory=list, repr=False)
     _history: list = field(default_factory=list, repr=False)
     _cusum: dict = field(default_factory=lambda: dict.fromkeys(_KINDS, 0.0), repr=False)
-    _last_alarm: int = field(default=-10**9, repr=False)
+    _last_alarm: int = field(default=-(10**9), repr=False)
     _evaluated: set = field(default_factory=set, repr=False)
     changes: list = field(default_factory=list)
 
@@ -90,7 +90,7 @@ class TipWatch:
         self._history.clear()
         self._evaluated.clear()
         self._cusum = dict.fromkeys(_KINDS, 0.0)
-        self._last_alarm = -10**9
+        self._last_alarm = -(10**9)
         self.changes = []
 
     def forget_from(self, line: int) -> None:
@@ -139,8 +139,11 @@ class TipWatch:
             ref = max(0.5 * (feat[c - 1] + feat[c + 1]), fl)
             z[kind] = float(np.log(max(feat[c], 1e-30) / ref))
         alarm = None
-        ed = {k: abs(self._energy[k] - self._energy[k - 1]) for k in (c - 1, c, c + 1)
-              if k in self._energy and k - 1 in self._energy}
+        ed = {
+            k: abs(self._energy[k] - self._energy[k - 1])
+            for k in (c - 1, c, c + 1)
+            if k in self._energy and k - 1 in self._energy
+        }
         if len(ed) == 3 and self.use_energy:
             efloor = max(5.0 * float(np.median(self._ehistory)) if self._ehistory else 0.0, 0.5)
             z["energy"] = float(np.log(max(ed[c], 1e-12) / max(0.5 * (ed[c - 1] + ed[c + 1]), efloor)))

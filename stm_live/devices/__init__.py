@@ -6,7 +6,7 @@
 
 def __getattr__(name):
     if name == "NanonisSTM":
-        from stm_live.devices.stm import NanonisSTM
+        from stm_live.devices.stm import NanonisSTM  # noqa: PLC0415 - see the docstring
 
         return NanonisSTM
     raise AttributeError(name)

@@ -27,8 +27,8 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -37,10 +37,26 @@ from stm_live.devices.protocol import NanonisError, ProtocolError, UnknownComman
 from stm_live.validation import finite
 
 __all__ = [
-    "NanonisClient", "LineFollower", "ScanLine", "LineEvent", "FrameSI", "BufferConfig", "ScanProps",
-    "ScanSpeed", "FrameData", "TipShaperProps", "VersionInfo", "ConnectionLost", "ReplyTimeout",
-    "ActionUnconfirmed", "LinkState", "LinkEvent", "NanonisError", "ProtocolError",
-    "DEFAULT_MAX_OUTAGE_S", "LINK_RATE_BYTES_S",
+    "NanonisClient",
+    "LineFollower",
+    "ScanLine",
+    "LineEvent",
+    "FrameSI",
+    "BufferConfig",
+    "ScanProps",
+    "ScanSpeed",
+    "FrameData",
+    "TipShaperProps",
+    "VersionInfo",
+    "ConnectionLost",
+    "ReplyTimeout",
+    "ActionUnconfirmed",
+    "LinkState",
+    "LinkEvent",
+    "NanonisError",
+    "ProtocolError",
+    "DEFAULT_MAX_OUTAGE_S",
+    "LINK_RATE_BYTES_S",
 ]
 
 logger = logging.getLogger(__name__)
@@ -339,9 +355,16 @@ class NanonisClient:
     is a configuration error, not an outage.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 6501, *, timeout: float = 5.0,
-                 max_outage_s: float = DEFAULT_MAX_OUTAGE_S, link: LinkState | None = None,
-                 link_rate: float = LINK_RATE_BYTES_S):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6501,
+        *,
+        timeout: float = 5.0,
+        max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+        link: LinkState | None = None,
+        link_rate: float = LINK_RATE_BYTES_S,
+    ):
         if not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError(f"port must be an integer 1-65535, got {port!r}")
         self.timeout = _finite("timeout", timeout)
@@ -381,8 +404,10 @@ class NanonisClient:
         try:
             sock = socket.create_connection((self.host, self.port), timeout=timeout)
         except OSError as exc:
-            raise ConnectionLost(f"cannot connect to {self.address}: {exc} (is the controller's TCP "
-                                 "interface, or `stm-live sim serve`, listening there?)") from exc
+            raise ConnectionLost(
+                f"cannot connect to {self.address}: {exc} (is the controller's TCP "
+                "interface, or `stm-live sim serve`, listening there?)"
+            ) from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
 
@@ -467,9 +492,11 @@ class NanonisClient:
             if self._retries and left <= 0:
                 self.link._spent(self)
                 kind = ReplyTimeout if isinstance(cause, ReplyTimeout) else ConnectionLost
-                raise kind(f"{name}: link to {self.address} down for {time.monotonic() - start:.1f} s "
-                           f"({self.link.attempts} reconnect attempts; first: {self.link.reason}); not back "
-                           f"within max_outage_s = {self.max_outage_s:g} s; call reconnect()") from cause
+                raise kind(
+                    f"{name}: link to {self.address} down for {time.monotonic() - start:.1f} s "
+                    f"({self.link.attempts} reconnect attempts; first: {self.link.reason}); not back "
+                    f"within max_outage_s = {self.max_outage_s:g} s; call reconnect()"
+                ) from cause
             if self._retries:  # every attempt of an outage but its first waits
                 self._wake.wait(min(BACKOFF_S[0] * 2 ** (self._retries - 1), BACKOFF_S[1], left))
             if self._closed:
@@ -495,7 +522,7 @@ class NanonisClient:
             else:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise socket.timeout
+                    raise TimeoutError
                 sock.settimeout(left)
             k = sock.recv_into(view[got:], n - got)
             if k == 0:
@@ -527,11 +554,12 @@ class NanonisClient:
             self._recv_exact(sock, body, deadline, name)
             self._reply_bytes[name] = size
             return body
-        except socket.timeout:
+        except TimeoutError:
             self._drop()
             waited = "" if deadline is None else f" within {deadline - t0:.3g} s"
-            raise ReplyTimeout(f"{name}: no reply from {self.address}{waited}; connection closed, "
-                               "call reconnect()") from None
+            raise ReplyTimeout(
+                f"{name}: no reply from {self.address}{waited}; connection closed, call reconnect()"
+            ) from None
         except (ProtocolError, ConnectionLost):
             self._drop()  # the stream position is unknown now
             raise
@@ -539,8 +567,16 @@ class NanonisClient:
             self._drop()
             raise ConnectionLost(f"{name}: connection to {self.address} failed: {exc}") from exc
 
-    def call(self, name: str, values=None, *, read_timeout: float | None = -1.0, decode=None,
-             reply_bytes: int | None = None, took_effect: Callable[[], bool] | None = None) -> dict:
+    def call(
+        self,
+        name: str,
+        values=None,
+        *,
+        read_timeout: float | None = -1.0,
+        decode=None,
+        reply_bytes: int | None = None,
+        took_effect: Callable[[], bool] | None = None,
+    ) -> dict:
         """Send ``name`` with ``values``; return the decoded return fields.
 
         ``read_timeout``: seconds to wait for the reply beyond its transfer time; None =
@@ -582,7 +618,8 @@ class NanonisClient:
                     if took_effect is None:
                         raise ActionUnconfirmed(
                             f"{name}: the link to {self.address} dropped before the reply ({_cause(exc)}); "
-                            "not sent again, it may have run") from exc
+                            "not sent again, it may have run"
+                        ) from exc
                     if took_effect():
                         return {}
                     continue
@@ -610,8 +647,9 @@ class NanonisClient:
     def bias_get(self) -> float:
         return self.call("Bias.Get")["bias"]
 
-    def bias_pulse(self, width_s: float, bias_V: float, *, wait: bool = True, z_hold: bool = True,
-                   relative: bool = False) -> None:
+    def bias_pulse(
+        self, width_s: float, bias_V: float, *, wait: bool = True, z_hold: bool = True, relative: bool = False
+    ) -> None:
         width = _finite("pulse width", width_s)
         if width < 0:
             raise ValueError(f"pulse width must be >= 0 s, got {width_s}")
@@ -648,8 +686,12 @@ class NanonisClient:
     def z_ctrl_withdraw(self, *, wait: bool = True, timeout_s: float | None = 5.0) -> None:
         ms = _timeout_ms("withdraw timeout", timeout_s)
         # withdrawing a withdrawn tip leaves it withdrawn: sent again after a lost reply
-        self.call("ZCtrl.Withdraw", (int(bool(wait)), ms), read_timeout=self._blocking(ms) if wait else -1,
-                  took_effect=_repeat)
+        self.call(
+            "ZCtrl.Withdraw",
+            (int(bool(wait)), ms),
+            read_timeout=self._blocking(ms) if wait else -1,
+            took_effect=_repeat,
+        )
 
     def z_ctrl_home(self) -> None:
         self.call("ZCtrl.Home", took_effect=_repeat)  # an absolute position
@@ -678,13 +720,16 @@ class NanonisClient:
         r = self.call("Scan.WaitEndOfLine", (ms,), read_timeout=self._blocking(ms))
         return LineEvent(r["timed_out"] != 0, r["line"], _name_of(r["movement"], P.MOVEMENT_TYPES), r["pass_number"])
 
-    def scan_frame_set(self, center_x: float, center_y: float, width: float, height: float,
-                       angle_deg: float = 0.0) -> None:
+    def scan_frame_set(
+        self, center_x: float, center_y: float, width: float, height: float, angle_deg: float = 0.0
+    ) -> None:
         w, h = _finite("frame width", width), _finite("frame height", height)
         if w <= 0 or h <= 0:
             raise ValueError(f"frame width and height must be positive, got {width} x {height}")
-        self.call("Scan.FrameSet", (_finite("center x", center_x), _finite("center y", center_y), w, h,
-                                    _finite("frame angle", angle_deg)))
+        self.call(
+            "Scan.FrameSet",
+            (_finite("center x", center_x), _finite("center y", center_y), w, h, _finite("frame angle", angle_deg)),
+        )
 
     def scan_frame_get(self) -> FrameSI:
         r = self.call("Scan.FrameGet")
@@ -702,16 +747,26 @@ class NanonisClient:
         r = self.call("Scan.BufferGet")
         return BufferConfig(tuple(int(i) for i in r["channel_indexes"]), r["pixels"], r["lines"])
 
-    def scan_props_set(self, *, continuous: bool | None = None, bouncy: bool | None = None,
-                       autosave: str | None = None, series_name: str = "", comment: str = "",
-                       modules: Sequence[str] = (), autopaste: str | None = None) -> None:
+    def scan_props_set(
+        self,
+        *,
+        continuous: bool | None = None,
+        bouncy: bool | None = None,
+        autosave: str | None = None,
+        series_name: str = "",
+        comment: str = "",
+        modules: Sequence[str] = (),
+        autopaste: str | None = None,
+    ) -> None:
         """Set scan properties; None leaves a setting unchanged. ``autopaste`` (newer
         releases only) is sent only when given."""
         values = {
             "continuous": _set_flag("continuous", continuous),
             "bouncy": _set_flag("bouncy", bouncy),
             "autosave": 0 if autosave is None else _enum("autosave", autosave, _AUTOSAVE) + 1,
-            "series_name": series_name, "comment": comment, "modules": list(modules),
+            "series_name": series_name,
+            "comment": comment,
+            "modules": list(modules),
         }
         if autopaste is not None:
             values["autopaste"] = _enum("autopaste", autopaste, _AUTOSAVE) + 1
@@ -720,6 +775,7 @@ class NanonisClient:
     def scan_props_get(self) -> ScanProps:
         """Scan properties; accepts the R13742 layout and the extended one (§5) by checking
         whether the bytes after the comment are exactly the error section."""
+
         def decode(body):
             r13742 = P.COMMANDS["Scan.PropsGet"]
             try:
@@ -734,24 +790,52 @@ class NanonisClient:
         # R14573+ number autopaste as its Set does (1 All, 2 Next, 3 Off; reference §5.4)
         shift = 1 if "module_params" in r else 0
         autopaste = _name_of(r["autopaste"] - shift, _AUTOSAVE) if "autopaste" in r else None
-        return ScanProps(r["continuous"] != 0, r["bouncy"] != 0, _name_of(r["autosave"], _AUTOSAVE),
-                         r["series_name"], r["comment"], modules, autopaste)
+        return ScanProps(
+            r["continuous"] != 0,
+            r["bouncy"] != 0,
+            _name_of(r["autosave"], _AUTOSAVE),
+            r["series_name"],
+            r["comment"],
+            modules,
+            autopaste,
+        )
 
-    def scan_speed_set(self, fwd_speed: float, bwd_speed: float, fwd_time: float, bwd_time: float,
-                       keep_constant: str | None = None, speed_ratio: float = 1.0) -> None:
+    def scan_speed_set(
+        self,
+        fwd_speed: float,
+        bwd_speed: float,
+        fwd_time: float,
+        bwd_time: float,
+        keep_constant: str | None = None,
+        speed_ratio: float = 1.0,
+    ) -> None:
         keep = 0 if keep_constant is None else _enum("keep_constant", keep_constant, _KEEP) + 1
-        self.call("Scan.SpeedSet", (
-            _finite("forward speed", fwd_speed), _finite("backward speed", bwd_speed),
-            _finite("forward time per line", fwd_time), _finite("backward time per line", bwd_time),
-            keep, _finite("speed ratio", speed_ratio)))
+        self.call(
+            "Scan.SpeedSet",
+            (
+                _finite("forward speed", fwd_speed),
+                _finite("backward speed", bwd_speed),
+                _finite("forward time per line", fwd_time),
+                _finite("backward time per line", bwd_time),
+                keep,
+                _finite("speed ratio", speed_ratio),
+            ),
+        )
 
     def scan_speed_get(self) -> ScanSpeed:
         r = self.call("Scan.SpeedGet")
-        return ScanSpeed(r["fwd_speed"], r["bwd_speed"], r["fwd_time"], r["bwd_time"],
-                         _name_of(r["keep_constant"], _KEEP), r["speed_ratio"])
+        return ScanSpeed(
+            r["fwd_speed"],
+            r["bwd_speed"],
+            r["fwd_time"],
+            r["bwd_time"],
+            _name_of(r["keep_constant"], _KEEP),
+            r["speed_ratio"],
+        )
 
-    def scan_frame_data_grab(self, channel_index: int, forward: bool = True, *,
-                             shape: tuple[int, int] | None = None) -> FrameData:
+    def scan_frame_data_grab(
+        self, channel_index: int, forward: bool = True, *, shape: tuple[int, int] | None = None
+    ) -> FrameData:
         """The whole frame buffer of one channel and direction, as on the wire (row k =
         k-th acquired line, backward rows mirrored, NaN where not yet scanned).
 
@@ -773,8 +857,11 @@ class NanonisClient:
 
     def folme_xy_pos_set(self, x: float, y: float, wait: bool = True, *, timeout_s: float = 30.0) -> None:
         """Move the tip; with ``wait`` the reply comes when the move ends (read timeout ``timeout_s``)."""
-        self.call("FolMe.XYPosSet", (_finite("x", x), _finite("y", y), int(bool(wait))),
-                  read_timeout=_finite("timeout_s", timeout_s) if wait else -1)
+        self.call(
+            "FolMe.XYPosSet",
+            (_finite("x", x), _finite("y", y), int(bool(wait))),
+            read_timeout=_finite("timeout_s", timeout_s) if wait else -1,
+        )
 
     def folme_xy_pos_get(self, wait_newest: bool = True) -> tuple[float, float]:
         r = self.call("FolMe.XYPosGet", (int(bool(wait_newest)),))
@@ -829,15 +916,19 @@ class NanonisClient:
 
     # ------------------------------------------------------------ Motor, Util
 
-    def motor_start_move(self, direction, steps: int, group: int = 0, wait: bool = True, *,
-                         timeout_s: float = 30.0) -> None:
+    def motor_start_move(
+        self, direction, steps: int, group: int = 0, wait: bool = True, *, timeout_s: float = 30.0
+    ) -> None:
         code = _enum("motor direction", direction, P.MOTOR_DIRECTIONS)
         if not 0 <= int(steps) < 65536:
             raise ValueError(f"steps must be 0-65535, got {steps}")
         if not 0 <= int(group) <= 5:
             raise ValueError(f"motor group must be 0-5, got {group}")
-        self.call("Motor.StartMove", (code, int(steps), int(group), int(bool(wait))),
-                  read_timeout=_finite("timeout_s", timeout_s) if wait else -1)
+        self.call(
+            "Motor.StartMove",
+            (code, int(steps), int(group), int(bool(wait))),
+            read_timeout=_finite("timeout_s", timeout_s) if wait else -1,
+        )
 
     def motor_pos_get(self, group: int = 0, timeout_ms: int = 500) -> tuple[float, float, float]:
         if not 0 <= int(group) <= 5:
@@ -877,11 +968,20 @@ class LineFollower:
     sizes the first grab's deadline.
     """
 
-    def __init__(self, host: str, port: int, channel_indexes: Iterable[int], *,
-                 directions: Sequence[str] = ("forward", "backward"), timeout: float = 5.0,
-                 use_wait: bool = True, poll_interval_s: float = 0.02,
-                 max_outage_s: float = DEFAULT_MAX_OUTAGE_S, link: LinkState | None = None,
-                 shape: tuple[int, int] | None = None):
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        channel_indexes: Iterable[int],
+        *,
+        directions: Sequence[str] = ("forward", "backward"),
+        timeout: float = 5.0,
+        use_wait: bool = True,
+        poll_interval_s: float = 0.02,
+        max_outage_s: float = DEFAULT_MAX_OUTAGE_S,
+        link: LinkState | None = None,
+        shape: tuple[int, int] | None = None,
+    ):
         self.channels = tuple(int(c) for c in channel_indexes)
         if not self.channels:
             raise ValueError("channel_indexes must name at least one channel")
@@ -939,8 +1039,10 @@ class LineFollower:
         """(lines, pixels) float32 in internal orientation, NaN where not yet delivered."""
         key = (int(channel_index), direction)
         if key not in self._frames:
-            raise KeyError(f"no data for channel {channel_index} {direction}; followed: "
-                           f"{[(c, d) for c in self.channels for d in self.directions]}")
+            raise KeyError(
+                f"no data for channel {channel_index} {direction}; followed: "
+                f"{[(c, d) for c in self.channels for d in self.directions]}"
+            )
         return self._frames[key].copy()
 
     def reset(self) -> None:
@@ -959,7 +1061,8 @@ class LineFollower:
             for c in self.channels:
                 for d in self.directions:
                     wire[(c, d)] = self._grab.scan_frame_data_grab(
-                        c, forward=(d == "forward"), shape=self._shape or self._expect).data
+                        c, forward=(d == "forward"), shape=self._shape or self._expect
+                    ).data
             shapes = {a.shape for a in wire.values()}
             if len(shapes) == 1:
                 break

@@ -73,8 +73,9 @@ Field names per command are listed in the table; :func:`describe` prints them.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -173,7 +174,7 @@ class Command:
     # Releases that document this layout (inclusive); other layouts of the same name are
     # further entries of LAYOUTS (NANONIS_PROTOCOL_EXT.md §2).
     since: int = 0
-    until: int = 10 ** 9
+    until: int = 10**9
 
     def __post_init__(self):
         if len(self.name.encode("ascii")) > MAX_NAME_BYTES:
@@ -181,6 +182,7 @@ class Command:
 
     def fixed_sizes(self) -> tuple[int | None, int | None]:
         """(request, response) body bytes without the error section; None if variable."""
+
         def size(fields):
             total = 0
             for f in fields:
@@ -188,6 +190,7 @@ class Command:
                     return None
                 total += _SCALARS[f.type].size
             return total
+
         return size(self.request), size(self.response)
 
 
@@ -206,10 +209,12 @@ def _f(spec: str) -> tuple[Field, ...]:
 # Reads and absolute sets are safe to repeat; actions (verbs not ending in Get/Set: Start,
 # StartMove, Pulse, Withdraw, Action, *Draw, *Erase, Save, Quit ...) are not, nor these.
 _SAFE_ACTIONS = {"Scan.WaitEndOfScan", "Scan.WaitEndOfLine", "Scan.FrameDataGrab"}  # reads that wait
-_UNSAFE = {"Motor.StepCounterGet",   # may reset the counters
-           "ZCtrl.HomePropsSet",     # mode 2 is relative to the present Z
-           "TipRec.BufferSizeSet",   # clears the buffer
-           "Util.SessionPathSet"}    # may save settings into the old session
+_UNSAFE = {
+    "Motor.StepCounterGet",  # may reset the counters
+    "ZCtrl.HomePropsSet",  # mode 2 is relative to the present Z
+    "TipRec.BufferSizeSet",  # clears the buffer
+    "Util.SessionPathSet",
+}  # may save settings into the old session
 
 
 def _cmd(name, req="", rsp="", **kw) -> Command:
@@ -231,23 +236,47 @@ _LINE = "p1_x:f32 p1_y:f32 p2_x:f32 p2_y:f32"
 _XYZ_LIMITS = "x_low:f32 x_high:f32 y_low:f32 y_high:f32 z_low:f32 z_high:f32"
 _HYST = "fast_x:f32[] fast_y:f32[] slow_x:f32[] slow_y:f32[]"  # every array carries its own count
 _ADVPROPS = "reset_bias:u16 z_hold:u16 record_final_z:u16 lockin_run:u16"
-_TIMING = ("z_avg_time:f32 z_offset:f32 initial_settling:f32 max_slew_rate:f32 settling:f32 integration:f32 "
-           "end_settling:f32 z_control_time:f32")
-_MLS = ("bias_start:f32[] bias_end:f32[]@bias_start initial_settling:f32[]@bias_start "
-        "settling:f32[]@bias_start integration:f32[]@bias_start steps:i32[]@bias_start "
-        "lockin_run:u32[]@bias_start")
+_TIMING = (
+    "z_avg_time:f32 z_offset:f32 initial_settling:f32 max_slew_rate:f32 settling:f32 integration:f32 "
+    "end_settling:f32 z_control_time:f32"
+)
+_MLS = (
+    "bias_start:f32[] bias_end:f32[]@bias_start initial_settling:f32[]@bias_start "
+    "settling:f32[]@bias_start integration:f32[]@bias_start steps:i32[]@bias_start "
+    "lockin_run:u32[]@bias_start"
+)
 _TRIG = "mode:u16 channel:u16 slope:u16 level:f64 hysteresis:f64 position:f64"
 
 
 def _lockin() -> list[Command]:
     """LockIn.Mod*/Demod* Set/Get pairs: a 1-based unit number, then the value(s)."""
     out = []
-    for unit, items in (("modulator", ("OnOff:on:u32", "Signal:signal:i32", "PhasReg:phase_register:i32",
-                                       "Harmonic:harmonic:i32", "Phas:phase:f32", "Amp:amplitude:f32")),
-                        ("demodulator", ("Signal:signal:i32", "Harmonic:harmonic:i32",
-                                         "HPFilter:order:i32 cutoff:f32", "LPFilter:order:i32 cutoff:f32",
-                                         "PhasReg:phase_register:i32", "Phas:phase:f32",
-                                         "SyncFilter:sync_filter:u32", "RTSignals:rt_signals:u32"))):
+    for unit, items in (
+        (
+            "modulator",
+            (
+                "OnOff:on:u32",
+                "Signal:signal:i32",
+                "PhasReg:phase_register:i32",
+                "Harmonic:harmonic:i32",
+                "Phas:phase:f32",
+                "Amp:amplitude:f32",
+            ),
+        ),
+        (
+            "demodulator",
+            (
+                "Signal:signal:i32",
+                "Harmonic:harmonic:i32",
+                "HPFilter:order:i32 cutoff:f32",
+                "LPFilter:order:i32 cutoff:f32",
+                "PhasReg:phase_register:i32",
+                "Phas:phase:f32",
+                "SyncFilter:sync_filter:u32",
+                "RTSignals:rt_signals:u32",
+            ),
+        ),
+    ):
         prefix = "LockIn.Mod" if unit == "modulator" else "LockIn.Demod"
         for item in items:
             what, fields = item.split(":", 1)
@@ -310,23 +339,32 @@ _TABLE = [
     _cmd("Scan.Action", "action:u16 direction:u32"),
     _cmd("Scan.StatusGet", "", "status:u32"),
     _cmd("Scan.WaitEndOfScan", "timeout_ms:i32", "timed_out:u32 path:str"),
-    _cmd("Scan.WaitEndOfLine", "timeout_ms:i32", "timed_out:u32 line:i32 movement:u16 pass_number:i32",
-         since=13742),
+    _cmd("Scan.WaitEndOfLine", "timeout_ms:i32", "timed_out:u32 line:i32 movement:u16 pass_number:i32", since=13742),
     _cmd("Scan.FrameSet", _FRAME),
     _cmd("Scan.FrameGet", "", _FRAME),
     _cmd("Scan.BufferSet", _BUFFER),
     _cmd("Scan.BufferGet", "", _BUFFER),
     # R13742+: module list; R14573+: autopaste (optional, so one entry serves both)
-    _cmd("Scan.PropsSet",
-         "continuous:u32 bouncy:u32 autosave:u32 series_name:str comment:str modules:strarr autopaste:u32",
-         request_defaults={"autopaste": 0}, request_optional=frozenset({"autopaste"}), since=13742),
+    _cmd(
+        "Scan.PropsSet",
+        "continuous:u32 bouncy:u32 autosave:u32 series_name:str comment:str modules:strarr autopaste:u32",
+        request_defaults={"autopaste": 0},
+        request_optional=frozenset({"autopaste"}),
+        since=13742,
+    ),
     _cmd("Scan.PropsSet", "continuous:u32 bouncy:u32 autosave:u32 series_name:str comment:str", until=13172),
-    _cmd("Scan.PropsGet", "", _PROPS_GET + " modules:strarr module_param_counts:i32[] module_params:str_2d "
-         "autopaste:u32", since=14573),
+    _cmd(
+        "Scan.PropsGet",
+        "",
+        _PROPS_GET + " modules:strarr module_param_counts:i32[] module_params:str_2d autopaste:u32",
+        since=14573,
+    ),
     _cmd("Scan.PropsGet", "", _PROPS_GET, until=14254),
     _cmd("Scan.SpeedSet", _SPEED),
     _cmd("Scan.SpeedGet", "", _SPEED),
-    _cmd("Scan.FrameDataGrab", "channel_index:u32 data_direction:u32", "channel_name:str data:f32_2d scan_direction:u32"),
+    _cmd(
+        "Scan.FrameDataGrab", "channel_index:u32 data_direction:u32", "channel_name:str data:f32_2d scan_direction:u32"
+    ),
     _cmd("Scan.XYPosGet", "wait_newest:u32", "x:f32 y:f32", since=13742),
     _cmd("Scan.Save", "wait:u32 timeout_ms:i32", "timed_out:u32", since=13742),
     _cmd("Scan.BackgroundPaste", "wait:u32 timeout_ms:i32", "timed_out:u32", since=13742),
@@ -355,12 +393,19 @@ _TABLE = [
     # on/off enum: R12202-R13742 -1 nc, 0 off, 1 on; R14254+ 0 nc, 1 on, 2 off (same bytes)
     _cmd("Piezo.DriftCompSet", "on:i32 vx:f32 vy:f32 vz:f32 saturation_limit:f32", since=12202),
     _cmd("Piezo.DriftCompSet", "on:u32 vx:f32 vy:f32 vz:f32", until=10862),
-    _cmd("Piezo.DriftCompGet", "", "on:u32 vx:f32 vy:f32 vz:f32 sat_x:u32 sat_y:u32 sat_z:u32 "
-         "saturation_limit:f32", since=12202),
+    _cmd(
+        "Piezo.DriftCompGet",
+        "",
+        "on:u32 vx:f32 vy:f32 vz:f32 sat_x:u32 sat_y:u32 sat_z:u32 saturation_limit:f32",
+        since=12202,
+    ),
     _cmd("Piezo.DriftCompGet", "", "on:u32 vx:f32 vy:f32 vz:f32 sat_x:u32 sat_y:u32 sat_z:u32", until=10862),
     _cmd("Piezo.CalibrGet", "", "calib_x:f32 calib_y:f32 calib_z:f32"),
-    _cmd("Piezo.HVAInfoGet", "", "gain_aux:f32 gain_x:f32 gain_y:f32 gain_z:f32 xy_enabled:u32 "
-         "z_enabled:u32 aux_enabled:u32"),
+    _cmd(
+        "Piezo.HVAInfoGet",
+        "",
+        "gain_aux:f32 gain_x:f32 gain_y:f32 gain_z:f32 xy_enabled:u32 z_enabled:u32 aux_enabled:u32",
+    ),
     _cmd("Piezo.HVAStatusLEDGet", "", "overheated:u32 hv_supply:u32 high_temperature:u32 output_connector:u32"),
     _cmd("Piezo.XYZLimitsSet", "enable:u16 " + _XYZ_LIMITS, since=14573),
     _cmd("Piezo.XYZLimitsGet", "", "enable:u16 " + _XYZ_LIMITS, since=14573),
@@ -375,8 +420,13 @@ _TABLE = [
     _cmd("Motor.StartClosedLoop", "mode:u32 x:f64 y:f64 z:f64 wait:u32 group:u32", since=13742),
     _cmd("Motor.StartClosedLoop", "mode:u32 x:f64 y:f64 z:f64 wait:u32", until=13172),
     _cmd("Motor.StopMove"),
-    _cmd("Motor.PosGet", "group:u32 timeout_ms:u32", "x:f64 y:f64 z:f64",
-         request_defaults={"group": 0, "timeout_ms": 500}, since=13742),
+    _cmd(
+        "Motor.PosGet",
+        "group:u32 timeout_ms:u32",
+        "x:f64 y:f64 z:f64",
+        request_defaults={"group": 0, "timeout_ms": 500},
+        since=13742,
+    ),
     _cmd("Motor.PosGet", "", "x:f64 y:f64 z:f64", until=13172),
     _cmd("Motor.StepCounterGet", "reset_x:u32 reset_y:u32 reset_z:u32", "x:i32 y:i32 z:i32"),
     _cmd("Motor.FreqAmpGet", "axis:u16", "frequency:f32 amplitude:f32", since=13742),
@@ -399,8 +449,9 @@ _TABLE = [
     _cmd("Pattern.CloudSet", "make_active:u32 x:f32[] y:f32[]@x"),
     _cmd("Pattern.CloudGet", "", "x:f32[] y:f32[]@x"),
     _cmd("Pattern.PropsSet", "experiment:str basename:str external_vi:str pre_delay:f32 save_scan_channels:u32"),
-    _cmd("Pattern.PropsGet", "", "experiments:strarr experiment:str external_vi:str pre_delay:f32 "
-         "save_scan_channels:u32"),
+    _cmd(
+        "Pattern.PropsGet", "", "experiments:strarr experiment:str external_vi:str pre_delay:f32 save_scan_channels:u32"
+    ),
     # Marks (ext §3.10); PointsDraw: R13172+ a text count before the texts (nanonis_spm sends
     # a byte-size + count pair instead: the strarr variant)
     _cmd("Marks.PointDraw", "x:f32 y:f32 text:str color:u32"),
@@ -408,15 +459,21 @@ _TABLE = [
     _cmd("Marks.PointsDraw", "x:f32[] y:f32[]@x texts:strarr colors:u32[]@x", until=-1),  # accepted only
     _cmd("Marks.PointsDraw", "x:f32[] y:f32[]@x texts:strs@x colors:u32[]@x", until=12202),
     _cmd("Marks.LineDraw", "start_x:f32 start_y:f32 end_x:f32 end_y:f32 color:u32"),
-    _cmd("Marks.LinesDraw", "start_x:f32[] start_y:f32[]@start_x end_x:f32[]@start_x end_y:f32[]@start_x "
-         "colors:u32[]@start_x"),
+    _cmd(
+        "Marks.LinesDraw",
+        "start_x:f32[] start_y:f32[]@start_x end_x:f32[]@start_x end_y:f32[]@start_x colors:u32[]@start_x",
+    ),
     _cmd("Marks.PointsErase", "index:i32"),
     _cmd("Marks.LinesErase", "index:i32"),
     _cmd("Marks.PointsVisibleSet", "index:i32 hide:u16"),
     _cmd("Marks.LinesVisibleSet", "index:i32 hide:u16"),
     _cmd("Marks.PointsGet", "", "x:f32[] y:f32[]@x texts:strbytes colors:u32[]@x visible:u32[]@x"),
-    _cmd("Marks.LinesGet", "", "start_x:f32[] start_y:f32[]@start_x end_x:f32[]@start_x end_y:f32[]@start_x "
-         "colors:u32[]@start_x visible:u32[]@start_x"),
+    _cmd(
+        "Marks.LinesGet",
+        "",
+        "start_x:f32[] start_y:f32[]@start_x end_x:f32[]@start_x end_y:f32[]@start_x "
+        "colors:u32[]@start_x visible:u32[]@start_x",
+    ),
     # BiasSpectr (ext §3.11): state only; the spectra come with the spectroscopy issue
     _cmd("BiasSpectr.Open"),
     _cmd("BiasSpectr.Start", "get_data:u32 basename:str", "channel_names:strarr data:f32_2d params:f32[]"),
@@ -426,12 +483,23 @@ _TABLE = [
     _cmd("BiasSpectr.ChsGet", "", "channel_indexes:i32[] channel_names:strarr", since=14573),
     _cmd("BiasSpectr.ChsGet", "", "channel_indexes:i32[] channel_names:strbytes", since=13742, until=14254),
     _cmd("BiasSpectr.ChsGet", "", "channel_indexes:i32[]", until=13172),
-    _cmd("BiasSpectr.PropsSet", "save_all:u16 sweeps:i32 backward:u16 points:i32 z_offset:f32 autosave:u16 "
-         "show_dialog:u16"),
-    _cmd("BiasSpectr.PropsGet", "", "save_all:u16 sweeps:i32 backward:u16 points:i32 parameters:strarr "
-         "fixed_parameters:strarr autosave:u16 show_dialog:u16", since=13742),
-    _cmd("BiasSpectr.PropsGet", "", "save_all:u16 sweeps:i32 backward:u16 points:i32 channels:strarr "
-         "parameters:strarr fixed_parameters:strarr", until=13172),
+    _cmd(
+        "BiasSpectr.PropsSet",
+        "save_all:u16 sweeps:i32 backward:u16 points:i32 z_offset:f32 autosave:u16 show_dialog:u16",
+    ),
+    _cmd(
+        "BiasSpectr.PropsGet",
+        "",
+        "save_all:u16 sweeps:i32 backward:u16 points:i32 parameters:strarr "
+        "fixed_parameters:strarr autosave:u16 show_dialog:u16",
+        since=13742,
+    ),
+    _cmd(
+        "BiasSpectr.PropsGet",
+        "",
+        "save_all:u16 sweeps:i32 backward:u16 points:i32 channels:strarr parameters:strarr fixed_parameters:strarr",
+        until=13172,
+    ),
     _cmd("BiasSpectr.AdvPropsSet", _ADVPROPS),
     _cmd("BiasSpectr.AdvPropsGet", "", _ADVPROPS),
     _cmd("BiasSpectr.LimitsSet", "start:f32 end:f32"),
@@ -443,8 +511,7 @@ _TABLE = [
     _cmd("BiasSpectr.TTLSyncSet", "line:u16 polarity:u16 time_to_on:f32 on_duration:f32", since=13742),
     _cmd("BiasSpectr.TTLSyncSet", "enable:u16 line:u16 polarity:u16 time_to_on:f32 on_duration:f32", until=13172),
     _cmd("BiasSpectr.TTLSyncGet", "", "line:u16 polarity:u16 time_to_on:f32 on_duration:f32", since=13742),
-    _cmd("BiasSpectr.TTLSyncGet", "", "enable:u16 line:u16 polarity:u16 time_to_on:f32 on_duration:f32",
-         until=13172),
+    _cmd("BiasSpectr.TTLSyncGet", "", "enable:u16 line:u16 polarity:u16 time_to_on:f32 on_duration:f32", until=13172),
     _cmd("BiasSpectr.PulseSeqSyncSet", "sequence:u16 periods:u32", since=13742),
     _cmd("BiasSpectr.PulseSeqSyncGet", "", "sequence:u16 periods:u32", since=13742),
     _cmd("BiasSpectr.AltZCtrlSet", "enable:u16 setpoint:f32 settling_time:f32"),
@@ -585,8 +652,7 @@ def decode_request_strict(name: str, body, release: int = DEFAULT_RELEASE) -> tu
     first_error = None
     for cmd in tried:
         try:
-            values, end = decode_fields(cmd.request, body, defaults=cmd.request_defaults,
-                                        what=f"{name} request")
+            values, end = decode_fields(cmd.request, body, defaults=cmd.request_defaults, what=f"{name} request")
         except ProtocolError as exc:
             first_error = first_error or exc
             continue
@@ -596,8 +662,10 @@ def decode_request_strict(name: str, body, release: int = DEFAULT_RELEASE) -> tu
     if fixed is not None:
         fields = ", ".join(f"{f.name} {f.type}" for f in own.request)
         raise ProtocolError(f"{name}: request body of {len(body)} bytes; the layout ({fields}) needs {fixed}")
-    raise first_error or ProtocolError(f"{name}: request body of {len(body)} bytes does not match "
-                                       f"any layout ({len(body) - end} surplus bytes)")
+    raise first_error or ProtocolError(
+        f"{name}: request body of {len(body)} bytes does not match any layout ({len(body) - end} surplus bytes)"
+    )
+
 
 # nanonisTCP (version > 14000) layout of Scan.PropsGet (§5): R13742 fields + modules + autopaste.
 PROPS_GET_EXTENDED = _cmd("Scan.PropsGet", "", _PROPS_GET + " modules:strarr autopaste:i32")
@@ -605,18 +673,21 @@ PROPS_GET_EXTENDED = _cmd("Scan.PropsGet", "", _PROPS_GET + " modules:strarr aut
 
 def describe() -> str:
     """One line per command: name, request fields, response fields."""
+
     def fmt(fields):
         return ", ".join(f"{f.name}:{f.type}" for f in fields) or "-"
 
     def rel(c):
-        if c.since == 0 and c.until == 10 ** 9:
+        if c.since == 0 and c.until == 10**9:
             return ""
         if c.until < c.since:
             return " [accepted only]"
-        return f" [R{c.since or ''}..{'' if c.until == 10 ** 9 else 'R' + str(c.until)}]"
+        return f" [R{c.since or ''}..{'' if c.until == 10**9 else 'R' + str(c.until)}]"
 
-    return "\n".join(f"{c.name:30s} req({fmt(c.request)}) -> ({fmt(c.response)})"
-                     f"{'' if c.safe else ' (not safe to repeat)'}{rel(c)}" for c in _TABLE)
+    return "\n".join(
+        f"{c.name:30s} req({fmt(c.request)}) -> ({fmt(c.response)}){'' if c.safe else ' (not safe to repeat)'}{rel(c)}"
+        for c in _TABLE
+    )
 
 
 def get_command(name: str) -> Command:
@@ -731,15 +802,22 @@ def _default(f: Field):
     return np.zeros((0, 0), np.float32)
 
 
-def encode_body(fields: Sequence[Field], values: Mapping, *, defaults: Mapping = None,
-                optional: frozenset = frozenset(), fill_missing: bool = False, what: str = "") -> bytes:
+def encode_body(
+    fields: Sequence[Field],
+    values: Mapping,
+    *,
+    defaults: Mapping = None,
+    optional: frozenset = frozenset(),
+    fill_missing: bool = False,
+    what: str = "",
+) -> bytes:
     """Body bytes for ``fields`` from ``values`` (a mapping by field name)."""
-    return b"".join(_encode_parts(fields, values, defaults=defaults, optional=optional,
-                                  fill_missing=fill_missing, what=what))
+    return b"".join(
+        _encode_parts(fields, values, defaults=defaults, optional=optional, fill_missing=fill_missing, what=what)
+    )
 
 
-def _encode_parts(fields, values, *, defaults=None, optional=frozenset(), fill_missing=False,
-                  what="") -> list[bytes]:
+def _encode_parts(fields, values, *, defaults=None, optional=frozenset(), fill_missing=False, what="") -> list[bytes]:
     defaults = defaults or {}
     unknown = set(values) - {f.name for f in fields}
     if unknown:
@@ -778,8 +856,9 @@ def pack_request(name: str, values=None, want_reply: bool = True, *, command: Co
     """Header + body of a request; ``values`` is a mapping or a sequence in field order."""
     cmd = command or get_command(name)
     vals = _as_mapping(cmd.request, values, name)
-    parts = _encode_parts(cmd.request, vals, defaults=cmd.request_defaults, optional=cmd.request_optional,
-                          what=f"{name} request")
+    parts = _encode_parts(
+        cmd.request, vals, defaults=cmd.request_defaults, optional=cmd.request_optional, what=f"{name} request"
+    )
     size = sum(len(p) for p in parts)
     return b"".join([_REQ_HEADER.pack(_name_bytes(name), size, 1 if want_reply else 0, 0), *parts])
 
@@ -873,11 +952,12 @@ def _dec_str(body, pos: int, f: Field) -> tuple[str, int]:
     (n,) = _I32.unpack_from(body, pos)
     pos += 4
     _need(body, pos, n, f)
-    return bytes(body[pos:pos + n]).decode("utf-8", "replace"), pos + n
+    return bytes(body[pos : pos + n]).decode("utf-8", "replace"), pos + n
 
 
-def decode_fields(fields: Sequence[Field], body, pos: int = 0, *, defaults: Mapping = None,
-                  what: str = "") -> tuple[dict, int]:
+def decode_fields(
+    fields: Sequence[Field], body, pos: int = 0, *, defaults: Mapping = None, what: str = ""
+) -> tuple[dict, int]:
     """Decode ``fields`` from ``body`` starting at ``pos``; returns (values, end offset).
 
     A body ending exactly before a field that has a default takes the default; any other
@@ -972,9 +1052,7 @@ def decode_fields(fields: Sequence[Field], body, pos: int = 0, *, defaults: Mapp
                 if rows < 0 or cols < 0:
                     raise _Short(f"{f.name!r}: negative shape {rows}x{cols}")
                 _need(body, pos, 4 * rows * cols, f)
-                out[f.name] = (
-                    np.frombuffer(body, ">f4", rows * cols, pos).reshape(rows, cols).astype(np.float32)
-                )
+                out[f.name] = np.frombuffer(body, ">f4", rows * cols, pos).reshape(rows, cols).astype(np.float32)
                 pos += 4 * rows * cols
         except _Short as exc:
             raise ProtocolError(f"{what}: truncated body: {exc}") from None
@@ -996,10 +1074,9 @@ def parse_error_section(body, pos: int) -> tuple[int, str]:
     status, n = _ERR.unpack_from(body, pos)
     if n < 0 or pos + 8 + n != len(body):
         raise ProtocolError(
-            f"error section at offset {pos}: description size {n} does not match the "
-            f"{len(body) - pos - 8} bytes left"
+            f"error section at offset {pos}: description size {n} does not match the {len(body) - pos - 8} bytes left"
         )
-    return status, bytes(body[pos + 8:]).decode("utf-8", "replace")
+    return status, bytes(body[pos + 8 :]).decode("utf-8", "replace")
 
 
 def is_error_section(body, pos: int) -> bool:

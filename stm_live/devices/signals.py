@@ -6,7 +6,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from ophyd import DeviceStatus, Signal
@@ -51,8 +52,16 @@ class NanonisSignal(Signal):
         Name of the ``Profile.check_*`` method guarding ``put``.
     """
 
-    def __init__(self, *, read: Callable, write: Callable | None = None, units: str = "",
-                 check: str | None = None, shape: Sequence[int] | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        read: Callable,
+        write: Callable | None = None,
+        units: str = "",
+        check: str | None = None,
+        shape: Sequence[int] | None = None,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self._read_fn, self._write_fn = read, write
         self._units, self._check, self._shape = units, check, shape
@@ -87,8 +96,7 @@ class NanonisSignal(Signal):
         with stm._lock:
             self._write_fn(stm, value)
         old, self._readback = self._readback, value
-        self._run_subs(sub_type=self.SUB_VALUE, old_value=old, value=value,
-                       timestamp=time.time())
+        self._run_subs(sub_type=self.SUB_VALUE, old_value=old, value=value, timestamp=time.time())
 
     def set(self, value, **kwargs):
         # Refuse synchronously (the plan sees LimitError at once), then write in a thread.

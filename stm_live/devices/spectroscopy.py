@@ -21,7 +21,8 @@ import dataclasses
 import math
 import re
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from ophyd import Component as Cpt
@@ -68,17 +69,32 @@ def _props(stm) -> SweepSettings:
     r = stm.client.call("BiasSpectr.PropsGet")
     z_offset = stm.client.call("BiasSpectr.TimingGet")["z_offset"]  # PropsGet does not return it
     get = r.get
-    return SweepSettings(get("save_all", 0), r["sweeps"], r["backward"], r["points"], z_offset,
-                         get("autosave", 0), get("show_dialog", 0))
+    return SweepSettings(
+        get("save_all", 0), r["sweeps"], r["backward"], r["points"], z_offset, get("autosave", 0), get("show_dialog", 0)
+    )
 
 
 def _props_set(stm, **changes) -> None:
     new = dataclasses.replace(_props(stm), **changes)
     # PropsSet: 1 = on, 2 = off for the flags; 0 = no change for counts
-    flag = {"save_all": 1 + (not new.save_all), "backward": 1 + (not new.backward),
-            "autosave": 1 + (not new.autosave), "show_dialog": 1 + (not new.show_dialog)}
-    stm.client.call("BiasSpectr.PropsSet", (flag["save_all"], int(new.sweeps), flag["backward"], int(new.points),
-                                            float(new.z_offset), flag["autosave"], flag["show_dialog"]))
+    flag = {
+        "save_all": 1 + (not new.save_all),
+        "backward": 1 + (not new.backward),
+        "autosave": 1 + (not new.autosave),
+        "show_dialog": 1 + (not new.show_dialog),
+    }
+    stm.client.call(
+        "BiasSpectr.PropsSet",
+        (
+            flag["save_all"],
+            int(new.sweeps),
+            flag["backward"],
+            int(new.points),
+            float(new.z_offset),
+            flag["autosave"],
+            flag["show_dialog"],
+        ),
+    )
 
 
 def _limit(field: str):
@@ -131,8 +147,10 @@ class BiasSpectroscopy(Device):
     z_offset = _cpt(lambda s: _props(s).z_offset, lambda s, v: _props_set(s, z_offset=float(v)), units="m")
     settling = _cpt(*_timing("settling"), units="s")
     integration = _cpt(*_timing("integration"), units="s")
-    channels = _cpt(lambda s: tuple(int(i) for i in s.client.call("BiasSpectr.ChsGet")["channel_indexes"]),
-                    lambda s, v: s.client.call("BiasSpectr.ChsSet", ([int(i) for i in v],)))
+    channels = _cpt(
+        lambda s: tuple(int(i) for i in s.client.call("BiasSpectr.ChsGet")["channel_indexes"]),
+        lambda s, v: s.client.call("BiasSpectr.ChsSet", ([int(i) for i in v],)),
+    )
     point_index = Cpt(Signal, value=-1, kind=Kind.hinted, doc="which point of a grid the sweep is (plans set it)")
 
     def __init__(self, prefix: str = "", *, stm=None, name: str, **kwargs):
@@ -177,8 +195,10 @@ class BiasSpectroscopy(Device):
             elif _base(name).lower() in by_name:
                 out[name] = by_name[_base(name).lower()]
             else:
-                raise ValueError(f"unknown channel {name!r}; the controller's signals include "
-                                 f"{', '.join(n for n in self.signal_names() if not n.startswith('Internal'))}")
+                raise ValueError(
+                    f"unknown channel {name!r}; the controller's signals include "
+                    f"{', '.join(n for n in self.signal_names() if not n.startswith('Internal'))}"
+                )
         return out
 
     # -- bluesky interface -------------------------------------------------------------
@@ -221,14 +241,19 @@ class BiasSpectroscopy(Device):
             t = self.stm.client.call("BiasSpectr.TimingGet")
             props = _props(self.stm)
         per_point = t["settling"] + t["integration"]
-        return (t["z_avg_time"] + t["initial_settling"] + t["end_settling"] + t["z_control_time"] + 2.0
-                + props.sweeps * (1 + props.backward) * props.points * per_point)
+        return (
+            t["z_avg_time"]
+            + t["initial_settling"]
+            + t["end_settling"]
+            + t["z_control_time"]
+            + 2.0
+            + props.sweeps * (1 + props.backward) * props.points * per_point
+        )
 
     def trigger(self) -> DeviceStatus:
         """Run one bias spectroscopy (BiasSpectr.Start, data returned) in a thread."""
         stm = self.stm
-        timeout = stm.timeout + (self.reply_timeout_s if self.reply_timeout_s is not None
-                                 else 2 * self._estimate_s())
+        timeout = stm.timeout + (self.reply_timeout_s if self.reply_timeout_s is not None else 2 * self._estimate_s())
 
         def run():
             with stm._lock:
@@ -236,8 +261,10 @@ class BiasSpectroscopy(Device):
                 params = stm.client.call("BiasSpectr.PropsGet")
             names, data = list(reply["channel_names"]), np.asarray(reply["data"])
             if not names or names[0] != SWEEP_SIGNAL or data.shape[0] != len(names):
-                raise RuntimeError(f"{self.name}: BiasSpectr.Start returned channels {names} for data of shape "
-                                   f"{data.shape}; expected {SWEEP_SIGNAL!r} first, one row each")
+                raise RuntimeError(
+                    f"{self.name}: BiasSpectr.Start returned channels {names} for data of shape "
+                    f"{data.shape}; expected {SWEEP_SIGNAL!r} first, one row each"
+                )
             values = dict(zip([*params["fixed_parameters"], *params["parameters"]], map(float, reply["params"])))
             now = time.time()
             out = {f"{self.name}_bias": data[0].astype(np.float64)}
@@ -247,9 +274,11 @@ class BiasSpectroscopy(Device):
                 out[f"{self.name}_{p.lower()}"] = values.get(f"{p} (m)", math.nan)
             layout = self._keys(names, data.shape[1])
             if self._described is not None and layout != self._described:
-                raise RuntimeError(f"{self.name}: the sweep returned {sorted(layout)} ({data.shape[1]} points), not "
-                                   f"the {sorted(self._described)} of the run's first sweep; do not change the "
-                                   "sweep's channels or points within a run")
+                raise RuntimeError(
+                    f"{self.name}: the sweep returned {sorted(layout)} ({data.shape[1]} points), not "
+                    f"the {sorted(self._described)} of the run's first sweep; do not change the "
+                    "sweep's channels or points within a run"
+                )
             self._layout = layout
             self._data = {k: {"value": v, "timestamp": now} for k, v in out.items()}
 
@@ -270,24 +299,28 @@ class BiasSpectroscopy(Device):
         bias = f"{self.name}_bias"
         for key, (shape, units) in layout.items():
             dtype = np.float64 if not shape or key == bias else np.float32
-            out[key] = {"source": src, "dtype": "array" if shape else "number", "shape": shape,
-                        "dtype_numpy": np.dtype(dtype).str, "units": units}
+            out[key] = {
+                "source": src,
+                "dtype": "array" if shape else "number",
+                "shape": shape,
+                "dtype_numpy": np.dtype(dtype).str,
+                "units": units,
+            }
         return out
 
 
 def _base(name: str) -> str:
-    """"Current (A)" -> "Current"."""
+    """ "Current (A)" -> "Current"."""
     return re.sub(r"\s*\([^()]*\)\s*$", "", name).strip()
 
 
 def _unit(name: str) -> str:
-    """"Current [bwd] (A)" -> "A"."""
+    """ "Current [bwd] (A)" -> "A"."""
     m = re.search(r"\(([^()]*)\)\s*$", name)
     return m.group(1) if m else ""
 
 
 def _backward(name: str) -> str:
-    """"Current (A)" -> "Current [bwd] (A)"."""
+    """ "Current (A)" -> "Current [bwd] (A)"."""
     m = re.match(r"^(.*?)\s*(\([^()]*\))\s*$", name)
     return f"{m.group(1)} [bwd] {m.group(2)}" if m else f"{name} [bwd]"
-

@@ -27,21 +27,36 @@ import logging
 import re
 import threading
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 from ophyd import Component as Cpt
 from ophyd import Device, DeviceStatus, Kind, Signal
 
-from stm_live.devices.client import (DEFAULT_MAX_OUTAGE_S, ActionUnconfirmed, ConnectionLost, LineFollower,
-                                     LinkState, NanonisClient, NanonisError)
+from stm_live.devices.client import (
+    DEFAULT_MAX_OUTAGE_S,
+    ActionUnconfirmed,
+    ConnectionLost,
+    LineFollower,
+    LinkState,
+    NanonisClient,
+    NanonisError,
+)
 from stm_live.devices.signals import DIRECTION_SUFFIX, NanonisSignal, channel_key, run_in_thread
 from stm_live.devices.spectroscopy import BiasSpectroscopy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NanonisSTM", "NanonisSignal", "ScanLines", "ControllerLost", "LineTimeout",
-           "STANDARD_CHANNELS", "channel_key"]
+__all__ = [
+    "NanonisSTM",
+    "NanonisSignal",
+    "ScanLines",
+    "ControllerLost",
+    "LineTimeout",
+    "STANDARD_CHANNELS",
+    "channel_key",
+]
 
 # Usual Nanonis RT signal indexes (interfaces.md); a profile may override them.
 STANDARD_CHANNELS = {"Current": 0, "Bias": 24, "Z": 30}
@@ -60,8 +75,7 @@ def _client_call(method: str, *args):
     return lambda stm: getattr(stm.client, method)(*args)
 
 
-def _struct_field(getter: str, setter: str, field: str, cast=float, check=None,
-                  splat: bool = True):
+def _struct_field(getter: str, setter: str, field: str, cast=float, check=None, splat: bool = True):
     """read/write for one field of a structured Nanonis setting (read-modify-write).
 
     ``check(profile, new_struct)`` runs on the whole new setting before it is sent.
@@ -99,8 +113,7 @@ def _frame_cpt(field, units):
 
 
 def _shaper_cpt(field, units):
-    return _field_cpt("tip_shaper_props_get", "tip_shaper_props_set", field, units,
-                      check=_check_shaper, splat=False)
+    return _field_cpt("tip_shaper_props_get", "tip_shaper_props_set", field, units, check=_check_shaper, splat=False)
 
 
 class ScanFrame(Device):
@@ -124,8 +137,9 @@ class ScanFrame(Device):
 class ScanBuffer(Device):
     """Scan buffer (Scan.BufferSet/Get): recorded channel indexes, pixels, lines."""
 
-    channels = _field_cpt("scan_buffer_get", "scan_buffer_set", "channel_indexes", "",
-                          cast=lambda v: tuple(int(i) for i in v))
+    channels = _field_cpt(
+        "scan_buffer_get", "scan_buffer_set", "channel_indexes", "", cast=lambda v: tuple(int(i) for i in v)
+    )
     pixels = _field_cpt("scan_buffer_get", "scan_buffer_set", "pixels", "", cast=int)
     lines = _field_cpt("scan_buffer_get", "scan_buffer_set", "lines", "", cast=int)
 
@@ -136,8 +150,7 @@ class ScanBuffer(Device):
         stm = self.root
         if stm.profile is not None:
             stm.profile.check_pixels(int(pixels), int(lines))
-        return run_in_thread(self, lambda: stm.client.scan_buffer_set(channels, int(pixels),
-                                                                   int(lines)))
+        return run_in_thread(self, lambda: stm.client.scan_buffer_set(channels, int(pixels), int(lines)))
 
 
 class ScanSpeed(Device):
@@ -165,12 +178,18 @@ class TipShaper(Device):
 class TipPosition(Device):
     """Tip position in the scan plane (FolMe.XYPosSet/Get); setting moves the tip."""
 
-    x = Cpt(NanonisSignal, read=lambda s: s.client.folme_xy_pos_get()[0],
-            write=lambda s, v: s.client.folme_xy_pos_set(
-                float(v), s.client.folme_xy_pos_get()[1], wait=True), units="m")
-    y = Cpt(NanonisSignal, read=lambda s: s.client.folme_xy_pos_get()[1],
-            write=lambda s, v: s.client.folme_xy_pos_set(
-                s.client.folme_xy_pos_get()[0], float(v), wait=True), units="m")
+    x = Cpt(
+        NanonisSignal,
+        read=lambda s: s.client.folme_xy_pos_get()[0],
+        write=lambda s, v: s.client.folme_xy_pos_set(float(v), s.client.folme_xy_pos_get()[1], wait=True),
+        units="m",
+    )
+    y = Cpt(
+        NanonisSignal,
+        read=lambda s: s.client.folme_xy_pos_get()[1],
+        write=lambda s, v: s.client.folme_xy_pos_set(s.client.folme_xy_pos_get()[0], float(v), wait=True),
+        units="m",
+    )
 
     def set(self, value) -> DeviceStatus:
         """Move the tip to ``(x, y)`` (m) and wait until it arrives (FolMe, wait=True)."""
@@ -188,8 +207,7 @@ class ScanActionSignal(NanonisSignal):
     """
 
     def __init__(self, **kwargs):
-        super().__init__(read=lambda stm: int(stm.client.scan_status_get()),
-                         write=self._act, **kwargs)
+        super().__init__(read=lambda stm: int(stm.client.scan_status_get()), write=self._act, **kwargs)
 
     @staticmethod
     def _act(stm, action):
@@ -227,8 +245,7 @@ class ScanLines(Device):
     # Restarts of a scan that stopped while the link was down, per frame.
     MAX_RESTARTS = 3
 
-    def __init__(self, *args, line_timeout: float = 30.0, poll_s: float = 0.2,
-                 use_wait: bool = True, **kwargs):
+    def __init__(self, *args, line_timeout: float = 30.0, poll_s: float = 0.2, use_wait: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         self.line_timeout = line_timeout  # without a new line while the link is up
         # Scan.WaitEndOfLine on its own connection; False (or a controller refusing the
@@ -265,8 +282,7 @@ class ScanLines(Device):
     def keys(self) -> dict[str, dict[str, str]]:
         """channel name -> {direction: data key}"""
         name = self.root.name
-        return {ch: {d: channel_key(name, ch, d) for d in self._directions}
-                for ch in self._channels}
+        return {ch: {d: channel_key(name, ch, d) for d in self._directions} for ch in self._channels}
 
     @property
     def line_key(self) -> str:
@@ -297,19 +313,23 @@ class ScanLines(Device):
 
     def channel_info(self) -> list[dict]:
         """The ``channels`` list of the start document's ``stm_live`` block."""
-        return [{"name": ch, "index": idx, "units": self._units.get(ch, ""),
-                 "keys": self.keys[ch]} for ch, idx in self._channels.items()]
+        return [
+            {"name": ch, "index": idx, "units": self._units.get(ch, ""), "keys": self.keys[ch]}
+            for ch, idx in self._channels.items()
+        ]
 
     def describe(self):
         src = f"nanonis://{self.root.host}:{self.root.port}/Scan.FrameDataGrab"
-        out = {self.line_key: {"source": src, "dtype": "integer", "shape": [],
-                               "dtype_numpy": np.dtype(np.int64).str}}
+        out = {self.line_key: {"source": src, "dtype": "integer", "shape": [], "dtype_numpy": np.dtype(np.int64).str}}
         for ch, keys in self.keys.items():
             for direction, key in keys.items():
-                out[key] = {"source": f"{src}/{self._channels[ch]}/{direction}",
-                            "dtype": "array", "shape": [self._pixels],
-                            "dtype_numpy": np.dtype(np.float32).str,
-                            "units": self._units.get(ch, "")}
+                out[key] = {
+                    "source": f"{src}/{self._channels[ch]}/{direction}",
+                    "dtype": "array",
+                    "shape": [self._pixels],
+                    "dtype_numpy": np.dtype(np.float32).str,
+                    "units": self._units.get(ch, ""),
+                }
         return out
 
     def read(self):
@@ -367,14 +387,25 @@ class ScanLines(Device):
         follower = None
 
         def take(line) -> None:
-            self._store(line.index, {
-                keys[ch][d]: np.asarray(line.data[(idx, d)], dtype=np.float32)
-                for ch, idx in self._channels.items() for d in self._directions})
+            self._store(
+                line.index,
+                {
+                    keys[ch][d]: np.asarray(line.data[(idx, d)], dtype=np.float32)
+                    for ch, idx in self._channels.items()
+                    for d in self._directions
+                },
+            )
 
         def make_follower(use_wait: bool) -> LineFollower:
             self._follower = LineFollower(
-                stm.host, stm.port, list(self._channels.values()), directions=self._directions,
-                use_wait=use_wait, shape=(self._n_lines, self._pixels), **stm.client_options())
+                stm.host,
+                stm.port,
+                list(self._channels.values()),
+                directions=self._directions,
+                use_wait=use_wait,
+                shape=(self._n_lines, self._pixels),
+                **stm.client_options(),
+            )
             return self._follower
 
         try:
@@ -417,20 +448,32 @@ class ScanLines(Device):
                         # It stopped while the link was down (the controller restarted, say):
                         # scan the frame again; the lines already in are kept, the rest come.
                         restarts += 1
-                        logger.warning("%s: the scan on %s:%s stopped during the link outage at line %d of "
-                                       "%d; scanning the frame again", self.name, stm.host, stm.port,
-                                       self._cursor, self._n_lines)
+                        logger.warning(
+                            "%s: the scan on %s:%s stopped during the link outage at line %d of "
+                            "%d; scanning the frame again",
+                            self.name,
+                            stm.host,
+                            stm.port,
+                            self._cursor,
+                            self._n_lines,
+                        )
                         follower.client.scan_action("start", direction=stm.scan_direction.get())
                         seen_running, outages, last_progress = False, link.outages, now
                         continue
-                    self._fail(ControllerLost(
-                        f"controller {stm.host}:{stm.port} stopped the scan after "
-                        f"{len(self._lines)} of {self._n_lines} lines"))
+                    self._fail(
+                        ControllerLost(
+                            f"controller {stm.host}:{stm.port} stopped the scan after "
+                            f"{len(self._lines)} of {self._n_lines} lines"
+                        )
+                    )
                     return
                 if now - last_progress > self.line_timeout:
-                    self._fail(LineTimeout(
-                        f"no scan line from {stm.host}:{stm.port} within "
-                        f"{self.line_timeout:.1f} s (line {self._cursor} of {self._n_lines})"))
+                    self._fail(
+                        LineTimeout(
+                            f"no scan line from {stm.host}:{stm.port} within "
+                            f"{self.line_timeout:.1f} s (line {self._cursor} of {self._n_lines})"
+                        )
+                    )
                     return
         except Exception as exc:  # connection lost past the budget, protocol error, ...
             if not self._stop_evt.is_set():
@@ -446,10 +489,13 @@ class ScanLines(Device):
         stm = self.root
         where = f"controller {stm.host}:{stm.port} dropped"
         if isinstance(exc, ConnectionLost) and stm.link.state == "lost":
-            return ControllerLost(f"{where} at line {self._cursor} of {self._n_lines} and was not back "
-                                  f"within link.max_outage_s = {stm.max_outage_s:g} s ({stm.link.reason})")
-        return ControllerLost(f"{where} while waiting for line {self._cursor} of {self._n_lines}: "
-                              f"{type(exc).__name__}: {exc}")
+            return ControllerLost(
+                f"{where} at line {self._cursor} of {self._n_lines} and was not back "
+                f"within link.max_outage_s = {stm.max_outage_s:g} s ({stm.link.reason})"
+            )
+        return ControllerLost(
+            f"{where} while waiting for line {self._cursor} of {self._n_lines}: {type(exc).__name__}: {exc}"
+        )
 
     def _store(self, row: int, data: dict[str, np.ndarray]):
         with self._cond:
@@ -493,8 +539,7 @@ class ScanLines(Device):
                 status.set_exception(RuntimeError(f"{self.name} is not staged"))
                 return status
             if self._cursor >= self._n_lines:
-                status.set_exception(RuntimeError(
-                    f"{self.name}: all {self._n_lines} lines were already delivered"))
+                status.set_exception(RuntimeError(f"{self.name}: all {self._n_lines} lines were already delivered"))
                 return status
             if self._error is not None and self._cursor not in self._lines:
                 status.set_exception(self._error)
@@ -610,18 +655,35 @@ class NanonisSTM(Device):
     every connection the device opens.
     """
 
-    bias = Cpt(NanonisSignal, read=_client_call("bias_get"),
-               write=lambda s, v: s.client.bias_set(float(v)), units="V", check="check_bias")
-    current = Cpt(NanonisSignal, read=_client_call("current_get"), units="A",
-                  kind=Kind.hinted)
-    setpoint = Cpt(NanonisSignal, read=_client_call("z_ctrl_setpoint_get"),
-                   write=lambda s, v: s.client.z_ctrl_setpoint_set(float(v)), units="A",
-                   check="check_setpoint", kind=Kind.config)
-    z_controller = Cpt(NanonisSignal, read=lambda s: int(s.client.z_ctrl_on_off_get()),
-                       write=lambda s, v: s.client.z_ctrl_on_off_set(bool(v)), units="",
-                       kind=Kind.config)
-    z = Cpt(NanonisSignal, read=_client_call("z_ctrl_z_pos_get"),
-            write=lambda s, v: s.client.z_ctrl_z_pos_set(float(v)), units="m")
+    bias = Cpt(
+        NanonisSignal,
+        read=_client_call("bias_get"),
+        write=lambda s, v: s.client.bias_set(float(v)),
+        units="V",
+        check="check_bias",
+    )
+    current = Cpt(NanonisSignal, read=_client_call("current_get"), units="A", kind=Kind.hinted)
+    setpoint = Cpt(
+        NanonisSignal,
+        read=_client_call("z_ctrl_setpoint_get"),
+        write=lambda s, v: s.client.z_ctrl_setpoint_set(float(v)),
+        units="A",
+        check="check_setpoint",
+        kind=Kind.config,
+    )
+    z_controller = Cpt(
+        NanonisSignal,
+        read=lambda s: int(s.client.z_ctrl_on_off_get()),
+        write=lambda s, v: s.client.z_ctrl_on_off_set(bool(v)),
+        units="",
+        kind=Kind.config,
+    )
+    z = Cpt(
+        NanonisSignal,
+        read=_client_call("z_ctrl_z_pos_get"),
+        write=lambda s, v: s.client.z_ctrl_z_pos_set(float(v)),
+        units="m",
+    )
     frame = Cpt(ScanFrame, kind=Kind.config)
     buffer = Cpt(ScanBuffer, kind=Kind.config)
     speed = Cpt(ScanSpeed, kind=Kind.config)
@@ -630,25 +692,43 @@ class NanonisSTM(Device):
     tip = Cpt(TipPosition, kind=Kind.normal)
     tip_shaper = Cpt(TipShaper, kind=Kind.config)
     # Actions: writing runs the controller action and waits for it to finish.
-    withdraw = Cpt(NanonisSignal, read=lambda s: 0,
-                   write=lambda s, v: s.client.z_ctrl_withdraw(wait=True, timeout_s=10.0),
-                   kind=Kind.omitted)
-    bias_pulse = Cpt(NanonisSignal, read=lambda s: 0,
-                     write=lambda s, v: s._unrepeated(s.client.bias_pulse, float(v[0]), float(v[1]),
-                                                      wait=True),
-                     check="check_pulse", kind=Kind.omitted,
-                     doc="write (width_s, bias_V): Bias.Pulse with Z held")
-    tip_shaper_start = Cpt(NanonisSignal, read=lambda s: 0,
-                           write=lambda s, v: s._unrepeated(s.client.tip_shaper_start, wait=True,
-                                                            timeout_s=30.0),
-                           kind=Kind.omitted)
-    last_action = Cpt(Signal, value="", kind=Kind.normal,
-                      doc="what the plan just did on the controller (for the record)")
+    withdraw = Cpt(
+        NanonisSignal,
+        read=lambda s: 0,
+        write=lambda s, v: s.client.z_ctrl_withdraw(wait=True, timeout_s=10.0),
+        kind=Kind.omitted,
+    )
+    bias_pulse = Cpt(
+        NanonisSignal,
+        read=lambda s: 0,
+        write=lambda s, v: s._unrepeated(s.client.bias_pulse, float(v[0]), float(v[1]), wait=True),
+        check="check_pulse",
+        kind=Kind.omitted,
+        doc="write (width_s, bias_V): Bias.Pulse with Z held",
+    )
+    tip_shaper_start = Cpt(
+        NanonisSignal,
+        read=lambda s: 0,
+        write=lambda s, v: s._unrepeated(s.client.tip_shaper_start, wait=True, timeout_s=30.0),
+        kind=Kind.omitted,
+    )
+    last_action = Cpt(
+        Signal, value="", kind=Kind.normal, doc="what the plan just did on the controller (for the record)"
+    )
     lines = Cpt(ScanLines, kind=Kind.omitted)  # triggered on its own by the plans
     spectroscopy = Cpt(BiasSpectroscopy, kind=Kind.omitted)  # triggered on its own by grid_spectroscopy
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 6501, *, name: str = "stm",
-                 profile=None, timeout: float = 5.0, max_outage_s: float | None = None, **kwargs):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 6501,
+        *,
+        name: str = "stm",
+        profile=None,
+        timeout: float = 5.0,
+        max_outage_s: float | None = None,
+        **kwargs,
+    ):
         self.host, self.port, self.profile, self.timeout = host, int(port), profile, timeout
         if max_outage_s is None:
             max_outage_s = profile.link.max_outage_s if profile is not None else DEFAULT_MAX_OUTAGE_S
@@ -712,12 +792,10 @@ class NanonisSTM(Device):
                     self.client.reconnect()
                     self.client.scan_action("stop", direction=self.scan_direction.get())
                 except ConnectionError as exc:
-                    logger.error("could not stop the scan on %s:%s: %s",
-                                 self.host, self.port, exc)
+                    logger.error("could not stop the scan on %s:%s: %s", self.host, self.port, exc)
 
     def close(self):
         self.client.close()
 
     def __repr__(self):
         return f"NanonisSTM({self.host!r}, {self.port}, name={self.name!r})"
-

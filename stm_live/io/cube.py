@@ -37,10 +37,10 @@ class Cube:
 
     comment: tuple[str, str]
     atomic_numbers: np.ndarray  # (N,) int
-    atoms_nm: np.ndarray        # (N, 3)
-    origin_nm: np.ndarray       # (3,)
-    axes_nm: np.ndarray         # (3, 3), row i = voxel step along index i
-    data: np.ndarray            # (n_mo, n1, n2, n3) float64
+    atoms_nm: np.ndarray  # (N, 3)
+    origin_nm: np.ndarray  # (3,)
+    axes_nm: np.ndarray  # (3, 3), row i = voxel step along index i
+    data: np.ndarray  # (n_mo, n1, n2, n3) float64
     mo_indices: tuple[int, ...] = ()
 
     @property
@@ -65,21 +65,22 @@ def read_cube(path: str | os.PathLike) -> Cube:
     def numbers(lineno: int, count: int, what: str) -> list[float]:
         # lineno is 1-based, as an editor shows it
         if lineno > len(lines):
-            raise ValueError(f"{path}: line {lineno}: file ends before the {what} line "
-                             f"(only {len(lines)} lines)")
+            raise ValueError(f"{path}: line {lineno}: file ends before the {what} line (only {len(lines)} lines)")
         tokens = lines[lineno - 1].split()
         if len(tokens) < count:
-            raise ValueError(f"{path}: line {lineno}: {what} needs {count} numbers, got "
-                             f"{len(tokens)}: {lines[lineno - 1].strip()!r}")
+            raise ValueError(
+                f"{path}: line {lineno}: {what} needs {count} numbers, got {len(tokens)}: {lines[lineno - 1].strip()!r}"
+            )
         try:
             return [float(t) for t in tokens[:count]]
         except ValueError:
-            raise ValueError(f"{path}: line {lineno}: {what} is not numeric: "
-                             f"{lines[lineno - 1].strip()!r}") from None
+            raise ValueError(f"{path}: line {lineno}: {what} is not numeric: {lines[lineno - 1].strip()!r}") from None
 
     if len(lines) < 6:
-        raise ValueError(f"{path}: only {len(lines)} lines; a cube file needs at least 6 "
-                         "(2 comments, atom count/origin, 3 axis lines)")
+        raise ValueError(
+            f"{path}: only {len(lines)} lines; a cube file needs at least 6 "
+            "(2 comments, atom count/origin, 3 axis lines)"
+        )
     head = numbers(3, 4, "atom count and origin")
     natoms_signed = int(head[0])
     if head[0] != natoms_signed or natoms_signed == 0:
@@ -90,8 +91,7 @@ def read_cube(path: str | os.PathLike) -> Cube:
         row = numbers(4 + k, 4, f"axis {k + 1}")
         n = int(row[0])
         if row[0] != n or n == 0:
-            raise ValueError(f"{path}: line {4 + k}: voxel count must be a non-zero integer, "
-                             f"got {row[0]:g}")
+            raise ValueError(f"{path}: line {4 + k}: voxel count must be a non-zero integer, got {row[0]:g}")
         counts.append(n)
         axes.append(row[1:])
     # Gaussian convention: a negative count means lengths in Å, positive in bohr.
@@ -108,21 +108,25 @@ def read_cube(path: str | os.PathLike) -> Cube:
     n_mo = 1
     if natoms_signed < 0:
         if next_line > len(lines):
-            raise ValueError(f"{path}: line {next_line}: file ends before the MO-index line "
-                             "(a negative atom count announces one)")
+            raise ValueError(
+                f"{path}: line {next_line}: file ends before the MO-index line (a negative atom count announces one)"
+            )
         tokens = lines[next_line - 1].split()
         try:
             ints = [int(t) for t in tokens]
         except ValueError:
-            raise ValueError(f"{path}: line {next_line}: MO-index line is not integers: "
-                             f"{lines[next_line - 1].strip()!r}") from None
+            raise ValueError(
+                f"{path}: line {next_line}: MO-index line is not integers: {lines[next_line - 1].strip()!r}"
+            ) from None
         if not ints or ints[0] < 1 or len(ints) < 1 + ints[0]:
-            raise ValueError(f"{path}: line {next_line}: MO-index line must give a count and "
-                             f"that many indices: {lines[next_line - 1].strip()!r}")
-        n_mo, mo_indices = ints[0], tuple(ints[1:1 + ints[0]])
+            raise ValueError(
+                f"{path}: line {next_line}: MO-index line must give a count and "
+                f"that many indices: {lines[next_line - 1].strip()!r}"
+            )
+        n_mo, mo_indices = ints[0], tuple(ints[1 : 1 + ints[0]])
         next_line += 1
 
-    body = lines[next_line - 1:]
+    body = lines[next_line - 1 :]
     expected = counts[0] * counts[1] * counts[2] * n_mo
     try:
         values = np.array(" ".join(body).split(), dtype=np.float64)
@@ -132,14 +136,14 @@ def read_cube(path: str | os.PathLike) -> Cube:
                 try:
                     float(token)
                 except ValueError:
-                    raise ValueError(f"{path}: line {next_line + i}: voxel value {token!r} is "
-                                     "not numeric") from None
+                    raise ValueError(f"{path}: line {next_line + i}: voxel value {token!r} is not numeric") from None
         raise
     if values.size != expected:
         raise ValueError(
             f"{path}: line {next_line}: expected {expected} voxel values "
             f"({counts[0]}x{counts[1]}x{counts[2]} x {n_mo} orbital(s)) from here to the end, "
-            f"found {values.size}")
+            f"found {values.size}"
+        )
     data = values.reshape(counts[0], counts[1], counts[2], n_mo).transpose(3, 0, 1, 2)
     return Cube(
         comment=(lines[0], lines[1]),
@@ -172,6 +176,6 @@ def write_cube(path: str | os.PathLike, cube: Cube) -> Path:
     flat = cube.data.transpose(1, 2, 3, 0).reshape(n1 * n2, n3 * n_mo)
     for row in flat:  # Gaussian breaks lines every 6 values within each (i1, i2) column
         for k in range(0, row.size, 6):
-            out.append(" ".join(f"{v:13.5E}" for v in row[k:k + 6]))
+            out.append(" ".join(f"{v:13.5E}" for v in row[k : k + 6]))
     path.write_text("\n".join(out) + "\n", encoding="utf-8")
     return path

@@ -42,30 +42,70 @@ import datetime as _dt
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
 from stm_live.io.sxm import nanonis_float
 
-__all__ = ["SpectroscopyFileError", "Grid", "Spectrum", "read_3ds", "write_3ds", "make_grid",
-           "read_dat", "write_dat", "make_spectrum", "split_unit"]
+__all__ = [
+    "SpectroscopyFileError",
+    "Grid",
+    "Spectrum",
+    "read_3ds",
+    "write_3ds",
+    "make_grid",
+    "read_dat",
+    "write_dat",
+    "make_spectrum",
+    "split_unit",
+]
 
 _END = ":HEADER_END:"
 _DATA = "[DATA]"
 # Header keys the typed fields of Grid regenerate on write (not kept in Grid.header).
-_GRID_STRUCTURE = ("Grid dim", "Grid settings", "Sweep Signal", "Fixed parameters",
-                   "Experiment parameters", "# Parameters (4 byte)", "Experiment size (bytes)",
-                   "Points", "Channels")
+_GRID_STRUCTURE = (
+    "Grid dim",
+    "Grid settings",
+    "Sweep Signal",
+    "Fixed parameters",
+    "Experiment parameters",
+    "# Parameters (4 byte)",
+    "Experiment size (bytes)",
+    "Points",
+    "Channels",
+)
 # Nanonis' order of the general keys; module settings ("Bias>Bias (V)", ...) follow.
-_GRID_ORDER = ("Grid dim", "Grid settings", "Filetype", "Sweep Signal", "Fixed parameters",
-               "Experiment parameters", "# Parameters (4 byte)", "Experiment size (bytes)", "Points",
-               "Channels", "Delay before measuring (s)", "Experiment", "Start time", "End time",
-               "User", "Comment")
-_ALWAYS_QUOTED = ("Grid dim", "Sweep Signal", "Fixed parameters", "Experiment parameters", "Channels",
-                  "Experiment", "Start time", "End time")
+_GRID_ORDER = (
+    "Grid dim",
+    "Grid settings",
+    "Filetype",
+    "Sweep Signal",
+    "Fixed parameters",
+    "Experiment parameters",
+    "# Parameters (4 byte)",
+    "Experiment size (bytes)",
+    "Points",
+    "Channels",
+    "Delay before measuring (s)",
+    "Experiment",
+    "Start time",
+    "End time",
+    "User",
+    "Comment",
+)
+_ALWAYS_QUOTED = (
+    "Grid dim",
+    "Sweep Signal",
+    "Fixed parameters",
+    "Experiment parameters",
+    "Channels",
+    "Experiment",
+    "Start time",
+    "End time",
+)
 _TIME_FORMAT = "%d.%m.%Y %H:%M:%S"
 _UNIT = re.compile(r"^(.*?)\s*\(([^()]*)\)((?:\s*\[[^\]]*\])*)$")
 
@@ -75,7 +115,7 @@ class SpectroscopyFileError(ValueError):
 
 
 def split_unit(name: str) -> tuple[str, str]:
-    """"Current [bwd] (A)" -> ("Current [bwd]", "A"); "Current (A) [filt]" -> ("Current [filt]", "A");
+    """ "Current [bwd] (A)" -> ("Current [bwd]", "A"); "Current (A) [filt]" -> ("Current [filt]", "A");
     no unit: (name, "")."""
     m = _UNIT.match(name)
     if not m:
@@ -177,7 +217,7 @@ class Grid:
 
     @property
     def direction(self) -> str:
-        """"up" when the first row is the bottom of the grid (Nanonis' default), "down" when
+        """ "up" when the first row is the bottom of the grid (Nanonis' default), "down" when
         it is the top: from the points' X (m), Y (m) parameters ("up" when not recorded)."""
         try:
             xs, ys = (self.parameter(n) for n in ("X", "Y"))
@@ -208,10 +248,20 @@ class Grid:
         return self.channel(name)[..., k], float(sweep[k])
 
 
-def make_grid(channels: Mapping[str, np.ndarray], *, sweep, center_m, size_m, angle_deg: float = 0.0,
-              parameters: Mapping[str, np.ndarray], measured=None, sweep_signal: str = "Bias (V)",
-              header: Mapping[str, str] | None = None, start: _dt.datetime | None = None,
-              end: _dt.datetime | None = None) -> Grid:
+def make_grid(
+    channels: Mapping[str, np.ndarray],
+    *,
+    sweep,
+    center_m,
+    size_m,
+    angle_deg: float = 0.0,
+    parameters: Mapping[str, np.ndarray],
+    measured=None,
+    sweep_signal: str = "Bias (V)",
+    header: Mapping[str, str] | None = None,
+    start: _dt.datetime | None = None,
+    end: _dt.datetime | None = None,
+) -> Grid:
     """A :class:`Grid` from arrays, as the simulator or a plan has them.
 
     ``channels``: name (with unit, "Current (A)") -> ``(ny, nx, len(sweep))``; ``sweep``
@@ -238,8 +288,10 @@ def make_grid(channels: Mapping[str, np.ndarray], *, sweep, center_m, size_m, an
     ny, nx = next(iter(shapes))[:2]
     if ny * nx == 0:
         raise SpectroscopyFileError("empty grid: no points")
-    params = {"Sweep Start": np.full((ny, nx), sweep[0], np.float32),
-              "Sweep End": np.full((ny, nx), sweep[-1], np.float32)}
+    params = {
+        "Sweep Start": np.full((ny, nx), sweep[0], np.float32),
+        "Sweep End": np.full((ny, nx), sweep[-1], np.float32),
+    }
     for n, a in parameters.items():
         params[n] = np.broadcast_to(np.asarray(a, dtype=np.float32), (ny, nx)).copy()
     done = np.ones((ny, nx), bool) if measured is None else np.asarray(measured, dtype=bool)
@@ -248,13 +300,26 @@ def make_grid(channels: Mapping[str, np.ndarray], *, sweep, center_m, size_m, an
     for a in (*arrays.values(), *params.values()):
         a[~done] = np.nan
     now = _dt.datetime.now()
-    head = {"Filetype": "Linear", "Delay before measuring (s)": "0.000000E+0", "Experiment": "Grid Spectroscopy",
-            "Start time": (start or now).strftime(_TIME_FORMAT), "End time": (end or now).strftime(_TIME_FORMAT),
-            "User": "", "Comment": ""}
+    head = {
+        "Filetype": "Linear",
+        "Delay before measuring (s)": "0.000000E+0",
+        "Experiment": "Grid Spectroscopy",
+        "Start time": (start or now).strftime(_TIME_FORMAT),
+        "End time": (end or now).strftime(_TIME_FORMAT),
+        "User": "",
+        "Comment": "",
+    }
     head.update(header or {})
-    return Grid(channels=arrays, parameters=params, fixed_parameters=("Sweep Start", "Sweep End"),
-                center_m=tuple(map(float, center_m)), size_m=tuple(map(float, size_m)),
-                angle_deg=float(angle_deg), sweep_signal=sweep_signal, header=dict(head))
+    return Grid(
+        channels=arrays,
+        parameters=params,
+        fixed_parameters=("Sweep Start", "Sweep End"),
+        center_m=tuple(map(float, center_m)),
+        size_m=tuple(map(float, size_m)),
+        angle_deg=float(angle_deg),
+        sweep_signal=sweep_signal,
+        header=dict(head),
+    )
 
 
 def _grid_header(path: Path, text: str) -> list[tuple[str, str]]:
@@ -290,7 +355,7 @@ def read_3ds(path: str | os.PathLike) -> Grid:
     data_at = raw.find(b"\n", tag)
     if data_at < 0:
         raise SpectroscopyFileError(f"{path}: file ends at {_END}: no data")
-    pairs = _grid_header(path, _decode(raw[:data_at + 1]))
+    pairs = _grid_header(path, _decode(raw[: data_at + 1]))
     head = dict(pairs)
 
     def need(key: str) -> str:
@@ -313,14 +378,17 @@ def read_3ds(path: str | os.PathLike) -> Grid:
     except ValueError:
         settings = []
     if len(settings) != 5 or not all(math.isfinite(v) for v in settings):
-        raise SpectroscopyFileError(f"{path}: bad 'Grid settings' {head['Grid settings']!r}: "
-                                    "expected centre x;centre y;width;height;angle")
+        raise SpectroscopyFileError(
+            f"{path}: bad 'Grid settings' {head['Grid settings']!r}: expected centre x;centre y;width;height;angle"
+        )
     fixed = [n for n in need("Fixed parameters").split(";") if n]
     experiment = [n for n in need("Experiment parameters").split(";") if n]
     n_params = integer("# Parameters (4 byte)", 0)
     if n_params != len(fixed) + len(experiment):
-        raise SpectroscopyFileError(f"{path}: '# Parameters (4 byte)' is {n_params} but {len(fixed)} fixed and "
-                                    f"{len(experiment)} experiment parameters are named")
+        raise SpectroscopyFileError(
+            f"{path}: '# Parameters (4 byte)' is {n_params} but {len(fixed)} fixed and "
+            f"{len(experiment)} experiment parameters are named"
+        )
     names = fixed + experiment
     if len(set(names)) != len(names) or not names:
         raise SpectroscopyFileError(f"{path}: parameter names {names} must be non-empty and distinct")
@@ -329,18 +397,21 @@ def read_3ds(path: str | os.PathLike) -> Grid:
     if not channels or len(set(channels)) != len(channels):
         raise SpectroscopyFileError(f"{path}: 'Channels' {head['Channels']!r} must name distinct channels")
     if "Experiment size (bytes)" in head and integer("Experiment size (bytes)", 0) != 4 * points * len(channels):
-        raise SpectroscopyFileError(f"{path}: 'Experiment size (bytes)' {head['Experiment size (bytes)']} is not "
-                                    f"4 x {points} points x {len(channels)} channels")
+        raise SpectroscopyFileError(
+            f"{path}: 'Experiment size (bytes)' {head['Experiment size (bytes)']} is not "
+            f"4 x {points} points x {len(channels)} channels"
+        )
 
-    body = raw[data_at + 1:]
+    body = raw[data_at + 1 :]
     per_point = n_params + points * len(channels)
     if len(body) % 4:
         raise SpectroscopyFileError(f"{path}: data of {len(body)} bytes is not whole float32 values (truncated)")
     values = np.frombuffer(body, dtype=">f4").astype(np.float32)
     whole, rest = divmod(len(values), per_point)
     if rest:
-        raise SpectroscopyFileError(f"{path}: truncated inside grid point {whole + 1} of {nx * ny} "
-                                    f"({rest} of its {per_point} values)")
+        raise SpectroscopyFileError(
+            f"{path}: truncated inside grid point {whole + 1} of {nx * ny} ({rest} of its {per_point} values)"
+        )
     if whole > nx * ny:
         raise SpectroscopyFileError(f"{path}: data holds {whole} points but 'Grid dim' is {nx} x {ny}")
     # A grid stopped early ends after its last point; the rest were never measured.
@@ -350,11 +421,14 @@ def read_3ds(path: str | os.PathLike) -> Grid:
     grid[unmeasured] = np.nan
     grid = grid.reshape(ny, nx, per_point)
     return Grid(
-        channels={c: grid[:, :, n_params + i * points:n_params + (i + 1) * points].copy()
-                  for i, c in enumerate(channels)},
+        channels={
+            c: grid[:, :, n_params + i * points : n_params + (i + 1) * points].copy() for i, c in enumerate(channels)
+        },
         parameters={n: grid[:, :, i].copy() for i, n in enumerate(names)},
         fixed_parameters=tuple(fixed),
-        center_m=(settings[0], settings[1]), size_m=(settings[2], settings[3]), angle_deg=settings[4],
+        center_m=(settings[0], settings[1]),
+        size_m=(settings[2], settings[3]),
+        angle_deg=settings[4],
         sweep_signal=need("Sweep Signal"),
         header={k: v for k, v in pairs if k not in _GRID_STRUCTURE},
         path=path,
@@ -374,17 +448,20 @@ def write_3ds(path: str | os.PathLike, grid: Grid) -> Path:
         raise SpectroscopyFileError(f"{path}: fixed parameters {unknown} have no values")
     order = list(grid.fixed_parameters) + list(grid.experiment_parameters)
     columns = []  # per point: the parameters (fixed first), then each channel's sweep
-    for what, arrays, names, shape in (("parameter", grid.parameters, order, (ny, nx)),
-                                       ("channel", grid.channels, list(grid.channels), (ny, nx, points))):
+    for what, arrays, names, shape in (
+        ("parameter", grid.parameters, order, (ny, nx)),
+        ("channel", grid.channels, list(grid.channels), (ny, nx, points)),
+    ):
         for name in names:
-            _check_text(path, what, name, ";\"\r\n=")
+            _check_text(path, what, name, ';"\r\n=')
             if np.shape(arrays[name]) != shape:
-                raise SpectroscopyFileError(f"{path}: {what} {name!r} has shape {np.shape(arrays[name])}, "
-                                            f"expected {shape}")
+                raise SpectroscopyFileError(
+                    f"{path}: {what} {name!r} has shape {np.shape(arrays[name])}, expected {shape}"
+                )
             columns.append(np.asarray(arrays[name], dtype=np.float32).reshape(ny * nx, -1))
     data = np.concatenate(columns, axis=1)
     done = np.flatnonzero(grid.measured.reshape(-1))
-    data = data[:done[-1] + 1] if len(done) else data[:0]
+    data = data[: done[-1] + 1] if len(done) else data[:0]
 
     head = {
         "Grid dim": f"{nx} x {ny}",
@@ -398,8 +475,14 @@ def write_3ds(path: str | os.PathLike, grid: Grid) -> Path:
         "Channels": ";".join(grid.channels),
     }
     now = _dt.datetime.now().strftime(_TIME_FORMAT)
-    for key, value in {"Delay before measuring (s)": "0.000000E+0", "Experiment": "Grid Spectroscopy",
-                       "Start time": now, "End time": now, "User": "", "Comment": ""}.items():
+    for key, value in {
+        "Delay before measuring (s)": "0.000000E+0",
+        "Experiment": "Grid Spectroscopy",
+        "Start time": now,
+        "End time": now,
+        "User": "",
+        "Comment": "",
+    }.items():
         head[key] = grid.header.get(key, value)
     for key, value in grid.header.items():
         if key in _GRID_STRUCTURE:
@@ -409,14 +492,14 @@ def write_3ds(path: str | os.PathLike, grid: Grid) -> Path:
     lines = []
     for key in keys:
         _check_text(path, "header key", key, "=\r\n")
-        value = _check_text(path, f"header value of {key!r}", head[key], "\r\n\"")
+        value = _check_text(path, f"header value of {key!r}", head[key], '\r\n"')
         quote = value and (key in _ALWAYS_QUOTED or " " in value)
         lines.append(f'{key}="{value}"' if quote else f"{key}={value}")
     text = "\r\n".join(lines + [_END, ""])
     try:
         encoded = text.encode("latin-1")  # Nanonis writes its headers in ANSI
     except UnicodeEncodeError as exc:
-        raise SpectroscopyFileError(f"{path}: header text {exc.object[exc.start:exc.end]!r} is not latin-1") from None
+        raise SpectroscopyFileError(f"{path}: header text {exc.object[exc.start : exc.end]!r} is not latin-1") from None
     return _write_atomically(path, encoded + data.astype(">f4").tobytes())
 
 
@@ -452,11 +535,13 @@ class Spectrum:
     @property
     def position_m(self) -> tuple[float | None, float | None, float | None]:
         """X (m), Y (m), Z (m) of the header (None where not recorded or not a number)."""
+
         def number(key):
             try:
                 return float(self.header[key])
             except (KeyError, ValueError):
                 return None
+
         return number("X (m)"), number("Y (m)"), number("Z (m)")
 
     def channel(self, name: str) -> np.ndarray:
@@ -464,9 +549,16 @@ class Spectrum:
         return self.data[_lookup(self.path, list(self.data), name, "channel")]
 
 
-def make_spectrum(sweep, channels: Mapping[str, np.ndarray], *, position_m, sweep_signal: str = "Bias calc (V)",
-                  experiment: str = "bias spectroscopy", header: Mapping[str, str] | None = None,
-                  date: _dt.datetime | None = None) -> Spectrum:
+def make_spectrum(
+    sweep,
+    channels: Mapping[str, np.ndarray],
+    *,
+    position_m,
+    sweep_signal: str = "Bias calc (V)",
+    experiment: str = "bias spectroscopy",
+    header: Mapping[str, str] | None = None,
+    date: _dt.datetime | None = None,
+) -> Spectrum:
     """A bias-spectroscopy :class:`Spectrum` with the general header Nanonis writes.
 
     ``channels``: name with unit ("Current (A)", "LI Demod 1 X (A)") -> values at each sweep
@@ -485,10 +577,22 @@ def make_spectrum(sweep, channels: Mapping[str, np.ndarray], *, position_m, swee
             raise SpectroscopyFileError(f"channel {name!r} has shape {values.shape}, the sweep {sweep.shape}")
         data[name] = values
     x, y, z = (nanonis_float(v) for v in position_m)
-    head = {"Experiment": experiment, "Date": (date or _dt.datetime.now()).strftime(_TIME_FORMAT), "User": "",
-            "X (m)": x, "Y (m)": y, "Z (m)": z, "Z offset (m)": "0E+0", "Settling time (s)": "0E+0",
-            "Integration time (s)": "0E+0", "Z-Ctrl hold": "TRUE", "Final Z (m)": "N/A", "Filter type": "None",
-            "Order": "", "Cutoff frq": ""}
+    head = {
+        "Experiment": experiment,
+        "Date": (date or _dt.datetime.now()).strftime(_TIME_FORMAT),
+        "User": "",
+        "X (m)": x,
+        "Y (m)": y,
+        "Z (m)": z,
+        "Z offset (m)": "0E+0",
+        "Settling time (s)": "0E+0",
+        "Integration time (s)": "0E+0",
+        "Z-Ctrl hold": "TRUE",
+        "Final Z (m)": "N/A",
+        "Filter type": "None",
+        "Order": "",
+        "Cutoff frq": "",
+    }
     head.update(header or {})
     return Spectrum(data=data, header=head)
 
@@ -503,8 +607,9 @@ def read_dat(path: str | os.PathLike) -> Spectrum:
         raise SpectroscopyFileError(f"{path}: cannot read .dat file: {exc}") from exc
     lines = _decode(raw).splitlines()
     if not lines or not lines[0].startswith("Experiment\t"):
-        raise SpectroscopyFileError(f"{path}: not a Nanonis spectrum file (.dat): it does not start with "
-                                    "'Experiment<TAB>'")
+        raise SpectroscopyFileError(
+            f"{path}: not a Nanonis spectrum file (.dat): it does not start with 'Experiment<TAB>'"
+        )
     try:
         at = next(i for i, line in enumerate(lines) if line.strip() == _DATA)
     except StopIteration:
@@ -523,13 +628,14 @@ def read_dat(path: str | os.PathLike) -> Spectrum:
     if len(set(columns)) != len(columns) or not all(columns):
         raise SpectroscopyFileError(f"{path}: column names {columns} must be non-empty and distinct")
     rows = []
-    for i, line in enumerate(lines[at + 2:], start=at + 3):
+    for i, line in enumerate(lines[at + 2 :], start=at + 3):
         if not line.strip():
             continue
         cells = line.rstrip("\t").split("\t")
         if len(cells) != len(columns):
-            raise SpectroscopyFileError(f"{path}: data line {i} has {len(cells)} values, expected {len(columns)} "
-                                        "(file truncated?)")
+            raise SpectroscopyFileError(
+                f"{path}: data line {i} has {len(cells)} values, expected {len(columns)} (file truncated?)"
+            )
         try:
             rows.append([float(c) for c in cells])
         except ValueError:
@@ -558,11 +664,15 @@ def write_dat(path: str | os.PathLike, spectrum: Spectrum) -> Path:
         out.append(f"{key}\t{value}\t")
     out += ["", _DATA, "\t".join(_check_text(path, "column name", c, "\t\r\n") for c in spectrum.data)]
     table = np.stack([np.asarray(v, dtype=float) for v in spectrum.data.values()], axis=1)
-    out += ["\t".join(nanonis_float(v) if math.isfinite(v)
-                      else ("NaN" if math.isnan(v) else ("Inf" if v > 0 else "-Inf")) for v in row)
-            for row in table]
+    out += [
+        "\t".join(
+            nanonis_float(v) if math.isfinite(v) else ("NaN" if math.isnan(v) else ("Inf" if v > 0 else "-Inf"))
+            for v in row
+        )
+        for row in table
+    ]
     try:
         encoded = ("\r\n".join(out) + "\r\n").encode("latin-1")
     except UnicodeEncodeError as exc:
-        raise SpectroscopyFileError(f"{path}: text {exc.object[exc.start:exc.end]!r} is not latin-1") from None
+        raise SpectroscopyFileError(f"{path}: text {exc.object[exc.start : exc.end]!r} is not latin-1") from None
     return _write_atomically(path, encoded)

@@ -17,9 +17,10 @@ import datetime as _dt
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -30,14 +31,33 @@ _MARKER = b"\x1a\x04"
 _END_TAG = b":SCANIT_END:"
 _MAGIC = b":NANONIS_VERSION:"
 # Keys regenerated from SxmScan's typed fields on write; the header copies are ignored.
-_STRUCTURED = ("SCAN_PIXELS", "SCAN_RANGE", "SCAN_OFFSET", "SCAN_ANGLE", "SCAN_DIR", "BIAS",
-               "DATA_INFO")
+_STRUCTURED = ("SCAN_PIXELS", "SCAN_RANGE", "SCAN_OFFSET", "SCAN_ANGLE", "SCAN_DIR", "BIAS", "DATA_INFO")
 # Nanonis' own key order; unknown keys follow these, DATA_INFO always comes last.
-_ORDER = ("NANONIS_VERSION", "SCANIT_TYPE", "REC_DATE", "REC_TIME", "REC_TEMP", "ACQ_TIME",
-          "SCAN_PIXELS", "SCAN_FILE", "SCAN_TIME", "SCAN_RANGE", "SCAN_OFFSET", "SCAN_ANGLE",
-          "SCAN_DIR", "BIAS", "Z-CONTROLLER", "COMMENT")
-_DIR_WORDS = {"both": DIRECTIONS, "forward": ("forward",), "fwd": ("forward",),
-              "backward": ("backward",), "bwd": ("backward",)}
+_ORDER = (
+    "NANONIS_VERSION",
+    "SCANIT_TYPE",
+    "REC_DATE",
+    "REC_TIME",
+    "REC_TEMP",
+    "ACQ_TIME",
+    "SCAN_PIXELS",
+    "SCAN_FILE",
+    "SCAN_TIME",
+    "SCAN_RANGE",
+    "SCAN_OFFSET",
+    "SCAN_ANGLE",
+    "SCAN_DIR",
+    "BIAS",
+    "Z-CONTROLLER",
+    "COMMENT",
+)
+_DIR_WORDS = {
+    "both": DIRECTIONS,
+    "forward": ("forward",),
+    "fwd": ("forward",),
+    "backward": ("backward",),
+    "bwd": ("backward",),
+}
 _DTYPES = {("FLOAT", "MSBFIRST"): ">f4", ("FLOAT", "LSBFIRST"): "<f4"}
 
 
@@ -142,6 +162,7 @@ class SxmScan:
 
 # ----------------------------------------------------------------------------- reading
 
+
 def read_sxm(path: str | os.PathLike) -> SxmScan:
     """Read a Nanonis .sxm file into an :class:`SxmScan` (internal orientation).
 
@@ -159,7 +180,7 @@ def read_sxm(path: str | os.PathLike) -> SxmScan:
     if end < 0:
         raise SxmError(f"{path}: header has no :SCANIT_END: tag (file truncated or corrupted)")
     marker = raw.find(_MARKER, end)
-    if marker < 0 or raw[end + len(_END_TAG):marker].strip():
+    if marker < 0 or raw[end + len(_END_TAG) : marker].strip():
         raise SxmError(f"{path}: missing the \\x1a\\x04 data marker after :SCANIT_END:")
     try:
         text = raw[:end].decode("utf-8")
@@ -184,8 +205,9 @@ def read_sxm(path: str | os.PathLike) -> SxmScan:
 
     parts = need("SCAN_PIXELS").split()
     if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SxmError(f"{path}: bad SCAN_PIXELS {need('SCAN_PIXELS').strip()!r}: "
-                       "expected two positive integers (pixels lines)")
+        raise SxmError(
+            f"{path}: bad SCAN_PIXELS {need('SCAN_PIXELS').strip()!r}: expected two positive integers (pixels lines)"
+        )
     pixels, lines = int(parts[0]), int(parts[1])
     range_m = floats("SCAN_RANGE", 2)
     offset_m = floats("SCAN_OFFSET", 2) if "SCAN_OFFSET" in header else [0.0, 0.0]
@@ -196,34 +218,46 @@ def read_sxm(path: str | os.PathLike) -> SxmScan:
         raise SxmError(f"{path}: bad SCAN_DIR {direction!r}: expected 'up' or 'down'")
     dtype = _DTYPES.get(tuple(header.get("SCANIT_TYPE", "FLOAT MSBFIRST").split()))
     if dtype is None:
-        raise SxmError(f"{path}: unsupported SCANIT_TYPE {header['SCANIT_TYPE'].strip()!r}; "
-                       "only FLOAT MSBFIRST/LSBFIRST are supported")
+        raise SxmError(
+            f"{path}: unsupported SCANIT_TYPE {header['SCANIT_TYPE'].strip()!r}; "
+            "only FLOAT MSBFIRST/LSBFIRST are supported"
+        )
     info = parse_data_info(path, need("DATA_INFO"))
 
     blocks = [(row["Name"], d) for row in info for d in _DIR_WORDS[row["Direction"]]]
     n_block = pixels * lines
     promised = len(blocks) * n_block * 4
-    data = raw[marker + len(_MARKER):]
+    data = raw[marker + len(_MARKER) :]
     if len(data) < promised:
         raise SxmError(
             f"{path}: data holds {len(data)} bytes but the header promises {promised} "
             f"({len(blocks)} channel-directions x {lines} lines x {pixels} pixels float32); "
-            "file truncated")
+            "file truncated"
+        )
     if len(data) > promised:
-        raise SxmError(f"{path}: data holds {len(data)} bytes, more than the {promised} the "
-                       "header promises (SCAN_PIXELS or DATA_INFO corrupted)")
+        raise SxmError(
+            f"{path}: data holds {len(data)} bytes, more than the {promised} the "
+            "header promises (SCAN_PIXELS or DATA_INFO corrupted)"
+        )
     values = np.frombuffer(data, dtype=dtype).reshape(len(blocks), lines, pixels)
 
     channels: dict[str, dict[str, np.ndarray]] = {}
     for k, (name, d) in enumerate(blocks):
         block = values[k].astype(np.float32)
-        channels.setdefault(name, {})[d] = np.ascontiguousarray(
-            block[:, ::-1] if d == "backward" else block)
+        channels.setdefault(name, {})[d] = np.ascontiguousarray(block[:, ::-1] if d == "backward" else block)
     units = {row["Name"]: row["Unit"] for row in info}
-    return SxmScan(channels=channels, pixels=pixels, lines=lines,
-                   range_m=(range_m[0], range_m[1]), offset_m=(offset_m[0], offset_m[1]),
-                   angle_deg=angle, direction=direction, bias_V=bias, units=units,
-                   header=header)
+    return SxmScan(
+        channels=channels,
+        pixels=pixels,
+        lines=lines,
+        range_m=(range_m[0], range_m[1]),
+        offset_m=(offset_m[0], offset_m[1]),
+        angle_deg=angle,
+        direction=direction,
+        bias_V=bias,
+        units=units,
+        header=header,
+    )
 
 
 def _parse_header(text: str) -> dict[str, str]:
@@ -264,8 +298,10 @@ def parse_data_info(path: Path, table: str) -> list[dict[str, str]]:
             raise SxmError(f"{path}: DATA_INFO row {i} {row.strip()!r} has fewer than 6 fields")
         entry = dict(zip(cols, (f.strip() for f in fields)))
         if entry["Direction"] not in _DIR_WORDS:
-            raise SxmError(f"{path}: DATA_INFO row {i} has unknown Direction "
-                           f"{entry['Direction']!r} (expected both, forward or backward)")
+            raise SxmError(
+                f"{path}: DATA_INFO row {i} has unknown Direction "
+                f"{entry['Direction']!r} (expected both, forward or backward)"
+            )
         out.append(entry)
     if not out:
         raise SxmError(f"{path}: DATA_INFO lists no channels")
@@ -273,6 +309,7 @@ def parse_data_info(path: Path, table: str) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- writing
+
 
 def write_sxm(path: str | os.PathLike, scan: SxmScan) -> Path:
     """Write ``scan`` as a Nanonis .sxm file (readable by nanonispy, gwyddion, Nanonis).
@@ -301,21 +338,33 @@ def write_sxm(path: str | os.PathLike, scan: SxmScan) -> Path:
         present = [d for d in DIRECTIONS if d in dirs]
         unknown = set(dirs) - set(DIRECTIONS)
         if unknown or not present:
-            raise SxmError(f"{path}: channel {name!r} has directions {sorted(dirs)}; "
-                           "expected 'forward' and/or 'backward'")
+            raise SxmError(
+                f"{path}: channel {name!r} has directions {sorted(dirs)}; expected 'forward' and/or 'backward'"
+            )
         for d in present:
             arr = np.asarray(dirs[d], dtype=np.float64)
             if arr.shape != (lines, pixels):
-                raise SxmError(f"{path}: channel {name!r} {d} has shape {arr.shape}, "
-                               f"expected (lines, pixels) = ({lines}, {pixels})")
+                raise SxmError(
+                    f"{path}: channel {name!r} {d} has shape {arr.shape}, "
+                    f"expected (lines, pixels) = ({lines}, {pixels})"
+                )
             # File rows store backward lines mirrored, as the tip acquired them.
             blocks.append(arr[:, ::-1] if d == "backward" else arr)
         word = "both" if len(present) == 2 else present[0]
         old = old_info.get(name, {})
-        info_rows.append("\t".join(["", old.get("Channel", str(i)), name,
-                                    scan.units.get(name, old.get("Unit", "")) or "a.u.", word,
-                                    old.get("Calibration", "1.000E+0"),
-                                    old.get("Offset", "0.000E+0")]))
+        info_rows.append(
+            "\t".join(
+                [
+                    "",
+                    old.get("Channel", str(i)),
+                    name,
+                    scan.units.get(name, old.get("Unit", "")) or "a.u.",
+                    word,
+                    old.get("Calibration", "1.000E+0"),
+                    old.get("Offset", "0.000E+0"),
+                ]
+            )
+        )
 
     now = _dt.datetime.now()
     generated = {
@@ -329,14 +378,16 @@ def write_sxm(path: str | os.PathLike, scan: SxmScan) -> Path:
     }
     header = {k: v for k, v in scan.header.items() if k not in _STRUCTURED}
     header["SCANIT_TYPE"] = generated["SCANIT_TYPE"]  # we always write big-endian float32
-    header.update({
-        "SCAN_PIXELS": f"{pixels:>10d}{lines:>10d}",
-        "SCAN_RANGE": _cols(scan.range_m, 22),
-        "SCAN_OFFSET": _cols(scan.offset_m, 22),
-        "SCAN_ANGLE": _cols([scan.angle_deg], 20, 3),
-        "SCAN_DIR": scan.direction,
-        "BIAS": _cols([scan.bias_V], 20),
-    })
+    header.update(
+        {
+            "SCAN_PIXELS": f"{pixels:>10d}{lines:>10d}",
+            "SCAN_RANGE": _cols(scan.range_m, 22),
+            "SCAN_OFFSET": _cols(scan.offset_m, 22),
+            "SCAN_ANGLE": _cols([scan.angle_deg], 20, 3),
+            "SCAN_DIR": scan.direction,
+            "BIAS": _cols([scan.bias_V], 20),
+        }
+    )
     for k, v in generated.items():
         header.setdefault(k, v)
     ordered = [k for k in _ORDER if k in header] + [k for k in header if k not in _ORDER]
@@ -388,8 +439,9 @@ def scan_from_frames(
     if not channels:
         raise ValueError("scan_from_frames: no channels given")
     if z_controller not in ("constant_current", "constant_height"):
-        raise ValueError(f"scan_from_frames: z_controller {z_controller!r} must be "
-                         "'constant_current' or 'constant_height'")
+        raise ValueError(
+            f"scan_from_frames: z_controller {z_controller!r} must be 'constant_current' or 'constant_height'"
+        )
     shapes = {np.shape(a) for dirs in channels.values() for a in dirs.values()}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"scan_from_frames: all frames must share one 2-D shape, got {shapes}")
@@ -397,8 +449,7 @@ def scan_from_frames(
     missing = [n for n in channels if n not in units]
     if missing:
         raise ValueError(f"scan_from_frames: no units given for channel(s) {missing}")
-    frames = {n: {d: np.asarray(a, dtype=np.float32) for d, a in dirs.items()}
-              for n, dirs in channels.items()}
+    frames = {n: {d: np.asarray(a, dtype=np.float32) for d, a in dirs.items()} for n, dirs in channels.items()}
     when = recorded_at or _dt.datetime.now()
     header = {
         "NANONIS_VERSION": "2",
@@ -416,12 +467,21 @@ def scan_from_frames(
     if signal_indexes:
         header["DATA_INFO"] = "\tChannel\tName\tUnit\tDirection\tCalibration\tOffset\n" + "\n".join(
             f"\t{int(signal_indexes[n])}\t{n}\t{units[n]}\tboth\t1.000E+0\t0.000E+0"
-            for n in channels if n in signal_indexes)
-    return SxmScan(channels=frames, pixels=int(pixels), lines=int(lines),
-                   range_m=(float(width_m), float(height_m)),
-                   offset_m=(float(center_x_m), float(center_y_m)),
-                   angle_deg=float(angle_deg), direction=direction, bias_V=float(bias_V),
-                   units=dict(units), header=header)
+            for n in channels
+            if n in signal_indexes
+        )
+    return SxmScan(
+        channels=frames,
+        pixels=int(pixels),
+        lines=int(lines),
+        range_m=(float(width_m), float(height_m)),
+        offset_m=(float(center_x_m), float(center_y_m)),
+        angle_deg=float(angle_deg),
+        direction=direction,
+        bias_V=float(bias_V),
+        units=dict(units),
+        header=header,
+    )
 
 
 # ----------------------------------------------------------------------------- helpers

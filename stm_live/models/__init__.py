@@ -11,8 +11,12 @@ import logging
 import sys
 
 # The loggers whose INFO records are a training or fitting command's progress lines.
-PROGRESS_LOGGERS = ("stm_live.models.training", "stm_live.models.tiptrain", "stm_live.models.tipdata",
-                    "stm_live.models.tipdomain")
+PROGRESS_LOGGERS = (
+    "stm_live.models.training",
+    "stm_live.models.tiptrain",
+    "stm_live.models.tipdata",
+    "stm_live.models.tipdomain",
+)
 
 
 class _Stdout(logging.StreamHandler):
@@ -53,14 +57,14 @@ def console_progress():
 
 def load_stmnet(device: str | None = "auto", path=None, **options):
     """The shipped STM-Net checkpoint as a ``Reconstructor`` (see ``stmnet.py``)."""
-    from stm_live.models.stmnet import load_stmnet as _load  # torch: see the module docstring
+    from stm_live.models.stmnet import load_stmnet as _load  # noqa: PLC0415 - torch: see the module docstring
 
     return _load(device=device, path=path, **options)
 
 
 def load_tip_classifier(device: str | None = "auto", path=None, **options):
     """The shipped tip-state classifier with its domain model (see ``tipstate.py``)."""
-    from stm_live.models.tipstate import load_tip_classifier as _load  # torch: see the module docstring
+    from stm_live.models.tipstate import load_tip_classifier as _load  # noqa: PLC0415 - torch: see the module docstring
 
     return _load(device=device, path=path, **options)
 
@@ -73,13 +77,15 @@ def check_device(device: str | None) -> str:
     name = "auto" if device is None else str(device).strip().lower()
     if name in ("auto", "cpu"):
         return name
-    import torch  # only here: a CPU run should not pay for the import just to be checked
+    import torch  # noqa: PLC0415 - only here: a CPU run should not pay for the import just to be checked
 
     if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
         if not torch.cuda.is_available():
             build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}, no GPU visible"
-            raise ValueError(f"--device {device}: torch {torch.__version__} is {build}; use --device cpu "
-                             "(or auto), or install a CUDA build (make venv TORCH=torch)")
+            raise ValueError(
+                f"--device {device}: torch {torch.__version__} is {build}; use --device cpu "
+                "(or auto), or install a CUDA build (make venv TORCH=torch)"
+            )
         index = int(name[5:]) if ":" in name else 0
         if index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible")

@@ -24,13 +24,22 @@ import logging
 import os
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-__all__ = ["WEIGHTS_DIR", "card_command", "hash_path", "load_checkpoint", "resolve_device", "save_checkpoint",
-           "sha256_of", "verify", "write_hash"]
+__all__ = [
+    "WEIGHTS_DIR",
+    "card_command",
+    "hash_path",
+    "load_checkpoint",
+    "resolve_device",
+    "save_checkpoint",
+    "sha256_of",
+    "verify",
+    "write_hash",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -96,13 +105,16 @@ def verify(path, *, what: str, fix: str) -> str:
     expected = words[0].lower() if words else ""
     actual = sha256_of(path)
     if actual != expected:
-        raise ValueError(f"{what} {path} is corrupt or modified: sha256 {actual[:16]}... does not match "
-                         f"{found.name} ({expected[:16] or 'empty'}...); {fix}")
+        raise ValueError(
+            f"{what} {path} is corrupt or modified: sha256 {actual[:16]}... does not match "
+            f"{found.name} ({expected[:16] or 'empty'}...); {fix}"
+        )
     return actual
 
 
-def load_checkpoint(path, build: Callable[[dict, dict], torch.nn.Module], *, what: str,
-                    fix: str) -> tuple[torch.nn.Module, dict]:
+def load_checkpoint(
+    path, build: Callable[[dict, dict], torch.nn.Module], *, what: str, fix: str
+) -> tuple[torch.nn.Module, dict]:
     """``build(weights, config)`` from the checkpoint at ``path`` (verified by :func:`verify`,
     then read with ``torch.load(weights_only=True)``, either layout), and its metadata: every
     other key, ``config`` as a dict and ``sha256``. A file that does not load, or does not
@@ -127,8 +139,7 @@ def save_checkpoint(path, net: torch.nn.Module, config: dict, **metadata) -> str
     file; returns the SHA-256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "config": config,
-             **metadata}
+    state = {"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()}, "config": config, **metadata}
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
@@ -145,5 +156,5 @@ def card_command() -> str:
         argv[0] = "stm-live"
     if "--out" in argv[:-1]:
         i = argv.index("--out")
-        del argv[i: i + 2]
+        del argv[i : i + 2]
     return " ".join(shlex.quote(a) for a in ([os.path.basename(argv[0])] + argv[1:]))

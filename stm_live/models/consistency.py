@@ -134,21 +134,33 @@ class ConsistencyResult:
     def summary(self) -> dict:
         """The scalars as plain Python values (float, bool, str, list; NaN stays NaN, so
         sanitise before strict JSON)."""
-        return {"agreement": self.agreement, "explained": self.explained, "explained_s": self.explained_s,
-                "w_s": self.w_s, "a": self.a, "b": self.b, "shift_nm": [float(v) for v in self.shift_nm],
-                "pz_factor": self.pz_factor, "in_scope": bool(self.in_scope), "reason": self.reason,
-                "pixels": self.pixels}
+        return {
+            "agreement": self.agreement,
+            "explained": self.explained,
+            "explained_s": self.explained_s,
+            "w_s": self.w_s,
+            "a": self.a,
+            "b": self.b,
+            "shift_nm": [float(v) for v in self.shift_nm],
+            "pz_factor": self.pz_factor,
+            "in_scope": bool(self.in_scope),
+            "reason": self.reason,
+            "pixels": self.pixels,
+        }
 
     def line(self) -> str:
         """One line for a terminal or a report."""
         if math.isnan(self.agreement):
             return f"self-consistency: {self.reason}"
-        head = (f"self-consistency: agreement {self.agreement:.2f}, fitted tip s share {self.w_s:.2f}, "
-                f"{100 * self.explained:.0f} % of the image explained")
+        head = (
+            f"self-consistency: agreement {self.agreement:.2f}, fitted tip s share {self.w_s:.2f}, "
+            f"{100 * self.explained:.0f} % of the image explained"
+        )
         return f"{head}; {self.reason}" if self.reason else f"{head}; a CO-tip orbital image"
 
 
 # ------------------------------------------------------------------------------ gradients
+
 
 def _abs_derivative(s: np.ndarray, h: float, axis: int) -> np.ndarray:
     """|∂ψ/∂axis| from s = |ψ| (module docstring: sign choice on a 5-point stencil, then a
@@ -157,7 +169,7 @@ def _abs_derivative(s: np.ndarray, h: float, axis: int) -> np.ndarray:
     n = q.shape[0]
     pad = np.full((n + 4,) + q.shape[1:], np.nan, dtype=q.dtype)
     pad[2:-2] = q
-    l2, l1, c, r1, r2 = (pad[k:k + n] for k in range(5))
+    l2, l1, c, r1, r2 = (pad[k : k + n] for k in range(5))
     # |second differences| of the stencil under each sign pattern (the centre is +):
     # inner (at l1, c, r1) and outer variants with l2 / r2 flipped
     a_keep, a_out = np.abs(l2 - 2 * l1 + c), np.abs(l2 + 2 * l1 - c)
@@ -181,8 +193,9 @@ def _abs_derivative(s: np.ndarray, h: float, axis: int) -> np.ndarray:
     return np.moveaxis(out, 0, axis)
 
 
-def p_basis(rho, pixel_size_nm: float, line_spacing_nm: float | None = None, *,
-            kappa_per_nm: float = KAPPA_PER_NM) -> np.ndarray:
+def p_basis(
+    rho, pixel_size_nm: float, line_spacing_nm: float | None = None, *, kappa_per_nm: float = KAPPA_PER_NM
+) -> np.ndarray:
     """G = ½ |∇∥√ρ|² / κ² (float64): the image one p_x/p_y channel sees of ψ = ±√ρ.
 
     Gradients use the physical pitch of each axis (columns: ``pixel_size_nm``; rows:
@@ -234,8 +247,16 @@ def _check_pitch(name: str, value) -> float:
     return v
 
 
-def predicted_image(rho, w_s: float, pixel_size_nm: float, line_spacing_nm: float | None = None, *,
-                    kappa_per_nm: float = KAPPA_PER_NM, a: float = 1.0, b: float = 0.0) -> np.ndarray:
+def predicted_image(
+    rho,
+    w_s: float,
+    pixel_size_nm: float,
+    line_spacing_nm: float | None = None,
+    *,
+    kappa_per_nm: float = KAPPA_PER_NM,
+    a: float = 1.0,
+    b: float = 0.0,
+) -> np.ndarray:
     """The CO-tip image ρ predicts: a·(w_s ρ + (1 − w_s)·½|∇∥√ρ|²/κ²) + b (float64).
 
     Chen 1990 / ``tip.tip_signal`` with ψ = ±√ρ, the p weight split equally over p_x and
@@ -303,8 +324,8 @@ def _lag_window(corr: np.ndarray, max_lag: tuple[int, int]) -> tuple[float, floa
         curv = v0 - 2 * v1 + v2
         return 0.5 * (v0 - v2) / curv if curv < 0 else 0.0
 
-    di = vertex(*win[i - 1:i + 2, j]) if 0 < i < win.shape[0] - 1 else 0.0
-    dj = vertex(*win[i, j - 1:j + 2]) if 0 < j < win.shape[1] - 1 else 0.0
+    di = vertex(*win[i - 1 : i + 2, j]) if 0 < i < win.shape[0] - 1 else 0.0
+    dj = vertex(*win[i, j - 1 : j + 2]) if 0 < j < win.shape[1] - 1 else 0.0
     return i - ly + di, j - lx + dj
 
 
@@ -340,8 +361,9 @@ def sample_at(fine: np.ndarray, shape) -> np.ndarray:
     h, w = fine.shape
     yy = (np.arange(shape[0]) + 0.5) * h / shape[0] - 0.5
     xx = (np.arange(shape[1]) + 0.5) * w / shape[1] - 0.5
-    return ndimage.map_coordinates(np.asarray(fine, np.float64), np.meshgrid(yy, xx, indexing="ij"), order=1,
-                                   mode="nearest")
+    return ndimage.map_coordinates(
+        np.asarray(fine, np.float64), np.meshgrid(yy, xx, indexing="ij"), order=1, mode="nearest"
+    )
 
 
 def _on_finer_grid(r: np.ndarray, px: float, ls: float, network, kappa_per_nm: float):
@@ -360,9 +382,17 @@ def _on_finer_grid(r: np.ndarray, px: float, ls: float, network, kappa_per_nm: f
     return rs, g
 
 
-def check_reconstruction(measured, rho, pixel_size_nm: float, line_spacing_nm: float | None = None, *,
-                         kappa_per_nm: float = KAPPA_PER_NM, threshold: float = AGREEMENT_THRESHOLD,
-                         max_shift_nm: float = MAX_SHIFT_NM, network=None) -> ConsistencyResult:
+def check_reconstruction(
+    measured,
+    rho,
+    pixel_size_nm: float,
+    line_spacing_nm: float | None = None,
+    *,
+    kappa_per_nm: float = KAPPA_PER_NM,
+    threshold: float = AGREEMENT_THRESHOLD,
+    max_shift_nm: float = MAX_SHIFT_NM,
+    network=None,
+) -> ConsistencyResult:
     """Fit the CO-tip image ρ predicts to ``measured`` and score the agreement.
 
     ``measured``: the current-like image the network was given (``interpret.NetworkInput.
@@ -392,8 +422,21 @@ def check_reconstruction(measured, rho, pixel_size_nm: float, line_spacing_nm: f
     if ok.sum() < MIN_PIXELS:
         nan_img = np.full(meas.shape, np.nan, np.float32)
         reason = f"too few scanned pixels to check the reconstruction ({int(ok.sum())} < {MIN_PIXELS})"
-        return ConsistencyResult(math.nan, math.nan, math.nan, math.nan, math.nan, math.nan, (0.0, 0.0), math.nan,
-                                 nan_img, nan_img.copy(), False, reason, int(ok.sum()))
+        return ConsistencyResult(
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            math.nan,
+            (0.0, 0.0),
+            math.nan,
+            nan_img,
+            nan_img.copy(),
+            False,
+            reason,
+            int(ok.sum()),
+        )
     # Parseval: ∫|∂zψ/κ|² = ∫ρ + 2∫G for a vacuum solution
     pz_factor = float(1.0 + 2.0 * g[ok].mean() / r[ok].mean()) if r[ok].mean() > 0 else math.nan
     # 1. the untilted model, whose prediction is the template for the shift
@@ -430,15 +473,31 @@ def check_reconstruction(measured, rho, pixel_size_nm: float, line_spacing_nm: f
         reason = "not a CO-tip orbital image: the reconstruction predicts none of the measured contrast"
     elif agreement < threshold:
         if explained_s >= S_LIKE_EXPLAINED:
-            why = (f"the image shows no p-channel contrast, |psi|^2 alone explains {100 * explained_s:.0f} % of it "
-                   "(an s-like tip, or no orbital in the frame)")
+            why = (
+                f"the image shows no p-channel contrast, |psi|^2 alone explains {100 * explained_s:.0f} % of it "
+                "(an s-like tip, or no orbital in the frame)"
+            )
         else:
-            why = (f"its predicted p-channel image accounts for {100 * agreement:.0f} % of the contrast |psi|^2 "
-                   f"alone leaves (< {100 * threshold:.0f} %; {100 * explained:.0f} % of the image explained)")
+            why = (
+                f"its predicted p-channel image accounts for {100 * agreement:.0f} % of the contrast |psi|^2 "
+                f"alone leaves (< {100 * threshold:.0f} %; {100 * explained:.0f} % of the image explained)"
+            )
         reason = f"not a CO-tip orbital image: {why}"
-    return ConsistencyResult(agreement, float(np.clip(explained, 0.0, 1.0)), float(np.clip(explained_s, 0.0, 1.0)),
-                             w_s, scale, offset, shift, pz_factor, predicted.astype(np.float32),
-                             residual.astype(np.float32), not reason, reason, int(ok.sum()))
+    return ConsistencyResult(
+        agreement,
+        float(np.clip(explained, 0.0, 1.0)),
+        float(np.clip(explained_s, 0.0, 1.0)),
+        w_s,
+        scale,
+        offset,
+        shift,
+        pz_factor,
+        predicted.astype(np.float32),
+        residual.astype(np.float32),
+        not reason,
+        reason,
+        int(ok.sum()),
+    )
 
 
 def effective_s_share(tip, pz_factor: float = 1.0) -> float:
@@ -525,5 +584,14 @@ def scope_probe(name: str, rng: np.random.Generator, *, size: int = 96, pixel_si
     return current_from_z(z, unit="nm")
 
 
-__all__ = ["AGREEMENT_THRESHOLD", "MAX_SHIFT_NM", "PROBES", "ConsistencyResult", "check_reconstruction",
-           "effective_s_share", "p_basis", "predicted_image", "scope_probe"]
+__all__ = [
+    "AGREEMENT_THRESHOLD",
+    "MAX_SHIFT_NM",
+    "PROBES",
+    "ConsistencyResult",
+    "check_reconstruction",
+    "effective_s_share",
+    "p_basis",
+    "predicted_image",
+    "scope_probe",
+]

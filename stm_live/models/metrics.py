@@ -43,7 +43,13 @@ from stm_live.interpret import STMNET_PIXEL_NM
 from stm_live.io.cube import read_cube
 from stm_live.models.inputs import normalise
 from stm_live.simulators.imaging import (
-    CubePlacement, Placement, ScanFrame, Substrate, constant_current_image, constant_height_image, s_wave_image,
+    CubePlacement,
+    Placement,
+    ScanFrame,
+    Substrate,
+    constant_current_image,
+    constant_height_image,
+    s_wave_image,
 )
 from stm_live.simulators.orbitals import VACUUM_FROM_NM, CubeOrbital
 from stm_live.simulators.pairs import HELD_OUT_MOLECULES
@@ -67,8 +73,9 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / (hi - lo).clamp_min(1e-12)
 
 
-def ssim_torch(a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, size: int = 11,
-               sigma: float = 1.5) -> torch.Tensor:
+def ssim_torch(
+    a: torch.Tensor, b: torch.Tensor, *, data_range: float = 1.0, size: int = 11, sigma: float = 1.5
+) -> torch.Tensor:
     """Per-image SSIM of two (N, 1, H, W) tensors (no normalisation applied here)."""
     g = _gauss_window(size, sigma, a.device, a.dtype)
     gx, gy = g.view(1, 1, 1, -1), g.view(1, 1, -1, 1)
@@ -126,8 +133,9 @@ def identity_baseline(image: np.ndarray, pixel_size_nm: float | None = None) -> 
     return np.asarray(image, dtype=np.float32)
 
 
-def chen_tikhonov(image: np.ndarray, pixel_size_nm: float, *, w_s: float = 0.13, w_p: float = 0.87,
-                  lam: float = 0.05) -> np.ndarray:
+def chen_tikhonov(
+    image: np.ndarray, pixel_size_nm: float, *, w_s: float = 0.13, w_p: float = 0.87, lam: float = 0.05
+) -> np.ndarray:
     """Linearised Chen-rule inversion with Tikhonov regularisation (see module docstring)."""
     img = np.asarray(image, dtype=np.float64)
     if img.ndim != 2 or not np.isfinite(img).all():
@@ -147,7 +155,7 @@ def chen_tikhonov(image: np.ndarray, pixel_size_nm: float, *, w_s: float = 0.13,
     H = w_s + w_p * (k0sq - q2 / 2.0)
     Hmax2 = float((H**2).max())
     rho = np.fft.ifft2(spec * H / (H**2 + lam * Hmax2)).real
-    out = rho[h // 2: h // 2 + h, w // 2: w // 2 + w]
+    out = rho[h // 2 : h // 2 + h, w // 2 : w // 2 + w]
     return np.clip(out, 0, None).astype(np.float32)
 
 
@@ -170,8 +178,9 @@ def eval_cells(split: str) -> list[dict]:
         mols, tips = ("naphthalene", "pyrene", "h2pc", "ptcda"), ("co", "tilted_co")
     else:
         raise ValueError(f"split must be 'in-distribution' or 'held-out', got {split!r}")
-    cells = [{"molecule": m, "orbital": o, "tip": t, "mode": "height"}
-             for m in mols for o in ("HOMO", "LUMO") for t in tips]
+    cells = [
+        {"molecule": m, "orbital": o, "tip": t, "mode": "height"} for m in mols for o in ("HOMO", "LUMO") for t in tips
+    ]
     cells += [{"molecule": m, "orbital": "HOMO", "tip": "co", "mode": "current"} for m in mols]
     return cells
 
@@ -188,8 +197,18 @@ def cube_cells(paths, *, mo: int = 0, vacuum_from_nm: float | None = None) -> li
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"cube file {path} does not exist")
-        cells += [{"molecule": path.name, "orbital": f"MO {mo}", "tip": t, "mode": "height", "cube": str(path),
-                   "mo": mo, "vacuum_from_nm": vacuum} for t in EVAL_TIPS]
+        cells += [
+            {
+                "molecule": path.name,
+                "orbital": f"MO {mo}",
+                "tip": t,
+                "mode": "height",
+                "cube": str(path),
+                "mo": mo,
+                "vacuum_from_nm": vacuum,
+            }
+            for t in EVAL_TIPS
+        ]
     return cells
 
 
@@ -205,8 +224,9 @@ def _eval_placement(cell: dict, x_nm: float, y_nm: float, rotation_deg: float):
     return Placement(cell["molecule"], x_nm, y_nm, rotation_deg, cell["orbital"])
 
 
-def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
-                    pixel_size_nm: float = STMNET_PIXEL_NM, noise: float = 0.0):
+def make_eval_pairs(
+    cell: dict, n: int, *, seed: int = 1234, size: int = 96, pixel_size_nm: float = STMNET_PIXEL_NM, noise: float = 0.0
+):
     """``n`` frames of one cell rendered with ``simulators.imaging``: one molecule near the
     centre, random rotation, z 0.3-0.5 nm. Returns normalised inputs and max-1 targets.
 
@@ -221,14 +241,21 @@ def make_eval_pairs(cell: dict, n: int, *, seed: int = 1234, size: int = 96,
     frame = ScanFrame(0.0, 0.0, fov, fov, pixels=size, lines=size)
     ins, tgs = [], []
     for _ in range(n):
-        place = [_eval_placement(cell, float(rng.uniform(-0.05, 0.05) * fov), float(rng.uniform(-0.05, 0.05) * fov),
-                                 float(rng.uniform(0, 360)))]
+        place = [
+            _eval_placement(
+                cell,
+                float(rng.uniform(-0.05, 0.05) * fov),
+                float(rng.uniform(-0.05, 0.05) * fov),
+                float(rng.uniform(0, 360)),
+            )
+        ]
         z = float(rng.uniform(0.3, 0.5))
         target = s_wave_image(place, frame, z_nm=z, bias_V=bias).astype(np.float64)
         if cell["mode"] == "current":
             peak = constant_height_image(place, frame, tip, z_nm=z, bias_V=bias, substrate=Substrate()).max()
-            z_map = constant_current_image(place, frame, tip, setpoint_A=float(peak) * rng.uniform(0.3, 0.9),
-                                           bias_V=bias).astype(np.float64)
+            z_map = constant_current_image(
+                place, frame, tip, setpoint_A=float(peak) * rng.uniform(0.3, 0.9), bias_V=bias
+            ).astype(np.float64)
             if noise:
                 z_map = z_map + rng.normal(0, noise * 0.02, z_map.shape)
             image = current_from_z(z_map, unit="nm")
@@ -272,14 +299,19 @@ def latency_ms(reconstructor, size: int, repeats: int = 5) -> float:
 
 def _means(results: list[dict]) -> dict:
     """{method: (mean PSNR, mean SSIM, n)} over the frames of several ``evaluate_batch`` results."""
-    return {k: (float(np.mean(np.concatenate([r[k][0] for r in results]))),
-                float(np.mean(np.concatenate([r[k][1] for r in results]))),
-                sum(len(r[k][0]) for r in results))
-            for k in results[0]}
+    return {
+        k: (
+            float(np.mean(np.concatenate([r[k][0] for r in results]))),
+            float(np.mean(np.concatenate([r[k][1] for r in results]))),
+            sum(len(r[k][0]) for r in results),
+        )
+        for k in results[0]
+    }
 
 
-def quality_tables(reconstructor, *, samples: int = 8, seed: int = 1234, size: int = 96,
-                   noise_levels=(0.0, 0.02, 0.05, 0.1, 0.2)) -> dict:
+def quality_tables(
+    reconstructor, *, samples: int = 8, seed: int = 1234, size: int = 96, noise_levels=(0.0, 0.02, 0.05, 0.1, 0.2)
+) -> dict:
     """Rows per (set, molecule, orbital, tip), summaries per set and per (set, tip), plus a
     noise-degradation curve; each entry is {method: (mean PSNR, mean SSIM, n)}."""
     px = reconstructor.pixel_size_nm
@@ -299,15 +331,24 @@ def quality_tables(reconstructor, *, samples: int = 8, seed: int = 1234, size: i
     for level in noise_levels:
         results = []
         for cell in eval_cells("held-out"):
-            inputs, targets = make_eval_pairs(cell, max(2, samples // 2), seed=seed + 1, size=size,
-                                              pixel_size_nm=px, noise=level)
+            inputs, targets = make_eval_pairs(
+                cell, max(2, samples // 2), seed=seed + 1, size=size, pixel_size_nm=px, noise=level
+            )
             results.append(evaluate_batch(reconstructor, inputs, targets, px))
         curve.append((level, _means(results)))
     return {"rows": rows, "summary": summary, "by_tip": by_tip, "noise_curve": curve}
 
 
-def cube_quality(reconstructor, cubes, *, samples: int = 8, seed: int = 1234, size: int = 96, mo: int = 0,
-                 vacuum_from_nm: float | None = None) -> dict:
+def cube_quality(
+    reconstructor,
+    cubes,
+    *,
+    samples: int = 8,
+    seed: int = 1234,
+    size: int = 96,
+    mo: int = 0,
+    vacuum_from_nm: float | None = None,
+) -> dict:
     """Like :func:`quality_tables` for orbitals from cube files (:func:`cube_cells`):
     rows per (cube, tip) and a summary over them."""
     px = reconstructor.pixel_size_nm
@@ -325,8 +366,12 @@ def latency_by_views(reconstructor, sizes=(128, 256, 512), views=(1, 2, 4)) -> d
     ``{"ms": {views: {size: ms}}, "device", "threads", "default_views"}`` (what
     :func:`format_latency` shows)."""
     ms = {k: {s: latency_ms(reconstructor.with_views(k), s) for s in sizes} for k in views}
-    return {"ms": ms, "device": reconstructor.device.type, "threads": torch.get_num_threads(),
-            "default_views": reconstructor.views}
+    return {
+        "ms": ms,
+        "device": reconstructor.device.type,
+        "threads": torch.get_num_threads(),
+        "default_views": reconstructor.views,
+    }
 
 
 # --------------------------------------------------------------------------- tables
@@ -339,19 +384,42 @@ def format_quality(result: dict, *, show_rows: bool = True) -> list[Table]:
         for col in ("set", "molecule", "orbital", "tip", "mode", "STM-Net", "identity", "classical"):
             t.add_column(col)
         for split, cell, r in result["rows"]:
-            t.add_row(split, cell["molecule"], cell["orbital"], cell["tip"], cell["mode"],
-                      *(f"{r[k][0]:.1f} / {r[k][1]:.3f}" for k in ("stmnet", "identity", "classical")))
+            t.add_row(
+                split,
+                cell["molecule"],
+                cell["orbital"],
+                cell["tip"],
+                cell["mode"],
+                *(f"{r[k][0]:.1f} / {r[k][1]:.3f}" for k in ("stmnet", "identity", "classical")),
+            )
         tables.append(t)
     t = Table(title="Summary (mean over samples)")
-    for col in ("set", "n", "STM-Net PSNR", "STM-Net SSIM", "identity PSNR", "identity SSIM",
-                "classical PSNR", "classical SSIM", "gain over identity"):
+    for col in (
+        "set",
+        "n",
+        "STM-Net PSNR",
+        "STM-Net SSIM",
+        "identity PSNR",
+        "identity SSIM",
+        "classical PSNR",
+        "classical SSIM",
+        "gain over identity",
+    ):
         t.add_column(col)
     sets = list(result["summary"].items())
     sets += [(f"{split}, tip {tip}", s) for (split, tip), s in result["by_tip"].items()]
     for name, s in sets:
-        t.add_row(name, str(s["stmnet"][2]), f"{s['stmnet'][0]:.2f}", f"{s['stmnet'][1]:.4f}",
-                  f"{s['identity'][0]:.2f}", f"{s['identity'][1]:.4f}", f"{s['classical'][0]:.2f}",
-                  f"{s['classical'][1]:.4f}", f"{s['stmnet'][0] - s['identity'][0]:+.2f} dB")
+        t.add_row(
+            name,
+            str(s["stmnet"][2]),
+            f"{s['stmnet'][0]:.2f}",
+            f"{s['stmnet'][1]:.4f}",
+            f"{s['identity'][0]:.2f}",
+            f"{s['identity'][1]:.4f}",
+            f"{s['classical'][0]:.2f}",
+            f"{s['classical'][1]:.4f}",
+            f"{s['stmnet'][0] - s['identity'][0]:+.2f} dB",
+        )
     tables.append(t)
     if result["noise_curve"]:
         t = Table(title="Noise degradation, held-out (white noise sigma / image p99.5)")
@@ -366,8 +434,10 @@ def format_quality(result: dict, *, show_rows: bool = True) -> list[Table]:
 def format_latency(latency: dict) -> Table:
     """The table of :func:`latency_by_views`."""
     views = list(latency["ms"])
-    t = Table(title=f"Inference latency, median ms ({latency['device']}, torch threads="
-                    f"{latency['threads']}; default {latency['default_views']} views)")
+    t = Table(
+        title=f"Inference latency, median ms ({latency['device']}, torch threads="
+        f"{latency['threads']}; default {latency['default_views']} views)"
+    )
     t.add_column("frame")
     for k in views:
         t.add_column(f"{k} view{'s' if k > 1 else ''}")
@@ -376,6 +446,23 @@ def format_latency(latency: dict) -> Table:
     return t
 
 
-__all__ = ["ssim", "psnr", "ssim_torch", "minmax", "chen_tikhonov", "identity_baseline", "EVAL_TIPS", "eval_tip",
-           "eval_cells", "cube_cells", "make_eval_pairs", "evaluate_batch", "latency_ms", "latency_by_views",
-           "quality_tables", "cube_quality", "format_quality", "format_latency"]
+__all__ = [
+    "ssim",
+    "psnr",
+    "ssim_torch",
+    "minmax",
+    "chen_tikhonov",
+    "identity_baseline",
+    "EVAL_TIPS",
+    "eval_tip",
+    "eval_cells",
+    "cube_cells",
+    "make_eval_pairs",
+    "evaluate_batch",
+    "latency_ms",
+    "latency_by_views",
+    "quality_tables",
+    "cube_quality",
+    "format_quality",
+    "format_latency",
+]

@@ -61,8 +61,12 @@ WIDE_CONFIG = STMNetConfig(channels=32)
 def _block(cin: int, cout: int, groups: int) -> nn.Sequential:
     """(conv 3x3 -> GroupNorm -> ReLU) x 2."""
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.GroupNorm(groups, cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.GroupNorm(groups, cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -153,16 +157,20 @@ class Acceleration:
     channels_last: bool | None = None
     graphs: bool | None = None
 
-    def for_device(self, device: torch.device) -> "Acceleration":
+    def for_device(self, device: torch.device) -> Acceleration:
         """Defaults filled in for ``device``, except what warm-up settles on CUDA (precision
         "auto", channels_last None)."""
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         cuda = device.type == "cuda"
         fast = cuda if self.fast is None else bool(self.fast)
-        return replace(self, precision="fp32" if self.precision == "auto" and not cuda else self.precision,
-                       fast=fast, channels_last=(None if cuda else False) if self.channels_last is None
-                       else bool(self.channels_last), graphs=cuda and fast and self.graphs is not False)
+        return replace(
+            self,
+            precision="fp32" if self.precision == "auto" and not cuda else self.precision,
+            fast=fast,
+            channels_last=(None if cuda else False) if self.channels_last is None else bool(self.channels_last),
+            graphs=cuda and fast and self.graphs is not False,
+        )
 
 
 def _nhwc(net: STMNet) -> bool:
@@ -223,8 +231,12 @@ class _CudaGraphs:
                 static_out = self.fn(static_in)
         except Exception as exc:  # any failure: eager from now on, which is always correct
             self.failed = True
-            logger.warning("STM-Net: CUDA graph capture failed for shape %s (%s: %s); running eagerly",
-                           key, type(exc).__name__, exc)
+            logger.warning(
+                "STM-Net: CUDA graph capture failed for shape %s (%s: %s); running eagerly",
+                key,
+                type(exc).__name__,
+                exc,
+            )
             return None
         self.graphs[key] = (graph, static_in, static_out)
         while len(self.graphs) > self.limit:
@@ -304,8 +316,17 @@ class Reconstructor:
     frame. One frame at a time runs the fast path (a lock); the reference path is as before.
     """
 
-    def __init__(self, net: STMNet, pixel_size_nm: float, *, device="cpu", info: dict | None = None,
-                 views: int = DEFAULT_VIEWS, acceleration: Acceleration | None = None, warmup: bool | None = None):
+    def __init__(
+        self,
+        net: STMNet,
+        pixel_size_nm: float,
+        *,
+        device="cpu",
+        info: dict | None = None,
+        views: int = DEFAULT_VIEWS,
+        acceleration: Acceleration | None = None,
+        warmup: bool | None = None,
+    ):
         if views not in SYMMETRY_VIEWS:
             raise ValueError(f"symmetry views must be one of {sorted(SYMMETRY_VIEWS)}, got {views!r}")
         self.device = resolve_device(device)
@@ -323,21 +344,28 @@ class Reconstructor:
         if self.device.type == "cuda" if warmup is None else warmup:
             self._warm_up()
 
-    def with_views(self, views: int) -> "Reconstructor":
+    def with_views(self, views: int) -> Reconstructor:
         """The same network and settings, averaging over ``views`` symmetry views."""
         return self._derived(views=views)
 
-    def with_acceleration(self, **changes) -> "Reconstructor":
+    def with_acceleration(self, **changes) -> Reconstructor:
         """The same network and views with some :class:`Acceleration` fields changed (no warm-up;
         another memory layout gets its own copy of the network)."""
         return self._derived(**changes)
 
-    def _derived(self, *, views: int | None = None, **changes) -> "Reconstructor":
+    def _derived(self, *, views: int | None = None, **changes) -> Reconstructor:
         accel = replace(self.acceleration, **changes)
         layout_changes = accel.channels_last is not None and accel.channels_last != self._nhwc
         net = copy.deepcopy(self.net) if layout_changes else self.net
-        return Reconstructor(net, self.pixel_size_nm, device=self.device, info=self.info,
-                             views=self.views if views is None else views, acceleration=accel, warmup=False)
+        return Reconstructor(
+            net,
+            self.pixel_size_nm,
+            device=self.device,
+            info=self.info,
+            views=self.views if views is None else views,
+            acceleration=accel,
+            warmup=False,
+        )
 
     # -- device settings
     def _set_layout(self, channels_last: bool) -> None:
@@ -427,7 +455,8 @@ class Reconstructor:
                 f"frame of {h}x{w} px (lines x pixels) at {pitch} resamples to {th}x{tw} px at STM-Net's "
                 f"{self.pixel_size_nm:g} nm/px, over its {MAX_NETWORK_SIDE_PX} px limit per side: crop the frame "
                 f"to the molecules (<= {MAX_NETWORK_SIDE_PX * self.pixel_size_nm:g} nm a side) or use a coarser "
-                "tool for an overview")
+                "tool for an overview"
+            )
         return th, tw
 
     # -- the network
@@ -442,7 +471,7 @@ class Reconstructor:
         if self._nhwc:
             x = x.contiguous(memory_format=torch.channels_last)
         y = self.net(x)
-        return y[..., pad[2]: pad[2] + h, pad[0]: pad[0] + w]
+        return y[..., pad[2] : pad[2] + h, pad[0] : pad[0] + w]
 
     def _run(self, x: torch.Tensor, spread: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(mean, std) over the symmetry views of the network's output on a (1, 1, h, w)
@@ -460,7 +489,7 @@ class Reconstructor:
         with self._autocast():  # each flip is its own inverse
             if self.acceleration.fast:
                 y = self._net_padded(torch.cat([_flip(x, axes) for axes in views]))
-                outs = [_flip(y[i: i + 1], axes) for i, axes in enumerate(views)]
+                outs = [_flip(y[i : i + 1], axes) for i, axes in enumerate(views)]
             else:
                 outs = [_flip(self._net_padded(_flip(x, axes)), axes) for axes in views]
         mean = 0.0
@@ -491,8 +520,9 @@ class Reconstructor:
         torch.cuda.current_stream(self.device).synchronize()
         return [buf.numpy().copy() for buf in bufs]  # the buffers serve the next frame
 
-    def reconstruct_detailed(self, image: np.ndarray, pixel_size_nm: float,
-                             line_spacing_nm: float | None = None) -> Reconstruction:
+    def reconstruct_detailed(
+        self, image: np.ndarray, pixel_size_nm: float, line_spacing_nm: float | None = None
+    ) -> Reconstruction:
         """The reconstruction with the spread of the network's output over the symmetry views
         (:class:`Reconstruction`; zeros with ``views=1``). ``line_spacing_nm``: the slow-axis
         pitch (rows), default ``pixel_size_nm`` (square pixels)."""
@@ -514,7 +544,7 @@ class Reconstructor:
         fast = self.acceleration.fast
         # fast: torch on the device from the raw frame on, under no_grad (what CUDA graph capture
         # supports); the reference path normalises in numpy
-        with (self._lock if fast else nullcontext()), (torch.no_grad() if fast else torch.inference_mode()):
+        with self._lock if fast else nullcontext(), torch.no_grad() if fast else torch.inference_mode():
             if fast:
                 raw = self._to_device(arr)
                 nan_mask = ~torch.isfinite(raw)
@@ -560,8 +590,13 @@ def _spread_summary(image: np.ndarray, spread: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- loading
-def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
-                views: int = DEFAULT_VIEWS, acceleration: Acceleration | None = None) -> Reconstructor:
+def load_stmnet(
+    device: str | None = "auto",
+    path: str | Path | None = None,
+    *,
+    views: int = DEFAULT_VIEWS,
+    acceleration: Acceleration | None = None,
+) -> Reconstructor:
     """The STM-Net checkpoint (default: the shipped one) as a ``Reconstructor`` averaging over
     ``views`` symmetry views (1, 2 or 4; each costs one network pass), run as ``acceleration``
     says (default: the device's; on CUDA it warms up before returning).
@@ -571,16 +606,23 @@ def load_stmnet(device: str | None = "auto", path: str | Path | None = None, *,
     """
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     net, info = load_checkpoint(path, _build, what="STM-Net checkpoint", fix=RETRAIN_HINT)
-    return Reconstructor(net, float(info["pixel_size_nm"]), device=device, info=info, views=views,
-                         acceleration=acceleration)
+    return Reconstructor(
+        net, float(info["pixel_size_nm"]), device=device, info=info, views=views, acceleration=acceleration
+    )
 
 
 # --------------------------------------------------------------------------- bf16 or fp32
 _BF16_VERDICTS: dict[tuple, dict] = {}  # (checkpoint, device) -> bf16_check: one check per process
 
 
-def bf16_check(reconstructor: Reconstructor, *, samples: int = 1, size: int = 96, seed: int = 1234,
-               max_drop_db: float = BF16_MAX_DROP_DB) -> dict:
+def bf16_check(
+    reconstructor: Reconstructor,
+    *,
+    samples: int = 1,
+    size: int = 96,
+    seed: int = 1234,
+    max_drop_db: float = BF16_MAX_DROP_DB,
+) -> dict:
     """What bf16 costs: mean PSNR (dB) and SSIM against the |psi|^2 target on the held-out set
     (``metrics.eval_cells("held-out")``, ``samples`` frames per cell, ``make_eval_pairs``),
     with this reconstructor's network, device and views in fp32 and in bf16, and the mean
@@ -589,15 +631,25 @@ def bf16_check(reconstructor: Reconstructor, *, samples: int = 1, size: int = 96
     px = reconstructor.pixel_size_nm
     pairs = [make_eval_pairs(cell, samples, seed=seed, size=size, pixel_size_nm=px) for cell in eval_cells("held-out")]
     inputs, targets = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
-    outs = {precision: np.stack([reconstructor.with_acceleration(precision=precision).reconstruct(x, px)
-                                 for x in inputs]) for precision in ("fp32", "bf16")}
-    result = {precision: {"psnr_db": float(np.mean(psnr(out, targets))), "ssim": float(np.mean(ssim(out, targets)))}
-              for precision, out in outs.items()}
+    outs = {
+        precision: np.stack([reconstructor.with_acceleration(precision=precision).reconstruct(x, px) for x in inputs])
+        for precision in ("fp32", "bf16")
+    }
+    result = {
+        precision: {"psnr_db": float(np.mean(psnr(out, targets))), "ssim": float(np.mean(ssim(out, targets)))}
+        for precision, out in outs.items()
+    }
     drop = result["fp32"]["psnr_db"] - result["bf16"]["psnr_db"]
-    return {"frames": len(inputs), "views": reconstructor.views, **result, "drop_db": drop,
-            "ssim_drop": result["fp32"]["ssim"] - result["bf16"]["ssim"],
-            "agreement_db": float(np.mean(psnr(outs["bf16"], outs["fp32"]))), "max_drop_db": max_drop_db,
-            "ok": drop <= max_drop_db}
+    return {
+        "frames": len(inputs),
+        "views": reconstructor.views,
+        **result,
+        "drop_db": drop,
+        "ssim_drop": result["fp32"]["ssim"] - result["bf16"]["ssim"],
+        "agreement_db": float(np.mean(psnr(outs["bf16"], outs["fp32"]))),
+        "max_drop_db": max_drop_db,
+        "ok": drop <= max_drop_db,
+    }
 
 
 def _bf16_verdict(reconstructor: Reconstructor) -> dict:
@@ -605,7 +657,11 @@ def _bf16_verdict(reconstructor: Reconstructor) -> dict:
     key = (reconstructor.info.get("sha256") or id(reconstructor.net), str(reconstructor.device))
     if key not in _BF16_VERDICTS:
         verdict = _BF16_VERDICTS[key] = bf16_check(reconstructor)
-        logger.info("STM-Net on %s: bf16 %s (held-out PSNR %.2f dB vs fp32 %.2f dB)", reconstructor.device,
-                    "used" if verdict["ok"] else "costs too much, fp32 used", verdict["bf16"]["psnr_db"],
-                    verdict["fp32"]["psnr_db"])
+        logger.info(
+            "STM-Net on %s: bf16 %s (held-out PSNR %.2f dB vs fp32 %.2f dB)",
+            reconstructor.device,
+            "used" if verdict["ok"] else "costs too much, fp32 used",
+            verdict["bf16"]["psnr_db"],
+            verdict["fp32"]["psnr_db"],
+        )
     return _BF16_VERDICTS[key]

@@ -24,21 +24,44 @@ from stm_live.models.tipstate import TIP_CLASSES, TipNetConfig, prepare
 from stm_live.simulators import artifacts as art
 from stm_live.simulators import scenery as sc
 from stm_live.simulators.imaging import (
-    CubePlacement, ScanFrame, Substrate, constant_current_image, constant_height_image, scatter_molecules,
+    CubePlacement,
+    ScanFrame,
+    Substrate,
+    constant_current_image,
+    constant_height_image,
+    scatter_molecules,
 )
 from stm_live.simulators.orbitals import MOLECULE_NAMES, molecule
 from stm_live.simulators.tip import tip_preset
 from stm_live.simulators.vacuum import KAPPA_PER_NM, current_from_z
 
-__all__ = ["Render", "render_sample", "finish", "make_batch", "build_bank", "simulate_scan", "class_tip",
-           "CURRENT_SHARE", "METAL_SHARE", "STEP_SHARE", "SMALL_THINGS_SHARE", "LOW_TIP_SHARE", "COARSE_SHARE",
-           "COARSEST_NM", "FINE_SHARE", "FINEST_NM", "PARTIAL_SHARE", "WINDOW_SHARE"]
+__all__ = [
+    "Render",
+    "render_sample",
+    "finish",
+    "make_batch",
+    "build_bank",
+    "simulate_scan",
+    "class_tip",
+    "CURRENT_SHARE",
+    "METAL_SHARE",
+    "STEP_SHARE",
+    "SMALL_THINGS_SHARE",
+    "LOW_TIP_SHARE",
+    "COARSE_SHARE",
+    "COARSEST_NM",
+    "FINE_SHARE",
+    "FINEST_NM",
+    "PARTIAL_SHARE",
+    "WINDOW_SHARE",
+]
 
 logger = logging.getLogger(__name__)
 
 
 def class_tip(label: str, rng: np.random.Generator):
     """A TipState for one class: a tip.py preset with jitter."""
+
     def co(s_lo=0.05, s_hi=0.22):
         sf = float(rng.uniform(s_lo, s_hi))
         if rng.random() < 0.3:  # coherent s-p_z CO (the coherent_co preset: a good tip)
@@ -55,8 +78,9 @@ def class_tip(label: str, rng: np.random.Generator):
         return tip_preset("mixed").with_(s=sf, px=(1 - sf) / 2, py=(1 - sf) / 2)
     if label == "asymmetric":
         if rng.random() < 0.7:  # tilted CO
-            return co().with_(tilt_deg=float(rng.uniform(15, 35)), tilt_azimuth_deg=float(rng.uniform(0, 360)),
-                              name="tilted_co")
+            return co().with_(
+                tilt_deg=float(rng.uniform(15, 35)), tilt_azimuth_deg=float(rng.uniform(0, 360)), name="tilted_co"
+            )
         sf, big = float(rng.uniform(0.05, 0.22)), float(rng.uniform(0.68, 0.85))
         px, py = (1 - sf) * big, (1 - sf) * (1 - big)
         if rng.random() < 0.5:
@@ -65,12 +89,12 @@ def class_tip(label: str, rng: np.random.Generator):
     if label == "double":
         r, a = float(rng.uniform(0.35, 0.9)), float(rng.uniform(0, 2 * np.pi))
         base = co() if rng.random() < 0.6 else tip_preset("s")
-        return base.with_(double_offset_nm=(r * np.cos(a), r * np.sin(a)),
-                          double_strength=float(rng.uniform(0.4, 1.0)), name="double")
+        return base.with_(
+            double_offset_nm=(r * np.cos(a), r * np.sin(a)), double_strength=float(rng.uniform(0.4, 1.0)), name="double"
+        )
     if label == "blunt":
         t = tip_preset("blunt")
-        return t.with_(apex_width_nm=float(t.apex_width_nm * rng.uniform(0.8, 1.6)),
-                       s=float(rng.uniform(0.4, 0.8)))
+        return t.with_(apex_width_nm=float(t.apex_width_nm * rng.uniform(0.8, 1.6)), s=float(rng.uniform(0.4, 0.8)))
     raise ValueError(f"unknown tip class {label!r}")
 
 
@@ -82,8 +106,7 @@ def _scene(rng: np.random.Generator, cfg: TipNetConfig, *, scenery: bool = False
     Au(111)/Cu(111) terrace instead (with ``steps``: 1-2 step edges) and add adsorbates and
     small molecules beside them. Returns (placements, frame, bias, substrate, surface)."""
     span = cfg.size * cfg.pixel_size_nm
-    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=span, height_nm=span,
-                      pixels=cfg.size, lines=cfg.size)
+    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=span, height_nm=span, pixels=cfg.size, lines=cfg.size)
     orbital = "HOMO" if rng.random() < 0.5 else "LUMO"
     names = [MOLECULE_NAMES[k] for k in rng.integers(len(MOLECULE_NAMES), size=int(rng.integers(1, 4)))]
     place = scatter_molecules(rng, names, lambda i: (span * (0.15 if i == 0 else 0.35),) * 2, orbital=orbital)
@@ -128,7 +151,7 @@ def _degrade(img: np.ndarray, rng: np.random.Generator, unstable: bool, other=No
             for _ in range(int(rng.integers(2, 6))):
                 r = int(rng.integers(0, n))
                 c0 = int(rng.integers(0, a.shape[1] - 4))
-                a[r, c0:c0 + int(rng.integers(3, a.shape[1] // 2))] += rng.uniform(0.5, 2.0) * scale
+                a[r, c0 : c0 + int(rng.integers(3, a.shape[1] // 2))] += rng.uniform(0.5, 2.0) * scale
     return a
 
 
@@ -151,8 +174,9 @@ SMALL_THINGS_SHARE = 0.4  # frames with adsorbates and small molecules beside th
 LOW_TIP_SHARE = 0.2  # constant-height frames at bond-resolving heights, z 0.3-0.45 nm
 
 
-def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, mode: str | None = None,
-                  scenery: bool = False) -> Render:
+def render_sample(
+    rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, mode: str | None = None, scenery: bool = False
+) -> Render:
     """A random class (uniform), its tip (:func:`class_tip`) and scene (:func:`_scene`), imaged
     at constant height (z 0.45-0.8 nm; with ``scenery`` :data:`LOW_TIP_SHARE` at 0.3-0.45 nm)
     or at constant current (setpoint 0.3-0.9 of the constant-height peak at that z); Z maps
@@ -178,11 +202,17 @@ def render_sample(rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), 
         if mode == "height":
             return ch * np.exp(2 * KAPPA_PER_NM * h)
         setpoint = float(ch.max()) * float(rng.uniform(0.3, 0.9))
-        return current_from_z(constant_current_image(place, frame, t, setpoint_A=setpoint, bias_V=bias,
-                                                     substrate=sub) + h, unit="nm")
+        return current_from_z(
+            constant_current_image(place, frame, t, setpoint_A=setpoint, bias_V=bias, substrate=sub) + h, unit="nm"
+        )
 
-    return Render(np.asarray(image(tip), np.float32), None if after is None else np.asarray(image(after), np.float32),
-                  k, float(tip.s_fraction), mode)
+    return Render(
+        np.asarray(image(tip), np.float32),
+        None if after is None else np.asarray(image(after), np.float32),
+        k,
+        float(tip.s_fraction),
+        mode,
+    )
 
 
 # Half the training frames are re-sampled as coarser scans of the same area (pixel and line
@@ -197,9 +227,17 @@ FINE_SHARE, FINEST_NM = 0.2, 0.02
 PARTIAL_SHARE, WINDOW_SHARE = 0.6, 0.5
 
 
-def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *, partial: bool = True,
-           rows: int | None = None, middle: bool = False, flip: bool = False, coarse: bool | None = None
-           ) -> np.ndarray:
+def finish(
+    r: Render,
+    rng: np.random.Generator,
+    cfg: TipNetConfig = TipNetConfig(),
+    *,
+    partial: bool = True,
+    rows: int | None = None,
+    middle: bool = False,
+    flip: bool = False,
+    coarse: bool | None = None,
+) -> np.ndarray:
     """Render -> (2, S, S) network input: optional random flips (labels are flip-invariant;
     flips keep rows as scan lines), a coarser scan (``coarse``; None = :data:`COARSE_SHARE` of
     frames; else :data:`FINE_SHARE` of frames a finer one), a partial frame (``rows`` of S
@@ -231,8 +269,8 @@ def finish(r: Render, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig
         if rng.random() < WINDOW_SHARE:
             first = int(rng.integers(0, n - rows + 1))
     if first:  # a window from mid-frame: its first line cuts through the scene
-        img = img[first:first + rows]
-        other = None if other is None else other[first:first + rows]
+        img = img[first : first + rows]
+        other = None if other is None else other[first : first + rows]
     img = _degrade(img, rng, TIP_CLASSES[r.label] == "unstable", other)
     n = img.shape[0]
     if rows is not None and rows < n:
@@ -249,9 +287,21 @@ def _fit(x: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
-def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line: int | None = None,
-                  pixels: int = 64, lines: int = 64, width_nm: float = 7.0, height_nm: float | None = None,
-                  z_nm: float = 0.5, molecules: int = 3, noise: float = 1.0, bias_V: float = -0.5) -> np.ndarray:
+def simulate_scan(
+    rng: np.random.Generator,
+    tip,
+    *,
+    tip_after=None,
+    change_line: int | None = None,
+    pixels: int = 64,
+    lines: int = 64,
+    width_nm: float = 7.0,
+    height_nm: float | None = None,
+    z_nm: float = 0.5,
+    molecules: int = 3,
+    noise: float = 1.0,
+    bias_V: float = -0.5,
+) -> np.ndarray:
     """A simulator-like constant-height frame (current, A), as the simulated controller
     renders its default scene: ``molecules`` random library molecules on NaCl-like substrate
     (corrugation 0.05), white/pink noise and line offsets (0.03/0.02/0.01 of the image std,
@@ -259,13 +309,15 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
     ``tip_after`` the tip changes at ``change_line`` (``artifacts.tip_change``). Tips are
     TipStates or preset names.
     """
+
     def as_tip(t):
         return tip_preset(t) if isinstance(t, str) else t
 
     if height_nm is None:
         height_nm = width_nm * lines / pixels
-    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=width_nm, height_nm=height_nm,
-                      pixels=pixels, lines=lines)
+    frame = ScanFrame(
+        center_x_nm=0.0, center_y_nm=0.0, width_nm=width_nm, height_nm=height_nm, pixels=pixels, lines=lines
+    )
     names = [MOLECULE_NAMES[k] for k in rng.integers(len(MOLECULE_NAMES), size=molecules)]
     place = scatter_molecules(rng, names, lambda i: (0.32 * width_nm, 0.32 * height_nm))
     sub = Substrate(corrugation=0.05)
@@ -281,9 +333,18 @@ def simulate_scan(rng: np.random.Generator, tip, *, tip_after=None, change_line:
     return np.asarray(img, dtype=np.float32)
 
 
-def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfig(), *,
-               partial: bool = True, rows: int | None = None, middle: bool = False, mode: str | None = None,
-               coarse: bool | None = None, scenery: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_batch(
+    n: int,
+    rng: np.random.Generator,
+    cfg: TipNetConfig = TipNetConfig(),
+    *,
+    partial: bool = True,
+    rows: int | None = None,
+    middle: bool = False,
+    mode: str | None = None,
+    coarse: bool | None = None,
+    scenery: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fresh simulated batch: inputs (n, 2, S, S), labels (n,), s-fraction targets (n,).
 
     Each sample is :func:`render_sample` then :func:`finish` (see those for the recipe).
@@ -298,8 +359,9 @@ def make_batch(n: int, rng: np.random.Generator, cfg: TipNetConfig = TipNetConfi
     return xs, ys, sf
 
 
-def build_bank(n: int, seed: int, cfg: TipNetConfig = TipNetConfig(), *, quiet: bool = False,
-               scenery: bool = False) -> list[Render]:
+def build_bank(
+    n: int, seed: int, cfg: TipNetConfig = TipNetConfig(), *, quiet: bool = False, scenery: bool = False
+) -> list[Render]:
     """``n`` renders from the training recipe (``scenery``: the broadened one), deterministic
     in ``seed``. Rendering is the
     costly part (constant current solves per pixel), so training renders once and draws fresh

@@ -38,23 +38,56 @@ from scipy.stats import rankdata
 
 from stm_live.models.checkpoint import card_command, sha256_of
 from stm_live.models.tipdata import (
-    PARTIAL_SHARE, WINDOW_SHARE, build_bank, class_tip, finish, make_batch, simulate_scan,
+    PARTIAL_SHARE,
+    WINDOW_SHARE,
+    build_bank,
+    class_tip,
+    finish,
+    make_batch,
+    simulate_scan,
 )
 from stm_live.models.tipstate import (
-    BANDS_PER_NM, DEFAULT_WEIGHTS, GOOD_CLASSES, MIN_VERDICT_HEIGHT_NM, MODEL_CARD, TIP_CLASSES, DomainModel,
-    TipNetConfig, class_distance, describe, domain_path, line_spectra, load_tip_classifier, prepare,
+    BANDS_PER_NM,
+    DEFAULT_WEIGHTS,
+    GOOD_CLASSES,
+    MIN_VERDICT_HEIGHT_NM,
+    MODEL_CARD,
+    TIP_CLASSES,
+    DomainModel,
+    TipNetConfig,
+    class_distance,
+    describe,
+    domain_path,
+    line_spectra,
+    load_tip_classifier,
+    prepare,
 )
 from stm_live.simulators import artifacts as art
 from stm_live.simulators.imaging import (
-    ScanFrame, Substrate, constant_current_image, constant_height_image, scatter_molecules,
+    ScanFrame,
+    Substrate,
+    constant_current_image,
+    constant_height_image,
+    scatter_molecules,
 )
 from stm_live.simulators.orbitals import MOLECULE_NAMES, molecule
 from stm_live.simulators.scenario import load_scenario
 from stm_live.simulators.tip import tip_preset
 from stm_live.simulators.vacuum import current_from_z
 
-__all__ = ["OOD_FAMILIES", "FamilyFrame", "ood_family", "fit_statistics", "fit_domain_main", "domain_report",
-           "format_domain_report", "roc_auc", "controller_scene", "action_limits", "family_inputs"]
+__all__ = [
+    "OOD_FAMILIES",
+    "FamilyFrame",
+    "ood_family",
+    "fit_statistics",
+    "fit_domain_main",
+    "domain_report",
+    "format_domain_report",
+    "roc_auc",
+    "controller_scene",
+    "action_limits",
+    "family_inputs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +152,7 @@ def _bumps(xx, yy, sites: np.ndarray, sigma_nm: float) -> np.ndarray:
     k = min(4, len(sites))
     d, _ = cKDTree(sites).query(np.stack([xx.ravel(), yy.ravel()], axis=1), k=k)
     d = d.reshape(-1, k)
-    return np.exp(-d ** 2 / (2 * sigma_nm ** 2)).sum(axis=1).reshape(xx.shape)
+    return np.exp(-(d**2) / (2 * sigma_nm**2)).sum(axis=1).reshape(xx.shape)
 
 
 def _no_molecule(rng):
@@ -216,23 +249,32 @@ def _large_molecule(rng):
     pnm = float(rng.uniform(*PITCH_NM))
     lnm = pnm
     true_w, true_h = pixels * pnm / LARGE_FACTOR, lines * lnm / LARGE_FACTOR
-    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=true_w, height_nm=true_h,
-                      pixels=pixels, lines=lines)
+    frame = ScanFrame(center_x_nm=0.0, center_y_nm=0.0, width_nm=true_w, height_nm=true_h, pixels=pixels, lines=lines)
     orbital = "HOMO" if rng.random() < 0.5 else "LUMO"
     radius = {n: molecule(n).radius_nm for n in MOLECULE_NAMES}
     big = [n for n in MOLECULE_NAMES if radius[n] >= LARGE_MIN_SHARE * max(radius.values())]
     names = [big[k] for k in rng.integers(len(big), size=int(rng.integers(1, 3)))]
-    place = scatter_molecules(rng, names, lambda i: (0.15 * true_w, 0.15 * true_h) if i == 0
-                              else (0.4 * true_w, 0.4 * true_h), orbital=orbital)
+    place = scatter_molecules(
+        rng,
+        names,
+        lambda i: (0.15 * true_w, 0.15 * true_h) if i == 0 else (0.4 * true_w, 0.4 * true_h),
+        orbital=orbital,
+    )
     tip = class_tip(TIP_CLASSES[int(rng.integers(len(TIP_CLASSES) - 1))], rng)
     sub = Substrate(corrugation=float(rng.uniform(0.0, 0.1))) if rng.random() < 0.7 else None
-    img = constant_height_image(place, frame, tip, z_nm=float(rng.uniform(0.45, 0.8)),
-                                bias_V=-1.0 if orbital == "HOMO" else 1.0, substrate=sub)
+    img = constant_height_image(
+        place, frame, tip, z_nm=float(rng.uniform(0.45, 0.8)), bias_V=-1.0 if orbital == "HOMO" else 1.0, substrate=sub
+    )
     return np.asarray(img, np.float64), pnm, lnm
 
 
-_FAMILIES = {"no_molecule": _no_molecule, "lattice_7x7": _lattice_7x7, "metal_clusters": _metal_clusters,
-             "noise": _noise, "large_molecule": _large_molecule}
+_FAMILIES = {
+    "no_molecule": _no_molecule,
+    "lattice_7x7": _lattice_7x7,
+    "metal_clusters": _metal_clusters,
+    "noise": _noise,
+    "large_molecule": _large_molecule,
+}
 
 
 def ood_family(name: str, rng: np.random.Generator) -> FamilyFrame:
@@ -284,8 +326,9 @@ ACTION_QUANTILE = 0.98
 ACTION_MIN_FRAMES = 10  # fewer calibration frames of a class say nothing of its tail
 
 
-def fit_statistics(descriptors: np.ndarray, labels: np.ndarray, n_classes: int, *,
-                   shrinkage: float = SHRINKAGE) -> tuple[np.ndarray, np.ndarray]:
+def fit_statistics(
+    descriptors: np.ndarray, labels: np.ndarray, n_classes: int, *, shrinkage: float = SHRINKAGE
+) -> tuple[np.ndarray, np.ndarray]:
     """(whiten, centres) of class-conditional Gaussians with a shared covariance (Lee et al.
     2018, eq. 1) over ``descriptors`` (:func:`describe`), the covariance shrunk towards
     tr(Σ)/D·I by ``shrinkage`` (it must invert)."""
@@ -314,8 +357,9 @@ def action_limits(judged: list, threshold: float) -> np.ndarray:
         if name in GOOD_CLASSES:
             continue
         own = class_score[(labels == c) & (score <= threshold)]
-        limits[c] = min(float(np.quantile(own, ACTION_QUANTILE)), threshold) if own.size >= ACTION_MIN_FRAMES \
-            else threshold
+        limits[c] = (
+            min(float(np.quantile(own, ACTION_QUANTILE)), threshold) if own.size >= ACTION_MIN_FRAMES else threshold
+        )
     return limits
 
 
@@ -325,7 +369,7 @@ def _network_view(clf, inputs: list, chunk: int = 64) -> tuple[np.ndarray, np.nd
     (features view-averaged; labels the most probable class)."""
     feats, spectra, labels = [], [], []
     for i in range(0, len(inputs), chunk):
-        part = inputs[i:i + chunk]
+        part = inputs[i : i + chunk]
         probs, _, f = clf.predict(part, features=True)
         feats.append(f.cpu().numpy())
         spectra.append(line_spectra(part, clf.cfg.pixel_size_nm))
@@ -369,8 +413,16 @@ def _recipe_inputs(n_renders: int, seed: int, finishes: int, cfg) -> tuple[list,
 # choosing), 16 % of the closed loop's monitor crops scored above the threshold; with random
 # scenes only, the closed loop's whole frames of the shipped scene scored 290-330 against a
 # threshold of 275, and a verdict of "unknown" there left one of 20 frames with a blunt tip.
-SCENE_TIPS = {"co": "co_sharp", "coherent_co": "co_sharp", "s": "metal_s", "mixed": "mixed",
-              "tilted_co": "asymmetric", "asymmetric": "asymmetric", "double": "double", "blunt": "blunt"}
+SCENE_TIPS = {
+    "co": "co_sharp",
+    "coherent_co": "co_sharp",
+    "s": "metal_s",
+    "mixed": "mixed",
+    "tilted_co": "asymmetric",
+    "asymmetric": "asymmetric",
+    "double": "double",
+    "blunt": "blunt",
+}
 
 
 def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
@@ -410,8 +462,10 @@ def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
         if mode == "height":
             return ch
         setpoint = float(ch.max()) * float(rng.uniform(0.3, 0.9))
-        return current_from_z(constant_current_image(place, frame, tip_preset(name), setpoint_A=setpoint,
-                                                     bias_V=bias, substrate=sub), unit="nm")
+        return current_from_z(
+            constant_current_image(place, frame, tip_preset(name), setpoint_A=setpoint, bias_V=bias, substrate=sub),
+            unit="nm",
+        )
 
     img = render(tip)
     if after is not None:
@@ -423,7 +477,7 @@ def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
     rows = int(rng.integers(need, lines + 1))
     first = int(rng.integers(0, lines - rows + 1)) if rng.random() < 0.5 else 0
     label = TIP_CLASSES.index("unstable" if after is not None else SCENE_TIPS[tip])
-    return np.asarray(img[first:first + rows], np.float32), width / pixels, line_nm, label
+    return np.asarray(img[first : first + rows], np.float32), width / pixels, line_nm, label
 
 
 def _scene_inputs(n: int, seed: int, cfg) -> tuple[list, np.ndarray]:
@@ -450,7 +504,7 @@ def roc_auc(negative: np.ndarray, positive: np.ndarray) -> float:
     (Mann-Whitney U / (n_pos n_neg))."""
     neg, pos = np.asarray(negative, np.float64), np.asarray(positive, np.float64)
     ranks = rankdata(np.concatenate([neg, pos]))
-    u = ranks[len(neg):].sum() - len(pos) * (len(pos) + 1) / 2
+    u = ranks[len(neg) :].sum() - len(pos) * (len(pos) + 1) / 2
     return float(u / (len(pos) * len(neg)))
 
 
@@ -464,7 +518,7 @@ def _monitor_crops(n: int, seed: int) -> list[tuple[np.ndarray, float, float]]:
     for i in range(n):
         img = simulate_scan(rng, tips[int(rng.integers(len(tips)))], pixels=64, lines=64)
         if i % 2 == 0:
-            img = img[:int(np.ceil(MIN_VERDICT_HEIGHT_NM / (7.0 / 64)))]
+            img = img[: int(np.ceil(MIN_VERDICT_HEIGHT_NM / (7.0 / 64)))]
         out.append((img, 7.0 / 64, 7.0 / 64))
     return out
 
@@ -477,8 +531,9 @@ def _outcomes(judged, dom) -> dict:
     labels, score, class_score = judged
     unknown = ~(score <= dom.threshold)
     bad = ~unknown & ~np.isin(labels, [TIP_CLASSES.index(c) for c in GOOD_CLASSES])
-    limits = (np.full(len(TIP_CLASSES), np.nan) if dom.action_limits is None
-              else np.asarray(dom.action_limits, np.float64))[labels]
+    limits = (
+        np.full(len(TIP_CLASSES), np.nan) if dom.action_limits is None else np.asarray(dom.action_limits, np.float64)
+    )[labels]
     held = bad & (class_score > limits)
     return {"unknown": unknown, "bad": bad, "held": held, "acted": bad & ~held}
 
@@ -500,46 +555,71 @@ def domain_report(clf, *, frames: int = 100, samples: int = 40, seed: int = FAMI
     broad, _, _ = make_batch(samples * k, np.random.default_rng([seed, 7]), cfg, partial=False, scenery=True)
     live = [prepare(im, pixel_nm, cfg, line_nm) for im, pixel_nm, line_nm in _monitor_crops(samples * 2, seed)]
     scenes, _ = _scene_inputs(samples * k, seed, cfg)
-    indomain = {"training mix (partial >= 2.5 nm, coarser)": _judged(clf, mix),
-                "full frames of the recipe": _judged(clf, list(full)),
-                "full frames of the broadened recipe": _judged(clf, list(broad)),
-                "controller scenes (monitor cuts)": _judged(clf, scenes),
-                "closed-loop frames (7 nm, 64 px; first 2.5 nm or whole)": _judged(clf, live)}
-    neg = np.concatenate([indomain["training mix (partial >= 2.5 nm, coarser)"][1],
-                          indomain["controller scenes (monitor cuts)"][1]])
+    indomain = {
+        "training mix (partial >= 2.5 nm, coarser)": _judged(clf, mix),
+        "full frames of the recipe": _judged(clf, list(full)),
+        "full frames of the broadened recipe": _judged(clf, list(broad)),
+        "controller scenes (monitor cuts)": _judged(clf, scenes),
+        "closed-loop frames (7 nm, 64 px; first 2.5 nm or whole)": _judged(clf, live),
+    }
+    neg = np.concatenate(
+        [indomain["training mix (partial >= 2.5 nm, coarser)"][1], indomain["controller scenes (monitor cuts)"][1]]
+    )
     fams = {}
     for name in OOD_FAMILIES:
         judged = _judged(clf, family_inputs(name, frames, seed, cfg))
         out = _outcomes(judged, dom)
-        fams[name] = {"n": int(judged[1].size), "auc": roc_auc(neg, judged[1]),
-                      "unknown_share": float(np.mean(out["unknown"])), "acted_share": float(np.mean(out["acted"])),
-                      "median_score": float(np.median(judged[1]))}
+        fams[name] = {
+            "n": int(judged[1].size),
+            "auc": roc_auc(neg, judged[1]),
+            "unknown_share": float(np.mean(out["unknown"])),
+            "acted_share": float(np.mean(out["acted"])),
+            "median_score": float(np.median(judged[1])),
+        }
     sets = {}
     for name, judged in indomain.items():
         out = _outcomes(judged, dom)
-        sets[name] = {"n": int(judged[1].size), "unknown_share": float(np.mean(out["unknown"])),
-                      "held_share": float(out["held"].sum() / max(out["bad"].sum(), 1)),
-                      "median_score": float(np.median(judged[1]))}
-    return {"threshold": float(dom.threshold),
-            "action_limits": {} if dom.action_limits is None else
-            {c: float(v) for c, v in zip(TIP_CLASSES, dom.action_limits) if np.isfinite(v)},
-            "in_domain": sets, "families": fams}
+        sets[name] = {
+            "n": int(judged[1].size),
+            "unknown_share": float(np.mean(out["unknown"])),
+            "held_share": float(out["held"].sum() / max(out["bad"].sum(), 1)),
+            "median_score": float(np.median(judged[1])),
+        }
+    return {
+        "threshold": float(dom.threshold),
+        "action_limits": {}
+        if dom.action_limits is None
+        else {c: float(v) for c, v in zip(TIP_CLASSES, dom.action_limits) if np.isfinite(v)},
+        "in_domain": sets,
+        "families": fams,
+    }
 
 
 def format_domain_report(rep: dict) -> list[str]:
     """Markdown rows of :func:`domain_report`."""
     limits = rep.get("action_limits") or {}
-    rows = [f"Threshold (squared Mahalanobis distance): {rep['threshold']:.1f}; action limits on the class "
-            "score of a bad verdict: " + (", ".join(f"{c} {v:.0f}" for c, v in limits.items()) or "none"), "",
-            "| out-of-domain family | n | ROC AUC | called unknown | acted on (bad, within its limit) | median score |",
-            "|---|---|---|---|---|---|"]
-    rows += [f"| {name} | {m['n']} | {m['auc']:.3f} | {m['unknown_share']:.3f} | "
-             f"{m.get('acted_share', float('nan')):.3f} | {m['median_score']:.0f} |"
-             for name, m in rep["families"].items()]
-    rows += ["", "| in-domain set | n | called unknown | bad verdicts held back | median score |",
-             "|---|---|---|---|---|"]
-    rows += [f"| {name} | {m['n']} | {m['unknown_share']:.3f} | {m.get('held_share', float('nan')):.3f} "
-             f"| {m['median_score']:.0f} |" for name, m in rep["in_domain"].items()]
+    rows = [
+        f"Threshold (squared Mahalanobis distance): {rep['threshold']:.1f}; action limits on the class "
+        "score of a bad verdict: " + (", ".join(f"{c} {v:.0f}" for c, v in limits.items()) or "none"),
+        "",
+        "| out-of-domain family | n | ROC AUC | called unknown | acted on (bad, within its limit) | median score |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {name} | {m['n']} | {m['auc']:.3f} | {m['unknown_share']:.3f} | "
+        f"{m.get('acted_share', float('nan')):.3f} | {m['median_score']:.0f} |"
+        for name, m in rep["families"].items()
+    ]
+    rows += [
+        "",
+        "| in-domain set | n | called unknown | bad verdicts held back | median score |",
+        "|---|---|---|---|---|",
+    ]
+    rows += [
+        f"| {name} | {m['n']} | {m['unknown_share']:.3f} | {m.get('held_share', float('nan')):.3f} "
+        f"| {m['median_score']:.0f} |"
+        for name, m in rep["in_domain"].items()
+    ]
     return rows
 
 
@@ -547,10 +627,21 @@ def format_domain_report(rep: dict) -> list[str]:
 CARD_SECTION = "## Out-of-domain detection (`tipdomain.npz`)"
 
 
-def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: int = 2, scenes: int = 1200,
-                    calibration_renders: int = 1000, calibration_scenes: int = 600, seed: int = FIT_SEED,
-                    family_frames: int = 100, report_samples: int = 40, device: str = "auto",
-                    threads: int = 2) -> Path:
+def fit_domain_main(
+    weights=None,
+    out=None,
+    *,
+    renders: int = 1500,
+    finishes: int = 2,
+    scenes: int = 1200,
+    calibration_renders: int = 1000,
+    calibration_scenes: int = 600,
+    seed: int = FIT_SEED,
+    family_frames: int = 100,
+    report_samples: int = 40,
+    device: str = "auto",
+    threads: int = 2,
+) -> Path:
     """`stm-live train --model tipdomain`: fit the classifier's domain statistics.
 
     ``renders`` frames of the classifier's own training recipe (``build_bank`` seed
@@ -563,10 +654,15 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     ``family_frames`` per family and ``report_samples`` per class in domain), which goes into
     the model card. Writes ``out`` (default: beside ``weights``, see :func:`domain_path`) with
     its ``.sha256`` and a section of the classifier's model card."""
-    for name, value, least in (("renders", renders, len(TIP_CLASSES) * 10), ("finishes", finishes, 1),
-                               ("scenes", scenes, 0), ("calibration_renders", calibration_renders, 50),
-                               ("calibration_scenes", calibration_scenes, 0), ("family_frames", family_frames, 2),
-                               ("report_samples", report_samples, 1)):
+    for name, value, least in (
+        ("renders", renders, len(TIP_CLASSES) * 10),
+        ("finishes", finishes, 1),
+        ("scenes", scenes, 0),
+        ("calibration_renders", calibration_renders, 50),
+        ("calibration_scenes", calibration_scenes, 0),
+        ("family_frames", family_frames, 2),
+        ("report_samples", report_samples, 1),
+    ):
         if int(value) < least:
             raise ValueError(f"tipdomain: {name} must be at least {least}, got {value}")
     torch.set_num_threads(max(1, int(threads)))
@@ -582,8 +678,12 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     k = len(TIP_CLASSES)
     feats, spectra, _ = _network_view(clf, xs + xv)
     whiten, centres = fit_statistics(describe(feats, spectra), np.concatenate([ys, yv + k]), 2 * k if len(xv) else k)
-    logger.info("fitted class means and shared covariance on %d + %d frames (%.0f s)", len(xs), len(xv),
-                time.perf_counter() - t0)
+    logger.info(
+        "fitted class means and shared covariance on %d + %d frames (%.0f s)",
+        len(xs),
+        len(xv),
+        time.perf_counter() - t0,
+    )
     xc, _ = _recipe_inputs(calibration_renders, seed + 1, finishes, clf.cfg)
     xcv, _ = _scene_inputs(calibration_scenes, seed + 1, clf.cfg)
     clf.domain = DomainModel(whiten, centres, 0.0, sha)
@@ -592,18 +692,34 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     threshold = float(max(np.quantile(j[1], CALIBRATION_QUANTILE) for j in judged))
     limits = action_limits(judged, threshold)
     fit_s = time.perf_counter() - t0
-    meta = {"descriptor": f"sqrt of pooled penultimate features, averaged over flip views, and fast-axis "
-                          f"line spectra in bands {list(BANDS_PER_NM)} cycles/nm ({whiten.shape[0]} in all)",
-            "shrinkage": SHRINKAGE, "fit_frames": len(xs) + len(xv), "fit_renders": renders, "finishes": finishes,
-            "fit_scenes": len(xv), "seed": seed, "calibration_frames": len(xc) + len(xcv),
-            "calibration_scenes": len(xcv), "calibration_seed": seed + 1,
-            "quantile": CALIBRATION_QUANTILE, "action_quantile": ACTION_QUANTILE,
-            "action_min_frames": ACTION_MIN_FRAMES, "fit_seconds": round(fit_s, 1)}
+    meta = {
+        "descriptor": f"sqrt of pooled penultimate features, averaged over flip views, and fast-axis "
+        f"line spectra in bands {list(BANDS_PER_NM)} cycles/nm ({whiten.shape[0]} in all)",
+        "shrinkage": SHRINKAGE,
+        "fit_frames": len(xs) + len(xv),
+        "fit_renders": renders,
+        "finishes": finishes,
+        "fit_scenes": len(xv),
+        "seed": seed,
+        "calibration_frames": len(xc) + len(xcv),
+        "calibration_scenes": len(xcv),
+        "calibration_seed": seed + 1,
+        "quantile": CALIBRATION_QUANTILE,
+        "action_quantile": ACTION_QUANTILE,
+        "action_min_frames": ACTION_MIN_FRAMES,
+        "fit_seconds": round(fit_s, 1),
+    }
     model = DomainModel(whiten, centres, threshold, sha, meta, limits)
     clf.domain = model
-    logger.info("threshold %.1f (the larger %.0f%% quantile of %d recipe and %d scene calibration frames); action "
-                "limits %s; measuring on the out-of-domain families", threshold, 100 * CALIBRATION_QUANTILE, len(xc),
-                len(xcv), ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, limits) if np.isfinite(v)))
+    logger.info(
+        "threshold %.1f (the larger %.0f%% quantile of %d recipe and %d scene calibration frames); action "
+        "limits %s; measuring on the out-of-domain families",
+        threshold,
+        100 * CALIBRATION_QUANTILE,
+        len(xc),
+        len(xcv),
+        ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, limits) if np.isfinite(v)),
+    )
     report = domain_report(clf, frames=family_frames, samples=report_samples)
     wall = time.perf_counter() - t0
     model.meta["report"] = report
@@ -617,16 +733,17 @@ def fit_domain_main(weights=None, out=None, *, renders: int = 1500, finishes: in
     return out
 
 
-def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Path, wall: float,
-                        threads: int) -> None:
+def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Path, wall: float, threads: int) -> None:
     """Replace (or append) the domain section at the end of the classifier's model card."""
     m = model.meta
     text = card.read_text() if card.is_file() else ""
     if CARD_SECTION in text:
-        text = text[:text.index(CARD_SECTION)]
+        text = text[: text.index(CARD_SECTION)]
+    action_limits = ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, model.action_limits) if np.isfinite(v))
     section = [
-        CARD_SECTION, "",
-        "A verdict is \"unknown\" (no policy acts on it) when the frame's score is above the threshold: "
+        CARD_SECTION,
+        "",
+        'A verdict is "unknown" (no policy acts on it) when the frame\'s score is above the threshold: '
         "the squared Mahalanobis distance to the nearest class mean, one covariance shared by the classes "
         "(Lee et al., NeurIPS 2018; `stm_live.models.tipdomain`), of the square-rooted pooled penultimate "
         "features (averaged over the same flip views as the probabilities) joined by the frame's fast-axis "
@@ -648,21 +765,19 @@ def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Pa
         f"{m['calibration_frames'] - m['calibration_scenes']} held-out recipe frames and {m['calibration_scenes']} "
         f"held-out scenes (seed {m['calibration_seed']}); the families below were fixed before the fit and are "
         "used in neither fit nor calibration",
-        "- Action limits, per bad class: the %.0f%% quantile of the class scores (distance to the verdict's own "
-        "class) of the calibration frames the network gives that class inside the threshold, pooled: %s. A bad "
-        "verdict farther from its class is held back: no policy acts on it, and the next verdict decides (the "
-        "threshold alone let through frames between the classes' clouds, mostly called a bad class)"
-        % (100 * m["action_quantile"], ", ".join(f"{c} {v:.1f}" for c, v in zip(TIP_CLASSES, model.action_limits)
-                                                 if np.isfinite(v))),
+        f"- Action limits, per bad class: the {100 * m['action_quantile']:.0f}% quantile of the class scores "
+        "(distance to the verdict's own class) of the calibration frames the network gives that class inside the "
+        f"threshold, pooled: {action_limits}. A bad verdict farther from its class is held back: no policy acts "
+        "on it, and the next verdict decides (the threshold alone let through frames between the classes' "
+        "clouds, mostly called a bad class)",
         f"- `{out.name}` {out.stat().st_size / 1024:.0f} KiB, sha256 `{sha256_of(out)}`, for the classifier "
         f"with sha256 `{model.classifier_sha256}`",
         f"- Wall time: {wall / 60:.1f} min (fit and calibration {m['fit_seconds'] / 60:.1f} min) on "
         f"{platform.machine()}, {threads} torch thread(s)",
         "",
-        "Families (`tipdomain.ood_family`, seed %d): no molecule (atomic lattice, steps), Si(111)-7x7-like "
-        "adatom lattice, flat-topped metal clusters, pure noise, and near-domain: the recipe's larger "
-        "molecules scaled 3x. AUC against held-out in-domain frames (training mix and controller scenes):"
-        % FAMILY_SEED,
+        f"Families (`tipdomain.ood_family`, seed {FAMILY_SEED}): no molecule (atomic lattice, steps), "
+        "Si(111)-7x7-like adatom lattice, flat-topped metal clusters, pure noise, and near-domain: the recipe's "
+        "larger molecules scaled 3x. AUC against held-out in-domain frames (training mix and controller scenes):",
         "",
         *format_domain_report(report),
         "",
@@ -671,9 +786,9 @@ def _write_card_section(card: Path, model: DomainModel, report: dict, *, out: Pa
         "towards not acting. It is not a guarantee in the other direction: some frames of the near-domain "
         "family (3x larger molecules, which the network mostly calls blunt) pass both the threshold and the "
         "action limit (the 'acted on' column), and on a frame outside the domain one verdict of several may "
-        "slip under them (the policy then acts only on two bad verdicts in a row, and not on lines once judged "
-        "unknown); held-back verdicts delay the reconditioning of a bad tip by a verdict or more ('bad "
-        "verdicts held back'). "
+        "slip under them (the policy does not act on a verdict that rests on lines once judged unknown or "
+        "held back; `python -m benchmarks tip` counts the whole frames it would act on); held-back verdicts "
+        "delay the reconditioning of a bad tip by a verdict or more ('bad verdicts held back'). "
         "Only a broader training domain narrows both.",
         "",
     ]

@@ -128,8 +128,10 @@ class TipVerdict:
 
     def __post_init__(self):
         if (self.label == UNKNOWN) == bool(self.in_domain):
-            raise ValueError(f"TipVerdict: label {self.label!r} with in_domain={self.in_domain}; "
-                             f"a verdict is {UNKNOWN!r} exactly when it is outside the domain")
+            raise ValueError(
+                f"TipVerdict: label {self.label!r} with in_domain={self.in_domain}; "
+                f"a verdict is {UNKNOWN!r} exactly when it is outside the domain"
+            )
         if self.label != UNKNOWN and self.label not in TIP_CLASSES:
             raise ValueError(f"TipVerdict: label {self.label!r} is not one of {TIP_CLASSES} or {UNKNOWN!r}")
 
@@ -158,10 +160,17 @@ class TipVerdict:
         return float(self.probabilities[self.nearest])
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "probabilities": dict(self.probabilities),
-                "s_fraction": float(self.s_fraction), "good": self.good, "in_domain": bool(self.in_domain),
-                "domain_score": float(self.domain_score), "domain_threshold": float(self.domain_threshold),
-                "class_score": float(self.class_score), "action_limit": float(self.action_limit)}
+        return {
+            "label": self.label,
+            "probabilities": dict(self.probabilities),
+            "s_fraction": float(self.s_fraction),
+            "good": self.good,
+            "in_domain": bool(self.in_domain),
+            "domain_score": float(self.domain_score),
+            "domain_threshold": float(self.domain_threshold),
+            "class_score": float(self.class_score),
+            "action_limit": float(self.action_limit),
+        }
 
 
 # --------------------------------------------------------------------------- network
@@ -175,8 +184,12 @@ class TipNetConfig:
 
 def _block(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
     )
 
 
@@ -218,8 +231,9 @@ def _build(weights: dict, config: dict) -> TipNet:
 
 
 # --------------------------------------------------------------------------- preprocessing
-def prepare(image: np.ndarray, pixel_size_nm: float, cfg: TipNetConfig,
-            line_spacing_nm: float | None = None) -> np.ndarray:
+def prepare(
+    image: np.ndarray, pixel_size_nm: float, cfg: TipNetConfig, line_spacing_nm: float | None = None
+) -> np.ndarray:
     """(H, W) image with NaN rows -> (2, h, w) float32 [normalised image, mask] at cfg pixel
     size (rows resampled by ``line_spacing_nm`` when lines are not square with pixels)."""
     img = np.asarray(image, dtype=np.float64)
@@ -272,15 +286,16 @@ def line_spectra(inputs, pixel_size_nm: float) -> np.ndarray:
         a = a - a.mean(axis=1, keepdims=True)
         power = (np.abs(np.fft.rfft(a * np.hanning(a.shape[1]), axis=1)) ** 2).mean(axis=0)
         which = np.digitize(np.fft.rfftfreq(a.shape[1], d=pixel_size_nm), bands)
-        share = np.bincount(which, weights=power, minlength=len(bands) + 1)[1:len(bands)]
+        share = np.bincount(which, weights=power, minlength=len(bands) + 1)[1 : len(bands)]
         out[i] = np.log(share / (power[1:].sum() + 1e-30) + 1e-6)
     return out
 
 
 def describe(features: np.ndarray, spectra: np.ndarray) -> np.ndarray:
     """What the Gaussians model: [sqrt(features), line spectra], (n, D + 12)."""
-    return np.hstack([np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0.0)),
-                      np.asarray(spectra, dtype=np.float64)])
+    return np.hstack(
+        [np.sqrt(np.maximum(np.asarray(features, dtype=np.float64), 0.0)), np.asarray(spectra, dtype=np.float64)]
+    )
 
 
 @dataclass(frozen=True)
@@ -325,8 +340,11 @@ class DomainModel:
         if self.action_limits is None:
             nan = np.full(len(d2), np.nan)
             return d2.min(axis=1), nan, nan
-        return (d2.min(axis=1), class_distance(d2, labels, len(self.action_limits)),
-                np.asarray(self.action_limits, np.float64)[labels])
+        return (
+            d2.min(axis=1),
+            class_distance(d2, labels, len(self.action_limits)),
+            np.asarray(self.action_limits, np.float64)[labels],
+        )
 
     def save(self, path: Path) -> Path:
         """npz (no pickled objects) + ``<name>.sha256`` beside it."""
@@ -334,9 +352,15 @@ class DomainModel:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         extra = {} if self.action_limits is None else {"action_limits": np.asarray(self.action_limits, np.float64)}
-        np.savez(tmp, whiten=self.whiten.astype(np.float32), centres=self.centres.astype(np.float32),
-                 threshold=np.float64(self.threshold), classifier_sha256=np.str_(self.classifier_sha256),
-                 meta=np.str_(json.dumps(self.meta)), **extra)
+        np.savez(
+            tmp,
+            whiten=self.whiten.astype(np.float32),
+            centres=self.centres.astype(np.float32),
+            threshold=np.float64(self.threshold),
+            classifier_sha256=np.str_(self.classifier_sha256),
+            meta=np.str_(json.dumps(self.meta)),
+            **extra,
+        )
         tmp.replace(path)
         write_hash(path)
         return path
@@ -376,14 +400,20 @@ def load_domain(path, *, classifier=None, classifier_sha256: str | None = None) 
         raise ValueError(f"tip classifier domain statistics {path}: unreadable ({exc})") from exc
     d = whiten.shape[0]
     if whiten.shape != (d, d) or centres.ndim != 2 or centres.shape[1] != d or not math.isfinite(threshold):
-        raise ValueError(f"tip classifier domain statistics {path}: field shapes whiten {whiten.shape}, "
-                         f"centres {centres.shape}, threshold {threshold} do not fit together")
+        raise ValueError(
+            f"tip classifier domain statistics {path}: field shapes whiten {whiten.shape}, "
+            f"centres {centres.shape}, threshold {threshold} do not fit together"
+        )
     if limits is not None and (limits.ndim != 1 or centres.shape[0] % max(len(limits), 1)):
-        raise ValueError(f"tip classifier domain statistics {path}: {limits.shape} action limits do not fit "
-                         f"{centres.shape[0]} class means")
+        raise ValueError(
+            f"tip classifier domain statistics {path}: {limits.shape} action limits do not fit "
+            f"{centres.shape[0]} class means"
+        )
     if classifier_sha256 is not None and owner != classifier_sha256:
-        raise ValueError(f"tip classifier domain statistics {path} were fitted for the checkpoint with sha256 "
-                         f"{owner[:12]}..., not {classifier_sha256[:12]}... ({classifier}); {fix}")
+        raise ValueError(
+            f"tip classifier domain statistics {path} were fitted for the checkpoint with sha256 "
+            f"{owner[:12]}..., not {classifier_sha256[:12]}... ({classifier}); {fix}"
+        )
     return DomainModel(whiten, centres, threshold, owner, meta, limits)
 
 
@@ -396,8 +426,9 @@ def _bucket(n: int, size: int) -> int:
 class TipClassifier:
     """Inference wrapper: ``classify(image, pixel_size_nm) -> TipVerdict``."""
 
-    def __init__(self, net: TipNet, device: torch.device, domain: DomainModel | None = None, *,
-                 info: dict | None = None):
+    def __init__(
+        self, net: TipNet, device: torch.device, domain: DomainModel | None = None, *, info: dict | None = None
+    ):
         self.net = net.to(device).eval()
         self.device = device
         self.cfg = net.cfg
@@ -406,12 +437,16 @@ class TipClassifier:
         if domain is not None:
             want = 2 * self.cfg.widths[-1] + len(BANDS_PER_NM) - 1
             if domain.whiten.shape[0] != want:
-                raise ValueError(f"tip classifier: domain statistics have {domain.whiten.shape[0]} dimensions, this "
-                                 f"network's descriptor {want}; refit them with `stm-live train --model tipdomain`")
+                raise ValueError(
+                    f"tip classifier: domain statistics have {domain.whiten.shape[0]} dimensions, this "
+                    f"network's descriptor {want}; refit them with `stm-live train --model tipdomain`"
+                )
             if domain.action_limits is not None and len(domain.action_limits) != len(TIP_CLASSES):
-                raise ValueError(f"tip classifier: domain statistics have {len(domain.action_limits)} action limits, "
-                                 f"not one per class ({len(TIP_CLASSES)}); refit them with "
-                                 "`stm-live train --model tipdomain`")
+                raise ValueError(
+                    f"tip classifier: domain statistics have {len(domain.action_limits)} action limits, "
+                    f"not one per class ({len(TIP_CLASSES)}); refit them with "
+                    "`stm-live train --model tipdomain`"
+                )
 
     @property
     def pixel_size_nm(self) -> float:
@@ -441,7 +476,7 @@ class TipClassifier:
         width = _bucket(max(v.shape[2] for v in views), self.cfg.size)
         batch = torch.zeros((len(views), 2, height, width))
         for k, v in enumerate(views):
-            batch[k, :, :v.shape[1], :v.shape[2]] = v
+            batch[k, :, : v.shape[1], : v.shape[2]] = v
         outs = [self.net.embed(chunk.to(self.device)) for chunk in batch.split(256)]  # bounded memory
         logits, s, pooled = (torch.cat([o[j] for o in outs]) for j in range(3))
         owner = torch.tensor(owner, device=self.device)
@@ -454,13 +489,13 @@ class TipClassifier:
         feats = torch.zeros(n, pooled.shape[1], device=self.device).index_add_(0, owner, pooled)
         return probs / count[:, None], s_share / count, feats / count[:, None]
 
-    def classify(self, image: np.ndarray, pixel_size_nm: float, *,
-                 line_spacing_nm: float | None = None) -> TipVerdict:
+    def classify(self, image: np.ndarray, pixel_size_nm: float, *, line_spacing_nm: float | None = None) -> TipVerdict:
         """Verdict on ``image`` (lines, pixels; NaN rows = not scanned yet)."""
         return self.classify_many([image], pixel_size_nm, line_spacing_nm=line_spacing_nm)[0]
 
-    def classify_many(self, images: list, pixel_size_nm: float, *,
-                      line_spacing_nm: float | None = None) -> list[TipVerdict]:
+    def classify_many(
+        self, images: list, pixel_size_nm: float, *, line_spacing_nm: float | None = None
+    ) -> list[TipVerdict]:
         """Verdicts on several images of one scan (e.g. the lines since a change and the
         latest few), in one pass through the network."""
         x = [prepare(im, pixel_size_nm, self.cfg, line_spacing_nm) for im in images]
@@ -469,19 +504,26 @@ class TipClassifier:
             scores = class_scores = limits = np.full(len(x), np.nan)
         else:
             probs, s, feats = self.predict(x, features=True)
-            scores, class_scores, limits = self.domain.judge(feats.cpu().numpy(), x, self.cfg.pixel_size_nm,
-                                                             probs.argmax(1).cpu().numpy())
+            scores, class_scores, limits = self.domain.judge(
+                feats.cpu().numpy(), x, self.cfg.pixel_size_nm, probs.argmax(1).cpu().numpy()
+            )
         threshold = np.nan if self.domain is None else self.domain.threshold
         verdicts = []
         for p, si, score, own, limit in zip(probs.cpu().numpy(), s.cpu().numpy(), scores, class_scores, limits):
             # NaN features (never seen; a NaN score) count as outside: unknown is the safe side
             inside = self.domain is None or bool(score <= threshold)
-            verdicts.append(TipVerdict(label=TIP_CLASSES[int(p.argmax())] if inside else UNKNOWN,
-                                       s_fraction=float(si),
-                                       probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)},
-                                       in_domain=inside, domain_score=float(score),
-                                       domain_threshold=float(threshold), class_score=float(own),
-                                       action_limit=float(limit)))
+            verdicts.append(
+                TipVerdict(
+                    label=TIP_CLASSES[int(p.argmax())] if inside else UNKNOWN,
+                    s_fraction=float(si),
+                    probabilities={c: float(v) for c, v in zip(TIP_CLASSES, p)},
+                    in_domain=inside,
+                    domain_score=float(score),
+                    domain_threshold=float(threshold),
+                    class_score=float(own),
+                    action_limit=float(limit),
+                )
+            )
         return verdicts
 
 
@@ -497,10 +539,12 @@ def load_tip_classifier(device: str | None = "auto", path=None, *, domain="auto"
     not match, a file is unreadable, or the domain statistics belong to another checkpoint.
     """
     p = Path(path) if path is not None else DEFAULT_WEIGHTS
-    net, info = load_checkpoint(p, _build, what="tip classifier weights",
-                                fix="train them with `stm-live train --model tipstate`")
+    net, info = load_checkpoint(
+        p, _build, what="tip classifier weights", fix="train them with `stm-live train --model tipstate`"
+    )
     model = None
     if domain is not None:
-        model = load_domain(domain_path(p) if domain == "auto" else Path(domain), classifier=p,
-                            classifier_sha256=info["sha256"])
+        model = load_domain(
+            domain_path(p) if domain == "auto" else Path(domain), classifier=p, classifier_sha256=info["sha256"]
+        )
     return TipClassifier(net, resolve_device(device), model, info=info)

@@ -56,7 +56,12 @@ from stm_live.interpret import STMNET_PIXEL_NM
 from stm_live.models.checkpoint import card_command, hash_path, resolve_device, save_checkpoint
 from stm_live.models.inputs import normalise
 from stm_live.models.metrics import (
-    cube_quality, latency_by_views, latency_ms, minmax, quality_tables, ssim_torch,
+    cube_quality,
+    latency_by_views,
+    latency_ms,
+    minmax,
+    quality_tables,
+    ssim_torch,
 )
 from stm_live.models.stmnet import DEFAULT_CHECKPOINT, STMNet, STMNetConfig, load_stmnet, sync_device
 from stm_live.simulators.pairs import HELD_OUT_MOLECULES, TRAIN_MOLECULES, PairBatch, PairSampler
@@ -69,9 +74,14 @@ ORBITAL_LABELS = ("HOMO-2", "HOMO-1", "HOMO", "LUMO", "LUMO+1", "LUMO+2")
 TRAIN_NOISE = (0.0, 0.15)  # noise level range of the noisy frames (fraction of the input's peak-to-peak)
 CLEAN_SHARE = 0.3  # share of frames without noise
 TRAIN_RECIPE = dict(
-    heights=(0.25, 0.6), s_share=(0.0, 0.6), coherent_prob=0.3, tilt_prob=0.3,
+    heights=(0.25, 0.6),
+    s_share=(0.0, 0.6),
+    coherent_prob=0.3,
+    tilt_prob=0.3,
     modes=("height", "height", "current"),  # drawn uniformly from this tuple: 2/3 constant height
-    max_molecules=3, orbitals=ORBITAL_LABELS, substrate_prob=0.5,
+    max_molecules=3,
+    orbitals=ORBITAL_LABELS,
+    substrate_prob=0.5,
 )
 VAL_SEED = 10**9
 CPU_BATCH, CPU_CROP = 12, 64
@@ -81,8 +91,9 @@ GPU_BATCH, GPU_CROP = 32, 96  # a GPU step wants more pixels; 96 px is the evalu
 # --------------------------------------------------------------------------- training pairs
 def make_sampler(molecules=TRAIN_MOLECULES, *, size: int = 64, seed: int = 0) -> PairSampler:
     """The training-recipe ``PairSampler`` at the training pixel size."""
-    return PairSampler(molecules, size=size, pixel_size_nm=TRAIN_PIXEL_SIZE_NM, seed=seed, noise=TRAIN_NOISE,
-                       **TRAIN_RECIPE)
+    return PairSampler(
+        molecules, size=size, pixel_size_nm=TRAIN_PIXEL_SIZE_NM, seed=seed, noise=TRAIN_NOISE, **TRAIN_RECIPE
+    )
 
 
 def network_inputs(batch: PairBatch) -> np.ndarray:
@@ -167,8 +178,14 @@ class _WorkerBatches:
         if workers > 1:  # fill the field cache once, before the fork, rather than once per worker
             sampler.warm_up()
         steps = range(start, stop) if stop is not None else itertools.count(start)
-        loader = DataLoader(_StepBatches(sampler, seed, batch), batch_size=None, sampler=steps, num_workers=workers,
-                            pin_memory=pin, prefetch_factor=4)
+        loader = DataLoader(
+            _StepBatches(sampler, seed, batch),
+            batch_size=None,
+            sampler=steps,
+            num_workers=workers,
+            pin_memory=pin,
+            prefetch_factor=4,
+        )
         self._batches = iter(loader)
 
     def get(self):
@@ -178,8 +195,9 @@ class _WorkerBatches:
         self._batches = None  # the loader's worker processes end with their iterator
 
 
-def batch_stream(seed: int, start: int, stop: int | None, batch: int, crop: int, *, workers: int = 0,
-                 pin: bool = False):
+def batch_stream(
+    seed: int, start: int, stop: int | None, batch: int, crop: int, *, workers: int = 0, pin: bool = False
+):
     """The training batches of steps start..stop-1 (``.get()`` each in turn, ``.close()``): from
     a background thread with ``workers=0``, else from that many processes. The same batches either way."""
     if workers == 0:
@@ -210,8 +228,9 @@ def _train_step(net: STMNet, opt, x: torch.Tensor, t: torch.Tensor, amp: bool) -
 
 
 def _optimizer(net: STMNet, lr: float, device: torch.device):
-    return torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4,
-                             **({"fused": True} if device.type == "cuda" else {}))
+    return torch.optim.AdamW(
+        net.parameters(), lr=lr, weight_decay=1e-4, **({"fused": True} if device.type == "cuda" else {})
+    )
 
 
 def _on_device(batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,8 +251,16 @@ def one_cycle_lr(fraction: float, max_lr: float, pct_start: float = 0.05) -> flo
     return cos(max_lr, end, (fraction - pct_start) / (1 - pct_start))
 
 
-def throughput(configs: dict[str, STMNetConfig], *, device: str = "auto", batch: int | None = None,
-               crop: int | None = None, workers: int | None = None, seconds: float = 10.0, seed: int = 0) -> dict:
+def throughput(
+    configs: dict[str, STMNetConfig],
+    *,
+    device: str = "auto",
+    batch: int | None = None,
+    crop: int | None = None,
+    workers: int | None = None,
+    seconds: float = 10.0,
+    seed: int = 0,
+) -> dict:
     """What training runs at here, each rate over ``seconds`` after a warm-up: ``pairs_per_s`` the
     data pipeline delivers alone, and per config ``steps_per_s`` on one batch already on the device
     (the network's own rate) and ``end_to_end_steps_per_s`` fed by the pipeline, as ``train_main``
@@ -263,9 +290,12 @@ def throughput(configs: dict[str, STMNetConfig], *, device: str = "auto", batch:
             opt = _optimizer(net, 1e-4, dev)
             x, t = _on_device(stream.get(), dev)
             result["configs"][name] = {
-                "config": asdict(config), "params": sum(p.numel() for p in net.parameters()),
-                "steps_per_s": rate(lambda: _train_step(net, opt, x, t, cuda)),
-                "end_to_end_steps_per_s": rate(lambda: _train_step(net, opt, *_on_device(stream.get(), dev), cuda)),
+                "config": asdict(config),
+                "params": sum(p.numel() for p in net.parameters()),
+                "steps_per_s": rate(lambda net=net, opt=opt, x=x, t=t: _train_step(net, opt, x, t, cuda)),
+                "end_to_end_steps_per_s": rate(
+                    lambda net=net, opt=opt: _train_step(net, opt, *_on_device(stream.get(), dev), cuda)
+                ),
             }
     finally:
         stream.close()
@@ -286,11 +316,26 @@ def _validate_net(net: STMNet, device, val) -> tuple[float, float]:
     return psnr, ss
 
 
-def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: int = 0, resume: bool = False, *,
-               batch: int | None = None, crop: int | None = None, lr: float = 2e-3, threads: int = 2,
-               config: STMNetConfig | None = None, val_every: int = 500, ckpt_every: int = 500,
-               final_eval_samples: int | None = None, quiet: bool = False, init: Path | None = None,
-               minutes: float | None = None, workers: int | None = None) -> dict:
+def train_main(
+    steps: int | None = 4000,
+    out=None,
+    device: str = "auto",
+    seed: int = 0,
+    resume: bool = False,
+    *,
+    batch: int | None = None,
+    crop: int | None = None,
+    lr: float = 2e-3,
+    threads: int = 2,
+    config: STMNetConfig | None = None,
+    val_every: int = 500,
+    ckpt_every: int = 500,
+    final_eval_samples: int | None = None,
+    quiet: bool = False,
+    init: Path | None = None,
+    minutes: float | None = None,
+    workers: int | None = None,
+) -> dict:
     """Train STM-Net and write ``out`` (checkpoint), ``out.sha256`` and the model card.
 
     ``init``: warm start from a (hash-verified) STM-Net checkpoint, whose architecture is kept;
@@ -333,8 +378,11 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
         net = STMNet(config or STMNetConfig()).to(dev)
     opt = _optimizer(net, lr, dev)
     # by steps: OneCycleLR over them; by time: the same cycle over the budget (one_cycle_lr)
-    sched = None if budget_s is not None else torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    sched = (
+        None
+        if budget_s is not None
+        else torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+    )
     start, history, elapsed_before = 0, [], 0.0
     if resume:
         if not state_path.is_file():
@@ -342,6 +390,7 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
         st = torch.load(state_path, map_location=dev, weights_only=True)
         saved = (st["steps"], st.get("minutes"))
         if saved != (steps, minutes):
+
             def plan(n, m):
                 return f"--steps {n}" if m is None else f"--minutes {m:g}" + (f" --steps {n}" if n else "")
 
@@ -369,10 +418,19 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
         pending.clear()
 
     def save_state(step):
-        torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict() if sched else {},
-                    "step": step, "steps": steps, "minutes": minutes, "elapsed_s": elapsed(),
-                    "history": torch.tensor(history or [(0, 0.0, 0.0, 0.0)], dtype=torch.float64)},
-                   state_path)
+        torch.save(
+            {
+                "model": net.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict() if sched else {},
+                "step": step,
+                "steps": steps,
+                "minutes": minutes,
+                "elapsed_s": elapsed(),
+                "history": torch.tensor(history or [(0, 0.0, 0.0, 0.0)], dtype=torch.float64),
+            },
+            state_path,
+        )
 
     def validate(done: int) -> None:
         fold_losses()
@@ -381,16 +439,26 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
         logger.info("step %d: loss %.4f, val PSNR %.2f dB, SSIM %.4f, %.0f s", done, loss_ema, p, s, elapsed())
 
     timed = budget_s is not None
-    progress = Progress(TextColumn("[bold]STM-Net"), BarColumn(),
-                        TextColumn("{task.fields[steps]}" if timed else "{task.completed}/{task.total}"),
-                        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                        disable=quiet)
+    progress = Progress(
+        TextColumn("[bold]STM-Net"),
+        BarColumn(),
+        TextColumn("{task.fields[steps]}" if timed else "{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=quiet,
+    )
     done = start
     next_mark = (math.floor(elapsed_before / budget_s * 10) + 1) / 10 if timed else None  # budget tenths
     try:
         with progress:
-            task = progress.add_task("train", total=budget_s if timed else steps,
-                                     completed=elapsed_before if timed else start, info="", steps="")
+            task = progress.add_task(
+                "train",
+                total=budget_s if timed else steps,
+                completed=elapsed_before if timed else start,
+                info="",
+                steps="",
+            )
             while steps is None or done < steps:
                 if timed:
                     fraction = elapsed() / budget_s
@@ -420,23 +488,41 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
                 if validate_now or len(pending) >= sync_every:
                     fold_losses()
                     last = history[-1] if history else None
-                    progress.update(task, completed=elapsed() if timed else done, steps=f"{done} steps",
-                                    info=f"loss {loss_ema:.4f}" + (
-                                        f" | val {last[2]:.1f} dB SSIM {last[3]:.3f}" if last else ""))
+                    progress.update(
+                        task,
+                        completed=elapsed() if timed else done,
+                        steps=f"{done} steps",
+                        info=f"loss {loss_ema:.4f}" + (f" | val {last[2]:.1f} dB SSIM {last[3]:.3f}" if last else ""),
+                    )
             if not history or history[-1][0] != done:
                 validate(done)
     finally:
         prefetch.close()
     wall = elapsed()
-    lineage = ({"init_sha256": init_sha, "init_steps": parent_steps, "total_steps": parent_steps + done}
-               if init_sha else {"total_steps": done})
+    lineage = (
+        {"init_sha256": init_sha, "init_steps": parent_steps, "total_steps": parent_steps + done}
+        if init_sha
+        else {"total_steps": done}
+    )
     net.eval()
-    digest = save_checkpoint(out, net.cpu(), asdict(net.config), pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=done,
-                             seed=seed, **lineage)
-    summary = {"steps": done, **lineage, "wall_s": wall, "data_wait_s": wait_s, "history": history, "sha256": digest,
-               "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""),
-               "params": sum(p.numel() for p in net.parameters()), "config": asdict(net.config),
-               "minutes": minutes, "workers": workers, "bf16": cuda, "pairs_per_s": done * batch / max(wall, 1e-9)}
+    digest = save_checkpoint(
+        out, net.cpu(), asdict(net.config), pixel_size_nm=TRAIN_PIXEL_SIZE_NM, steps=done, seed=seed, **lineage
+    )
+    summary = {
+        "steps": done,
+        **lineage,
+        "wall_s": wall,
+        "data_wait_s": wait_s,
+        "history": history,
+        "sha256": digest,
+        "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if cuda else ""),
+        "params": sum(p.numel() for p in net.parameters()),
+        "config": asdict(net.config),
+        "minutes": minutes,
+        "workers": workers,
+        "bf16": cuda,
+        "pairs_per_s": done * batch / max(wall, 1e-9),
+    }
     # final metrics with the Reconstructor exactly as users run it
     rec = load_stmnet(device=dev.type, path=out)
     if final_eval_samples is None:  # frames per cell: 4 for a real run, 1 for a smoke run
@@ -451,8 +537,14 @@ def train_main(steps: int | None = 4000, out=None, device: str = "auto", seed: i
     return summary
 
 
-def evaluate_main(device: str = "auto", samples: int = 8, seed: int = 1234, cubes=(), cube_mo: int = 0,
-                  vacuum_from_nm: float | None = None) -> dict:
+def evaluate_main(
+    device: str = "auto",
+    samples: int = 8,
+    seed: int = 1234,
+    cubes=(),
+    cube_mo: int = 0,
+    vacuum_from_nm: float | None = None,
+) -> dict:
     """``stm-live evaluate --model stmnet``: quality tables, noise curve and latency by symmetry
     views (``result["latency"]``) of the shipped checkpoint; with ``cubes``, the quality table on
     those cube files' orbitals instead. The command prints ``metrics.format_quality(result)``
@@ -476,17 +568,30 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         f"- architecture: U-Net `{s['config']}`, {s['params']:,} parameters, "
         "GroupNorm/ReLU, max-pool encoder, bilinear decoder, softplus(residual) output",
         f"- trained with: `{command}`",
-        f"- steps: {s['steps']}" + (f" (the steps that fit a {s['minutes']:g} min budget; the one-cycle learning "
-                                    "rate runs by elapsed time)" if s.get("minutes") else "")
+        f"- steps: {s['steps']}"
+        + (
+            f" (the steps that fit a {s['minutes']:g} min budget; the one-cycle learning rate runs by elapsed time)"
+            if s.get("minutes")
+            else ""
+        )
         + f", batch {batch}, crops {crop}x{crop} px at {TRAIN_PIXEL_SIZE_NM} nm/px, "
         f"AdamW lr {lr} one-cycle, weight decay 1e-4, seed {seed}" + (", bf16 autocast" if s.get("bf16") else ""),
-        *([f"- warm start: from the checkpoint with sha256 `{s['init_sha256']}` ({s['init_steps']} steps; its card "
-           f"is in the project history), {s['total_steps']} steps in all"] if "init_sha256" in s else []),
+        *(
+            [
+                f"- warm start: from the checkpoint with sha256 `{s['init_sha256']}` ({s['init_steps']} steps; "
+                f"its card is in the project history), {s['total_steps']} steps in all"
+            ]
+            if "init_sha256" in s
+            else []
+        ),
         "- loss: L1 + 0.5 (1 - SSIM) on max-normalised |psi|^2 targets",
         f"- wall time: {s['wall_s'] / 60:.1f} min (of which waiting for data {s['data_wait_s']:.0f} s; "
-        f"{s['pairs_per_s']:.0f} pairs/s; " + (
-            f"{s['workers']} data worker process{'es' * (s['workers'] > 1)})" if s.get("workers")
-            else "pairs built by a prefetch thread)"),
+        f"{s['pairs_per_s']:.0f} pairs/s; "
+        + (
+            f"{s['workers']} data worker process{'es' * (s['workers'] > 1)})"
+            if s.get("workers")
+            else "pairs built by a prefetch thread)"
+        ),
         f"- hardware: {s['device']}, {platform.machine()} {platform.processor() or ''}, "
         f"{os.cpu_count()} CPU cores visible, torch {torch.__version__}, {threads} torch threads",
         "",
@@ -500,7 +605,7 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
         f"{TRAIN_RECIPE['tilt_prob']:.0%} tilted 5-25 deg); "
         "1-3 molecules per frame at random position/rotation; NaCl-like substrate pattern on half the "
         "frames; constant height (2/3) and constant current (1/3, Z map in nm converted with "
-        "`current_from_z(z, unit=\"nm\")`); 30 % clean, the rest white + 1/f + row-offset noise at "
+        '`current_from_z(z, unit="nm")`); 30 % clean, the rest white + 1/f + row-offset noise at '
         f"{TRAIN_NOISE[0]:g}-{TRAIN_NOISE[1]:g} of the input's peak-to-peak. Inputs normalised with "
         "`inputs.normalise`; targets: s-wave sum |psi|^2 at the same height, max 1.",
         "",
@@ -515,32 +620,57 @@ def _write_card(out: Path, s: dict, *, batch, crop, lr, seed, threads) -> Path:
     ]
     lines += [f"| {int(h[0])} | {h[1]:.4f} | {h[2]:.2f} | {h[3]:.4f} |" for h in s["history"]]
     rec_views = s["symmetry_views"]
-    lines += ["", f"## Final metrics (clean inputs, min-max normalised, SSIM Gaussian 11/1.5; output averaged over "
-              f"{rec_views} symmetry views, `stmnet.SYMMETRY_VIEWS`)", "",
-              "| set | n | STM-Net PSNR | STM-Net SSIM | identity PSNR | identity SSIM | classical PSNR "
-              "| classical SSIM |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Final metrics (clean inputs, min-max normalised, SSIM Gaussian 11/1.5; output averaged over "
+        f"{rec_views} symmetry views, `stmnet.SYMMETRY_VIEWS`)",
+        "",
+        "| set | n | STM-Net PSNR | STM-Net SSIM | identity PSNR | identity SSIM | classical PSNR | classical SSIM |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for split, r in q["summary"].items():
-        lines.append(f"| {split} | {r['stmnet'][2]} | {r['stmnet'][0]:.2f} | {r['stmnet'][1]:.4f} | "
-                     f"{r['identity'][0]:.2f} | {r['identity'][1]:.4f} | {r['classical'][0]:.2f} | "
-                     f"{r['classical'][1]:.4f} |")
-    lines += ["", "Noise degradation (held-out; constant height: white noise sigma as a fraction of p99.5; "
-              "constant current: Z noise sigma = level x 0.02 nm):", "",
-              "| noise | STM-Net PSNR / SSIM | identity PSNR / SSIM | classical PSNR / SSIM |", "|---|---|---|---|"]
+        lines.append(
+            f"| {split} | {r['stmnet'][2]} | {r['stmnet'][0]:.2f} | {r['stmnet'][1]:.4f} | "
+            f"{r['identity'][0]:.2f} | {r['identity'][1]:.4f} | {r['classical'][0]:.2f} | "
+            f"{r['classical'][1]:.4f} |"
+        )
+    lines += [
+        "",
+        "Noise degradation (held-out; constant height: white noise sigma as a fraction of p99.5; "
+        "constant current: Z noise sigma = level x 0.02 nm):",
+        "",
+        "| noise | STM-Net PSNR / SSIM | identity PSNR / SSIM | classical PSNR / SSIM |",
+        "|---|---|---|---|",
+    ]
     for level, r in q["noise_curve"]:
-        lines.append(f"| {level:.2f} | " + " | ".join(f"{r[k][0]:.2f} / {r[k][1]:.4f}"
-                                                      for k in ("stmnet", "identity", "classical")) + " |")
-    lines += ["", "Evaluation frames: `metrics.make_eval_pairs` (exact `simulators.imaging` renders, "
-              "`tip.TIP_PRESETS` tips co / coherent_co / tilted_co plus co with s = 0.4, one molecule, "
-              "z 0.3-0.5 nm, 96x96 px, fixed seeds).", ""]
+        lines.append(
+            f"| {level:.2f} | "
+            + " | ".join(f"{r[k][0]:.2f} / {r[k][1]:.4f}" for k in ("stmnet", "identity", "classical"))
+            + " |"
+        )
+    lines += [
+        "",
+        "Evaluation frames: `metrics.make_eval_pairs` (exact `simulators.imaging` renders, "
+        "`tip.TIP_PRESETS` tips co / coherent_co / tilted_co plus co with s = 0.4, one molecule, "
+        "z 0.3-0.5 nm, 96x96 px, fixed seeds).",
+        "",
+    ]
     if s.get("latency_ms"):
-        lines += [f"Inference latency (`Reconstructor.reconstruct` averaging {rec_views} symmetry views, "
-                  f"{s['device']}, {s.get('inference', 'fp32')}, {threads} torch threads, median of 5):", "",
-                  "| frame | ms |", "|---|---|"]
+        lines += [
+            f"Inference latency (`Reconstructor.reconstruct` averaging {rec_views} symmetry views, "
+            f"{s['device']}, {s.get('inference', 'fp32')}, {threads} torch threads, median of 5):",
+            "",
+            "| frame | ms |",
+            "|---|---|",
+        ]
         lines += [f"| {k}x{k} | {v:.1f} |" for k, v in s["latency_ms"].items()]
-    lines += ["", "Classical baseline: linearised Chen-rule Tikhonov inversion (`metrics.chen_tikhonov`). "
-              "Reproduce the tables with `stm-live evaluate --model stmnet`; LPIPS is not reported "
-              "(it needs ImageNet weights fetched at run time).", ""]
+    lines += [
+        "",
+        "Classical baseline: linearised Chen-rule Tikhonov inversion (`metrics.chen_tikhonov`). "
+        "Reproduce the tables with `stm-live evaluate --model stmnet`; LPIPS is not reported "
+        "(it needs ImageNet weights fetched at run time).",
+        "",
+    ]
     card = out.with_name("STMNET_MODEL_CARD.md") if out.name == "stmnet.pt" else out.with_suffix(".md")
     card.write_text("\n".join(lines))
     return card

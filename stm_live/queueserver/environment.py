@@ -27,8 +27,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["QueueSettings", "QueueEnvironment", "PauseReasons", "OperatorPrompt", "SETTINGS_ENV",
-           "PAUSED_KEY"]
+__all__ = ["QueueSettings", "QueueEnvironment", "PauseReasons", "OperatorPrompt", "SETTINGS_ENV", "PAUSED_KEY"]
 
 SETTINGS_ENV = "STM_LIVE_QUEUE"
 PAUSED_KEY = "stm_live_paused"
@@ -51,11 +50,12 @@ class QueueSettings:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] = os.environ) -> "QueueSettings":
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> QueueSettings:
         text = environ.get(SETTINGS_ENV)
         if not text:
-            raise ValueError(f"{SETTINGS_ENV} is not set: start the RE Manager with "
-                             "`stm-live queue start --profile FILE`")
+            raise ValueError(
+                f"{SETTINGS_ENV} is not set: start the RE Manager with `stm-live queue start --profile FILE`"
+            )
         try:
             return cls(**json.loads(text))
         except (TypeError, ValueError) as exc:
@@ -81,8 +81,7 @@ class PauseReasons:
         if self._previous is not None:
             self._previous(new, old)
         if new == "paused":
-            reason = self.reason or (self.RE.pause_msg if self.RE.pause_msg != self._default
-                                     else "paused on request")
+            reason = self.reason or (self.RE.pause_msg if self.RE.pause_msg != self._default else "paused on request")
             self.RE.md[PAUSED_KEY] = reason
             self.say(f"paused: {reason}")
         elif old == "paused":
@@ -119,8 +118,9 @@ class OperatorPrompt:
     def __call__(self, question: str) -> bool:
         from bluesky.utils import TransitionError
 
-        self.reasons.reason = (f"{question} Resume the plan to recondition as proposed; stop or abort "
-                               "it to end the frame.")
+        self.reasons.reason = (
+            f"{question} Resume the plan to recondition as proposed; stop or abort it to end the frame."
+        )
 
         def answer(seen):  # the first way out of the pause; or the plan ended unpaused
             left = [new for old, new in seen if old == "paused"]
@@ -159,15 +159,22 @@ class QueueEnvironment:
         self.profile = load_profile(settings.profile)
         self.RE = RE if RE is not None else RunEngine({})
         self.reasons = PauseReasons(self.RE, say)
-        self.stm = NanonisSTM(self.profile.host, self.profile.port, name="stm", profile=self.profile,
-                              timeout=self.profile.timeout_s)
+        self.stm = NanonisSTM(
+            self.profile.host, self.profile.port, name="stm", profile=self.profile, timeout=self.profile.timeout_s
+        )
         try:
             self.session = AcquisitionSession(
-                settings.data_dir, RE=self.RE, tiled=True, tiled_uri=settings.tiled_uri,
-                live=settings.live, device=settings.device, stm=self.stm,
+                settings.data_dir,
+                RE=self.RE,
+                tiled=True,
+                tiled_uri=settings.tiled_uri,
+                live=settings.live,
+                device=settings.device,
+                stm=self.stm,
                 tip_policy=settings.tip_policy or self.profile.tip_policy,
                 policy_options={"ask": OperatorPrompt(self.RE, self.reasons), "ask_timeout_s": ASK_TIMEOUT_S},
-                say=say)
+                say=say,
+            )
             # a stall or drop: the frame is suspended, reconnected, resumed; one line each
             self.session.watch(self.stm, say=say)
         except BaseException:

@@ -28,8 +28,10 @@ def queue_plans(profile, microscope: Callable[[], object]) -> dict[str, Callable
     """Name -> plan, for the startup namespace. ``microscope()`` returns the ``NanonisSTM``
     (called only when a plan runs: the lists of plans are written without a controller)."""
     limits = profile.limits
-    centre = (min(limits.center_x_range_m[0], limits.center_y_range_m[0]),
-              max(limits.center_x_range_m[1], limits.center_y_range_m[1]))
+    centre = (
+        min(limits.center_x_range_m[0], limits.center_y_range_m[0]),
+        max(limits.center_x_range_m[1], limits.center_y_range_m[1]),
+    )
     size = {"min": 0.0, "max": limits.max_frame_size_m}
     count = {"min": 1, "max": limits.max_pixels}
     bias = {"min": -limits.max_abs_bias_V, "max": limits.max_abs_bias_V}
@@ -39,18 +41,38 @@ def queue_plans(profile, microscope: Callable[[], object]) -> dict[str, Callable
     direction = {"annotation": "Direction", "enums": {"Direction": ["down", "up"]}}
     z_mode = {"annotation": "ZMode", "enums": {"ZMode": list(_plans.Z_MODES)}}
     xy = {"min": centre[0], "max": centre[1]}
-    frame_parameters = {"center_x_m": xy, "center_y_m": xy, "width_m": size, "height_m": size,
-                        "pixels": count, "lines": count, "channels": channels, "direction": direction}
+    frame_parameters = {
+        "center_x_m": xy,
+        "center_y_m": xy,
+        "width_m": size,
+        "height_m": size,
+        "pixels": count,
+        "lines": count,
+        "channels": channels,
+        "direction": direction,
+    }
 
-    @parameter_annotation_decorator({
-        "description": "One live frame: a run with an event per scan line.",
-        "parameters": {**frame_parameters, "z_controller": z_mode, "bias_V": bias, "setpoint_A": setpoint}})
-    def live_frame(width_m: float, pixels: int = 128, lines: int = 128, center_x_m: float = 0.0,
-                   center_y_m: float = 0.0, height_m: typing.Optional[float] = None, angle_deg: float = 0.0,
-                   channels: typing.List[str] = _DEFAULT_CHANNELS, direction: str = "down",
-                   z_controller: str = "constant_current", bias_V: typing.Optional[float] = None,
-                   setpoint_A: typing.Optional[float] = None,
-                   md: typing.Optional[typing.Dict[str, typing.Any]] = None):
+    @parameter_annotation_decorator(
+        {
+            "description": "One live frame: a run with an event per scan line.",
+            "parameters": {**frame_parameters, "z_controller": z_mode, "bias_V": bias, "setpoint_A": setpoint},
+        }
+    )
+    def live_frame(
+        width_m: float,
+        pixels: int = 128,
+        lines: int = 128,
+        center_x_m: float = 0.0,
+        center_y_m: float = 0.0,
+        height_m: float | None = None,
+        angle_deg: float = 0.0,
+        channels: list[str] = _DEFAULT_CHANNELS,
+        direction: str = "down",
+        z_controller: str = "constant_current",
+        bias_V: float | None = None,
+        setpoint_A: float | None = None,
+        md: dict[str, typing.Any] | None = None,
+    ):
         """One live frame: one run, an event per finished scan line.
 
         Parameters
@@ -76,18 +98,40 @@ def queue_plans(profile, microscope: Callable[[], object]) -> dict[str, Callable
         md : dict, optional
             Extra start-document metadata.
         """
-        return (yield from _plans.live_frame(
-            microscope(), frame=(center_x_m, center_y_m, width_m, height_m or width_m, angle_deg),
-            pixels=pixels, lines=lines, channels=list(channels), direction=direction,
-            z_controller=z_controller, bias=bias_V, setpoint=setpoint_A, md=md))
+        return (
+            yield from _plans.live_frame(
+                microscope(),
+                frame=(center_x_m, center_y_m, width_m, height_m or width_m, angle_deg),
+                pixels=pixels,
+                lines=lines,
+                channels=list(channels),
+                direction=direction,
+                z_controller=z_controller,
+                bias=bias_V,
+                setpoint=setpoint_A,
+                md=md,
+            )
+        )
 
-    @parameter_annotation_decorator({
-        "description": "A grid of live frames, one run each.",
-        "parameters": {"grid": xy, **{k: frame_parameters[k] for k in
-                                      ("width_m", "height_m", "pixels", "lines", "channels", "direction")}}})
-    def survey(grid: typing.List[typing.List[float]], width_m: float, pixels: int = 128, lines: int = 128,
-               height_m: typing.Optional[float] = None, channels: typing.List[str] = _DEFAULT_CHANNELS,
-               direction: str = "down", md: typing.Optional[typing.Dict[str, typing.Any]] = None):
+    @parameter_annotation_decorator(
+        {
+            "description": "A grid of live frames, one run each.",
+            "parameters": {
+                "grid": xy,
+                **{k: frame_parameters[k] for k in ("width_m", "height_m", "pixels", "lines", "channels", "direction")},
+            },
+        }
+    )
+    def survey(
+        grid: list[list[float]],
+        width_m: float,
+        pixels: int = 128,
+        lines: int = 128,
+        height_m: float | None = None,
+        channels: list[str] = _DEFAULT_CHANNELS,
+        direction: str = "down",
+        md: dict[str, typing.Any] | None = None,
+    ):
         """A grid of live frames, one run each (the whole grid is checked before the first).
 
         Parameters
@@ -110,25 +154,51 @@ def queue_plans(profile, microscope: Callable[[], object]) -> dict[str, Callable
         for centre_xy in grid:
             if len(centre_xy) != 2:
                 raise ValueError(f"survey grid: each centre is [x_m, y_m], got {list(centre_xy)}")
-        return (yield from _plans.survey(microscope(), grid, width_m=width_m, height_m=height_m,
-                                         pixels=pixels, lines=lines, channels=list(channels),
-                                         direction=direction, md=md))
+        return (
+            yield from _plans.survey(
+                microscope(),
+                grid,
+                width_m=width_m,
+                height_m=height_m,
+                pixels=pixels,
+                lines=lines,
+                channels=list(channels),
+                direction=direction,
+                md=md,
+            )
+        )
 
     def action_range(name: str) -> dict:
-        lo, hi = (min(r[name][1][0] for r in ACTION_KINDS.values() if name in r),
-                  max(r[name][1][1] for r in ACTION_KINDS.values() if name in r))
+        lo, hi = (
+            min(r[name][1][0] for r in ACTION_KINDS.values() if name in r),
+            max(r[name][1][1] for r in ACTION_KINDS.values() if name in r),
+        )
         return {"min": lo, "max": hi}
 
-    @parameter_annotation_decorator({
-        "description": "Recondition the tip at a clean site and come back.",
-        "parameters": {"method": {"annotation": "Method", "enums": {"Method": list(ACTION_KINDS)}},
-                       "site_x_m": xy, "site_y_m": xy, "bias_V": bias, "width_s": action_range("width_s"),
-                       "depth_m": action_range("depth_m"), "lift_time_s": action_range("lift_time_s")}})
-    def recondition_tip(method: str = "bias_pulse", site_x_m: typing.Optional[float] = None,
-                        site_y_m: typing.Optional[float] = None, bias_V: typing.Optional[float] = None,
-                        width_s: typing.Optional[float] = None, depth_m: typing.Optional[float] = None,
-                        lift_time_s: typing.Optional[float] = None,
-                        md: typing.Optional[typing.Dict[str, typing.Any]] = None):
+    @parameter_annotation_decorator(
+        {
+            "description": "Recondition the tip at a clean site and come back.",
+            "parameters": {
+                "method": {"annotation": "Method", "enums": {"Method": list(ACTION_KINDS)}},
+                "site_x_m": xy,
+                "site_y_m": xy,
+                "bias_V": bias,
+                "width_s": action_range("width_s"),
+                "depth_m": action_range("depth_m"),
+                "lift_time_s": action_range("lift_time_s"),
+            },
+        }
+    )
+    def recondition_tip(
+        method: str = "bias_pulse",
+        site_x_m: float | None = None,
+        site_y_m: float | None = None,
+        bias_V: float | None = None,
+        width_s: float | None = None,
+        depth_m: float | None = None,
+        lift_time_s: float | None = None,
+        md: dict[str, typing.Any] | None = None,
+    ):
         """Recondition the tip: a bias pulse or a poke at a clean site, then back.
 
         Parameters
@@ -153,19 +223,34 @@ def queue_plans(profile, microscope: Callable[[], object]) -> dict[str, Callable
 
     found = {"live_frame": live_frame, "survey": survey, "recondition_tip": recondition_tip}
     if hasattr(_plans, "bias_series"):
-        @parameter_annotation_decorator({
-            "description": "Frames of one area at a list of biases, one run each.",
-            "parameters": {**frame_parameters, "biases": bias, "z_controller": z_mode,
-                           "source_channel": {"annotation": "typing.Optional[Channel]",
-                                              "enums": {"Channel": channel_names}},
-                           "setpoint_A": setpoint}})
-        def bias_series(biases: typing.List[float], width_m: float, pixels: int = 128, lines: int = 128,
-                        center_x_m: float = 0.0, center_y_m: float = 0.0,
-                        height_m: typing.Optional[float] = None,
-                        channels: typing.List[str] = _DEFAULT_CHANNELS,
-                        source_channel: typing.Optional[str] = None, direction: str = "down",
-                        z_controller: str = "constant_current", setpoint_A: typing.Optional[float] = None,
-                        md: typing.Optional[typing.Dict[str, typing.Any]] = None):
+
+        @parameter_annotation_decorator(
+            {
+                "description": "Frames of one area at a list of biases, one run each.",
+                "parameters": {
+                    **frame_parameters,
+                    "biases": bias,
+                    "z_controller": z_mode,
+                    "source_channel": {"annotation": "typing.Optional[Channel]", "enums": {"Channel": channel_names}},
+                    "setpoint_A": setpoint,
+                },
+            }
+        )
+        def bias_series(
+            biases: list[float],
+            width_m: float,
+            pixels: int = 128,
+            lines: int = 128,
+            center_x_m: float = 0.0,
+            center_y_m: float = 0.0,
+            height_m: float | None = None,
+            channels: list[str] = _DEFAULT_CHANNELS,
+            source_channel: str | None = None,
+            direction: str = "down",
+            z_controller: str = "constant_current",
+            setpoint_A: float | None = None,
+            md: dict[str, typing.Any] | None = None,
+        ):
             """Frames of one area at a list of biases, one live frame run each.
 
             Parameters
@@ -191,26 +276,57 @@ def queue_plans(profile, microscope: Callable[[], object]) -> dict[str, Callable
             md : dict, optional
                 Extra metadata for every frame.
             """
-            return (yield from _plans.bias_series(
-                microscope(), biases, frame=(center_x_m, center_y_m, width_m, height_m or width_m, 0.0),
-                pixels=pixels, lines=lines, channels=list(channels), source_channel=source_channel,
-                direction=direction, z_controller=z_controller, setpoint=setpoint_A, md=md))
+            return (
+                yield from _plans.bias_series(
+                    microscope(),
+                    biases,
+                    frame=(center_x_m, center_y_m, width_m, height_m or width_m, 0.0),
+                    pixels=pixels,
+                    lines=lines,
+                    channels=list(channels),
+                    source_channel=source_channel,
+                    direction=direction,
+                    z_controller=z_controller,
+                    setpoint=setpoint_A,
+                    md=md,
+                )
+            )
 
         found["bias_series"] = bias_series
     if hasattr(_plans, "grid_spectroscopy"):
-        @parameter_annotation_decorator({
-            "description": "Bias spectroscopy over a grid: one run, an event per point.",
-            "parameters": {"center_x_m": xy, "center_y_m": xy, "width_m": size, "height_m": size,
-                           "nx": count, "ny": count, "sweep_start_V": bias, "sweep_end_V": bias,
-                           "sweep_points": {"min": 2, "max": 65536}, "sweeps": {"min": 1, "max": 1000}}})
-        def grid_spectroscopy(width_m: float, nx: int, ny: int, center_x_m: float = 0.0,
-                              center_y_m: float = 0.0, height_m: typing.Optional[float] = None,
-                              sweep_start_V: typing.Optional[float] = None,
-                              sweep_end_V: typing.Optional[float] = None,
-                              sweep_points: typing.Optional[int] = None,
-                              channels: typing.Optional[typing.List[str]] = None,
-                              backward: typing.Optional[bool] = None, sweeps: typing.Optional[int] = None,
-                              md: typing.Optional[typing.Dict[str, typing.Any]] = None):
+
+        @parameter_annotation_decorator(
+            {
+                "description": "Bias spectroscopy over a grid: one run, an event per point.",
+                "parameters": {
+                    "center_x_m": xy,
+                    "center_y_m": xy,
+                    "width_m": size,
+                    "height_m": size,
+                    "nx": count,
+                    "ny": count,
+                    "sweep_start_V": bias,
+                    "sweep_end_V": bias,
+                    "sweep_points": {"min": 2, "max": 65536},
+                    "sweeps": {"min": 1, "max": 1000},
+                },
+            }
+        )
+        def grid_spectroscopy(
+            width_m: float,
+            nx: int,
+            ny: int,
+            center_x_m: float = 0.0,
+            center_y_m: float = 0.0,
+            height_m: float | None = None,
+            sweep_start_V: float | None = None,
+            sweep_end_V: float | None = None,
+            sweep_points: int | None = None,
+            channels: list[str] | None = None,
+            backward: bool | None = None,
+            sweeps: int | None = None,
+            md: dict[str, typing.Any] | None = None,
+        ):
             """Bias spectroscopy over a grid of nx x ny points: one run, an event per point.
 
             Parameters
@@ -238,12 +354,19 @@ def queue_plans(profile, microscope: Callable[[], object]) -> dict[str, Callable
             """
             sweep = (sweep_start_V, sweep_end_V, sweep_points)
             if any(v is None for v in sweep) and any(v is not None for v in sweep):
-                raise ValueError("grid_spectroscopy: give sweep_start_V, sweep_end_V and sweep_points, "
-                                 "or none of them")
-            return (yield from _plans.grid_spectroscopy(
-                microscope(), frame=(center_x_m, center_y_m, width_m, height_m or width_m, 0.0),
-                shape=(nx, ny), sweep=None if sweep[0] is None else sweep, channels=channels,
-                backward=backward, sweeps=sweeps, md=md))
+                raise ValueError("grid_spectroscopy: give sweep_start_V, sweep_end_V and sweep_points, or none of them")
+            return (
+                yield from _plans.grid_spectroscopy(
+                    microscope(),
+                    frame=(center_x_m, center_y_m, width_m, height_m or width_m, 0.0),
+                    shape=(nx, ny),
+                    sweep=None if sweep[0] is None else sweep,
+                    channels=channels,
+                    backward=backward,
+                    sweeps=sweeps,
+                    md=md,
+                )
+            )
 
         found["grid_spectroscopy"] = grid_spectroscopy
     return found

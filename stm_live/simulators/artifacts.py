@@ -109,7 +109,7 @@ def spikes(image, rate: float, amplitude: float, rng) -> np.ndarray:
     heights = _amplitude("amplitude", amplitude) * (0.5 + gen.random(count))
     flat = out.reshape(-1)
     for start, length, h in zip(starts, lengths, heights):
-        flat[start:start + length] += h
+        flat[start : start + length] += h
     return out
 
 
@@ -121,5 +121,5 @@ def tip_change(before, after, line: int) -> np.ndarray:
     if int(line) != line or not 0 <= line <= b.shape[0]:
         raise ValueError(f"line must be a row index in [0, {b.shape[0]}], got {line}")
     out = np.array(b, copy=True)
-    out[int(line):] = c[int(line):]
+    out[int(line) :] = c[int(line) :]
     return out

@@ -43,17 +43,29 @@ import struct
 import threading
 import zlib
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 
 from stm_live.devices import protocol as P
 from stm_live.simulators.server import start_server_thread
 
-__all__ = ["CassetteError", "Cassette", "Pair", "Recording", "RecordingWriter", "REDACTED_FIELDS",
-           "read_recording", "redact", "replay_test", "FORMAT_VERSION", "MAGIC"]
+__all__ = [
+    "CassetteError",
+    "Cassette",
+    "Pair",
+    "Recording",
+    "RecordingWriter",
+    "REDACTED_FIELDS",
+    "read_recording",
+    "redact",
+    "replay_test",
+    "FORMAT_VERSION",
+    "MAGIC",
+]
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +97,7 @@ class Pair:
 
     @property
     def wants_reply(self) -> bool:
-        return self.request is not None and P.parse_request_header(self.request[:P.HEADER_SIZE])[2]
+        return self.request is not None and P.parse_request_header(self.request[: P.HEADER_SIZE])[2]
 
 
 @dataclass
@@ -103,13 +115,13 @@ class Recording:
     def __post_init__(self):
         for kind, meta, blobs in self.records:
             if kind == "pair":
-                self.pairs.append(Pair(meta["conn"], meta["t"], meta["name"], blobs[0], blobs[1],
-                                       meta.get("reply_s")))
+                self.pairs.append(Pair(meta["conn"], meta["t"], meta["name"], blobs[0], blobs[1], meta.get("reply_s")))
             elif kind == "open":
                 self.connections[meta["conn"]] = dict(meta)
             elif kind == "close":
-                self.connections.setdefault(meta["conn"], {}).update(closed=meta["t"], by=meta["by"],
-                                                                     why=meta.get("why", ""))
+                self.connections.setdefault(meta["conn"], {}).update(
+                    closed=meta["t"], by=meta["by"], why=meta.get("why", "")
+                )
             elif kind == "release" and self.release is None:
                 self.release = meta
 
@@ -150,8 +162,7 @@ class RecordingWriter:
         try:
             self._fh = open(self.path, "xb", buffering=0)  # unbuffered: each record reaches the OS whole
         except FileExistsError:
-            raise CassetteError(f"{self.path}: exists; a recording is never overwritten, "
-                                "choose another name") from None
+            raise CassetteError(f"{self.path}: exists; a recording is never overwritten, choose another name") from None
         self.records = 0
         self.error: OSError | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -201,9 +212,9 @@ class RecordingWriter:
         if done < total:  # a partial write: the rest, in order
             rest = memoryview(b"".join(parts))[done:]
             while rest:
-                rest = rest[os.write(fd, rest):]
+                rest = rest[os.write(fd, rest) :]
 
-    def __enter__(self) -> "RecordingWriter":
+    def __enter__(self) -> RecordingWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -225,12 +236,13 @@ def read_recording(path: str | os.PathLike) -> Recording:
     with fh:
         head = fh.read(_FILE_HEADER.size)
         if len(head) < _FILE_HEADER.size or head[:4] != MAGIC:
-            raise CassetteError(f"{path}: not a stm-live session recording (starts {head[:8]!r}, "
-                                f"not {MAGIC!r})")
+            raise CassetteError(f"{path}: not a stm-live session recording (starts {head[:8]!r}, not {MAGIC!r})")
         _, version, _ = _FILE_HEADER.unpack(head)
         if version != FORMAT_VERSION:
-            raise CassetteError(f"{path}: format version {version}; this stm-live reads version "
-                                f"{FORMAT_VERSION} (a newer stm-live wrote it)")
+            raise CassetteError(
+                f"{path}: format version {version}; this stm-live reads version "
+                f"{FORMAT_VERSION} (a newer stm-live wrote it)"
+            )
         records, warning = _read_records(fh, path)
     if warning:
         log.warning("%s", warning)
@@ -267,17 +279,21 @@ def _read_records(fh, path: Path) -> tuple[list, str | None]:
         if defect:
             # a crash leaves only a torn last record (and reserved space) behind it
             if _intact_record_in(fh, pos + 1):
-                raise CassetteError(f"{path}: record {len(records)} at byte {pos} is damaged ({defect}), "
-                                    "and intact records follow it")
-            return records, (f"{path}: ends in {defect} at byte {pos} (the recorder stopped while writing "
-                             f"it); dropped it, kept {len(records)} records")
+                raise CassetteError(
+                    f"{path}: record {len(records)} at byte {pos} is damaged ({defect}), and intact records follow it"
+                )
+            return records, (
+                f"{path}: ends in {defect} at byte {pos} (the recorder stopped while writing "
+                f"it); dropped it, kept {len(records)} records"
+            )
         try:
             kind, meta, *blobs = msgpack.unpackb(payload, raw=False)
             if not isinstance(kind, str) or not isinstance(meta, dict):
                 raise TypeError("not [kind, meta, ...]")
         except Exception as exc:
-            raise CassetteError(f"{path}: record {len(records)} at byte {pos} is not a session record "
-                                f"({type(exc).__name__}: {exc})") from None
+            raise CassetteError(
+                f"{path}: record {len(records)} at byte {pos} is not a session record ({type(exc).__name__}: {exc})"
+            ) from None
         records.append((kind, meta, blobs))
         pos = end
     return records, None
@@ -293,7 +309,7 @@ def _intact_record_in(fh, start: int) -> bool:
         if at < 0:
             continue
         length, crc = _RECORD.unpack_from(rest, at)
-        if length <= len(rest) - m.start() and zlib.crc32(rest[m.start():m.start() + length]) == crc:
+        if length <= len(rest) - m.start() and zlib.crc32(rest[m.start() : m.start() + length]) == crc:
             return True
     return False
 
@@ -304,8 +320,11 @@ def _intact_record_in(fh, start: int) -> bool:
 # Scan.WaitEndOfScan, settings, layouts, hysteresis files), scan comments (Scan.PropsGet/Set)
 # and paths of the lab's own VIs (FolMe/Pattern PSProps).
 REDACTED_FIELDS = frozenset({"path", "comment", "external_vi"})
-_REDACTABLE = {name for name, layouts in P.LAYOUTS.items()
-               if any(f.name in REDACTED_FIELDS for c in layouts for f in c.request + c.response)}
+_REDACTABLE = {
+    name
+    for name, layouts in P.LAYOUTS.items()
+    if any(f.name in REDACTED_FIELDS for c in layouts for f in c.request + c.response)
+}
 
 
 def _blanked(name: str, message: bytes | None, side: str) -> tuple[bytes | None, list[str]]:
@@ -313,7 +332,7 @@ def _blanked(name: str, message: bytes | None, side: str) -> tuple[bytes | None,
     reads it exactly; (message, names of the fields emptied)."""
     if message is None or name not in _REDACTABLE:
         return message, []
-    body = message[P.HEADER_SIZE:]
+    body = message[P.HEADER_SIZE :]
     layouts = P.LAYOUTS[name] + ((P.PROPS_GET_EXTENDED,) if name == "Scan.PropsGet" else ())
     for cmd in layouts:
         fields = getattr(cmd, side)
@@ -330,7 +349,7 @@ def _blanked(name: str, message: bytes | None, side: str) -> tuple[bytes | None,
                 return message, []
             values.update(dict.fromkeys(hit, ""))
             new = P.encode_body(candidate, values) + body[end:]
-            return message[:_SIZE.start] + struct.pack(">i", len(new)) + message[_SIZE.stop:P.HEADER_SIZE] + new, hit
+            return message[: _SIZE.start] + struct.pack(">i", len(new)) + message[_SIZE.stop : P.HEADER_SIZE] + new, hit
     return message, []
 
 
@@ -368,8 +387,7 @@ class Cassette:
 
     HOW = ("exact", "repeated", "command", "simulator", "missed")
 
-    def __init__(self, recording: Recording | str | os.PathLike, *, fallback: bool = False,
-                 release: int | None = None):
+    def __init__(self, recording: Recording | str | os.PathLike, *, fallback: bool = False, release: int | None = None):
         self.recording = recording if isinstance(recording, Recording) else read_recording(recording)
         self.fallback = fallback
         self.release = release or self.recording.nanonis_release or P.DEFAULT_RELEASE
@@ -393,8 +411,7 @@ class Cassette:
 
     def describe(self) -> str:
         rest = "the simulator answers the rest" if self.fallback else "nothing else"
-        return (f"cassette {self.recording.path.name}: {len(self)} replies to {len(self._by_name)} "
-                f"commands, {rest}")
+        return f"cassette {self.recording.path.name}: {len(self)} replies to {len(self._by_name)} commands, {rest}"
 
     def _first_unused(self, key, index: list[int]) -> int | None:
         k = self._cursor[key]
@@ -430,8 +447,12 @@ class Cassette:
             command = P.command_for(name, self.release)
         except P.UnknownCommandError:
             command = P.Command(name)
-        return P.pack_response(name, None, command=command,
-                               error=f"{name}: not in the recording {self.recording.path.name} (stm-live cassette)")
+        return P.pack_response(
+            name,
+            None,
+            command=command,
+            error=f"{name}: not in the recording {self.recording.path.name} (stm-live cassette)",
+        )
 
 
 @dataclass
@@ -443,8 +464,9 @@ class Replay:
     misses: list[str]
 
 
-def replay_test(path: str | os.PathLike, client: Callable[[str, int], Any], *, exact: bool = True,
-                **server_options) -> Replay:
+def replay_test(
+    path: str | os.PathLike, client: Callable[[str, int], Any], *, exact: bool = True, **server_options
+) -> Replay:
     """Serve the recording ``path`` on 127.0.0.1 and run ``client(host, port)`` against it
     (a function driving any client library): a shared recording as a regression test.
 
@@ -463,5 +485,6 @@ def replay_test(path: str | os.PathLike, client: Callable[[str, int], Any], *, e
         raise AssertionError(
             f"{Path(path).name}: {wrong} of {asked} requests not answered {'exactly ' if exact else ''}from the "
             f"recording ({', '.join(f'{k} {v}' for k, v in c.items() if v)}; not recorded: "
-            f"{', '.join(sorted(set(cassette.misses))) or 'none'})")
+            f"{', '.join(sorted(set(cassette.misses))) or 'none'})"
+        )
     return Replay(result, c, cassette.misses)

@@ -38,10 +38,11 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -89,6 +90,7 @@ __all__ = [
     "SimulatedController",
 ]
 
+
 def _signal_names() -> list[str]:
     names = [f"Internal {i} (V)" for i in range(128)]
     names[0] = "Current (A)"
@@ -118,8 +120,16 @@ def _signal_names() -> list[str]:
 SIGNAL_NAMES: tuple[str, ...] = tuple(_signal_names())
 
 # Tip presets -> the tip classifier's classes (models/tipstate.py TIP_CLASSES).
-_LABELS = {"co": "co_sharp", "coherent_co": "co_sharp", "s": "metal_s", "mixed": "mixed",
-           "tilted_co": "asymmetric", "asymmetric": "asymmetric", "double": "double", "blunt": "blunt"}
+_LABELS = {
+    "co": "co_sharp",
+    "coherent_co": "co_sharp",
+    "s": "metal_s",
+    "mixed": "mixed",
+    "tilted_co": "asymmetric",
+    "asymmetric": "asymmetric",
+    "double": "double",
+    "blunt": "blunt",
+}
 _GOOD_TIPS = ("co", "coherent_co", "s", "mixed")
 # Used when a scenario leaves reconditioning unspecified.
 DEFAULT_RECONDITION = {
@@ -161,8 +171,15 @@ class SimulatedController:
         Real-time source in seconds (monotonic); injectable for tests.
     """
 
-    def __init__(self, scenario=None, *, replay=None, seed: int = 0, time_scale: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        scenario=None,
+        *,
+        replay=None,
+        seed: int = 0,
+        time_scale: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         if not (isinstance(time_scale, (int, float)) and math.isfinite(time_scale) and time_scale > 0):
             raise ValueError(f"time_scale must be a positive number, got {time_scale!r}")
         self._lock = threading.RLock()
@@ -194,22 +211,37 @@ class SimulatedController:
         self._z_m = self.z_home_m  # used while the controller is off
         # Scan settings (SI)
         f = sc.frame
-        self.frame = (f.center_x_nm * 1e-9, f.center_y_nm * 1e-9, f.width_nm * 1e-9,
-                      f.height_nm * 1e-9, f.angle_deg)
+        self.frame = (f.center_x_nm * 1e-9, f.center_y_nm * 1e-9, f.width_nm * 1e-9, f.height_nm * 1e-9, f.angle_deg)
         self.channel_indexes: list[int] = list(sc.channels)
         self.pixels, self.lines = f.pixels, f.lines
         self.direction = f.direction
-        self.props = {"continuous": 0, "bouncy": 0, "autosave": 2, "series_name": "stm_live_",
-                      "comment": "", "modules": [], "autopaste": 2}
+        self.props = {
+            "continuous": 0,
+            "bouncy": 0,
+            "autosave": 2,
+            "series_name": "stm_live_",
+            "comment": "",
+            "modules": [],
+            "autopaste": 2,
+        }
         self._keep_time = True  # keep time per line constant
         self._t_fwd = self._t_bwd = float(sc.time_per_line_s)
         self._speed_ratio = 1.0
         self.folme_xy = (self.frame[0], self.frame[1])
         self.folme_speed = (50e-9, 0)
         self.tip_shaper_props = {
-            "switch_off_delay": 0.05, "change_bias": 0, "bias": -1.0, "tip_lift": -0.3e-9,
-            "lift_time_1": 0.1, "bias_lift": 2.0, "bias_settling_time": 0.05, "lift_height": 1.0e-9,
-            "lift_time_2": 0.1, "end_wait_time": 0.05, "restore_feedback": 1}
+            "switch_off_delay": 0.05,
+            "change_bias": 0,
+            "bias": -1.0,
+            "tip_lift": -0.3e-9,
+            "lift_time_1": 0.1,
+            "bias_lift": 2.0,
+            "bias_settling_time": 0.05,
+            "lift_height": 1.0e-9,
+            "lift_time_2": 0.1,
+            "end_wait_time": 0.05,
+            "restore_feedback": 1,
+        }
         self.motor_position = [0.0, 0.0, 0.0]
         self.modules = ModuleState()  # the other modules' settings (simulators/modules.py)
 
@@ -366,8 +398,11 @@ class SimulatedController:
         if lockin is None or self.renderer is None:
             return 0.0
         x, y = self._sample_point()
-        z_nm = (self.renderer.point_height_nm(x, y, self.tip, self.bias_V, self.setpoint_A) if self.z_ctrl_on
-                else (self._z_m + self._tilt_plane_m()) * 1e9)
+        z_nm = (
+            self.renderer.point_height_nm(x, y, self.tip, self.bias_V, self.setpoint_A)
+            if self.z_ctrl_on
+            else (self._z_m + self._tilt_plane_m()) * 1e9
+        )
         didv = self.renderer.point_didv(x, y, self.tip, self.bias_V, z_nm)
         return float(lockin_outputs(didv, lockin)[index - LI_X_INDEX])
 
@@ -448,11 +483,13 @@ class SimulatedController:
             # Paused/frozen scans allow it (reconditioning elsewhere mid-frame); resume
             # continues the frame where it stopped.
             if self._state == "scanning":
-                raise ControllerError("cannot move the tip with Follow Me while a scan is running; "
-                                      "pause or stop it first")
+                raise ControllerError(
+                    "cannot move the tip with Follow Me while a scan is running; pause or stop it first"
+                )
             if self.modules.experiment is not None:
-                raise ControllerError("cannot move the tip with Follow Me while a Pattern experiment runs; "
-                                      "Pattern.ExpStop it first")
+                raise ControllerError(
+                    "cannot move the tip with Follow Me while a Pattern experiment runs; Pattern.ExpStop it first"
+                )
             x0, y0 = self.tip_position()
             self.folme_xy = (x_m, y_m)
             speed = self.folme_speed[0] if self.folme_speed[1] else self.frame[2] / self._t_fwd
@@ -468,8 +505,9 @@ class SimulatedController:
     # ------------------------------------------------------------------ scan settings
 
     def frame_set(self, cx, cy, w, h, angle) -> None:
-        vals = [_finite(v, n) for v, n in zip((cx, cy, w, h, angle),
-                                               ("centre X", "centre Y", "width", "height", "angle"))]
+        vals = [
+            _finite(v, n) for v, n in zip((cx, cy, w, h, angle), ("centre X", "centre Y", "width", "height", "angle"))
+        ]
         if vals[2] <= 0 or vals[3] <= 0 or vals[2] > 1e-5 or vals[3] > 1e-5:
             raise ControllerError(f"frame size {vals[2]} x {vals[3]} m must be in (0, 10 um]")
         with self._lock:
@@ -500,13 +538,16 @@ class SimulatedController:
             chans = list(dict.fromkeys(chans))
             size = len(chans) * pixels * lines * 2 * 4  # float32, forward + backward
             if size > MAX_BUFFER_BYTES:
-                raise ControllerError(f"scan buffer of {len(chans)} channels x {pixels} x {lines} needs "
-                                      f"{size >> 20} MiB; the simulator allows {MAX_BUFFER_BYTES >> 20} MiB")
+                raise ControllerError(
+                    f"scan buffer of {len(chans)} channels x {pixels} x {lines} needs "
+                    f"{size >> 20} MiB; the simulator allows {MAX_BUFFER_BYTES >> 20} MiB"
+                )
             self.channel_indexes = chans
             self.pixels, self.lines = pixels, lines
 
-    def props_set(self, continuous: int, bouncy: int, autosave: int, series_name: str, comment: str,
-                  modules, autopaste: int = 0) -> None:
+    def props_set(
+        self, continuous: int, bouncy: int, autosave: int, series_name: str, comment: str, modules, autopaste: int = 0
+    ) -> None:
         with self._lock:
             p = self.props
             if continuous in (1, 2):
@@ -540,9 +581,14 @@ class SimulatedController:
 
     def speed_get(self) -> dict:
         w = self.frame[2]
-        return {"fwd_speed": w / self._t_fwd, "bwd_speed": w / self._t_bwd, "fwd_time": self._t_fwd,
-                "bwd_time": self._t_bwd, "keep_constant": 1 if self._keep_time else 0,
-                "speed_ratio": self._speed_ratio}
+        return {
+            "fwd_speed": w / self._t_fwd,
+            "bwd_speed": w / self._t_bwd,
+            "fwd_time": self._t_fwd,
+            "bwd_time": self._t_bwd,
+            "keep_constant": 1 if self._keep_time else 0,
+            "speed_ratio": self._speed_ratio,
+        }
 
     def _replay_fixed(self, what: str) -> None:
         if self.replay is not None:
@@ -584,27 +630,47 @@ class SimulatedController:
         if self.modules.experiment is not None:
             raise ControllerError("a Pattern experiment is running: Pattern.ExpStop it before scanning")
         if self.replay is not None and not hasattr(self.replay, "rows"):
-            raise ControllerError(f"replaying {self.replay.name}, a grid: there is no scan to replay; "
-                                  "BiasSpectr.Start at its points answers the recorded sweeps")
+            raise ControllerError(
+                f"replaying {self.replay.name}, a grid: there is no scan to replay; "
+                "BiasSpectr.Start at its points answers the recorded sweeps"
+            )
         if self.replay is not None:  # rows come in the recording's order
             direction = self.replay.direction
         self.direction = direction
         self.frame_index += 1
-        self._scan = {"frame": tuple(self.frame), "pixels": self.pixels, "lines": self.lines,
-                      "direction": direction, "channels": list(self.channel_indexes),
-                      "t_fwd": self._t_fwd, "t_bwd": self._t_bwd, "frame_index": self.frame_index,
-                      "shift": self.sample_shift_m(), "drift_v": self._drift_velocity()}
-        self._buffers = {c: (np.full((self.lines, self.pixels), np.nan, np.float32),
-                             np.full((self.lines, self.pixels), np.nan, np.float32))
-                         for c in self._scan["channels"]}
+        self._scan = {
+            "frame": tuple(self.frame),
+            "pixels": self.pixels,
+            "lines": self.lines,
+            "direction": direction,
+            "channels": list(self.channel_indexes),
+            "t_fwd": self._t_fwd,
+            "t_bwd": self._t_bwd,
+            "frame_index": self.frame_index,
+            "shift": self.sample_shift_m(),
+            "drift_v": self._drift_velocity(),
+        }
+        self._buffers = {
+            c: (
+                np.full((self.lines, self.pixels), np.nan, np.float32),
+                np.full((self.lines, self.pixels), np.nan, np.float32),
+            )
+            for c in self._scan["channels"]
+        }
         if self._frame_rows is not None:
             self._frame_rows.close()
         self._frame_rows = None
         # The first block renders now (or first, in the background: the clock holds until it
         # is there), so the first line is never late.
         if self.renderer is not None:
-            self._frame_rows = FrameRows(self.renderer, self._scan, self.seed, self._render_settings(),
-                                         executor=self._render_pool, on_ready=self._rows_landed)
+            self._frame_rows = FrameRows(
+                self.renderer,
+                self._scan,
+                self.seed,
+                self._render_settings(),
+                executor=self._render_pool,
+                on_ready=self._rows_landed,
+            )
         self._held = self._frame_rows is not None and not self._frame_rows.first_ready
         self._halves_done = 0
         self._line_begun = -1
@@ -717,12 +783,22 @@ class SimulatedController:
                 channels[name] = {"forward": fw.copy(), "backward": bw[:, ::-1].copy()}
                 units[name], idx[name] = unit, c
             cx, cy, w, h, ang = g["frame"]
-            scan = scan_from_frames(channels, units=units, center_x_m=cx, center_y_m=cy, width_m=w,
-                                    height_m=h, angle_deg=ang, direction=g["direction"], bias_V=self.bias_V,
-                                    setpoint_A=self.setpoint_A,
-                                    z_controller="constant_current" if self.z_ctrl_on else "constant_height",
-                                    acq_time_s=g["lines"] * (g["t_fwd"] + g["t_bwd"]),
-                                    comment=self.props["comment"], signal_indexes=idx)
+            scan = scan_from_frames(
+                channels,
+                units=units,
+                center_x_m=cx,
+                center_y_m=cy,
+                width_m=w,
+                height_m=h,
+                angle_deg=ang,
+                direction=g["direction"],
+                bias_V=self.bias_V,
+                setpoint_A=self.setpoint_A,
+                z_controller="constant_current" if self.z_ctrl_on else "constant_height",
+                acq_time_s=g["lines"] * (g["t_fwd"] + g["t_bwd"]),
+                comment=self.props["comment"],
+                signal_indexes=idx,
+            )
             return write_sxm(self.next_save_path(self.props["series_name"], ".sxm"), scan)
 
     def next_save_path(self, base: str, suffix: str):
@@ -741,8 +817,16 @@ class SimulatedController:
     # ------------------------------------------------------------------ images
 
     def _render_settings(self) -> RenderSettings:
-        return RenderSettings(self.tip, self.bias_V, self.z_ctrl_on, self.setpoint_A, round(self._z_m, 15),
-                              self.lockin(), self.tilt(), self.loop_lag_s())
+        return RenderSettings(
+            self.tip,
+            self.bias_V,
+            self.z_ctrl_on,
+            self.setpoint_A,
+            round(self._z_m, 15),
+            self.lockin(),
+            self.tilt(),
+            self.loop_lag_s(),
+        )
 
     @property
     def render_pool(self) -> ThreadPoolExecutor | None:
@@ -827,8 +911,7 @@ class SimulatedController:
         """(signal name, (lines, pixels) wire-orientation copy, scan direction)."""
         with self._lock:
             if channel_index not in self.channel_indexes and channel_index not in self._buffers:
-                raise ControllerError(f"channel {channel_index} is not in the scan buffer "
-                                      f"{self.channel_indexes}")
+                raise ControllerError(f"channel {channel_index} is not in the scan buffer {self.channel_indexes}")
             if channel_index not in self._buffers:  # configured, not yet scanned
                 data = np.full((self.lines, self.pixels), np.nan, np.float32)
             else:
@@ -905,9 +988,16 @@ class SimulatedController:
             self.unstable_lines_left = 0
         if self.tip_name in _GOOD_TIPS and self.unstable_lines_left == 0:
             self._last_good = self.tip_name
-        self.tip_history.append({
-            "sim_time_s": self.sim_time_s, "frame": self.frame_index,
-            "line": line, "before": before, "after": self.tip_label, "cause": cause})
+        self.tip_history.append(
+            {
+                "sim_time_s": self.sim_time_s,
+                "frame": self.frame_index,
+                "line": line,
+                "before": before,
+                "after": self.tip_label,
+                "cause": cause,
+            }
+        )
 
     def _evolve_tip(self, line: int) -> None:
         ev = self.scenario.evolution
@@ -941,8 +1031,13 @@ class SimulatedController:
                 outcome = "unchanged"
         elif outcome != "unchanged":
             self._set_tip(outcome, action, line)
-        record = {"sim_time_s": self.sim_time_s, "action": action, "outcome": outcome,
-                  "before": before, "after": self.tip_label}
+        record = {
+            "sim_time_s": self.sim_time_s,
+            "action": action,
+            "outcome": outcome,
+            "before": before,
+            "after": self.tip_label,
+        }
         self.recondition_log.append(record)
         return record
 
@@ -983,8 +1078,10 @@ class SimulatedController:
             self._recondition(action)
             if not p["restore_feedback"]:
                 self.z_ctrl_on = False
-            return sum(max(0.0, p[k]) for k in ("switch_off_delay", "lift_time_1", "bias_settling_time",
-                                                 "lift_time_2", "end_wait_time"))
+            return sum(
+                max(0.0, p[k])
+                for k in ("switch_off_delay", "lift_time_1", "bias_settling_time", "lift_time_2", "end_wait_time")
+            )
 
 
 def _finite(value, what: str) -> float:

@@ -44,8 +44,8 @@ import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from stm_live.devices import protocol as P
 
@@ -222,7 +222,7 @@ class FaultLayer:
     # ------------------------------------------------------------------ faults
 
     async def _stall(self, link: Link, data: bytes) -> None:
-        values, status, _ = P.decode_response_body("Scan.WaitEndOfLine", data[P.HEADER_SIZE:])
+        values, status, _ = P.decode_response_body("Scan.WaitEndOfLine", data[P.HEADER_SIZE :])
         if status or values["timed_out"] or values["movement"] not in _LINE_EVENTS:
             return
         for i, f in self._stalls:

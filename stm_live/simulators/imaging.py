@@ -68,10 +68,19 @@ class ScanFrame:
         return self.height_nm / self.lines
 
     @classmethod
-    def from_si(cls, center_x_m, center_y_m, width_m, height_m, angle_deg=0.0, pixels=128, lines=128,
-                direction="down") -> "ScanFrame":
-        return cls(center_x_m * 1e9, center_y_m * 1e9, width_m * 1e9, height_m * 1e9,
-                   float(angle_deg), int(pixels), int(lines), direction)
+    def from_si(
+        cls, center_x_m, center_y_m, width_m, height_m, angle_deg=0.0, pixels=128, lines=128, direction="down"
+    ) -> ScanFrame:
+        return cls(
+            center_x_m * 1e9,
+            center_y_m * 1e9,
+            width_m * 1e9,
+            height_m * 1e9,
+            float(angle_deg),
+            int(pixels),
+            int(lines),
+            direction,
+        )
 
     def local_grid(self) -> tuple[np.ndarray, np.ndarray]:
         """Frame-axis coordinates (u right, v up) of pixel centres, internal orientation."""
@@ -145,12 +154,14 @@ def clear_of_others(name: str, x_nm: float, y_nm: float, others) -> bool:
     """Whether molecule ``name`` centred at (x, y) keeps :data:`MOLECULE_GAP_NM` from each
     ``(name, x_nm, y_nm)`` in ``others`` (random scenes place molecules with this test)."""
     r = molecule(name).radius_nm
-    return all(math.hypot(x_nm - x, y_nm - y) > r + molecule(other).radius_nm + MOLECULE_GAP_NM
-               for other, x, y in others)
+    return all(
+        math.hypot(x_nm - x, y_nm - y) > r + molecule(other).radius_nm + MOLECULE_GAP_NM for other, x, y in others
+    )
 
 
-def scatter_molecules(rng: np.random.Generator, names, half_extent_nm, *, orbital: str | None = None,
-                      tries: int = 12) -> list[Placement]:
+def scatter_molecules(
+    rng: np.random.Generator, names, half_extent_nm, *, orbital: str | None = None, tries: int = 12
+) -> list[Placement]:
     """Placements of ``names`` at random rotations, the i-th uniform within ±``half_extent_nm(i)``
     (x and y half widths, nm), each clear of those before it (:func:`clear_of_others`); a
     molecule that finds no room in ``tries`` draws is left out."""
@@ -246,8 +257,9 @@ def _blur(image: np.ndarray, frame: ScanFrame, tip: TipState) -> np.ndarray:
     return gaussian_filter(image, sigma=sigma, mode="nearest")
 
 
-def signal_image(placements, frame: ScanFrame, tip: TipState, *, z_nm, bias_V: float,
-                 substrate: Substrate | None = None) -> np.ndarray:
+def signal_image(
+    placements, frame: ScanFrame, tip: TipState, *, z_nm, bias_V: float, substrate: Substrate | None = None
+) -> np.ndarray:
     """Dimensionless tunnelling signal S (float64) at height z_nm (scalar or per pixel)."""
     items = check_placements(placements)
     check_height(z_nm)
@@ -263,17 +275,26 @@ def signal_image(placements, frame: ScanFrame, tip: TipState, *, z_nm, bias_V: f
     return _blur(total, frame, tip)
 
 
-def constant_height_image(placements, frame: ScanFrame, tip: TipState, *, z_nm: float, bias_V: float,
-                          substrate: Substrate | None = None) -> np.ndarray:
+def constant_height_image(
+    placements, frame: ScanFrame, tip: TipState, *, z_nm: float, bias_V: float, substrate: Substrate | None = None
+) -> np.ndarray:
     """Tunnelling current (A) at constant tip height ``z_nm`` above the molecular plane."""
     orbital_for_bias(bias_V)
     signal = signal_image(placements, frame, tip, z_nm=z_nm, bias_V=bias_V, substrate=substrate)
     return (CURRENT_SCALE_A_PER_V * abs(bias_V) * signal).astype(np.float32)
 
 
-def constant_current_image(placements, frame: ScanFrame, tip: TipState, *, setpoint_A: float, bias_V: float,
-                           substrate: Substrate | None = None, tol_nm: float = 1e-5,
-                           max_iter: int = 30) -> np.ndarray:
+def constant_current_image(
+    placements,
+    frame: ScanFrame,
+    tip: TipState,
+    *,
+    setpoint_A: float,
+    bias_V: float,
+    substrate: Substrate | None = None,
+    tol_nm: float = 1e-5,
+    max_iter: int = 30,
+) -> np.ndarray:
     """Tip height z (nm) of the isocurrent surface I(x, y, z) = setpoint_A.
 
     Solved per pixel by Newton–secant iterations on ln I(z) with the exact field
@@ -310,8 +331,9 @@ def constant_current_image(placements, frame: ScanFrame, tip: TipState, *, setpo
 def s_wave_image(placements, frame: ScanFrame, *, z_nm: float, bias_V: float) -> np.ndarray:
     """Pristine Σ|ψ|² at height z_nm (s-wave tip, no substrate): the network's target."""
     orbital_for_bias(bias_V)
-    return signal_image(placements, frame, TipState(1.0, 0.0, 0.0, 0.0, name="s"), z_nm=z_nm,
-                        bias_V=bias_V).astype(np.float32)
+    return signal_image(placements, frame, TipState(1.0, 0.0, 0.0, 0.0, name="s"), z_nm=z_nm, bias_V=bias_V).astype(
+        np.float32
+    )
 
 
 # Where library molecules and cube orbitals are put on one current scale (the calibration of
@@ -324,6 +346,7 @@ def cube_amplitude(orbital) -> float:
     :data:`CALIBRATION_HEIGHT_NM` above it sees the same peak |ψ|² as over the pentacene HOMO
     (so a scene can mix both, and the constant-current feedback and substrate keep their
     meaning)."""
+
     def peak(placement, radius_nm):  # on a 0.04 nm grid over the molecule and 0.5 nm around it
         n = int(round((radius_nm + 0.5) / 0.02))
         frame = ScanFrame(0.0, 0.0, n * 0.04, n * 0.04, pixels=n, lines=n)
@@ -333,6 +356,8 @@ def cube_amplitude(orbital) -> float:
     atoms_xy = np.asarray(orbital.cube.atoms_nm)[:, :2] - np.asarray(orbital.center_nm)[:2]
     own = peak(CubePlacement(orbital), float(np.hypot(*atoms_xy.T).max(initial=0.0)))
     if not own > 0:
-        raise ValueError(f"the cube orbital is zero {CALIBRATION_HEIGHT_NM} nm above its plane: it cannot be scaled "
-                         "(does the cube reach that height, or continue it into vacuum?)")
+        raise ValueError(
+            f"the cube orbital is zero {CALIBRATION_HEIGHT_NM} nm above its plane: it cannot be scaled "
+            "(does the cube reach that height, or continue it into vacuum?)"
+        )
     return math.sqrt(reference / own)

@@ -26,9 +26,10 @@ import copy
 import datetime as dt
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -51,10 +52,28 @@ from stm_live.simulators.vacuum import KAPPA_PER_NM
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKS", "DEFAULTS", "FIXED_PARAMETERS", "HANDLERS", "HEADER_PARAMETERS", "PARAMETERS", "PLAIN",
-           "SWEEP_SIGNAL", "Z_TOP_M", "ControllerError", "ModuleState", "PatternExperiment", "SweepPlan",
-           "backward_name", "bias_spectr_start", "drift_offset", "experiment_tick", "header_parameters",
-           "osci_traces", "sweep_plan"]
+__all__ = [
+    "CHECKS",
+    "DEFAULTS",
+    "FIXED_PARAMETERS",
+    "HANDLERS",
+    "HEADER_PARAMETERS",
+    "PARAMETERS",
+    "PLAIN",
+    "SWEEP_SIGNAL",
+    "Z_TOP_M",
+    "ControllerError",
+    "ModuleState",
+    "PatternExperiment",
+    "SweepPlan",
+    "backward_name",
+    "bias_spectr_start",
+    "drift_offset",
+    "experiment_tick",
+    "header_parameters",
+    "osci_traces",
+    "sweep_plan",
+]
 
 
 class ControllerError(ValueError):
@@ -64,10 +83,27 @@ class ControllerError(ValueError):
 # -------------------------------------------------------------- plain settings (data)
 
 _MOD = {"on": 0, "signal": 24, "phase_register": 1, "harmonic": 1, "phase": 0.0, "amplitude": 0.01}
-_DEMOD = {"signal": 0, "harmonic": 1, "order": 0, "cutoff": 100.0, "phase_register": 1, "phase": 0.0,
-          "sync_filter": 0, "rt_signals": 0}
-_USEROUT = {"mode": 0, "signal": 0, "value": 0.0, "calibration": 1.0, "offset": 0.0, "name": "",
-            "signal_1": 0, "operation": 0, "signal_2": 0}
+_DEMOD = {
+    "signal": 0,
+    "harmonic": 1,
+    "order": 0,
+    "cutoff": 100.0,
+    "phase_register": 1,
+    "phase": 0.0,
+    "sync_filter": 0,
+    "rt_signals": 0,
+}
+_USEROUT = {
+    "mode": 0,
+    "signal": 0,
+    "value": 0.0,
+    "calibration": 1.0,
+    "offset": 0.0,
+    "name": "",
+    "signal_1": 0,
+    "operation": 0,
+    "signal_2": 0,
+}
 N_MODULATORS, N_DEMODULATORS, N_OUTPUTS = 2, 2, 8
 Z_TOP_M = 200e-9  # top of the simulated piezo range (withdrawn)
 Z_GAIN = (0.1, 1e-4)  # default Z-loop P gain and time constant (s): I = P/T; today's images
@@ -79,21 +115,48 @@ DEFAULTS: dict[str, Any] = {
     "zctrl.withdraw_rate": {"slew_rate": 1e-6},
     "zctrl.limits_enabled": {"enabled": 0},
     "folme.ps_on": {"enabled": 0},
-    "folme.ps_props": {"auto_resume": 1, "own_basename": 0, "basename": "PointShoot", "external_vi": "",
-                       "pre_delay": 0.0},
+    "folme.ps_props": {
+        "auto_resume": 1,
+        "own_basename": 0,
+        "basename": "PointShoot",
+        "external_vi": "",
+        "pre_delay": 0.0,
+    },
     "piezo.tilt": {"tilt_x": 0.0, "tilt_y": 0.0},
     "piezo.calibr": {"calib_x": 1e-9, "calib_y": 1e-9, "calib_z": 0.5e-9},
-    "piezo.hva_info": {"gain_aux": 1.0, "gain_x": 15.0, "gain_y": 15.0, "gain_z": 15.0, "xy_enabled": 1,
-                       "z_enabled": 1, "aux_enabled": 0},
+    "piezo.hva_info": {
+        "gain_aux": 1.0,
+        "gain_x": 15.0,
+        "gain_y": 15.0,
+        "gain_z": 15.0,
+        "xy_enabled": 1,
+        "z_enabled": 1,
+        "aux_enabled": 0,
+    },
     "piezo.hva_leds": {"overheated": 0, "hv_supply": 1, "high_temperature": 0, "output_connector": 1},
-    "piezo.xyz_limits": {"enable": 0, "x_low": -10.0, "x_high": 10.0, "y_low": -10.0, "y_high": 10.0,
-                         "z_low": -10.0, "z_high": 10.0},
+    "piezo.xyz_limits": {
+        "enable": 0,
+        "x_low": -10.0,
+        "x_high": 10.0,
+        "y_low": -10.0,
+        "y_high": 10.0,
+        "z_low": -10.0,
+        "z_high": 10.0,
+    },
     "piezo.hyst_on": {"on": 0},
     "piezo.hyst_vals": {k: np.zeros(0, np.float32) for k in ("fast_x", "fast_y", "slow_x", "slow_y")},
     "bs.adv": {"reset_bias": 1, "z_hold": 1, "record_final_z": 0, "lockin_run": 0},
     "bs.limits": {"start": -1.0, "end": 1.0},
-    "bs.timing": {"z_avg_time": 0.1, "z_offset": 0.0, "initial_settling": 0.01, "max_slew_rate": 10.0,
-                  "settling": 0.002, "integration": 0.01, "end_settling": 0.01, "z_control_time": 0.1},
+    "bs.timing": {
+        "z_avg_time": 0.1,
+        "z_offset": 0.0,
+        "initial_settling": 0.01,
+        "max_slew_rate": 10.0,
+        "settling": 0.002,
+        "integration": 0.01,
+        "end_settling": 0.01,
+        "z_control_time": 0.1,
+    },
     "bs.dig_sync": {"mode": 0},
     "bs.ttl": {"enable": 0, "line": 0, "polarity": 1, "time_to_on": 0.0, "on_duration": 0.001},
     "bs.pulse_seq": {"sequence": 1, "periods": 1},
@@ -101,14 +164,18 @@ DEFAULTS: dict[str, Any] = {
     "bs.zoff_revert": {"revert": 1},
     "bs.mls_per_seg": {"per_segment": 0},
     "bs.mls_mode": {"mode": "Linear"},
-    "bs.mls_vals": {"bias_start": np.array([-1.0], np.float32), "bias_end": np.array([1.0], np.float32),
-                    "initial_settling": np.array([0.01], np.float32), "settling": np.array([0.002], np.float32),
-                    "integration": np.array([0.01], np.float32), "steps": np.array([128], np.int32),
-                    "lockin_run": np.array([0], np.uint32)},
+    "bs.mls_vals": {
+        "bias_start": np.array([-1.0], np.float32),
+        "bias_end": np.array([1.0], np.float32),
+        "initial_settling": np.array([0.01], np.float32),
+        "settling": np.array([0.002], np.float32),
+        "integration": np.array([0.01], np.float32),
+        "steps": np.array([128], np.int32),
+        "lockin_run": np.array([0], np.uint32),
+    },
     "bs.safe1": {"action": 0, "threshold": 1e-8, "signal": 0, "comparison": 0},
     "bs.safe2": {"logic": 0, "threshold": 1e-8, "signal": 0, "comparison": 0},
-    "signals.meas_names": {"names": ["Current (A)", "Bias (V)", "Z (m)", "LI Demod 1 X (A)",
-                                     "LI Demod 1 Y (A)"]},
+    "signals.meas_names": {"names": ["Current (A)", "Bias (V)", "Z (m)", "LI Demod 1 X (A)", "LI Demod 1 Y (A)"]},
     "safetip.on": {"on": 0},
     "safetip.props": {"auto_recovery": 0, "auto_pause_scan": 1, "threshold": 50e-9},
     "util.rt_freq": {"frequency": 20000.0},
@@ -123,8 +190,12 @@ DEFAULTS: dict[str, Any] = {
     "lockin.freq": {i: {"frequency": 973.0} for i in range(1, 9)},
     "userout": {i: dict(_USEROUT) for i in range(1, N_OUTPUTS + 1)},
 }
-INDEX_FIELDS = {"lockin.mod": "modulator", "lockin.demod": "demodulator", "lockin.freq": "modulator",
-                "userout": "output"}
+INDEX_FIELDS = {
+    "lockin.mod": "modulator",
+    "lockin.demod": "demodulator",
+    "lockin.freq": "modulator",
+    "userout": "output",
+}
 
 # Set-side checks per field: (lo, hi) range; "nc12": 0 no change, 1 -> 1, 2 -> 0 (Set/Get shift);
 # "shift": 0 no change, k -> k-1; "nc0": 0 no change; "nc-1": -1 no change; "ncnan": NaN no change;
@@ -138,15 +209,19 @@ CHECKS: dict[str, dict[str, Any]] = {
     "folme.ps_on": {"enabled": (0, 1)},
     "folme.ps_props": {"auto_resume": "nc12", "own_basename": "nc12", "pre_delay": (0.0, 1e3)},
     "piezo.tilt": {"tilt_x": (-45.0, 45.0), "tilt_y": (-45.0, 45.0)},
-    "piezo.xyz_limits": {"enable": "nc12", **{k: (-10.0, 10.0) for k in DEFAULTS["piezo.xyz_limits"]
-                                              if k != "enable"}},
+    "piezo.xyz_limits": {"enable": "nc12", **{k: (-10.0, 10.0) for k in DEFAULTS["piezo.xyz_limits"] if k != "enable"}},
     "piezo.hyst_on": {"on": (0, 1)},
     "bs.adv": {k: "nc12" for k in DEFAULTS["bs.adv"]},
     "bs.limits": {"start": (-10.0, 10.0), "end": (-10.0, 10.0)},
     "bs.timing": {k: (-1e-6, 1e3) if k == "z_offset" else (0.0, 1e3) for k in DEFAULTS["bs.timing"]},
     "bs.dig_sync": {"mode": "shift"},
-    "bs.ttl": {"enable": "nc12", "line": "shift", "polarity": "shift", "time_to_on": (0.0, 10.0),
-               "on_duration": (0.0, 10.0)},
+    "bs.ttl": {
+        "enable": "nc12",
+        "line": "shift",
+        "polarity": "shift",
+        "time_to_on": (0.0, 10.0),
+        "on_duration": (0.0, 10.0),
+    },
     "bs.pulse_seq": {"sequence": "nc0"},
     "bs.alt_z": {"enable": "nc12", "settling_time": (0.0, 1e3)},
     "bs.zoff_revert": {"revert": "nc12"},
@@ -162,10 +237,22 @@ CHECKS: dict[str, dict[str, Any]] = {
     "osci.chs": {"channel_a": _RT, "channel_b": _RT},
     "osci.oversampl": {"index": (0, 5)},
     "osci.trig": {"mode": (0, 2), "channel": (0, 1), "slope": (0, 1), "position": (0.0, 10.0)},
-    "lockin.mod": {"on": (0, 1), "signal": _RT, "phase_register": (1, 8), "harmonic": (1, 64),
-                   "amplitude": (0.0, 10.0)},
-    "lockin.demod": {"signal": _RT, "harmonic": (1, 64), "order": (0, 8), "cutoff": (0.0, 1e6),
-                     "phase_register": (1, 8), "sync_filter": (0, 1), "rt_signals": (0, 1)},
+    "lockin.mod": {
+        "on": (0, 1),
+        "signal": _RT,
+        "phase_register": (1, 8),
+        "harmonic": (1, 64),
+        "amplitude": (0.0, 10.0),
+    },
+    "lockin.demod": {
+        "signal": _RT,
+        "harmonic": (1, 64),
+        "order": (0, 8),
+        "cutoff": (0.0, 1e6),
+        "phase_register": (1, 8),
+        "sync_filter": (0, 1),
+        "rt_signals": (0, 1),
+    },
     "lockin.freq": {"frequency": (0.0, 1e7)},
     "userout": {"mode": (0, 2), "signal": _RT, "signal_1": _RT, "operation": (0, 6), "signal_2": _RT},
 }
@@ -175,22 +262,41 @@ _MLS_MAX = 16
 
 def _plain_table() -> dict[str, str]:
     pairs = {
-        "ZCtrl.SwitchOffDelay": "zctrl.switch_off_delay", "ZCtrl.TipLift": "zctrl.tip_lift",
-        "ZCtrl.WithdrawRate": "zctrl.withdraw_rate", "ZCtrl.LimitsEnabled": "zctrl.limits_enabled",
-        "FolMe.PSOnOff": "folme.ps_on", "FolMe.PSProps": "folme.ps_props",
-        "Piezo.Tilt": "piezo.tilt", "Piezo.XYZLimits": "piezo.xyz_limits", "Piezo.HystOnOff": "piezo.hyst_on",
+        "ZCtrl.SwitchOffDelay": "zctrl.switch_off_delay",
+        "ZCtrl.TipLift": "zctrl.tip_lift",
+        "ZCtrl.WithdrawRate": "zctrl.withdraw_rate",
+        "ZCtrl.LimitsEnabled": "zctrl.limits_enabled",
+        "FolMe.PSOnOff": "folme.ps_on",
+        "FolMe.PSProps": "folme.ps_props",
+        "Piezo.Tilt": "piezo.tilt",
+        "Piezo.XYZLimits": "piezo.xyz_limits",
+        "Piezo.HystOnOff": "piezo.hyst_on",
         "Piezo.HystVals": "piezo.hyst_vals",
-        "BiasSpectr.AdvProps": "bs.adv", "BiasSpectr.Limits": "bs.limits", "BiasSpectr.Timing": "bs.timing",
-        "BiasSpectr.DigSync": "bs.dig_sync", "BiasSpectr.TTLSync": "bs.ttl",
-        "BiasSpectr.PulseSeqSync": "bs.pulse_seq", "BiasSpectr.AltZCtrl": "bs.alt_z",
-        "BiasSpectr.ZOffRevert": "bs.zoff_revert", "BiasSpectr.MLSLockinPerSeg": "bs.mls_per_seg",
-        "BiasSpectr.MLSMode": "bs.mls_mode", "BiasSpectr.MLSVals": "bs.mls_vals",
-        "BiasSpectr.SafeCond1": "bs.safe1", "BiasSpectr.SafeCond2": "bs.safe2",
-        "SafeTip.OnOff": "safetip.on", "SafeTip.Props": "safetip.props",
-        "Util.RTFreq": "util.rt_freq", "Util.AcqPeriod": "util.acq_period", "Util.RTOversampl": "util.rt_oversampl",
-        "Osci2T.Chs": "osci.chs", "Osci2T.Oversampl": "osci.oversampl", "Osci2T.Trig": "osci.trig",
+        "BiasSpectr.AdvProps": "bs.adv",
+        "BiasSpectr.Limits": "bs.limits",
+        "BiasSpectr.Timing": "bs.timing",
+        "BiasSpectr.DigSync": "bs.dig_sync",
+        "BiasSpectr.TTLSync": "bs.ttl",
+        "BiasSpectr.PulseSeqSync": "bs.pulse_seq",
+        "BiasSpectr.AltZCtrl": "bs.alt_z",
+        "BiasSpectr.ZOffRevert": "bs.zoff_revert",
+        "BiasSpectr.MLSLockinPerSeg": "bs.mls_per_seg",
+        "BiasSpectr.MLSMode": "bs.mls_mode",
+        "BiasSpectr.MLSVals": "bs.mls_vals",
+        "BiasSpectr.SafeCond1": "bs.safe1",
+        "BiasSpectr.SafeCond2": "bs.safe2",
+        "SafeTip.OnOff": "safetip.on",
+        "SafeTip.Props": "safetip.props",
+        "Util.RTFreq": "util.rt_freq",
+        "Util.AcqPeriod": "util.acq_period",
+        "Util.RTOversampl": "util.rt_oversampl",
+        "Osci2T.Chs": "osci.chs",
+        "Osci2T.Oversampl": "osci.oversampl",
+        "Osci2T.Trig": "osci.trig",
         "LockIn.ModPhasFreq": "lockin.freq",
-        "UserOut.Mode": "userout", "UserOut.MonitorCh": "userout", "UserOut.CalcSignalName": "userout",
+        "UserOut.Mode": "userout",
+        "UserOut.MonitorCh": "userout",
+        "UserOut.CalcSignalName": "userout",
         "UserOut.CalcSignalConfig": "userout",
     }
     for what in ("OnOff", "Signal", "PhasReg", "Harmonic", "Phas", "Amp"):
@@ -202,9 +308,16 @@ def _plain_table() -> dict[str, str]:
         out[stem + "Set"] = group
         out[stem + "Get"] = group
     # sets without a Get and read-only Gets
-    out.update({"UserOut.ValSet": "userout", "UserOut.CalibrSet": "userout", "Piezo.CalibrGet": "piezo.calibr",
-                "Piezo.HVAInfoGet": "piezo.hva_info", "Piezo.HVAStatusLEDGet": "piezo.hva_leds",
-                "Signals.MeasNamesGet": "signals.meas_names"})
+    out.update(
+        {
+            "UserOut.ValSet": "userout",
+            "UserOut.CalibrSet": "userout",
+            "Piezo.CalibrGet": "piezo.calibr",
+            "Piezo.HVAInfoGet": "piezo.hva_info",
+            "Piezo.HVAStatusLEDGet": "piezo.hva_leds",
+            "Signals.MeasNamesGet": "signals.meas_names",
+        }
+    )
     return out
 
 
@@ -280,19 +393,46 @@ class ModuleState:
         self.folme_oversampling = 1
         self.ps_experiment = 0
         # the experiment names nanonisTCP accepts (Pattern.PropsSet validates them client-side)
-        self.experiments = ["Bias Spectroscopy ASCII", "Bias Spectroscopy BINARY", "Bias Sweep", "Generic Sweep",
-                            "Z Spectroscopy ASCII", "Z Spectroscopy BINARY", "Approach-Retract", "DIO Trigger",
-                            "External VI..."]
-        self.pattern = {"active": 1, "grid": [5, 5, 0.0, 0.0, 10e-9, 10e-9, 0.0],
-                        "line": [10, -5e-9, 0.0, 5e-9, 0.0],
-                        "cloud": (np.zeros(0, np.float32), np.zeros(0, np.float32)),
-                        "experiment": "Bias Spectroscopy ASCII", "basename": "Grid", "external_vi": "",
-                        "pre_delay": 0.0, "save_scan_channels": 0, "open": 0, "running": 0, "paused": 0}
+        self.experiments = [
+            "Bias Spectroscopy ASCII",
+            "Bias Spectroscopy BINARY",
+            "Bias Sweep",
+            "Generic Sweep",
+            "Z Spectroscopy ASCII",
+            "Z Spectroscopy BINARY",
+            "Approach-Retract",
+            "DIO Trigger",
+            "External VI...",
+        ]
+        self.pattern = {
+            "active": 1,
+            "grid": [5, 5, 0.0, 0.0, 10e-9, 10e-9, 0.0],
+            "line": [10, -5e-9, 0.0, 5e-9, 0.0],
+            "cloud": (np.zeros(0, np.float32), np.zeros(0, np.float32)),
+            "experiment": "Bias Spectroscopy ASCII",
+            "basename": "Grid",
+            "external_vi": "",
+            "pre_delay": 0.0,
+            "save_scan_channels": 0,
+            "open": 0,
+            "running": 0,
+            "paused": 0,
+        }
         self.points: list[list] = []  # x, y, text, colour, visible
         self.lines: list[list] = []  # x0, y0, x1, y1, colour, visible
         self.backgrounds: list[dict] = []
-        self.bs = {"open": 0, "running": 0, "channels": [0], "save_all": 0, "sweeps": 1, "backward": 0,
-                   "points": 256, "autosave": 1, "show_dialog": 0, "basename": "Bias-Spectroscopy"}
+        self.bs = {
+            "open": 0,
+            "running": 0,
+            "channels": [0],
+            "save_all": 0,
+            "sweeps": 1,
+            "backward": 0,
+            "points": 256,
+            "autosave": 1,
+            "show_dialog": 0,
+            "basename": "Bias-Spectroscopy",
+        }
         self.add_rt = [0, 1]
         self.add_rt_names = ["Internal 23 source: none", "LI Demod 1 R", "LI Demod 1 Phi", "Current (A)"]
         self.tiprec_size = 1000
@@ -401,8 +541,12 @@ def h_Current_GainSet(c, m, gain_index, filter_index=-1):
 
 @_h
 def h_Current_GainsGet(c, m):
-    return {"gains": list(m.gains), "gain_index": m.gain_index, "filters": list(m.filters),
-            "filter_index": m.filter_index}
+    return {
+        "gains": list(m.gains),
+        "gain_index": m.gain_index,
+        "filters": list(m.filters),
+        "filter_index": m.filter_index,
+    }
 
 
 def _gain(m, gain_index):
@@ -470,8 +614,9 @@ def h_ZCtrl_CtrlListGet(c, m):
 @_h
 def h_ZCtrl_LimitsSet(c, m, high, low):
     if not (math.isfinite(high) and math.isfinite(low) and 0 <= low < high <= m.piezo_range[2]):
-        raise ControllerError(f"Z limits high {high} m / low {low} m must satisfy 0 <= low < high <= "
-                              f"{m.piezo_range[2]} m")
+        raise ControllerError(
+            f"Z limits high {high} m / low {low} m must satisfy 0 <= low < high <= {m.piezo_range[2]} m"
+        )
     if m.plain["zctrl.limits_enabled"]["enabled"]:
         m.z_limits = [high, low]
 
@@ -497,15 +642,42 @@ def h_ZCtrl_StatusGet(c, m):
 HEADER_PARAMETERS = {
     "Bias": ("Bias (V)", "Calibration (V/V)", "Offset (V)"),
     "Current": ("Current (A)", "Calibration (A/V)", "Offset (A)", "Gain"),
-    "Z-Controller": ("Z (m)", "Controller name", "Controller status", "Setpoint", "Setpoint unit", "P gain",
-                     "I gain", "Time const (s)", "TipLift (m)", "Switch off delay (s)"),
-    "Piezo Calibration": ("Calib. X (m/V)", "Calib. Y (m/V)", "Calib. Z (m/V)", "HV Gain X", "HV Gain Y",
-                          "HV Gain Z", "Tilt X (deg)", "Tilt Y (deg)", "Drift X (m/s)", "Drift Y (m/s)",
-                          "Drift Z (m/s)", "Drift correction status (on/off)"),
-    "Scan": ("Scanfield", "series name", "channels", "pixels/line", "lines", "speed forw. (m/s)",
-             "speed backw. (m/s)"),
-    "Lock-in": ("Lock-in status", "Modulated signal", "Frequency (Hz)", "Amplitude", "Demodulated signal",
-                "Harmonic", "Reference phase (deg)"),
+    "Z-Controller": (
+        "Z (m)",
+        "Controller name",
+        "Controller status",
+        "Setpoint",
+        "Setpoint unit",
+        "P gain",
+        "I gain",
+        "Time const (s)",
+        "TipLift (m)",
+        "Switch off delay (s)",
+    ),
+    "Piezo Calibration": (
+        "Calib. X (m/V)",
+        "Calib. Y (m/V)",
+        "Calib. Z (m/V)",
+        "HV Gain X",
+        "HV Gain Y",
+        "HV Gain Z",
+        "Tilt X (deg)",
+        "Tilt Y (deg)",
+        "Drift X (m/s)",
+        "Drift Y (m/s)",
+        "Drift Z (m/s)",
+        "Drift correction status (on/off)",
+    ),
+    "Scan": ("Scanfield", "series name", "channels", "pixels/line", "lines", "speed forw. (m/s)", "speed backw. (m/s)"),
+    "Lock-in": (
+        "Lock-in status",
+        "Modulated signal",
+        "Frequency (Hz)",
+        "Amplitude",
+        "Demodulated signal",
+        "Harmonic",
+        "Reference phase (deg)",
+    ),
 }
 
 
@@ -515,8 +687,10 @@ def header_parameters(modules) -> dict:
     to the longest row (a module the simulator does not know files none)."""
     rows = [list(HEADER_PARAMETERS.get(name, ())) for name in modules]
     cols = max(map(len, rows), default=0)
-    return {"module_param_counts": np.array([len(r) for r in rows], np.int32),
-            "module_params": [r + [""] * (cols - len(r)) for r in rows]}
+    return {
+        "module_param_counts": np.array([len(r) for r in rows], np.int32),
+        "module_params": [r + [""] * (cols - len(r)) for r in rows],
+    }
 
 
 @_h
@@ -652,8 +826,16 @@ def h_Piezo_DriftCompGet(c, m):
     off = drift_offset(m, c.sim_time_s)
     lim = [d["saturation_limit"] / 100.0 * r for r in m.piezo_range]
     sat = [int(d["on"] and abs(o) >= L) for o, L in zip(off, lim)]
-    return {"on": d["on"], "vx": d["v"][0], "vy": d["v"][1], "vz": d["v"][2], "sat_x": sat[0],
-            "sat_y": sat[1], "sat_z": sat[2], "saturation_limit": d["saturation_limit"]}
+    return {
+        "on": d["on"],
+        "vx": d["v"][0],
+        "vy": d["v"][1],
+        "vz": d["v"][2],
+        "sat_x": sat[0],
+        "sat_y": sat[1],
+        "sat_z": sat[2],
+        "saturation_limit": d["saturation_limit"],
+    }
 
 
 @_h
@@ -727,11 +909,13 @@ def h_Motor_FreqAmpGet(c, m, axis=0):
 def h_Motor_FreqAmpSet(c, m, frequency, amplitude, axis):
     if axis > 3:
         raise ControllerError(f"motor axis {axis} outside 0 (all), 1 X, 2 Y, 3 Z")
-    if not (math.isfinite(frequency) and 1 <= frequency <= 10000 and math.isfinite(amplitude)
-            and 0 < amplitude <= 400):  # a move lasts steps / frequency
-        raise ControllerError(f"step frequency {frequency} Hz / amplitude {amplitude} V outside "
-                              "[1 Hz, 10 kHz] / (0, 400 V]")
-    for ax in ((1, 2, 3) if axis == 0 else (axis,)):
+    if not (
+        math.isfinite(frequency) and 1 <= frequency <= 10000 and math.isfinite(amplitude) and 0 < amplitude <= 400
+    ):  # a move lasts steps / frequency
+        raise ControllerError(
+            f"step frequency {frequency} Hz / amplitude {amplitude} V outside [1 Hz, 10 kHz] / (0, 400 V]"
+        )
+    for ax in (1, 2, 3) if axis == 0 else (axis,):
         m.motor_freq_amp[ax] = [frequency, amplitude]
 
 
@@ -805,8 +989,7 @@ def _geometry(values, what):
 
 
 @_h
-def h_Pattern_GridSet(c, m, make_active, points_x, points_y, use_scan_frame, center_x, center_y, width,
-                      height, angle):
+def h_Pattern_GridSet(c, m, make_active, points_x, points_y, use_scan_frame, center_x, center_y, width, height, angle):
     if not (1 <= points_x <= 4096 and 1 <= points_y <= 4096):
         raise ControllerError(f"grid of {points_x} x {points_y} points outside 1..4096 per axis")
     geo = list(c.frame) if use_scan_frame else [center_x, center_y, width, height, angle]
@@ -862,8 +1045,9 @@ def h_Pattern_PropsSet(c, m, experiment, basename, external_vi, pre_delay, save_
     if experiment and experiment not in m.experiments:
         raise ControllerError(f"experiment {experiment!r} is not one of {m.experiments}")
     if not (math.isfinite(pre_delay) and 0 <= pre_delay <= 1e3) or save_scan_channels not in (0, 1):
-        raise ControllerError(f"pre-measure delay {pre_delay} s outside [0, 1000] or save scan channels "
-                              f"{save_scan_channels} not 0/1")
+        raise ControllerError(
+            f"pre-measure delay {pre_delay} s outside [0, 1000] or save scan channels {save_scan_channels} not 0/1"
+        )
     p = m.pattern
     if experiment:
         p["experiment"] = experiment
@@ -875,8 +1059,13 @@ def h_Pattern_PropsSet(c, m, experiment, basename, external_vi, pre_delay, save_
 @_h
 def h_Pattern_PropsGet(c, m):
     p = m.pattern
-    return {"experiments": list(m.experiments), "experiment": p["experiment"], "external_vi": p["external_vi"],
-            "pre_delay": p["pre_delay"], "save_scan_channels": p["save_scan_channels"]}
+    return {
+        "experiments": list(m.experiments),
+        "experiment": p["experiment"],
+        "external_vi": p["external_vi"],
+        "pre_delay": p["pre_delay"],
+        "save_scan_channels": p["save_scan_channels"],
+    }
 
 
 # Marks: colour 0x00RRGGBB ([ours]); VisibleSet 0 = visible, Get 1 = visible
@@ -899,8 +1088,10 @@ def h_Marks_LineDraw(c, m, start_x, start_y, end_x, end_y, color):
 
 @_h
 def h_Marks_LinesDraw(c, m, start_x, start_y, end_x, end_y, colors):
-    m.lines.extend([float(a), float(b), float(p), float(q), int(col), 1]
-                   for a, b, p, q, col in zip(start_x, start_y, end_x, end_y, colors))
+    m.lines.extend(
+        [float(a), float(b), float(p), float(q), int(col), 1]
+        for a, b, p, q, col in zip(start_x, start_y, end_x, end_y, colors)
+    )
 
 
 def _erase(items, index, what):
@@ -941,8 +1132,13 @@ def h_Marks_LinesVisibleSet(c, m, index, hide):
 @_h
 def h_Marks_PointsGet(c, m):
     cols = list(zip(*m.points)) or [[]] * 5
-    return {"x": np.array(cols[0], np.float32), "y": np.array(cols[1], np.float32), "texts": list(cols[2]),
-            "colors": np.array(cols[3], np.uint32), "visible": np.array(cols[4], np.uint32)}
+    return {
+        "x": np.array(cols[0], np.float32),
+        "y": np.array(cols[1], np.float32),
+        "texts": list(cols[2]),
+        "colors": np.array(cols[3], np.uint32),
+        "visible": np.array(cols[4], np.uint32),
+    }
 
 
 @_h
@@ -970,8 +1166,11 @@ def bias_spectr_start(c, m, get_data, basename) -> tuple[dict, float]:
         names, sweep, rows, params, seconds = _sweep_here(c, m)
     if not get_data:
         return {"channel_names": [], "data": np.zeros((0, 0), np.float32), "params": np.zeros(0, np.float32)}, seconds
-    return {"channel_names": [SWEEP_SIGNAL, *names], "data": np.stack([sweep, *rows]).astype(np.float32),
-            "params": np.asarray(params, np.float32)}, seconds
+    return {
+        "channel_names": [SWEEP_SIGNAL, *names],
+        "data": np.stack([sweep, *rows]).astype(np.float32),
+        "params": np.asarray(params, np.float32),
+    }, seconds
 
 
 @_h
@@ -994,18 +1193,28 @@ def h_BiasSpectr_ChsSet(c, m, channel_indexes):
 
 @_h
 def h_BiasSpectr_ChsGet(c, m):
-    return {"channel_indexes": np.array(m.bs["channels"], np.int32),
-            "channel_names": [c.signal_names[i] for i in m.bs["channels"]]}
+    return {
+        "channel_indexes": np.array(m.bs["channels"], np.int32),
+        "channel_names": [c.signal_names[i] for i in m.bs["channels"]],
+    }
 
 
 @_h
 def h_BiasSpectr_PropsSet(c, m, save_all, sweeps, backward, points, z_offset, autosave, show_dialog):
     b = m.bs
-    new = {k: _check("bs.props", k, v, b[k]) for k, v in
-           (("save_all", save_all), ("backward", backward), ("autosave", autosave), ("show_dialog", show_dialog))}
+    new = {
+        k: _check("bs.props", k, v, b[k])
+        for k, v in (
+            ("save_all", save_all),
+            ("backward", backward),
+            ("autosave", autosave),
+            ("show_dialog", show_dialog),
+        )
+    }
     if sweeps < 0 or points < 0 or points > 100000 or not math.isfinite(z_offset) or abs(z_offset) > 1e-6:
-        raise ControllerError(f"sweeps {sweeps}, points {points} must be >= 0 (points <= 100000), "
-                              f"Z offset {z_offset} m within +-1 um")
+        raise ControllerError(
+            f"sweeps {sweeps}, points {points} must be >= 0 (points <= 100000), Z offset {z_offset} m within +-1 um"
+        )
     b.update(new)
     if sweeps:
         b["sweeps"] = sweeps
@@ -1020,9 +1229,16 @@ CHECKS["bs.props"] = {k: "nc12" for k in ("save_all", "backward", "autosave", "s
 @_h
 def h_BiasSpectr_PropsGet(c, m):
     b = m.bs
-    out = {"save_all": b["save_all"], "sweeps": b["sweeps"], "backward": b["backward"], "points": b["points"],
-           "parameters": list(PARAMETERS), "fixed_parameters": list(FIXED_PARAMETERS),
-           "autosave": b["autosave"], "show_dialog": b["show_dialog"]}
+    out = {
+        "save_all": b["save_all"],
+        "sweeps": b["sweeps"],
+        "backward": b["backward"],
+        "points": b["points"],
+        "parameters": list(PARAMETERS),
+        "fixed_parameters": list(FIXED_PARAMETERS),
+        "autosave": b["autosave"],
+        "show_dialog": b["show_dialog"],
+    }
     if getattr(c, "nanonis_release", 14718) <= 13172:  # the channels moved out in R13742
         out["channels"] = [c.signal_names[i] for i in b["channels"]]
     return out
@@ -1064,14 +1280,19 @@ def h_Signals_RangeGet(c, m, index):
 
 @_h
 def h_Signals_AddRTGet(c, m):
-    return {"available": list(m.add_rt_names), "internal_23": m.add_rt_names[m.add_rt[0]],
-            "internal_24": m.add_rt_names[m.add_rt[1]]}
+    return {
+        "available": list(m.add_rt_names),
+        "internal_23": m.add_rt_names[m.add_rt[0]],
+        "internal_24": m.add_rt_names[m.add_rt[1]],
+    }
 
 
 @_h
 def h_Signals_AddRTSet(c, m, internal_23, internal_24):
-    m.add_rt = [_index(internal_23, len(m.add_rt_names), "Internal 23 source"),
-                _index(internal_24, len(m.add_rt_names), "Internal 24 source")]
+    m.add_rt = [
+        _index(internal_23, len(m.add_rt_names), "Internal 23 source"),
+        _index(internal_24, len(m.add_rt_names), "Internal 24 source"),
+    ]
 
 
 # SafeTip: the live signal is the tunnelling current
@@ -1084,7 +1305,7 @@ def h_SafeTip_SignalGet(c, m):
 def tiprec_record(c, m) -> None:
     """One sample of the recorded channels (called after each Follow-Me move)."""
     m.tiprec_data.append([c.signal_value(i) for i in m.tiprec_channels])
-    del m.tiprec_data[:-m.tiprec_size]  # a ring buffer of ``size`` samples
+    del m.tiprec_data[: -m.tiprec_size]  # a ring buffer of ``size`` samples
 
 
 @_h
@@ -1121,8 +1342,11 @@ def h_TipRec_DataSave(c, m, clear, basename):
     name = getattr(m, "tiprec_basename", "TipRec")
     path = Path(folder) / f"{name}{len(list(Path(folder).glob(name + '*.dat'))):03d}.dat"
     rows = m.tiprec_data
-    path.write_text("\t".join(c.signal_names[i] for i in m.tiprec_channels) + "\n"
-                    + "".join("\t".join(repr(v) for v in r) + "\n" for r in rows))
+    path.write_text(
+        "\t".join(c.signal_names[i] for i in m.tiprec_channels)
+        + "\n"
+        + "".join("\t".join(repr(v) for v in r) + "\n" for r in rows)
+    )
     if clear:
         m.tiprec_data = []
 
@@ -1277,8 +1501,7 @@ def osci_traces(c, m, channels, t) -> list[np.ndarray]:
     the bias) is in the bias and, as A dI/dV, in the current."""
     noise = c.scenario.artifacts
     n = len(t)
-    white = noise.white_noise / math.sqrt(OSCI_SAMPLES[m.plain["osci.oversampl"]["index"]]) \
-        * c._rng.standard_normal(n)
+    white = noise.white_noise / math.sqrt(OSCI_SAMPLES[m.plain["osci.oversampl"]["index"]]) * c._rng.standard_normal(n)
     pink = artifacts.pink_noise(np.zeros((1, n)), noise.pink_noise, c._rng)[0] if noise.pink_noise > 0 else np.zeros(n)
     mod = m.plain["lockin.mod"][1]
     wave = np.zeros(n)
@@ -1314,15 +1537,23 @@ def osci_traces(c, m, channels, t) -> list[np.ndarray]:
 # experiment measures its points on the render thread and saves a .3ds when it ends.
 
 SWEEP_SIGNAL = "Bias calc (V)"  # the sweep's column in a spectrum, as Nanonis names it
-PARAMETERS = ("X (m)", "Y (m)", "Z (m)", "Z offset (m)", "Settling time (s)", "Integration time (s)",
-              "Z-Ctrl hold", "Final Z (m)")  # per sweep, after the fixed ones (.dat header, .3ds)
+PARAMETERS = (
+    "X (m)",
+    "Y (m)",
+    "Z (m)",
+    "Z offset (m)",
+    "Settling time (s)",
+    "Integration time (s)",
+    "Z-Ctrl hold",
+    "Final Z (m)",
+)  # per sweep, after the fixed ones (.dat header, .3ds)
 FIXED_PARAMETERS = ("Sweep Start (V)", "Sweep End (V)")
 MAX_BLOCK_S = 60.0  # a reply waits at most this long (real seconds), as the server's blocking moves
 TIME_INDEX = 37
 
 
 def backward_name(name: str) -> str:
-    """"Current (A)" -> "Current [bwd] (A)": the backward sweep's column, as Nanonis names it."""
+    """ "Current (A)" -> "Current [bwd] (A)": the backward sweep's column, as Nanonis names it."""
     base, unit = split_unit(name)
     return f"{base} [bwd] ({unit})" if unit else f"{base} [bwd]"
 
@@ -1370,19 +1601,31 @@ class SweepPlan:
         k = len(z_m)
         settling = float(self.header["Bias Spectroscopy>Settling time (s)"])
         integration = float(self.header["Bias Spectroscopy>Integration time (s)"])
-        return {"X (m)": xy_m[:, 0], "Y (m)": xy_m[:, 1], "Z (m)": z_m, "Z offset (m)": np.full(k, self.z_offset_m),
-                "Settling time (s)": np.full(k, settling), "Integration time (s)": np.full(k, integration),
-                "Z-Ctrl hold": np.full(k, float(self.setpoint_A is not None)),
-                "Final Z (m)": z_m if self.header["_record_final_z"] else np.full(k, np.nan)}
+        return {
+            "X (m)": xy_m[:, 0],
+            "Y (m)": xy_m[:, 1],
+            "Z (m)": z_m,
+            "Z offset (m)": np.full(k, self.z_offset_m),
+            "Settling time (s)": np.full(k, settling),
+            "Integration time (s)": np.full(k, integration),
+            "Z-Ctrl hold": np.full(k, float(self.setpoint_A is not None)),
+            "Final Z (m)": z_m if self.header["_record_final_z"] else np.full(k, np.nan),
+        }
 
     def measure(self, renderer, at, xy_m, rng) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """Channel name -> (k, points) float64 and the tip heights (k,) (m) during the
         sweeps, at ``at`` (physics coordinates: an (x_nm, y_nm) point or a ScanFrame of k
         points) whose piezo positions are ``xy_m`` (k, 2)."""
         loop = self.setpoint_A is not None
-        spectra = renderer.spectra_at(at, self.tip, self.sweep, z_nm=None if loop else self.z_m * 1e9,
-                                      setpoint_A=self.setpoint_A, setpoint_bias_V=self.bias_V,
-                                      z_offset_nm=self.z_offset_m * 1e9)
+        spectra = renderer.spectra_at(
+            at,
+            self.tip,
+            self.sweep,
+            z_nm=None if loop else self.z_m * 1e9,
+            setpoint_A=self.setpoint_A,
+            setpoint_bias_V=self.bias_V,
+            z_offset_nm=self.z_offset_m * 1e9,
+        )
         n = len(self.sweep)
         didv = spectra.didv_A_per_V.reshape(-1, n)
         z = spectra.z_nm.reshape(-1) * 1e-9
@@ -1422,8 +1665,10 @@ def sweep_plan(c, m) -> SweepPlan:
     if c.state == "scanning":
         raise ControllerError("bias spectroscopy: a scan is running; pause or stop it first")
     if c.renderer is None:
-        raise ControllerError(f"bias spectroscopy: replaying {c.replay.name}, a scan: it holds no spectra "
-                              "(replay a .3ds grid to answer BiasSpectr.Start)")
+        raise ControllerError(
+            f"bias spectroscopy: replaying {c.replay.name}, a scan: it holds no spectra "
+            "(replay a .3ds grid to answer BiasSpectr.Start)"
+        )
     timing, adv, b = m.plain["bs.timing"], m.plain["bs.adv"], m.bs
     if m.plain["bs.mls_mode"]["mode"] == "MLS":
         v = m.plain["bs.mls_vals"]
@@ -1439,8 +1684,7 @@ def sweep_plan(c, m) -> SweepPlan:
         point_s = np.full(b["points"], timing["settling"] + timing["integration"])
         first_settling = timing["initial_settling"]
     if len(sweep) < 2:
-        raise ControllerError(f"a bias sweep needs at least 2 points, got {len(sweep)} "
-                              "(BiasSpectr.PropsSet points)")
+        raise ControllerError(f"a bias sweep needs at least 2 points, got {len(sweep)} (BiasSpectr.PropsSet points)")
     sweep = sweep.astype(np.float64)
     loop = c.z_ctrl_on
     alt = m.plain["bs.alt_z"]
@@ -1448,12 +1692,20 @@ def sweep_plan(c, m) -> SweepPlan:
     if loop and c.bias_V == 0:
         raise ControllerError("bias spectroscopy: the feedback cannot hold a current at 0 V bias; set a bias first")
     slew = timing["max_slew_rate"]
-    move = 0.0 if not (slew > 0 and math.isfinite(slew)) else (
-        abs(sweep[0] - c.bias_V) + (abs(sweep[-1] - c.bias_V) if adv["reset_bias"] else 0.0)) / slew
+    move = (
+        0.0
+        if not (slew > 0 and math.isfinite(slew))
+        else (abs(sweep[0] - c.bias_V) + (abs(sweep[-1] - c.bias_V) if adv["reset_bias"] else 0.0)) / slew
+    )
     backward = bool(b["backward"])
-    duration = ((timing["z_avg_time"] + (alt["settling_time"] if alt["enable"] else 0.0) if loop else 0.0) + move
-                + first_settling + b["sweeps"] * (1 + backward) * float(point_s.sum()) + timing["end_settling"]
-                + (timing["z_control_time"] if loop else 0.0))
+    duration = (
+        (timing["z_avg_time"] + (alt["settling_time"] if alt["enable"] else 0.0) if loop else 0.0)
+        + move
+        + first_settling
+        + b["sweeps"] * (1 + backward) * float(point_s.sum())
+        + timing["end_settling"]
+        + (timing["z_control_time"] if loop else 0.0)
+    )
     channels = tuple((i, c.signal_names[i]) for i in b["channels"])
     handled = {CURRENT_INDEX, LI_X_INDEX, LI_Y_INDEX, BIAS_INDEX, 29, Z_INDEX, X_INDEX, Y_INDEX, TIME_INDEX}
     lockin = c.lockin(run=bool(adv["lockin_run"]))
@@ -1462,27 +1714,47 @@ def sweep_plan(c, m) -> SweepPlan:
     header = {
         "Bias>Bias (V)": e(c.bias_V),
         "Bias Spectroscopy>Channels": ";".join(n for _i, n in channels),
-        "Bias Spectroscopy>Sweep Start (V)": e(sweep[0]), "Bias Spectroscopy>Sweep End (V)": e(sweep[-1]),
-        "Bias Spectroscopy>Num Pixel": str(len(sweep)), "Bias Spectroscopy>Z Avg time (s)": e(timing["z_avg_time"]),
+        "Bias Spectroscopy>Sweep Start (V)": e(sweep[0]),
+        "Bias Spectroscopy>Sweep End (V)": e(sweep[-1]),
+        "Bias Spectroscopy>Num Pixel": str(len(sweep)),
+        "Bias Spectroscopy>Z Avg time (s)": e(timing["z_avg_time"]),
         "Bias Spectroscopy>Z offset (m)": e(timing["z_offset"]),
         "Bias Spectroscopy>1st Settling time (s)": e(first_settling),
         "Bias Spectroscopy>Settling time (s)": e(timing["settling"]),
         "Bias Spectroscopy>Integration time (s)": e(timing["integration"]),
         "Bias Spectroscopy>End Settling time (s)": e(timing["end_settling"]),
         "Bias Spectroscopy>Z control time (s)": e(timing["z_control_time"]),
-        "Bias Spectroscopy>Max Slew rate (V/s)": e(slew), "Bias Spectroscopy>backward sweep": _flag(backward),
-        "Bias Spectroscopy>Z-controller hold": _flag(loop), "Bias Spectroscopy>Number of sweeps": str(b["sweeps"]),
-        "Z-Controller>Controller status": "ON" if loop else "OFF", "Z-Controller>Setpoint": e(c.setpoint_A),
+        "Bias Spectroscopy>Max Slew rate (V/s)": e(slew),
+        "Bias Spectroscopy>backward sweep": _flag(backward),
+        "Bias Spectroscopy>Z-controller hold": _flag(loop),
+        "Bias Spectroscopy>Number of sweeps": str(b["sweeps"]),
+        "Z-Controller>Controller status": "ON" if loop else "OFF",
+        "Z-Controller>Setpoint": e(c.setpoint_A),
         "Z-Controller>Setpoint unit": "A",
-        "Lock-in>Lock-in status": "ON" if lockin else "OFF", "Lock-in>Modulated signal": c.signal_names[mod["signal"]],
-        "Lock-in>Frequency (Hz)": e(m.plain["lockin.freq"][1]["frequency"]), "Lock-in>Amplitude": e(mod["amplitude"]),
+        "Lock-in>Lock-in status": "ON" if lockin else "OFF",
+        "Lock-in>Modulated signal": c.signal_names[mod["signal"]],
+        "Lock-in>Frequency (Hz)": e(m.plain["lockin.freq"][1]["frequency"]),
+        "Lock-in>Amplitude": e(mod["amplitude"]),
         "_record_final_z": bool(adv["record_final_z"]),
     }
-    return SweepPlan(sweep=sweep, point_s=point_s, channels=channels, backward=backward, sweeps=int(b["sweeps"]),
-                     lockin=lockin, noise=float(c.scenario.artifacts.white_noise), tip=c.tip, bias_V=c.bias_V,
-                     setpoint_A=setpoint, z_m=c.z_pos_get(), z_offset_m=float(timing["z_offset"]),
-                     constants={i: c.signal_value(i) for i, _n in channels if i not in handled},
-                     t0_s=c.sim_time_s, duration_s=duration, header=header)
+    return SweepPlan(
+        sweep=sweep,
+        point_s=point_s,
+        channels=channels,
+        backward=backward,
+        sweeps=int(b["sweeps"]),
+        lockin=lockin,
+        noise=float(c.scenario.artifacts.white_noise),
+        tip=c.tip,
+        bias_V=c.bias_V,
+        setpoint_A=setpoint,
+        z_m=c.z_pos_get(),
+        z_offset_m=float(timing["z_offset"]),
+        constants={i: c.signal_value(i) for i, _n in channels if i not in handled},
+        t0_s=c.sim_time_s,
+        duration_s=duration,
+        header=header,
+    )
 
 
 def _number_text(value) -> str:
@@ -1505,18 +1777,32 @@ def _sweep_here(c, m):
     if m.bs["autosave"] and c.save_dir is not None:
         e = _number_text
         final = params["Final Z (m)"][0]
-        header = {"Z offset (m)": e(plan.z_offset_m), "Settling time (s)": e(params["Settling time (s)"][0]),
-                  "Integration time (s)": e(params["Integration time (s)"][0]),
-                  "Z-Ctrl hold": _flag(plan.setpoint_A is not None),
-                  "Final Z (m)": e(final) if math.isfinite(final) else "N/A", **_file_header(plan)}
-        spectrum = make_spectrum(plan.sweep, {n: v[0] for n, v in data.items()}, position_m=(x, y, z[0]),
-                                 sweep_signal=SWEEP_SIGNAL, header=header)
+        header = {
+            "Z offset (m)": e(plan.z_offset_m),
+            "Settling time (s)": e(params["Settling time (s)"][0]),
+            "Integration time (s)": e(params["Integration time (s)"][0]),
+            "Z-Ctrl hold": _flag(plan.setpoint_A is not None),
+            "Final Z (m)": e(final) if math.isfinite(final) else "N/A",
+            **_file_header(plan),
+        }
+        spectrum = make_spectrum(
+            plan.sweep,
+            {n: v[0] for n, v in data.items()},
+            position_m=(x, y, z[0]),
+            sweep_signal=SWEEP_SIGNAL,
+            header=header,
+        )
         m.bs["last_path"] = str(write_dat(c.next_save_path(m.bs["basename"], ".dat"), spectrum))
     if not m.plain["bs.adv"]["reset_bias"]:  # the bias stays where the sweep ended
         c.bias_V = float(plan.sweep[0] if plan.backward else plan.sweep[-1])
     rows = [data[n][0] for n in plan.names]
-    return (plan.names, plan.sweep, rows, [plan.sweep[0], plan.sweep[-1], *(params[p][0] for p in PARAMETERS)],
-            plan.duration_s)
+    return (
+        plan.names,
+        plan.sweep,
+        rows,
+        [plan.sweep[0], plan.sweep[-1], *(params[p][0] for p in PARAMETERS)],
+        plan.duration_s,
+    )
 
 
 def _replayed_sweep(c, m):
@@ -1527,11 +1813,17 @@ def _replayed_sweep(c, m):
     x, y = c.tip_position()
     sweep, channels, params = at(x, y)
     timing = m.plain["bs.timing"]
-    per_point = params.get("Settling time (s)", timing["settling"]) + params.get("Integration time (s)",
-                                                                               timing["integration"])
+    per_point = params.get("Settling time (s)", timing["settling"]) + params.get(
+        "Integration time (s)", timing["integration"]
+    )
     seconds = timing["initial_settling"] + len(sweep) * per_point + timing["end_settling"]
-    return (list(channels), sweep, list(channels.values()), [sweep[0], sweep[-1], *params.values()],
-            seconds if math.isfinite(seconds) else 0.0)
+    return (
+        list(channels),
+        sweep,
+        list(channels.values()),
+        [sweep[0], sweep[-1], *params.values()],
+        seconds if math.isfinite(seconds) else 0.0,
+    )
 
 
 class PatternExperiment:
@@ -1545,12 +1837,16 @@ class PatternExperiment:
 
     def __init__(self, c, m):
         if c.replay is not None:
-            raise ControllerError(f"replaying {c.replay.name}: BiasSpectr.Start at its points answers the "
-                                  "recorded sweeps; Pattern experiments are not replayed")
+            raise ControllerError(
+                f"replaying {c.replay.name}: BiasSpectr.Start at its points answers the "
+                "recorded sweeps; Pattern experiments are not replayed"
+            )
         p = m.pattern
         if not p["experiment"].startswith("Bias Spectroscopy"):
-            raise ControllerError(f"experiment {p['experiment']!r} is not simulated; choose Bias Spectroscopy "
-                                  "ASCII or BINARY (Pattern.PropsSet)")
+            raise ControllerError(
+                f"experiment {p['experiment']!r} is not simulated; choose Bias Spectroscopy "
+                "ASCII or BINARY (Pattern.PropsSet)"
+            )
         self.plan = plan = sweep_plan(c, m)
         sx, sy = c.sample_shift_m()
         if p["active"] == 1:
@@ -1595,8 +1891,16 @@ class PatternExperiment:
         self.error: Exception | None = None  # a measurement failed: the experiment ends there
         seeds = np.random.SeedSequence([c.seed, 5, m.experiments_started]).spawn(len(chunks))
         renderer = c.renderer
-        self._chunks = [(where, submit_or_run(c.render_pool, lambda at=at, xy=xy[where], s=s: plan.measure(
-            renderer, at, xy, np.random.default_rng(s)))[0]) for (where, at), s in zip(chunks, seeds)]
+        self._chunks = [
+            (
+                where,
+                submit_or_run(
+                    c.render_pool,
+                    lambda at=at, xy=xy[where], s=s: plan.measure(renderer, at, xy, np.random.default_rng(s)),
+                )[0],
+            )
+            for (where, at), s in zip(chunks, seeds)
+        ]
 
     def _harvest(self) -> None:
         while self._chunks and self._chunks[0][1].done() and self.error is None:
@@ -1646,14 +1950,24 @@ class PatternExperiment:
             ny, nx = self.shape
             plan = self.plan
             params = plan.parameters(self.xy, self.z)
-            header = {**_file_header(plan), "Experiment": "Grid Spectroscopy",
-                      "Delay before measuring (s)": _number_text(self.pre_delay)}
+            header = {
+                **_file_header(plan),
+                "Experiment": "Grid Spectroscopy",
+                "Delay before measuring (s)": _number_text(self.pre_delay),
+            }
             try:
-                grid = make_grid({n: a.reshape(ny, nx, -1) for n, a in self.data.items()}, sweep=plan.sweep,
-                                 center_m=self.geometry[:2], size_m=self.geometry[2:4], angle_deg=self.geometry[4],
-                                 parameters={k: v.reshape(ny, nx) for k, v in params.items()},
-                                 measured=measured.reshape(ny, nx), header=header, start=self.started,
-                                 end=dt.datetime.now())
+                grid = make_grid(
+                    {n: a.reshape(ny, nx, -1) for n, a in self.data.items()},
+                    sweep=plan.sweep,
+                    center_m=self.geometry[:2],
+                    size_m=self.geometry[2:4],
+                    angle_deg=self.geometry[4],
+                    parameters={k: v.reshape(ny, nx) for k, v in params.items()},
+                    measured=measured.reshape(ny, nx),
+                    header=header,
+                    start=self.started,
+                    end=dt.datetime.now(),
+                )
                 path = str(write_3ds(c.next_save_path(self.basename, ".3ds"), grid))
                 m.last_experiment_grid = grid
             except SpectroscopyFileError as exc:  # an MLS sweep of several segments: not one linear sweep

@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 from scipy import ndimage
@@ -209,8 +209,20 @@ _BENZENOID_RINGS: dict[str, list[tuple[int, int]]] = {
 }
 
 MOLECULE_NAMES: tuple[str, ...] = (
-    "benzene", "naphthalene", "anthracene", "tetracene", "pentacene", "pyrene", "perylene",
-    "coronene", "triphenylene", "azulene", "ptcda", "porphine", "h2pc", "h2nc",
+    "benzene",
+    "naphthalene",
+    "anthracene",
+    "tetracene",
+    "pentacene",
+    "pyrene",
+    "perylene",
+    "coronene",
+    "triphenylene",
+    "azulene",
+    "ptcda",
+    "porphine",
+    "h2pc",
+    "h2nc",
 )
 
 _ELEMENT = {"C": "C", "N_pyridine": "N", "N_pyrrole": "N", "O_carbonyl": "O", "O_ether": "O"}
@@ -236,7 +248,7 @@ def molecule(name: str) -> Molecule:
     return _build_molecule(name.lower())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _build_molecule(key: str) -> Molecule:
     if key in _BENZENOID_RINGS:
         xy = benzenoid(_BENZENOID_RINGS[key])
@@ -264,6 +276,7 @@ def _as_molecule(mol: str | Molecule) -> Molecule:
 
 
 # ----------------------------------------------------------------------------- Hückel
+
 
 def huckel_matrix(mol: str | Molecule) -> np.ndarray:
     """Hückel matrix in units of β: A_ii = h_X, A_ij = k_XY for bonded π atoms (Streitwieser)."""
@@ -312,8 +325,8 @@ def _parse_label(label: str) -> tuple[str, int]:
     for base, sign in (("HOMO", "-"), ("LUMO", "+")):
         if text == base:
             return base, 0
-        if text.startswith(base + sign) and text[len(base) + 1:].isdigit():
-            return base, int(text[len(base) + 1:])
+        if text.startswith(base + sign) and text[len(base) + 1 :].isdigit():
+            return base, int(text[len(base) + 1 :])
     raise ValueError(f"bad orbital label {label!r}; use HOMO, LUMO, HOMO-n or LUMO+n")
 
 
@@ -334,6 +347,7 @@ def orbital_level(mol: str | Molecule, label: str = "HOMO") -> OrbitalLevel:
 
 
 # ------------------------------------------------------------------------ real space
+
 
 def _chunk_size(n_atoms: int) -> int:
     return max(1024, 2_000_000 // max(n_atoms, 1))
@@ -395,9 +409,13 @@ def molecule_info(name: str) -> dict:
     m = molecule(name)
     homo, lumo = orbital_level(m, "HOMO"), orbital_level(m, "LUMO")
     return {
-        "name": m.name, "pi_atoms": len(m.pi_atoms), "pi_electrons": m.pi_electrons,
-        "homo_eV": homo.energy, "lumo_eV": lumo.energy,
-        "homo_degeneracy": homo.degeneracy, "lumo_degeneracy": lumo.degeneracy,
+        "name": m.name,
+        "pi_atoms": len(m.pi_atoms),
+        "pi_electrons": m.pi_electrons,
+        "homo_eV": homo.energy,
+        "lumo_eV": lumo.energy,
+        "homo_degeneracy": homo.degeneracy,
+        "lumo_degeneracy": lumo.degeneracy,
     }
 
 
@@ -419,9 +437,16 @@ def _derivative(volume: np.ndarray, axis: int) -> np.ndarray:
     return d
 
 
-def extend_into_vacuum(cube: Cube, *, mo: int = 0, plane_z_nm: float | None = None,
-                       from_nm: float = VACUUM_FROM_NM, top_nm: float = 1.2, step_nm: float = 0.02,
-                       kappa_per_nm: float | None = None) -> Cube:
+def extend_into_vacuum(
+    cube: Cube,
+    *,
+    mo: int = 0,
+    plane_z_nm: float | None = None,
+    from_nm: float = VACUUM_FROM_NM,
+    top_nm: float = 1.2,
+    step_nm: float = 0.02,
+    kappa_per_nm: float | None = None,
+) -> Cube:
     """One orbital of ``cube`` on a regular ``step_nm`` grid from the molecular plane to
     ``top_nm`` above it: sampled from the cube up to ``from_nm`` (rounded to the grid), and
     above it the cube's plane at that height propagated into vacuum, each lateral Fourier component
@@ -434,11 +459,15 @@ def extend_into_vacuum(cube: Cube, *, mo: int = 0, plane_z_nm: float | None = No
     if not 0 <= mo < cube.data.shape[0]:
         raise ValueError(f"mo index {mo} out of range: cube holds {cube.data.shape[0]} orbital(s)")
     if not np.allclose(cube.axes_nm, np.diag(np.diag(cube.axes_nm)), atol=1e-9) or np.any(np.diag(cube.axes_nm) <= 0):
-        raise ValueError("extend_into_vacuum needs a cube whose voxel axes run along +x, +y, +z; "
-                         f"this one has axes (nm) {cube.axes_nm.tolist()}")
+        raise ValueError(
+            "extend_into_vacuum needs a cube whose voxel axes run along +x, +y, +z; "
+            f"this one has axes (nm) {cube.axes_nm.tolist()}"
+        )
     if not 0 < from_nm < top_nm or step_nm <= 0 or min(cube.shape[:2]) < 2:
-        raise ValueError(f"need 0 < from_nm < top_nm, step_nm > 0 and >= 2 voxels along x and y, got "
-                         f"from_nm={from_nm}, top_nm={top_nm}, step_nm={step_nm}, cube grid {cube.shape}")
+        raise ValueError(
+            f"need 0 < from_nm < top_nm, step_nm > 0 and >= 2 voxels along x and y, got "
+            f"from_nm={from_nm}, top_nm={top_nm}, step_nm={step_nm}, cube grid {cube.shape}"
+        )
     atoms_z = cube.atoms_nm[:, 2].mean() if len(cube.atoms_nm) else 0.0
     plane = float(atoms_z if plane_z_nm is None else plane_z_nm)
     steps = np.diag(cube.axes_nm)
@@ -446,12 +475,14 @@ def extend_into_vacuum(cube: Cube, *, mo: int = 0, plane_z_nm: float | None = No
     n_source = max(1, round(from_nm / step_nm))  # the plane propagated from: from_nm on the grid
     zs = plane + step_nm * np.arange(max(n_source + 2, round(top_nm / step_nm) + 1))
     if not lo[2] <= zs[n_source] <= hi[2]:
-        raise ValueError(f"the cube spans z {lo[2]:.3f}..{hi[2]:.3f} nm; it must hold the plane "
-                         f"{from_nm} nm above the molecule (z = {zs[n_source]:.3f} nm)")
+        raise ValueError(
+            f"the cube spans z {lo[2]:.3f}..{hi[2]:.3f} nm; it must hold the plane "
+            f"{from_nm} nm above the molecule (z = {zs[n_source]:.3f} nm)"
+        )
     nx, ny = (int(np.floor((hi[i] - lo[i]) / step_nm)) + 1 for i in (0, 1))
     xs, ys = lo[0] + step_nm * np.arange(nx), lo[1] + step_nm * np.arange(ny)
     # Below the source plane: the cube's own values on the new grid (cubic spline).
-    gx, gy, gz = np.meshgrid(xs, ys, np.clip(zs[:n_source + 1], lo[2], hi[2]), indexing="ij")
+    gx, gy, gz = np.meshgrid(xs, ys, np.clip(zs[: n_source + 1], lo[2], hi[2]), indexing="ij")
     index = (np.stack([gx, gy, gz]) - lo[:, None, None, None]) / steps[:, None, None, None]
     below = ndimage.map_coordinates(cube.data[mo], index.reshape(3, -1), order=3, mode="nearest")
     below = below.reshape(gx.shape)
@@ -461,11 +492,19 @@ def extend_into_vacuum(cube: Cube, *, mo: int = 0, plane_z_nm: float | None = No
     qx = 2 * np.pi * np.fft.fftfreq(px, d=step_nm)
     qy = 2 * np.pi * np.fft.rfftfreq(py, d=step_nm)
     decay = np.sqrt(kappa**2 + qx[:, None] ** 2 + qy[None, :] ** 2)
-    above = [np.fft.irfft2(spectrum * np.exp(-decay * (z - zs[n_source])), s=(px, py))[:nx, :ny]
-             for z in zs[n_source + 1:]]
+    above = [
+        np.fft.irfft2(spectrum * np.exp(-decay * (z - zs[n_source])), s=(px, py))[:nx, :ny] for z in zs[n_source + 1 :]
+    ]
     volume = np.concatenate([below, np.stack(above, axis=-1)], axis=-1)
-    return Cube(cube.comment, cube.atomic_numbers, cube.atoms_nm, np.array([xs[0], ys[0], zs[0]]),
-                np.eye(3) * step_nm, volume[None], (cube.mo_indices[mo],) if cube.mo_indices else ())
+    return Cube(
+        cube.comment,
+        cube.atomic_numbers,
+        cube.atoms_nm,
+        np.array([xs[0], ys[0], zs[0]]),
+        np.eye(3) * step_nm,
+        volume[None],
+        (cube.mo_indices[mo],) if cube.mo_indices else (),
+    )
 
 
 class CubeOrbital:
@@ -480,16 +519,15 @@ class CubeOrbital:
     (:func:`extend_into_vacuum`, 1.2 nm above the plane); None samples the cube as it is.
     """
 
-    def __init__(self, cube: Cube, *, plane_z_nm: float | None = None, mo: int = 0,
-                 vacuum_from_nm: float | None = None):
+    def __init__(
+        self, cube: Cube, *, plane_z_nm: float | None = None, mo: int = 0, vacuum_from_nm: float | None = None
+    ):
         if not 0 <= mo < cube.data.shape[0]:
-            raise ValueError(f"mo index {mo} out of range: cube holds {cube.data.shape[0]} "
-                             "orbital(s)")
+            raise ValueError(f"mo index {mo} out of range: cube holds {cube.data.shape[0]} orbital(s)")
         if vacuum_from_nm is not None:
             cube, mo = extend_into_vacuum(cube, mo=mo, plane_z_nm=plane_z_nm, from_nm=vacuum_from_nm), 0
         if min(cube.shape) < 4:
-            raise ValueError(f"cube grid {cube.shape} too small for cubic interpolation "
-                             "(need >= 4 voxels per axis)")
+            raise ValueError(f"cube grid {cube.shape} too small for cubic interpolation (need >= 4 voxels per axis)")
         self.cube = cube
         self.center_nm = cube.atoms_nm.mean(axis=0) if len(cube.atoms_nm) else np.zeros(3)
         self.plane_z_nm = float(self.center_nm[2] if plane_z_nm is None else plane_z_nm)
@@ -499,22 +537,19 @@ class CubeOrbital:
         grad_i = [_derivative(volume, axis) for axis in range(3)]
         grad_r = np.einsum("ji,j...->i...", self._to_index, np.stack(grad_i))
         # Spline coefficients once, so each fields() call is a cheap prefilter=False lookup.
-        self._coeffs = [ndimage.spline_filter(v, order=3, mode="nearest")
-                        for v in (volume, *grad_r)]
+        self._coeffs = [ndimage.spline_filter(v, order=3, mode="nearest") for v in (volume, *grad_r)]
 
     def fields(self, x_nm, y_nm, z_nm) -> np.ndarray:
-        x, y, z = np.broadcast_arrays(np.asarray(x_nm, dtype=np.float64),
-                                      np.asarray(y_nm, dtype=np.float64),
-                                      np.asarray(z_nm, dtype=np.float64))
+        x, y, z = np.broadcast_arrays(
+            np.asarray(x_nm, dtype=np.float64), np.asarray(y_nm, dtype=np.float64), np.asarray(z_nm, dtype=np.float64)
+        )
         shape = x.shape
-        r = np.stack([x.ravel() + self.center_nm[0], y.ravel() + self.center_nm[1],
-                      z.ravel() + self.plane_z_nm])
+        r = np.stack([x.ravel() + self.center_nm[0], y.ravel() + self.center_nm[1], z.ravel() + self.plane_z_nm])
         idx = self._to_index @ (r - self.cube.origin_nm[:, None])
         upper = np.asarray(self.cube.shape, dtype=np.float64)[:, None] - 1
         inside = np.all((idx >= 0) & (idx <= upper), axis=0)
         out = np.zeros((1, 4, r.shape[1]), dtype=np.float64)
         for k, coeffs in enumerate(self._coeffs):
-            out[0, k] = ndimage.map_coordinates(coeffs, idx, order=3, mode="nearest",
-                                                prefilter=False)
+            out[0, k] = ndimage.map_coordinates(coeffs, idx, order=3, mode="nearest", prefilter=False)
         out[..., ~inside] = 0.0
         return out.reshape(1, 4, *shape)

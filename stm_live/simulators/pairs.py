@@ -93,11 +93,26 @@ class PairSampler:
     cache_mb : memory cap of the field cache (least recently used entries are dropped).
     """
 
-    def __init__(self, molecules=TRAIN_MOLECULES, *, size: int = 128, pixel_size_nm=(0.04, 0.08), seed: int = 0,
-                 heights=(0.25, 0.6), s_share=(0.0, 0.6), coherent_prob: float = 0.15, tilt_prob: float = 0.15,
-                 modes=("height", "current"), noise=(0.0, 0.1), max_molecules: int = 3,
-                 orbitals=DEFAULT_ORBITALS, tips=None, substrate_prob: float = 0.5,
-                 grid_step_nm: float = 0.025, cache_mb: float = 512.0):
+    def __init__(
+        self,
+        molecules=TRAIN_MOLECULES,
+        *,
+        size: int = 128,
+        pixel_size_nm=(0.04, 0.08),
+        seed: int = 0,
+        heights=(0.25, 0.6),
+        s_share=(0.0, 0.6),
+        coherent_prob: float = 0.15,
+        tilt_prob: float = 0.15,
+        modes=("height", "current"),
+        noise=(0.0, 0.1),
+        max_molecules: int = 3,
+        orbitals=DEFAULT_ORBITALS,
+        tips=None,
+        substrate_prob: float = 0.5,
+        grid_step_nm: float = 0.025,
+        cache_mb: float = 512.0,
+    ):
         names = [molecules] if isinstance(molecules, str) else list(molecules)
         if not names:
             raise ValueError("molecules is empty: give at least one library molecule name")
@@ -170,8 +185,9 @@ class PairSampler:
         if label not in labels:
             labels.append(label)
         half_x, half_y = self._half_extent_nm(name)
-        x, y = np.meshgrid(np.arange(-half_x, half_x + 1e-9, self.grid_step_nm),
-                           np.arange(-half_y, half_y + 1e-9, self.grid_step_nm))  # [row = y, col = x]
+        x, y = np.meshgrid(
+            np.arange(-half_x, half_x + 1e-9, self.grid_step_nm), np.arange(-half_y, half_y + 1e-9, self.grid_step_nm)
+        )  # [row = y, col = x]
         all_fields = levels_fields([orbital_level(name, lab) for lab in labels], x, y, key[2] * HEIGHT_STEP_NM)
         requested = None
         for lab, f in zip(labels, all_fields):
@@ -222,9 +238,16 @@ class PairSampler:
         asym = rng.uniform(-0.1, 0.1)  # slight p_x/p_y imbalance of real CO tips
         pxy = p - pz
         tilt = rng.uniform(5.0, 25.0) if rng.random() < self.tilt_prob else 0.0
-        return TipState(s=s, px=pxy * (0.5 + asym), py=pxy * (0.5 - asym), pz=pz,
-                        coherent=bool(rng.random() < self.coherent_prob), tilt_deg=tilt,
-                        tilt_azimuth_deg=rng.uniform(0, 360), name="random")
+        return TipState(
+            s=s,
+            px=pxy * (0.5 + asym),
+            py=pxy * (0.5 - asym),
+            pz=pz,
+            coherent=bool(rng.random() < self.coherent_prob),
+            tilt_deg=tilt,
+            tilt_azimuth_deg=rng.uniform(0, 360),
+            name="random",
+        )
 
     def _scene(self, width_nm: float):
         rng = self.rng
@@ -260,10 +283,14 @@ class PairSampler:
         reach = math.hypot(half_x, half_y)
         cx, cy = x0 - shift[0], y0 - shift[1]  # where the molecule appears in the image
         clip = lambda a: min(max(a, 0), self.size)  # noqa: E731
-        rs = slice(clip(int(math.floor(self.size / 2 - (cy + reach) / pixel))),
-                   clip(int(math.ceil(self.size / 2 - (cy - reach) / pixel))))
-        cs = slice(clip(int(math.floor((cx - reach) / pixel + self.size / 2))),
-                   clip(int(math.ceil((cx + reach) / pixel + self.size / 2))))
+        rs = slice(
+            clip(int(math.floor(self.size / 2 - (cy + reach) / pixel))),
+            clip(int(math.ceil(self.size / 2 - (cy - reach) / pixel))),
+        )
+        cs = slice(
+            clip(int(math.floor((cx - reach) / pixel + self.size / 2))),
+            clip(int(math.ceil((cx + reach) / pixel + self.size / 2))),
+        )
         if rs.start >= rs.stop or cs.start >= cs.stop:
             return None
         x = (np.arange(cs.start, cs.stop) + 0.5 - self.size / 2) * pixel - cx
@@ -333,9 +360,11 @@ class PairSampler:
         z0, z1, z2 = (levels[m[0] + d] for d in (-1, 0, 1))
         t = target
         safe = lambda a: np.where(np.abs(a) < 1e-9, 1e-9, a)  # noqa: E731
-        z_map = (z0 * (t - l1) * (t - l2) / safe((l0 - l1) * (l0 - l2))
-                 + z1 * (t - l0) * (t - l2) / safe((l1 - l0) * (l1 - l2))
-                 + z2 * (t - l0) * (t - l1) / safe((l2 - l0) * (l2 - l1)))
+        z_map = (
+            z0 * (t - l1) * (t - l2) / safe((l0 - l1) * (l0 - l2))
+            + z1 * (t - l0) * (t - l2) / safe((l1 - l0) * (l1 - l2))
+            + z2 * (t - l0) * (t - l1) / safe((l2 - l0) * (l2 - l1))
+        )
         return np.clip(z_map, Z_MIN_NM, levels[-1] + 0.5), setpoint_signal
 
     def sample(self, n: int) -> PairBatch:
@@ -360,11 +389,21 @@ class PairSampler:
             scale = float(target.max()) or 1.0
             targets[i] = target / scale
             item = {
-                "molecules": [p[0] for p in placed], "orbitals": [p[1] for p in placed],
-                "positions_nm": [(p[2], p[3]) for p in placed], "rotations_deg": [p[4] for p in placed],
-                "tip": tip.name, "tip_state": dataclasses.asdict(tip), "s_fraction": tip.s_fraction,
-                "coherent": tip.coherent, "tilt_deg": tip.tilt_deg, "z_nm": z, "mode": mode, "bias_V": bias,
-                "pixel_size_nm": pixel, "substrate_corrugation": corrugation, "target_scale": scale,
+                "molecules": [p[0] for p in placed],
+                "orbitals": [p[1] for p in placed],
+                "positions_nm": [(p[2], p[3]) for p in placed],
+                "rotations_deg": [p[4] for p in placed],
+                "tip": tip.name,
+                "tip_state": dataclasses.asdict(tip),
+                "s_fraction": tip.s_fraction,
+                "coherent": tip.coherent,
+                "tilt_deg": tip.tilt_deg,
+                "z_nm": z,
+                "mode": mode,
+                "bias_V": bias,
+                "pixel_size_nm": pixel,
+                "substrate_corrugation": corrugation,
+                "target_scale": scale,
             }
             if mode == "height":
                 signal = self._render(placed, tip, [z], pixel)[0] + background * math.exp(-2 * KAPPA_PER_NM * z)

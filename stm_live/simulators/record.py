@@ -32,9 +32,10 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from stm_live import __version__
 from stm_live.devices import protocol as P
@@ -84,7 +85,7 @@ class _Upstream(asyncio.Protocol):
     the framing only serves the record; with faults each whole reply goes through the
     fault layer, in order, from ``send_replies``."""
 
-    def __init__(self, proxy: "RecordingProxy", c: _Conn):
+    def __init__(self, proxy: RecordingProxy, c: _Conn):
         self.proxy, self.c = proxy, c
         self.transport: asyncio.Transport | None = None
         self.head = bytearray()
@@ -100,8 +101,7 @@ class _Upstream(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         if self.parts or self.head:  # a reply cut short: forwarded as far as it came
-            self._raw(b"".join(self.parts) if self.parts else bytes(self.head),
-                      "a reply cut short by the controller")
+            self._raw(b"".join(self.parts) if self.parts else bytes(self.head), "a reply cut short by the controller")
         why = "closed the connection" if exc is None else f"connection failed: {exc}"
         if self.out is not None:
             self.out.put_nowait(None)
@@ -121,9 +121,9 @@ class _Upstream(asyncio.Protocol):
         view = memoryview(data)
         while view:
             if not self.parts:  # in a header
-                take = view[:P.HEADER_SIZE - len(self.head)]
+                take = view[: P.HEADER_SIZE - len(self.head)]
                 self.head += take
-                view = view[len(take):]
+                view = view[len(take) :]
                 if len(self.head) < P.HEADER_SIZE:
                     return
                 try:
@@ -133,10 +133,10 @@ class _Upstream(asyncio.Protocol):
                     self._raw(bytes(self.head) + bytes(view), self.raw)
                     return
                 self.parts, self.head = [bytes(self.head)], bytearray()
-            take = view[:self.left]
+            take = view[: self.left]
             self.parts.append(take)
             self.left -= len(take)
-            view = view[len(take):]
+            view = view[len(take) :]
             if not self.left:
                 parts, self.parts = self.parts, []
                 self.proxy._reply(c, parts)
@@ -154,8 +154,9 @@ class _Upstream(asyncio.Protocol):
         (without, every byte has gone on already)."""
         if self.out is not None:
             self.out.put_nowait((None, data))  # in order, after the replies before it
-        self.proxy.writer.append("raw", {"conn": self.c.index, "t": self.proxy._t(), "direction": "reply",
-                                         "why": why}, data)
+        self.proxy.writer.append(
+            "raw", {"conn": self.c.index, "t": self.proxy._t(), "direction": "reply", "why": why}, data
+        )
 
     async def send_replies(self) -> tuple[str, str]:
         """With faults: each whole reply through the fault layer, in order."""
@@ -175,9 +176,15 @@ class RecordingProxy:
     ``close``). ``faults``: a ``FaultLayer`` or ``Fault`` list for the client side.
     """
 
-    def __init__(self, upstreams: Sequence[tuple[str, int]], writer: RecordingWriter, *,
-                 faults: FaultLayer | Sequence[Fault] = (), connect_timeout_s: float = 10.0,
-                 max_connections: int = MAX_CONNECTIONS):
+    def __init__(
+        self,
+        upstreams: Sequence[tuple[str, int]],
+        writer: RecordingWriter,
+        *,
+        faults: FaultLayer | Sequence[Fault] = (),
+        connect_timeout_s: float = 10.0,
+        max_connections: int = MAX_CONNECTIONS,
+    ):
         if not 1 <= len(upstreams) <= MAX_CONNECTIONS:
             raise ValueError(f"{len(upstreams)} upstreams: a controller has 1 to {MAX_CONNECTIONS} ports")
         self.upstreams = [tuple(u) for u in upstreams]
@@ -213,8 +220,7 @@ class RecordingProxy:
         servers = []
         try:
             for i, port in enumerate(ports):
-                servers.append(await asyncio.start_server(
-                    lambda r, w, i=i: self._accept(i, r, w), self.host, port))
+                servers.append(await asyncio.start_server(lambda r, w, i=i: self._accept(i, r, w), self.host, port))
         except OSError:
             for s in servers:
                 s.close()
@@ -263,8 +269,11 @@ class RecordingProxy:
     async def _accept(self, upstream: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.connections >= self.max_connections or self._closing:
             self.refused += 1
-            log.warning("refusing connection from %s: %d connections open (the limit)",
-                        writer.get_extra_info("peername"), self.connections)
+            log.warning(
+                "refusing connection from %s: %d connections open (the limit)",
+                writer.get_extra_info("peername"),
+                self.connections,
+            )
             writer.close()
             return
         self.connections += 1
@@ -296,14 +305,17 @@ class RecordingProxy:
         host, port = self.upstreams[c.upstream]
         c.up = _Upstream(self, c)
         try:
-            await asyncio.wait_for(asyncio.get_running_loop().create_connection(lambda: c.up, host, port),
-                                   self.connect_timeout_s)
-        except (OSError, asyncio.TimeoutError) as exc:
+            await asyncio.wait_for(
+                asyncio.get_running_loop().create_connection(lambda: c.up, host, port), self.connect_timeout_s
+            )
+        except (TimeoutError, OSError) as exc:
             log.warning("recording proxy: cannot reach %s:%s: %s", host, port, exc)
             return "upstream", f"cannot connect to {host}:{port}: {exc or type(exc).__name__}"
         self.writer.append("open", {"conn": c.index, "upstream": c.upstream, "t": self._t()})
-        ends = [asyncio.ensure_future(self._requests(c)),
-                asyncio.ensure_future(c.up.send_replies()) if c.up.out is not None else c.up.done]
+        ends = [
+            asyncio.ensure_future(self._requests(c)),
+            asyncio.ensure_future(c.up.send_replies()) if c.up.out is not None else c.up.done,
+        ]
         try:
             done, _ = await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             return next(iter(done)).result()
@@ -351,8 +363,12 @@ class RecordingProxy:
         name = P.parse_response_header(parts[0])[0]
         pending = c.pending.popleft() if c.pending else None
         if pending is None or pending.name != name:
-            log.warning("recording proxy: connection %d: a %s reply %s", c.index, name,
-                        "nobody asked for" if pending is None else f"to a {pending.name} request")
+            log.warning(
+                "recording proxy: connection %d: a %s reply %s",
+                c.index,
+                name,
+                "nobody asked for" if pending is None else f"to a {pending.name} request",
+            )
             if pending is not None:
                 self._pair(c, pending, None)
             pending = _Pending(name, b"", time.monotonic(), self.faults.request(c.link, name))
@@ -367,8 +383,12 @@ class RecordingProxy:
 
     def _pair(self, c: _Conn, p: _Pending, reply: list | None) -> None:
         self.pairs += 1
-        meta = {"conn": c.index, "t": self._t(p.t), "name": p.name,
-                "reply_s": None if reply is None else round(time.monotonic() - p.t, 6)}
+        meta = {
+            "conn": c.index,
+            "t": self._t(p.t),
+            "name": p.name,
+            "reply_s": None if reply is None else round(time.monotonic() - p.t, 6),
+        }
         self.writer.append("pair", meta, p.request or None, reply)
 
     def _observe(self, c: _Conn, p: _Pending, reply: bytes) -> None:
@@ -376,13 +396,13 @@ class RecordingProxy:
         if p.name not in _OBSERVED:
             return
         try:
-            values, status, _ = P.decode_response_body(p.name, reply[P.HEADER_SIZE:])
+            values, status, _ = P.decode_response_body(p.name, reply[P.HEADER_SIZE :])
             if status:
                 return
             if p.name == "Util.VersionGet":
                 self.writer.append("release", {"conn": c.index, "t": self._t(), **values})
             elif p.name == "Scan.Action":
-                if p.request and P.decode_request_body(p.name, p.request[P.HEADER_SIZE:])["action"] == 0:
+                if p.request and P.decode_request_body(p.name, p.request[P.HEADER_SIZE :])["action"] == 0:
                     self._frame += 1
             elif not values["timed_out"]:
                 self.faults.scan_event(max(self._frame, 0), values["line"], values["movement"])
@@ -419,20 +439,32 @@ class RunningProxy:
             return
         stop_loop_thread(self.proxy.close, self._loop, self._thread, what="recording proxy", timeout=timeout)
 
-    def __enter__(self) -> "RunningProxy":
+    def __enter__(self) -> RunningProxy:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
 
-async def open_proxy(upstreams: Sequence[tuple[str, int]], out: str | Path, *, host: str = "127.0.0.1",
-                     port: int = 0, faults: FaultLayer | Sequence[Fault] = ()) -> RecordingProxy:
+async def open_proxy(
+    upstreams: Sequence[tuple[str, int]],
+    out: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    faults: FaultLayer | Sequence[Fault] = (),
+) -> RecordingProxy:
     """A started proxy recording the links to ``upstreams`` into the new file ``out``,
     listening on ``host`` from ``port`` (0: ephemeral ports; ``.ports`` says where). A
     failure to listen leaves no file behind and raises OSError naming the address."""
-    writer = RecordingWriter(out, {"started": time.time(), "recorder": f"stm-live {__version__}",
-                                   "upstreams": [f"{h}:{p}" for h, p in upstreams]})
+    writer = RecordingWriter(
+        out,
+        {
+            "started": time.time(),
+            "recorder": f"stm-live {__version__}",
+            "upstreams": [f"{h}:{p}" for h, p in upstreams],
+        },
+    )
     try:
         proxy = RecordingProxy(upstreams, writer, faults=faults)
         await proxy.start(host, port)
@@ -445,13 +477,22 @@ async def open_proxy(upstreams: Sequence[tuple[str, int]], out: str | Path, *, h
     return proxy
 
 
-def start_proxy_thread(upstreams: Sequence[tuple[str, int]], out: str | Path, *, host: str = "127.0.0.1",
-                       port: int = 0, faults: FaultLayer | Sequence[Fault] = (),
-                       startup_timeout_s: float = 30.0) -> RunningProxy:
+def start_proxy_thread(
+    upstreams: Sequence[tuple[str, int]],
+    out: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    faults: FaultLayer | Sequence[Fault] = (),
+    startup_timeout_s: float = 30.0,
+) -> RunningProxy:
     """``open_proxy`` served from a daemon thread (tests, benchmarks)."""
-    started, loop, thread = loop_in_thread(lambda: open_proxy(upstreams, out, host=host, port=port, faults=faults),
-                                           name="stm-live-record", what="recording proxy",
-                                           startup_timeout_s=startup_timeout_s)
+    started, loop, thread = loop_in_thread(
+        lambda: open_proxy(upstreams, out, host=host, port=port, faults=faults),
+        name="stm-live-record",
+        what="recording proxy",
+        startup_timeout_s=startup_timeout_s,
+    )
     if isinstance(started, BaseException):
         raise started
     return RunningProxy(started, loop, thread)

@@ -14,16 +14,34 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Hashable
 from concurrent.futures import Executor, Future
 from dataclasses import replace
-from typing import Callable, Hashable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
+from scipy.signal import lfilter
 
+from stm_live.simulators import artifacts, imaging, spectra
+from stm_live.simulators.imaging import Z_MAX_NM, Z_MIN_NM, Placement, ScanFrame, Substrate
+from stm_live.simulators.orbitals import molecule
 from stm_live.simulators.scenario import Scenario
+from stm_live.simulators.vacuum import KAPPA_PER_NM
 
-__all__ = ["BIAS_INDEX", "CURRENT_INDEX", "LI_X_INDEX", "LI_Y_INDEX", "X_INDEX", "Y_INDEX", "Z_INDEX",
-           "FrameRows", "PhysicsRenderer", "RenderSettings", "lockin_outputs", "submit_or_run"]
+__all__ = [
+    "BIAS_INDEX",
+    "CURRENT_INDEX",
+    "LI_X_INDEX",
+    "LI_Y_INDEX",
+    "X_INDEX",
+    "Y_INDEX",
+    "Z_INDEX",
+    "FrameRows",
+    "PhysicsRenderer",
+    "RenderSettings",
+    "lockin_outputs",
+    "submit_or_run",
+]
 
 # Signal indexes of the simulated controller (its Signals.NamesGet list).
 CURRENT_INDEX, BIAS_INDEX, X_INDEX, Y_INDEX, Z_INDEX = 0, 24, 25, 26, 30
@@ -69,7 +87,6 @@ class PhysicsRenderer:
     the scan, and come out the same."""
 
     def __init__(self, scenario: Scenario):
-        from stm_live.simulators.imaging import Substrate
 
         self.scenario = scenario
         self.placements = list(scenario.molecules)
@@ -98,7 +115,6 @@ class PhysicsRenderer:
 
     def _sub_frame(self, g, r0: int, r1: int, margin: int):
         """The ScanFrame whose rows are rows r0-margin .. r1+margin of the full frame."""
-        from stm_live.simulators.imaging import ScanFrame
 
         cx, cy, w, h, ang = g["frame"]
         lines = g["lines"]
@@ -117,12 +133,14 @@ class PhysicsRenderer:
         vx, vy = g.get("drift_v", (0.0, 0.0))
         t_mid = (a0 + a1) / 2 * (g["t_fwd"] + g["t_bwd"])
         shift = (sx + vx * t_mid, sy + vy * t_mid)
-        frame = ScanFrame.from_si(x + shift[0], y + shift[1], w, (a1 - a0) * dv, ang, g["pixels"], a1 - a0,
-                                  g["direction"])
+        frame = ScanFrame.from_si(
+            x + shift[0], y + shift[1], w, (a1 - a0) * dv, ang, g["pixels"], a1 - a0, g["direction"]
+        )
         return frame, r0 - a0, r1 - a0, shift
 
-    def render_block(self, g, tip, *, bias_V, z_on, setpoint_A, z_nm, rows, seed, lockin=None, tilt=(0.0, 0.0),
-                     loop_lag_s=0.0):
+    def render_block(
+        self, g, tip, *, bias_V, z_on, setpoint_A, z_nm, rows, seed, lockin=None, tilt=(0.0, 0.0), loop_lag_s=0.0
+    ):
         """Noise-free rows ``rows`` = (r0, r1) per channel, (forward, backward), float64.
 
         ``lockin``: ``(amplitude_V, phase_deg)`` while the lock-in modulates the bias (its
@@ -130,7 +148,6 @@ class PhysicsRenderer:
         ``tilt``: tan of the piezo tilt correction (X, Y): the Z piezo adds the plane
         x tan + y tan (piezo coordinates), which the loop takes out of Z at constant current
         and the tip's height carries at constant height. ``loop_lag_s``: see ``_feedback``."""
-        from stm_live.simulators import imaging
 
         r0, r1 = rows
         if bias_V == 0:  # the model needs a bias sign; 1 mV stands in for 0 V
@@ -147,8 +164,9 @@ class PhysicsRenderer:
         wanted = {LI_X_INDEX, LI_Y_INDEX} & set(g["channels"])
         didv = None
         if z_on:
-            z_raw = imaging.constant_current_image(placements, frame, tip, setpoint_A=setpoint_A,
-                                                   bias_V=bias_V, substrate=self.substrate).astype(np.float64)
+            z_raw = imaging.constant_current_image(
+                placements, frame, tip, setpoint_A=setpoint_A, bias_V=bias_V, substrate=self.substrate
+            ).astype(np.float64)
             if lockin is not None and wanted:  # dI/dV where the loop held the tip
                 didv = self._didv(frame, tip, bias_V, z_raw, self.substrate or imaging.Substrate())
                 didv = self._geometric(didv, seed)[i0:i1]
@@ -159,8 +177,9 @@ class PhysicsRenderer:
         else:
             z_tip = z_nm if plane is None else z_nm + plane
             z_eval, beyond = _model_height(z_tip)
-            i = imaging.constant_height_image(placements, frame, tip, z_nm=z_eval, bias_V=bias_V,
-                                              substrate=self.substrate).astype(np.float64)
+            i = imaging.constant_height_image(
+                placements, frame, tip, z_nm=z_eval, bias_V=bias_V, substrate=self.substrate
+            ).astype(np.float64)
             i = self._geometric(i, seed) * beyond
             if lockin is not None and wanted:
                 didv = self._geometric(self._didv(frame, tip, bias_V, z_eval, self.substrate), seed) * beyond
@@ -197,44 +216,53 @@ class PhysicsRenderer:
         return out
 
     def _didv(self, frame, tip, bias_V, z_nm, substrate) -> np.ndarray:
-        from stm_live.simulators import spectra
 
-        return spectra.simulate(self.placements, tip, frame, bias_V, z_nm=z_nm, model=self.model,
-                                substrate=substrate).didv_A_per_V
+        return spectra.simulate(
+            self.placements, tip, frame, bias_V, z_nm=z_nm, model=self.model, substrate=substrate
+        ).didv_A_per_V
 
-    def spectra_at(self, at, tip, sweep_V, *, z_nm=None, setpoint_A=None, setpoint_bias_V=None,
-                   z_offset_nm: float = 0.0):
+    def spectra_at(
+        self, at, tip, sweep_V, *, z_nm=None, setpoint_A=None, setpoint_bias_V=None, z_offset_nm: float = 0.0
+    ):
         """Sweeps (``spectra.simulate``, ``sweep_V`` of >= 2 biases) over ``at`` (a ScanFrame of
         grid points, or an (x, y) nm point) for this scene, the tip at height ``z_nm`` (the loop
         off) or where the loop held it, I(``setpoint_bias_V``) = ``setpoint_A``, then moved by
         ``z_offset_nm`` (+ away from the surface) as a bias spectroscopy does. The substrate is
         the scan's: the scenario's, or a flat one under feedback (as imaging)."""
-        from stm_live.simulators import imaging, spectra
 
         substrate = self.substrate
         if setpoint_A is not None:
             if setpoint_bias_V == 0:  # the model needs a bias sign; 1 mV stands in for 0 V (as the scan)
                 setpoint_bias_V = 1e-3
             substrate = substrate or imaging.Substrate()
-            held = spectra.simulate(self.placements, tip, at, sweep_V, setpoint_A=setpoint_A,
-                                    setpoint_bias_V=setpoint_bias_V, model=self.model, substrate=substrate)
+            held = spectra.simulate(
+                self.placements,
+                tip,
+                at,
+                sweep_V,
+                setpoint_A=setpoint_A,
+                setpoint_bias_V=setpoint_bias_V,
+                model=self.model,
+                substrate=substrate,
+            )
             if not z_offset_nm:
                 return held
             z_nm = held.z_nm
-        from stm_live.simulators.vacuum import KAPPA_PER_NM
 
         z_nm = np.asarray(z_nm, dtype=float) + z_offset_nm
         z_eval = np.clip(z_nm, imaging.Z_MIN_NM, imaging.Z_MAX_NM)
-        out = spectra.simulate(self.placements, tip, at, sweep_V, z_nm=z_eval, model=self.model,
-                               substrate=substrate)
+        out = spectra.simulate(self.placements, tip, at, sweep_V, z_nm=z_eval, model=self.model, substrate=substrate)
         # beyond the model's range the current just keeps decaying: e^{-2κΔz} (as the scan)
         beyond = np.broadcast_to(np.exp(-2 * KAPPA_PER_NM * np.maximum(0.0, z_nm - z_eval)), out.z_nm.shape)[..., None]
-        return replace(out, didv_A_per_V=out.didv_A_per_V * beyond, current_A=out.current_A * beyond,
-                       z_nm=np.broadcast_to(z_nm, out.z_nm.shape).copy())
+        return replace(
+            out,
+            didv_A_per_V=out.didv_A_per_V * beyond,
+            current_A=out.current_A * beyond,
+            z_nm=np.broadcast_to(z_nm, out.z_nm.shape).copy(),
+        )
 
     def _geometric(self, img, seed):
         """Drift and creep (whole-frame renders only): resample the image."""
-        from stm_live.simulators import artifacts
 
         a = self.scenario.artifacts
         if a.drift > 0:  # nm per frame, in a seeded random direction
@@ -251,7 +279,6 @@ class PhysicsRenderer:
 
     def noise_fields(self, g, block, seed, *, z_on):
         """Per-frame additive noise {channel: (fwd, bwd)} scaled to the first block's spread."""
-        from stm_live.simulators import artifacts
 
         a = self.scenario.artifacts
         shape = (g["lines"], g["pixels"])
@@ -281,24 +308,24 @@ class PhysicsRenderer:
         return fields, spread
 
     def point_current(self, x_m, y_m, tip, bias_V, z_nm) -> float:
-        from stm_live.simulators import imaging
 
         key = ("I", round(x_m, 13), round(y_m, 13), tip, bias_V, round(z_nm, 6))
         if key not in self._point_cache:
             frame = self._point_frame(x_m, y_m)
-            img = imaging.constant_height_image(self.near(frame), frame, tip, z_nm=z_nm, bias_V=bias_V,
-                                                substrate=self.substrate)
+            img = imaging.constant_height_image(
+                self.near(frame), frame, tip, z_nm=z_nm, bias_V=bias_V, substrate=self.substrate
+            )
             self._remember(key, float(np.mean(img)))
         return self._point_cache[key]
 
     def point_height_nm(self, x_m, y_m, tip, bias_V, setpoint_A) -> float:
-        from stm_live.simulators import imaging
 
         key = ("Z", round(x_m, 13), round(y_m, 13), tip, bias_V, setpoint_A)
         if key not in self._point_cache:
             frame = self._point_frame(x_m, y_m)
-            img = imaging.constant_current_image(self.near(frame), frame, tip, setpoint_A=setpoint_A,
-                                                 bias_V=bias_V, substrate=self.substrate)
+            img = imaging.constant_current_image(
+                self.near(frame), frame, tip, setpoint_A=setpoint_A, bias_V=bias_V, substrate=self.substrate
+            )
             self._remember(key, float(np.mean(img)))
         return self._point_cache[key]
 
@@ -320,16 +347,12 @@ class PhysicsRenderer:
 
     @staticmethod
     def _point_frame(x_m, y_m):
-        from stm_live.simulators.imaging import ScanFrame
 
-        return ScanFrame(center_x_nm=x_m * 1e9, center_y_nm=y_m * 1e9, width_nm=0.02, height_nm=0.02,
-                         pixels=2, lines=2)
+        return ScanFrame(center_x_nm=x_m * 1e9, center_y_nm=y_m * 1e9, width_nm=0.02, height_nm=0.02, pixels=2, lines=2)
 
 
 def _radius_nm(placement) -> float:
     """How far a placement's atoms reach from its centre (a cube orbital: from its atoms)."""
-    from stm_live.simulators.imaging import Placement
-    from stm_live.simulators.orbitals import molecule
 
     if isinstance(placement, Placement):
         return molecule(placement.molecule).radius_nm
@@ -343,8 +366,6 @@ def _radius_nm(placement) -> float:
 def _model_height(z_nm):
     """(the height the model is evaluated at, the factor e^{-2κΔz} beyond its range): beyond
     the model's heights the current just keeps decaying. Scalar or per pixel."""
-    from stm_live.simulators.imaging import Z_MAX_NM, Z_MIN_NM
-    from stm_live.simulators.vacuum import KAPPA_PER_NM
 
     if np.ndim(z_nm) == 0:
         z_eval = min(max(z_nm, Z_MIN_NM), Z_MAX_NM)
@@ -361,12 +382,14 @@ def _feedback(z_nm, g, setpoint_A, loop_lag_s):
     axis with time constant ``loop_lag_s`` (what gains below the defaults add), and the
     current is the setpoint times e^{2κ(target − Z)} with Z read one pixel behind (the
     default loop's lag: today's images at lag 0)."""
-    from stm_live.simulators.vacuum import KAPPA_PER_NM
 
     cur, zimg = {}, {}
     for d, lag in ((0, 1), (1, -1)):
-        zf = z_nm if loop_lag_s <= 0 else _low_pass(z_nm, g["t_bwd" if d else "t_fwd"] / g["pixels"] / loop_lag_s,
-                                                    reverse=bool(d))
+        zf = (
+            z_nm
+            if loop_lag_s <= 0
+            else _low_pass(z_nm, g["t_bwd" if d else "t_fwd"] / g["pixels"] / loop_lag_s, reverse=bool(d))
+        )
         zl = np.roll(zf, lag, axis=1)
         edge = 0 if lag > 0 else -1
         zl[:, edge] = zf[:, edge]
@@ -378,7 +401,6 @@ def _feedback(z_nm, g, setpoint_A, loop_lag_s):
 def _low_pass(rows, dt_over_tau: float, *, reverse: bool) -> np.ndarray:
     """First-order low-pass of each row (y_k = a y_{k-1} + (1 - a) x_k, a = e^{-dt/τ}),
     starting settled on its first pixel; ``reverse``: along the row from its end."""
-    from scipy.signal import lfilter
 
     x = rows[:, ::-1] if reverse else rows
     a = math.exp(-dt_over_tau)
@@ -416,8 +438,16 @@ class FrameRows:
     Only the owner's thread (under its lock) calls the methods; the worker only renders.
     """
 
-    def __init__(self, model: PhysicsRenderer, g: dict, seed: int, settings: RenderSettings, *,
-                 executor: Executor | None = None, on_ready: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        model: PhysicsRenderer,
+        g: dict,
+        seed: int,
+        settings: RenderSettings,
+        *,
+        executor: Executor | None = None,
+        on_ready: Callable[[], None] | None = None,
+    ):
         self.model, self.g, self.seed = model, g, seed
         self.size = model.block_lines(g)
         self.executor, self.on_ready = executor, on_ready
@@ -474,10 +504,19 @@ class FrameRows:
     def _plain(self, settings: RenderSettings, b: int) -> tuple[int, dict]:
         s, g = settings, self.g
         r0, r1 = b * self.size, min(g["lines"], (b + 1) * self.size)
-        block = self.model.render_block(g, s.tip, bias_V=s.bias_V, z_on=s.z_on, setpoint_A=s.setpoint_A,
-                                        z_nm=s.z_m * 1e9, rows=(r0, r1), lockin=s.lockin, tilt=s.tilt,
-                                        loop_lag_s=s.loop_lag_s,
-                                        seed=np.random.SeedSequence([self.seed, 3, g["frame_index"], b]))
+        block = self.model.render_block(
+            g,
+            s.tip,
+            bias_V=s.bias_V,
+            z_on=s.z_on,
+            setpoint_A=s.setpoint_A,
+            z_nm=s.z_m * 1e9,
+            rows=(r0, r1),
+            lockin=s.lockin,
+            tilt=s.tilt,
+            loop_lag_s=s.loop_lag_s,
+            seed=np.random.SeedSequence([self.seed, 3, g["frame_index"], b]),
+        )
         return r0, block
 
     def _frame_noise(self, first_block: dict | None = None) -> dict:
@@ -488,8 +527,11 @@ class FrameRows:
                 if first_block is None:
                     first_block = self._plain(self._first_settings, 0)[1]
                 self._noise, self.spread = self.model.noise_fields(
-                    self.g, first_block, np.random.SeedSequence([self.seed, 4, self.g["frame_index"]]),
-                    z_on=self._first_settings.z_on)
+                    self.g,
+                    first_block,
+                    np.random.SeedSequence([self.seed, 4, self.g["frame_index"]]),
+                    z_on=self._first_settings.z_on,
+                )
             return self._noise
 
     def _render(self, settings: RenderSettings, b: int) -> tuple[int, dict]:

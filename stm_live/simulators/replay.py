@@ -108,15 +108,16 @@ class ReplaySource:
         self.scan = scan
         self.name = name
         if scan.pixels < 1 or scan.lines < 1 or not scan.channels:
-            raise ReplayError(f"{name}: recording has no data (pixels={scan.pixels}, lines={scan.lines}, "
-                              f"channels={list(scan.channels)})")
+            raise ReplayError(
+                f"{name}: recording has no data (pixels={scan.pixels}, lines={scan.lines}, "
+                f"channels={list(scan.channels)})"
+            )
         self.lines_recorded = int(scan.lines_scanned)
         if self.lines_recorded == 0:
             raise ReplayError(f"{name}: recording holds no scanned line (every row is NaN)")
         line_time = scan.line_time_s
         if line_time is None:
-            log.warning("%s records no SCAN_TIME/ACQ_TIME; replaying at %.3g s per line", name,
-                        DEFAULT_LINE_TIME_S)
+            log.warning("%s records no SCAN_TIME/ACQ_TIME; replaying at %.3g s per line", name, DEFAULT_LINE_TIME_S)
             line_time = DEFAULT_LINE_TIME_S
         st = scan.scan_time_s
         if st is not None and st[0] > 0 and st[1] > 0:
@@ -128,7 +129,7 @@ class ReplaySource:
         self._data: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     @classmethod
-    def from_file(cls, path) -> "ReplaySource":
+    def from_file(cls, path) -> ReplaySource:
         path = Path(path)
         why = not_a_scan(path)
         if why is not None:
@@ -147,8 +148,7 @@ class ReplaySource:
         unusable one is logged with the reason and left to the name-based fallback."""
         table = self.scan.header.get("DATA_INFO", "")
         if not table.strip():
-            log.warning("%s: no DATA_INFO table; serving channels %s by name", self.name,
-                        list(self.scan.channels))
+            log.warning("%s: no DATA_INFO table; serving channels %s by name", self.name, list(self.scan.channels))
             return {}
         try:
             rows = parse_data_info(Path(self.name), table)
@@ -172,15 +172,13 @@ class ReplaySource:
                 elif idx in owner:
                     why = f"Channel {idx} is already declared for {owner[idx]!r}"
             if why:
-                log.warning("%s: DATA_INFO %s for %r; serving it by name instead",
-                            self.name, why, name)
+                log.warning("%s: DATA_INFO %s for %r; serving it by name instead", self.name, why, name)
                 continue
             out[name], owner[idx] = idx, name
         listed = {r["Name"] for r in rows}
         missing = [n for n in self.scan.channels if n not in listed]
         if missing:
-            log.warning("%s: DATA_INFO declares no index for %s; serving by name", self.name,
-                        missing)
+            log.warning("%s: DATA_INFO declares no index for %s; serving by name", self.name, missing)
         return out
 
     def configure(self, controller) -> None:
@@ -205,8 +203,9 @@ class ReplaySource:
             fwd = np.asarray(dirs.get("forward", nan), np.float32)
             bwd = np.asarray(dirs.get("backward", nan), np.float32)
             if fwd.shape != (s.lines, s.pixels) or bwd.shape != (s.lines, s.pixels):
-                raise ReplayError(f"{self.name}: channel {ch!r} has shape {fwd.shape}/{bwd.shape}, "
-                                  f"header says {(s.lines, s.pixels)}")
+                raise ReplayError(
+                    f"{self.name}: channel {ch!r} has shape {fwd.shape}/{bwd.shape}, header says {(s.lines, s.pixels)}"
+                )
             self._data[idx] = (fwd, bwd)
         self.index_of = index_of
         self.halves_recorded = self._halves_recorded()
@@ -299,7 +298,7 @@ class GridReplaySource:
         self.split = split_unit
 
     @classmethod
-    def from_file(cls, path) -> "GridReplaySource":
+    def from_file(cls, path) -> GridReplaySource:
         path = Path(path)
         try:
             grid = read_3ds(path)
@@ -353,12 +352,17 @@ class GridReplaySource:
         iy, ix = np.unravel_index(int(np.argmin(d)), d.shape)
         near = f"({self.x[iy, ix] * 1e9:.4g}, {self.y[iy, ix] * 1e9:.4g}) nm"
         if d[iy, ix] > self.tolerance_m:
-            raise ControllerError(f"replaying {self.name}: no grid point under the tip at ({x_m * 1e9:.4g}, "
-                                  f"{y_m * 1e9:.4g}) nm; the nearest is point ({ix}, {iy}) at {near}")
+            raise ControllerError(
+                f"replaying {self.name}: no grid point under the tip at ({x_m * 1e9:.4g}, "
+                f"{y_m * 1e9:.4g}) nm; the nearest is point ({ix}, {iy}) at {near}"
+            )
         if not self.grid.measured[iy, ix]:
-            raise ControllerError(f"replaying {self.name}: grid point ({ix}, {iy}) at {near} was not measured "
-                                  "(the recording stopped before it)")
+            raise ControllerError(
+                f"replaying {self.name}: grid point ({ix}, {iy}) at {near} was not measured "
+                "(the recording stopped before it)"
+            )
         channels = {name: values[iy, ix] for name, values in self.grid.channels.items()}
-        params = {name: float(values[iy, ix]) for name, values in self.grid.parameters.items()
-                  if name not in self.fixed}
+        params = {
+            name: float(values[iy, ix]) for name, values in self.grid.parameters.items() if name not in self.fixed
+        }
         return self.sweep, channels, params

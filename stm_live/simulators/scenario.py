@@ -185,8 +185,7 @@ class _Ctx:
             self.fail(key, f"expected a mapping, got {type(value).__name__} {value!r}")
         for k in value:
             if k not in allowed:
-                self.fail(f"{key}.{k}" if key != "<top>" else str(k),
-                          f"unknown key (allowed: {', '.join(allowed)})")
+                self.fail(f"{key}.{k}" if key != "<top>" else str(k), f"unknown key (allowed: {', '.join(allowed)})")
         return value
 
     def number(self, value, key: str, *, lo=None, hi=None, lo_open=False) -> float:
@@ -282,8 +281,14 @@ def _fault(c: _Ctx, value, key: str) -> Fault:
         f["seconds"] = c.number(raw["seconds"], f"{key}.seconds", lo=0.0, lo_open=True, hi=MAX_FAULT_S)
     if "at_s" in raw:
         f["at_s"] = c.number(raw["at_s"], f"{key}.at_s", lo=0.0, hi=MAX_FAULT_S)
-    limits = {"nth": (1, None), "every": (1, None), "line": (0, 2047),  # frames have <= 2048 lines
-              "frame": (0, None), "connection": (0, None), "bytes": (1, None)}
+    limits = {
+        "nth": (1, None),
+        "every": (1, None),
+        "line": (0, 2047),  # frames have <= 2048 lines
+        "frame": (0, None),
+        "connection": (0, None),
+        "bytes": (1, None),
+    }
     for k, (lo, hi) in limits.items():
         if k in raw:
             f[k] = c.integer(raw[k], f"{key}.{k}", lo=lo, hi=hi)
@@ -292,8 +297,11 @@ def _fault(c: _Ctx, value, key: str) -> Fault:
 
 def _energies(c: _Ctx, value, key: str, name: str | None) -> dict[str, float]:
     """{label: V} of one molecule's levels (``name``: its library molecule, which checks the labels)."""
-    m = value if isinstance(value, dict) else c.fail(key, f"expected a mapping of orbital labels to biases "
-                                                          f"in V, e.g. {{HOMO: -2.2}}, got {value!r}")
+    m = (
+        value
+        if isinstance(value, dict)
+        else c.fail(key, f"expected a mapping of orbital labels to biases in V, e.g. {{HOMO: -2.2}}, got {value!r}")
+    )
     if not m:
         c.fail(key, "expected at least one orbital label, e.g. {HOMO: -2.2}")
     out = {}
@@ -313,8 +321,9 @@ def _energies(c: _Ctx, value, key: str, name: str | None) -> dict[str, float]:
 def _spectra(c: _Ctx, value, placed: dict) -> SpectralModel:
     """The ``spectra:`` section plus the molecules' own ``energies``/``energy_V`` (``placed``:
     placement index -> {label: V} or V)."""
-    d = c.mapping(value, "spectra", ("width_V", "shape", "levels_each_side", "midgap_V", "gap_scale",
-                                     "charging_V", "energies"))
+    d = c.mapping(
+        value, "spectra", ("width_V", "shape", "levels_each_side", "midgap_V", "gap_scale", "charging_V", "energies")
+    )
     kw: dict[str, Any] = {}
     if "width_V" in d:
         kw["width_V"] = c.number(d["width_V"], "spectra.width_V", lo=0.0, lo_open=True, hi=10.0)
@@ -322,8 +331,11 @@ def _spectra(c: _Ctx, value, placed: dict) -> SpectralModel:
         kw["shape"] = c.string(d["shape"], "spectra.shape", LINESHAPES)
     if "levels_each_side" in d:
         kw["levels_each_side"] = c.integer(d["levels_each_side"], "spectra.levels_each_side", lo=1, hi=20)
-    for k, lo, hi, opened in (("midgap_V", -10.0, 10.0, False), ("gap_scale", 0.0, 10.0, True),
-                              ("charging_V", 0.0, 10.0, False)):
+    for k, lo, hi, opened in (
+        ("midgap_V", -10.0, 10.0, False),
+        ("gap_scale", 0.0, 10.0, True),
+        ("charging_V", 0.0, 10.0, False),
+    ):
         if k in d:
             kw[k] = c.number(d[k], f"spectra.{k}", lo=lo, hi=hi, lo_open=opened)
     energies: dict = {}
@@ -352,8 +364,9 @@ def _molecules(c: _Ctx, raw, list_key: str, source: str, placed: dict, first: in
     out: list = []
     for i, m in enumerate(raw):
         key = f"{list_key}[{i}]"
-        m = c.mapping(m, key, ("molecule", "x_nm", "y_nm", "rotation_deg", "orbital", "cube", "mo", "energies",
-                               "energy_V"))
+        m = c.mapping(
+            m, key, ("molecule", "x_nm", "y_nm", "rotation_deg", "orbital", "cube", "mo", "energies", "energy_V")
+        )
         where = {k: c.number(m.get(k, 0.0), f"{key}.{k}", lo=-1e4, hi=1e4) for k in ("x_nm", "y_nm")}
         where["rotation_deg"] = c.number(m.get("rotation_deg", 0.0), f"{key}.rotation_deg")
         if "cube" in m:
@@ -389,8 +402,9 @@ def _molecules(c: _Ctx, raw, list_key: str, source: str, placed: dict, first: in
 def _areas(c: _Ctx, raw, source: str, placed: dict) -> tuple[Area, ...]:
     """The ``areas:`` section: each area's name, centre on the sample and molecules."""
     if not isinstance(raw, list) or not raw:
-        c.fail("areas", f"expected a non-empty list such as [{{name: A, x_nm: 0, y_nm: 0, molecules: [...]}}], "
-                        f"got {raw!r}")
+        c.fail(
+            "areas", f"expected a non-empty list such as [{{name: A, x_nm: 0, y_nm: 0, molecules: [...]}}], got {raw!r}"
+        )
     areas: list[Area] = []
     first = 0
     for i, a in enumerate(raw):
@@ -423,9 +437,24 @@ def parse_faults(data: Any, *, source: str = "<faults>") -> tuple[Fault, ...]:
 def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
     """Validate a mapping (as loaded from YAML) into a ``Scenario``."""
     c = _Ctx(source)
-    top_keys = ("name", "description", "molecules", "areas", "substrate", "tip", "artifacts",
-                "frame", "bias_V", "setpoint_A", "z_nm", "z_controller", "time_per_line_s",
-                "channels", "faults", "spectra")
+    top_keys = (
+        "name",
+        "description",
+        "molecules",
+        "areas",
+        "substrate",
+        "tip",
+        "artifacts",
+        "frame",
+        "bias_V",
+        "setpoint_A",
+        "z_nm",
+        "z_controller",
+        "time_per_line_s",
+        "channels",
+        "faults",
+        "spectra",
+    )
     d = c.mapping(data, "<top>", top_keys)
     defaults = Scenario()
 
@@ -454,8 +483,11 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
     tip_raw = d.get("tip", {})
     if isinstance(tip_raw, str):  # shorthand: just a preset name
         tip_raw = {"preset": tip_raw}
-    t = c.mapping(tip_raw, "tip", ("preset", "events", "hazards", "instability_lines",
-                                   "instability_jump", "recondition", "poke_threshold_m"))
+    t = c.mapping(
+        tip_raw,
+        "tip",
+        ("preset", "events", "hazards", "instability_lines", "instability_jump", "recondition", "poke_threshold_m"),
+    )
     tip = c.string(t.get("preset", defaults.tip), "tip.preset", tip_names)
     events = []
     raw_events = t.get("events", [])
@@ -468,8 +500,9 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
             if req not in e:
                 c.fail(f"{key}.{req}", "missing")
         to = c.string(e["to"], f"{key}.to", tip_names + ("unstable",))
-        events.append(TipEvent(c.integer(e["frame"], f"{key}.frame", lo=0),
-                               c.integer(e["line"], f"{key}.line", lo=0), to))
+        events.append(
+            TipEvent(c.integer(e["frame"], f"{key}.frame", lo=0), c.integer(e["line"], f"{key}.line", lo=0), to)
+        )
     hazards = _probabilities(c, t.get("hazards"), "tip.hazards", tuple(TIP_HAZARDS))
     recondition = {}
     rec = c.mapping(t.get("recondition"), "tip.recondition", RECONDITION_ACTIONS)
@@ -523,8 +556,9 @@ def parse_scenario(data: Any, *, source: str = "<scenario>") -> Scenario:
         setpoint_A=c.number(d.get("setpoint_A", defaults.setpoint_A), "setpoint_A", lo=0.0, lo_open=True, hi=1e-6),
         z_nm=c.number(d.get("z_nm", defaults.z_nm), "z_nm", lo=0.1, hi=100.0),
         z_controller=c.boolean(d.get("z_controller", defaults.z_controller), "z_controller"),
-        time_per_line_s=c.number(d.get("time_per_line_s", defaults.time_per_line_s), "time_per_line_s",
-                                 lo=1e-4, hi=1e3),
+        time_per_line_s=c.number(
+            d.get("time_per_line_s", defaults.time_per_line_s), "time_per_line_s", lo=1e-4, hi=1e3
+        ),
         channels=channels,
         faults=parse_faults(d.get("faults"), source=source),
         spectra=_spectra(c, d.get("spectra"), placed),
@@ -547,8 +581,10 @@ def load_scenario(path_or_name: str | Path | None = None) -> Scenario:
     if text_path.suffix not in (".yaml", ".yml") and not text_path.exists():
         shipped = resources.files("stm_live.simulators") / "scenarios" / f"{path_or_name}.yaml"
         if not shipped.is_file():
-            raise ScenarioError(f"unknown scenario {str(path_or_name)!r}: not a file and not one of "
-                                f"the shipped scenarios ({', '.join(scenario_names())})")
+            raise ScenarioError(
+                f"unknown scenario {str(path_or_name)!r}: not a file and not one of "
+                f"the shipped scenarios ({', '.join(scenario_names())})"
+            )
         text, source = shipped.read_text(encoding="utf-8"), f"{path_or_name}.yaml"
     else:
         try:

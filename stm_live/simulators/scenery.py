@@ -91,7 +91,7 @@ def herringbone(x_nm, y_nm, angle_deg: float = 0.0, phase_nm: float = 0.0) -> np
     out = np.zeros(np.shape(u))
     for centre in (0.0, HERRINGBONE_PAIR_NM):
         d = np.mod(u - centre + HERRINGBONE_PERIOD_NM / 2, HERRINGBONE_PERIOD_NM) - HERRINGBONE_PERIOD_NM / 2
-        out += np.exp(-d ** 2 / (2 * 0.35 ** 2))
+        out += np.exp(-(d**2) / (2 * 0.35**2))
     return out
 
 
@@ -101,8 +101,10 @@ def random_surface(rng: np.random.Generator, span_nm: float, scatterers=(), *, s
     metal = "au111" if rng.random() < 0.5 else "cu111"
     edges = ()
     if steps:
-        edges = tuple((float(rng.uniform(-0.4, 0.4) * span_nm), float(rng.uniform(0, 360)),
-                       int(rng.choice([-1, 1]))) for _ in range(int(rng.integers(1, 3))))
+        edges = tuple(
+            (float(rng.uniform(-0.4, 0.4) * span_nm), float(rng.uniform(0, 360)), int(rng.choice([-1, 1])))
+            for _ in range(int(rng.integers(1, 3)))
+        )
     return MetalSurface(
         metal=metal,
         herringbone_nm=float(rng.uniform(0.01, 0.025)) if metal == "au111" and rng.random() < 0.8 else 0.0,
@@ -167,8 +169,9 @@ def polyene(atoms: int) -> Molecule:
 
 def adatom() -> OrbitalLevel:
     """A single p_z-like adsorbate (an adatom or a CO molecule seen by its π system)."""
-    return OrbitalLevel(molecule=_molecule("adatom", np.zeros((1, 2))), label="HOMO", energy=0.0,
-                        partners=np.ones((1, 1)))
+    return OrbitalLevel(
+        molecule=_molecule("adatom", np.zeros((1, 2))), label="HOMO", energy=0.0, partners=np.ones((1, 1))
+    )
 
 
 def random_small_thing(rng: np.random.Generator, orbital: str) -> tuple[LevelOrbital, float, float]:

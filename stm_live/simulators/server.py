@@ -44,8 +44,9 @@ import contextvars
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,10 +78,17 @@ class SimServer:
     request message) -> reply bytes | None``, asked first (None: the controller answers).
     """
 
-    def __init__(self, controller: SimulatedController, *, props_layout: str | None = None,
-                 max_connections: int = MAX_CONNECTIONS, read_timeout_s: float = 10.0,
-                 nanonis_release: int = P.DEFAULT_RELEASE,
-                 faults: FaultLayer | Sequence[Fault] | None = None, cassette=None):
+    def __init__(
+        self,
+        controller: SimulatedController,
+        *,
+        props_layout: str | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+        read_timeout_s: float = 10.0,
+        nanonis_release: int = P.DEFAULT_RELEASE,
+        faults: FaultLayer | Sequence[Fault] | None = None,
+        cassette=None,
+    ):
         if props_layout not in PROPS_LAYOUTS:
             raise ValueError(f"props_layout must be one of {PROPS_LAYOUTS}, got {props_layout!r}")
         if nanonis_release not in P.RELEASES:
@@ -126,9 +134,11 @@ class SimServer:
                 raise RuntimeError(f"no handler for {name}")
             fields = P.COMMANDS[name].response
             if name.endswith("Get"):
+
                 def fn(ctrl, mods, **args):
                     return mods.plain_get(name, args, fields)
             else:
+
                 def fn(ctrl, mods, **args):
                     mods.plain_set(name, args)
 
@@ -136,6 +146,7 @@ class SimServer:
             def run():
                 with c._lock:
                     return fn(c, c.modules, **args)
+
             return await self._call(run)
 
         return handler
@@ -181,7 +192,7 @@ class SimServer:
         if self._server is not None:
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         self.controller.on_event = self.controller.on_render = None
         self.controller.render_in_background(False)
@@ -252,7 +263,7 @@ class SimServer:
             sleep = 0.05 if delay is None else min(max(delay, 0.0005), 0.05)
             try:
                 await asyncio.wait_for(self._kick.wait(), sleep)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # ------------------------------------------------------------------ connections
@@ -260,8 +271,11 @@ class SimServer:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.connections >= self.max_connections:
             self.refused += 1
-            log.warning("refusing connection from %s: %d connections open (the limit)",
-                        writer.get_extra_info("peername"), self.connections)
+            log.warning(
+                "refusing connection from %s: %d connections open (the limit)",
+                writer.get_extra_info("peername"),
+                self.connections,
+            )
             writer.close()
             return
         self.connections += 1
@@ -293,17 +307,19 @@ class SimServer:
             if not first:
                 return
             try:
-                header = first + (await self._read(reader, P.HEADER_SIZE - len(first))
-                                  if len(first) < P.HEADER_SIZE else b"")
+                header = first + (
+                    await self._read(reader, P.HEADER_SIZE - len(first)) if len(first) < P.HEADER_SIZE else b""
+                )
                 name, size, want_reply = P.parse_request_header(header)
                 if size > REQUEST_BODY_LIMIT:
-                    raise P.ProtocolError(f"{name}: request body of {size} bytes exceeds the "
-                                          f"{REQUEST_BODY_LIMIT}-byte limit")
+                    raise P.ProtocolError(
+                        f"{name}: request body of {size} bytes exceeds the {REQUEST_BODY_LIMIT}-byte limit"
+                    )
                 body = await self._read(reader, size) if size else b""
             except P.ProtocolError as exc:
                 log.warning("closing connection %s: %s", peer, exc)
                 return
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 log.warning("closing connection %s: message unfinished after %.1f s", peer, self.read_timeout_s)
                 return
             except (asyncio.IncompleteReadError, ConnectionError):
@@ -337,8 +353,7 @@ class SimServer:
             raise
         except Exception as exc:
             log.exception("%s failed", name)
-            return P.pack_response(name, None, error=f"internal error: {type(exc).__name__}: {exc}",
-                                   command=command)
+            return P.pack_response(name, None, error=f"internal error: {type(exc).__name__}: {exc}", command=command)
 
     async def _sleep_sim(self, sim_s: float, timeout_ms: int = -1) -> bool:
         """Sleep a simulated duration; True if ``timeout_ms`` (>= 0) cut it short."""
@@ -365,7 +380,7 @@ class SimServer:
                 return False
             try:
                 await asyncio.wait_for(flag.wait(), min(remaining, 0.5))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         return True
 
@@ -475,12 +490,17 @@ class SimServer:
         return {"channel_indexes": np.asarray(c.channel_indexes, np.int32), "pixels": c.pixels, "lines": c.lines}
 
     async def _h_Scan_PropsSet(self, continuous, bouncy, autosave, series_name, comment, modules=(), autopaste=0):
-        for n, v, hi in (("continuous", continuous, 2), ("bouncy", bouncy, 2), ("autosave", autosave, 3),
-                         ("autopaste", autopaste, 3)):
+        for n, v, hi in (
+            ("continuous", continuous, 2),
+            ("bouncy", bouncy, 2),
+            ("autosave", autosave, 3),
+            ("autopaste", autopaste, 3),
+        ):
             if not 0 <= v <= hi:
                 raise ControllerError(f"{n} value {v} outside 0..{hi}")
-        await self._call(self.controller.props_set, continuous, bouncy, autosave, series_name, comment,
-                         modules, autopaste)
+        await self._call(
+            self.controller.props_set, continuous, bouncy, autosave, series_name, comment, modules, autopaste
+        )
 
     async def _h_Scan_PropsGet(self):
         p = self.controller.props
@@ -494,8 +514,9 @@ class SimServer:
         return values
 
     async def _h_Scan_SpeedSet(self, fwd_speed, bwd_speed, fwd_time, bwd_time, keep_constant, speed_ratio):
-        await self._call(self.controller.speed_set, fwd_speed, bwd_speed, fwd_time, bwd_time,
-                         keep_constant, speed_ratio)
+        await self._call(
+            self.controller.speed_set, fwd_speed, bwd_speed, fwd_time, bwd_time, keep_constant, speed_ratio
+        )
 
     async def _h_Scan_SpeedGet(self):
         return self.controller.speed_get()
@@ -564,6 +585,7 @@ class SimServer:
             axis, sign = direction // 2, (1 if direction % 2 == 0 else -1)
             self.controller.modules.motor_counters[axis] += sign * steps
             return duration
+
         duration = await self._call(move)
         if wait:
             await self._sleep_sim(duration)
@@ -576,8 +598,12 @@ class SimServer:
         _QUIT.get([]).append(True)  # [ours]: the simulator closes this connection, keeps serving
 
     async def _h_Util_VersionGet(self):
-        return {"product": "Nanonis SPM Control Software", "version": "Generic 5 (stm-live simulator)",
-                "host_release": self.release, "rt_release": self.release}
+        return {
+            "product": "Nanonis SPM Control Software",
+            "version": "Generic 5 (stm-live simulator)",
+            "host_release": self.release,
+            "rt_release": self.release,
+        }
 
 
 # ---------------------------------------------------------------------- running it
@@ -600,7 +626,7 @@ class RunningServer:
             return
         stop_loop_thread(self.server.close, self._loop, self._thread, what="simulated server", timeout=timeout)
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -658,12 +684,23 @@ def stop_loop_thread(close, loop, thread, *, what: str, timeout: float) -> None:
     thread.join(timeout)
 
 
-def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale: float = 1.0,
-                        host: str = "127.0.0.1", port: int = 0, props_layout: str | None = None,
-                        read_timeout_s: float = 10.0, controller: SimulatedController | None = None,
-                        save_dir=None, startup_timeout_s: float = 30.0,
-                        nanonis_release: int = P.DEFAULT_RELEASE,
-                        faults: FaultLayer | Sequence[Fault] | None = None, cassette=None) -> RunningServer:
+def start_server_thread(
+    *,
+    scenario=None,
+    replay=None,
+    seed: int = 0,
+    time_scale: float = 1.0,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    props_layout: str | None = None,
+    read_timeout_s: float = 10.0,
+    controller: SimulatedController | None = None,
+    save_dir=None,
+    startup_timeout_s: float = 30.0,
+    nanonis_release: int = P.DEFAULT_RELEASE,
+    faults: FaultLayer | Sequence[Fault] | None = None,
+    cassette=None,
+) -> RunningServer:
     """Start the simulated controller on ``host:port`` (0 = ephemeral) in a daemon thread.
 
     ``save_dir``: session folder for Scan.Save and autosave (.sxm), also Util.SessionPathSet;
@@ -677,10 +714,20 @@ def start_server_thread(*, scenario=None, replay=None, seed: int = 0, time_scale
     ctrl = controller or _make_controller(scenario, replay, seed, time_scale)
     if save_dir is not None:
         ctrl.save_dir = save_dir
-    server = SimServer(ctrl, props_layout=props_layout, read_timeout_s=read_timeout_s,
-                       nanonis_release=nanonis_release, faults=faults, cassette=cassette)
-    started, loop, thread = loop_in_thread(lambda: server.start(host, port), name=f"stm-live-sim-{port}",
-                                           what="simulated controller", startup_timeout_s=startup_timeout_s)
+    server = SimServer(
+        ctrl,
+        props_layout=props_layout,
+        read_timeout_s=read_timeout_s,
+        nanonis_release=nanonis_release,
+        faults=faults,
+        cassette=cassette,
+    )
+    started, loop, thread = loop_in_thread(
+        lambda: server.start(host, port),
+        name=f"stm-live-sim-{port}",
+        what="simulated controller",
+        startup_timeout_s=startup_timeout_s,
+    )
     if isinstance(started, BaseException):  # a bind error
         raise OSError(f"cannot serve the simulated controller on {host}:{port}: {started}") from started
     return RunningServer(server.host, server.port, ctrl, server, loop, thread)

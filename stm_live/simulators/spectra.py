@@ -41,9 +41,9 @@ Level energies (default mapping of the Hückel energies, per molecule overridabl
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Mapping
 
 import numpy as np
 from scipy.special import erf
@@ -53,8 +53,20 @@ from stm_live.simulators.imaging import CubePlacement, Placement, ScanFrame, Sub
 from stm_live.simulators.orbitals import huckel_levels, molecule, orbital_level
 from stm_live.simulators.tip import as_tip
 
-__all__ = ["CHARGING_V", "GAP_SCALE", "LEVEL_WEIGHT_V", "MIDGAP_V", "LINESHAPES", "Resonance",
-           "SpectralModel", "Spectra", "level_energies", "lineshape", "resonances", "simulate"]
+__all__ = [
+    "CHARGING_V",
+    "GAP_SCALE",
+    "LEVEL_WEIGHT_V",
+    "MIDGAP_V",
+    "LINESHAPES",
+    "Resonance",
+    "SpectralModel",
+    "Spectra",
+    "level_energies",
+    "lineshape",
+    "resonances",
+    "simulate",
+]
 
 MIDGAP_V = -0.35
 GAP_SCALE = 1.0
@@ -93,8 +105,9 @@ class SpectralModel:
         if self.shape not in LINESHAPES:
             raise ValueError(f"SpectralModel.shape must be one of {', '.join(LINESHAPES)}, got {self.shape!r}")
         if self.gap_scale <= 0 or self.charging_V < 0:
-            raise ValueError(f"SpectralModel.gap_scale must be > 0 and charging_V >= 0, "
-                             f"got {self.gap_scale} and {self.charging_V}")
+            raise ValueError(
+                f"SpectralModel.gap_scale must be > 0 and charging_V >= 0, got {self.gap_scale} and {self.charging_V}"
+            )
         if int(self.levels_each_side) != self.levels_each_side or self.levels_each_side < 1:
             raise ValueError(f"SpectralModel.levels_each_side must be a positive integer, got {self.levels_each_side}")
         checked = {}
@@ -103,8 +116,11 @@ class SpectralModel:
                 name = molecule(key).name  # a clear error for an unknown molecule
                 checked[name] = _check_labels(name, value, f"energies[{key!r}]")
             elif isinstance(key, int) and not isinstance(key, bool) and key >= 0:
-                checked[key] = (_finite(value, f"energies[{key}]") if not isinstance(value, Mapping)
-                                else _check_labels(None, value, f"energies[{key}]"))
+                checked[key] = (
+                    _finite(value, f"energies[{key}]")
+                    if not isinstance(value, Mapping)
+                    else _check_labels(None, value, f"energies[{key}]")
+                )
             else:
                 raise ValueError(f"SpectralModel.energies keys are molecule names or placement indexes, got {key!r}")
         object.__setattr__(self, "energies", MappingProxyType(checked))
@@ -120,12 +136,14 @@ class SpectralModel:
         own = self.energies.get(index)
         if isinstance(placement, CubePlacement):
             if own is None:
-                raise ValueError(f"placement {index} is a cube orbital with no energy: give it one in "
-                                 f"SpectralModel(energies={{{index}: V}})")
+                raise ValueError(
+                    f"placement {index} is a cube orbital with no energy: give it one in "
+                    f"SpectralModel(energies={{{index}: V}})"
+                )
             if isinstance(own, Mapping):
                 if len(own) != 1:
                     raise ValueError(f"energies[{index}]: a cube orbital is one level; give one number")
-                (label, volts), = own.items()
+                ((label, volts),) = own.items()
                 return [(label, volts, placement)]
             return [("MO", own, placement)]
         if not isinstance(placement, Placement):
@@ -194,8 +212,11 @@ class Resonance:
 def resonances(placements, model: SpectralModel | None = None) -> tuple[Resonance, ...]:
     """Every level ``simulate`` includes for a scene, in placement order."""
     model = model or SpectralModel()
-    return tuple(Resonance(i, label, volts) for i, p in enumerate(imaging.check_placements(placements))
-                 for label, volts, _item in model.placement_levels(p, i))
+    return tuple(
+        Resonance(i, label, volts)
+        for i, p in enumerate(imaging.check_placements(placements))
+        for label, volts, _item in model.placement_levels(p, i)
+    )
 
 
 def lineshape(e_V, model: SpectralModel | None = None, *, cumulative: bool = False) -> np.ndarray:
@@ -259,8 +280,9 @@ def _frames(at) -> tuple[list[ScanFrame], tuple[int, ...]]:
     elif pts.ndim == 2 and pts.shape[1] == 2:
         shape = (len(pts),)
     else:
-        raise ValueError(f"at must be a ScanFrame, an (x_nm, y_nm) point or an (n, 2) array of points, "
-                         f"got shape {pts.shape}")
+        raise ValueError(
+            f"at must be a ScanFrame, an (x_nm, y_nm) point or an (n, 2) array of points, got shape {pts.shape}"
+        )
     if not len(pts):
         raise ValueError("empty grid: at has no points")
     if not np.all(np.isfinite(pts)):
@@ -285,9 +307,18 @@ def _biases(bias_V) -> tuple[np.ndarray, bool]:
     return v, sweep
 
 
-def simulate(placements, tip, at, bias_V, *, z_nm: float | None = None, setpoint_A: float | None = None,
-             setpoint_bias_V: float | None = None, model: SpectralModel | None = None,
-             substrate: Substrate | None = None) -> Spectra:
+def simulate(
+    placements,
+    tip,
+    at,
+    bias_V,
+    *,
+    z_nm: float | None = None,
+    setpoint_A: float | None = None,
+    setpoint_bias_V: float | None = None,
+    model: SpectralModel | None = None,
+    substrate: Substrate | None = None,
+) -> Spectra:
     """dI/dV and I of a scene at points ``at`` for biases ``bias_V``.
 
     ``at``: a ``ScanFrame`` (a map or a grid: every pixel centre; a Nanonis grid is a frame
@@ -326,13 +357,31 @@ def simulate(placements, tip, at, bias_V, *, z_nm: float | None = None, setpoint
         substrate = substrate or Substrate()
         # I(V_s) = C (Σ_n W |F(V_s − E_n) − F(−E_n)| S_n + |V_s| S_sub): as imaging's C |V_s| Σ S with
         # each level's fields weighted by sqrt(W |ΔF| / |V_s|)
-        weights = LEVEL_WEIGHT_V * np.abs(lineshape(setpoint_bias_V - energies, model, cumulative=True)
-                                          - lineshape(-energies, model, cumulative=True)) / abs(setpoint_bias_V)
-        held = [CubePlacement(_Fields(item), item.x_nm, item.y_nm, item.rotation_deg, math.sqrt(w))
-                for w, group in zip(weights, groups.values()) if w > 0 for item in group]
-        heights = [imaging.constant_current_image(held or [CubePlacement(_Bare())], f, tip, setpoint_A=setpoint_A,
-                                                  bias_V=setpoint_bias_V, substrate=substrate).astype(float)
-                   for f in frames]
+        weights = (
+            LEVEL_WEIGHT_V
+            * np.abs(
+                lineshape(setpoint_bias_V - energies, model, cumulative=True)
+                - lineshape(-energies, model, cumulative=True)
+            )
+            / abs(setpoint_bias_V)
+        )
+        held = [
+            CubePlacement(_Fields(item), item.x_nm, item.y_nm, item.rotation_deg, math.sqrt(w))
+            for w, group in zip(weights, groups.values())
+            if w > 0
+            for item in group
+        ]
+        heights = [
+            imaging.constant_current_image(
+                held or [CubePlacement(_Bare())],
+                f,
+                tip,
+                setpoint_A=setpoint_A,
+                bias_V=setpoint_bias_V,
+                substrate=substrate,
+            ).astype(float)
+            for f in frames
+        ]
     else:
         imaging.check_height(z_nm)
         try:
@@ -345,11 +394,12 @@ def simulate(placements, tip, at, bias_V, *, z_nm: float | None = None, setpoint
     signals = np.empty((len(energies), *np.shape(np.concatenate(heights))))
     background = np.zeros(signals.shape[1:])
     for f, z, rows in zip(frames, heights, _row_slices(heights)):
-        for g, (energy, group) in enumerate(groups.items()):
+        for g, (_energy, group) in enumerate(groups.items()):
             signals[g, rows] = imaging.signal_image(group, f, tip, z_nm=z, bias_V=1.0)
         if substrate is not None:
-            background[rows] = imaging.signal_image([CubePlacement(_Bare())], f, tip, z_nm=z, bias_V=1.0,
-                                                    substrate=substrate)
+            background[rows] = imaging.signal_image(
+                [CubePlacement(_Bare())], f, tip, z_nm=z, bias_V=1.0, substrate=substrate
+            )
 
     # dI/dV(V) = C (Σ_n W L(V − E_n) S_n + S_sub): LDOS at E = eV through the tip (Tersoff–Hamann)
     de = volts[None, :] - energies[:, None]  # (levels, biases)
@@ -363,9 +413,13 @@ def simulate(placements, tip, at, bias_V, *, z_nm: float | None = None, setpoint
         a = a.reshape(*shape, *a.shape[2:]) if not isinstance(at, ScanFrame) else a
         return a if sweep else a[..., 0]
 
-    return Spectra(bias_V=volts if sweep else np.asarray(volts[0]), didv_A_per_V=points(scale * didv),
-                   current_A=points(scale * current), z_nm=np.concatenate(heights).reshape(shape),
-                   resonances=tuple(found))
+    return Spectra(
+        bias_V=volts if sweep else np.asarray(volts[0]),
+        didv_A_per_V=points(scale * didv),
+        current_A=points(scale * current),
+        z_nm=np.concatenate(heights).reshape(shape),
+        resonances=tuple(found),
+    )
 
 
 def _row_slices(heights) -> list[slice]:

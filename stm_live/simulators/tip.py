@@ -71,7 +71,7 @@ class TipState:
     def s_fraction(self) -> float:
         return float(self.weights[0])
 
-    def with_(self, **changes) -> "TipState":
+    def with_(self, **changes) -> TipState:
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known
         if unknown:

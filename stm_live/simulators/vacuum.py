@@ -25,14 +25,16 @@ WORK_FUNCTION_EV = 5.0
 KAPPA_PER_NM: float = math.sqrt(2 * ELECTRON_MASS_KG * WORK_FUNCTION_EV * ELECTRON_VOLT_J) / HBAR_J_S * 1e-9
 
 
-def current_from_height(z_nm, *, current_ref_A: float = 1e-10, z_ref_nm: float = 0.0,
-                        kappa_per_nm: float = KAPPA_PER_NM) -> np.ndarray:
+def current_from_height(
+    z_nm, *, current_ref_A: float = 1e-10, z_ref_nm: float = 0.0, kappa_per_nm: float = KAPPA_PER_NM
+) -> np.ndarray:
     """I = I_ref · exp(−2κ (z − z_ref)): Tersoff–Hamann vacuum decay of the current."""
     return current_ref_A * np.exp(-2 * kappa_per_nm * (np.asarray(z_nm, dtype=float) - z_ref_nm))
 
 
-def height_from_current(current_A, *, current_ref_A: float = 1e-10, z_ref_nm: float = 0.0,
-                        kappa_per_nm: float = KAPPA_PER_NM) -> np.ndarray:
+def height_from_current(
+    current_A, *, current_ref_A: float = 1e-10, z_ref_nm: float = 0.0, kappa_per_nm: float = KAPPA_PER_NM
+) -> np.ndarray:
     """Inverse of ``current_from_height``: z = z_ref − ln(I / I_ref) / (2κ)."""
     current = np.asarray(current_A, dtype=float)
     if np.any(current <= 0):
