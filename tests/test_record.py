@@ -498,16 +498,11 @@ def test_sim_record_killed_keeps_what_it_forwarded(tmp_path):
                 t.start()
                 deadline = time.monotonic() + 60
 
-                # grabs only, as the replies counted below (the buffer setting is a pair too); the
-                # file is read while the proxy appends to it, so a read can meet a record half
-                # written with whole ones after it: read again
+                # grabs only, as the replies counted below (the buffer setting is a pair too)
                 def grabs_on_disk():
-                    try:
-                        return sum(p.name == "Scan.FrameDataGrab" for p in read_recording(path).pairs)
-                    except CassetteError:
-                        return None
+                    return sum(p.name == "Scan.FrameDataGrab" for p in read_recording(path).pairs)
 
-                while (on_disk := grabs_on_disk()) is None or on_disk < 20:  # on disk while the proxy runs
+                while (on_disk := grabs_on_disk()) < 20:  # on disk while the proxy runs
                     assert time.monotonic() < deadline and t.is_alive()
                     time.sleep(0.05)
                 os.kill(proc.pid, signal.SIGKILL)
@@ -522,6 +517,27 @@ def test_sim_record_killed_keeps_what_it_forwarded(tmp_path):
     assert len(replies) >= on_disk >= 20 and grabs[0] > 0
     for reply in replies:  # every kept reply is whole
         assert P.decode_response_body("Scan.FrameDataGrab", reply[P.HEADER_SIZE :])[0]["data"].shape == (256, 256)
+
+
+def test_a_recording_read_while_it_is_written_ends_at_its_size_then(tmp_path, recorded, monkeypatch):
+    """A recorder still writing: the reader saw the file end halfway through record 4, and by
+    the time it looks past that point, whole records follow. What was there when reading
+    began counts: records up to the half one, as after a crash, not "damaged"."""
+    import stm_live.simulators.cassette as cassette
+
+    data = recorded.read_bytes()
+    at = _record_offsets(data)[4]
+    seen = at + 20  # the size when reading began: record 4 half written
+    real_fstat = os.fstat
+    monkeypatch.setattr(
+        cassette.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], seen, *real_fstat(fd)[7:]))
+    )
+    rec = read_recording(recorded)
+    torn = tmp_path / "torn.nrec"  # the same bytes, as a recorder that died there leaves them
+    torn.write_bytes(data[:seen])
+    monkeypatch.undo()
+    assert rec.pairs == read_recording(torn).pairs and len(rec.pairs) >= 2
+    assert "dropped it, kept 4 records" in rec.warning
 
 
 @pytest.mark.parametrize("damage", ["a byte of a payload", "a length field"])

@@ -277,8 +277,10 @@ def _read_records(fh, path: Path) -> tuple[list, str | None]:
                 if zlib.crc32(payload) != crc:
                     defect = "a record whose checksum fails"
         if defect:
-            # a crash leaves only a torn last record (and reserved space) behind it
-            if _intact_record_in(fh, pos + 1):
+            # a crash leaves only a torn last record (and reserved space) behind it; a recorder
+            # still writing leaves one at ``size`` too, with whole records after it by the time
+            # this looks: only the bytes there were when reading began count
+            if _intact_record_in(fh, pos + 1, size):
                 raise CassetteError(
                     f"{path}: record {len(records)} at byte {pos} is damaged ({defect}), and intact records follow it"
                 )
@@ -299,11 +301,11 @@ def _read_records(fh, path: Path) -> tuple[list, str | None]:
     return records, None
 
 
-def _intact_record_in(fh, start: int) -> bool:
-    """Whether an intact record (its checksum right) starts anywhere from ``start``: then a
-    length field that runs past the end is damage, not a record cut off by a crash."""
+def _intact_record_in(fh, start: int, end: int) -> bool:
+    """Whether an intact record (its checksum right) starts anywhere in ``[start, end)``: then
+    a length field that runs past the end is damage, not a record cut off by a crash."""
     fh.seek(start)
-    rest = fh.read()
+    rest = fh.read(max(end - start, 0))
     for m in _PAYLOAD_START.finditer(rest):
         at = m.start() - _RECORD.size
         if at < 0:
