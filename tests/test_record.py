@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from typer.testing import CliRunner
+from wire import ok_values, recv_exact, round_trip
 
 from stm_live.cli import app
 from stm_live.devices import protocol as P
@@ -82,30 +83,6 @@ class SocketTap:
         if not flags & socket.MSG_PEEK:
             self.received += memoryview(buf)[:k]
         return k
-
-
-def _exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
-
-
-def _call(sock, name, *args):
-    """(values, status, text) of one raw round trip."""
-    sock.sendall(P.pack_request(name, args))
-    rname, size = P.parse_response_header(_exact(sock, P.HEADER_SIZE))
-    assert rname == name
-    return P.decode_response_body(name, _exact(sock, size))
-
-
-def _ok(sock, name, *args):
-    values, status, text = _call(sock, name, *args)
-    assert status == 0, text
-    return values
 
 
 def _joined(blobs) -> bytes:
@@ -217,12 +194,12 @@ def test_replay_test_fails_on_a_request_the_recording_never_saw(tmp_path):
         start_proxy_thread([(srv.host, srv.port)], path) as px,
         socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock,
     ):
-        _ok(sock, "Bias.Get")
+        ok_values(sock, "Bias.Get")
 
     def script(host, port):
         with socket.create_connection((host, port), timeout=TIMEOUT) as sock:
-            _ok(sock, "Bias.Get")
-            assert _call(sock, "Current.Get")[1] == 1
+            ok_values(sock, "Bias.Get")
+            assert round_trip(sock, "Current.Get")[1] == 1
 
     with pytest.raises(AssertionError, match=r"1 of 2 requests .*not recorded: Current.Get"):
         replay_test(path, script)
@@ -239,22 +216,22 @@ def test_cassette_answers_exact_then_by_command_then_errors_or_falls_back(tmp_pa
         socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock,
     ):
         for v in (0.1, 0.2):
-            _ok(sock, "Bias.Set", v)
-            assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(v)
+            ok_values(sock, "Bias.Set", v)
+            assert ok_values(sock, "Bias.Get")["bias"] == pytest.approx(v)
 
     cassette = Cassette(path)
     with (
         start_server_thread(seed=0, cassette=cassette) as srv,
         socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock,
     ):
-        _ok(sock, "Bias.Set", 0.5)  # no such bytes: the first unused Bias.Set reply (0.1's)
-        _ok(sock, "Bias.Set", 0.1)  # its reply is used: the last reply to these bytes
-        assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(0.1)  # exact, in recorded order
-        assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(0.2)
-        assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(0.2)  # polled once more than recorded
-        _, status, text = _call(sock, "Current.Get")
+        ok_values(sock, "Bias.Set", 0.5)  # no such bytes: the first unused Bias.Set reply (0.1's)
+        ok_values(sock, "Bias.Set", 0.1)  # its reply is used: the last reply to these bytes
+        assert ok_values(sock, "Bias.Get")["bias"] == pytest.approx(0.1)  # exact, in recorded order
+        assert ok_values(sock, "Bias.Get")["bias"] == pytest.approx(0.2)
+        assert ok_values(sock, "Bias.Get")["bias"] == pytest.approx(0.2)  # polled once more than recorded
+        _, status, text = round_trip(sock, "Current.Get")
         assert status == 1 and text == "Current.Get: not in the recording bias.nrec (stm-live cassette)"
-        _, status, text = _call(sock, "Util.VersionGet")  # an error in the layout of its release
+        _, status, text = round_trip(sock, "Util.VersionGet")  # an error in the layout of its release
         assert status == 1 and "Util.VersionGet" in text
         assert srv.controller.bias_get() == pytest.approx(-0.5)  # the simulator was never asked
     assert dict(cassette.counts) == {"exact": 2, "repeated": 2, "command": 1, "simulator": 0, "missed": 2}
@@ -264,9 +241,9 @@ def test_cassette_answers_exact_then_by_command_then_errors_or_falls_back(tmp_pa
         start_server_thread(seed=0, cassette=Cassette(path, fallback=True)) as srv,
         socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock,
     ):
-        assert _ok(sock, "Bias.Get")["bias"] == pytest.approx(0.1)  # from the recording
-        assert _ok(sock, "Current.Get")["current"] != 0  # from the physics simulator
-        assert _ok(sock, "Scan.BufferGet")["pixels"] == srv.controller.pixels
+        assert ok_values(sock, "Bias.Get")["bias"] == pytest.approx(0.1)  # from the recording
+        assert ok_values(sock, "Current.Get")["current"] != 0  # from the physics simulator
+        assert ok_values(sock, "Scan.BufferGet")["pixels"] == srv.controller.pixels
 
 
 def test_sim_serve_cassette_cli(tmp_path):
@@ -327,14 +304,14 @@ def test_a_dropped_upstream_closes_the_client_cleanly_and_the_file_keeps_everyth
     ):
         sock = SocketTap(socket.create_connection((px.host, px.port), timeout=TIMEOUT))
         try:
-            _ok(sock, "Scan.Action", 0, 0)
+            ok_values(sock, "Scan.Action", 0, 0)
             for _ in range(100):  # bounded: the drop comes at line 3
                 sock.sendall(P.pack_request("Scan.WaitEndOfLine", (int(TIMEOUT * 1000),)))
                 head = sock.recv(P.HEADER_SIZE)  # a reset would raise here
                 if not head:
                     break  # end of stream: closed cleanly (FIN)
-                _, size = P.parse_response_header(head + _exact(sock, P.HEADER_SIZE - len(head)))
-                assert P.decode_response_body("Scan.WaitEndOfLine", _exact(sock, size))[0]["line"] < 3
+                _, size = P.parse_response_header(head + recv_exact(sock, P.HEADER_SIZE - len(head)))
+                assert P.decode_response_body("Scan.WaitEndOfLine", recv_exact(sock, size))[0]["line"] < 3
             else:
                 pytest.fail("the link never dropped")
         finally:
@@ -394,10 +371,10 @@ def test_ports_map_to_upstreams_and_a_fifth_connection_is_closed(tmp_path):
         assert len(set(px.ports)) == 2
         socks = [socket.create_connection((px.host, port), timeout=TIMEOUT) for port in px.ports + px.ports]
         try:
-            _ok(socks[0], "Bias.Set", 0.3)
-            _ok(socks[1], "Bias.Set", -0.7)
-            assert _ok(socks[2], "Bias.Get")["bias"] == pytest.approx(0.3)
-            assert _ok(socks[3], "Bias.Get")["bias"] == pytest.approx(-0.7)
+            ok_values(socks[0], "Bias.Set", 0.3)
+            ok_values(socks[1], "Bias.Set", -0.7)
+            assert ok_values(socks[2], "Bias.Get")["bias"] == pytest.approx(0.3)
+            assert ok_values(socks[3], "Bias.Get")["bias"] == pytest.approx(-0.7)
             assert (a.controller.bias_get(), b.controller.bias_get()) == pytest.approx((0.3, -0.7))
             with socket.create_connection((px.host, px.ports[0]), timeout=TIMEOUT) as fifth:
                 assert fifth.recv(1) == b""  # closed at once, as the controller does
@@ -432,8 +409,8 @@ def recorded(tmp_path):
         socket.create_connection((px.host, px.port), timeout=TIMEOUT) as sock,
     ):
         for k in range(4):
-            _ok(sock, "Bias.Set", 0.1 * k)
-            _ok(sock, "Bias.Get")
+            ok_values(sock, "Bias.Set", 0.1 * k)
+            ok_values(sock, "Bias.Get")
     return path
 
 

@@ -9,6 +9,7 @@ import struct
 import time
 
 import pytest
+from wire import read_reply, recv_exact, round_trip
 
 from stm_live.devices import protocol as P
 from stm_live.simulators.server import start_server_thread
@@ -25,28 +26,6 @@ def server():
 
 def _connect(server):
     return socket.create_connection((server.host, server.port), timeout=TIMEOUT)
-
-
-def _exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf
-
-
-def _reply(sock, name):
-    header = _exact(sock, P.HEADER_SIZE)
-    rname, size = P.parse_response_header(header)
-    assert rname == name
-    return P.decode_response_body(name, _exact(sock, size))
-
-
-def _call(sock, name, *args):
-    sock.sendall(P.pack_request(name, args))
-    return _reply(sock, name)
 
 
 def _closed_by_server(sock, within=3.0):
@@ -76,7 +55,7 @@ def other(server):
 
 
 def _still_works(sock):
-    values, status, _ = _call(sock, "Bias.Get")
+    values, status, _ = round_trip(sock, "Bias.Get")
     assert status == 0 and values["bias"] == pytest.approx(-0.5)
 
 
@@ -119,12 +98,12 @@ def test_disconnect_mid_body(server, other):
 
 def test_unknown_command_and_short_body_get_error_replies(server, other):
     other.sendall(struct.pack(">32siHH", b"Nope.DoesNotExist", 3, 1, 0) + b"abc")
-    values, status, desc = _reply(other, "Nope.DoesNotExist")
+    values, status, desc = read_reply(other, "Nope.DoesNotExist")
     assert status == 1 and desc == "Unknown command: Nope.DoesNotExist" and values == {}
     other.sendall(struct.pack(">32siHH", b"Bias.Set", 2, 1, 0) + b"\x00\x00")
-    header = _exact(other, 40)
+    header = recv_exact(other, 40)
     name, size = P.parse_response_header(header)
-    body = _exact(other, size)
+    body = recv_exact(other, size)
     assert name == "Bias.Set" and size == len(body)
     assert P.parse_error_section(body, 0)[0] == 1 and "bias" in body.decode("latin-1")
     _still_works(other)  # same connection keeps going
@@ -132,12 +111,12 @@ def test_unknown_command_and_short_body_get_error_replies(server, other):
 
 def test_surplus_body_bytes_and_no_reply_flag(server, other):
     # Scan.PropsSet with the newer autopaste field appended (nanonisTCP, nanonis_spm)
-    values, status, desc = _call(other, "Scan.PropsSet", 2, 2, 3, "s_", "c", ["Bias"], 3)
+    values, status, desc = round_trip(other, "Scan.PropsSet", 2, 2, 3, "s_", "c", ["Bias"], 3)
     assert status == 0, desc
     other.sendall(P.pack_request("Bias.Set", (0.25,), want_reply=False))  # no reply at all
-    values, status, _ = _call(other, "Bias.Get")
+    values, status, _ = round_trip(other, "Bias.Get")
     assert values["bias"] == pytest.approx(0.25)
-    _call(other, "Bias.Set", -0.5)
+    round_trip(other, "Bias.Set", -0.5)
 
 
 def test_fifth_connection_is_refused_then_slot_frees(server, other):
@@ -164,7 +143,7 @@ def test_blocking_wait_does_not_stall_other_connections(server, other):
     for _ in range(20):
         _still_works(other)
     assert time.monotonic() - t0 < 1.0
-    values, status, _ = _reply(waiter, "Scan.WaitEndOfScan")
+    values, status, _ = read_reply(waiter, "Scan.WaitEndOfScan")
     assert status == 0 and values["timed_out"] == 1
     waiter.close()
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from wire import ok_values
 
 from stm_live.devices import protocol as P
 from stm_live.devices.client import ConnectionLost, NanonisClient
@@ -43,25 +44,6 @@ def _fired(srv, kind, count=1, within=TIMEOUT):
 
 def _connect(srv):
     return socket.create_connection((srv.host, srv.port), timeout=TIMEOUT)
-
-
-def _exact(sock, n):
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return buf
-
-
-def _call(sock, name, *args):
-    sock.sendall(P.pack_request(name, args))
-    rname, size = P.parse_response_header(_exact(sock, P.HEADER_SIZE))
-    assert rname == name
-    values, status, desc = P.decode_response_body(name, _exact(sock, size))
-    assert status == 0, desc
-    return values
 
 
 def _through(client, fn):
@@ -104,11 +86,11 @@ def test_delay_of_the_nth_call_counts_over_connections_raw():
         a, b = _connect(srv), _connect(srv)
         try:
             for sock in (a, b, a):
-                _call(sock, "Current.Get")
+                ok_values(sock, "Current.Get")
             t0 = time.monotonic()
-            _call(b, "Scan.StatusGet")  # each command counted on its own: its 1st call
-            _call(b, "Scan.StatusGet")
-            _call(a, "Scan.StatusGet")
+            ok_values(b, "Scan.StatusGet")  # each command counted on its own: its 1st call
+            ok_values(b, "Scan.StatusGet")
+            ok_values(a, "Scan.StatusGet")
             assert time.monotonic() - t0 >= 0.3
         finally:
             a.close()
@@ -153,10 +135,10 @@ def test_drop_resets_every_connection_at_line_k_of_every_frame_raw():
         for frame in (0, 1):
             follower, idle = _connect(srv), _connect(srv)
             try:
-                _call(follower, "Scan.Action", 0, 0)  # start
+                ok_values(follower, "Scan.Action", 0, 0)  # start
                 with pytest.raises(ConnectionResetError):  # RST, as a dropped link resets
                     for _ in range(200):
-                        ev = _call(follower, "Scan.WaitEndOfLine", int(TIMEOUT * 1000))
+                        ev = ok_values(follower, "Scan.WaitEndOfLine", int(TIMEOUT * 1000))
                         assert ev["timed_out"] == 0 and ev["line"] < 3 + 2
                 drop = _fired(srv, "drop", frame + 1)[frame]
                 assert (drop["frame"], drop["line"]) == (frame, 3) and len(drop["connections"]) == 2
@@ -167,10 +149,10 @@ def test_drop_resets_every_connection_at_line_k_of_every_frame_raw():
                 idle.close()
             with _connect(srv) as fresh:  # new connections are taken; the scan went on
                 deadline = time.monotonic() + 60
-                while _call(fresh, "Scan.StatusGet")["status"]:
+                while ok_values(fresh, "Scan.StatusGet")["status"]:
                     assert time.monotonic() < deadline, "the frame did not finish"
                     time.sleep(0.02)
-                assert np.isfinite(_call(fresh, "Scan.FrameDataGrab", 30, 1)["data"]).all()
+                assert np.isfinite(ok_values(fresh, "Scan.FrameDataGrab", 30, 1)["data"]).all()
 
 
 def test_drop_of_one_connection_leaves_the_others_up():
@@ -227,7 +209,7 @@ def test_close_mid_reply_sends_part_of_the_reply_then_closes_raw():
     fault = Fault("close_mid_reply", commands=("Scan.FrameDataGrab",), nth=2, bytes=100)
     with _served(fault) as srv:
         with _connect(srv) as sock:
-            full = _call(sock, "Scan.FrameDataGrab", 30, 1)
+            full = ok_values(sock, "Scan.FrameDataGrab", 30, 1)
             assert full["data"].shape == (16, 32)
             sock.sendall(P.pack_request("Scan.FrameDataGrab", (30, 1)))
             got = b""
@@ -237,7 +219,7 @@ def test_close_mid_reply_sends_part_of_the_reply_then_closes_raw():
             name, size = P.parse_response_header(got[: P.HEADER_SIZE])
             assert name == "Scan.FrameDataGrab" and size > 100 - P.HEADER_SIZE
         with _connect(srv) as sock:  # the 3rd call is whole again
-            assert _call(sock, "Scan.FrameDataGrab", 30, 1)["data"].shape == (16, 32)
+            assert ok_values(sock, "Scan.FrameDataGrab", 30, 1)["data"].shape == (16, 32)
         assert [(f["call"], f["bytes"]) for f in srv.server.faults.fired] == [(2, 100)]
 
 
