@@ -72,7 +72,7 @@ from stm_live.simulators.imaging import (
 )
 from stm_live.simulators.orbitals import MOLECULE_NAMES, molecule
 from stm_live.simulators.scenario import load_scenario
-from stm_live.simulators.tip import tip_preset
+from stm_live.simulators.tip import PRESET_CLASSES, tip_preset
 from stm_live.simulators.vacuum import current_from_z
 
 __all__ = [
@@ -413,16 +413,6 @@ def _recipe_inputs(n_renders: int, seed: int, finishes: int, cfg) -> tuple[list,
 # choosing), 16 % of the closed loop's monitor crops scored above the threshold; with random
 # scenes only, the closed loop's whole frames of the shipped scene scored 290-330 against a
 # threshold of 275, and a verdict of "unknown" there left one of 20 frames with a blunt tip.
-SCENE_TIPS = {
-    "co": "co_sharp",
-    "coherent_co": "co_sharp",
-    "s": "metal_s",
-    "mixed": "mixed",
-    "tilted_co": "asymmetric",
-    "asymmetric": "asymmetric",
-    "double": "double",
-    "blunt": "blunt",
-}
 
 
 def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
@@ -433,7 +423,7 @@ def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
     ``degrading.yaml`` share its four molecules) about a centre within 0.5 nm of theirs, the
     other half 2-4 random library molecules; on NaCl-like substrate (corrugation 0.05) in a
     6-8 nm frame of 48-96 pixels (pitch <= 0.15 nm; 30 % with fewer lines than pixels, as
-    verification frames), a preset tip (``SCENE_TIPS``; 1 in 7 changes mid-frame: class
+    verification frames), a preset tip (``PRESET_CLASSES``; 1 in 7 changes mid-frame: class
     'unstable'), constant height at z 0.45-0.6 nm or (1/3) constant current with the Z map
     through ``current_from_z``, white/pink noise and line offsets of 0.03/0.02/0.01 of the
     image's std; then the first 2.5 nm or more of lines, or a window of them from mid-frame."""
@@ -451,7 +441,7 @@ def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
         place = scatter_molecules(rng, names, lambda i: (0.32 * width, 0.32 * height))
     frame = ScanFrame(center_x_nm=cx, center_y_nm=cy, width_nm=width, height_nm=height, pixels=pixels, lines=lines)
     sub = Substrate(corrugation=0.05)
-    presets = list(SCENE_TIPS)
+    presets = list(PRESET_CLASSES)
     tip = presets[int(rng.integers(len(presets)))]
     after = presets[int(rng.integers(len(presets)))] if rng.random() < 1 / 7 else None
     z, bias = float(rng.uniform(0.45, 0.6)), -0.5
@@ -476,7 +466,7 @@ def controller_scene(rng: np.random.Generator, *, mode: str | None = None):
     need = min(lines, int(np.ceil(MIN_VERDICT_HEIGHT_NM / line_nm)))
     rows = int(rng.integers(need, lines + 1))
     first = int(rng.integers(0, lines - rows + 1)) if rng.random() < 0.5 else 0
-    label = TIP_CLASSES.index("unstable" if after is not None else SCENE_TIPS[tip])
+    label = TIP_CLASSES.index("unstable" if after is not None else PRESET_CLASSES[tip])
     return np.asarray(img[first : first + rows], np.float32), width / pixels, line_nm, label
 
 

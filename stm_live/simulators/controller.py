@@ -76,7 +76,7 @@ from stm_live.simulators.scenario import (
     Scenario,
     load_scenario,
 )
-from stm_live.simulators.tip import tip_preset
+from stm_live.simulators.tip import PRESET_CLASSES, tip_preset
 from stm_live.validation import finite
 
 __all__ = [
@@ -119,17 +119,6 @@ def _signal_names() -> list[str]:
 
 SIGNAL_NAMES: tuple[str, ...] = tuple(_signal_names())
 
-# Tip presets -> the tip classifier's classes (models/tipstate.py TIP_CLASSES).
-_LABELS = {
-    "co": "co_sharp",
-    "coherent_co": "co_sharp",
-    "s": "metal_s",
-    "mixed": "mixed",
-    "tilted_co": "asymmetric",
-    "asymmetric": "asymmetric",
-    "double": "double",
-    "blunt": "blunt",
-}
 _GOOD_TIPS = ("co", "coherent_co", "s", "mixed")
 # Used when a scenario leaves reconditioning unspecified.
 DEFAULT_RECONDITION = {
@@ -967,7 +956,7 @@ class SimulatedController:
         """The tip classifier's class for the true tip (``unstable`` during an episode)."""
         if self.unstable_lines_left > 0:
             return "unstable"
-        return _LABELS.get(self.tip_name, self.tip_name)
+        return PRESET_CLASSES.get(self.tip_name, self.tip_name)
 
     def set_tip(self, name_or_state, *, cause: str = "set_tip") -> None:
         """Set the tip directly: a preset name, ``"unstable"`` (an episode), or a TipState."""

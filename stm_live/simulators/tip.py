@@ -116,6 +116,20 @@ TIP_PRESETS: dict[str, TipState] = {
 }
 
 
+# Each preset's class for the tip classifier (models/tipstate.py TIP_CLASSES): what the
+# simulated controller reports and what the classifier's domain fit labels its scenes with.
+PRESET_CLASSES: dict[str, str] = {
+    "co": "co_sharp",
+    "coherent_co": "co_sharp",
+    "s": "metal_s",
+    "mixed": "mixed",
+    "tilted_co": "asymmetric",
+    "asymmetric": "asymmetric",
+    "double": "double",
+    "blunt": "blunt",
+}
+
+
 def tip_preset(name: str) -> TipState:
     """A named tip preset (see ``TIP_PRESETS``)."""
     try:
